@@ -1,0 +1,1 @@
+"""The hospital side: ClientApp, site data, DP training and privacy accounting."""

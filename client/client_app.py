@@ -1,0 +1,146 @@
+"""The hospital's Flower ClientApp: thin handlers over :mod:`client.training`.
+
+``@app.train()``: load the site's data, train with Opacus DP-SGD (noise calibrated once for the
+whole run), keep the accountant's state across rounds in ``context.state``, reply with
+``arrays`` and ``metrics`` (``num-examples`` = training examples, ``train-loss``, cumulative
+``epsilon`` and ``delta``). ``@app.evaluate()``: test-split AUROC, accuracy, sensitivity,
+specificity (NaN when undefined; the reason travels in the ``info`` ConfigRecord).
+Expected problems (bad data, budget exhausted, bad run config) are answered with an error reply
+whose reason the coordinator shows, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteSettings, load_site_data
+from client.training import (
+    AccountantState,
+    PrivacyBudgetError,
+    plan_dp,
+    resolve_device,
+    steps_per_round,
+    train_round,
+)
+from shared_models.config import ConfigError, RunConfig
+from shared_models.metrics import METRIC_NAMES, binary_metrics
+from shared_models.models import build_model, predict_proba
+from shared_models.tasks import DataError, get_task
+
+app = ClientApp()
+
+SITE_REFUSED = 4001  # error code of a reply refused by the site (data, budget or config problem)
+_STATE_KEY = "fedcare"
+_EXPECTED = (DataError, PrivacyBudgetError, ConfigError, ValueError, FileNotFoundError)
+
+
+def _refuse(msg: Message, site: str, exc: Exception) -> Message:
+    return Message(Error(code=SITE_REFUSED, reason=f"site {site} refused: {exc}"), reply_to=msg)
+
+
+def _setup(msg: Message, context: Context):  # -> (run, site, data, model, device)
+    run = RunConfig.from_run_config(context.run_config)
+    site = SiteSettings.from_node_config(context.node_config)
+    data = load_site_data(site, run)
+    task = get_task(run.task.name)
+    model = build_model(
+        run.model.name,
+        n_features=task.n_features(task.resolve_preprocessing(run.task.preprocessing)),
+        hidden=run.model.hidden,
+    )
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return run, site, data, model, resolve_device(site.device)
+
+
+def _site_name(context: Context) -> str:
+    try:
+        return SiteSettings.from_node_config(context.node_config).name
+    except ValueError:
+        return f"node {context.node_id}"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this hospital's data for one round."""
+    try:
+        run, site, data, model, device = _setup(msg, context)
+        plan = None
+        if run.dp.enabled:
+            plan = plan_dp(
+                n_train=data.n_train,
+                batch_size=run.train.batch_size,
+                local_epochs=run.train.local_epochs,
+                rounds=run.train.rounds,
+                target_epsilon=run.dp.target_epsilon,
+                target_delta=run.dp.target_delta,
+                max_grad_norm=run.dp.max_grad_norm,
+                accountant=run.dp.accountant,
+            )
+        server_round = int(msg.content["config"]["server-round"])
+        state = _load_accountant(context)
+        result = train_round(
+            model,
+            data.x_train,
+            data.y_train,
+            steps=steps_per_round(data.n_train, run.train.batch_size, run.train.local_epochs),
+            batch_size=run.train.batch_size,
+            lr=run.train.lr,
+            momentum=run.train.momentum,
+            dp=plan,
+            accountant_state=state,
+            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            seed=_seed(run.train.seed, data.name, server_round),
+            device=device,
+        )
+    except _EXPECTED as exc:
+        return _refuse(msg, _site_name(context), exc)
+    metrics = MetricRecord({"num-examples": data.n_train, "train-loss": result.loss, "steps": result.steps})
+    if plan is not None and result.accountant_state is not None:
+        context.state[_STATE_KEY] = ConfigRecord({"accountant": json.dumps(result.accountant_state)})
+        metrics["epsilon"] = float(result.epsilon or 0.0)
+        metrics["delta"] = plan.target_delta
+        metrics["noise-multiplier"] = plan.noise_multiplier
+        metrics["sample-rate"] = plan.sample_rate
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": metrics,
+            "info": ConfigRecord({"site": data.name}),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this hospital's test split."""
+    try:
+        _, site, data, model, device = _setup(msg, context)
+    except _EXPECTED as exc:
+        return _refuse(msg, _site_name(context), exc)
+    result = binary_metrics(data.y_test, predict_proba(model, data.x_test, device=device))
+    metrics = MetricRecord({"num-examples": data.n_test})
+    for name, value in result.as_dict().items():
+        metrics[name] = math.nan if value is None else value
+    info = ConfigRecord({"site": data.name})
+    for name in METRIC_NAMES:
+        if name in result.undefined:
+            info[f"undefined.{name}"] = result.undefined[name]
+    return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
+
+
+def _load_accountant(context: Context) -> AccountantState | None:
+    record = context.state.get(_STATE_KEY)
+    if record is None:
+        return None
+    return json.loads(str(record["accountant"]))
+
+
+def _seed(run_seed: int, site: str, server_round: int) -> int:
+    """Distinct, reproducible seed per (run seed, site, round)."""
+    return (run_seed * 1_000_003 + zlib.crc32(site.encode()) * 101 + server_round) % (2**31)

@@ -1,0 +1,302 @@
+"""Local training at one hospital: plain PyTorch, with Opacus DP-SGD when enabled.
+
+Nothing here imports Flower: unit tests call these functions directly.
+
+Privacy accounting follows Opacus: the accountant (``opacus.accountants``) is stepped by the
+``DPOptimizer`` on every step actually taken, and its state (``state_dict()``: mechanism and the
+history of ``(noise_multiplier, sample_rate, steps)``) is carried from round to round, so the
+epsilon returned after round k covers all k rounds (never just the last one).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, steps], ...]}
+
+
+class PrivacyBudgetError(RuntimeError):
+    """A round would take more DP steps than the run was calibrated for."""
+
+
+def sample_rate(n_train: int, batch_size: int) -> float:
+    """Poisson sampling rate q used by Opacus for this hospital.
+
+    Equals ``1 / len(DataLoader(n_train, batch_size))``, exactly what
+    ``opacus.data_loader.DPDataLoader.from_data_loader`` uses, so calibration and accounting agree.
+    """
+    return 1.0 / math.ceil(n_train / batch_size)
+
+
+def steps_per_round(n_train: int, batch_size: int, local_epochs: float) -> int:
+    """Optimizer steps per round: ``ceil(local_epochs / q)`` (one epoch = 1/q Poisson steps)."""
+    return max(1, math.ceil(local_epochs / sample_rate(n_train, batch_size) - 1e-9))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """DP-SGD parameters of one hospital for a whole run.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        sigma, calibrated once so that ``total_steps`` steps at ``sample_rate`` spend at most
+        ``target_epsilon`` at ``target_delta``.
+    sample_rate : float
+        Poisson sampling rate q.
+    steps_per_round, total_steps : int
+        Local steps per round, and over all rounds.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+
+
+def plan_dp(
+    *,
+    n_train: int,
+    batch_size: int,
+    local_epochs: float,
+    rounds: int,
+    target_epsilon: float,
+    target_delta: float,
+    max_grad_norm: float,
+    accountant: str = "rdp",
+) -> DPPlan:
+    """Calibrate the noise multiplier once for the whole run (all rounds x local steps).
+
+    Uses ``opacus.accountants.utils.get_noise_multiplier`` (binary search; the returned sigma
+    gives epsilon <= target).
+
+    Raises
+    ------
+    ValueError
+        ``target_delta >= 1 / n_train`` (delta must be below one over the number of records),
+        or a budget too small to reach.
+    """
+    if target_delta >= 1.0 / n_train:
+        raise ValueError(
+            f"dp.target-delta={target_delta:g} is not below 1/n = {1.0 / n_train:.3g} for "
+            f"{n_train} training records; use a smaller delta"
+        )
+    q = sample_rate(n_train, batch_size)
+    k = steps_per_round(n_train, batch_size, local_epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" at small eps
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=q,
+            steps=rounds * k,
+            accountant=accountant,
+        )
+    return DPPlan(
+        noise_multiplier=float(sigma),
+        sample_rate=q,
+        steps_per_round=k,
+        total_steps=rounds * k,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        max_grad_norm=max_grad_norm,
+        accountant=accountant,
+    )
+
+
+def empty_accountant_state(accountant: str) -> AccountantState:
+    """The state of a fresh Opacus accountant (no steps taken)."""
+    return {"mechanism": create_accountant(accountant).mechanism(), "history": []}
+
+
+def accountant_steps(state: AccountantState) -> int:
+    """Number of DP steps recorded in an accountant state."""
+    return int(sum(int(steps) for _, _, steps in state["history"]))
+
+
+def epsilon_spent(state: AccountantState, *, delta: float) -> float:
+    """Epsilon of all steps recorded in ``state`` at ``delta`` (0.0 when nothing was spent).
+
+    Uses the same Opacus accountant class that recorded the steps.
+    """
+    if not state["history"]:
+        return 0.0
+    acc = create_accountant(state["mechanism"])
+    acc.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PRV warns about its own numerical precision
+        return float(acc.get_epsilon(delta=delta))
+
+
+def _history(state: AccountantState) -> list[tuple[float, float, int]]:
+    return [(float(s), float(q), int(k)) for s, q, k in state["history"]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one round of local training.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss (binary cross-entropy) over the round's non-empty batches.
+    steps : int
+        Optimizer steps taken this round.
+    accountant_state : AccountantState | None
+        Accountant state after the round (all rounds so far); None without DP.
+    epsilon : float | None
+        Cumulative epsilon of the run at this hospital after this round; None without DP.
+    """
+
+    loss: float
+    steps: int
+    accountant_state: AccountantState | None
+    epsilon: float | None
+
+
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train_round(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    dp: DPPlan | None,
+    accountant_state: AccountantState | None = None,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> TrainResult:
+    """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps ``[B, F] float32`` to logits ``[B]``; starts from the global weights.
+    x, y : np.ndarray
+        Training split, ``[N, F] float32`` and ``[N]`` in {0, 1}.
+    steps : int
+        Optimizer steps to take.
+    batch_size : int
+        Expected batch size (DP: Poisson sampling with q = 1/ceil(N/B)).
+    dp : DPPlan or None
+        DP-SGD parameters (Opacus ``PrivacyEngine.make_private``: per-sample clipping at
+        ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``, Poisson
+        sampling). None trains without DP.
+    accountant_state : AccountantState, optional
+        Accountant state of this run so far at this hospital (restored before training).
+    proximal_mu : float
+        FedProx proximal coefficient (Li et al. 2020, arXiv:1812.06127). Applied as a
+        data-independent step ``w -= lr * mu * (w - w_global)`` after each (private) optimizer
+        step, so it is post-processing and does not change the DP guarantee.
+    seed : int
+        Seed for batch sampling and DP noise.
+    device : str
+        Torch device.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        If this round would take the hospital beyond the run's calibrated ``total_steps``.
+    """
+    torch.manual_seed(seed)
+    model.to(device).train()
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=dp is None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    engine = None
+    net: nn.Module = model
+    if dp is not None:
+        state = accountant_state or empty_accountant_state(dp.accountant)
+        if accountant_steps(state) + steps > dp.total_steps:
+            raise PrivacyBudgetError(
+                f"this round's {steps} steps would exceed the {dp.total_steps} DP steps the run "
+                f"was calibrated for ({accountant_steps(state)} already taken)"
+            )
+        engine = PrivacyEngine(accountant=dp.accountant)
+        engine.accountant.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure RNG off (simulation)
+            net, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+            )
+        assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
+    criterion = nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    batches = _cycle(loader)
+    try:
+        for _ in range(steps):
+            xb, yb = next(batches)
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(net(xb), yb)  # an empty Poisson batch gives nan: Opacus adds noise only
+            loss.backward()
+            optimizer.step()
+            if len(yb):
+                losses.append(float(loss.detach()))
+            if proximal_mu > 0:
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), global_params, strict=True):
+                        p.sub_(lr * proximal_mu * (p - g))
+    finally:
+        if net is not model:  # detach Opacus hooks: ``model`` holds the trained weights
+            net.remove_hooks()
+            net.cleanup()
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    if engine is None or dp is None:
+        return TrainResult(loss=mean_loss, steps=steps, accountant_state=None, epsilon=None)
+    raw = engine.accountant.state_dict()
+    new_state: AccountantState = {
+        "mechanism": raw["mechanism"],
+        "history": [[float(s), float(q), int(k)] for s, q, k in raw["history"]],
+    }
+    return TrainResult(
+        loss=mean_loss,
+        steps=steps,
+        accountant_state=new_state,
+        epsilon=epsilon_spent(new_state, delta=dp.target_delta),
+    )
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other names are passed through.
+
+    Raises
+    ------
+    ValueError
+        A CUDA device was requested but none is available.
+    """
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here")
+    return name

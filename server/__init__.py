@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp, strategy construction, checkpoints and reports."""

@@ -1,0 +1,58 @@
+"""Checkpoints: global weights (safetensors) plus a JSON sidecar, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PACKAGES = ("fedcare", "flwr", "torch", "opacus", "numpy", "scikit-learn", "pandas")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that determine a result."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], sidecar: dict[str, Any]) -> None:
+    """Save ``state_dict`` to ``path`` (safetensors) and ``sidecar`` to ``path.with_suffix('.json')``.
+
+    Both files are written to a temporary name first and renamed, so a crash never leaves a
+    truncated checkpoint under the final name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, path)
+    write_json_atomic(path.with_suffix(".json"), sidecar)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint written by :func:`save_weights`."""
+    return load_file(str(path))

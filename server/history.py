@@ -1,0 +1,197 @@
+"""What happened in a run, per round and per hospital, as seen by the coordinator.
+
+:class:`RecordingGrid` wraps the Grid the ServerApp receives and records every reply (metrics,
+site name, error reason) and every hospital that was asked but did not answer. It observes; it
+never changes a message, so any Flower strategy runs unmodified on top of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+
+@dataclass
+class SiteEvent:
+    """One hospital's answer (or silence) to one message.
+
+    Attributes
+    ----------
+    round : int
+        Server round.
+    kind : str
+        ``"train"`` or ``"evaluate"``.
+    node_id : int
+        Flower node id.
+    site : str
+        Site name the hospital reported (or ``node <id>`` if it never did).
+    metrics : dict[str, float | None]
+        Reply metrics (NaN converted to None).
+    undefined : dict[str, str]
+        Reasons for metrics that are undefined at that site.
+    error : str | None
+        Error reason, refusal, or ``"no reply ..."`` when the hospital dropped.
+    """
+
+    round: int
+    kind: str
+    node_id: int
+    site: str
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    undefined: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class RunHistory:
+    """All site events and centralized (pooled) evaluations of a run."""
+
+    events: list[SiteEvent] = field(default_factory=list)
+    centralized: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> site name
+
+    def site_name(self, node_id: int) -> str:
+        return self.sites.get(node_id, f"node {node_id}")
+
+    def latest(self, kind: str) -> dict[str, SiteEvent]:
+        """Latest successful event of ``kind`` per site."""
+        out: dict[str, SiteEvent] = {}
+        for ev in self.events:
+            if ev.kind == kind and ev.error is None:
+                out[ev.site] = ev
+        return out
+
+    def errors(self) -> list[SiteEvent]:
+        return [ev for ev in self.events if ev.error is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "events": [asdict(ev) for ev in self.events],
+            "centralized": {str(k): v for k, v in self.centralized.items()},
+            "sites": {str(k): v for k, v in self.sites.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunHistory:
+        return cls(
+            events=[SiteEvent(**ev) for ev in data.get("events", [])],
+            centralized={int(k): v for k, v in data.get("centralized", {}).items()},
+            sites={int(k): v for k, v in data.get("sites", {}).items()},
+        )
+
+
+def _clean(value: Any) -> float | None:
+    v = float(value)
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+class RecordingGrid(Grid):
+    """A Grid that forwards everything to ``inner`` and records replies into ``history``."""
+
+    def __init__(self, inner: Grid, history: RunHistory) -> None:
+        self._inner = inner
+        self.history = history
+        self._current_round = 0
+
+    # --- plain delegation ---------------------------------------------------------------------
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        return self._inner.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._inner.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    # --- recording ----------------------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        sent = list(messages)
+        self._current_round = _round_of(sent[0]) if sent else self._current_round
+        replies = list(self._inner.send_and_receive(sent, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            answered.add(reply.metadata.src_node_id)
+            self._record(reply)
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                self.history.events.append(
+                    SiteEvent(
+                        round=self._current_round,
+                        kind=_kind(msg.metadata.message_type),
+                        node_id=node,
+                        site=self.history.site_name(node),
+                        error=f"no reply within {timeout:g} s (hospital dropped out)"
+                        if timeout
+                        else "no reply (hospital dropped out)",
+                    )
+                )
+        return replies
+
+    def _record(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        kind = _kind(reply.metadata.message_type)
+        if reply.has_error():
+            self.history.events.append(
+                SiteEvent(
+                    round=self._current_round,
+                    kind=kind,
+                    node_id=node,
+                    site=self.history.site_name(node),
+                    error=reply.error.reason,
+                )
+            )
+            return
+        content = reply.content
+        info = content.config_records.get("info")
+        if info is not None and "site" in info:
+            self.history.sites[node] = str(info["site"])
+        metrics = next(iter(content.metric_records.values()), {})
+        undefined = {}
+        if info is not None:
+            undefined = {
+                k.removeprefix("undefined."): str(v)
+                for k, v in info.items()
+                if k.startswith("undefined.")
+            }
+        self.history.events.append(
+            SiteEvent(
+                round=self._current_round,
+                kind=kind,
+                node_id=node,
+                site=self.history.site_name(node),
+                metrics={k: _clean(v) for k, v in metrics.items() if not isinstance(v, list)},
+                undefined=undefined,
+            )
+        )
+
+
+def _round_of(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    if config is not None and "server-round" in config:
+        return int(config["server-round"])  # type: ignore[arg-type]
+    return 0
+
+
+def _kind(message_type: str) -> str:
+    return message_type.split(".")[0]

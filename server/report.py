@@ -1,0 +1,230 @@
+"""Run reports: ``summary.json``, ``metrics.csv``, ``report.md`` and ``curves.png``.
+
+All four are rendered from the :class:`~server.history.RunHistory` and the run settings; the
+summary's ``overall`` block is the pooled test evaluation when the run had one (simulation),
+otherwise test-size-weighted means of the hospitals' metrics (which equals pooled accuracy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from shared_models.config import RunConfig
+from shared_models.metrics import METRIC_NAMES
+
+from .checkpoint import write_json_atomic
+from .history import RunHistory
+
+
+def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -> dict[str, Any]:
+    """The ``summary.json`` document (final-round test metrics, per-hospital epsilon and delta)."""
+    trained = history.latest("train")
+    evaluated = history.latest("evaluate")
+    names = sorted(set(trained) | set(evaluated) | set(history.sites.values()))
+    hospitals = []
+    for name in names:
+        tr = trained.get(name)
+        ev = evaluated.get(name)
+        hospitals.append(
+            {
+                "name": name,
+                "n_train": _int(tr.metrics.get("num-examples")) if tr else None,
+                "n_test": _int(ev.metrics.get("num-examples")) if ev else None,
+                "epsilon": tr.metrics.get("epsilon") if tr and run.dp.enabled else None,
+                "delta": tr.metrics.get("delta") if tr and run.dp.enabled else None,
+                "rounds_trained": sum(
+                    1 for e in history.events if e.kind == "train" and e.site == name and not e.error
+                ),
+                "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
+                "undefined": dict(ev.undefined) if ev else {},
+            }
+        )
+    accs = [h["metrics"]["accuracy"] for h in hospitals if h["metrics"]["accuracy"] is not None]
+    overall: dict[str, Any] = {"mean_client_accuracy": sum(accs) / len(accs) if accs else None}
+    final_round = max(history.centralized) if history.centralized else None
+    if final_round is not None and final_round > 0:
+        overall.update(history.centralized[final_round])
+        overall["method"] = "pooled test splits of all hospitals (centralized evaluation)"
+    else:
+        for m in METRIC_NAMES:
+            pairs = [
+                (h["metrics"][m], h["n_test"])
+                for h in hospitals
+                if h["metrics"][m] is not None and h["n_test"]
+            ]
+            total = sum(n for _, n in pairs)
+            overall[m] = sum(v * n for v, n in pairs) / total if total else None
+        overall["method"] = "test-size-weighted mean of hospital metrics"
+    return {
+        "task": run.task.name,
+        "strategy": run.strategy.name,
+        "model": run.model.name,
+        "rounds": run.train.rounds,
+        "dp": {
+            "enabled": run.dp.enabled,
+            "level": "sample" if run.dp.enabled else None,
+            "target_epsilon": run.dp.target_epsilon if run.dp.enabled else None,
+            "delta": run.dp.target_delta if run.dp.enabled else None,
+            "max_grad_norm": run.dp.max_grad_norm if run.dp.enabled else None,
+            "accountant": run.dp.accountant if run.dp.enabled else None,
+        },
+        "wall_seconds": round(wall_seconds, 2),
+        "hospitals": hospitals,
+        "overall": overall,
+        "failures": [
+            {"round": e.round, "kind": e.kind, "hospital": e.site, "reason": e.error}
+            for e in history.errors()
+        ],
+        "baselines": {},
+    }
+
+
+def metrics_frame(history: RunHistory) -> pd.DataFrame:
+    """One row per round x hospital: train loss, epsilon, delta and test metrics."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for ev in history.events:
+        row = rows.setdefault((ev.round, ev.site), {"round": ev.round, "hospital": ev.site})
+        if ev.error:
+            row[f"{ev.kind}_error"] = ev.error
+            continue
+        if ev.kind == "train":
+            row["n_train"] = _int(ev.metrics.get("num-examples"))
+            row["train_loss"] = ev.metrics.get("train-loss")
+            row["epsilon"] = ev.metrics.get("epsilon")
+            row["delta"] = ev.metrics.get("delta")
+        else:
+            row["n_test"] = _int(ev.metrics.get("num-examples"))
+            for m in METRIC_NAMES:
+                row[m] = ev.metrics.get(m)
+    columns = [
+        "round", "hospital", "n_train", "train_loss", "epsilon", "delta", "n_test",
+        *METRIC_NAMES, "train_error", "evaluate_error",
+    ]  # fmt: skip
+    frame = pd.DataFrame(list(rows.values()), columns=columns)
+    return frame.sort_values(["round", "hospital"]).reset_index(drop=True)
+
+
+def write_reports(run_dir: Path, run: RunConfig, history: RunHistory, summary: dict[str, Any]) -> None:
+    """Write summary.json, metrics.csv, report.md and curves.png into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "summary.json", summary)
+    frame = metrics_frame(history)
+    frame.to_csv(run_dir / "metrics.csv", index=False)
+    (run_dir / "report.md").write_text(render_markdown(run, summary, frame))
+    plot_curves(run_dir / "curves.png", frame, history, dp=run.dp.enabled)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame) -> str:
+    """A readable report: settings, privacy per hospital, final metrics, baselines, failures."""
+    dp = summary["dp"]
+    lines = [
+        f"# fedcare run: {summary['task']} / {summary['strategy']} / {summary['model']}",
+        "",
+        f"- rounds: {summary['rounds']}; wall time: {summary['wall_seconds']:.1f} s",
+        f"- local training: {run.train.local_epochs:g} epoch(s) per round, expected batch "
+        f"{run.train.batch_size}, lr {run.train.lr:g}",
+    ]
+    if dp["enabled"]:
+        lines.append(
+            f"- privacy: sample-level DP-SGD (Opacus, Poisson sampling, {dp['accountant'].upper()} "
+            f"accountant), target ε = {dp['target_epsilon']:g} at δ = {dp['delta']:g} per "
+            f"hospital for the whole run, max_grad_norm = {dp['max_grad_norm']:g}"
+        )
+    else:
+        lines.append("- privacy: **none** (dp.enabled = false: non-private baseline run)")
+    lines += ["", "## Hospitals (final round)", ""]
+    lines.append("| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for h in summary["hospitals"]:
+        m = h["metrics"]
+        lines.append(
+            f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'])} | "
+            f"{_fmt(h['delta'], 6) if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
+            f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
+        )
+    undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
+    if undefined:
+        lines += ["", "Undefined metrics (reported as n/a, never imputed):", ""]
+        lines += [f"- {name}: {metric}: {reason}" for name, metric, reason in undefined]
+    ov = summary["overall"]
+    lines += [
+        "",
+        "## Overall",
+        "",
+        f"- AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))} "
+        f"({ov.get('method')})",
+        f"- mean client accuracy (unweighted, FLamby's metric): {_fmt(ov.get('mean_client_accuracy'))}",
+    ]
+    if summary.get("baselines"):
+        lines += ["", "## Baselines (same model, same test splits)", ""]
+        lines += ["| baseline | AUROC | accuracy | mean client accuracy | privacy |", "|---|---|---|---|---|"]
+        for name, b in summary["baselines"].items():
+            lines.append(
+                f"| {name} | {_fmt(b.get('auroc'))} | {_fmt(b.get('accuracy'))} | "
+                f"{_fmt(b.get('mean_client_accuracy'))} | {b.get('privacy', 'none')} |"
+            )
+    if summary["failures"]:
+        lines += ["", "## Refusals and drop-outs", ""]
+        lines += [f"- round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}" for f in summary["failures"]]
+    lines += ["", "## Per round", "", "See `metrics.csv` (one row per round x hospital) and `curves.png`.", ""]
+    if not frame.empty:
+        per_round = frame.groupby("round").agg(
+            auroc=("auroc", "mean"), accuracy=("accuracy", "mean"), epsilon=("epsilon", "max")
+        )
+        lines.append("| round | mean AUROC | mean accuracy | max ε |")
+        lines.append("|---|---|---|---|")
+        for rnd, row in per_round.iterrows():
+            lines.append(
+                f"| {rnd} | {_fmt(_nan_none(row['auroc']))} | {_fmt(_nan_none(row['accuracy']))} | "
+                f"{_fmt(_nan_none(row['epsilon']))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, frame: pd.DataFrame, history: RunHistory, *, dp: bool) -> None:
+    """AUROC by round (per hospital and pooled) and cumulative ε by round (per hospital)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for site, grp in frame.groupby("hospital"):
+        grp = grp.dropna(subset=["auroc"]) if "auroc" in grp else grp
+        axes[0].plot(grp["round"], grp["auroc"], marker="o", label=str(site))
+    central = sorted((r, m.get("auroc")) for r, m in history.centralized.items() if r > 0)
+    if central:
+        axes[0].plot([r for r, _ in central], [a for _, a in central], "k--", lw=2, label="pooled")
+    axes[0].set(title="Test AUROC by round", xlabel="round", ylabel="AUROC")
+    axes[0].legend(fontsize=7)
+    if dp:
+        for site, grp in frame.groupby("hospital"):
+            grp = grp.dropna(subset=["epsilon"])
+            axes[1].plot(grp["round"], grp["epsilon"], marker="o", label=str(site))
+        axes[1].set(title="Cumulative ε by round (per hospital)", xlabel="round", ylabel="ε")
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].text(0.5, 0.5, "no DP (non-private run)", ha="center", va="center")
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _nan_none(v: Any) -> float | None:
+    return None if v is None or v != v else float(v)

@@ -1,0 +1,158 @@
+"""The coordinator's Flower ServerApp: one ``@app.main()`` over a Flower strategy.
+
+Per round: the strategy (chosen by name from ``flwr.serverapp.strategy``) samples hospitals,
+aggregates, and runs federated evaluation; :class:`~server.history.RecordingGrid` records each
+hospital's reply; ``evaluate_fn`` (Flower's documented per-round hook) checkpoints the global
+model with a JSON sidecar and, in simulation, evaluates it on the pooled test splits. At the end:
+final model, model card, summary.json, metrics.csv, report.md, curves.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import package_versions, save_weights, write_json_atomic
+from server.history import RecordingGrid, RunHistory
+from server.report import build_summary, write_reports
+from server.strategies import build_strategy
+from shared_models.config import RunConfig
+from shared_models.metrics import binary_metrics
+from shared_models.models import build_model, predict_proba
+from shared_models.sites import simulated_sites
+from shared_models.tasks import get_task
+
+app = ServerApp()
+progress_log = logging.getLogger("fedcare.progress")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation for ``train.rounds`` rounds and write the run folder."""
+    run = RunConfig.from_run_config(context.run_config)
+    out = Path(run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    task = get_task(run.task.name)
+    n_features = task.n_features(task.resolve_preprocessing(run.task.preprocessing))
+    model = build_model(run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed)
+    history = RunHistory()
+    pooled = _pooled_test_set(run, grid) if run.centralized_eval else None
+    t_start = time.monotonic()
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        state = arrays.to_torch_state_dict()
+        metrics = None
+        if pooled is not None:
+            model.load_state_dict(state)
+            metrics = binary_metrics(pooled[1], predict_proba(model, pooled[0])).as_dict()
+            history.centralized[server_round] = metrics
+        sidecar = _sidecar(run, history, server_round, context)
+        save_weights(out / "checkpoints" / f"round-{server_round:03d}.safetensors", state, sidecar)
+        _report_progress(run, history, server_round, time.monotonic() - t_start)
+        if metrics is None:
+            return None
+        return MetricRecord({k: math.nan if v is None else v for k, v in metrics.items()})
+
+    strategy = build_strategy(run.strategy)
+    result = strategy.start(
+        grid=RecordingGrid(grid, history),
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=run.train.rounds,
+        timeout=run.train.round_timeout,
+        train_config=ConfigRecord({"local-epochs": run.train.local_epochs}),
+        evaluate_fn=evaluate_fn,
+    )
+    final = result.arrays.to_torch_state_dict()
+    summary = build_summary(run, history, wall_seconds=time.monotonic() - t_start)
+    save_weights(out / "model.safetensors", final, _model_card(run, summary, n_features))
+    write_json_atomic(out / "history.json", history.to_dict())
+    write_reports(out, run, history, summary)
+
+
+def _pooled_test_set(run: RunConfig, grid: Grid):  # -> (x [N, F], y [N])
+    """Simulation only: the union of all simulated hospitals' test splits."""
+    import numpy as np
+
+    num_sites = len(list(grid.get_node_ids()))
+    sites = simulated_sites(
+        run.task.name,
+        data_dir=run.data.dir,
+        num_sites=num_sites,
+        scheme=run.data.partition,
+        alpha=run.data.alpha,
+        seed=run.train.seed,
+        preprocessing=run.task.preprocessing,
+        test_fraction=run.data.test_fraction,
+    )
+    return np.concatenate([s.x_test for s in sites]), np.concatenate([s.y_test for s in sites])
+
+
+def _privacy(history: RunHistory) -> dict[str, dict[str, float | None]]:
+    return {
+        site: {"epsilon": ev.metrics.get("epsilon"), "delta": ev.metrics.get("delta")}
+        for site, ev in history.latest("train").items()
+    }
+
+
+def _sidecar(run: RunConfig, history: RunHistory, server_round: int, context: Context) -> dict:
+    return {
+        "round": server_round,
+        "run_id": context.run_id,
+        "run_config": dict(context.run_config),
+        "versions": package_versions(),
+        "privacy": _privacy(history),
+        "history": history.to_dict(),
+    }
+
+
+def _model_card(run: RunConfig, summary: dict, n_features: int) -> dict:
+    return {
+        "model": {"name": run.model.name, "n_features": n_features, "hidden": run.model.hidden},
+        "task": run.task.name,
+        "preprocessing": run.task.preprocessing,
+        "training": {
+            "strategy": run.strategy.name,
+            "rounds": run.train.rounds,
+            "hospitals": [
+                {"name": h["name"], "n_train": h["n_train"], "rounds_trained": h["rounds_trained"]}
+                for h in summary["hospitals"]
+            ],
+        },
+        "privacy": {
+            "guarantee": "sample-level (epsilon, delta)-DP per hospital (Opacus DP-SGD)"
+            if run.dp.enabled
+            else "none: trained without differential privacy",
+            "per_hospital": {h["name"]: {"epsilon": h["epsilon"], "delta": h["delta"]} for h in summary["hospitals"]},
+        },
+        "metrics": {"hospitals": {h["name"]: h["metrics"] for h in summary["hospitals"]}, "overall": summary["overall"]},
+        "intended_use": "research on federated learning; not validated for clinical decisions",
+        "versions": package_versions(),
+    }
+
+
+def _report_progress(run: RunConfig, history: RunHistory, server_round: int, seconds: float) -> None:
+    evaluated = [e for e in history.events if e.round == server_round and e.kind == "evaluate" and not e.error]
+    aurocs = [e.metrics["auroc"] for e in evaluated if e.metrics.get("auroc") is not None]
+    eps = [e.metrics.get("epsilon") for e in history.events if e.round == server_round and e.kind == "train" and not e.error]
+    eps_values = [float(x) for x in eps if x is not None]
+    info = {
+        "round": server_round,
+        "rounds": run.train.rounds,
+        "seconds": seconds,
+        "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else None,
+        "pooled_auroc": (history.centralized.get(server_round) or {}).get("auroc"),
+        "max_epsilon": max(eps_values) if eps_values else None,
+        "failures": sum(1 for e in history.events if e.round == server_round and e.error),
+    }
+    progress_log.info(
+        "[fedcare] round %d/%d done: mean AUROC %s, max epsilon %s",
+        server_round, run.train.rounds, info["mean_auroc"], info["max_epsilon"],
+        extra={"fedcare_progress": info},
+    )  # fmt: skip

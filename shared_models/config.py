@@ -1,0 +1,207 @@
+"""Run settings, parsed once from Flower's run config into frozen dataclasses.
+
+The schema (keys and defaults) is ``[tool.flwr.app.config]`` in pyproject.toml; this module
+checks types and ranges and names the key and the allowed range on any error. After parsing,
+no code indexes ``context.run_config[...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run-config key is missing, has the wrong type, or is out of range."""
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in cfg:
+        raise ConfigError(f"run config key '{key}' is missing (declare it in pyproject.toml)")
+    value = cfg[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"run config key '{key}' must be {kind.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        left = "(" if lo_open else "["
+        raise ConfigError(f"run config key '{key}' = {value!r} is outside {left}{lo}, {hi}]")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"run config key '{key}' = {value!r}; choose one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    preprocessing: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    hidden: int
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    proximal_mu: float
+    server_lr: float
+    trim_beta: float
+    num_malicious_nodes: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int
+    local_epochs: float
+    batch_size: int
+    lr: float
+    momentum: float
+    seed: int
+    round_timeout: float  # seconds
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    enabled: bool
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str
+    partition: str
+    alpha: float
+    test_fraction: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All run-wide settings (identical at every hospital), parsed from ``context.run_config``.
+
+    Site settings (data path, site name, device) are NOT here: they come from
+    ``context.node_config`` at each hospital.
+    """
+
+    task: TaskConfig
+    model: ModelConfig
+    strategy: StrategyConfig
+    train: TrainConfig
+    dp: DPConfig
+    data: DataConfig
+    output_dir: str
+    centralized_eval: bool
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate a flat Flower run config (dotted kebab-case keys).
+
+        Raises
+        ------
+        ConfigError
+            Naming the key and the allowed range or choices.
+        """
+        s = "strategy."
+        run = cls(
+            task=TaskConfig(
+                name=_get(cfg, "task.name", str),
+                preprocessing=_get(cfg, "task.preprocessing", str),
+            ),
+            model=ModelConfig(name=_get(cfg, "model.name", str), hidden=_get(cfg, "model.hidden", int)),
+            strategy=StrategyConfig(
+                name=_get(cfg, s + "name", str),
+                fraction_train=_get(cfg, s + "fraction-train", float),
+                fraction_evaluate=_get(cfg, s + "fraction-evaluate", float),
+                min_train_nodes=_get(cfg, s + "min-train-nodes", int),
+                min_evaluate_nodes=_get(cfg, s + "min-evaluate-nodes", int),
+                min_available_nodes=_get(cfg, s + "min-available-nodes", int),
+                proximal_mu=_get(cfg, s + "proximal-mu", float),
+                server_lr=_get(cfg, s + "server-lr", float),
+                trim_beta=_get(cfg, s + "trim-beta", float),
+                num_malicious_nodes=_get(cfg, s + "num-malicious-nodes", int),
+            ),
+            train=TrainConfig(
+                rounds=_get(cfg, "train.rounds", int),
+                local_epochs=_get(cfg, "train.local-epochs", float),
+                batch_size=_get(cfg, "train.batch-size", int),
+                lr=_get(cfg, "train.lr", float),
+                momentum=_get(cfg, "train.momentum", float),
+                seed=_get(cfg, "train.seed", int),
+                round_timeout=_get(cfg, "train.round-timeout", float),
+            ),
+            dp=DPConfig(
+                enabled=_get(cfg, "dp.enabled", bool),
+                target_epsilon=_get(cfg, "dp.target-epsilon", float),
+                target_delta=_get(cfg, "dp.target-delta", float),
+                max_grad_norm=_get(cfg, "dp.max-grad-norm", float),
+                accountant=_get(cfg, "dp.accountant", str),
+            ),
+            data=DataConfig(
+                dir=_get(cfg, "data.dir", str),
+                partition=_get(cfg, "data.partition", str),
+                alpha=_get(cfg, "data.alpha", float),
+                test_fraction=_get(cfg, "data.test-fraction", float),
+            ),
+            output_dir=_get(cfg, "output.dir", str),
+            centralized_eval=_get(cfg, "eval.centralized", bool),
+        )
+        run._validate()
+        return run
+
+    def _validate(self) -> None:
+        st, tr, dp, da = self.strategy, self.train, self.dp, self.data
+        _in_range("model.hidden", self.model.hidden, 1, 4096)
+        _in_range("strategy.fraction-train", st.fraction_train, 0.0, 1.0, lo_open=True)
+        _in_range("strategy.fraction-evaluate", st.fraction_evaluate, 0.0, 1.0)
+        _in_range("strategy.min-train-nodes", st.min_train_nodes, 1, 10_000)
+        _in_range("strategy.min-evaluate-nodes", st.min_evaluate_nodes, 0, 10_000)
+        _in_range("strategy.min-available-nodes", st.min_available_nodes, 1, 10_000)
+        _in_range("strategy.proximal-mu", st.proximal_mu, 0.0, 100.0)
+        _in_range("strategy.server-lr", st.server_lr, 0.0, 10.0, lo_open=True)
+        _in_range("strategy.trim-beta", st.trim_beta, 0.0, 0.5)
+        _in_range("strategy.num-malicious-nodes", st.num_malicious_nodes, 0, 10_000)
+        _in_range("train.rounds", tr.rounds, 1, 100_000)
+        _in_range("train.local-epochs", tr.local_epochs, 0.0, 1000.0, lo_open=True)
+        _in_range("train.batch-size", tr.batch_size, 1, 1_000_000)
+        _in_range("train.lr", tr.lr, 0.0, 100.0, lo_open=True)
+        _in_range("train.momentum", tr.momentum, 0.0, 0.999)
+        _in_range("train.round-timeout", tr.round_timeout, 0.0, 86_400.0, lo_open=True)
+        _choice("dp.accountant", dp.accountant, ("rdp", "prv"))
+        if dp.enabled:
+            _in_range("dp.target-epsilon", dp.target_epsilon, 0.0, 100.0, lo_open=True)
+            _in_range("dp.target-delta", dp.target_delta, 0.0, 0.1, lo_open=True)
+            _in_range("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
+        _choice("data.partition", da.partition, ("iid", "dirichlet"))
+        _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
+        if da.test_fraction != 0.0:  # 0 = the task's default split
+            _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-dict view (for JSON sidecars and reports)."""
+        return asdict(self)

@@ -1,0 +1,79 @@
+"""From raw frames to :class:`~shared_models.tasks.SiteData`, for deployment and simulation."""
+
+from __future__ import annotations
+
+import functools
+
+import pandas as pd
+
+from .partition import partition_frame
+from .tasks import DataError, SiteData, Task, get_task, prepare_site
+
+
+def site_from_frame(
+    task: Task, name: str, frame: pd.DataFrame, *, preprocessing: str, test_fraction: float, seed: int
+) -> SiteData:
+    """Preprocess one hospital's raw frame (the task's features, then :func:`prepare_site`).
+
+    ``test_fraction`` 0 means the task's default split.
+    """
+    x, y = task.features(frame, task.resolve_preprocessing(preprocessing))
+    return prepare_site(
+        name, x, y,
+        test_fraction=test_fraction or task.default_test_fraction,
+        seed=seed,
+        reference_scaling=task.reference_scaling,
+    )  # fmt: skip
+
+
+def simulated_site_frames(
+    task: Task, *, data_dir: str, num_sites: int, scheme: str, alpha: float, seed: int
+) -> list[tuple[str, pd.DataFrame]]:
+    """The raw frames of the simulated hospitals, in partition-id order.
+
+    Tasks with a natural split (or a data folder with one file per hospital) keep their real
+    hospitals; otherwise the single dataset is partitioned with
+    :func:`~shared_models.partition.partition_frame` into ``hospital-1`` ... ``hospital-N``.
+
+    Raises
+    ------
+    DataError
+        Unreadable data, or ``num_sites`` incompatible with a natural split.
+    """
+    sites = task.load_sites(data_dir)
+    if task.natural_split or len(sites) > 1:
+        if num_sites != len(sites):
+            names = ", ".join(name for name, _ in sites)
+            raise DataError(
+                f"task {task.name} has {len(sites)} real hospitals ({names}); "
+                f"it cannot be simulated with {num_sites}"
+            )
+        return sites
+    _, frame = sites[0]
+    parts = partition_frame(frame, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed)
+    return [(f"hospital-{i + 1}", part) for i, part in enumerate(parts)]
+
+
+@functools.lru_cache(maxsize=8)
+def simulated_sites(
+    task_name: str,
+    *,
+    data_dir: str,
+    num_sites: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    preprocessing: str,
+    test_fraction: float,
+) -> tuple[SiteData, ...]:
+    """All simulated hospitals, preprocessed (each with its own statistics). Cached per process."""
+    task = get_task(task_name)
+    frames = simulated_site_frames(
+        task, data_dir=data_dir, num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed
+    )
+    return tuple(
+        site_from_frame(
+            task, name, frame, preprocessing=preprocessing, test_fraction=test_fraction, seed=seed
+        )
+        for name, frame in frames
+    )

@@ -1,0 +1,432 @@
+"""Tasks: input schema, upstream file loaders, per-site preprocessing, model and metric choice.
+
+A task is what the coordinator and every hospital must agree on. Each hospital turns its own
+raw file into standardised tensors with :func:`prepare_site` using statistics of its OWN training
+split only: no preprocessing step ever needs raw data of two hospitals in one place.
+
+Registered tasks (``TASKS``):
+
+``breast-cancer``
+    Wisconsin Diagnostic Breast Cancer (WDBC, 569 patients x 30 features), shipped inside
+    scikit-learn (:func:`sklearn.datasets.load_breast_cancer`). Label 1 = malignant. Has no
+    natural split: the simulation partitions it into hospitals. A hospital file is a CSV with a
+    header, the 30 feature columns named as in scikit-learn, and a ``diagnosis`` column (M/B).
+``heart-disease``
+    UCI Heart Disease, one upstream ``processed.<site>.data`` file per hospital (14 columns, no
+    header, ``?`` = missing). Label ``num > 0``. Preprocessing ``flamby`` (the default) follows
+    FLamby's Fed-Heart-Disease (du Terrail et al., NeurIPS 2022): drop slope, ca, thal; drop rows
+    with a missing value; one-hot cp and restecg (first level dropped) -> 13 features.
+    ``impute`` keeps every row and fills missing values with the site's training-split median.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+LABEL = "label"
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or does not match the task's schema.
+
+    The message names the file (and row / column where there is one) and what to do.
+    """
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's preprocessed data.
+
+    Attributes
+    ----------
+    name : str
+        Site name (e.g. ``"cleveland"``, ``"hospital-1"``).
+    x_train, x_test : np.ndarray
+        ``[N, F] float32``, standardised with the site's own training-split mean and std.
+    y_train, y_test : np.ndarray
+        ``[N] float32`` in {0, 1}; 1 = disease present.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+
+@dataclass(frozen=True)
+class Task:
+    """A learning task both sides agree on.
+
+    Attributes
+    ----------
+    name : str
+        Registry key.
+    read_file : Callable[[Path], pd.DataFrame]
+        Reads one hospital's file in the task's upstream format and returns the raw frame with
+        a binary ``label`` column. Raises :class:`DataError`.
+    load_sites : Callable[[str], list[tuple[str, pd.DataFrame]]]
+        Simulation only: the raw frames of all sites in a data folder (``""`` = the embedded
+        data). One frame per natural site, or a single frame to be partitioned.
+    features : Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
+        ``(raw frame, preprocessing) -> (x [N, F] float32 with NaN for missing, y [N])``.
+    n_features : Callable[[str], int]
+        Input width F for a preprocessing name.
+    natural_split : bool
+        True when the data come as real hospitals (no partitioning in simulation).
+    preprocessings : tuple[str, ...]
+        Allowed ``task.preprocessing`` values; the first is the default.
+    positive_class : str
+        What label 1 means, for reports.
+    default_test_fraction : float
+        Test share of each site when ``data.test-fraction`` is 0.
+    reference_scaling : (center, scale) or None
+        Fixed, data-independent per-feature centre and scale (from the task's documented units).
+        None: each site standardises with its own training-split mean and std.
+    """
+
+    name: str
+    read_file: Callable[[Path], pd.DataFrame]
+    load_sites: Callable[[str], list[tuple[str, pd.DataFrame]]]
+    features: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
+    n_features: Callable[[str], int]
+    natural_split: bool
+    preprocessings: tuple[str, ...]
+    positive_class: str
+    default_test_fraction: float = 0.3
+    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def resolve_preprocessing(self, name: str) -> str:
+        """Map ``"default"`` to the task's default; raise ``ValueError`` on an unknown name."""
+        if name == "default":
+            return self.preprocessings[0]
+        if name not in self.preprocessings:
+            raise ValueError(
+                f"task '{self.name}' has no preprocessing {name!r}; "
+                f"choose one of {list(self.preprocessings)} or 'default'"
+            )
+        return name
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the loaders
+# ----------------------------------------------------------------------------------------------
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise DataError(f"{path}: is a directory, expected a data file")
+
+
+def _check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.DataFrame:
+    """Convert every column to float; name the first non-numeric cell (file, line, column)."""
+    out = frame.copy()
+    for col in out.columns:
+        converted = pd.to_numeric(out[col], errors="coerce")
+        bad = converted.isna() & out[col].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{path}, line {row + first_line}: column '{col}' has non-numeric value "
+                f"{out[col].iloc[row]!r}; fix or remove that row"
+            )
+        out[col] = converted.astype(float)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# breast-cancer (WDBC)
+# ----------------------------------------------------------------------------------------------
+def _wdbc_feature_names() -> list[str]:
+    from sklearn.datasets import load_breast_cancer
+
+    return [str(n) for n in load_breast_cancer().feature_names]
+
+
+def breast_cancer_frame() -> pd.DataFrame:
+    """The embedded WDBC data as a hospital-style frame: 30 features + ``diagnosis`` (M/B).
+
+    Source: :func:`sklearn.datasets.load_breast_cancer` (Street, Wolberg, Mangasarian 1993).
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True)
+    frame = data.data.copy()
+    # scikit-learn codes 0 = malignant, 1 = benign
+    frame["diagnosis"] = np.where(data.target.to_numpy() == 0, "M", "B")
+    return frame
+
+
+def _breast_from_frame(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    names = _wdbc_feature_names()
+    missing = [c for c in [*names, "diagnosis"] if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing}; a breast-cancer hospital file needs the 30 "
+            "WDBC feature columns (scikit-learn names) and 'diagnosis' (M or B)"
+        )
+    diag = frame["diagnosis"].astype(str).str.strip().str.upper()
+    bad = ~diag.isin(["M", "B", "1", "0"])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{source}, line {row + 2}: 'diagnosis' is {frame['diagnosis'].iloc[row]!r}; "
+            "use M (malignant) or B (benign)"
+        )
+    out = _check_numeric(frame[names], Path(source), first_line=2)
+    out[LABEL] = diag.isin(["M", "1"]).astype(float).to_numpy()
+    return out
+
+
+def read_breast_cancer_csv(path: Path) -> pd.DataFrame:
+    """Read a breast-cancer hospital CSV (header; 30 WDBC features; ``diagnosis`` M/B).
+
+    Raises
+    ------
+    DataError
+        File missing, not CSV, a column missing, a non-numeric feature or an unknown diagnosis.
+    """
+    path = Path(path)
+    _require_file(path)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    return _breast_from_frame(frame, str(path))
+
+
+def _breast_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
+    if data_dir:
+        files = sorted(Path(data_dir).glob("*.csv"))
+        if not files:
+            raise DataError(f"{data_dir}: no *.csv hospital files found for task breast-cancer")
+        return [(f.stem, read_breast_cancer_csv(f)) for f in files]
+    return [("wdbc", _breast_from_frame(breast_cancer_frame(), "embedded WDBC"))]
+
+
+def _breast_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray, np.ndarray]:
+    names = _wdbc_feature_names()
+    return frame[names].to_numpy(np.float32), frame[LABEL].to_numpy(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# heart-disease (UCI, four hospitals)
+# ----------------------------------------------------------------------------------------------
+HEART_COLUMNS = [
+    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
+    "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num",
+]  # fmt: skip
+HEART_SITES = ("cleveland", "hungarian", "switzerland", "va")
+_HEART_NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
+_HEART_ONEHOT = {"cp": (2.0, 3.0, 4.0), "restecg": (1.0, 2.0)}  # first level dropped
+# Fixed scaling in the units of heart-disease.names (years, mm Hg, mg/dl, bpm, mm ST depression);
+# binary and one-hot columns are left as they are. Being data-independent, it keeps real
+# differences between hospitals visible to the model and needs no statistics from any site.
+_HEART_CENTER = (50.0, 0.0, 130.0, 200.0, 0.0, 140.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+_HEART_SCALE = (10.0, 1.0, 20.0, 100.0, 1.0, 25.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+def read_heart_disease_file(path: Path) -> pd.DataFrame:
+    """Read one UCI ``processed.<site>.data`` file (upstream format, unchanged).
+
+    14 comma-separated columns, no header, ``?`` = missing. Returns the 14 columns as float
+    (NaN = missing) plus ``label = num > 0``.
+
+    Raises
+    ------
+    DataError
+        Naming the file and line: wrong column count, non-numeric value, empty file.
+    """
+    path = Path(path)
+    _require_file(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file; expected the UCI comma-separated format") from None
+    n_rows = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        n_rows += 1
+        n_fields = line.count(",") + 1
+        if n_fields != len(HEART_COLUMNS):
+            raise DataError(
+                f"{path}, line {lineno}: expected {len(HEART_COLUMNS)} comma-separated values "
+                f"({', '.join(HEART_COLUMNS)}), found {n_fields}"
+            )
+    if n_rows == 0:
+        raise DataError(f"{path}: the file is empty")
+    frame = pd.read_csv(
+        path, header=None, names=HEART_COLUMNS, na_values="?", dtype=str, skip_blank_lines=True,
+        keep_default_na=False,
+    )
+    frame = frame.apply(lambda c: c.str.strip())
+    frame = frame.replace({"?": np.nan, "": np.nan})
+    frame = _check_numeric(frame, path, first_line=1)
+    if frame["num"].isna().any():
+        row = int(np.flatnonzero(frame["num"].isna().to_numpy())[0])
+        raise DataError(f"{path}, line {row + 1}: the label column 'num' is missing")
+    frame[LABEL] = (frame["num"] > 0).astype(float)
+    return frame
+
+
+def _heart_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
+    if not data_dir:
+        raise DataError(
+            "task heart-disease needs --data-dir: the folder with the four UCI files "
+            "processed.{cleveland,hungarian,switzerland,va}.data"
+        )
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data folder not found")
+    sites = []
+    for site in HEART_SITES:
+        path = folder / f"processed.{site}.data"
+        if not path.exists():
+            raise DataError(
+                f"{path}: missing; task heart-disease expects processed.<site>.data for "
+                f"{', '.join(HEART_SITES)} (the UCI upstream files)"
+            )
+        sites.append((site, read_heart_disease_file(path)))
+    return sites
+
+
+def _heart_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray, np.ndarray]:
+    cols = [frame[c].to_numpy(float) for c in _HEART_NUMERIC]
+    for col, levels in _HEART_ONEHOT.items():
+        values = frame[col].to_numpy(float)
+        for level in levels:
+            onehot = (values == level).astype(float)
+            onehot[np.isnan(values)] = np.nan
+            cols.append(onehot)
+    x = np.stack(cols, axis=1).astype(np.float32)
+    y = frame[LABEL].to_numpy(np.float32)
+    if preprocessing == "flamby":
+        keep = ~np.isnan(x).any(axis=1)
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
+TASKS: dict[str, Task] = {
+    "breast-cancer": Task(
+        name="breast-cancer",
+        read_file=read_breast_cancer_csv,
+        load_sites=_breast_sites,
+        features=_breast_features,
+        n_features=lambda p: 30,
+        natural_split=False,
+        preprocessings=("standard",),
+        positive_class="malignant",
+    ),
+    "heart-disease": Task(
+        name="heart-disease",
+        read_file=read_heart_disease_file,
+        load_sites=_heart_sites,
+        features=_heart_features,
+        n_features=lambda p: len(_HEART_NUMERIC) + sum(len(v) for v in _HEART_ONEHOT.values()),
+        natural_split=True,
+        preprocessings=("flamby", "impute"),
+        positive_class="heart disease (num > 0)",
+        default_test_fraction=0.34,  # FLamby's per-centre 66/34 split
+        reference_scaling=(_HEART_CENTER, _HEART_SCALE),
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """Return the registered task ``name``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; the message lists the known tasks.
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def prepare_site(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    test_fraction: float,
+    seed: int,
+    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> SiteData:
+    """Split one site's rows into train/test and scale them without any other site's data.
+
+    Parameters
+    ----------
+    name : str
+        Site name.
+    x : np.ndarray
+        ``[N, F] float32``; NaN marks a missing value (imputed with the site's train median).
+    y : np.ndarray
+        ``[N]`` binary labels.
+    test_fraction : float
+        Share of rows in the test split; stratified by label when both classes have >= 2 rows
+        (``sklearn.model_selection.train_test_split``).
+    seed : int
+        Split seed.
+    reference_scaling : (center, scale), optional
+        Fixed per-feature centre and scale; without it, the site's training-split mean and std.
+
+    Notes
+    -----
+    Imputation and standardisation use either the site's own training split or fixed,
+    data-independent constants -- never pooled statistics -- so no raw data crosses hospitals.
+
+    Raises
+    ------
+    DataError
+        Fewer than 4 rows, or only one row in the training split.
+    """
+    n = int(y.shape[0])
+    if n < 4:
+        raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
+    counts = np.bincount(y.astype(int), minlength=2)
+    stratify = y if counts.min() >= 2 else None
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    if np.isnan(x_tr).any():
+        with warnings.catch_warnings():  # an all-missing column has no median: use 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nan_to_num(np.nanmedian(x_tr, axis=0), nan=0.0)
+        x_tr = np.where(np.isnan(x_tr), median, x_tr)
+        x_te = np.where(np.isnan(x_te), median, x_te)
+    if reference_scaling is not None:
+        mean = np.asarray(reference_scaling[0], dtype=np.float32)
+        std = np.asarray(reference_scaling[1], dtype=np.float32)
+    else:
+        mean = x_tr.mean(axis=0)
+        std = x_tr.std(axis=0)
+        std[std < 1e-8] = 1.0
+    return SiteData(
+        name=name,
+        x_train=((x_tr - mean) / std).astype(np.float32),
+        y_train=y_tr.astype(np.float32),
+        x_test=((x_te - mean) / std).astype(np.float32),
+        y_test=y_te.astype(np.float32),
+    )

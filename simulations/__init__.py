@@ -1,0 +1,1 @@
+"""The local harness: simulated hospitals on one machine, baselines, and the ``fedcare`` CLI."""

@@ -1,0 +1,99 @@
+"""Running a federation through Flower's Simulation Engine (Ray backend) in this process.
+
+This is what ``flwr run`` does inside its ``flower-simulation`` process: the ServerApp runs in a
+thread over an in-memory Grid and each simulated hospital's ClientApp runs in a Ray actor. We call
+Flower's runtime directly (``flwr.simulation.run_simulation._run_simulation``) instead of the
+deprecated ``run_simulation`` wrapper because the wrapper cannot pass a run config; going through
+``flwr run`` would leave a detached local SuperLink running after the command returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app directory (pyproject.toml)
+
+
+def default_run_config() -> dict[str, Any]:
+    """The run-config schema with defaults: ``[tool.flwr.app.config]`` of pyproject.toml."""
+    from flwr.common.config import flatten_dict, get_project_config
+
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise RuntimeError(
+            f"{APP_DIR / 'pyproject.toml'} not found: install fedcare from its source checkout "
+            "with `pip install -e .` (the checkout is the Flower app directory)"
+        )
+    return flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
+
+
+def run_federation(
+    *,
+    run_config: dict[str, Any],
+    num_supernodes: int,
+    num_cpus_per_client: float = 1.0,
+    num_gpus_per_client: float = 0.0,
+    verbose: bool = False,
+) -> None:
+    """Run ``server.server_app:app`` with ``num_supernodes`` simulated ClientApps.
+
+    Parameters
+    ----------
+    run_config : dict
+        Complete flat run config (defaults fused with overrides).
+    num_supernodes : int
+        Number of simulated hospitals (each gets ``partition-id`` 0..N-1).
+    num_cpus_per_client, num_gpus_per_client : float
+        Ray resources per ClientApp actor (GPU fractions allowed).
+
+    Raises
+    ------
+    RuntimeError
+        The ServerApp failed (Flower re-raises its exception).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
+    backend_config = {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+        "init_args": {
+            "logging_level": logging.DEBUG if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+            "configure_logging": not verbose,
+        },
+    }
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,  # type: ignore[arg-type]
+        server_app_context=server_context,
+        app_dir=str(APP_DIR),
+        is_app=True,  # hospitals' contexts get the run config fused from APP_DIR + overrides
+        run=run,
+        verbose_logging=verbose,
+    )

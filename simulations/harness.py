@@ -1,0 +1,232 @@
+"""``fedcare simulate``: validate the request, run the federation, add baselines, report.
+
+Everything a user can get wrong is checked BEFORE the Simulation Engine starts (task, data files,
+number of hospitals, DP budget feasible at every hospital), so mistakes cost no Ray start-up and
+leave no half-written run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """An expected mistake by the user: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class SimulationRequest:
+    """What the researcher asked for on the command line (None = the schema's default)."""
+
+    task: str
+    data_dir: str
+    hospitals: int | None
+    partition: str
+    alpha: float
+    rounds: int | None
+    strategy: str | None
+    epsilon: float | None
+    dp: bool
+    delta: float | None
+    seed: int
+    out: Path
+    run_config: str | None
+    verbose: bool = False
+
+
+DEFAULT_HOSPITALS = 3
+
+
+def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
+    """Fuse the schema's defaults with the request; return (flat run config, number of hospitals).
+
+    Raises
+    ------
+    UserError
+        Out-of-range option, unknown ``--run-config`` key.
+    """
+    from flwr.common.config import parse_config_args
+
+    from simulations.engine import default_run_config
+
+    if req.hospitals is not None and req.hospitals < 1:
+        raise UserError(f"--hospitals must be at least 1 (got {req.hospitals})")
+    if req.epsilon is not None and not (req.epsilon > 0 and math.isfinite(req.epsilon)):
+        raise UserError(f"--epsilon must be a positive number (got {req.epsilon:g})")
+    if req.delta is not None and not 0 < req.delta < 1:
+        raise UserError(f"--delta must be in (0, 1) (got {req.delta:g})")
+    if req.rounds is not None and req.rounds < 1:
+        raise UserError(f"--rounds must be at least 1 (got {req.rounds})")
+    if req.alpha <= 0:
+        raise UserError(f"--alpha must be positive (got {req.alpha:g})")
+
+    cfg = default_run_config()
+    if req.run_config:
+        try:
+            extra = parse_config_args([req.run_config])
+        except Exception as exc:  # click.ClickException or ValueError from Flower's parser
+            raise UserError(f"--run-config: {getattr(exc, 'message', exc)}") from None
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise UserError(
+                f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
+            )
+        cfg.update(extra)
+    cfg["task.name"] = req.task
+    cfg["data.dir"] = str(Path(req.data_dir).resolve()) if req.data_dir else ""
+    cfg["data.partition"] = req.partition
+    cfg["data.alpha"] = float(req.alpha)
+    cfg["train.seed"] = int(req.seed)
+    cfg["dp.enabled"] = bool(req.dp)
+    if req.rounds is not None:
+        cfg["train.rounds"] = req.rounds
+    if req.strategy is not None:
+        cfg["strategy.name"] = req.strategy
+    if req.epsilon is not None:
+        cfg["dp.target-epsilon"] = float(req.epsilon)
+    if req.delta is not None:
+        cfg["dp.target-delta"] = float(req.delta)
+    cfg["output.dir"] = str(req.out.resolve())
+    cfg["eval.centralized"] = True
+    return cfg, req.hospitals or DEFAULT_HOSPITALS
+
+
+def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -> (RunConfig, sites)
+    """Parse the run config and load every simulated hospital's data; check the DP plan.
+
+    Raises
+    ------
+    UserError, shared_models.tasks.DataError, shared_models.config.ConfigError
+    """
+    from client.training import plan_dp
+    from server.strategies import STRATEGIES
+    from shared_models.config import RunConfig
+    from shared_models.sites import simulated_sites
+    from shared_models.tasks import get_task
+
+    try:
+        task = get_task(cfg["task.name"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if cfg["strategy.name"] not in STRATEGIES:
+        raise UserError(
+            f"unknown strategy {cfg['strategy.name']!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
+        )
+    if task.natural_split and req.hospitals is not None:
+        raise UserError(
+            f"task {task.name} has real hospitals (a natural split); drop --hospitals"
+        )
+    if task.natural_split or req.data_dir:
+        hospitals = len(task.load_sites(cfg["data.dir"]))
+    # every simulated hospital takes part: the minimum node counts cannot exceed the federation
+    for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
+        cfg[key] = min(int(cfg[key]), hospitals)
+    cfg["strategy.min-available-nodes"] = hospitals
+    run = RunConfig.from_run_config(cfg)
+    try:
+        task.resolve_preprocessing(run.task.preprocessing)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    sites = simulated_sites(
+        run.task.name,
+        data_dir=run.data.dir,
+        num_sites=hospitals,
+        scheme=run.data.partition,
+        alpha=run.data.alpha,
+        seed=run.train.seed,
+        preprocessing=run.task.preprocessing,
+        test_fraction=run.data.test_fraction,
+    )
+    if run.dp.enabled:
+        for site in sites:
+            try:
+                plan_dp(
+                    n_train=site.n_train,
+                    batch_size=run.train.batch_size,
+                    local_epochs=run.train.local_epochs,
+                    rounds=run.train.rounds,
+                    target_epsilon=run.dp.target_epsilon,
+                    target_delta=run.dp.target_delta,
+                    max_grad_norm=run.dp.max_grad_norm,
+                    accountant=run.dp.accountant,
+                )
+            except ValueError as exc:
+                raise UserError(f"hospital {site.name}: {exc}") from None
+    return run, sites
+
+
+class _ProgressHandler(logging.Handler):
+    """Renders the ServerApp's per-round progress records (logger ``fedcare.progress``)."""
+
+    def __init__(self, console: Any, rounds: int) -> None:
+        super().__init__(level=logging.INFO)
+        self.console = console
+        self.rounds = rounds
+
+    def emit(self, record: logging.LogRecord) -> None:
+        info = getattr(record, "fedcare_progress", None)
+        if not info:
+            return
+
+        def f(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        failures = f"  [yellow]{info['failures']} failure(s)[/]" if info["failures"] else ""
+        self.console.print(
+            f"round {info['round']:>3}/{info['rounds']}  pooled AUROC {f(info['pooled_auroc'])}  "
+            f"mean hospital AUROC {f(info['mean_auroc'])}  max ε {f(info['max_epsilon'])}  "
+            f"[dim]{info['seconds']:.1f} s[/]{failures}"
+        )
+
+
+def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
+    """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
+
+    Returns the final ``summary.json`` content.
+    """
+    t0 = time.monotonic()
+    cfg, hospitals = build_run_config(req)
+    if req.out.exists() and any(req.out.iterdir()):
+        raise UserError(f"{req.out}: run folder exists and is not empty; choose another --out")
+    run, sites = preflight(cfg, hospitals, req)
+
+    from server.history import RunHistory
+    from server.report import write_reports
+    from simulations.baselines import compute_baselines
+    from simulations.engine import run_federation
+
+    dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
+    console.print(
+        f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
+        f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
+        f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
+    )
+    handler = _ProgressHandler(console, run.train.rounds)
+    progress_logger = logging.getLogger("fedcare.progress")
+    progress_logger.addHandler(handler)
+    progress_logger.setLevel(logging.INFO)
+    progress_logger.propagate = False
+    if not req.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    try:
+        run_federation(run_config=cfg, num_supernodes=len(sites), verbose=req.verbose)
+    finally:
+        progress_logger.removeHandler(handler)
+    summary_path = req.out / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the ServerApp finished without writing {summary_path}")
+    summary = json.loads(summary_path.read_text())
+    history = RunHistory.from_dict(json.loads((req.out / "history.json").read_text()))
+    summary["baselines"] = compute_baselines(run, sites)
+    summary["wall_seconds"] = round(time.monotonic() - t0, 2)
+    write_reports(req.out, run, history, summary)
+    if not any(h["rounds_trained"] for h in summary["hospitals"]):
+        reasons = "; ".join(f["reason"] for f in summary["failures"][:3])
+        raise UserError(f"no hospital trained: {reasons}. Reports are in {req.out}")
+    return summary
