@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +148,48 @@ def _history(state: AccountantState) -> list[tuple[float, float, int]]:
     return [(float(s), float(q), int(k)) for s, q, k in state["history"]]
 
 
+def _proximal_step(model: nn.Module, *, lr: float, mu: float) -> Callable[[], None]:
+    """FedProx as post-processing: ``w -= lr * mu * (w - w_global)`` after each optimizer step."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def step() -> None:
+        for p, g in zip(model.parameters(), anchor, strict=True):
+            p.sub_(lr * mu * (p - g))
+
+    return step
+
+
+def _run_steps(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    steps: int,
+    device: str,
+    after_step: Callable[[], None] | None,
+) -> list[float]:
+    """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses."""
+    criterion = nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    batches = _cycle(loader)
+    with warnings.catch_warnings():
+        # torch notes that Opacus' hooks fire although inputs need no gradient: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(steps):
+            xb, yb = next(batches)
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(net(xb), yb)  # an empty Poisson batch: nan loss, Opacus adds noise only
+            loss.backward()
+            optimizer.step()
+            if len(yb):
+                losses.append(float(loss.detach()))
+            if after_step is not None:
+                after_step()
+    return losses
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Outcome of one round of local training.
@@ -227,7 +269,6 @@ def train_round(
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=dp is None)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     engine = None
     net: nn.Module = model
     if dp is not None:
@@ -237,10 +278,11 @@ def train_round(
                 f"this round's {steps} steps would exceed the {dp.total_steps} DP steps the run "
                 f"was calibrated for ({accountant_steps(state)} already taken)"
             )
-        engine = PrivacyEngine(accountant=dp.accountant)
-        engine.accountant.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure RNG off (simulation)
+            # Opacus warns that its cryptographically secure RNG is off (secure_mode=False)
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=dp.accountant)
+            engine.accountant.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
             net, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -250,23 +292,11 @@ def train_round(
                 poisson_sampling=True,
             )
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
-    criterion = nn.BCEWithLogitsLoss()
-    losses: list[float] = []
-    batches = _cycle(loader)
     try:
-        for _ in range(steps):
-            xb, yb = next(batches)
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(net(xb), yb)  # an empty Poisson batch gives nan: Opacus adds noise only
-            loss.backward()
-            optimizer.step()
-            if len(yb):
-                losses.append(float(loss.detach()))
-            if proximal_mu > 0:
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_params, strict=True):
-                        p.sub_(lr * proximal_mu * (p - g))
+        losses = _run_steps(
+            net, optimizer, loader, steps=steps, device=device,
+            after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
+        )  # fmt: skip
     finally:
         if net is not model:  # detach Opacus hooks: ``model`` holds the trained weights
             net.remove_hooks()

@@ -8,6 +8,8 @@ so the simulated hospitals and the coordinator's pooled evaluation agree on it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -75,10 +77,13 @@ def partition_frame(
         raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'dirichlet'")
     partitioner.dataset = dataset
     try:
-        parts = [partitioner.load_partition(i)["row"] for i in range(num_partitions)]
-    except ValueError as exc:
+        with warnings.catch_warnings():  # the partitioner warns on every resampling attempt
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [partitioner.load_partition(i)["row"] for i in range(num_partitions)]
+    except ValueError:
         raise DataError(
-            f"Dirichlet partitioning into {num_partitions} hospitals (alpha={alpha}) failed: "
-            f"{exc}. Use fewer hospitals or a larger --alpha"
+            f"Dirichlet partitioning into {num_partitions} hospitals (alpha={alpha:g}) could not "
+            f"give every hospital {MIN_PARTITION_SIZE} patients; use fewer hospitals or a larger "
+            "--alpha"
         ) from None
     return [frame.iloc[np.sort(np.asarray(rows))].reset_index(drop=True) for rows in parts]

@@ -25,7 +25,7 @@ from rich.table import Table  # noqa: E402
 from simulations.harness import SimulationRequest, UserError, run_simulation_job  # noqa: E402
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error lines are never broken
 
 app = typer.Typer(
     name="fedcare",

@@ -1,0 +1,69 @@
+"""`fedcare simulate` on bad input: one clear message, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from simulations import cli
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    captured = capsys.readouterr()
+    return int(exc.value.code), captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, heart-disease"),
+        (["--task", "heart-disease"], "task heart-disease needs --data-dir"),
+        (["--task", "heart-disease", "--data-dir", "/does/not/exist"], "/does/not/exist: data folder not found"),
+        (["--epsilon", "0"], "--epsilon must be a positive number (got 0)"),
+        (["--epsilon", "-1"], "--epsilon must be a positive number (got -1)"),
+        (["--hospitals", "0"], "--hospitals must be at least 1 (got 0)"),
+        (["--hospitals", "600"], "600 hospitals for 569 patients"),
+        (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
+        (["--run-config", "train.nope=1"], "unknown key(s) ['train.nope']"),
+        (["--run-config", "train.lr=-1"], "'train.lr' = -1.0 is outside (0.0, 100.0]"),
+        (["--delta", "0.01"], "is not below 1/n"),
+        (["--epsilon", "1", "--no-dp"], "--epsilon and --no-dp exclude each other"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_one_clear_message(monkeypatch, capsys, tmp_path, args, message):
+    code, output = _run(monkeypatch, capsys, "simulate", *args, "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert message in " ".join(output.split())
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_malformed_heart_file_names_file_and_line(monkeypatch, capsys, tmp_path, heart_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for site in ("cleveland", "hungarian", "switzerland", "va"):
+        text = (heart_dir / f"processed.{site}.data").read_text()
+        if site == "va":
+            lines = text.splitlines()
+            lines[9] = lines[9].replace(",", ",abc,", 1)  # 15 columns on line 10
+            text = "\n".join(lines) + "\n"
+        (data / f"processed.{site}.data").write_text(text)
+    code, output = _run(monkeypatch, capsys, "simulate", "--task", "heart-disease",
+                        "--data-dir", str(data), "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 2
+    flat = " ".join(output.split())
+    assert "processed.va.data, line 10: expected 14 comma-separated values" in flat
+    assert "found 15" in flat and "Traceback" not in output
+
+
+def test_existing_run_folder_is_never_overwritten(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    code, output = _run(monkeypatch, capsys, "simulate", "--out", str(out))
+    assert code == 2 and "exists and is not empty" in output
+    assert (out / "summary.json").read_text() == "{}"

@@ -1,0 +1,105 @@
+"""The ClientApp's handlers called with real Flower Message / Context objects (no engine)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.client_app import SITE_REFUSED
+from client.client_app import app as client_app
+from shared_models.models import build_model
+from shared_models.tasks import get_task
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the task identity its runtime normally sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _context(run_config: dict, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _request(kind: str, model, server_round: int) -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": server_round})}
+    )
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+@pytest.fixture
+def sim_ctx(default_cfg):
+    default_cfg.update({"train.rounds": 3, "dp.target-epsilon": 1.5})
+    return _context(default_cfg, {"partition-id": 1, "num-partitions": 3})
+
+
+def test_train_reports_cumulative_epsilon_and_keeps_accountant_state(sim_ctx):
+    model = build_model("mlp", n_features=30)
+    eps = []
+    for rnd in (1, 2, 3):
+        reply = client_app(_request("train", model, rnd), sim_ctx)
+        assert not reply.has_error(), reply.error
+        metrics = reply.content["metrics"]
+        assert metrics["num-examples"] == 133  # training examples, not batches
+        assert metrics["delta"] == pytest.approx(1e-5)
+        assert reply.content["info"]["site"] == "hospital-2"
+        eps.append(metrics["epsilon"])
+        history = json.loads(sim_ctx.state["fedcare"]["accountant"])["history"]
+        assert sum(h[2] for h in history) == rnd * metrics["steps"]
+    assert eps[0] < eps[1] < eps[2] <= 1.5
+    assert eps[2] > 1.45  # the run's budget is spent by the last planned round
+    # the returned weights are the trained ones, with the model's keys
+    assert set(reply.content["arrays"].keys()) == set(model.state_dict().keys())
+
+
+def test_fourth_round_beyond_the_plan_is_refused(sim_ctx):
+    model = build_model("mlp", n_features=30)
+    for rnd in (1, 2, 3):
+        client_app(_request("train", model, rnd), sim_ctx)
+    reply = client_app(_request("train", model, 4), sim_ctx)
+    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert "exceed the" in reply.error.reason and "site " in reply.error.reason
+
+
+def test_evaluate_reports_metrics(sim_ctx):
+    reply = client_app(_request("evaluate", build_model("mlp", n_features=30), 1), sim_ctx)
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 57
+    for key in ("auroc", "accuracy", "sensitivity", "specificity"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_path):
+    """A hospital whose test split has one class gets NaN AUROC plus the reason, not a crash."""
+    rows = [r for r in (heart_dir / "processed.switzerland.data").read_text().splitlines() if r]
+    positives = [r for r in rows if not r.endswith(",0")]
+    path = tmp_path / "processed.positive.data"
+    path.write_text("\n".join(positives[:40]) + "\n")
+    default_cfg.update({"task.name": "heart-disease", "dp.enabled": False})
+    ctx = _context(default_cfg, {"data-path": str(path), "site": "zurich"})
+    task = get_task("heart-disease")
+    model = build_model("mlp", n_features=task.n_features("flamby"))
+    reply = client_app(_request("evaluate", model, 1), ctx)
+    assert not reply.has_error()
+    assert math.isnan(reply.content["metrics"]["auroc"])
+    assert "only one class" in reply.content["info"]["undefined.auroc"]
+    assert reply.content["info"]["site"] == "zurich"
+    train = client_app(_request("train", model, 1), ctx)
+    assert "epsilon" not in train.content["metrics"]  # no DP: no epsilon claimed
+
+
+def test_malformed_site_file_is_refused_with_a_clear_reason(default_cfg, tmp_path):
+    path = tmp_path / "bad.data"
+    path.write_text("1,2,3\n")
+    default_cfg["task.name"] = "heart-disease"
+    ctx = _context(default_cfg, {"data-path": str(path), "site": "x"})
+    reply = client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
+    assert reply.error.code == SITE_REFUSED
+    assert reply.error.reason.startswith("site x refused: ")
+    assert "line 1: expected 14 comma-separated values" in reply.error.reason

@@ -1,0 +1,99 @@
+"""Strategy construction, metric aggregation, run history and reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp import strategy as fl
+
+from server.history import RunHistory, SiteEvent
+from server.report import build_summary, write_reports
+from server.strategies import STRATEGIES, aggregate_metrics, build_strategy
+from shared_models.config import RunConfig
+
+EXPECTED = {
+    "fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
+    "fedmedian": fl.FedMedian, "fedtrimmedavg": fl.FedTrimmedAvg, "krum": fl.Krum,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_strategies_are_flowers_own(default_cfg, name):
+    default_cfg.update({"strategy.name": name, "strategy.fraction-train": 0.5, "strategy.min-train-nodes": 3})
+    strategy = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+    assert type(strategy) is EXPECTED[name]
+    assert strategy.fraction_train == 0.5 and strategy.min_train_nodes == 3
+
+
+def test_strategy_parameters_are_passed(default_cfg):
+    default_cfg.update({"strategy.name": "fedprox", "strategy.proximal-mu": 0.3})
+    assert build_strategy(RunConfig.from_run_config(default_cfg).strategy).proximal_mu == 0.3
+    default_cfg.update({"strategy.name": "fedtrimmedavg", "strategy.trim-beta": 0.1})
+    assert build_strategy(RunConfig.from_run_config(default_cfg).strategy).beta == 0.1
+    default_cfg.update({"strategy.name": "fedadam", "strategy.server-lr": 0.2})
+    assert build_strategy(RunConfig.from_run_config(default_cfg).strategy).eta == 0.2
+
+
+def test_unknown_strategy(default_cfg):
+    default_cfg["strategy.name"] = "fedsgd"
+    with pytest.raises(ValueError, match="known strategies: " + ", ".join(sorted(STRATEGIES))):
+        build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+
+
+def test_aggregate_metrics_skips_undefined_and_takes_worst_epsilon():
+    records = [
+        RecordDict({"m": MetricRecord({"num-examples": 10, "auroc": 0.8, "epsilon": 1.0})}),
+        RecordDict({"m": MetricRecord({"num-examples": 30, "auroc": math.nan, "epsilon": 1.5})}),
+        RecordDict({"m": MetricRecord({"num-examples": 30, "auroc": 0.6, "epsilon": 0.5})}),
+    ]
+    out = aggregate_metrics(records, "num-examples")
+    assert out["auroc"] == pytest.approx((10 * 0.8 + 30 * 0.6) / 40)
+    assert out["epsilon"] == 1.5
+
+
+def _history() -> RunHistory:
+    h = RunHistory(sites={1: "a", 2: "b"})
+    for rnd in (1, 2):
+        for node, site, n_train, n_test, acc in ((1, "a", 100, 40, 0.8), (2, "b", 50, 10, 0.6)):
+            h.events.append(SiteEvent(rnd, "train", node, site, {"num-examples": n_train, "train-loss": 0.5,
+                                                                 "epsilon": 0.4 * rnd, "delta": 1e-5}))
+            h.events.append(SiteEvent(rnd, "evaluate", node, site, {"num-examples": n_test, "auroc": None,
+                                                                    "accuracy": acc, "sensitivity": 1.0,
+                                                                    "specificity": None},
+                                      undefined={"auroc": "one class"}))  # fmt: skip
+    h.events.append(SiteEvent(2, "train", 3, "node 3", error="no reply (hospital dropped out)"))
+    return h
+
+
+def test_summary_schema_and_overall(default_cfg):
+    run = RunConfig.from_run_config(default_cfg)
+    summary = build_summary(run, _history(), wall_seconds=12.345)
+    assert set(summary) >= {"task", "strategy", "rounds", "dp", "wall_seconds", "hospitals", "overall"}
+    assert summary["dp"] == {
+        "enabled": True, "level": "sample", "target_epsilon": 2.0, "delta": 1e-5,
+        "max_grad_norm": 1.0, "accountant": "rdp",
+    }  # fmt: skip
+    a = next(h for h in summary["hospitals"] if h["name"] == "a")
+    assert a["n_train"] == 100 and a["n_test"] == 40 and a["epsilon"] == pytest.approx(0.8)
+    assert a["metrics"]["auroc"] is None and a["undefined"]["auroc"] == "one class"
+    assert summary["overall"]["mean_client_accuracy"] == pytest.approx(0.7)
+    assert summary["overall"]["accuracy"] == pytest.approx((0.8 * 40 + 0.6 * 10) / 50)  # pooled
+    assert summary["failures"] == [
+        {"round": 2, "kind": "train", "hospital": "node 3", "reason": "no reply (hospital dropped out)"}
+    ]
+
+
+def test_reports_are_written(default_cfg, tmp_path):
+    run = RunConfig.from_run_config(default_cfg)
+    history = _history()
+    write_reports(tmp_path, run, history, build_summary(run, history, wall_seconds=1.0))
+    assert json.loads((tmp_path / "summary.json").read_text())["task"] == "breast-cancer"
+    csv = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("round,hospital,n_train,train_loss,epsilon,delta")
+    assert len(csv) == 1 + 5  # 2 rounds x 2 hospitals + the dropped node
+    report = (tmp_path / "report.md").read_text()
+    assert "ε = 2 at δ = 1e-05" in report and "one class" in report and "dropped out" in report
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

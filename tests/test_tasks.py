@@ -1,0 +1,152 @@
+"""Task registry, upstream-format loaders and per-site preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared_models.sites import simulated_site_frames, site_from_frame
+from shared_models.tasks import (
+    HEART_SITES,
+    DataError,
+    breast_cancer_frame,
+    get_task,
+    prepare_site,
+    read_breast_cancer_csv,
+    read_heart_disease_file,
+)
+
+
+def test_unknown_task_lists_known_names():
+    with pytest.raises(ValueError, match="known tasks: breast-cancer, heart-disease"):
+        get_task("nope")
+
+
+def test_breast_cancer_embedded_frame_matches_wdbc():
+    frame = breast_cancer_frame()
+    assert frame.shape == (569, 31)
+    assert (frame["diagnosis"] == "M").sum() == 212  # 212 malignant, 357 benign
+
+
+def test_breast_cancer_csv_roundtrip(tmp_path):
+    path = tmp_path / "site.csv"
+    breast_cancer_frame().iloc[:50].to_csv(path, index=False)
+    frame = read_breast_cancer_csv(path)
+    assert len(frame) == 50
+    assert frame["label"].sum() == (breast_cancer_frame().iloc[:50]["diagnosis"] == "M").sum()
+
+
+def test_breast_cancer_csv_missing_column(tmp_path):
+    path = tmp_path / "site.csv"
+    breast_cancer_frame().drop(columns=["mean radius"]).iloc[:20].to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"site.csv: missing column\(s\) \['mean radius'\]"):
+        read_breast_cancer_csv(path)
+
+
+def test_breast_cancer_csv_bad_values_name_the_line(tmp_path):
+    frame = breast_cancer_frame().iloc[:20].copy()
+    frame["mean area"] = frame["mean area"].astype(object)
+    frame.loc[4, "mean area"] = "big"
+    path = tmp_path / "site.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"line 6: column 'mean area' has non-numeric value 'big'"):
+        read_breast_cancer_csv(path)
+    frame = breast_cancer_frame().iloc[:20].copy()
+    frame.loc[2, "diagnosis"] = "X"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"line 4: 'diagnosis' is 'X'"):
+        read_breast_cancer_csv(path)
+
+
+def test_heart_upstream_files_row_counts(heart_dir):
+    counts = {s: len(read_heart_disease_file(heart_dir / f"processed.{s}.data")) for s in HEART_SITES}
+    assert counts == {"cleveland": 303, "hungarian": 294, "switzerland": 123, "va": 200}
+
+
+def test_heart_flamby_preprocessing_matches_flamby_counts(heart_dir):
+    """FLamby's Fed-Heart-Disease keeps 303 / 261 / 46 / 130 = 740 rows with 13 features."""
+    task = get_task("heart-disease")
+    sites = simulated_site_frames(task, data_dir=str(heart_dir), num_sites=4, scheme="iid", alpha=1, seed=0)
+    sizes = {}
+    for name, frame in sites:
+        x, y = task.features(frame, "flamby")
+        assert x.shape[1] == task.n_features("flamby") == 13
+        assert not np.isnan(x).any()
+        sizes[name] = len(y)
+    assert sizes == {"cleveland": 303, "hungarian": 261, "switzerland": 46, "va": 130}
+    # impute keeps every row
+    x, _ = task.features(sites[3][1], "impute")
+    assert x.shape[0] == 200
+
+
+def test_heart_label_is_num_positive(heart_dir):
+    frame = read_heart_disease_file(heart_dir / "processed.switzerland.data")
+    assert frame["label"].mean() == pytest.approx((frame["num"] > 0).mean())
+    assert 0.9 < frame["label"].mean() < 0.95  # 93 % positive (shared/data README)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("63,1,1,145,233,1,2,150,0,2.3,3,0,6\n", r"line 1: expected 14 comma-separated values"),
+        ("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n63,1,1,145,233,1,2,150,0,2.3,3,0,6,0,1\n", "line 2: expected 14"),
+        ("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n63,one,1,145,233,1,2,150,0,2.3,3,0,6,0\n",
+         r"line 2: column 'sex' has non-numeric value 'one'"),
+        ("", "the file is empty"),
+    ],
+)  # fmt: skip
+def test_heart_malformed_files(tmp_path, content, match):
+    path = tmp_path / "processed.x.data"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_heart_disease_file(path)
+
+
+def test_heart_missing_file_names_it(tmp_path):
+    with pytest.raises(DataError, match="processed.cleveland.data: missing"):
+        get_task("heart-disease").load_sites(str(tmp_path))
+
+
+def test_prepare_site_uses_only_own_training_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, size=(200, 4)).astype(np.float32)
+    y = (rng.random(200) > 0.5).astype(np.float32)
+    site = prepare_site("a", x, y, test_fraction=0.25, seed=0)
+    assert site.n_train == 150 and site.n_test == 50
+    np.testing.assert_allclose(site.x_train.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(site.x_train.std(axis=0), 1.0, atol=1e-4)
+    assert np.abs(site.x_test.mean(axis=0)).max() > 1e-3  # test split is NOT re-centred on itself
+
+
+def test_prepare_site_imputes_with_site_median():
+    x = np.array([[1.0], [np.nan], [3.0], [5.0], [7.0], [9.0], [np.nan], [11.0]], dtype=np.float32)
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.float32)
+    site = prepare_site("a", x, y, test_fraction=0.25, seed=0)
+    assert not np.isnan(site.x_train).any() and not np.isnan(site.x_test).any()
+
+
+def test_heart_site_from_file_is_reproducible(heart_dir):
+    task = get_task("heart-disease")
+    frame = read_heart_disease_file(heart_dir / "processed.cleveland.data")
+    a = site_from_frame(task, "cleveland", frame, preprocessing="default", test_fraction=0, seed=0)
+    b = site_from_frame(task, "cleveland", frame, preprocessing="flamby", test_fraction=0, seed=0)
+    assert a.n_train + a.n_test == 303
+    assert a.n_test == 104  # FLamby's 34 % test split
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+
+
+def test_partitions_are_disjoint_and_cover_the_data():
+    task = get_task("breast-cancer")
+    frames = simulated_site_frames(task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1)
+    assert [name for name, _ in frames] == [f"hospital-{i}" for i in range(1, 5)]
+    assert sum(len(f) for _, f in frames) == 569
+    allrows = pd.concat([f for _, f in frames])
+    assert not allrows.duplicated().any()
+    again = simulated_site_frames(task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1)
+    assert all(a.equals(b) for (_, a), (_, b) in zip(frames, again, strict=True))
+
+
+def test_too_many_hospitals_is_a_data_error():
+    with pytest.raises(DataError, match="use at most 56"):
+        simulated_site_frames(get_task("breast-cancer"), data_dir="", num_sites=57, scheme="iid", alpha=1, seed=0)
