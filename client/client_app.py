@@ -53,7 +53,7 @@ def _setup(msg: Message, context: Context):  # -> (run, site, data, model, devic
         n_features=task.n_features(task.resolve_preprocessing(run.task.preprocessing)),
         hidden=run.model.hidden,
     )
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return run, site, data, model, resolve_device(site.device)
 
 
@@ -81,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
                 max_grad_norm=run.dp.max_grad_norm,
                 accountant=run.dp.accountant,
             )
-        server_round = int(msg.content["config"]["server-round"])
+        config = msg.content.config_records["config"]
+        server_round = int(config["server-round"])  # type: ignore[arg-type]
         state = _load_accountant(context)
         result = train_round(
             model,
@@ -93,15 +94,19 @@ def train(msg: Message, context: Context) -> Message:
             momentum=run.train.momentum,
             dp=plan,
             accountant_state=state,
-            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             seed=_seed(run.train.seed, data.name, server_round),
             device=device,
         )
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
-    metrics = MetricRecord({"num-examples": data.n_train, "train-loss": result.loss, "steps": result.steps})
+    metrics = MetricRecord(
+        {"num-examples": data.n_train, "train-loss": result.loss, "steps": result.steps}
+    )
     if plan is not None and result.accountant_state is not None:
-        context.state[_STATE_KEY] = ConfigRecord({"accountant": json.dumps(result.accountant_state)})
+        context.state[_STATE_KEY] = ConfigRecord(
+            {"accountant": json.dumps(result.accountant_state)}
+        )
         metrics["epsilon"] = float(result.epsilon or 0.0)
         metrics["delta"] = plan.target_delta
         metrics["noise-multiplier"] = plan.noise_multiplier
@@ -110,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": metrics,
-            "info": ConfigRecord({"site": data.name}),
+            "info": ConfigRecord({"site": data.name, "device": device}),
         }
     )
     return Message(content=reply, reply_to=msg)

@@ -55,7 +55,7 @@ class SiteSettings:
         if not data_path and partition_id < 0:
             raise ValueError(
                 "node config has no 'data-path': start the hospital with "
-                "--node-config 'data-path=\"/path/to/file\" site=\"NAME\"'"
+                '--node-config \'data-path="/path/to/file" site="NAME"\''
             )
         default_name = Path(data_path).stem if data_path else f"partition-{partition_id}"
         return cls(
@@ -101,7 +101,13 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
 
 @functools.lru_cache(maxsize=4)
 def _load_file(
-    task_name: str, site: str, path: str, mtime: int, preprocessing: str, test_fraction: float, seed: int
+    task_name: str,
+    site: str,
+    path: str,
+    mtime: int,
+    preprocessing: str,
+    test_fraction: float,
+    seed: int,
 ) -> SiteData:
     task = get_task(task_name)
     frame = task.read_file(Path(path))

@@ -21,6 +21,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -180,7 +181,9 @@ def _run_steps(
             xb, yb = next(batches)
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(net(xb), yb)  # an empty Poisson batch: nan loss, Opacus adds noise only
+            loss = criterion(
+                net(xb), yb
+            )  # an empty Poisson batch: nan loss, Opacus adds noise only
             loss.backward()
             optimizer.step()
             if len(yb):
@@ -282,7 +285,9 @@ def train_round(
             # Opacus warns that its cryptographically secure RNG is off (secure_mode=False)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=dp.accountant)
-            engine.accountant.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
+            engine.accountant.load_state_dict(
+                {"mechanism": state["mechanism"], "history": _history(state)}
+            )
             net, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -298,7 +303,7 @@ def train_round(
             after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
         )  # fmt: skip
     finally:
-        if net is not model:  # detach Opacus hooks: ``model`` holds the trained weights
+        if isinstance(net, GradSampleModule):  # detach Opacus hooks: ``model`` holds the weights
             net.remove_hooks()
             net.cleanup()
     mean_loss = float(np.mean(losses)) if losses else float("nan")

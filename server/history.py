@@ -8,7 +8,7 @@ never changes a message, so any Flower strategy runs unmodified on top of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -166,8 +166,8 @@ class RecordingGrid(Grid):
         info = content.config_records.get("info")
         if info is not None and "site" in info:
             self.history.sites[node] = str(info["site"])
-        metrics = next(iter(content.metric_records.values()), {})
-        undefined = {}
+        metrics: Mapping[str, Any] = next(iter(content.metric_records.values()), {})
+        undefined: dict[str, str] = {}
         if info is not None:
             undefined = {
                 k.removeprefix("undefined."): str(v)

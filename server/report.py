@@ -24,7 +24,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
     trained = history.latest("train")
     evaluated = history.latest("evaluate")
     names = sorted(set(trained) | set(evaluated) | set(history.sites.values()))
-    hospitals = []
+    hospitals: list[dict[str, Any]] = []
     for name in names:
         tr = trained.get(name)
         ev = evaluated.get(name)
@@ -36,7 +36,9 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 "epsilon": tr.metrics.get("epsilon") if tr and run.dp.enabled else None,
                 "delta": tr.metrics.get("delta") if tr and run.dp.enabled else None,
                 "rounds_trained": sum(
-                    1 for e in history.events if e.kind == "train" and e.site == name and not e.error
+                    1
+                    for e in history.events
+                    if e.kind == "train" and e.site == name and not e.error
                 ),
                 "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
                 "undefined": dict(ev.undefined) if ev else {},
@@ -107,7 +109,9 @@ def metrics_frame(history: RunHistory) -> pd.DataFrame:
     return frame.sort_values(["round", "hospital"]).reset_index(drop=True)
 
 
-def write_reports(run_dir: Path, run: RunConfig, history: RunHistory, summary: dict[str, Any]) -> None:
+def write_reports(
+    run_dir: Path, run: RunConfig, history: RunHistory, summary: dict[str, Any]
+) -> None:
     """Write summary.json, metrics.csv, report.md and curves.png into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "summary.json", summary)
@@ -144,7 +148,9 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     else:
         lines.append("- privacy: **none** (dp.enabled = false: non-private baseline run)")
     lines += ["", "## Hospitals (final round)", ""]
-    lines.append("| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity |")
+    lines.append(
+        "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for h in summary["hospitals"]:
         m = h["metrics"]
@@ -168,7 +174,10 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     ]
     if summary.get("baselines"):
         lines += ["", "## Baselines (same model, same test splits)", ""]
-        lines += ["| baseline | AUROC | accuracy | mean client accuracy | privacy |", "|---|---|---|---|---|"]
+        lines += [
+            "| baseline | AUROC | accuracy | mean client accuracy | privacy |",
+            "|---|---|---|---|---|",
+        ]
         for name, b in summary["baselines"].items():
             lines.append(
                 f"| {name} | {_fmt(b.get('auroc'))} | {_fmt(b.get('accuracy'))} | "
@@ -176,8 +185,17 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
             )
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
-        lines += [f"- round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}" for f in summary["failures"]]
-    lines += ["", "## Per round", "", "See `metrics.csv` (one row per round x hospital) and `curves.png`.", ""]
+        lines += [
+            f"- round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}"
+            for f in summary["failures"]
+        ]
+    lines += [
+        "",
+        "## Per round",
+        "",
+        "See `metrics.csv` (one row per round x hospital) and `curves.png`.",
+        "",
+    ]
     if not frame.empty:
         per_round = frame.groupby("round").agg(
             auroc=("auroc", "mean"), accuracy=("accuracy", "mean"), epsilon=("epsilon", "max")

@@ -39,7 +39,9 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     task = get_task(run.task.name)
     n_features = task.n_features(task.resolve_preprocessing(run.task.preprocessing))
-    model = build_model(run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed)
+    model = build_model(
+        run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
+    )
     history = RunHistory()
     pooled = _pooled_test_set(run, grid) if run.centralized_eval else None
     t_start = time.monotonic()
@@ -129,18 +131,34 @@ def _model_card(run: RunConfig, summary: dict, n_features: int) -> dict:
             "guarantee": "sample-level (epsilon, delta)-DP per hospital (Opacus DP-SGD)"
             if run.dp.enabled
             else "none: trained without differential privacy",
-            "per_hospital": {h["name"]: {"epsilon": h["epsilon"], "delta": h["delta"]} for h in summary["hospitals"]},
+            "per_hospital": {
+                h["name"]: {"epsilon": h["epsilon"], "delta": h["delta"]}
+                for h in summary["hospitals"]
+            },
         },
-        "metrics": {"hospitals": {h["name"]: h["metrics"] for h in summary["hospitals"]}, "overall": summary["overall"]},
+        "metrics": {
+            "hospitals": {h["name"]: h["metrics"] for h in summary["hospitals"]},
+            "overall": summary["overall"],
+        },
         "intended_use": "research on federated learning; not validated for clinical decisions",
         "versions": package_versions(),
     }
 
 
-def _report_progress(run: RunConfig, history: RunHistory, server_round: int, seconds: float) -> None:
-    evaluated = [e for e in history.events if e.round == server_round and e.kind == "evaluate" and not e.error]
-    aurocs = [e.metrics["auroc"] for e in evaluated if e.metrics.get("auroc") is not None]
-    eps = [e.metrics.get("epsilon") for e in history.events if e.round == server_round and e.kind == "train" and not e.error]
+def _report_progress(
+    run: RunConfig, history: RunHistory, server_round: int, seconds: float
+) -> None:
+    evaluated = [
+        e
+        for e in history.events
+        if e.round == server_round and e.kind == "evaluate" and not e.error
+    ]
+    aurocs = [float(a) for e in evaluated if (a := e.metrics.get("auroc")) is not None]
+    eps = [
+        e.metrics.get("epsilon")
+        for e in history.events
+        if e.round == server_round and e.kind == "train" and not e.error
+    ]
     eps_values = [float(x) for x in eps if x is not None]
     info = {
         "round": server_round,

@@ -133,7 +133,9 @@ class RunConfig:
                 name=_get(cfg, "task.name", str),
                 preprocessing=_get(cfg, "task.preprocessing", str),
             ),
-            model=ModelConfig(name=_get(cfg, "model.name", str), hidden=_get(cfg, "model.hidden", int)),
+            model=ModelConfig(
+                name=_get(cfg, "model.name", str), hidden=_get(cfg, "model.hidden", int)
+            ),
             strategy=StrategyConfig(
                 name=_get(cfg, s + "name", str),
                 fraction_train=_get(cfg, s + "fraction-train", float),

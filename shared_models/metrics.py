@@ -30,7 +30,9 @@ class BinaryMetrics:
         return {k: getattr(self, k) for k in METRIC_NAMES}
 
 
-def binary_metrics(y_true: np.ndarray, scores: np.ndarray, *, threshold: float = 0.5) -> BinaryMetrics:
+def binary_metrics(
+    y_true: np.ndarray, scores: np.ndarray, *, threshold: float = 0.5
+) -> BinaryMetrics:
     """Compute AUROC, accuracy, sensitivity and specificity.
 
     Parameters

@@ -11,7 +11,13 @@ from .tasks import DataError, SiteData, Task, get_task, prepare_site
 
 
 def site_from_frame(
-    task: Task, name: str, frame: pd.DataFrame, *, preprocessing: str, test_fraction: float, seed: int
+    task: Task,
+    name: str,
+    frame: pd.DataFrame,
+    *,
+    preprocessing: str,
+    test_fraction: float,
+    seed: int,
 ) -> SiteData:
     """Preprocess one hospital's raw frame (the task's features, then :func:`prepare_site`).
 

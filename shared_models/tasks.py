@@ -257,7 +257,9 @@ def read_heart_disease_file(path: Path) -> pd.DataFrame:
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not a text file; expected the UCI comma-separated format") from None
+        raise DataError(
+            f"{path}: not a text file; expected the UCI comma-separated format"
+        ) from None
     n_rows = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -272,7 +274,12 @@ def read_heart_disease_file(path: Path) -> pd.DataFrame:
     if n_rows == 0:
         raise DataError(f"{path}: the file is empty")
     frame = pd.read_csv(
-        path, header=None, names=HEART_COLUMNS, na_values="?", dtype=str, skip_blank_lines=True,
+        path,
+        header=None,
+        names=HEART_COLUMNS,
+        na_values="?",
+        dtype=str,
+        skip_blank_lines=True,
         keep_default_na=False,
     )
     frame = frame.apply(lambda c: c.str.strip())
@@ -362,7 +369,9 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
+        ) from None
 
 
 def prepare_site(

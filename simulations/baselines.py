@@ -20,7 +20,9 @@ from shared_models.tasks import SiteData, get_task
 
 
 def _fit(run: RunConfig, x: np.ndarray, y: np.ndarray, n_features: int):  # -> nn.Module
-    model = build_model(run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed)
+    model = build_model(
+        run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
+    )
     epochs = run.train.rounds * run.train.local_epochs
     train_round(
         model, x, y,
@@ -40,7 +42,10 @@ def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, 
     y_test = np.concatenate([s.y_test for s in sites])
 
     pooled = _fit(
-        run, np.concatenate([s.x_train for s in sites]), np.concatenate([s.y_train for s in sites]), n_features
+        run,
+        np.concatenate([s.x_train for s in sites]),
+        np.concatenate([s.y_train for s in sites]),
+        n_features,
     )
     overall = binary_metrics(y_test, predict_proba(pooled, x_test))
     per_site = [binary_metrics(s.y_test, predict_proba(pooled, s.x_test)).accuracy for s in sites]

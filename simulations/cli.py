@@ -14,7 +14,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime  # noqa: E402
-from enum import Enum  # noqa: E402
+from enum import StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
@@ -36,7 +36,7 @@ app = typer.Typer(
 )
 
 
-class Partition(str, Enum):
+class Partition(StrEnum):
     iid = "iid"
     dirichlet = "dirichlet"
 
@@ -48,19 +48,42 @@ def _root() -> None:
 
 @app.command()
 def simulate(
-    task: Annotated[str, typer.Option(help="Task: breast-cancer (embedded data) or heart-disease.")] = "breast-cancer",
-    data_dir: Annotated[Path | None, typer.Option(help="Folder with the task's upstream data files.")] = None,
-    hospitals: Annotated[int | None, typer.Option(help="Simulated hospitals (tasks without a natural split).")] = None,
-    partition: Annotated[Partition, typer.Option(help="How to split data without a natural split.")] = Partition.iid,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")] = 0.5,
+    task: Annotated[
+        str, typer.Option(help="Task: breast-cancer (embedded data) or heart-disease.")
+    ] = "breast-cancer",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the task's upstream data files.")
+    ] = None,
+    hospitals: Annotated[
+        int | None, typer.Option(help="Simulated hospitals (tasks without a natural split).")
+    ] = None,
+    partition: Annotated[
+        Partition, typer.Option(help="How to split data without a natural split.")
+    ] = Partition.iid,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")
+    ] = 0.5,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Flower strategy (fedavg, fedprox, fedadam, ...).")] = None,
-    epsilon: Annotated[float | None, typer.Option(help="Target ε per hospital for the whole run.")] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (baseline).")] = False,
-    delta: Annotated[float | None, typer.Option(help="Target δ (must be below 1/n at every hospital).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for partitioning, splits, initial weights, noise.")] = 0,
+    strategy: Annotated[
+        str | None, typer.Option(help="Flower strategy (fedavg, fedprox, fedadam, ...).")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="Target ε per hospital for the whole run.")
+    ] = None,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="Train without differential privacy (baseline).")
+    ] = False,
+    delta: Annotated[
+        float | None, typer.Option(help="Target δ (must be below 1/n at every hospital).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for partitioning, splits, initial weights, noise.")
+    ] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<timestamp>).")] = None,
-    run_config: Annotated[str | None, typer.Option("--run-config", help='Extra settings, "key=value ..." or a .toml file.')] = None,
+    run_config: Annotated[
+        str | None,
+        typer.Option("--run-config", help='Extra settings, "key=value ..." or a .toml file.'),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
@@ -108,9 +131,13 @@ def _print_summary(summary: dict[str, Any], out: Path, seconds: float) -> None:
         f"mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
     )
     for name, b in summary.get("baselines", {}).items():
-        console.print(f"  baseline {name}: AUROC {_fmt(b['auroc'])}, accuracy {_fmt(b['accuracy'])}")
+        console.print(
+            f"  baseline {name}: AUROC {_fmt(b['auroc'])}, accuracy {_fmt(b['accuracy'])}"
+        )
     for f in summary.get("failures", []):
-        console.print(f"  [yellow]round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}[/]")
+        console.print(
+            f"  [yellow]round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}[/]"
+        )
     console.print(f"run folder: [bold]{out}[/] ({seconds:.1f} s)")
 
 
@@ -139,4 +166,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

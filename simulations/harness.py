@@ -119,9 +119,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
             f"unknown strategy {cfg['strategy.name']!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
         )
     if task.natural_split and req.hospitals is not None:
-        raise UserError(
-            f"task {task.name} has real hospitals (a natural split); drop --hospitals"
-        )
+        raise UserError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
     if task.natural_split or req.data_dir:
         hospitals = len(task.load_sites(cfg["data.dir"]))
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation

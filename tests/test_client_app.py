@@ -23,12 +23,17 @@ def _task_identity():
 
 
 def _context(run_config: dict, node_config: dict) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
 
 
 def _request(kind: str, model, server_round: int) -> Message:
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": server_round})}
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
     )
     return Message(content=content, dst_node_id=7, message_type=kind)
 

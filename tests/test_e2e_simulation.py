@@ -56,7 +56,9 @@ def _assert_no_leftover_processes(started: float) -> None:
 
 
 def test_two_hospitals_two_rounds_with_dp(tmp_path):
-    summary, output, out = _simulate(tmp_path, "--hospitals", "2", "--rounds", "2", "--epsilon", "2")
+    summary, output, out = _simulate(
+        tmp_path, "--hospitals", "2", "--rounds", "2", "--epsilon", "2"
+    )
     assert "Traceback" not in output
     assert "deprecat" not in output.lower()
     assert [h["name"] for h in summary["hospitals"]] == ["hospital-1", "hospital-2"]
@@ -87,7 +89,12 @@ def test_heart_disease_real_hospitals_no_dp(tmp_path, heart_dir):
     """FLamby reports mean client accuracy 0.685 (FedAvg) and 0.735 (pooled)."""
     summary, _, _ = _simulate(tmp_path, "--task", "heart-disease", "--data-dir", str(heart_dir),
                               "--no-dp", "--rounds", "15", "--seed", "0")  # fmt: skip
-    assert [h["name"] for h in summary["hospitals"]] == ["cleveland", "hungarian", "switzerland", "va"]
+    assert [h["name"] for h in summary["hospitals"]] == [
+        "cleveland",
+        "hungarian",
+        "switzerland",
+        "va",
+    ]
     assert summary["overall"]["mean_client_accuracy"] >= 0.70
     assert all(h["epsilon"] is None for h in summary["hospitals"])
 

@@ -38,7 +38,9 @@ def test_calibration_pinned_and_within_target():
     assert plan.sample_rate == pytest.approx(0.1)
     assert plan.steps_per_round == 10 and plan.total_steps == 30
     assert plan.noise_multiplier == pytest.approx(2.63671875)
-    spent = epsilon_spent({"mechanism": "rdp", "history": [[plan.noise_multiplier, 0.1, 30]]}, delta=1e-5)
+    spent = epsilon_spent(
+        {"mechanism": "rdp", "history": [[plan.noise_multiplier, 0.1, 30]]}, delta=1e-5
+    )
     assert 0.98 <= spent <= 1.0  # reaches the target, never exceeds it
 
 
@@ -107,7 +109,9 @@ def test_noise_magnitude_band():
 def test_non_private_training_learns():
     x, y = _data()
     model = build_model("logreg", n_features=5)
-    res = train_round(model, x, y, steps=steps_per_round(len(y), 20, 5), batch_size=20, lr=0.5, dp=None)
+    res = train_round(
+        model, x, y, steps=steps_per_round(len(y), 20, 5), batch_size=20, lr=0.5, dp=None
+    )
     assert res.epsilon is None and res.accountant_state is None
     assert res.loss < 0.5
 
@@ -124,3 +128,16 @@ def test_fedprox_term_pulls_towards_global_weights():
         for m in (free, prox)
     ]
     assert dist[1] < 0.5 * dist[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_dp_training_runs_on_cuda():
+    x, y = _data()
+    plan = plan_dp(
+        n_train=len(y), batch_size=20, local_epochs=1, rounds=1,
+        target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0,
+    )  # fmt: skip
+    model = build_model("mlp", n_features=5)
+    res = train_round(model, x, y, steps=plan.steps_per_round, batch_size=20, lr=0.1, dp=plan, device="cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    assert 0 < res.epsilon <= 1.0

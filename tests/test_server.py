@@ -22,7 +22,9 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_strategies_are_flowers_own(default_cfg, name):
-    default_cfg.update({"strategy.name": name, "strategy.fraction-train": 0.5, "strategy.min-train-nodes": 3})
+    default_cfg.update(
+        {"strategy.name": name, "strategy.fraction-train": 0.5, "strategy.min-train-nodes": 3}
+    )
     strategy = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
     assert type(strategy) is EXPECTED[name]
     assert strategy.fraction_train == 0.5 and strategy.min_train_nodes == 3
@@ -58,8 +60,20 @@ def _history() -> RunHistory:
     h = RunHistory(sites={1: "a", 2: "b"})
     for rnd in (1, 2):
         for node, site, n_train, n_test, acc in ((1, "a", 100, 40, 0.8), (2, "b", 50, 10, 0.6)):
-            h.events.append(SiteEvent(rnd, "train", node, site, {"num-examples": n_train, "train-loss": 0.5,
-                                                                 "epsilon": 0.4 * rnd, "delta": 1e-5}))
+            h.events.append(
+                SiteEvent(
+                    rnd,
+                    "train",
+                    node,
+                    site,
+                    {
+                        "num-examples": n_train,
+                        "train-loss": 0.5,
+                        "epsilon": 0.4 * rnd,
+                        "delta": 1e-5,
+                    },
+                )
+            )
             h.events.append(SiteEvent(rnd, "evaluate", node, site, {"num-examples": n_test, "auroc": None,
                                                                     "accuracy": acc, "sensitivity": 1.0,
                                                                     "specificity": None},
@@ -71,7 +85,15 @@ def _history() -> RunHistory:
 def test_summary_schema_and_overall(default_cfg):
     run = RunConfig.from_run_config(default_cfg)
     summary = build_summary(run, _history(), wall_seconds=12.345)
-    assert set(summary) >= {"task", "strategy", "rounds", "dp", "wall_seconds", "hospitals", "overall"}
+    assert set(summary) >= {
+        "task",
+        "strategy",
+        "rounds",
+        "dp",
+        "wall_seconds",
+        "hospitals",
+        "overall",
+    }
     assert summary["dp"] == {
         "enabled": True, "level": "sample", "target_epsilon": 2.0, "delta": 1e-5,
         "max_grad_norm": 1.0, "accountant": "rdp",
@@ -82,7 +104,12 @@ def test_summary_schema_and_overall(default_cfg):
     assert summary["overall"]["mean_client_accuracy"] == pytest.approx(0.7)
     assert summary["overall"]["accuracy"] == pytest.approx((0.8 * 40 + 0.6 * 10) / 50)  # pooled
     assert summary["failures"] == [
-        {"round": 2, "kind": "train", "hospital": "node 3", "reason": "no reply (hospital dropped out)"}
+        {
+            "round": 2,
+            "kind": "train",
+            "hospital": "node 3",
+            "reason": "no reply (hospital dropped out)",
+        }
     ]
 
 

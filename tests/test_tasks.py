@@ -60,14 +60,18 @@ def test_breast_cancer_csv_bad_values_name_the_line(tmp_path):
 
 
 def test_heart_upstream_files_row_counts(heart_dir):
-    counts = {s: len(read_heart_disease_file(heart_dir / f"processed.{s}.data")) for s in HEART_SITES}
+    counts = {
+        s: len(read_heart_disease_file(heart_dir / f"processed.{s}.data")) for s in HEART_SITES
+    }
     assert counts == {"cleveland": 303, "hungarian": 294, "switzerland": 123, "va": 200}
 
 
 def test_heart_flamby_preprocessing_matches_flamby_counts(heart_dir):
     """FLamby's Fed-Heart-Disease keeps 303 / 261 / 46 / 130 = 740 rows with 13 features."""
     task = get_task("heart-disease")
-    sites = simulated_site_frames(task, data_dir=str(heart_dir), num_sites=4, scheme="iid", alpha=1, seed=0)
+    sites = simulated_site_frames(
+        task, data_dir=str(heart_dir), num_sites=4, scheme="iid", alpha=1, seed=0
+    )
     sizes = {}
     for name, frame in sites:
         x, y = task.features(frame, "flamby")
@@ -138,15 +142,21 @@ def test_heart_site_from_file_is_reproducible(heart_dir):
 
 def test_partitions_are_disjoint_and_cover_the_data():
     task = get_task("breast-cancer")
-    frames = simulated_site_frames(task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1)
+    frames = simulated_site_frames(
+        task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1
+    )
     assert [name for name, _ in frames] == [f"hospital-{i}" for i in range(1, 5)]
     assert sum(len(f) for _, f in frames) == 569
     allrows = pd.concat([f for _, f in frames])
     assert not allrows.duplicated().any()
-    again = simulated_site_frames(task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1)
+    again = simulated_site_frames(
+        task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1
+    )
     assert all(a.equals(b) for (_, a), (_, b) in zip(frames, again, strict=True))
 
 
 def test_too_many_hospitals_is_a_data_error():
     with pytest.raises(DataError, match="use at most 56"):
-        simulated_site_frames(get_task("breast-cancer"), data_dir="", num_sites=57, scheme="iid", alpha=1, seed=0)
+        simulated_site_frames(
+            get_task("breast-cancer"), data_dir="", num_sites=57, scheme="iid", alpha=1, seed=0
+        )
