@@ -246,3 +246,33 @@ def _int(v: Any) -> int | None:
 
 def _nan_none(v: Any) -> float | None:
     return None if v is None or v != v else float(v)
+
+
+def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: float) -> None:
+    """The end-of-run table: per-hospital ε, δ, AUROC, accuracy; overall; baselines; failures."""
+    from rich.table import Table
+
+    table = Table(title=f"{summary['task']} · {summary['strategy']} · {summary['rounds']} rounds")
+    for col in ("hospital", "n_train", "n_test", "ε", "δ", "AUROC", "accuracy"):
+        table.add_column(col, justify="right" if col != "hospital" else "left")
+    for h in summary["hospitals"]:
+        table.add_row(
+            h["name"], _fmt(h["n_train"]), _fmt(h["n_test"]), _fmt(h["epsilon"]),
+            "n/a" if h["delta"] is None else f"{h['delta']:g}",
+            _fmt(h["metrics"]["auroc"]), _fmt(h["metrics"]["accuracy"]),
+        )  # fmt: skip
+    console.print(table)
+    ov = summary["overall"]
+    console.print(
+        f"overall AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))}, "
+        f"mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
+    )
+    for name, b in summary.get("baselines", {}).items():
+        console.print(
+            f"  baseline {name}: AUROC {_fmt(b['auroc'])}, accuracy {_fmt(b['accuracy'])}"
+        )
+    for f in summary.get("failures", []):
+        console.print(
+            f"  [yellow]round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}[/]"
+        )
+    console.print(f"run folder: [bold]{out}[/] ({seconds:.1f} s)")

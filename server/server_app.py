@@ -9,14 +9,17 @@ final model, model card, summary.json, metrics.csv, report.md, curves.png.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from datetime import datetime
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log as flwr_log
 
 from server.checkpoint import package_versions, save_weights, write_json_atomic
 from server.history import RecordingGrid, RunHistory
@@ -169,8 +172,6 @@ def _report_progress(
         "max_epsilon": max(eps_values) if eps_values else None,
         "failures": sum(1 for e in history.events if e.round == server_round and e.error),
     }
-    progress_log.info(
-        "[fedcare] round %d/%d done: mean AUROC %s, max epsilon %s",
-        server_round, run.train.rounds, info["mean_auroc"], info["max_epsilon"],
-        extra={"fedcare_progress": info},
-    )  # fmt: skip
+    # in-process (simulation): a structured record; deployed: one log line `fedcare server run` parses
+    progress_log.info("round %d done", server_round, extra={"fedcare_progress": info})
+    flwr_log(INFO, "[fedcare] progress %s", json.dumps(info))

@@ -87,6 +87,10 @@ class Task:
         ``(raw frame, preprocessing) -> (x [N, F] float32 with NaN for missing, y [N])``.
     n_features : Callable[[str], int]
         Input width F for a preprocessing name.
+    write_file : Callable[[pd.DataFrame, Path], None]
+        Writes a raw frame (as returned by ``read_file``) back in the task's hospital file format.
+    file_name : Callable[[str], str]
+        Hospital file name for a site name.
     natural_split : bool
         True when the data come as real hospitals (no partitioning in simulation).
     preprocessings : tuple[str, ...]
@@ -105,6 +109,8 @@ class Task:
     load_sites: Callable[[str], list[tuple[str, pd.DataFrame]]]
     features: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
     n_features: Callable[[str], int]
+    write_file: Callable[[pd.DataFrame, Path], None]
+    file_name: Callable[[str], str]
     natural_split: bool
     preprocessings: tuple[str, ...]
     positive_class: str
@@ -210,6 +216,13 @@ def read_breast_cancer_csv(path: Path) -> pd.DataFrame:
     return _breast_from_frame(frame, str(path))
 
 
+def write_breast_cancer_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write a breast-cancer hospital CSV (30 WDBC features + ``diagnosis`` M/B)."""
+    out = frame[_wdbc_feature_names()].copy()
+    out["diagnosis"] = np.where(frame[LABEL].to_numpy() > 0, "M", "B")
+    out.to_csv(path, index=False)
+
+
 def _breast_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
     if data_dir:
         files = sorted(Path(data_dir).glob("*.csv"))
@@ -292,6 +305,11 @@ def read_heart_disease_file(path: Path) -> pd.DataFrame:
     return frame
 
 
+def write_heart_disease_file(frame: pd.DataFrame, path: Path) -> None:
+    """Write rows in the UCI upstream format (14 columns, no header, ``?`` = missing)."""
+    frame[HEART_COLUMNS].to_csv(path, header=False, index=False, na_rep="?", float_format="%g")
+
+
 def _heart_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
     if not data_dir:
         raise DataError(
@@ -337,6 +355,8 @@ TASKS: dict[str, Task] = {
         name="breast-cancer",
         read_file=read_breast_cancer_csv,
         load_sites=_breast_sites,
+        write_file=write_breast_cancer_csv,
+        file_name=lambda site: f"{site}.csv",
         features=_breast_features,
         n_features=lambda p: 30,
         natural_split=False,
@@ -347,6 +367,8 @@ TASKS: dict[str, Task] = {
         name="heart-disease",
         read_file=read_heart_disease_file,
         load_sites=_heart_sites,
+        write_file=write_heart_disease_file,
+        file_name=lambda site: f"processed.{site}.data",
         features=_heart_features,
         n_features=lambda p: len(_HEART_NUMERIC) + sum(len(v) for v in _HEART_ONEHOT.values()),
         natural_split=True,

@@ -10,22 +10,9 @@ deprecated ``run_simulation`` wrapper because the wrapper cannot pass a run conf
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app directory (pyproject.toml)
-
-
-def default_run_config() -> dict[str, Any]:
-    """The run-config schema with defaults: ``[tool.flwr.app.config]`` of pyproject.toml."""
-    from flwr.common.config import flatten_dict, get_project_config
-
-    if not (APP_DIR / "pyproject.toml").exists():
-        raise RuntimeError(
-            f"{APP_DIR / 'pyproject.toml'} not found: install fedcare from its source checkout "
-            "with `pip install -e .` (the checkout is the Flower app directory)"
-        )
-    return flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
+from server.run_config import APP_DIR
 
 
 def run_federation(

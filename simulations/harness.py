@@ -9,34 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.run_config import RunOptions, UsageError, check_names
 
-class UserError(Exception):
-    """An expected mistake by the user: printed as one line, exit code 2."""
+UserError = UsageError  # expected mistakes: one line, exit code 2
 
 
 @dataclass(frozen=True)
 class SimulationRequest:
     """What the researcher asked for on the command line (None = the schema's default)."""
 
-    task: str
-    data_dir: str
+    options: RunOptions
     hospitals: int | None
-    partition: str
-    alpha: float
-    rounds: int | None
-    strategy: str | None
-    epsilon: float | None
-    dp: bool
-    delta: float | None
-    seed: int
     out: Path
-    run_config: str | None
     verbose: bool = False
 
 
@@ -48,50 +37,12 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
 
     Raises
     ------
-    UserError
+    UsageError
         Out-of-range option, unknown ``--run-config`` key.
     """
-    from flwr.common.config import parse_config_args
-
-    from simulations.engine import default_run_config
-
     if req.hospitals is not None and req.hospitals < 1:
-        raise UserError(f"--hospitals must be at least 1 (got {req.hospitals})")
-    if req.epsilon is not None and not (req.epsilon > 0 and math.isfinite(req.epsilon)):
-        raise UserError(f"--epsilon must be a positive number (got {req.epsilon:g})")
-    if req.delta is not None and not 0 < req.delta < 1:
-        raise UserError(f"--delta must be in (0, 1) (got {req.delta:g})")
-    if req.rounds is not None and req.rounds < 1:
-        raise UserError(f"--rounds must be at least 1 (got {req.rounds})")
-    if req.alpha <= 0:
-        raise UserError(f"--alpha must be positive (got {req.alpha:g})")
-
-    cfg = default_run_config()
-    if req.run_config:
-        try:
-            extra = parse_config_args([req.run_config])
-        except Exception as exc:  # click.ClickException or ValueError from Flower's parser
-            raise UserError(f"--run-config: {getattr(exc, 'message', exc)}") from None
-        unknown = sorted(set(extra) - set(cfg))
-        if unknown:
-            raise UserError(
-                f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
-            )
-        cfg.update(extra)
-    cfg["task.name"] = req.task
-    cfg["data.dir"] = str(Path(req.data_dir).resolve()) if req.data_dir else ""
-    cfg["data.partition"] = req.partition
-    cfg["data.alpha"] = float(req.alpha)
-    cfg["train.seed"] = int(req.seed)
-    cfg["dp.enabled"] = bool(req.dp)
-    if req.rounds is not None:
-        cfg["train.rounds"] = req.rounds
-    if req.strategy is not None:
-        cfg["strategy.name"] = req.strategy
-    if req.epsilon is not None:
-        cfg["dp.target-epsilon"] = float(req.epsilon)
-    if req.delta is not None:
-        cfg["dp.target-delta"] = float(req.delta)
+        raise UsageError(f"--hospitals must be at least 1 (got {req.hospitals})")
+    cfg = req.options.build()
     cfg["output.dir"] = str(req.out.resolve())
     cfg["eval.centralized"] = True
     return cfg, req.hospitals or DEFAULT_HOSPITALS
@@ -105,22 +56,15 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     UserError, shared_models.tasks.DataError, shared_models.config.ConfigError
     """
     from client.training import plan_dp
-    from server.strategies import STRATEGIES
     from shared_models.config import RunConfig
     from shared_models.sites import simulated_sites
     from shared_models.tasks import get_task
 
-    try:
-        task = get_task(cfg["task.name"])
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if cfg["strategy.name"] not in STRATEGIES:
-        raise UserError(
-            f"unknown strategy {cfg['strategy.name']!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
-        )
+    check_names(cfg)
+    task = get_task(cfg["task.name"])
     if task.natural_split and req.hospitals is not None:
         raise UserError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
-    if task.natural_split or req.data_dir:
+    if task.natural_split or req.options.data_dir:
         hospitals = len(task.load_sites(cfg["data.dir"]))
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
@@ -162,25 +106,42 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
 class _ProgressHandler(logging.Handler):
     """Renders the ServerApp's per-round progress records (logger ``fedcare.progress``)."""
 
-    def __init__(self, console: Any, rounds: int) -> None:
+    def __init__(self) -> None:
         super().__init__(level=logging.INFO)
-        self.console = console
-        self.rounds = rounds
 
     def emit(self, record: logging.LogRecord) -> None:
+        from server.cli import print_progress
+
         info = getattr(record, "fedcare_progress", None)
-        if not info:
-            return
+        if info:
+            print_progress(info)
 
-        def f(v: Any) -> str:
-            return "n/a" if v is None else f"{v:.3f}"
 
-        failures = f"  [yellow]{info['failures']} failure(s)[/]" if info["failures"] else ""
-        self.console.print(
-            f"round {info['round']:>3}/{info['rounds']}  pooled AUROC {f(info['pooled_auroc'])}  "
-            f"mean hospital AUROC {f(info['mean_auroc'])}  max ε {f(info['max_epsilon'])}  "
-            f"[dim]{info['seconds']:.1f} s[/]{failures}"
-        )
+def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, int]]:
+    """Write each simulated hospital's raw rows as a file in the task's format (for deployment).
+
+    Never overwrites: an existing file is an error.
+    """
+    from shared_models.sites import simulated_site_frames
+    from shared_models.tasks import get_task
+
+    cfg, hospitals = build_run_config(req)
+    check_names(cfg)
+    task = get_task(cfg["task.name"])
+    if task.natural_split or req.options.data_dir:
+        hospitals = len(task.load_sites(cfg["data.dir"]))
+    frames = simulated_site_frames(
+        task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
+        alpha=cfg["data.alpha"], seed=cfg["train.seed"],
+    )  # fmt: skip
+    targets = [(folder / task.file_name(name), frame) for name, frame in frames]
+    clash = [str(p) for p, _ in targets if p.exists()]
+    if clash:
+        raise UsageError(f"{clash[0]} exists; export into an empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, frame in targets:
+        task.write_file(frame, path)
+    return [(path, len(frame)) for path, frame in targets]
 
 
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
@@ -205,7 +166,7 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
-    handler = _ProgressHandler(console, run.train.rounds)
+    handler = _ProgressHandler()
     progress_logger = logging.getLogger("fedcare.progress")
     progress_logger.addHandler(handler)
     progress_logger.setLevel(logging.INFO)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.environment import apply_offline_env
+from shared_models.runtime import apply_offline_env
 
 apply_offline_env()
 
@@ -25,6 +25,6 @@ def heart_dir() -> Path:
 @pytest.fixture
 def default_cfg() -> dict:
     """The run-config schema's defaults (pyproject.toml), flat."""
-    from simulations.engine import default_run_config
+    from server.run_config import default_run_config
 
     return default_run_config()

@@ -138,6 +138,8 @@ def test_dp_training_runs_on_cuda():
         target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0,
     )  # fmt: skip
     model = build_model("mlp", n_features=5)
-    res = train_round(model, x, y, steps=plan.steps_per_round, batch_size=20, lr=0.1, dp=plan, device="cuda")
+    res = train_round(
+        model, x, y, steps=plan.steps_per_round, batch_size=20, lr=0.1, dp=plan, device="cuda"
+    )
     assert next(model.parameters()).device.type == "cuda"
     assert 0 < res.epsilon <= 1.0

@@ -1,0 +1,153 @@
+"""``fedcare client``: the hospital's commands (SuperNode daemon, offline data check)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared_models.runtime import child_env, flower_executable, run_foreground
+from shared_models.tasks import DataError, get_task
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(soft_wrap=True)
+
+
+class HospitalSetupError(ValueError):
+    """A hospital-side setup problem (files, certificate, key): one clear message, exit code 2."""
+
+
+def _check_tls(superlink: str, ca: Path) -> None:
+    """Verify the coordinator's certificate with the consortium CA before starting the daemon.
+
+    Raises
+    ------
+    HospitalSetupError
+        The certificate does not verify (wrong CA, wrong address) -- the message says so
+        instead of Flower's generic "unavailable".
+    """
+    host, _, port = superlink.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname=host.strip("[]")),
+        ):
+            return
+    except ssl.SSLCertVerificationError as exc:
+        raise HospitalSetupError(
+            f"the coordinator's certificate at {superlink} could not be verified with the CA in "
+            f"{ca} ({exc.verify_message}); ask the consortium for its ca.pem and check the address"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        console.print(
+            f"[yellow]coordinator {superlink} not reachable yet ({exc}); the hospital daemon keeps "
+            "retrying[/]"
+        )
+
+
+_FLOWER_ERRORS = {
+    "[code: 2004]": "the coordinator refused this hospital: its public key is not registered there "
+    "(ask the coordinator to add hospitals/{site}.pub and restart `fedcare server start`)",
+    "[code: 2001]": "the coordinator requires hospital authentication: pass --key",
+    "CERTIFICATE_VERIFY_FAILED": "the coordinator's certificate could not be verified with {ca}",
+}
+
+
+@app.command()
+def start(
+    superlink: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
+    ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
+    key: Annotated[Path, typer.Option(help="This hospital's private key (hospitals/NAME.key).")],
+    site: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
+    data: Annotated[Path, typer.Option(help="This hospital's data file, in the task's format.")],
+    port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")
+    ] = "auto",
+    state: Annotated[
+        Path, typer.Option(help="Folder for this daemon's logs and Flower home.")
+    ] = Path("fedcare-hospital"),
+) -> None:
+    """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key)."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    for path, what in ((ca, "--ca"), (key, "--key"), (data, "--data")):
+        if not path.is_file():
+            raise HospitalSetupError(f"{what} {path}: file not found")
+    try:
+        load_ssh_private_key(key.read_bytes(), None)
+    except (ValueError, TypeError):
+        raise HospitalSetupError(
+            f"--key {key}: not an OpenSSH private key (use hospitals/NAME.key from `fedcare server init`)"
+        ) from None
+    if ":" not in superlink:
+        raise HospitalSetupError(f"--superlink {superlink!r}: use HOST:PORT")
+    _check_tls(superlink, ca)
+    state.mkdir(parents=True, exist_ok=True)
+    node_config = f'data-path="{data.resolve()}" site="{site}" device="{device}"'
+    cmd = [
+        flower_executable("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(ca.resolve()),
+        "--auth-supernode-private-key", str(key.resolve()),
+        "--node-config", node_config,
+        "--port", str(port),
+    ]  # fmt: skip
+    problems: list[str] = []
+
+    def on_line(line: str) -> None:
+        for marker, message in _FLOWER_ERRORS.items():
+            if marker in line and not problems:
+                problems.append(message.format(site=site, ca=ca))
+
+    console.print(
+        f"hospital {site}: connecting to {superlink} over TLS; log {state / 'supernode.log'}"
+    )
+    code = run_foreground(
+        cmd, env=child_env(FLWR_HOME=str((state / "flwr-home").resolve())),
+        log_path=state / "supernode.log", on_line=on_line,
+    )  # fmt: skip
+    if problems:
+        raise HospitalSetupError(problems[0])
+    if code != 0:
+        console.print(
+            f"[red]the SuperNode exited with code {code}[/]; see {state / 'supernode.log'}"
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+def check(
+    task: Annotated[str, typer.Option(help="Task whose schema the file must follow.")],
+    data: Annotated[Path, typer.Option(help="The data file to check.")],
+) -> None:
+    """Validate a local data file against a task's schema (offline): rows, label balance, missing."""
+    try:
+        spec = get_task(task)
+    except ValueError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    frame = spec.read_file(data)  # raises DataError naming file, line and column
+    n = len(frame)
+    positives = int(frame["label"].sum())
+    console.print(f"{data}: {n} rows, valid {task} file")
+    console.print(
+        f"label ({spec.positive_class}): {positives} positive ({positives / n:.0%}), "
+        f"{n - positives} negative"
+    )
+    table = Table(title="missing values per column")
+    table.add_column("column")
+    table.add_column("missing", justify="right")
+    for col in frame.columns:
+        if col != "label":
+            missing = int(frame[col].isna().sum())
+            table.add_row(col, f"{missing} ({missing / n:.0%})" if missing else "0")
+    console.print(table)
+
+
+__all__ = ["app", "HospitalSetupError", "DataError"]

@@ -1,0 +1,144 @@
+"""Building a run's settings from the schema's defaults and what the user asked for.
+
+The schema is ``[tool.flwr.app.config]`` of the app directory's pyproject.toml (the repository
+root). ``fedcare simulate`` and ``fedcare server run`` share :class:`RunOptions`, so the same
+options mean the same run-config keys in simulation and deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app directory (pyproject.toml)
+
+
+class UsageError(ValueError):
+    """An expected mistake on the command line: printed as one line, exit code 2."""
+
+
+def default_run_config() -> dict[str, Any]:
+    """The run-config schema with its defaults (flat dotted keys).
+
+    Raises
+    ------
+    UsageError
+        fedcare was not installed from its checkout (no pyproject.toml next to the packages).
+    """
+    from flwr.common.config import flatten_dict, get_project_config
+
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise UsageError(
+            f"{APP_DIR / 'pyproject.toml'} not found: install fedcare from its source checkout "
+            "with `pip install -e .` (the checkout is the Flower app directory)"
+        )
+    return flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_run_config_arg(text: str) -> dict[str, Any]:
+    """Parse ``--run-config`` ("key=value ..." or a .toml file) with Flower's own parser."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([text])
+    except Exception as exc:  # click.ClickException, ValueError, OSError, TOML errors
+        raise UsageError(f"--run-config: {getattr(exc, 'message', exc)}") from None
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Flat run config as TOML (quoted dotted keys), e.g. for ``flwr run --run-config FILE``."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
+        lines.append(f"{json.dumps(key)} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run options shared by ``fedcare simulate`` and ``fedcare server run`` (None = default)."""
+
+    task: str = "breast-cancer"
+    data_dir: str = ""
+    partition: str = "iid"
+    alpha: float = 0.5
+    rounds: int | None = None
+    strategy: str | None = None
+    epsilon: float | None = None
+    dp: bool = True
+    delta: float | None = None
+    seed: int = 0
+    run_config: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the option and the allowed range."""
+        if self.epsilon is not None and not self.dp:
+            raise UsageError("--epsilon and --no-dp exclude each other: choose one")
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise UsageError(f"--epsilon must be a positive number (got {self.epsilon:g})")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise UsageError(f"--delta must be in (0, 1) (got {self.delta:g})")
+        if self.rounds is not None and self.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1 (got {self.rounds})")
+        if self.alpha <= 0:
+            raise UsageError(f"--alpha must be positive (got {self.alpha:g})")
+
+    def build(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults, then ``--run-config``, then the explicit options: the complete flat config.
+
+        Raises
+        ------
+        UsageError
+            Invalid option, or a ``--run-config`` key the schema does not declare.
+        """
+        self.validate()
+        cfg = dict(defaults if defaults is not None else default_run_config())
+        if self.run_config:
+            extra = parse_run_config_arg(self.run_config)
+            unknown = sorted(set(extra) - set(cfg))
+            if unknown:
+                raise UsageError(
+                    f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
+                )
+            cfg.update(extra)
+        cfg["task.name"] = self.task
+        cfg["data.dir"] = str(Path(self.data_dir).resolve()) if self.data_dir else ""
+        cfg["data.partition"] = self.partition
+        cfg["data.alpha"] = float(self.alpha)
+        cfg["train.seed"] = int(self.seed)
+        cfg["dp.enabled"] = bool(self.dp)
+        if self.rounds is not None:
+            cfg["train.rounds"] = self.rounds
+        if self.strategy is not None:
+            cfg["strategy.name"] = self.strategy
+        if self.epsilon is not None:
+            cfg["dp.target-epsilon"] = float(self.epsilon)
+        if self.delta is not None:
+            cfg["dp.target-delta"] = float(self.delta)
+        return cfg
+
+
+def check_names(cfg: dict[str, Any]) -> None:
+    """Unknown task / strategy / model names become :class:`UsageError` listing the known ones."""
+    from server.strategies import STRATEGIES
+    from shared_models.models import MODELS
+    from shared_models.tasks import TASKS
+
+    registries: tuple[tuple[str, str, str, Any], ...] = (
+        ("task.name", "task", "tasks", TASKS),
+        ("strategy.name", "strategy", "strategies", STRATEGIES),
+        ("model.name", "model", "models", MODELS),
+    )
+    for key, kind, kinds, known in registries:
+        if cfg[key] not in known:
+            raise UsageError(
+                f"unknown {kind} {cfg[key]!r}; known {kinds}: {', '.join(sorted(known))}"
+            )

@@ -1,0 +1,104 @@
+"""Process environment and child-process handling shared by every fedcare command.
+
+Every process fedcare starts (Flower's SuperLink, SuperNodes, ClientApp/ServerApp processes,
+Ray workers) gets :data:`OFFLINE_ENV`: no telemetry, no update checks, no runtime dependency
+installation, no hub downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",  # Ray's usage-stats reporting
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set :data:`OFFLINE_ENV` in ``env`` (default: ``os.environ``) and return it."""
+    target = os.environ if env is None else env
+    target.update(OFFLINE_ENV)
+    return target  # type: ignore[return-value]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """A copy of this process's environment with :data:`OFFLINE_ENV` and ``extra`` set."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.update(extra)
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script (``flower-superlink``, ``flwr`` ...) next to this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def run_foreground(
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    stop_timeout: float = 20.0,
+) -> int:
+    """Run ``cmd`` until it exits, copying its output to ``log_path`` (and ``on_line``).
+
+    SIGINT / SIGTERM received by this process are forwarded to the child as SIGTERM (Flower's
+    SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the child is
+    killed. Returns the child's exit code, or 0 when the stop was requested here.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    stopping = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _pump() -> None:
+        assert proc.stdout is not None
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+
+    reader = threading.Thread(target=_pump, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            if stopping.is_set():
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    reader.join(timeout=5)
+    return 0 if stopping.is_set() else int(proc.returncode or 0)
