@@ -277,18 +277,18 @@ def status(
     names = {v: k for k, v in json.loads(reg_path.read_text()).items()} if reg_path.exists() else {}
     table = Table(title="hospitals")
     for col in ("hospital", "node id", "status", "since"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for node in nodes:
         nid = int(node["node-id"])
         since = node.get("online-at") if node["status"] == "online" else node.get("offline-at")
         table.add_row(names.get(nid, "?"), str(nid), node["status"], str(since))
     console.print(table)
     table = Table(title="runs")
-    for col in ("run id", "app", "status", "elapsed", "created"):
-        table.add_column(col)
+    for col in ("run id", "status", "elapsed", "details"):
+        table.add_column(col, no_wrap=col != "details")
     for r in runs:
         table.add_row(
-            str(r.get("run-id")), str(r.get("fab-id", "")), str(r.get("status")),
-            str(r.get("elapsed", "")), str(r.get("created-at", "")),
+            str(r.get("run-id")), str(r.get("status")), f"{status_seconds(r):.0f} s",
+            str(r.get("status-details") or ""),
         )  # fmt: skip
     console.print(table)
