@@ -73,6 +73,10 @@ def start(
     state: Annotated[
         Path, typer.Option(help="Folder for this daemon's logs and Flower home.")
     ] = Path("fedcare-hospital"),
+    ledger: Annotated[
+        Path | None,
+        typer.Option(help="Privacy ledger folder (default STATE/ledger); survives restarts."),
+    ] = None,
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key)."""
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -90,7 +94,10 @@ def start(
         raise HospitalSetupError(f"--superlink {superlink!r}: use HOST:PORT")
     _check_tls(superlink, ca)
     state.mkdir(parents=True, exist_ok=True)
-    node_config = f'data-path="{data.resolve()}" site="{site}" device="{device}"'
+    ledger_dir = (ledger or state / "ledger").resolve()
+    node_config = (
+        f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}"'
+    )
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink", superlink,

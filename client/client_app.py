@@ -1,12 +1,13 @@
 """The hospital's Flower ClientApp: thin handlers over :mod:`client.training`.
 
-``@app.train()``: load the site's data, train with Opacus DP-SGD (noise calibrated once for the
-whole run), keep the accountant's state across rounds in ``context.state``, reply with
-``arrays`` and ``metrics`` (``num-examples`` = training examples, ``train-loss``, cumulative
-``epsilon`` and ``delta``). ``@app.evaluate()``: test-split AUROC, accuracy, sensitivity,
-specificity (NaN when undefined; the reason travels in the ``info`` ConfigRecord).
-Expected problems (bad data, budget exhausted, bad run config) are answered with an error reply
-whose reason the coordinator shows, never with a traceback.
+Train handler: load the site's data, train with Opacus DP-SGD (noise calibrated once for the
+whole run), record the accountant's state (``context.state`` and, when the hospital has one, its
+on-disk ledger) BEFORE replying, and reply with ``arrays`` and ``metrics`` (``num-examples`` =
+training examples, ``train-loss``, cumulative ``epsilon`` and ``delta``).
+Evaluate handler: test-split AUROC, accuracy, sensitivity, specificity (NaN when undefined; the
+reason travels in the ``info`` ConfigRecord).
+Expected problems (bad data, budget exhausted, bad run config, unreadable ledger) are answered
+with an error reply whose reason the coordinator shows, never with a traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint
 from client.site import SiteSettings, load_site_data
 from client.training import (
     AccountantState,
@@ -30,20 +34,21 @@ from client.training import (
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import METRIC_NAMES, binary_metrics
 from shared_models.models import build_model, predict_proba
-from shared_models.tasks import DataError, get_task
+from shared_models.tasks import DataError, SiteData, get_task
 
 app = ClientApp()
 
 SITE_REFUSED = 4001  # error code of a reply refused by the site (data, budget or config problem)
 _STATE_KEY = "fedcare"
-_EXPECTED = (DataError, PrivacyBudgetError, ConfigError, ValueError, FileNotFoundError)
+_EXPECTED = (DataError, PrivacyBudgetError, ConfigError, LedgerError, ValueError, FileNotFoundError)
 
 
 def _refuse(msg: Message, site: str, exc: Exception) -> Message:
     return Message(Error(code=SITE_REFUSED, reason=f"site {site} refused: {exc}"), reply_to=msg)
 
 
-def _setup(msg: Message, context: Context):  # -> (run, site, data, model, device)
+def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    """-> (run config, site settings, site data, model with the global weights, device)."""
     run = RunConfig.from_run_config(context.run_config)
     site = SiteSettings.from_node_config(context.node_config)
     data = load_site_data(site, run)
@@ -66,66 +71,105 @@ def _site_name(context: Context) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on this hospital's data for one round."""
+    """Train the global model on this hospital's data for one round (or re-send the update of
+    an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
-        run, site, data, model, device = _setup(msg, context)
-        plan = None
-        if run.dp.enabled:
-            plan = plan_dp(
-                n_train=data.n_train,
-                batch_size=run.train.batch_size,
-                local_epochs=run.train.local_epochs,
-                rounds=run.train.rounds,
-                target_epsilon=run.dp.target_epsilon,
-                target_delta=run.dp.target_delta,
-                max_grad_norm=run.dp.max_grad_norm,
-                accountant=run.dp.accountant,
+        run, _, data, model, device = _setup(msg, context)
+        server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+        ledger, run_key = _ledger(context), _run_key(context, run)
+        arrays = msg.content.array_records["arrays"]
+        request = fingerprint(server_round, {k: a.data for k, a in arrays.items()})
+        cache = ReplayCache(ledger) if ledger is not None else None
+        replay = cache.get(run_key, request) if cache is not None else None
+        if replay is not None:
+            state_dict, metrics = replay
+        else:
+            state_dict, metrics = _train_locally(
+                msg, context, run, data, model, device, ledger, run_key
             )
-        config = msg.content.config_records["config"]
-        server_round = int(config["server-round"])  # type: ignore[arg-type]
-        state = _load_accountant(context)
-        result = train_round(
-            model,
-            data.x_train,
-            data.y_train,
-            steps=steps_per_round(data.n_train, run.train.batch_size, run.train.local_epochs),
-            batch_size=run.train.batch_size,
-            lr=run.train.lr,
-            momentum=run.train.momentum,
-            dp=plan,
-            accountant_state=state,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-            seed=_seed(run.train.seed, data.name, server_round),
-            device=device,
-        )
+            if cache is not None:
+                cache.put(run_key, request, state_dict, metrics)
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
-    metrics = MetricRecord(
-        {"num-examples": data.n_train, "train-loss": result.loss, "steps": result.steps}
-    )
-    if plan is not None and result.accountant_state is not None:
-        context.state[_STATE_KEY] = ConfigRecord(
-            {"accountant": json.dumps(result.accountant_state)}
+    except OSError as exc:
+        return _refuse(
+            msg, _site_name(context), LedgerError(f"cannot write the privacy ledger: {exc}")
         )
-        metrics["epsilon"] = float(result.epsilon or 0.0)
-        metrics["delta"] = plan.target_delta
-        metrics["noise-multiplier"] = plan.noise_multiplier
-        metrics["sample-rate"] = plan.sample_rate
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": metrics,
+            "arrays": ArrayRecord(state_dict),
+            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
             "info": ConfigRecord({"site": data.name, "device": device}),
         }
     )
     return Message(content=reply, reply_to=msg)
 
 
+def _train_locally(
+    msg: Message,
+    context: Context,
+    run: RunConfig,
+    data: SiteData,
+    model: Any,
+    device: str,
+    ledger: Ledger | None,
+    run_key: str,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One round of (DP) training; the accountant state is recorded before anything is returned."""
+    config = msg.content.config_records["config"]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    plan = None
+    if run.dp.enabled:
+        plan = plan_dp(
+            n_train=data.n_train,
+            batch_size=run.train.batch_size,
+            local_epochs=run.train.local_epochs,
+            rounds=run.train.rounds,
+            target_epsilon=run.dp.target_epsilon,
+            target_delta=run.dp.target_delta,
+            max_grad_norm=run.dp.max_grad_norm,
+            accountant=run.dp.accountant,
+        )
+    state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
+    result = train_round(
+        model,
+        data.x_train,
+        data.y_train,
+        steps=steps_per_round(data.n_train, run.train.batch_size, run.train.local_epochs),
+        batch_size=run.train.batch_size,
+        lr=run.train.lr,
+        momentum=run.train.momentum,
+        dp=plan,
+        accountant_state=state,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        seed=_seed(run.train.seed, data.name, server_round),
+        device=device,
+    )
+    metrics = {
+        "num-examples": float(data.n_train),
+        "train-loss": result.loss,
+        "steps": float(result.steps),
+    }
+    if plan is not None and result.accountant_state is not None:
+        context.state[_STATE_KEY] = ConfigRecord(
+            {"accountant": json.dumps(result.accountant_state)}
+        )
+        if ledger is not None:  # recorded BEFORE the update leaves the hospital
+            ledger.save(
+                run_key, result.accountant_state, task=run.task.name, delta=plan.target_delta
+            )
+        metrics["epsilon"] = float(result.epsilon or 0.0)
+        metrics["delta"] = plan.target_delta
+        metrics["noise-multiplier"] = plan.noise_multiplier
+        metrics["sample-rate"] = plan.sample_rate
+    return model.state_dict(), metrics
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split."""
     try:
-        _, site, data, model, device = _setup(msg, context)
+        _, _, data, model, device = _setup(msg, context)
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
     result = binary_metrics(data.y_test, predict_proba(model, data.x_test, device=device))
@@ -137,6 +181,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         if name in result.undefined:
             info[f"undefined.{name}"] = result.undefined[name]
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
+
+
+def _ledger(context: Context) -> Ledger | None:
+    """The hospital's on-disk ledger (node config ``ledger-dir``), if it has one."""
+    folder = str(context.node_config.get("ledger-dir", ""))
+    return Ledger(Path(folder)) if folder else None
+
+
+def _run_key(context: Context, run: RunConfig) -> str:
+    """The fedcare run id (stable across a coordinator's resume), else Flower's run id."""
+    return run.run_id or str(context.run_id)
 
 
 def _load_accountant(context: Context) -> AccountantState | None:

@@ -56,3 +56,23 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], sidecar: dict[
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors checkpoint written by :func:`save_weights`."""
     return load_file(str(path))
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path, dict[str, Any]]:
+    """The last complete checkpoint of a run folder: (round, weights path, sidecar).
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder has no complete checkpoint (weights plus a readable sidecar).
+    """
+    candidates = sorted(
+        (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9].safetensors"), reverse=True
+    )
+    for weights in candidates:
+        try:
+            sidecar = json.loads(weights.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue  # a checkpoint without a readable sidecar is incomplete: take the one before
+        return int(sidecar["round"]), weights, sidecar
+    raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")

@@ -157,6 +157,10 @@ def run(
     seed: opt.Seed = 0,
     out: opt.Out = None,
     run_config: opt.RunConfigOpt = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue an interrupted run from its last checkpoint (its run folder)."),
+    ] = None,
     timeout: Annotated[
         float, typer.Option(help="Give up following the run after this many seconds.")
     ] = 86_400,
@@ -164,20 +168,27 @@ def run(
     """Submit a training run to the federation and follow it; exit code = the run's outcome."""
     from shared_models.config import RunConfig
 
-    options = opt.run_options(
-        task=task, data_dir=None, partition=opt.Partition.iid, alpha=0.5, rounds=rounds, strategy=strategy,
-        epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, run_config=run_config,
-    )  # fmt: skip
-    cfg = options.build()
-    check_names(cfg)
-    run_dir = (out or opt.default_out()).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"{run_dir}: run folder exists and is not empty; choose another --out")
-    cfg["output.dir"] = str(run_dir)
-    cfg["eval.centralized"] = False
+    if resume is not None:
+        cfg, run_dir, stale_run = _resume_config(resume, run_config)
+    else:
+        options = opt.run_options(
+            task=task, data_dir=None, partition=opt.Partition.iid, alpha=0.5, rounds=rounds,
+            strategy=strategy, epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, run_config=run_config,
+        )  # fmt: skip
+        cfg, stale_run = options.build(), None
+        check_names(cfg)
+        run_dir = (out or opt.default_out()).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir}: run folder exists and is not empty; choose another --out")
+        cfg["output.dir"] = str(run_dir)
+        cfg["eval.centralized"] = False
     parsed = RunConfig.from_run_config(cfg)
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp) / "flwr-home")
+        if (
+            stale_run is not None
+        ):  # the interrupted Flower run would otherwise show "running" forever
+            cli.run("stop", str(stale_run), CONNECTION)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(to_toml(cfg))
         submitted = cli.json("run", str(APP_DIR), CONNECTION, "--run-config", str(overrides))
@@ -210,6 +221,41 @@ def run(
     print_summary(console, json.loads(summary_path.read_text()), run_dir, status_seconds(status))
 
 
+# settings that may change when resuming (they do not change what a hospital computes)
+RESUME_OVERRIDABLE = frozenset(
+    {"strategy.min-train-nodes", "strategy.min-evaluate-nodes", "strategy.min-available-nodes",
+     "strategy.fraction-train", "strategy.fraction-evaluate", "train.round-timeout"}
+)  # fmt: skip
+
+
+def _resume_config(run_dir: Path, run_config: str | None) -> tuple[dict[str, Any], Path, int]:
+    """The interrupted run's own settings (same run id, so hospitals' ledgers continue)."""
+    from server.checkpoint import latest_checkpoint
+    from server.run_config import parse_run_config_arg
+
+    run_dir = run_dir.resolve()
+    try:
+        done, _, sidecar = latest_checkpoint(run_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    cfg = dict(sidecar["run_config"])
+    if done >= int(cfg["train.rounds"]):
+        raise UsageError(f"--resume: {run_dir} already finished all {done} rounds")
+    if run_config:
+        extra = parse_run_config_arg(run_config)
+        fixed = sorted(set(extra) - RESUME_OVERRIDABLE)
+        if fixed:
+            raise UsageError(
+                f"--resume keeps the run's settings; {fixed} cannot change (only {sorted(RESUME_OVERRIDABLE)})"
+            )
+        cfg.update(extra)
+    cfg["run.resume-from"] = str(run_dir)
+    console.print(
+        f"resuming {run_dir} after round {done} of {cfg['train.rounds']} (run id {cfg['run.id']})"
+    )
+    return cfg, run_dir, int(sidecar["run_id"])
+
+
 def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
     """Stream the run's logs; print fedcare's per-round progress lines."""
     proc = cli.popen("log", str(run_id), CONNECTION, "--stream")
@@ -235,7 +281,10 @@ def print_progress(info: dict[str, Any]) -> None:
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    failures = f"  [yellow]{info['failures']} failure(s)[/]" if info.get("failures") else ""
+    failures = "".join(
+        f"\n    [yellow]{f['hospital']} ({f['kind']}): {f['reason']}[/]"
+        for f in info.get("failures", [])
+    )
     pooled = (
         f"pooled AUROC {f(info['pooled_auroc'])}  " if info.get("pooled_auroc") is not None else ""
     )

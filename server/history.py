@@ -128,10 +128,14 @@ class RecordingGrid(Grid):
         sent = list(messages)
         self._current_round = _round_of(sent[0]) if sent else self._current_round
         replies = list(self._inner.send_and_receive(sent, timeout=timeout))
+        # the SuperLink answers for an unreachable node itself (src = SuperLink): map each reply
+        # to the hospital it was sent to through the message it replies to
+        destination = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
         answered = set()
         for reply in replies:
-            answered.add(reply.metadata.src_node_id)
-            self._record(reply)
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            self._record(reply, node)
         for msg in sent:
             node = msg.metadata.dst_node_id
             if node not in answered:
@@ -148,8 +152,7 @@ class RecordingGrid(Grid):
                 )
         return replies
 
-    def _record(self, reply: Message) -> None:
-        node = reply.metadata.src_node_id
+    def _record(self, reply: Message, node: int) -> None:
         kind = _kind(reply.metadata.message_type)
         if reply.has_error():
             self.history.events.append(

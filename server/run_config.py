@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class RunOptions:
             cfg["dp.target-epsilon"] = float(self.epsilon)
         if self.delta is not None:
             cfg["dp.target-delta"] = float(self.delta)
+        cfg["run.id"] = cfg["run.id"] or uuid.uuid4().hex[:16]  # hospitals' ledgers key on it
         return cfg
 
 

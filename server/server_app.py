@@ -17,14 +17,26 @@ from datetime import datetime
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
-from server.checkpoint import package_versions, save_weights, write_json_atomic
+from server.checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    package_versions,
+    save_weights,
+    write_json_atomic,
+)
 from server.history import RecordingGrid, RunHistory
 from server.report import build_summary, write_reports
-from server.strategies import build_strategy
+from server.strategies import (
+    ResumedStrategy,
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics
 from shared_models.models import build_model, predict_proba
@@ -37,44 +49,65 @@ progress_log = logging.getLogger("fedcare.progress")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation for ``train.rounds`` rounds and write the run folder."""
+    """Run the federation for ``train.rounds`` rounds (or the rest of a resumed run) and write the
+    run folder."""
     run = RunConfig.from_run_config(context.run_config)
-    out = Path(run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(
+        run.resume_from or run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     task = get_task(run.task.name)
     n_features = task.n_features(task.resolve_preprocessing(run.task.preprocessing))
     model = build_model(
         run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
     )
-    history = RunHistory()
+    strategy = build_strategy(run.strategy)
+    history, done = RunHistory(), 0
+    if (
+        run.resume_from
+    ):  # continue from the last checkpoint: weights, rounds, strategy state, history
+        done, weights, sidecar = latest_checkpoint(out)
+        model.load_state_dict(load_weights(weights))
+        history = RunHistory.from_dict(sidecar["history"])
+        state_file = weights.with_name(weights.stem + ".strategy.safetensors")
+        if state_file.exists():
+            load_strategy_state(
+                strategy, {k: v.numpy() for k, v in load_weights(state_file).items()}
+            )
+        strategy = ResumedStrategy(strategy, offset=done)
+        flwr_log(INFO, "[fedcare] resuming %s after round %d of %d", out, done, run.train.rounds)
     pooled = _pooled_test_set(run, grid) if run.centralized_eval else None
     t_start = time.monotonic()
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
+    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0:
             return None
+        server_round = local_round + done
         state = arrays.to_torch_state_dict()
         metrics = None
         if pooled is not None:
             model.load_state_dict(state)
             metrics = binary_metrics(pooled[1], predict_proba(model, pooled[0])).as_dict()
             history.centralized[server_round] = metrics
-        sidecar = _sidecar(run, history, server_round, context)
-        save_weights(out / "checkpoints" / f"round-{server_round:03d}.safetensors", state, sidecar)
+        path = out / "checkpoints" / f"round-{server_round:03d}.safetensors"
+        extra = strategy_state(strategy)
+        if extra:  # written before the weights: a checkpoint is complete once its sidecar exists
+            save_weights(path.with_name(path.stem + ".strategy.safetensors"),
+                         {k: torch.from_numpy(v) for k, v in extra.items()}, {"round": server_round})  # fmt: skip
+        save_weights(path, state, _sidecar(run, history, server_round, context))
         _report_progress(run, history, server_round, time.monotonic() - t_start)
         if metrics is None:
             return None
         return MetricRecord({k: math.nan if v is None else v for k, v in metrics.items()})
 
-    strategy = build_strategy(run.strategy)
     result = strategy.start(
         grid=RecordingGrid(grid, history),
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=run.train.rounds,
+        num_rounds=run.train.rounds - done,
         timeout=run.train.round_timeout,
         train_config=ConfigRecord({"local-epochs": run.train.local_epochs}),
         evaluate_fn=evaluate_fn,
     )
-    final = result.arrays.to_torch_state_dict()
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     summary = build_summary(run, history, wall_seconds=time.monotonic() - t_start)
     save_weights(out / "model.safetensors", final, _model_card(run, summary, n_features))
     write_json_atomic(out / "history.json", history.to_dict())
@@ -170,7 +203,11 @@ def _report_progress(
         "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else None,
         "pooled_auroc": (history.centralized.get(server_round) or {}).get("auroc"),
         "max_epsilon": max(eps_values) if eps_values else None,
-        "failures": sum(1 for e in history.events if e.round == server_round and e.error),
+        "failures": [
+            {"hospital": e.site, "kind": e.kind, "reason": e.error}
+            for e in history.events
+            if e.round == server_round and e.error
+        ],
     }
     # in-process (simulation): a structured record; deployed: one log line `fedcare server run` parses
     progress_log.info("round %d done", server_round, extra={"fedcare_progress": info})

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
@@ -83,3 +84,56 @@ def build_strategy(cfg: StrategyConfig) -> fl.Strategy:
             f"unknown strategy {cfg.name!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
         )
     return STRATEGIES[cfg.name](cfg)
+
+
+# attributes of Flower strategies that carry state between rounds (FedOpt family: FedAdam,
+# FedYogi, FedAdagrad moments); each is a dict of layer name -> numpy array
+STATEFUL_ATTRIBUTES = ("m_t", "v_t")
+
+
+def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
+    """The strategy's between-round state as flat arrays (``"m_t/<layer>"``), for checkpoints."""
+    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    out: dict[str, np.ndarray] = {}
+    for attr in STATEFUL_ATTRIBUTES:
+        value = getattr(inner, attr, None)
+        if isinstance(value, dict):
+            out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+    return out
+
+
+def load_strategy_state(strategy: fl.Strategy, arrays: dict[str, np.ndarray]) -> None:
+    """Restore what :func:`strategy_state` saved (e.g. FedAdam's first and second moments)."""
+    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    for attr in STATEFUL_ATTRIBUTES:
+        part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
+        if part:
+            setattr(inner, attr, part)
+
+
+class ResumedStrategy(fl.Strategy):
+    """Wraps a Flower strategy so a resumed run continues the round numbering.
+
+    Flower's ``Strategy.start`` counts rounds from 1; this wrapper adds ``offset`` (the rounds
+    already completed) to the round every hook sees, so hospitals, checkpoints and reports see
+    rounds ``offset + 1 ...``. Everything else is the inner strategy's own behaviour.
+    """
+
+    def __init__(self, inner: fl.Strategy, offset: int) -> None:
+        self.inner = inner
+        self.offset = offset
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)

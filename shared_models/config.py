@@ -117,6 +117,8 @@ class RunConfig:
     data: DataConfig
     output_dir: str
     centralized_eval: bool
+    run_id: str
+    resume_from: str
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -172,6 +174,8 @@ class RunConfig:
             ),
             output_dir=_get(cfg, "output.dir", str),
             centralized_eval=_get(cfg, "eval.centralized", bool),
+            run_id=_get(cfg, "run.id", str),
+            resume_from=_get(cfg, "run.resume-from", str),
         )
         run._validate()
         return run

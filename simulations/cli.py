@@ -94,6 +94,7 @@ def main() -> None:
     import click
 
     from client.cli import HospitalSetupError
+    from server.flwr_cli import FlowerCLIError
     from server.pki import PKIError
     from shared_models.config import ConfigError
     from shared_models.tasks import DataError
@@ -101,7 +102,14 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
         app(standalone_mode=False)
-    except (UsageError, DataError, ConfigError, PKIError, HospitalSetupError) as exc:
+    except (
+        UsageError,
+        DataError,
+        ConfigError,
+        PKIError,
+        HospitalSetupError,
+        FlowerCLIError,
+    ) as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(2)
     except click.exceptions.Abort:

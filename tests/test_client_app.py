@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import SITE_REFUSED
@@ -108,3 +109,66 @@ def test_malformed_site_file_is_refused_with_a_clear_reason(default_cfg, tmp_pat
     assert reply.error.code == SITE_REFUSED
     assert reply.error.reason.startswith("site x refused: ")
     assert "line 1: expected 14 comma-separated values" in reply.error.reason
+
+
+def test_ledger_survives_a_daemon_restart(default_cfg, tmp_path):
+    """A hospital daemon restarted mid-run (fresh Context) continues epsilon from its ledger and
+    ends with the same epsilon as an uninterrupted run."""
+    default_cfg.update({"train.rounds": 3, "run.id": "run-abc"})
+    node = {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger")}
+    model = build_model("mlp", n_features=30)
+    first = _context(default_cfg, node)
+    client_app(_request("train", model, 1), first)
+    restarted = _context(default_cfg, node)  # context.state is empty again
+    eps = [
+        client_app(_request("train", model, r), restarted).content["metrics"]["epsilon"]
+        for r in (2, 3)
+    ]
+    uninterrupted = _context(default_cfg, {"partition-id": 0, "num-partitions": 3})
+    ref = [
+        client_app(_request("train", model, r), uninterrupted).content["metrics"]["epsilon"]
+        for r in (1, 2, 3)
+    ]
+    assert eps == pytest.approx(ref[1:], rel=1e-12)
+    entry = json.loads((tmp_path / "ledger" / "runs" / "run-abc.json").read_text())
+    assert sum(h[2] for h in entry["accountant"]["history"]) == 3 * 5
+
+
+def test_corrupted_ledger_is_refused_and_never_reset(default_cfg, tmp_path):
+    default_cfg["run.id"] = "run-x"
+    path = tmp_path / "ledger" / "runs" / "run-x.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"run_id": "run-x", "accountant": {"mechanism": "rdp", "hist')  # truncated
+    ctx = _context(
+        default_cfg,
+        {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger")},
+    )
+    reply = client_app(_request("train", build_model("mlp", n_features=30), 1), ctx)
+    assert reply.error.code == SITE_REFUSED
+    assert "run-x.json is unreadable" in reply.error.reason and "never reset" in reply.error.reason
+    assert path.read_text().endswith('"hist')  # untouched
+
+
+def test_a_repeated_request_is_answered_again_without_spending_budget(default_cfg, tmp_path):
+    """A coordinator that resumes from an older checkpoint repeats round k's request: the hospital
+    re-sends the update it already released and its epsilon does not move."""
+    default_cfg.update({"train.rounds": 3, "run.id": "run-r"})
+    ctx = _context(
+        default_cfg, {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path)}
+    )
+    model = build_model("mlp", n_features=30)
+    first = client_app(_request("train", model, 1), ctx)
+    again = client_app(_request("train", model, 1), _context(default_cfg, dict(ctx.node_config)))
+    assert again.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
+    a, b = (
+        first.content["arrays"].to_torch_state_dict(),
+        again.content["arrays"].to_torch_state_dict(),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    entry = json.loads((tmp_path / "runs" / "run-r.json").read_text())
+    assert sum(h[2] for h in entry["accountant"]["history"]) == 5  # trained once
+    other = build_model("mlp", n_features=30, seed=1)  # different global weights: a new request
+    assert (
+        client_app(_request("train", other, 1), ctx).content["metrics"]["epsilon"]
+        > first.content["metrics"]["epsilon"]
+    )

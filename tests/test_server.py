@@ -124,3 +124,33 @@ def test_reports_are_written(default_cfg, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "ε = 2 at δ = 1e-05" in report and "one class" in report and "dropped out" in report
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_resumed_strategy_numbers_rounds_after_the_checkpoint(default_cfg):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from server.strategies import ResumedStrategy
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    inner = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+    resumed = ResumedStrategy(inner, offset=3)
+    messages = list(resumed.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
+    assert {m.content["config"]["server-round"] for m in messages} == {4}
+
+
+def test_fedadam_moments_survive_a_checkpoint(default_cfg):
+    import numpy as np
+
+    from server.strategies import load_strategy_state, strategy_state
+
+    default_cfg["strategy.name"] = "fedadam"
+    a = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+    a.m_t = {"w": np.ones(3)}
+    a.v_t = {"w": np.full(3, 2.0)}
+    b = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+    load_strategy_state(b, strategy_state(a))
+    np.testing.assert_array_equal(b.m_t["w"], a.m_t["w"])
+    np.testing.assert_array_equal(b.v_t["w"], a.v_t["w"])
