@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ def _train_locally(
             accountant=run.dp.accountant,
         )
     state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
+    started = time.perf_counter()
     result = train_round(
         model,
         data.x_train,
@@ -149,6 +151,7 @@ def _train_locally(
         "num-examples": float(data.n_train),
         "train-loss": result.loss,
         "steps": float(result.steps),
+        "compute-seconds": time.perf_counter() - started,
     }
     if plan is not None and result.accountant_state is not None:
         context.state[_STATE_KEY] = ConfigRecord(
@@ -172,8 +175,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         _, _, data, model, device = _setup(msg, context)
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
+    started = time.perf_counter()
     result = binary_metrics(data.y_test, predict_proba(model, data.x_test, device=device))
-    metrics = MetricRecord({"num-examples": data.n_test})
+    metrics = MetricRecord(
+        {"num-examples": data.n_test, "compute-seconds": time.perf_counter() - started}
+    )
     for name, value in result.as_dict().items():
         metrics[name] = math.nan if value is None else value
     info = ConfigRecord({"site": data.name})

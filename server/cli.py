@@ -203,7 +203,14 @@ def run(
             f"{parsed.train.rounds} rounds, {dp}; run folder {run_dir}"
         )
         _follow(cli, run_id, timeout)
-        status = _run_status(cli, run_id)
+        try:
+            status = _run_status(cli, run_id)
+        except FlowerCLIError:
+            raise FlowerCLIError(
+                f"lost the coordinator while following run {run_id}; once `fedcare server start` "
+                f"runs again, continue with `fedcare server run --superlink {superlink} --pki {pki} "
+                f"--resume {run_dir}`"
+            ) from None
     if status.get("status") != "finished:completed":
         details = status.get("status-details") or status.get("status") or "unknown"
         console.print(

@@ -97,13 +97,15 @@ def metrics_frame(history: RunHistory) -> pd.DataFrame:
             row["train_loss"] = ev.metrics.get("train-loss")
             row["epsilon"] = ev.metrics.get("epsilon")
             row["delta"] = ev.metrics.get("delta")
+            row["train_seconds"] = ev.metrics.get("compute-seconds")
         else:
             row["n_test"] = _int(ev.metrics.get("num-examples"))
             for m in METRIC_NAMES:
                 row[m] = ev.metrics.get(m)
+            row["eval_seconds"] = ev.metrics.get("compute-seconds")
     columns = [
         "round", "hospital", "n_train", "train_loss", "epsilon", "delta", "n_test",
-        *METRIC_NAMES, "train_error", "evaluate_error",
+        *METRIC_NAMES, "train_seconds", "eval_seconds", "train_error", "evaluate_error",
     ]  # fmt: skip
     frame = pd.DataFrame(list(rows.values()), columns=columns)
     return frame.sort_values(["round", "hospital"]).reset_index(drop=True)

@@ -62,11 +62,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy = build_strategy(run.strategy)
     history, done = RunHistory(), 0
+    initial = ArrayRecord(model.state_dict())
     if (
         run.resume_from
     ):  # continue from the last checkpoint: weights, rounds, strategy state, history
         done, weights, sidecar = latest_checkpoint(out)
-        model.load_state_dict(load_weights(weights))
+        initial = ArrayRecord(load_weights(weights))  # byte-identical to what hospitals were sent
         history = RunHistory.from_dict(sidecar["history"])
         state_file = weights.with_name(weights.stem + ".strategy.safetensors")
         if state_file.exists():
@@ -93,15 +94,17 @@ def main(grid: Grid, context: Context) -> None:
         if extra:  # written before the weights: a checkpoint is complete once its sidecar exists
             save_weights(path.with_name(path.stem + ".strategy.safetensors"),
                          {k: torch.from_numpy(v) for k, v in extra.items()}, {"round": server_round})  # fmt: skip
-        save_weights(path, state, _sidecar(run, history, server_round, context))
+        sidecar = _sidecar(run, history, server_round, context)
+        sidecar["elapsed_seconds"] = time.monotonic() - t_start  # since this (resumed) run began
+        save_weights(path, state, sidecar)
         _report_progress(run, history, server_round, time.monotonic() - t_start)
         if metrics is None:
             return None
         return MetricRecord({k: math.nan if v is None else v for k, v in metrics.items()})
 
     result = strategy.start(
-        grid=RecordingGrid(grid, history),
-        initial_arrays=ArrayRecord(model.state_dict()),
+        grid=RecordingGrid(grid, history, poll_interval=run.train.poll_interval),
+        initial_arrays=initial,
         num_rounds=run.train.rounds - done,
         timeout=run.train.round_timeout,
         train_config=ConfigRecord({"local-epochs": run.train.local_epochs}),

@@ -82,6 +82,7 @@ class TrainConfig:
     momentum: float
     seed: int
     round_timeout: float  # seconds
+    poll_interval: float  # seconds
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class RunConfig:
                 momentum=_get(cfg, "train.momentum", float),
                 seed=_get(cfg, "train.seed", int),
                 round_timeout=_get(cfg, "train.round-timeout", float),
+                poll_interval=_get(cfg, "train.poll-interval", float),
             ),
             dp=DPConfig(
                 enabled=_get(cfg, "dp.enabled", bool),
@@ -198,6 +200,7 @@ class RunConfig:
         _in_range("train.lr", tr.lr, 0.0, 100.0, lo_open=True)
         _in_range("train.momentum", tr.momentum, 0.0, 0.999)
         _in_range("train.round-timeout", tr.round_timeout, 0.0, 86_400.0, lo_open=True)
+        _in_range("train.poll-interval", tr.poll_interval, 0.0, 60.0)
         _choice("dp.accountant", dp.accountant, ("rdp", "prv"))
         if dp.enabled:
             _in_range("dp.target-epsilon", dp.target_epsilon, 0.0, 100.0, lo_open=True)
