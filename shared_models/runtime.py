@@ -7,6 +7,7 @@ installation, no hub downloads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,12 +64,14 @@ def run_foreground(
 
     SIGINT / SIGTERM received by this process are forwarded to the child as SIGTERM (Flower's
     SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the child is
-    killed. Returns the child's exit code, or 0 when the stop was requested here.
+    killed. The child runs in its own process group, which is killed once the child has exited,
+    so no process it started (SuperExec, ClientApp or ServerApp processes) outlives it. Returns the child's exit code, or 0 when the stop was requested here.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,  # its own process group: stopping it stops everything it started
+    )  # fmt: skip
     stopping = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -100,5 +103,7 @@ def run_foreground(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        with contextlib.suppress(ProcessLookupError):  # e.g. ClientApp processes left behind
+            os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=5)
     return 0 if stopping.is_set() else int(proc.returncode or 0)

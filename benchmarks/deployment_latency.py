@@ -1,0 +1,153 @@
+"""Per-round wall time of a real deployment on loopback, split into compute and overhead.
+
+Starts `fedcare server start` and three `fedcare client start` hospital daemons on 127.0.0.1
+(TLS, hospital authentication), runs `fedcare server run` with a small model, once with Flower
+1.41's own reply polling (`train.poll-interval=0`: a fixed 3 s sleep in `send_and_receive`) and
+once with fedcare's (`0.1` s), and prints per-round figures:
+
+    wall      time between consecutive round checkpoints (seconds)
+    compute   slowest hospital's local training + slowest hospital's evaluation (seconds),
+              as each ClientApp measured it
+    overhead  wall - compute: messaging, polling, process start-up of each ClientApp
+
+Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants 0,0.1]
+Rounds 1 (ClientApp first start) and the others are reported separately. Compare variants as
+ratios within one run: absolute seconds depend on the machine (printed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+FEDCARE = [sys.executable, "-m", "simulations.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*FEDCARE, *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _per_round(run_dir: Path) -> pd.DataFrame:
+    sidecars = sorted((run_dir / "checkpoints").glob("round-[0-9][0-9][0-9].json"))
+    elapsed = [json.loads(p.read_text())["elapsed_seconds"] for p in sidecars]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    compute = metrics.groupby("round")[["train_seconds", "eval_seconds"]].max().sum(axis=1)
+    rows = []
+    for i, end in enumerate(elapsed, start=1):
+        start = elapsed[i - 2] if i > 1 else None
+        wall = end - start if start is not None else None
+        rows.append({"round": i, "wall": wall, "compute": float(compute.get(i, float("nan")))})
+    frame = pd.DataFrame(rows)
+    frame["overhead"] = frame["wall"] - frame["compute"]
+    return frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--variants", default="0,0.1", help="train.poll-interval values to compare")
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, flwr {metadata.version('flwr')}, torch {metadata.version('torch')}"
+    )
+    with tempfile.TemporaryDirectory(prefix="fedcare-bench-") as tmp:
+        root = Path(tmp)
+        subprocess.run([*FEDCARE, "server", "init", "--out", str(root / "pki"),
+                        "--hospital", "a", "--hospital", "b", "--hospital", "c"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*FEDCARE, "simulate", "--export-hospitals", str(root / "data")],
+            check=True,
+            capture_output=True,
+        )
+        port = _free_port()
+        procs = [_spawn(["server", "start", "--pki", str(root / "pki"), "--port", str(port),
+                         "--state", str(root / "coord")], root / "server.log")]  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not (root / "pki" / "registered.json").exists():
+                if time.monotonic() > deadline:
+                    sys.exit("coordinator did not start; see " + str(root / "server.log"))
+                time.sleep(0.5)
+            for i, name in enumerate("abc", start=1):
+                procs.append(_spawn([
+                    "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
+                    "--key", str(root / "pki" / "hospitals" / f"{name}.key"), "--site", name,
+                    "--data", str(root / "data" / f"hospital-{i}.csv"), "--port", str(_free_port()),
+                    "--state", str(root / f"h-{name}"),
+                ], root / f"client-{name}.log"))  # fmt: skip
+            time.sleep(10)
+            results = {}
+            for variant in args.variants.split(","):
+                run_dir = root / f"run-{variant}"
+                cfg = f"model.name='logreg' train.poll-interval={float(variant)}"
+                proc = subprocess.run(
+                    [*FEDCARE, "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+                     "--rounds", str(args.rounds), "--out", str(run_dir), "--run-config", cfg],
+                    capture_output=True, text=True, timeout=1800,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    sys.exit(proc.stdout + proc.stderr)
+                results[variant] = _per_round(run_dir)
+        finally:
+            for proc in reversed(procs):
+                _stop(proc)
+    print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
+    print(f"{'poll interval':>14} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
+    summary = {}
+    for variant, frame in results.items():
+        label = "Flower (3 s)" if float(variant) == 0 else f"{float(variant):g} s"
+        for _, row in frame.iterrows():
+            wall = "-" if pd.isna(row["wall"]) else f"{row['wall']:.2f}"
+            over = "-" if pd.isna(row["overhead"]) else f"{row['overhead']:.2f}"
+            print(f"{label:>14} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}")
+        steady = frame.dropna(subset=["wall"])
+        summary[label] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
+    print("\nsteady rounds (2..N), mean:")
+    base = next(iter(summary.values()))
+    for label, (wall, over) in summary.items():
+        print(
+            f"  {label:>14}: wall {wall:.2f} s, overhead {over:.2f} s  (wall ratio {wall / base[0]:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
