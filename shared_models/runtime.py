@@ -52,6 +52,16 @@ def flower_executable(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if this process dies (even by SIGKILL), so a killed fedcare
+    command never leaves an orphaned SuperLink or SuperNode behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run_foreground(
     cmd: list[str],
     *,
@@ -71,6 +81,7 @@ def run_foreground(
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,  # its own process group: stopping it stops everything it started
+        preexec_fn=_die_with_parent,
     )  # fmt: skip
     stopping = threading.Event()
 

@@ -16,8 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from server.flwr_cli import CONNECTION, FlowerCLI
 
@@ -189,3 +192,85 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "certificate at" in proc.stderr and "could not be verified" in proc.stderr
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a daemon and every process it started (a machine going away)."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _run_until_round_one(args: list[str], on_round_one) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Start `fedcare server run`, call ``on_round_one()`` once round 1 is reported, wait."""
+    proc = subprocess.Popen(
+        [*FEDCARE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
+    lines = []
+    fired = False
+    deadline = time.monotonic() + 600
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if not fired and "round   1/" in line:
+            on_round_one()
+            fired = True
+        if time.monotonic() > deadline:
+            proc.kill()
+    proc.wait(timeout=60)
+    assert fired, "".join(lines)
+    return proc.returncode, "".join(lines)
+
+
+def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
+    root, port = federation["root"], federation["port"]
+    code, output = _run_until_round_one(
+        ["server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"), "--rounds", "3",
+         "--out", str(root / "run-drop"), "--run-config",
+         "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=20"],
+        lambda: _kill_tree(federation["clients"]["c"].pid),  # hospital c crashes
+    )  # fmt: skip
+    assert code == 0, output
+    summary = json.loads((root / "run-drop" / "summary.json").read_text())
+    by_name = {h["name"]: h for h in summary["hospitals"]}
+    assert by_name["a"]["rounds_trained"] == 3 and by_name["c"]["rounds_trained"] <= 2
+    dropped = [f for f in summary["failures"] if f["hospital"] == "c"]
+    assert dropped and all(f["round"] >= 2 for f in dropped)
+    assert (
+        "c" in (root / "run-drop" / "report.md").read_text().split("## Refusals and drop-outs")[1]
+    )
+
+
+def test_coordinator_killed_after_round_one_resumes(federation):
+    root, port = federation["root"], federation["port"]
+    run_dir = root / "run-resume"
+    settings = (
+        "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 strategy.min-available-nodes=2"
+    )
+    code, output = _run_until_round_one(
+        ["server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"), "--rounds", "3",
+         "--strategy", "fedadam", "--out", str(run_dir), "--run-config", settings],
+        lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
+    )  # fmt: skip
+    assert code == 2 and "--resume" in output, output
+    federation["server"] = _spawn("server", "start", "--pki", str(root / "pki"), "--port", str(port),
+                                  "--state", str(root / "coordinator"), log=root / "server2.log")  # fmt: skip
+    cli = FlowerCLI(root / "flwr-home-2", f"127.0.0.1:{port}", root / "pki" / "ca.pem")
+    _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
+          120, root / "server2.log")  # fmt: skip
+    resumed = _fedcare("server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+                       "--resume", str(run_dir), timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert sorted(metrics["round"].unique()) == [1, 2, 3]  # continuous numbering, history kept
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for h in summary["hospitals"]:
+        if h["name"] in ("a", "b"):
+            assert h["rounds_trained"] == 3
+            assert h["epsilon"] <= 2.0  # never double-spent, even for the repeated round 2
+    first = load_file(str(run_dir / "checkpoints" / "round-001.safetensors"))
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert any(not torch.equal(first[k], final[k]) for k in first)
+    assert (run_dir / "checkpoints" / "round-003.strategy.safetensors").exists()  # FedAdam moments
