@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared_models.runtime import child_env, flower_executable, run_foreground
-from shared_models.tasks import DataError, get_task
+from shared_models.tasks import get_task
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
@@ -77,6 +77,9 @@ def start(
         Path | None,
         typer.Option(help="Privacy ledger folder (default STATE/ledger); survives restarts."),
     ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Site policy TOML file (bounds for every run).")
+    ] = None,
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key)."""
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -98,6 +101,14 @@ def start(
     node_config = (
         f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}"'
     )
+    if policy is not None:
+        from client.policy import PolicyError, SitePolicy
+
+        try:
+            SitePolicy.load(policy)  # a broken policy stops the daemon here, not at the first run
+        except PolicyError as exc:
+            raise HospitalSetupError(str(exc)) from None
+        node_config += f' policy-path="{policy.resolve()}"'
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink", superlink,
@@ -157,4 +168,36 @@ def check(
     console.print(table)
 
 
-__all__ = ["app", "HospitalSetupError", "DataError"]
+@app.command()
+def budget(
+    ledger: Annotated[Path, typer.Option(help="The hospital's privacy ledger folder.")],
+) -> None:
+    """Privacy spent at this hospital: per run and lifetime ε, δ, steps, noise multiplier, sample rate."""
+    from client.ledger import Ledger, LedgerError, lifetime_epsilon, run_entries
+    from client.training import accountant_steps, epsilon_spent
+
+    if not ledger.is_dir():
+        raise HospitalSetupError(f"--ledger {ledger}: folder not found")
+    try:
+        entries = run_entries(Ledger(ledger))
+    except LedgerError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    if not entries:
+        console.print(f"{ledger}: no runs recorded yet (no privacy spent)")
+        return
+    console.print(f"privacy ledger {ledger}")
+    for e in entries:
+        state = e["accountant"]
+        sigmas = ", ".join(sorted({f"{s:.4g}" for s, _, _ in state["history"]}))
+        rates = ", ".join(sorted({f"{q:.4g}" for _, q, _ in state["history"]}))
+        console.print(
+            f"  run {e['run_id']}  task {e.get('task', '?')}  updated {e.get('updated', '?')}\n"
+            f"      steps {accountant_steps(state)}, noise multiplier {sigmas}, sample rate {rates}: "
+            f"ε = {epsilon_spent(state, delta=e['delta']):.3f} at δ = {e['delta']:g}"
+        )
+    delta = max(e["delta"] for e in entries)
+    total = lifetime_epsilon([e["accountant"] for e in entries], delta=delta)
+    console.print(
+        f"lifetime: ε = {total:.3f} at δ = {delta:g} over {len(entries)} run(s) "
+        "(all steps composed with one RDP accountant, not a sum of per-run ε)"
+    )

@@ -22,7 +22,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint
+from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
+from client.policy import PolicyError, PolicyRefusal, SitePolicy
 from client.site import SiteSettings, load_site_data
 from client.training import (
     AccountantState,
@@ -41,7 +42,10 @@ app = ClientApp()
 
 SITE_REFUSED = 4001  # error code of a reply refused by the site (data, budget or config problem)
 _STATE_KEY = "fedcare"
-_EXPECTED = (DataError, PrivacyBudgetError, ConfigError, LedgerError, ValueError, FileNotFoundError)
+_EXPECTED = (
+    DataError, PrivacyBudgetError, ConfigError, LedgerError, PolicyRefusal, PolicyError, ValueError,
+    FileNotFoundError,
+)  # fmt: skip
 
 
 def _refuse(msg: Message, site: str, exc: Exception) -> Message:
@@ -132,6 +136,14 @@ def _train_locally(
             accountant=run.dp.accountant,
         )
     state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
+    policy = _policy(context)
+    if policy is not None:  # before any training: a refusal changes nothing in the ledger
+        others = (
+            [e["accountant"] for e in run_entries(ledger) if e["run_id"] != run_key]
+            if ledger
+            else []
+        )
+        policy.check_run(task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others)
     started = time.perf_counter()
     result = train_round(
         model,
@@ -183,10 +195,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     for name, value in result.as_dict().items():
         metrics[name] = math.nan if value is None else value
     info = ConfigRecord({"site": data.name})
+    policy = _policy(context)
+    if (
+        policy is not None and data.n_test < policy.min_cohort
+    ):  # no metric from fewer than k patients
+        for name in METRIC_NAMES:
+            metrics[name] = math.nan
+            info[f"undefined.{name}"] = (
+                f"withheld: {data.n_test} test patients < site policy min-cohort"
+            )
     for name in METRIC_NAMES:
-        if name in result.undefined:
+        if name in result.undefined and f"undefined.{name}" not in info:
             info[f"undefined.{name}"] = result.undefined[name]
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
+
+
+def _policy(context: Context) -> SitePolicy | None:
+    """The hospital's site policy (node config ``policy-path``), if it has one."""
+    path = str(context.node_config.get("policy-path", ""))
+    return SitePolicy.load(Path(path)) if path else None
 
 
 def _ledger(context: Context) -> Ledger | None:

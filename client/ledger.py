@@ -144,3 +144,28 @@ class ReplayCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp), metadata={"request": request, "metrics": json.dumps(metrics)})
         os.replace(tmp, path)
+
+
+def run_entries(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every run recorded in the ledger (parsed; an unreadable file raises :class:`LedgerError`)."""
+    folder = ledger.root / "runs"
+    entries = []
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        state = ledger.load(path.stem)
+        entry = json.loads(path.read_text())
+        entry["accountant"] = state
+        entries.append(entry)
+    return entries
+
+
+def lifetime_epsilon(histories: list[AccountantState], *, delta: float) -> float:
+    """Epsilon of ALL recorded steps of all runs composed with one accountant (not a sum of ε's).
+
+    Uses Opacus' RDP accountant over the concatenated (sigma, q, steps) histories: Renyi DP
+    composes additively across mechanisms, and the conversion to (ε, δ) happens once, at
+    ``delta`` (Mironov 2017; ``opacus.accountants.RDPAccountant``).
+    """
+    from client.training import epsilon_spent
+
+    merged = [list(step) for state in histories for step in state["history"]]
+    return epsilon_spent({"mechanism": "rdp", "history": merged}, delta=delta)

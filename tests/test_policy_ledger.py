@@ -1,0 +1,123 @@
+"""Site policy and privacy ledger at the hospital, through the real ClientApp handlers."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client.client_app import SITE_REFUSED
+from client.client_app import app as client_app
+from client.ledger import lifetime_epsilon
+from shared_models.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _ctx(cfg: dict, node: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg)
+
+
+def _msg(kind: str, server_round: int = 1) -> Message:
+    model = build_model("mlp", n_features=30)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+@pytest.fixture
+def site(tmp_path):
+    def make(policy: str) -> dict:
+        (tmp_path / "policy.toml").write_text(policy)
+        return {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger"),
+                "policy-path": str(tmp_path / "policy.toml")}  # fmt: skip
+
+    return make
+
+
+def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, site, tmp_path):
+    default_cfg.update({"dp.target-epsilon": 4.0, "run.id": "big"})
+    reply = client_app(_msg("train"), _ctx(default_cfg, site("max-epsilon-per-run = 3.0\n")))
+    assert reply.error.code == SITE_REFUSED
+    assert "run would spend ε=4.00 but the policy allows 3 per run" in reply.error.reason
+    assert not (tmp_path / "ledger").exists()  # a refusal changes nothing in the ledger
+
+
+def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
+    node = site("lifetime-epsilon = 2.5\n")
+    default_cfg.update({"dp.target-epsilon": 2.0, "train.rounds": 2, "run.id": "first"})
+    for rnd in (1, 2):
+        assert not client_app(_msg("train", rnd), _ctx(default_cfg, node)).has_error()
+    default_cfg["run.id"] = "second"
+    reply = client_app(_msg("train"), _ctx(default_cfg, node))
+    assert (
+        reply.has_error()
+        and "lifetime ε to" in reply.error.reason
+        and "allows 2.5 in total" in reply.error.reason
+    )
+    default_cfg.update({"dp.target-epsilon": 0.3, "run.id": "third"})  # a small run still fits
+    assert not client_app(_msg("train"), _ctx(default_cfg, node)).has_error()
+
+
+@pytest.mark.parametrize(
+    ("policy", "update", "reason"),
+    [
+        ('allowed-tasks = ["heart-disease"]\n', {}, "task 'breast-cancer' is not allowed"),
+        ("", {"dp.enabled": False}, "requires DP"),
+        ("min-noise-multiplier = 5.0\n", {}, "below the policy's minimum 5"),
+        ("max-grad-norm = [0.1, 0.5]\n", {}, "max_grad_norm 1 is outside the policy's [0.1, 0.5]"),
+        ("min-cohort = 500\n", {}, "below the policy's min-cohort 500"),
+        ("max-epsilon = 1.0\n", {}, "unknown key(s) ['max-epsilon']"),
+    ],
+)
+def test_policy_bounds(default_cfg, site, policy, update, reason):
+    default_cfg.update(update)
+    reply = client_app(_msg("train"), _ctx(default_cfg, site(policy)))
+    assert reply.has_error() and reason in reply.error.reason
+
+
+def test_min_cohort_withholds_evaluation_metrics(default_cfg, site):
+    reply = client_app(_msg("evaluate"), _ctx(default_cfg, site("min-cohort = 100\n")))
+    metrics, info = reply.content["metrics"], reply.content["info"]
+    assert all(math.isnan(metrics[k]) for k in ("auroc", "accuracy", "sensitivity", "specificity"))
+    assert "withheld: 57 test patients" in info["undefined.auroc"]
+
+
+def test_lifetime_composes_with_one_accountant_not_by_adding():
+    runs = [
+        {"mechanism": "rdp", "history": [[1.0, 0.01, 400]]},
+        {"mechanism": "prv", "history": [[1.2, 0.02, 300]]},
+    ]
+    ref = RDPAccountant()
+    ref.history = [(1.0, 0.01, 400), (1.2, 0.02, 300)]
+    total = lifetime_epsilon(runs, delta=1e-5)
+    assert total == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-12)
+    separate = sum(lifetime_epsilon([r], delta=1e-5) for r in runs)
+    assert total < separate
+
+
+def test_budget_command_lists_runs_and_lifetime(default_cfg, site, monkeypatch, capsys, tmp_path):
+    from simulations import cli
+
+    node = site("")
+    default_cfg.update({"train.rounds": 2, "run.id": "r1"})
+    client_app(_msg("train"), _ctx(default_cfg, node))
+    monkeypatch.setattr(
+        sys, "argv", ["fedcare", "client", "budget", "--ledger", str(tmp_path / "ledger")]
+    )
+    cli.main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run r1 task breast-cancer" in out and "steps 5, noise multiplier" in out
+    assert "lifetime: ε =" in out and "at δ = 1e-05 over 1 run(s)" in out
