@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import AuditLog
 from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
 from client.policy import PolicyError, PolicyRefusal, SitePolicy
 from client.site import SiteSettings, load_site_data
@@ -76,6 +77,48 @@ def _site_name(context: Context) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this hospital's data (audited when the site keeps a ledger)."""
+    return _audited(_train, msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this hospital's test split (audited likewise)."""
+    return _audited(_evaluate, msg, context)
+
+
+def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
+    """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
+    folder = str(context.node_config.get("ledger-dir", ""))
+    if not folder:
+        return handler(msg, context)
+    audit = AuditLog(Path(folder))
+    run_id = str(context.run_config.get("run.id", "")) or str(context.run_id)
+    site = _site_name(context)
+    config = msg.content.config_records.get("config")
+    server_round = config.get("server-round", 0) if config is not None else 0
+    audit.message("received", msg, run_id=run_id, site=site, round=server_round)
+    reply = handler(msg, context)
+    if reply.has_error():
+        decision = "refused"
+    elif msg.metadata.message_type.startswith("train"):
+        decision = "replayed" if reply.content.config_records["info"].get("replayed") else "trained"
+    else:
+        decision = "evaluated"
+    epsilon = None if reply.has_error() else reply.content.metric_records["metrics"].get("epsilon")
+    audit.message(
+        "sent",
+        reply,
+        run_id=run_id,
+        site=site,
+        round=server_round,
+        decision=decision,
+        epsilon=epsilon,
+    )
+    return reply
+
+
+def _train(msg: Message, context: Context) -> Message:
     """Train the global model on this hospital's data for one round (or re-send the update of
     an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
@@ -86,6 +129,7 @@ def train(msg: Message, context: Context) -> Message:
         request = fingerprint(server_round, {k: a.data for k, a in arrays.items()})
         cache = ReplayCache(ledger) if ledger is not None else None
         replay = cache.get(run_key, request) if cache is not None else None
+        replayed = replay is not None
         if replay is not None:
             state_dict, metrics = replay
         else:
@@ -104,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(state_dict),
             "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-            "info": ConfigRecord({"site": data.name, "device": device}),
+            "info": ConfigRecord({"site": data.name, "device": device, "replayed": replayed}),
         }
     )
     return Message(content=reply, reply_to=msg)
@@ -180,8 +224,7 @@ def _train_locally(
     return model.state_dict(), metrics
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split."""
     try:
         _, _, data, model, device = _setup(msg, context)

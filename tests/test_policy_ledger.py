@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -52,7 +53,12 @@ def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, sit
     reply = client_app(_msg("train"), _ctx(default_cfg, site("max-epsilon-per-run = 3.0\n")))
     assert reply.error.code == SITE_REFUSED
     assert "run would spend ε=4.00 but the policy allows 3 per run" in reply.error.reason
-    assert not (tmp_path / "ledger").exists()  # a refusal changes nothing in the ledger
+    assert not (tmp_path / "ledger" / "runs").exists()  # a refusal changes nothing in the ledger
+    audit = [
+        json.loads(line) for line in (tmp_path / "ledger" / "audit.jsonl").read_text().splitlines()
+    ]
+    assert [a["direction"] for a in audit] == ["received", "sent"]
+    assert audit[1]["decision"] == "refused" and "policy allows 3 per run" in audit[1]["error"]
 
 
 def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
@@ -121,3 +127,47 @@ def test_budget_command_lists_runs_and_lifetime(default_cfg, site, monkeypatch, 
     out = " ".join(capsys.readouterr().out.split())
     assert "run r1 task breast-cancer" in out and "steps 5, noise multiplier" in out
     assert "lifetime: ε =" in out and "at δ = 1e-05 over 1 run(s)" in out
+
+
+def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, site, tmp_path):
+    """Two rounds: the audit log has every message with byte sizes; no training-row value appears in
+    any outgoing message (weights, metrics, info) nor in the audit log."""
+    from shared_models.sites import simulated_site_frames
+    from shared_models.tasks import get_task
+
+    node = site("")
+    default_cfg.update({"train.rounds": 2, "run.id": "audited"})
+    replies = []
+    for rnd in (1, 2):
+        for kind in ("train", "evaluate"):
+            replies.append(client_app(_msg(kind, rnd), _ctx(default_cfg, node)))
+    audit = [
+        json.loads(line) for line in (tmp_path / "ledger" / "audit.jsonl").read_text().splitlines()
+    ]
+    assert len(audit) == 8
+    sent = [a for a in audit if a["direction"] == "sent"]
+    assert [a["decision"] for a in sent] == ["trained", "evaluated", "trained", "evaluated"]
+    assert all(a["bytes"] > 0 and "metrics" in a["records"] for a in sent)
+    weights = sum(p.numel() * 4 for p in build_model("mlp", n_features=30).parameters())
+    assert (
+        weights <= sent[0]["records"]["arrays"] < weights + 1024
+    )  # float32 weights + array headers
+    assert sent[2]["epsilon"] > sent[0]["epsilon"] > 0
+    # every raw value of this hospital's patients (features, as stored in its data)
+    frame = simulated_site_frames(
+        get_task("breast-cancer"), data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0
+    )[0][1]
+    # (values with >= 4 significant digits: a count like 57 or a rate like 0.15 is an aggregate that
+    # may equal some feature value by coincidence)
+    raw = {float(v) for v in frame.drop(columns="label").to_numpy().ravel()
+           if len(f"{v:.10g}".replace(".", "").replace("-", "").strip("0")) >= 4}  # fmt: skip
+    for reply in replies:
+        values = [float(v) for r in reply.content.metric_records.values() for v in r.values()]
+        for record in reply.content.array_records.values():
+            for array in record.values():
+                values.extend(float(v) for v in array.numpy().ravel())
+        assert not raw & set(values)
+        for info in reply.content.config_records.values():
+            assert not any(str(v) in {str(x) for x in raw} for v in info.values())
+    text = (tmp_path / "ledger" / "audit.jsonl").read_text()
+    assert not any(repr(v) in text for v in list(raw)[:2000])
