@@ -70,8 +70,11 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
 
 def _site_name(context: Context) -> str:
     try:
-        return SiteSettings.from_node_config(context.node_config).name
-    except ValueError:
+        site = SiteSettings.from_node_config(context.node_config)
+        if site.simulated:  # the simulated hospital's name comes with its data (cached)
+            return load_site_data(site, RunConfig.from_run_config(context.run_config)).name
+        return site.name
+    except _EXPECTED:
         return f"node {context.node_id}"
 
 
@@ -89,10 +92,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
     """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
-    folder = str(context.node_config.get("ledger-dir", ""))
-    if not folder:
+    try:
+        folder = _ledger_dir(context)
+    except _EXPECTED:
+        folder = None  # the handler itself answers with the reason
+    if folder is None:
         return handler(msg, context)
-    audit = AuditLog(Path(folder))
+    audit = AuditLog(folder)
     run_id = str(context.run_config.get("run.id", "")) or str(context.run_id)
     site = _site_name(context)
     config = msg.content.config_records.get("config")
@@ -254,15 +260,31 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def _policy(context: Context) -> SitePolicy | None:
-    """The hospital's site policy (node config ``policy-path``), if it has one."""
-    path = str(context.node_config.get("policy-path", ""))
+    """The hospital's site policy: node config ``policy-path`` (deployment) or, in simulation,
+    run config ``simulation.policy`` (one policy for every simulated hospital)."""
+    path = str(context.node_config.get("policy-path", "")) or str(
+        context.run_config.get("simulation.policy", "")
+    )
     return SitePolicy.load(Path(path)) if path else None
 
 
-def _ledger(context: Context) -> Ledger | None:
-    """The hospital's on-disk ledger (node config ``ledger-dir``), if it has one."""
+def _ledger_dir(context: Context) -> Path | None:
+    """The hospital's ledger folder: node config ``ledger-dir`` (deployment) or, in simulation,
+    ``<simulation.ledger-dir>/<site name>`` (one sub-folder per simulated hospital)."""
     folder = str(context.node_config.get("ledger-dir", ""))
-    return Ledger(Path(folder)) if folder else None
+    if folder:
+        return Path(folder)
+    root = str(context.run_config.get("simulation.ledger-dir", ""))
+    if not root:
+        return None
+    run = RunConfig.from_run_config(context.run_config)
+    return Path(root) / load_site_data(SiteSettings.from_node_config(context.node_config), run).name
+
+
+def _ledger(context: Context) -> Ledger | None:
+    """The hospital's on-disk ledger, if it has one."""
+    folder = _ledger_dir(context)
+    return Ledger(folder) if folder is not None else None
 
 
 def _run_key(context: Context, run: RunConfig) -> str:

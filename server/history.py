@@ -8,6 +8,7 @@ never changes a message, so any Flower strategy runs unmodified on top of it.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -178,6 +179,11 @@ class RecordingGrid(Grid):
     def _record(self, reply: Message, node: int) -> None:
         kind = _kind(reply.metadata.message_type)
         if reply.has_error():
+            named = _REFUSAL.match(
+                reply.error.reason or ""
+            )  # "site NAME refused: ..." (client_app)
+            if named:
+                self.history.sites[node] = named.group(1)
             self.history.events.append(
                 SiteEvent(
                     round=self._current_round,
@@ -210,6 +216,9 @@ class RecordingGrid(Grid):
                 undefined=undefined,
             )
         )
+
+
+_REFUSAL = re.compile(r"^site (\S+) refused: ")
 
 
 def _round_of(msg: Message) -> int:

@@ -121,7 +121,9 @@ def _pooled_test_set(run: RunConfig, grid: Grid):  # -> (x [N, F], y [N])
     """Simulation only: the union of all simulated hospitals' test splits."""
     import numpy as np
 
-    num_sites = len(list(grid.get_node_ids()))
+    # the harness says how many hospitals it simulates; counting the Grid's nodes instead would race
+    # with the Simulation Engine registering them
+    num_sites = run.simulated_hospitals or len(list(grid.get_node_ids()))
     sites = simulated_sites(
         run.task.name,
         data_dir=run.data.dir,

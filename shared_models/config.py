@@ -120,6 +120,7 @@ class RunConfig:
     centralized_eval: bool
     run_id: str
     resume_from: str
+    simulated_hospitals: int
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -178,6 +179,7 @@ class RunConfig:
             centralized_eval=_get(cfg, "eval.centralized", bool),
             run_id=_get(cfg, "run.id", str),
             resume_from=_get(cfg, "run.resume-from", str),
+            simulated_hospitals=_get(cfg, "simulation.hospitals", int),
         )
         run._validate()
         return run

@@ -68,6 +68,13 @@ def simulate(
             help="Write one data file per simulated hospital into DIR (task format) and exit.",
         ),
     ] = None,
+    ledger_dir: Annotated[
+        Path | None,
+        typer.Option(help="Privacy ledgers of the simulated hospitals (DIR/<hospital>)."),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Site policy TOML applied at every simulated hospital.")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
@@ -78,6 +85,8 @@ def simulate(
         ),
         hospitals=hospitals,
         out=out or opt.default_out(),
+        ledger_dir=ledger_dir,
+        policy=policy,
         verbose=verbose,
     )  # fmt: skip
     if export_hospitals_to is not None:

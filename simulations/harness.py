@@ -26,6 +26,8 @@ class SimulationRequest:
     options: RunOptions
     hospitals: int | None
     out: Path
+    ledger_dir: Path | None = None
+    policy: Path | None = None
     verbose: bool = False
 
 
@@ -45,6 +47,16 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     cfg = req.options.build()
     cfg["output.dir"] = str(req.out.resolve())
     cfg["eval.centralized"] = True
+    if req.ledger_dir is not None:
+        cfg["simulation.ledger-dir"] = str(req.ledger_dir.resolve())
+    if req.policy is not None:
+        from client.policy import PolicyError, SitePolicy
+
+        try:
+            SitePolicy.load(req.policy)
+        except PolicyError as exc:
+            raise UsageError(str(exc)) from None
+        cfg["simulation.policy"] = str(req.policy.resolve())
     return cfg, req.hospitals or DEFAULT_HOSPITALS
 
 
@@ -70,6 +82,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
     cfg["strategy.min-available-nodes"] = hospitals
+    cfg["simulation.hospitals"] = hospitals
     run = RunConfig.from_run_config(cfg)
     try:
         task.resolve_preprocessing(run.task.preprocessing)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -23,30 +24,31 @@ pytestmark = pytest.mark.slow
 
 
 def _simulate(tmp_path: Path, *args: str) -> tuple[dict, str, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
+    token = uuid.uuid4().hex  # inherited by every process the run starts (Ray's too)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_"))}
-    started = time.time()
+    env["FEDCARE_TEST_RUN"] = token
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    _assert_no_leftover_processes(started)
+    _assert_no_leftover_processes(token)
     return json.loads((out / "summary.json").read_text()), output, out
 
 
-def _assert_no_leftover_processes(started: float) -> None:
-    """No process started by the run (Ray's raylet, GCS, workers ...) survives it."""
-    deadline = time.time() + 10
+def _assert_no_leftover_processes(token: str) -> None:
+    """No process started by the run (Ray's raylet, GCS, workers ...) survives it: every process
+    whose environment carries this run's token must be gone."""
+    deadline = time.time() + 15
     while True:
         left = []
-        for p in psutil.process_iter(["name", "cmdline", "create_time"]):
+        for p in psutil.process_iter(["cmdline"]):
             try:
-                if p.info["create_time"] >= started - 1 and p.pid != os.getpid():
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if "ray" in cmd or "simulations.cli" in cmd:
-                        left.append(f"{p.pid}: {cmd[:100]}")
+                if p.pid != os.getpid() and p.environ().get("FEDCARE_TEST_RUN") == token:
+                    left.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:100]}")
             except psutil.Error:
                 continue
         if not left or time.time() > deadline:
@@ -112,3 +114,27 @@ def test_heart_disease_epsilon_equals_the_accountant(tmp_path, heart_dir):
             reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         assert h["epsilon"] <= 1.0
         assert h["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_ledger_and_policy_hold_across_two_simulations(tmp_path):
+    """Run 1 spends ε=2 at every simulated hospital; run 2 would take the lifetime past the
+    policy's 2.5 and is refused before any training, with the refusals in its report."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("lifetime-epsilon = 2.5\n")
+    common = ["--hospitals", "2", "--rounds", "2", "--epsilon", "2", "--ledger-dir", str(tmp_path / "ledgers"),
+              "--policy", str(policy)]  # fmt: skip
+    summary, _, _ = _simulate(tmp_path / "one", *common)
+    assert all(0 < h["epsilon"] <= 2.0 for h in summary["hospitals"])
+    out = tmp_path / "two" / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", *common, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "no hospital trained" in proc.stderr
+    refusals = json.loads((out / "summary.json").read_text())["failures"]
+    assert {f["hospital"] for f in refusals} == {"hospital-1", "hospital-2"}
+    assert all(
+        "lifetime ε" in f["reason"] and "allows 2.5 in total" in f["reason"] for f in refusals
+    )
+    entries = sorted((tmp_path / "ledgers" / "hospital-1" / "runs").glob("*.json"))
+    assert len(entries) == 1  # the refused run left nothing in the ledger
