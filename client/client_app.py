@@ -29,7 +29,7 @@ from client.site import SiteSettings, load_site_data
 from client.training import (
     AccountantState,
     PrivacyBudgetError,
-    plan_dp,
+    plan_for_run,
     resolve_device,
     steps_per_round,
     train_round,
@@ -173,18 +173,7 @@ def _train_locally(
     """One round of (DP) training; the accountant state is recorded before anything is returned."""
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
-    plan = None
-    if run.dp.enabled:
-        plan = plan_dp(
-            n_train=data.n_train,
-            batch_size=run.train.batch_size,
-            local_epochs=run.train.local_epochs,
-            rounds=run.train.rounds,
-            target_epsilon=run.dp.target_epsilon,
-            target_delta=run.dp.target_delta,
-            max_grad_norm=run.dp.max_grad_norm,
-            accountant=run.dp.accountant,
-        )
+    plan = plan_for_run(run, n_train=data.n_train) if run.dp.enabled else None
     state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
     policy = _policy(context)
     if policy is not None:  # before any training: a refusal changes nothing in the ledger

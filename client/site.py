@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.config import RunConfig
-from shared_models.sites import simulated_sites, site_from_frame
+from shared_models.sites import simulated_sites_for, site_from_frame
 from shared_models.tasks import SiteData, get_task
 
 
@@ -80,16 +80,7 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
         The file is missing or malformed (the message names file, line and column).
     """
     if site.simulated:
-        sites = simulated_sites(
-            run.task.name,
-            data_dir=run.data.dir,
-            num_sites=site.num_partitions,
-            scheme=run.data.partition,
-            alpha=run.data.alpha,
-            seed=run.train.seed,
-            preprocessing=run.task.preprocessing,
-            test_fraction=run.data.test_fraction,
-        )
+        sites = simulated_sites_for(run, site.num_partitions)
         return sites[site.partition_id]
     path = Path(site.data_path)
     mtime = path.stat().st_mtime_ns if path.exists() else 0

@@ -25,6 +25,8 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared_models.config import RunConfig
+
 AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, steps], ...]}
 
 
@@ -118,6 +120,20 @@ def plan_dp(
         target_delta=target_delta,
         max_grad_norm=max_grad_norm,
         accountant=accountant,
+    )
+
+
+def plan_for_run(run: RunConfig, *, n_train: int) -> DPPlan:
+    """:func:`plan_dp` with the run's settings (``train.*`` and ``dp.*``) for a site of ``n_train``."""
+    return plan_dp(
+        n_train=n_train,
+        batch_size=run.train.batch_size,
+        local_epochs=run.train.local_epochs,
+        rounds=run.train.rounds,
+        target_epsilon=run.dp.target_epsilon,
+        target_delta=run.dp.target_delta,
+        max_grad_norm=run.dp.max_grad_norm,
+        accountant=run.dp.accountant,
     )
 
 

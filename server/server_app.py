@@ -40,7 +40,7 @@ from server.strategies import (
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics
 from shared_models.models import build_model, predict_proba
-from shared_models.sites import simulated_sites
+from shared_models.sites import simulated_sites_for
 from shared_models.tasks import get_task
 
 app = ServerApp()
@@ -124,16 +124,7 @@ def _pooled_test_set(run: RunConfig, grid: Grid):  # -> (x [N, F], y [N])
     # the harness says how many hospitals it simulates; counting the Grid's nodes instead would race
     # with the Simulation Engine registering them
     num_sites = run.simulated_hospitals or len(list(grid.get_node_ids()))
-    sites = simulated_sites(
-        run.task.name,
-        data_dir=run.data.dir,
-        num_sites=num_sites,
-        scheme=run.data.partition,
-        alpha=run.data.alpha,
-        seed=run.train.seed,
-        preprocessing=run.task.preprocessing,
-        test_fraction=run.data.test_fraction,
-    )
+    sites = simulated_sites_for(run, num_sites)
     return np.concatenate([s.x_test for s in sites]), np.concatenate([s.y_test for s in sites])
 
 

@@ -6,6 +6,7 @@ import functools
 
 import pandas as pd
 
+from .config import RunConfig
 from .partition import partition_frame
 from .tasks import DataError, SiteData, Task, get_task, prepare_site
 
@@ -82,4 +83,18 @@ def simulated_sites(
             task, name, frame, preprocessing=preprocessing, test_fraction=test_fraction, seed=seed
         )
         for name, frame in frames
+    )
+
+
+def simulated_sites_for(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
+    """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed)."""
+    return simulated_sites(
+        run.task.name,
+        data_dir=run.data.dir,
+        num_sites=num_sites,
+        scheme=run.data.partition,
+        alpha=run.data.alpha,
+        seed=run.train.seed,
+        preprocessing=run.task.preprocessing,
+        test_fraction=run.data.test_fraction,
     )

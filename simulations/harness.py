@@ -67,9 +67,9 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     ------
     UserError, shared_models.tasks.DataError, shared_models.config.ConfigError
     """
-    from client.training import plan_dp
+    from client.training import plan_for_run
     from shared_models.config import RunConfig
-    from shared_models.sites import simulated_sites
+    from shared_models.sites import simulated_sites_for
     from shared_models.tasks import get_task
 
     check_names(cfg)
@@ -88,29 +88,11 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
         task.resolve_preprocessing(run.task.preprocessing)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    sites = simulated_sites(
-        run.task.name,
-        data_dir=run.data.dir,
-        num_sites=hospitals,
-        scheme=run.data.partition,
-        alpha=run.data.alpha,
-        seed=run.train.seed,
-        preprocessing=run.task.preprocessing,
-        test_fraction=run.data.test_fraction,
-    )
+    sites = simulated_sites_for(run, hospitals)
     if run.dp.enabled:
         for site in sites:
             try:
-                plan_dp(
-                    n_train=site.n_train,
-                    batch_size=run.train.batch_size,
-                    local_epochs=run.train.local_epochs,
-                    rounds=run.train.rounds,
-                    target_epsilon=run.dp.target_epsilon,
-                    target_delta=run.dp.target_delta,
-                    max_grad_norm=run.dp.max_grad_norm,
-                    accountant=run.dp.accountant,
-                )
+                plan_for_run(run, n_train=site.n_train)
             except ValueError as exc:
                 raise UserError(f"hospital {site.name}: {exc}") from None
     return run, sites

@@ -7,36 +7,20 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import SITE_REFUSED
 from client.client_app import app as client_app
 from shared_models.models import build_model
 from shared_models.tasks import get_task
+from tests.handlers import make_context, make_request, use_task_identity
 
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    """Flower stamps messages with the task identity its runtime normally sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    use_task_identity()
 
 
-def _context(run_config: dict, node_config: dict) -> Context:
-    return Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
-    )
-
-
-def _request(kind: str, model, server_round: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.state_dict()),
-            "config": ConfigRecord({"server-round": server_round}),
-        }
-    )
-    return Message(content=content, dst_node_id=7, message_type=kind)
+_context, _request = make_context, make_request
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+"""Building real Flower Message / Context objects to call ClientApp handlers without an engine."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+
+def use_task_identity() -> None:
+    """Flower stamps messages with the task identity its runtime normally sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def make_context(run_config: dict, node_config: dict) -> Context:
+    """A hospital's Context (node 7) with a fresh, empty ``state``."""
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def make_request(kind: str, model, server_round: int = 1) -> Message:  # type: ignore[no-untyped-def]
+    """A ``train`` / ``evaluate`` request carrying ``model``'s weights for ``server_round``."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    return Message(content=content, dst_node_id=7, message_type=kind)
