@@ -58,7 +58,9 @@ def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -85,7 +87,8 @@ def federation(tmp_path_factory):
     assert oct((root / "pki" / "hospitals" / "a.key").stat().st_mode & 0o777) == "0o600"
     export = _fedcare("simulate", "--export-hospitals", str(root / "data"))
     assert export.returncode == 0, export.stderr
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
+    state: dict = {"server": None}
     try:
         server = _spawn("server", "start", "--pki", str(root / "pki"), "--port", str(port),
                         "--state", str(root / "coordinator"), log=root / "server.log")  # fmt: skip
@@ -107,8 +110,10 @@ def federation(tmp_path_factory):
             return sum(n["status"] == "online" for n in nodes) == len(HOSPITALS)
 
         _wait(online, 90, root / "client-a.log")
-        yield {"root": root, "port": port, "server": server, "clients": clients}
+        state = {"root": root, "port": port, "server": server, "clients": clients}
+        yield state
     finally:
+        procs.append(state["server"])  # a test may have restarted the coordinator
         for proc in reversed(procs):
             _stop(proc)
 
