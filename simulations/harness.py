@@ -16,8 +16,6 @@ from typing import Any
 
 from server.run_config import RunOptions, UsageError, check_names
 
-UserError = UsageError  # expected mistakes: one line, exit code 2
-
 
 @dataclass(frozen=True)
 class SimulationRequest:
@@ -65,7 +63,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
 
     Raises
     ------
-    UserError, shared_models.tasks.DataError, shared_models.config.ConfigError
+    UsageError, shared_models.tasks.DataError, shared_models.config.ConfigError
     """
     from client.training import plan_for_run
     from shared_models.config import RunConfig
@@ -75,7 +73,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     check_names(cfg)
     task = get_task(cfg["task.name"])
     if task.natural_split and req.hospitals is not None:
-        raise UserError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
+        raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
     if task.natural_split or req.options.data_dir:
         hospitals = len(task.load_sites(cfg["data.dir"]))
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
@@ -87,14 +85,14 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     try:
         task.resolve_preprocessing(run.task.preprocessing)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     sites = simulated_sites_for(run, hospitals)
     if run.dp.enabled:
         for site in sites:
             try:
                 plan_for_run(run, n_train=site.n_train)
             except ValueError as exc:
-                raise UserError(f"hospital {site.name}: {exc}") from None
+                raise UsageError(f"hospital {site.name}: {exc}") from None
     return run, sites
 
 
@@ -147,7 +145,7 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     t0 = time.monotonic()
     cfg, hospitals = build_run_config(req)
     if req.out.exists() and any(req.out.iterdir()):
-        raise UserError(f"{req.out}: run folder exists and is not empty; choose another --out")
+        raise UsageError(f"{req.out}: run folder exists and is not empty; choose another --out")
     run, sites = preflight(cfg, hospitals, req)
 
     from server.history import RunHistory
@@ -182,5 +180,5 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     write_reports(req.out, run, history, summary)
     if not any(h["rounds_trained"] for h in summary["hospitals"]):
         reasons = "; ".join(f["reason"] for f in summary["failures"][:3])
-        raise UserError(f"no hospital trained: {reasons}. Reports are in {req.out}")
+        raise UsageError(f"no hospital trained: {reasons}. Reports are in {req.out}")
     return summary
