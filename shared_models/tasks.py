@@ -1,8 +1,9 @@
 """Tasks: input schema, upstream file loaders, per-site preprocessing, model and metric choice.
 
 A task is what the coordinator and every hospital must agree on. Each hospital turns its own
-raw file into standardised tensors with :func:`prepare_site` using statistics of its OWN training
-split only: no preprocessing step ever needs raw data of two hospitals in one place.
+raw file into tensors with :func:`prepare_site`, scaled with the task's fixed, data-independent
+constants (from the dataset's published description) and imputed with its OWN training split's
+medians: no preprocessing step ever needs raw data -- or statistics -- of two hospitals.
 
 Registered tasks (``TASKS``):
 
@@ -232,6 +233,22 @@ def _breast_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
     return [("wdbc", _breast_from_frame(breast_cancer_frame(), "embedded WDBC"))]
 
 
+# Published min / max of the 30 WDBC features (the dataset description, "Summary Statistics",
+# in scikit-learn's load_breast_cancer().DESCR), in feature order. Fixed, data-independent scaling
+# to [-1, 1]: unlike per-site standardisation it keeps a label-skewed hospital's features on the
+# same scale as everyone else's.
+_WDBC_RANGES = (
+    (6.981, 28.11), (9.71, 39.28), (43.79, 188.5), (143.5, 2501.0), (0.053, 0.163),
+    (0.019, 0.345), (0.0, 0.427), (0.0, 0.201), (0.106, 0.304), (0.05, 0.097),
+    (0.112, 2.873), (0.36, 4.885), (0.757, 21.98), (6.802, 542.2), (0.002, 0.031),
+    (0.002, 0.135), (0.0, 0.396), (0.0, 0.053), (0.008, 0.079), (0.001, 0.03),
+    (7.93, 36.04), (12.02, 49.54), (50.41, 251.2), (185.2, 4254.0), (0.071, 0.223),
+    (0.027, 1.058), (0.0, 1.252), (0.0, 0.291), (0.156, 0.664), (0.055, 0.208),
+)  # fmt: skip
+_WDBC_CENTER = tuple((lo + hi) / 2 for lo, hi in _WDBC_RANGES)
+_WDBC_SCALE = tuple((hi - lo) / 2 for lo, hi in _WDBC_RANGES)
+
+
 def _breast_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray, np.ndarray]:
     names = _wdbc_feature_names()
     return frame[names].to_numpy(np.float32), frame[LABEL].to_numpy(np.float32)
@@ -362,6 +379,7 @@ TASKS: dict[str, Task] = {
         natural_split=False,
         preprocessings=("standard",),
         positive_class="malignant",
+        reference_scaling=(_WDBC_CENTER, _WDBC_SCALE),
     ),
     "heart-disease": Task(
         name="heart-disease",

@@ -160,3 +160,45 @@ def test_too_many_hospitals_is_a_data_error():
         simulated_site_frames(
             get_task("breast-cancer"), data_dir="", num_sites=57, scheme="iid", alpha=1, seed=0
         )
+
+
+def test_breast_cancer_scaling_does_not_depend_on_the_site():
+    """The same patient gets the same features at every hospital, whatever the hospital's label
+    mix (per-site standardisation would centre an all-malignant hospital like an all-benign one)."""
+    task = get_task("breast-cancer")
+    x, y = task.features(read_breast_cancer_frame(), "standard")
+    malignant, benign = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    patient = malignant[0]
+    rows_a = np.r_[patient, malignant[1:40]]  # an all-malignant hospital
+    rows_b = np.r_[patient, benign[:39]]  # an all-benign hospital
+    a = prepare_site(
+        "a",
+        x[rows_a],
+        y[rows_a],
+        test_fraction=0.25,
+        seed=0,
+        reference_scaling=task.reference_scaling,
+    )
+    b = prepare_site(
+        "b",
+        x[rows_b],
+        y[rows_b],
+        test_fraction=0.25,
+        seed=0,
+        reference_scaling=task.reference_scaling,
+    )
+    center, scale = (np.asarray(v, dtype=np.float32) for v in task.reference_scaling)
+    expected = (x[patient] - center) / scale
+    for site in (a, b):
+        allrows = np.concatenate([site.x_train, site.x_test])
+        assert np.isclose(allrows, expected, atol=1e-6).all(axis=1).any()
+    assert (
+        np.abs(np.concatenate([a.x_train, b.x_train])).max() <= 1.05
+    )  # published (rounded) ranges
+    assert a.x_train.mean() > b.x_train.mean()  # the malignant hospital's signal survives
+
+
+def read_breast_cancer_frame() -> pd.DataFrame:
+    from shared_models.tasks import _breast_from_frame
+
+    return _breast_from_frame(breast_cancer_frame(), "embedded")
