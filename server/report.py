@@ -120,7 +120,10 @@ def write_reports(
     frame = metrics_frame(history)
     frame.to_csv(run_dir / "metrics.csv", index=False)
     (run_dir / "report.md").write_text(render_markdown(run, summary, frame))
-    plot_curves(run_dir / "curves.png", frame, history, dp=run.dp.enabled)
+    plot_curves(
+        run_dir / "curves.png", frame, history, dp=run.dp.enabled,
+        dp_target=run.dp.target_epsilon if run.dp.enabled else None,
+    )  # fmt: skip
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -157,8 +160,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     for h in summary["hospitals"]:
         m = h["metrics"]
         lines.append(
-            f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'])} | "
-            f"{_fmt(h['delta'], 6) if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
+            f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'], 4)} | "
+            f"{format(h['delta'], 'g') if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
             f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
         )
     undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
@@ -212,7 +215,14 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: Path, frame: pd.DataFrame, history: RunHistory, *, dp: bool) -> None:
+def plot_curves(
+    path: Path,
+    frame: pd.DataFrame,
+    history: RunHistory,
+    *,
+    dp: bool,
+    dp_target: float | None = None,
+) -> None:
     """AUROC by round (per hospital and pooled) and cumulative ε by round (per hospital)."""
     import matplotlib
 
@@ -232,11 +242,18 @@ def plot_curves(path: Path, frame: pd.DataFrame, history: RunHistory, *, dp: boo
         for site, grp in frame.groupby("hospital"):
             grp = grp.dropna(subset=["epsilon"])
             axes[1].plot(grp["round"], grp["epsilon"], marker="o", label=str(site))
+        target = frame["epsilon"].dropna()
+        if dp_target is not None and not target.empty:
+            axes[1].axhline(dp_target, color="k", ls="--", lw=1, label=f"target ε = {dp_target:g}")
         axes[1].set(title="Cumulative ε by round (per hospital)", xlabel="round", ylabel="ε")
         axes[1].legend(fontsize=7)
     else:
         axes[1].text(0.5, 0.5, "no DP (non-private run)", ha="center", va="center")
         axes[1].set_axis_off()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
