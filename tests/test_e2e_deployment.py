@@ -233,7 +233,7 @@ def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
     code, output = _run_until_round_one(
         ["server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"), "--rounds", "3",
          "--out", str(root / "run-drop"), "--run-config",
-         "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=20"],
+         "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=40"],
         lambda: _kill_tree(federation["clients"]["c"].pid),  # hospital c crashes
     )  # fmt: skip
     assert code == 0, output
