@@ -42,7 +42,8 @@ class Ledger:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def _path(self, run_id: str) -> Path:
+    def path(self, run_id: str) -> Path:
+        """The ledger file of ``run_id`` (raises :class:`LedgerError` for an invalid id)."""
         if not _RUN_ID.match(run_id):
             raise LedgerError(f"run id {run_id!r} is not a valid ledger key")
         return self.root / "runs" / f"{run_id}.json"
@@ -55,7 +56,7 @@ class Ledger:
         LedgerError
             The file exists but is truncated, corrupted or of another shape.
         """
-        path = self._path(run_id)
+        path = self.path(run_id)
         if not path.exists():
             return None
         try:
@@ -71,7 +72,7 @@ class Ledger:
 
     def save(self, run_id: str, state: AccountantState, *, task: str, delta: float) -> None:
         """Record ``state`` for ``run_id`` atomically (write, fsync, rename)."""
-        path = self._path(run_id)
+        path = self.path(run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {
             "run_id": run_id,
@@ -116,7 +117,7 @@ class ReplayCache:
         self.ledger = ledger
 
     def _path(self, run_id: str) -> Path:
-        return self.ledger._path(run_id).with_suffix(".last-update.safetensors")
+        return self.ledger.path(run_id).with_suffix(".last-update.safetensors")
 
     def get(self, run_id: str, request: str) -> tuple[dict[str, Any], dict[str, float]] | None:
         """The stored (state dict, metrics) if the last request of ``run_id`` was ``request``."""

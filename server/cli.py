@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import tempfile
 import threading
@@ -322,13 +321,10 @@ def status(
     pki: Annotated[Path, typer.Option(help="PKI folder (CA certificate, registered hospitals).")],
 ) -> None:
     """List hospitals (online / offline) and runs."""
-    home = Path(tempfile.mkdtemp(prefix="fedcare-"))
-    try:
-        cli = _cli_for(superlink, pki, home)
+    with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
+        cli = _cli_for(superlink, pki, Path(tmp))
         nodes = cli.json("supernode", "list", CONNECTION)["nodes"]
         runs = cli.json("ls", CONNECTION).get("runs", [])
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
     reg_path = pki / REGISTERED
     names = {v: k for k, v in json.loads(reg_path.read_text()).items()} if reg_path.exists() else {}
     table = Table(title="hospitals")

@@ -242,8 +242,7 @@ def plot_curves(
         for site, grp in frame.groupby("hospital"):
             grp = grp.dropna(subset=["epsilon"])
             axes[1].plot(grp["round"], grp["epsilon"], marker="o", label=str(site))
-        target = frame["epsilon"].dropna()
-        if dp_target is not None and not target.empty:
+        if dp_target is not None and frame["epsilon"].notna().any():
             axes[1].axhline(dp_target, color="k", ls="--", lw=1, label=f"target ε = {dp_target:g}")
         axes[1].set(title="Cumulative ε by round (per hospital)", xlabel="round", ylabel="ε")
         axes[1].legend(fontsize=7)

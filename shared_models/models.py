@@ -42,8 +42,6 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)  # [B]
 
 
-ModelFactory = Callable[..., nn.Module]
-
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "logreg": lambda n_features, hidden: LogisticRegression(n_features),
     "mlp": lambda n_features, hidden: MLP(n_features, hidden),
