@@ -25,7 +25,13 @@ from flwr.clientapp import ClientApp
 from client.audit import AuditLog
 from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
 from client.policy import PolicyError, PolicyRefusal, SitePolicy
-from client.site import SiteSettings, load_site_data
+from client.secure_aggregation import (
+    client_clipping_mod,
+    handing_to_secagg,
+    secagg_stage,
+    secure_aggregation_mod,
+)
+from client.site import SITE_REFUSED, SiteSettings, load_site_data
 from client.training import (
     AccountantState,
     PrivacyBudgetError,
@@ -39,9 +45,31 @@ from shared_models.metrics import METRIC_NAMES, binary_metrics
 from shared_models.models import build_model, predict_proba
 from shared_models.tasks import DataError, SiteData, get_task
 
-app = ClientApp()
 
-SITE_REFUSED = 4001  # error code of a reply refused by the site (data, budget or config problem)
+def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
+    """Flower mod: audit every SecAgg+ protocol message (keys, shares, masked vectors) that the
+    hospital receives and sends, with the stage; the handlers audit the rest themselves."""
+    stage = secagg_stage(msg)
+    folder = None
+    if stage is not None:
+        try:
+            folder = _ledger_dir(context)
+        except _EXPECTED:
+            folder = None
+    if folder is None:
+        return call_next(msg, context)
+    audit, run_id, site = AuditLog(folder), _audit_run_id(context), _site_name(context)
+    audit.message("received", msg, run_id=run_id, site=site, secagg_stage=stage)
+    reply = call_next(msg, context)
+    decision = "refused" if reply.has_error() else f"secagg {stage}"
+    audit.message("sent", reply, run_id=run_id, site=site, secagg_stage=stage, decision=decision)
+    return reply
+
+
+# outermost first: audit the protocol, run SecAgg+, clip for client-level DP, then the handler
+UNIT_WEIGHT_KEY = "unit-weight"  # = server.strategies.UNIT_WEIGHT_KEY (client-level DP weighting)
+app = ClientApp(mods=[_audit_protocol_mod, secure_aggregation_mod, client_clipping_mod])
+
 _STATE_KEY = "fedcare"
 _EXPECTED = (
     DataError, PrivacyBudgetError, ConfigError, LedgerError, PolicyRefusal, PolicyError, ValueError,
@@ -99,7 +127,7 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
     if folder is None:
         return handler(msg, context)
     audit = AuditLog(folder)
-    run_id = str(context.run_config.get("run.id", "")) or str(context.run_id)
+    run_id = _audit_run_id(context)
     site = _site_name(context)
     config = msg.content.config_records.get("config")
     server_round = config.get("server-round", 0) if config is not None else 0
@@ -113,7 +141,7 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
         decision = "evaluated"
     epsilon = None if reply.has_error() else reply.content.metric_records["metrics"].get("epsilon")
     audit.message(
-        "sent",
+        "handed to SecAgg+ (masked before sending)" if handing_to_secagg() else "sent",
         reply,
         run_id=run_id,
         site=site,
@@ -122,6 +150,10 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
         epsilon=epsilon,
     )
     return reply
+
+
+def _audit_run_id(context: Context) -> str:
+    return str(context.run_config.get("run.id", "")) or str(context.run_id)
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -173,7 +205,7 @@ def _train_locally(
     """One round of (DP) training; the accountant state is recorded before anything is returned."""
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
-    plan = plan_for_run(run, n_train=data.n_train) if run.dp.enabled else None
+    plan = plan_for_run(run, n_train=data.n_train) if run.dp.sample_level else None
     state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
     policy = _policy(context)
     if policy is not None:  # before any training: a refusal changes nothing in the ledger
@@ -182,7 +214,10 @@ def _train_locally(
             if ledger
             else []
         )
-        policy.check_run(task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others)
+        policy.check_run(
+            task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
+            client_level=run.dp.client_level,
+        )  # fmt: skip
     started = time.perf_counter()
     result = train_round(
         model,
@@ -204,6 +239,8 @@ def _train_locally(
         "steps": float(result.steps),
         "compute-seconds": time.perf_counter() - started,
     }
+    if run.dp.client_level:  # Flower's client-level accountant needs equal weights
+        metrics[UNIT_WEIGHT_KEY] = 1.0
     if plan is not None and result.accountant_state is not None:
         context.state[_STATE_KEY] = ConfigRecord(
             {"accountant": json.dumps(result.accountant_state)}
@@ -222,7 +259,7 @@ def _train_locally(
 def _evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split."""
     try:
-        _, _, data, model, device = _setup(msg, context)
+        run, _, data, model, device = _setup(msg, context)
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
     started = time.perf_counter()
@@ -230,6 +267,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"num-examples": data.n_test, "compute-seconds": time.perf_counter() - started}
     )
+    if run.dp.client_level:  # the strategy's weighting key (FedAvg weighs evaluation likewise)
+        metrics[UNIT_WEIGHT_KEY] = 1.0
     for name, value in result.as_dict().items():
         metrics[name] = math.nan if value is None else value
     info = ConfigRecord({"site": data.name})

@@ -91,6 +91,7 @@ class SitePolicy:
         plan: DPPlan | None,
         n_train: int,
         other_runs: list[AccountantState],
+        client_level: bool = False,
     ) -> None:
         """Refuse a run whose planned privacy cost or parameters fall outside the policy.
 
@@ -100,6 +101,8 @@ class SitePolicy:
             The run's DP plan at this site (None: the run trains without DP).
         other_runs : list[AccountantState]
             Accountant states of every OTHER run in the ledger (for the lifetime budget).
+        client_level : bool
+            The run has client-level DP only (noise added by the coordinator, not here).
 
         Raises
         ------
@@ -117,7 +120,10 @@ class SitePolicy:
         if plan is None:
             if not self.allow_non_dp:
                 raise PolicyRefusal(
-                    "the run trains without differential privacy and the policy requires DP"
+                    "the run has only client-level DP (noise added by the coordinator, no "
+                    "per-patient DP at this site) and the policy requires DP here (allow-non-dp)"
+                    if client_level
+                    else "the run trains without differential privacy and the policy requires DP"
                 )
             return
         planned = epsilon_spent(

@@ -2,7 +2,8 @@
 
 :class:`RecordingGrid` wraps the Grid the ServerApp receives and records every reply (metrics,
 site name, error reason) and every hospital that was asked but did not answer. It observes; it
-never changes a message, so any Flower strategy runs unmodified on top of it.
+never changes a message, so any Flower strategy runs unmodified on top of it. With SecAgg+ on,
+train rounds go through :func:`server.secure_aggregation.run_secaggplus_round` instead.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ class RunHistory:
     events: list[SiteEvent] = field(default_factory=list)
     centralized: dict[int, dict[str, float | None]] = field(default_factory=dict)
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site name
+    # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta"}
+    central_privacy: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def site_name(self, node_id: int) -> str:
         return self.sites.get(node_id, f"node {node_id}")
@@ -76,6 +79,7 @@ class RunHistory:
             "events": [asdict(ev) for ev in self.events],
             "centralized": {str(k): v for k, v in self.centralized.items()},
             "sites": {str(k): v for k, v in self.sites.items()},
+            "central_privacy": {str(k): v for k, v in self.central_privacy.items()},
         }
 
     @classmethod
@@ -84,6 +88,7 @@ class RunHistory:
             events=[SiteEvent(**ev) for ev in data.get("events", [])],
             centralized={int(k): v for k, v in data.get("centralized", {}).items()},
             sites={int(k): v for k, v in data.get("sites", {}).items()},
+            central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
         )
 
 
@@ -95,10 +100,19 @@ def _clean(value: Any) -> float | None:
 class RecordingGrid(Grid):
     """A Grid that forwards everything to ``inner`` and records replies into ``history``."""
 
-    def __init__(self, inner: Grid, history: RunHistory, *, poll_interval: float = 0.0) -> None:
+    def __init__(
+        self,
+        inner: Grid,
+        history: RunHistory,
+        *,
+        poll_interval: float = 0.0,
+        secure_aggregation: Callable[..., list[Message]] | None = None,
+    ) -> None:
         self._inner = inner
         self.history = history
         self.poll_interval = poll_interval
+        # set when SecAgg+ is on: answers a round of train messages through the protocol
+        self._secure_aggregation = secure_aggregation
         self._current_round = 0
 
     # --- plain delegation ---------------------------------------------------------------------
@@ -130,10 +144,20 @@ class RecordingGrid(Grid):
     ) -> Iterable[Message]:
         sent = list(messages)
         self._current_round = _round_of(sent[0]) if sent else self._current_round
-        replies = self._exchange(sent, timeout)
+        if (
+            self._secure_aggregation is not None
+            and sent
+            and all(_kind(m.metadata.message_type) == "train" for m in sent)
+        ):
+            replies = self._secure_aggregation(self._inner, sent, self._exchange, timeout)
+        else:
+            replies = self._exchange(sent, timeout)
         # the SuperLink answers for an unreachable node itself (src = SuperLink): map each reply
         # to the hospital it was sent to through the message it replies to
-        destination = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
+        # (replies that SecAgg+ assembles answer messages never pushed, without an id: by source)
+        destination = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
+        }
         answered = set()
         for reply in replies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

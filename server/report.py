@@ -33,8 +33,8 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 "name": name,
                 "n_train": _int(tr.metrics.get("num-examples")) if tr else None,
                 "n_test": _int(ev.metrics.get("num-examples")) if ev else None,
-                "epsilon": tr.metrics.get("epsilon") if tr and run.dp.enabled else None,
-                "delta": tr.metrics.get("delta") if tr and run.dp.enabled else None,
+                "epsilon": tr.metrics.get("epsilon") if tr and run.dp.sample_level else None,
+                "delta": tr.metrics.get("delta") if tr and run.dp.sample_level else None,
                 "rounds_trained": sum(
                     1
                     for e in history.events
@@ -65,14 +65,8 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         "strategy": run.strategy.name,
         "model": run.model.name,
         "rounds": run.train.rounds,
-        "dp": {
-            "enabled": run.dp.enabled,
-            "level": "sample" if run.dp.enabled else None,
-            "target_epsilon": run.dp.target_epsilon if run.dp.enabled else None,
-            "delta": run.dp.target_delta if run.dp.enabled else None,
-            "max_grad_norm": run.dp.max_grad_norm if run.dp.enabled else None,
-            "accountant": run.dp.accountant if run.dp.enabled else None,
-        },
+        "dp": _dp_summary(run, history),
+        "secure_aggregation": _secagg_summary(run),
         "wall_seconds": round(wall_seconds, 2),
         "hospitals": hospitals,
         "overall": overall,
@@ -82,6 +76,56 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         ],
         "baselines": {},
     }
+
+
+def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
+    """Which privacy guarantee the run had, in words and numbers (never more than was spent)."""
+    dp = run.dp
+    if not dp.enabled:
+        return {
+            "enabled": False,
+            "level": None,
+            "guarantee": "none: trained without differential privacy",
+        }
+    out: dict[str, Any] = {
+        "enabled": True, "level": dp.level, "target_epsilon": dp.target_epsilon,
+        "delta": dp.target_delta,
+    }  # fmt: skip
+    if dp.sample_level:
+        out.update(
+            guarantee="sample-level (ε, δ)-DP per hospital: DP-SGD at each hospital (Opacus), "
+            "each hospital's ε for its own patients, computed by its own accountant",
+            max_grad_norm=dp.max_grad_norm,
+            accountant=dp.accountant,
+        )
+        return out
+    spent = (
+        history.central_privacy[max(history.central_privacy)] if history.central_privacy else None
+    )
+    out.update(
+        guarantee="client-level (ε, δ)-DP of the released global model with respect to any one "
+        "hospital's whole participation (clipped updates, Gaussian noise added by the "
+        "coordinator: Flower DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, "
+        "RDP accountant); hospitals train without per-patient DP and must trust the coordinator "
+        "to add the noise",
+        clipping_norm=dp.client_clipping_norm,
+        epsilon=spent["epsilon"] if spent else None,
+        rounds_accounted=max(history.central_privacy) if history.central_privacy else 0,
+    )
+    return out
+
+
+def _secagg_summary(run: RunConfig) -> dict[str, Any]:
+    sa = run.secagg
+    if not sa.enabled:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod): the coordinator saw "
+        "only the sum of the hospitals' updates",
+        "num_shares": sa.num_shares, "reconstruction_threshold": sa.reconstruction_threshold,
+        "clipping_range": sa.clipping_range, "max_weight": sa.max_weight,
+    }  # fmt: skip
 
 
 def metrics_frame(history: RunHistory) -> pd.DataFrame:
@@ -121,8 +165,8 @@ def write_reports(
     frame.to_csv(run_dir / "metrics.csv", index=False)
     (run_dir / "report.md").write_text(render_markdown(run, summary, frame))
     plot_curves(
-        run_dir / "curves.png", frame, history, dp=run.dp.enabled,
-        dp_target=run.dp.target_epsilon if run.dp.enabled else None,
+        run_dir / "curves.png", frame, history, dp=run.dp.sample_level,
+        dp_target=run.dp.target_epsilon if run.dp.sample_level else None,
     )  # fmt: skip
 
 
@@ -144,14 +188,23 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         f"- local training: {run.train.local_epochs:g} epoch(s) per round, expected batch "
         f"{run.train.batch_size}, lr {run.train.lr:g}",
     ]
-    if dp["enabled"]:
+    if dp["enabled"] and dp["level"] == "sample":
         lines.append(
             f"- privacy: sample-level DP-SGD (Opacus, Poisson sampling, {dp['accountant'].upper()} "
             f"accountant), target ε = {dp['target_epsilon']:g} at δ = {dp['delta']:g} per "
             f"hospital for the whole run, max_grad_norm = {dp['max_grad_norm']:g}"
         )
+    elif dp["enabled"]:
+        lines.append(
+            f"- privacy: **client-level** DP: ε = {_fmt(dp['epsilon'], 4)} at δ = {dp['delta']:g} "
+            f"for the released model after {dp['rounds_accounted']} round(s) (target "
+            f"{dp['target_epsilon']:g}), update clipping norm {dp['clipping_norm']:g}. "
+            f"{dp['guarantee']}."
+        )
     else:
         lines.append("- privacy: **none** (dp.enabled = false: non-private baseline run)")
+    if summary["secure_aggregation"]["enabled"]:
+        lines.append(f"- secure aggregation: {summary['secure_aggregation']['protocol']}")
     lines += ["", "## Hospitals (final round)", ""]
     lines.append(
         "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity |"

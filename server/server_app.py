@@ -31,11 +31,16 @@ from server.checkpoint import (
 )
 from server.history import RecordingGrid, RunHistory
 from server.report import build_summary, write_reports
+from server.secure_aggregation import run_secaggplus_round
 from server.strategies import (
+    UNIT_WEIGHT_KEY,
     ResumedStrategy,
     build_strategy,
+    calibrate_client_noise,
     load_strategy_state,
+    privacy_spent,
     strategy_state,
+    with_client_dp,
 )
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics
@@ -60,13 +65,14 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(
         run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
     )
-    strategy = build_strategy(run.strategy)
     history, done = RunHistory(), 0
     initial = ArrayRecord(model.state_dict())
+    if run.resume_from:
+        done, weights, sidecar = latest_checkpoint(out)
+    strategy = _strategy(run, grid, rounds_done=done)
     if (
         run.resume_from
     ):  # continue from the last checkpoint: weights, rounds, strategy state, history
-        done, weights, sidecar = latest_checkpoint(out)
         initial = ArrayRecord(load_weights(weights))  # byte-identical to what hospitals were sent
         history = RunHistory.from_dict(sidecar["history"])
         state_file = weights.with_name(weights.stem + ".strategy.safetensors")
@@ -89,6 +95,9 @@ def main(grid: Grid, context: Context) -> None:
             model.load_state_dict(state)
             metrics = binary_metrics(pooled[1], predict_proba(model, pooled[0])).as_dict()
             history.centralized[server_round] = metrics
+        spent = privacy_spent(strategy)
+        if spent is not None:  # client-level DP: the coordinator's accountant
+            history.central_privacy[server_round] = {"epsilon": spent[0], "delta": spent[1]}
         path = out / "checkpoints" / f"round-{server_round:03d}.safetensors"
         extra = strategy_state(strategy)
         if extra:  # written before the weights: a checkpoint is complete once its sidecar exists
@@ -102,8 +111,21 @@ def main(grid: Grid, context: Context) -> None:
             return None
         return MetricRecord({k: math.nan if v is None else v for k, v in metrics.items()})
 
+    secure_aggregation = None
+    if run.secagg.enabled:
+
+        def secure_aggregation(inner, sent, exchange, timeout):  # type: ignore[no-untyped-def]
+            return run_secaggplus_round(
+                inner, sent, run.secagg, exchange=exchange, timeout=timeout, context=context
+            )
+
     result = strategy.start(
-        grid=RecordingGrid(grid, history, poll_interval=run.train.poll_interval),
+        grid=RecordingGrid(
+            grid,
+            history,
+            poll_interval=run.train.poll_interval,
+            secure_aggregation=secure_aggregation,
+        ),  # fmt: skip
         initial_arrays=initial,
         num_rounds=run.train.rounds - done,
         timeout=run.train.round_timeout,
@@ -115,6 +137,26 @@ def main(grid: Grid, context: Context) -> None:
     save_weights(out / "model.safetensors", final, _model_card(run, summary, n_features))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
+
+
+def _strategy(run: RunConfig, grid: Grid, *, rounds_done: int):  # type: ignore[no-untyped-def]
+    """The run's Flower strategy; under client-level DP wrapped in Flower's
+    ``DifferentialPrivacyClientSideFixedClipping`` with its accountant."""
+    if not run.dp.client_level:
+        return build_strategy(run.strategy)
+    hospitals = run.simulated_hospitals or len(list(grid.get_node_ids()))
+    sigma = run.dp.client_noise_multiplier or calibrate_client_noise(
+        run.dp.target_epsilon, run.dp.target_delta, run.train.rounds, hospitals
+    )
+    flwr_log(
+        INFO, "[fedcare] client-level DP: %d hospitals, noise multiplier %.4f, clipping norm %g",
+        hospitals, sigma, run.dp.client_clipping_norm,
+    )  # fmt: skip
+    return with_client_dp(
+        build_strategy(run.strategy, weighted_by_key=UNIT_WEIGHT_KEY),
+        noise_multiplier=sigma, clipping_norm=run.dp.client_clipping_norm, hospitals=hospitals,
+        delta=run.dp.target_delta, rounds_done=rounds_done,
+    )  # fmt: skip
 
 
 def _pooled_test_set(run: RunConfig, grid: Grid):  # -> (x [N, F], y [N])
@@ -160,9 +202,7 @@ def _model_card(run: RunConfig, summary: dict, n_features: int) -> dict:
             ],
         },
         "privacy": {
-            "guarantee": "sample-level (epsilon, delta)-DP per hospital (Opacus DP-SGD)"
-            if run.dp.enabled
-            else "none: trained without differential privacy",
+            "guarantee": summary["dp"]["guarantee"],
             "per_hospital": {
                 h["name"]: {"epsilon": h["epsilon"], "delta": h["delta"]}
                 for h in summary["hospitals"]
@@ -192,6 +232,8 @@ def _report_progress(
         if e.round == server_round and e.kind == "train" and not e.error
     ]
     eps_values = [float(x) for x in eps if x is not None]
+    if server_round in history.central_privacy:  # client-level DP: one ε for the released model
+        eps_values = [history.central_privacy[server_round]["epsilon"]]
     info = {
         "round": server_round,
         "rounds": run.train.rounds,

@@ -47,8 +47,9 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return out
 
 
-def _common(cfg: StrategyConfig) -> dict[str, Any]:
+def _common(cfg: StrategyConfig, weighted_by_key: str = "num-examples") -> dict[str, Any]:
     return {
+        "weighted_by_key": weighted_by_key,
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_train_nodes,
@@ -59,10 +60,10 @@ def _common(cfg: StrategyConfig) -> dict[str, Any]:
     }
 
 
-STRATEGIES: dict[str, Callable[[StrategyConfig], fl.Strategy]] = {
-    "fedavg": lambda c: fl.FedAvg(**_common(c)),
+STRATEGIES: dict[str, Callable[..., fl.Strategy]] = {
+    "fedavg": lambda c, **kw: fl.FedAvg(**_common(c, **kw)),
     # FedProx only sends `proximal-mu`; client.training applies the proximal term
-    "fedprox": lambda c: fl.FedProx(**_common(c), proximal_mu=c.proximal_mu),
+    "fedprox": lambda c, **kw: fl.FedProx(**_common(c, **kw), proximal_mu=c.proximal_mu),
     "fedadam": lambda c: fl.FedAdam(**_common(c), eta=c.server_lr),
     "fedyogi": lambda c: fl.FedYogi(**_common(c), eta=c.server_lr),
     "fedmedian": lambda c: fl.FedMedian(**_common(c)),
@@ -71,7 +72,11 @@ STRATEGIES: dict[str, Callable[[StrategyConfig], fl.Strategy]] = {
 }
 
 
-def build_strategy(cfg: StrategyConfig) -> fl.Strategy:
+# under client-level DP every hospital weighs the same (Flower's accountant requires equal weights)
+UNIT_WEIGHT_KEY = "unit-weight"
+
+
+def build_strategy(cfg: StrategyConfig, *, weighted_by_key: str = "num-examples") -> fl.Strategy:
     """Build the Flower strategy named ``cfg.name`` with the run's sampling settings.
 
     Raises
@@ -83,7 +88,94 @@ def build_strategy(cfg: StrategyConfig) -> fl.Strategy:
         raise ValueError(
             f"unknown strategy {cfg.name!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
         )
+    if weighted_by_key != "num-examples":
+        return STRATEGIES[cfg.name](cfg, weighted_by_key=weighted_by_key)
     return STRATEGIES[cfg.name](cfg)
+
+
+def client_dp_accountant(delta: float, hospitals: int):  # type: ignore[no-untyped-def]
+    """Flower's RDP accountant for client-level DP over ``hospitals`` hospitals, all of them in
+    every round (no amplification by sampling is claimed).
+
+    Source: ``flwr.supercore.privacy_accounting.RdpAccountant`` (Google ``dp-accounting``).
+    """
+    from flwr.supercore.privacy_accounting import (
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=hospitals,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+
+
+def client_dp_epsilon(noise_multiplier: float, rounds: int, delta: float, hospitals: int) -> float:
+    """ε after ``rounds`` Gaussian releases of the clipped mean with ``noise_multiplier``."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    accountant = client_dp_accountant(delta, hospitals)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def calibrate_client_noise(
+    target_epsilon: float, delta: float, rounds: int, hospitals: int, *, tol: float = 1e-4
+) -> float:
+    """Smallest noise multiplier whose ε after ``rounds`` releases is <= ``target_epsilon``
+    (bisection on Flower's accountant, the one that reports ε; relative tolerance ``tol``)."""
+    lo, hi = 0.01, 1.0
+    while client_dp_epsilon(hi, rounds, delta, hospitals) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches ε={target_epsilon} over {rounds} rounds")
+    while hi - lo > tol * hi:
+        mid = (lo + hi) / 2
+        if client_dp_epsilon(mid, rounds, delta, hospitals) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def with_client_dp(
+    strategy: fl.Strategy, *, noise_multiplier: float, clipping_norm: float, hospitals: int,
+    delta: float, rounds_done: int = 0,
+) -> fl.Strategy:  # fmt: skip
+    """Wrap ``strategy`` in Flower's ``DifferentialPrivacyClientSideFixedClipping`` (the
+    hospitals clip with ``fixedclipping_mod``) with Flower's RDP accountant; a resumed run
+    composes the ``rounds_done`` releases it already made (every release is the same event).
+
+    Source: Flower ``flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping``;
+    McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018.
+    """
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    accountant = client_dp_accountant(delta, hospitals)
+    if rounds_done:
+        accountant.compose(
+            GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), rounds_done
+        )
+    return fl.DifferentialPrivacyClientSideFixedClipping(
+        strategy, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+        num_sampled_clients=hospitals, accountant=accountant,
+    )  # fmt: skip
+
+
+def privacy_spent(strategy: fl.Strategy) -> tuple[float, float] | None:
+    """(ε, δ) of a client-level DP strategy so far, else None."""
+    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    if isinstance(inner, fl.DifferentialPrivacyClientSideFixedClipping):
+        spent = inner.privacy_spent()
+        if spent is not None:
+            return spent.epsilon, spent.delta
+    return None
 
 
 # attributes of Flower strategies that carry state between rounds (FedOpt family: FedAdam,
@@ -94,6 +186,7 @@ STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
     """The strategy's between-round state as flat arrays (``"m_t/<layer>"``), for checkpoints."""
     inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    inner = getattr(inner, "strategy", inner)  # inside a DP wrapper
     out: dict[str, np.ndarray] = {}
     for attr in STATEFUL_ATTRIBUTES:
         value = getattr(inner, attr, None)
@@ -105,6 +198,7 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
 def load_strategy_state(strategy: fl.Strategy, arrays: dict[str, np.ndarray]) -> None:
     """Restore what :func:`strategy_state` saved (e.g. FedAdam's first and second moments)."""
     inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    inner = getattr(inner, "strategy", inner)  # inside a DP wrapper
     for attr in STATEFUL_ATTRIBUTES:
         part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
         if part:

@@ -87,11 +87,48 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
+    """Differential privacy of a run.
+
+    ``level = "sample"``: each hospital runs DP-SGD (Opacus) and holds its own (ε, δ) for its
+    patients. ``level = "client"``: each hospital clips its whole update to
+    ``client_clipping_norm`` (L2) and the coordinator adds Gaussian noise to the aggregate
+    (Flower's ``DifferentialPrivacyClientSideFixedClipping``): one (ε, δ) for the released model
+    that protects whole hospitals, trusting the coordinator to add the noise.
+    """
+
     enabled: bool
+    level: str  # "sample" | "client"
     target_epsilon: float
     target_delta: float
     max_grad_norm: float
     accountant: str
+    client_clipping_norm: float
+    client_noise_multiplier: float  # 0 = calibrate to target_epsilon over the run's rounds
+
+    @property
+    def sample_level(self) -> bool:
+        """Hospitals train with DP-SGD (Opacus) and keep sample-level ε in their ledgers."""
+        return self.enabled and self.level == "sample"
+
+    @property
+    def client_level(self) -> bool:
+        """The coordinator adds noise to the aggregate of clipped hospital updates."""
+        return self.enabled and self.level == "client"
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Flower's SecAgg+ (Bell et al., CCS 2020) over the train replies: the coordinator only
+    sees the sum of the hospitals' updates. ``num_shares`` and ``reconstruction_threshold`` are
+    counts (int > 1) or fractions of the sampled hospitals (float <= 1), as in
+    ``flwr.server.workflow.SecAggPlusWorkflow``; ``clipping_range`` bounds every weight
+    (quantisation range), ``max_weight`` the number of training examples of one hospital."""
+
+    enabled: bool
+    num_shares: float
+    reconstruction_threshold: float
+    clipping_range: float
+    max_weight: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +153,7 @@ class RunConfig:
     train: TrainConfig
     dp: DPConfig
     data: DataConfig
+    secagg: SecAggConfig
     output_dir: str
     centralized_eval: bool
     run_id: str
@@ -164,16 +202,26 @@ class RunConfig:
             ),
             dp=DPConfig(
                 enabled=_get(cfg, "dp.enabled", bool),
+                level=_get(cfg, "dp.level", str),
                 target_epsilon=_get(cfg, "dp.target-epsilon", float),
                 target_delta=_get(cfg, "dp.target-delta", float),
                 max_grad_norm=_get(cfg, "dp.max-grad-norm", float),
                 accountant=_get(cfg, "dp.accountant", str),
+                client_clipping_norm=_get(cfg, "dp.client-clipping-norm", float),
+                client_noise_multiplier=_get(cfg, "dp.client-noise-multiplier", float),
             ),
             data=DataConfig(
                 dir=_get(cfg, "data.dir", str),
                 partition=_get(cfg, "data.partition", str),
                 alpha=_get(cfg, "data.alpha", float),
                 test_fraction=_get(cfg, "data.test-fraction", float),
+            ),
+            secagg=SecAggConfig(
+                enabled=_get(cfg, "secagg.enabled", bool),
+                num_shares=_get(cfg, "secagg.num-shares", float),
+                reconstruction_threshold=_get(cfg, "secagg.reconstruction-threshold", float),
+                clipping_range=_get(cfg, "secagg.clipping-range", float),
+                max_weight=_get(cfg, "secagg.max-weight", float),
             ),
             output_dir=_get(cfg, "output.dir", str),
             centralized_eval=_get(cfg, "eval.centralized", bool),
@@ -204,6 +252,38 @@ class RunConfig:
         _in_range("train.round-timeout", tr.round_timeout, 0.0, 86_400.0, lo_open=True)
         _in_range("train.poll-interval", tr.poll_interval, 0.0, 60.0)
         _choice("dp.accountant", dp.accountant, ("rdp", "prv"))
+        _choice("dp.level", dp.level, ("sample", "client"))
+        if dp.client_level:
+            _in_range("dp.client-clipping-norm", dp.client_clipping_norm, 0.0, 1e6, lo_open=True)
+            _in_range("dp.client-noise-multiplier", dp.client_noise_multiplier, 0.0, 1e6)
+            if st.name not in ("fedavg", "fedprox"):  # Flower's accountant needs FedAvg's mean
+                raise ConfigError(
+                    f"dp.level = 'client' needs strategy.name fedavg or fedprox (Flower's "
+                    f"client-level accountant requires FedAvg aggregation), not {st.name!r}"
+                )
+            if st.fraction_train != 1.0:
+                raise ConfigError(
+                    "dp.level = 'client' needs strategy.fraction-train = 1.0 (the accountant "
+                    "takes no credit for sampling hospitals)"
+                )
+        sa = self.secagg
+        if sa.enabled:
+            if st.name in ("fedmedian", "fedtrimmedavg", "krum"):
+                raise ConfigError(
+                    f"secagg.enabled: strategy {st.name!r} needs every hospital's update, which "
+                    "secure aggregation hides; use fedavg, fedprox, fedadam or fedyogi"
+                )
+            for key, value in (
+                ("secagg.num-shares", sa.num_shares),
+                ("secagg.reconstruction-threshold", sa.reconstruction_threshold),
+            ):
+                _in_range(key, value, 0.0, 10_000, lo_open=True)
+                if value > 1 and not float(value).is_integer():
+                    raise ConfigError(
+                        f"run config key '{key}' = {value!r}: a count (int > 1) or a fraction (<= 1)"
+                    )
+            _in_range("secagg.clipping-range", sa.clipping_range, 0.0, 1e6, lo_open=True)
+            _in_range("secagg.max-weight", sa.max_weight, 0.0, 1e9, lo_open=True)
         if dp.enabled:
             _in_range("dp.target-epsilon", dp.target_epsilon, 0.0, 100.0, lo_open=True)
             _in_range("dp.target-delta", dp.target_delta, 0.0, 0.1, lo_open=True)

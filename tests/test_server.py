@@ -94,10 +94,13 @@ def test_summary_schema_and_overall(default_cfg):
         "hospitals",
         "overall",
     }
+    guarantee = summary["dp"].pop("guarantee")
+    assert guarantee.startswith("sample-level (ε, δ)-DP per hospital")
     assert summary["dp"] == {
         "enabled": True, "level": "sample", "target_epsilon": 2.0, "delta": 1e-5,
         "max_grad_norm": 1.0, "accountant": "rdp",
     }  # fmt: skip
+    assert summary["secure_aggregation"] == {"enabled": False}
     a = next(h for h in summary["hospitals"] if h["name"] == "a")
     assert a["n_train"] == 100 and a["n_test"] == 40 and a["epsilon"] == pytest.approx(0.8)
     assert a["metrics"]["auroc"] is None and a["undefined"]["auroc"] == "one class"

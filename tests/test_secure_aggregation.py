@@ -1,0 +1,144 @@
+"""SecAgg+ end to end through Flower's Simulation Engine, in this process so that a spy on the
+in-memory Grid sees exactly what the ServerApp receives from the hospitals.
+
+Three one-round federations of four hospitals (breast-cancer, MLP, DP-SGD), same seeds, so each
+hospital's local update is the same in every run:
+- plain FedAvg: the spy records every hospital's individual update (the reference);
+- SecAgg+: the ServerApp receives no ArrayRecord from any hospital, only masked vectors; the
+  global model equals FedAvg of the reference updates within SecAgg+'s quantisation error;
+- SecAgg+ with hospital-2 refusing after the key exchange (its privacy ledger is unreadable): the
+  round still completes, hospital-2's masks are reconstructed from the others' shares, and the
+  global model equals FedAvg of the three other hospitals' reference updates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.superlink.grid import InMemoryGrid
+from safetensors.numpy import load_file
+
+from server.run_config import default_run_config
+from simulations.engine import run_federation
+
+pytestmark = pytest.mark.slow
+HOSPITALS = 4
+ATOL = 1e-4  # SecAgg+ quantises each weight to 2 x 8 / 2^22 (Flower's defaults)
+
+
+def _federate(tmp_path, name: str, monkeypatch, **overrides) -> tuple[dict, list[Message]]:
+    received: list[Message] = []
+    original = InMemoryGrid.pull_messages
+
+    def spy(self, message_ids):  # type: ignore[no-untyped-def]
+        got = list(original(self, message_ids))
+        received.extend(got)
+        return got
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", spy)
+    cfg = default_run_config()
+    cfg.update(
+        {
+            "train.rounds": 1, "simulation.hospitals": HOSPITALS, "output.dir": str(tmp_path / name),
+            "run.id": f"secagg-test-{name}", "simulation.ledger-dir": str(tmp_path / name / "ledgers"),
+            **overrides,
+        }
+    )  # fmt: skip
+    run_federation(run_config=cfg, num_supernodes=HOSPITALS)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", original)
+    weights = load_file(str(tmp_path / name / "checkpoints" / "round-001.safetensors"))
+    return weights, received
+
+
+def _fedavg(updates: dict[str, tuple[dict[str, np.ndarray], float]], sites) -> dict:
+    total = sum(updates[s][1] for s in sites)
+    keys = next(iter(updates.values()))[0].keys()
+    return {k: sum(updates[s][0][k] * updates[s][1] for s in sites) / total for k in keys}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secagg")
+    mp = pytest.MonkeyPatch()
+    try:
+        _, plain = _federate(tmp, "plain", mp)
+        updates = {
+            str(r.content.config_records["info"]["site"]): (
+                {k: a.numpy() for k, a in r.content.array_records["arrays"].items()},
+                float(r.content.metric_records["metrics"]["num-examples"]),
+            )
+            for r in plain
+            if r.metadata.message_type == "train" and not r.has_error()
+        }
+        secure, received = _federate(tmp, "secagg", mp, **{"secagg.enabled": True})
+        broken = tmp / "dropped" / "ledgers" / "hospital-2" / "runs"
+        broken.mkdir(parents=True)
+        (broken / "secagg-test-dropped.json").write_text('{"run_id": "secagg-test-dro')  # truncated
+        dropped, dropped_received = _federate(tmp, "dropped", mp, **{"secagg.enabled": True})
+    finally:
+        mp.undo()
+    return updates, (secure, received), (dropped, dropped_received, tmp / "dropped")
+
+
+def test_reference_run_sees_individual_updates(runs):
+    updates, _, _ = runs
+    assert sorted(updates) == [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]
+
+
+def test_server_receives_no_individual_update(runs):
+    updates, (_, received), _ = runs
+    train = [r for r in received if r.metadata.message_type == "train"]
+    assert len(train) == 4 * HOSPITALS  # setup, share keys, masked vectors, unmask shares
+    masked = []
+    for reply in train:
+        assert not reply.has_error()
+        for record in reply.content.array_records.values():
+            assert len(record) == 0, "an ArrayRecord with weights reached the ServerApp"
+        protocol = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in protocol:
+            masked.append(protocol[Key.MASKED_PARAMETERS])
+    assert len(masked) == HOSPITALS
+    # masked vectors are uniform over the ring Z_(2^32), nothing like weights in [-1, 1]
+    for vectors in masked:
+        values = np.concatenate([bytes_to_ndarray(b).ravel() for b in vectors]) / 2**32
+        assert values.min() >= 0 and values.max() < 1
+        assert 0.45 < values.mean() < 0.55 and 0.27 < values.std() < 0.31  # uniform: 0.5, 0.289
+    # and no reply carries any hospital's update bytes
+    blobs = [a.tobytes() for arrays, _ in updates.values() for a in arrays.values() if a.size > 8]
+    for reply in train:
+        for value in reply.content.config_records[RECORD_KEY_CONFIGS].values():
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, bytes):
+                    assert not any(blob in item for blob in blobs)
+
+
+def test_secure_aggregate_equals_fedavg(runs):
+    updates, (secure, _), _ = runs
+    expected = _fedavg(updates, sorted(updates))
+    for key, value in expected.items():
+        assert secure[key].dtype == np.float32
+        np.testing.assert_allclose(secure[key], value, atol=ATOL, rtol=0)
+        # ... and the protocol did change the bits (it is not the plain path)
+    assert any(not np.array_equal(secure[k], expected[k].astype(np.float32)) for k in expected)
+
+
+def test_round_completes_when_a_hospital_drops_after_key_exchange(runs):
+    import json
+
+    updates, _, (dropped, received, run_dir) = runs
+    stages = [r for r in received if r.metadata.message_type == "train"]
+    # hospital-2 answered setup and share-keys, then refused instead of sending its masked vector
+    errors = [r for r in stages if r.has_error()]
+    assert len(errors) == 1 and "site hospital-2 refused" in errors[0].error.reason
+    assert len(stages) == 4 + 4 + 4 + 3
+    survivors = [s for s in sorted(updates) if s != "hospital-2"]
+    expected = _fedavg(updates, survivors)
+    for key, value in expected.items():
+        np.testing.assert_allclose(dropped[key], value, atol=ATOL, rtol=0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [f["hospital"] for f in summary["failures"] if f["kind"] == "train"] == ["hospital-2"]
+    assert summary["secure_aggregation"]["enabled"] is True
