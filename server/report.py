@@ -333,6 +333,16 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
             _fmt(h["metrics"]["auroc"]), _fmt(h["metrics"]["accuracy"]),
         )  # fmt: skip
     console.print(table)
+    dp = summary["dp"]
+    if dp.get("level") == "client":
+        console.print(
+            f"privacy: client-level ε = {_fmt(dp['epsilon'])} at δ = {dp['delta']:g} for the "
+            "released model (per hospital, not per patient; noise added by the coordinator)"
+        )
+    elif not dp["enabled"]:
+        console.print("privacy: none (trained without differential privacy)")
+    if summary.get("secure_aggregation", {}).get("enabled"):
+        console.print("secure aggregation: SecAgg+ (the coordinator saw only the sum of updates)")
     ov = summary["overall"]
     console.print(
         f"overall AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))}, "

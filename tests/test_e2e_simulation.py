@@ -138,3 +138,24 @@ def test_ledger_and_policy_hold_across_two_simulations(tmp_path):
     )
     entries = sorted((tmp_path / "ledgers" / "hospital-1" / "runs").glob("*.json"))
     assert len(entries) == 1  # the refused run left nothing in the ledger
+
+
+def test_client_level_dp_with_secure_aggregation(tmp_path):
+    """dp.level = client + SecAgg+: hospitals clip, the coordinator noises only the unmasked sum;
+    the report states the guarantee and ε is Flower's accountant over the rounds released."""
+    from server.strategies import calibrate_client_noise, client_dp_epsilon
+
+    summary, output, out = _simulate(
+        tmp_path, "--hospitals", "4", "--rounds", "2",
+        "--run-config", "dp.level='client' secagg.enabled=true",
+    )  # fmt: skip
+    dp = summary["dp"]
+    assert dp["level"] == "client" and dp["guarantee"].startswith("client-level (ε, δ)-DP")
+    sigma = calibrate_client_noise(2.0, 1e-5, 2, 4)
+    assert dp["epsilon"] == pytest.approx(client_dp_epsilon(sigma, 2, 1e-5, 4), rel=1e-6)
+    assert 1.99 < dp["epsilon"] <= 2.0 and dp["rounds_accounted"] == 2
+    assert summary["secure_aggregation"]["enabled"] is True
+    assert all(h["epsilon"] is None and h["rounds_trained"] == 2 for h in summary["hospitals"])
+    assert not summary["failures"]
+    assert "privacy: client-level ε = 2.000" in output
+    assert "**client-level** DP" in (out / "report.md").read_text()
