@@ -22,9 +22,18 @@ def record_sizes(content: RecordDict) -> dict[str, int]:
     for key, record in content.items():
         if isinstance(record, ArrayRecord):
             sizes[key] = sum(len(array.data) for array in record.values())
-        else:
-            sizes[key] = len(json.dumps(dict(record), default=str).encode())
+        else:  # bytes values (SecAgg+ keys, shares, masked vectors) count as their length
+            sizes[key] = len(json.dumps(dict(record), default=_placeholder).encode()) + sum(
+                len(b)
+                for v in record.values()
+                for b in (v if isinstance(v, list) else [v])
+                if isinstance(b, bytes)
+            )
     return sizes
+
+
+def _placeholder(value: Any) -> str:
+    return "" if isinstance(value, bytes) else str(value)
 
 
 class AuditLog:

@@ -142,3 +142,31 @@ def test_round_completes_when_a_hospital_drops_after_key_exchange(runs):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [f["hospital"] for f in summary["failures"] if f["kind"] == "train"] == ["hospital-2"]
     assert summary["secure_aggregation"]["enabled"] is True
+
+
+def test_audit_log_lists_every_protocol_message_and_no_unmasked_weights(runs, tmp_path_factory):
+    import json
+
+    _, (_, received), _ = runs
+    root = next(tmp_path_factory.getbasetemp().glob("secagg*")) / "secagg" / "ledgers"
+    for site in [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]:
+        lines = [json.loads(x) for x in (root / site / "audit.jsonl").read_text().splitlines()]
+        protocol = [e for e in lines if "secagg_stage" in e]
+        assert [(e["direction"], e["secagg_stage"]) for e in protocol] == [
+            (d, s)
+            for s in ("setup", "share_keys", "collect_masked_vectors", "unmask")
+            for d in ("received", "sent")
+        ]
+        for entry in (e for e in protocol if e["direction"] == "sent"):
+            assert entry["records"].get("arrays", 0) == 0  # weights never leave unmasked
+            assert entry["records"].get("fitres.parameters", 0) == 0
+            assert entry["bytes"] > 0
+        masked = next(
+            e
+            for e in protocol
+            if e["direction"] == "sent" and e["secagg_stage"] == "collect_masked_vectors"
+        )
+        assert masked["records"]["secaggplus_configs"] > 4 * 1000  # the masked vector (int64s)
+        handed = [e for e in lines if e["direction"].startswith("handed to SecAgg+")]
+        assert len(handed) == 1 and handed[0]["decision"] == "trained"
+        assert handed[0]["epsilon"] is not None
