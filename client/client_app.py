@@ -161,6 +161,11 @@ def _train(msg: Message, context: Context) -> Message:
     an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
         run, _, data, model, device = _setup(msg, context)
+        if run.secagg.enabled and not handing_to_secagg():
+            raise PolicyRefusal(
+                "the run's config requires secure aggregation but this train request came "
+                "outside the SecAgg+ protocol: the update is not sent unmasked"
+            )
         server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         ledger, run_key = _ledger(context), _run_key(context, run)
         arrays = msg.content.array_records["arrays"]
@@ -216,7 +221,7 @@ def _train_locally(
         )
         policy.check_run(
             task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
-            client_level=run.dp.client_level,
+            client_level=run.dp.client_level, secure_aggregation=run.secagg.enabled,
         )  # fmt: skip
     started = time.perf_counter()
     result = train_round(

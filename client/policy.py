@@ -9,6 +9,7 @@ Example (``policy.toml``)::
     allowed-tasks = ["heart-disease"]
     min-cohort = 20                   # no metric is reported from fewer patients
     allow-non-dp = false
+    require-secure-aggregation = false  # true: only runs with SecAgg+ (secagg.enabled)
 
 Every key is optional. The ClientApp checks a run's PLANNED total privacy cost against the policy
 before any training; a refusal changes nothing in the ledger.
@@ -26,7 +27,7 @@ from client.training import AccountantState, DPPlan, epsilon_spent
 
 _KEYS = {
     "max-epsilon-per-run", "lifetime-epsilon", "min-noise-multiplier", "max-grad-norm",
-    "allowed-tasks", "min-cohort", "allow-non-dp",
+    "allowed-tasks", "min-cohort", "allow-non-dp", "require-secure-aggregation",
 }  # fmt: skip
 
 
@@ -49,6 +50,7 @@ class SitePolicy:
     allowed_tasks: tuple[str, ...] | None = None
     min_cohort: int = 0
     allow_non_dp: bool = False
+    require_secure_aggregation: bool = False
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -80,6 +82,7 @@ class SitePolicy:
                 else None,
                 min_cohort=int(raw.get("min-cohort", 0)),
                 allow_non_dp=bool(raw.get("allow-non-dp", False)),
+                require_secure_aggregation=bool(raw.get("require-secure-aggregation", False)),
             )
         except (TypeError, ValueError, IndexError) as exc:
             raise PolicyError(f"site policy {path}: {exc}") from None
@@ -92,6 +95,7 @@ class SitePolicy:
         n_train: int,
         other_runs: list[AccountantState],
         client_level: bool = False,
+        secure_aggregation: bool = False,
     ) -> None:
         """Refuse a run whose planned privacy cost or parameters fall outside the policy.
 
@@ -103,6 +107,8 @@ class SitePolicy:
             Accountant states of every OTHER run in the ledger (for the lifetime budget).
         client_level : bool
             The run has client-level DP only (noise added by the coordinator, not here).
+        secure_aggregation : bool
+            The run aggregates with SecAgg+ (``secagg.enabled``).
 
         Raises
         ------
@@ -112,6 +118,11 @@ class SitePolicy:
         if self.allowed_tasks is not None and task not in self.allowed_tasks:
             raise PolicyRefusal(
                 f"task {task!r} is not allowed by the policy (allowed: {list(self.allowed_tasks)})"
+            )
+        if self.require_secure_aggregation and not secure_aggregation:
+            raise PolicyRefusal(
+                "the run does not use secure aggregation (secagg.enabled = false) and the policy "
+                "requires it"
             )
         if n_train < self.min_cohort:
             raise PolicyRefusal(

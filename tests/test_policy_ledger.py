@@ -172,3 +172,23 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     for entry in audit:
         numbers(entry)
     assert logged and not raw & logged
+
+
+def test_policy_can_require_secure_aggregation(default_cfg, site, tmp_path):
+    default_cfg.update({"run.id": "plain"})
+    reply = client_app(
+        _msg("train"), _ctx(default_cfg, site("require-secure-aggregation = true\n"))
+    )
+    assert reply.error.code == SITE_REFUSED
+    assert "does not use secure aggregation" in reply.error.reason
+    assert not (tmp_path / "ledger" / "runs").exists()
+
+
+def test_secagg_run_never_sends_an_unmasked_update(default_cfg, site, tmp_path):
+    """A coordinator that announces SecAgg+ but asks for a plain train reply gets a refusal, not
+    the weights (the approved ClientApp enforces the run config)."""
+    default_cfg.update({"run.id": "sa", "secagg.enabled": True})
+    reply = client_app(_msg("train"), _ctx(default_cfg, site("")))
+    assert reply.error.code == SITE_REFUSED
+    assert "outside the SecAgg+ protocol" in reply.error.reason
+    assert not (tmp_path / "ledger" / "runs").exists()
