@@ -1,16 +1,17 @@
 """Per-round wall time of a real deployment on loopback, split into compute and overhead.
 
-Starts `fedcare server start` and three `fedcare client start` hospital daemons on 127.0.0.1
-(TLS, hospital authentication), runs `fedcare server run` with a small model, once with Flower
-1.41's own reply polling (`train.poll-interval=0`: a fixed 3 s sleep in `send_and_receive`) and
-once with fedcare's (`0.1` s), and prints per-round figures:
+Starts `fedcare server start` and, per variant, three `fedcare client start` hospital daemons on
+127.0.0.1 (TLS, hospital authentication, approved app), runs `fedcare server run` with a small
+model and prints per-round figures. Variants: the hospitals' task executor (`subprocess`: Flower's
+fresh `flwr-clientapp` per message; `warm`: fedcare's fork of a process with torch imported), each
+optionally with SecAgg+ (`warm+secagg`):
 
     wall      time between consecutive round checkpoints (seconds)
     compute   slowest hospital's local training + slowest hospital's evaluation (seconds),
               as each ClientApp measured it
     overhead  wall - compute: messaging, polling, process start-up of each ClientApp
 
-Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants 0,0.1]
+Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants subprocess,warm,warm+secagg]
 Rounds 1 (ClientApp first start) and the others are reported separately. Compare variants as
 ratios within one run: absolute seconds depend on the machine (printed first).
 """
@@ -78,12 +79,32 @@ def _per_round(run_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def _start_hospitals(
+    root: Path, port: int, executor: str, tag: str
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i, name in enumerate("abc", start=1):
+        state = root / f"h-{name}-{tag}"
+        subprocess.run([*FEDCARE, "client", "approve", "--ledger", str(state / "ledger"), "--yes"],
+                       check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+        procs.append(_spawn([
+            "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
+            "--key", str(root / "pki" / "hospitals" / f"{name}.key"), "--site", name,
+            "--data", str(root / "data" / f"hospital-{i}.csv"), "--port", str(_free_port()),
+            "--state", str(state), "--executor", executor,
+        ], root / f"client-{name}-{tag}.log"))  # fmt: skip
+    return procs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--variants", default="0,0.1", help="train.poll-interval values to compare")
+    parser.add_argument(
+        "--variants", default="subprocess,warm",
+        help="comma-separated EXECUTOR[+secagg] (executor: subprocess or warm)",
+    )  # fmt: skip
     args = parser.parse_args()
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -99,53 +120,55 @@ def main() -> None:
             capture_output=True,
         )
         port = _free_port()
-        procs = [_spawn(["server", "start", "--pki", str(root / "pki"), "--port", str(port),
-                         "--state", str(root / "coord")], root / "server.log")]  # fmt: skip
+        server = _spawn(["server", "start", "--pki", str(root / "pki"), "--port", str(port),
+                         "--state", str(root / "coord")], root / "server.log")  # fmt: skip
+        results = {}
         try:
             deadline = time.monotonic() + 60
             while not (root / "pki" / "registered.json").exists():
                 if time.monotonic() > deadline:
                     sys.exit("coordinator did not start; see " + str(root / "server.log"))
                 time.sleep(0.5)
-            for i, name in enumerate("abc", start=1):
-                procs.append(_spawn([
-                    "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
-                    "--key", str(root / "pki" / "hospitals" / f"{name}.key"), "--site", name,
-                    "--data", str(root / "data" / f"hospital-{i}.csv"), "--port", str(_free_port()),
-                    "--state", str(root / f"h-{name}"),
-                ], root / f"client-{name}.log"))  # fmt: skip
-            time.sleep(10)
-            results = {}
-            for variant in args.variants.split(","):
-                run_dir = root / f"run-{variant}"
-                cfg = f"model.name='logreg' train.poll-interval={float(variant)}"
-                proc = subprocess.run(
-                    [*FEDCARE, "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
-                     "--rounds", str(args.rounds), "--out", str(run_dir), "--run-config", cfg],
-                    capture_output=True, text=True, timeout=1800,
-                )  # fmt: skip
-                if proc.returncode != 0:
-                    sys.exit(proc.stdout + proc.stderr)
-                results[variant] = _per_round(run_dir)
+            for n, variant in enumerate(args.variants.split(",")):
+                executor, _, extra = variant.partition("+")
+                hospitals = _start_hospitals(root, port, executor, tag=str(n))
+                try:
+                    time.sleep(15)  # daemons connect (the warm launcher imports torch once)
+                    run_dir = root / f"run-{n}"
+                    cfg = "model.name='logreg' train.poll-interval=0.1"
+                    if extra == "secagg":
+                        cfg += " secagg.enabled=true"
+                    proc = subprocess.run(
+                        [*FEDCARE, "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+                         "--rounds", str(args.rounds), "--out", str(run_dir), "--run-config", cfg],
+                        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+                    )  # fmt: skip
+                    if proc.returncode != 0:
+                        sys.exit(proc.stdout + proc.stderr)
+                    results[variant] = _per_round(run_dir)
+                finally:
+                    for proc in reversed(hospitals):
+                        _stop(proc)
+                    time.sleep(5)  # the SuperLink marks them offline
         finally:
-            for proc in reversed(procs):
-                _stop(proc)
+            _stop(server)
     print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
-    print(f"{'poll interval':>14} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
+    print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
     summary = {}
     for variant, frame in results.items():
-        label = "Flower (3 s)" if float(variant) == 0 else f"{float(variant):g} s"
         for _, row in frame.iterrows():
             wall = "-" if pd.isna(row["wall"]) else f"{row['wall']:.2f}"
             over = "-" if pd.isna(row["overhead"]) else f"{row['overhead']:.2f}"
-            print(f"{label:>14} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}")
+            print(
+                f"{variant:>16} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}"
+            )
         steady = frame.dropna(subset=["wall"])
-        summary[label] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
+        summary[variant] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
     print("\nsteady rounds (2..N), mean:")
     base = next(iter(summary.values()))
-    for label, (wall, over) in summary.items():
+    for variant, (wall, over) in summary.items():
         print(
-            f"  {label:>14}: wall {wall:.2f} s, overhead {over:.2f} s  (wall ratio {wall / base[0]:.2f})"
+            f"  {variant:>16}: wall {wall:.2f} s, overhead {over:.2f} s  (wall ratio {wall / base[0]:.2f})"
         )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -59,6 +61,99 @@ _FLOWER_ERRORS = {
 }
 
 
+def _require_approved_bundle(ledger_dir: Path) -> None:
+    """Refuse to start a daemon that could run nothing (no approved bundle, or unreadable list).
+
+    Raises
+    ------
+    HospitalSetupError
+        ``approved.json`` is missing, empty or unreadable; the message gives the approve command.
+    """
+    from client.approval import ApprovalError, ApprovedBundles
+
+    try:
+        entries = ApprovedBundles(ledger_dir).entries()
+    except ApprovalError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    if not entries:
+        raise HospitalSetupError(
+            f"no approved app bundle in {ledger_dir}: this hospital would refuse every run. "
+            f"Review and approve the consortium's app first: `fedcare client approve --ledger "
+            f"{ledger_dir} APP_DIR_OR_FAB`"
+        )
+
+
+def _write_superexec_secret(path: Path) -> Path:
+    """A fresh random SuperExec auth secret (32 bytes, mode 0600): only our launcher may acquire
+    tasks from the SuperNode's Runtime API (``flower-supernode --superexec-auth-secret-file``)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32))
+    return path.resolve()
+
+
+@app.command()
+def approve(
+    ledger: Annotated[Path, typer.Option(help="The hospital's ledger folder (approved.json).")],
+    bundle: Annotated[
+        Path | None,
+        typer.Argument(
+            help="App folder or .fab file to approve (default: the installed fedcare app)."
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
+    list_: Annotated[
+        bool, typer.Option("--list", help="Show the approved bundles and exit.")
+    ] = False,
+) -> None:
+    """Review an app bundle (hash, files, tasks) and approve it to run at this hospital.
+
+    The bundle is read, never executed. Its SHA-256 is what the hospital daemon compares with
+    the hash of every run's bundle; any other bundle is refused.
+    """
+    from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab
+
+    approved = ApprovedBundles(ledger)
+    try:
+        if list_:
+            entries = approved.entries()
+            if not entries:
+                console.print(f"{approved.path}: no approved bundle")
+            for e in entries:
+                console.print(
+                    f"{e['sha256']}  {e.get('fab_id', '?')} {e.get('version', '?')}  tasks "
+                    f"{', '.join(e.get('tasks', [])) or '-'}  approved {e.get('approved_at', '?')}"
+                )
+            return
+        if bundle is None:
+            from server.run_config import APP_DIR
+
+            bundle = APP_DIR
+        if not bundle.exists():
+            raise HospitalSetupError(f"{bundle}: not found (give an app folder or a .fab file)")
+        approved.entries()  # an unreadable list stops here, before anything is shown
+        info = inspect_fab(fab_bytes(bundle))
+    except ApprovalError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    console.print(f"app bundle {bundle}")
+    console.print(f"  sha256  {info.sha256}")
+    console.print(f"  app     {info.fab_id} {info.version}")
+    console.print(f"  tasks   {', '.join(info.tasks) or '(none found)'}")
+    console.print(f"  files   {len(info.files)}:")
+    for name in info.files:
+        console.print(f"    {name}")
+    if not yes and not typer.confirm(f"approve this bundle for the hospital ledger {ledger}?"):
+        console.print("not approved")
+        raise typer.Exit(1)
+    try:
+        added = approved.approve(info, source=str(bundle.resolve()))
+    except ApprovalError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    state = "recorded in" if added else "already approved in"
+    console.print(f"bundle {info.sha256} {state} {approved.path}")
+
+
 @app.command()
 def start(
     superlink: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
@@ -80,8 +175,19 @@ def start(
     policy: Annotated[
         Path | None, typer.Option(help="Site policy TOML file (bounds for every run).")
     ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="warm: each message runs in a fork of a process with torch already imported; "
+            "subprocess: Flower's fresh flwr-clientapp per message."
+        ),
+    ] = "warm",
 ) -> None:
-    """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key)."""
+    """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key).
+
+    Only app bundles approved with ``fedcare client approve`` run here: the SuperNode runs with
+    ``--isolation process`` and fedcare's launcher (:mod:`client.launcher`) is its SuperExec.
+    """
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     for path, what in ((ca, "--ca"), (key, "--key"), (data, "--data")):
@@ -95,9 +201,12 @@ def start(
         ) from None
     if ":" not in superlink:
         raise HospitalSetupError(f"--superlink {superlink!r}: use HOST:PORT")
+    if executor not in ("warm", "subprocess"):
+        raise HospitalSetupError(f"--executor {executor!r}: use warm or subprocess")
+    ledger_dir = (ledger or state / "ledger").resolve()
+    _require_approved_bundle(ledger_dir)
     _check_tls(superlink, ca)
     state.mkdir(parents=True, exist_ok=True)
-    ledger_dir = (ledger or state / "ledger").resolve()
     node_config = (
         f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}"'
     )
@@ -109,6 +218,7 @@ def start(
         except PolicyError as exc:
             raise HospitalSetupError(str(exc)) from None
         node_config += f' policy-path="{policy.resolve()}"'
+    secret = _write_superexec_secret(state / "superexec.secret")
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink", superlink,
@@ -116,6 +226,15 @@ def start(
         "--auth-supernode-private-key", str(key.resolve()),
         "--node-config", node_config,
         "--port", str(port),
+        "--isolation", "process",  # our launcher is the SuperExec: approved bundles only
+        "--superexec-auth-secret-file", str(secret),
+    ]  # fmt: skip
+    launcher = [
+        sys.executable, "-m", "client.launcher",
+        "--runtime-api-address", f"127.0.0.1:{port}",
+        "--ledger", str(ledger_dir), "--site", site,
+        "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid()),
+        "--executor", executor,
     ]  # fmt: skip
     problems: list[str] = []
 
@@ -123,6 +242,11 @@ def start(
         for marker, message in _FLOWER_ERRORS.items():
             if marker in line and not problems:
                 problems.append(message.format(site=site, ca=ca))
+        if line.startswith("[fedcare]") and "client.launcher" in line and not problems:
+            problems.append(
+                f"the task launcher exited with code {line.rsplit(' ', 1)[-1]}; "
+                f"see {state / 'launcher.log'}"
+            )
 
     console.print(
         f"hospital {site}: connecting to {superlink} over TLS; log {state / 'supernode.log'}"
@@ -130,6 +254,7 @@ def start(
     code = run_foreground(
         cmd, env=child_env(FLWR_HOME=str((state / "flwr-home").resolve())),
         log_path=state / "supernode.log", on_line=on_line,
+        companions=[(launcher, state / "launcher.log")],
     )  # fmt: skip
     if problems:
         raise HospitalSetupError(problems[0])

@@ -163,6 +163,9 @@ def run(
     timeout: Annotated[
         float, typer.Option(help="Give up following the run after this many seconds.")
     ] = 86_400,
+    app_dir: Annotated[
+        Path, typer.Option("--app", hidden=True, help="App folder to submit (tests).")
+    ] = APP_DIR,
 ) -> None:
     """Submit a training run to the federation and follow it; exit code = the run's outcome."""
     from shared_models.config import RunConfig
@@ -190,7 +193,7 @@ def run(
             cli.run("stop", str(stale_run), CONNECTION)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(to_toml(cfg))
-        submitted = cli.json("run", str(APP_DIR), CONNECTION, "--run-config", str(overrides))
+        submitted = cli.json("run", str(app_dir), CONNECTION, "--run-config", str(overrides))
         run_id = int(submitted["run-id"])
         dp = (
             f"DP ε={parsed.dp.target_epsilon:g}, δ={parsed.dp.target_delta:g}"

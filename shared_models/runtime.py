@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -69,6 +69,7 @@ def run_foreground(
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
     stop_timeout: float = 20.0,
+    companions: Sequence[tuple[list[str], Path]] = (),
 ) -> int:
     """Run ``cmd`` until it exits, copying its output to ``log_path`` (and ``on_line``).
 
@@ -76,6 +77,11 @@ def run_foreground(
     SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the child is
     killed. The child runs in its own process group, which is killed once the child has exited,
     so no process it started (SuperExec, ClientApp or ServerApp processes) outlives it. Returns the child's exit code, or 0 when the stop was requested here.
+
+    ``companions`` are ``(command, log file)`` pairs started after ``cmd`` with the same
+    guarantees (own process group, killed with this process, stopped with the child). A
+    companion that exits on its own stops the child too: ``on_line`` receives
+    ``"[fedcare] <command> exited with code N"`` and the return value is N (1 if N is 0).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
@@ -84,6 +90,8 @@ def run_foreground(
         preexec_fn=_die_with_parent,
     )  # fmt: skip
     stopping = threading.Event()
+    extra = [_spawn_companion(ccmd, env=env, log_path=clog) for ccmd, clog in companions]
+    failed: list[int] = []
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         stopping.set()
@@ -105,7 +113,15 @@ def run_foreground(
     reader.start()
     try:
         while proc.poll() is None:
-            if stopping.is_set():
+            for ccmd, companion in zip([c for c, _ in companions], extra, strict=True):
+                if not failed and not stopping.is_set() and companion.poll() is not None:
+                    failed.append(companion.returncode or 1)
+                    if on_line is not None:
+                        on_line(
+                            f"[fedcare] {' '.join(ccmd)} exited with code {companion.returncode}"
+                        )
+                    proc.send_signal(signal.SIGTERM)
+            if stopping.is_set() or failed:
                 try:
                     proc.wait(timeout=stop_timeout)
                 except subprocess.TimeoutExpired:
@@ -114,7 +130,35 @@ def run_foreground(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for companion in extra:
+            _stop_group(companion, stop_timeout)
         with contextlib.suppress(ProcessLookupError):  # e.g. ClientApp processes left behind
             os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=5)
+    if failed:
+        return failed[0]
     return 0 if stopping.is_set() else int(proc.returncode or 0)
+
+
+def _spawn_companion(
+    cmd: list[str], *, env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group, output appended to ``log_path``, dying with us."""
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM ``proc``, SIGKILL it after ``timeout`` seconds, then SIGKILL its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

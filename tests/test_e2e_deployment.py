@@ -87,6 +87,14 @@ def federation(tmp_path_factory):
     assert oct((root / "pki" / "hospitals" / "a.key").stat().st_mode & 0o777) == "0o600"
     export = _fedcare("simulate", "--export-hospitals", str(root / "data"))
     assert export.returncode == 0, export.stderr
+    # the app as of now (edits to the checkout during the tests do not change what runs), which
+    # each hospital approves before its daemon may start
+    app = _unpack_app(root / "app")
+    approvals = [subprocess.Popen([*FEDCARE, "client", "approve", "--ledger", str(root / f"hospital-{h}" / "ledger"), str(app), "--yes"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()) for h in HOSPITALS]  # fmt: skip
+    for proc in approvals:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
     procs: list[subprocess.Popen[bytes]] = []
     state: dict = {"server": None}
     try:
@@ -110,7 +118,7 @@ def federation(tmp_path_factory):
             return sum(n["status"] == "online" for n in nodes) == len(HOSPITALS)
 
         _wait(online, 90, root / "client-a.log")
-        state = {"root": root, "port": port, "server": server, "clients": clients}
+        state = {"root": root, "port": port, "server": server, "clients": clients, "app": app}
         yield state
     finally:
         procs.append(state["server"])  # a test may have restarted the coordinator
@@ -146,7 +154,8 @@ def test_two_rounds_with_dp(federation):
     root = federation["root"]
     run = _fedcare(
         "server", "run", "--superlink", f"127.0.0.1:{federation['port']}", "--pki", str(root / "pki"),
-        "--rounds", "2", "--epsilon", "2", "--out", str(root / "run"), timeout=600,
+        "--rounds", "2", "--epsilon", "2", "--out", str(root / "run"), "--app", str(federation["app"]),
+        timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "round   2/2" in run.stdout
@@ -172,10 +181,42 @@ def test_two_rounds_with_dp(federation):
     )
 
 
+def test_secure_aggregation_over_the_network(federation):
+    """SecAgg+ between real SuperNodes: four protocol stages per round through the SuperLink; the
+    hospitals' audit logs show that only masked vectors left them."""
+    root = federation["root"]
+    run = _fedcare(
+        "server", "run", "--superlink", f"127.0.0.1:{federation['port']}", "--pki", str(root / "pki"),
+        "--rounds", "1", "--out", str(root / "run-secagg"), "--app", str(federation["app"]),
+        "--run-config", 'secagg.enabled=true model.name="logreg"', timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((root / "run-secagg" / "summary.json").read_text())
+    assert summary["secure_aggregation"]["enabled"] and not summary["failures"], summary
+    assert all(h["rounds_trained"] == 1 and h["epsilon"] is not None for h in summary["hospitals"])
+    for h in HOSPITALS:
+        audit = [json.loads(x) for x in (root / f"hospital-{h}" / "ledger" / "audit.jsonl").open()]
+        stages = [
+            e["secagg_stage"] for e in audit if e.get("direction") == "sent" and "secagg_stage" in e
+        ]
+        assert stages[-4:] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+        sent = [e for e in audit if e.get("direction") == "sent" and "secagg_stage" in e]
+        assert all(e["records"].get("arrays", 0) == 0 for e in sent)
+
+
+def _approved_state(federation, state: Path) -> Path:
+    """A hospital state folder whose ledger approves the app (copied from hospital a)."""
+    (state / "ledger").mkdir(parents=True)
+    approved = federation["root"] / "hospital-a" / "ledger" / "approved.json"
+    (state / "ledger" / "approved.json").write_bytes(approved.read_bytes())
+    return state
+
+
 def test_unregistered_hospital_is_refused(federation, tmp_path):
     other = tmp_path / "other-pki"
     assert _fedcare("server", "init", "--out", str(other), "--hospital", "rogue").returncode == 0
     root = federation["root"]
+    _approved_state(federation, tmp_path / "rogue")
     proc = _fedcare(
         "client", "start", "--superlink", f"127.0.0.1:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
         "--key", str(other / "hospitals" / "rogue.key"), "--site", "rogue", "--data", str(root / "data" / "hospital-1.csv"),
@@ -190,6 +231,7 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     other = tmp_path / "other-pki"
     assert _fedcare("server", "init", "--out", str(other), "--hospital", "a").returncode == 0
     root = federation["root"]
+    _approved_state(federation, tmp_path / "a2")
     proc = _fedcare(
         "client", "start", "--superlink", f"127.0.0.1:{federation['port']}", "--ca", str(other / "ca.pem"),
         "--key", str(root / "pki" / "hospitals" / "a.key"), "--site", "a", "--data", str(root / "data" / "hospital-1.csv"),
@@ -197,6 +239,71 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "certificate at" in proc.stderr and "could not be verified" in proc.stderr
+
+
+def _unpack_app(dst: Path) -> Path:
+    """The files of the fedcare FAB (built from the checkout) unpacked into ``dst``."""
+    import io
+    import zipfile
+
+    from client.approval import fab_bytes
+    from server.run_config import APP_DIR
+
+    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):
+                (dst / name).parent.mkdir(parents=True, exist_ok=True)
+                (dst / name).write_bytes(fab.read(name))
+    return dst
+
+
+def _app_with_one_changed_line(dst: Path) -> Path:
+    """The fedcare app unpacked into ``dst`` with one line of client/training.py changed (a
+    comment: the code still runs where the bundle is approved)."""
+    _unpack_app(dst)
+    path = dst / "client" / "training.py"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[0] = lines[0].rstrip("\n") + "  # one changed line\n"
+    path.write_text("".join(lines))
+    return dst
+
+
+def test_changed_bundle_is_refused_where_not_approved(federation, tmp_path):
+    """Hospitals a and b approve the changed bundle, c does not: c answers with a refusal naming
+    the bundle's hash (without installing it) and the run completes with a and b."""
+    from client.approval import fab_bytes, inspect_fab
+
+    root, port = federation["root"], federation["port"]
+    app = _app_with_one_changed_line(tmp_path / "fedcare")
+    changed = inspect_fab(fab_bytes(app)).sha256
+    for name in ("a", "b"):
+        ok = _fedcare("client", "approve", "--ledger", str(root / f"hospital-{name}" / "ledger"),
+                      str(app), "--yes")  # fmt: skip
+        assert ok.returncode == 0 and changed in ok.stdout, ok.stdout + ok.stderr
+    run = _fedcare(
+        "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+        "--rounds", "1", "--no-dp", "--out", str(root / "run-changed"), "--app", str(app),
+        "--run-config", 'model.name="logreg" strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2',
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((root / "run-changed" / "summary.json").read_text())
+    refused = [f for f in summary["failures"] if f["hospital"] == "c"]
+    assert refused and all(
+        f["reason"].startswith(f"site c refused: app bundle {changed} is not approved here")
+        for f in refused
+    ), summary["failures"]
+    assert {f["hospital"] for f in summary["failures"]} == {"c"}
+    trained = {h["name"]: h["rounds_trained"] for h in summary["hospitals"]}
+    assert trained["a"] == trained["b"] == 1
+    assert changed in " ".join(run.stdout.split())  # shown in the end-of-run table
+    audit = [json.loads(line) for line in (root / "hospital-c" / "ledger" / "audit.jsonl").open()]
+    assert any(e.get("decision") == "refused" and e.get("fab_hash") == changed for e in audit)
+    apps = root / "hospital-c" / "flwr-home" / "apps"  # Flower installs FABs here, by hash
+    assert not apps.exists() or not any(p.name.endswith(changed[:8]) for p in apps.iterdir())
+    assert any(
+        p.name.endswith(changed[:8]) for p in (root / "hospital-a" / "flwr-home" / "apps").iterdir()
+    )
 
 
 def _kill_tree(pid: int) -> None:
@@ -232,7 +339,7 @@ def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
     root, port = federation["root"], federation["port"]
     code, output = _run_until_round_one(
         ["server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"), "--rounds", "3",
-         "--out", str(root / "run-drop"), "--run-config",
+         "--out", str(root / "run-drop"), "--app", str(federation["app"]), "--run-config",
          "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=40"],
         lambda: _kill_tree(federation["clients"]["c"].pid),  # hospital c crashes
     )  # fmt: skip
@@ -255,7 +362,8 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     )
     code, output = _run_until_round_one(
         ["server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"), "--rounds", "3",
-         "--strategy", "fedadam", "--out", str(run_dir), "--run-config", settings],
+         "--strategy", "fedadam", "--out", str(run_dir), "--app", str(federation["app"]),
+         "--run-config", settings],
         lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
     )  # fmt: skip
     assert code == 2 and "--resume" in output, output
@@ -265,7 +373,7 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
           120, root / "server2.log")  # fmt: skip
     resumed = _fedcare("server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
-                       "--resume", str(run_dir), timeout=600)  # fmt: skip
+                       "--resume", str(run_dir), "--app", str(federation["app"]), timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
     metrics = pd.read_csv(run_dir / "metrics.csv")

@@ -1,0 +1,231 @@
+"""The hospital's list of approved app bundles (FABs), kept in its ledger folder.
+
+A Flower SuperNode runs whatever app bundle the coordinator ships, and run-config overrides
+(e.g. the noise level) are covered by no signature. A fedcare hospital therefore runs only FABs
+whose SHA-256 (the hash Flower itself uses to name and store a FAB) its operator approved with
+``fedcare client approve``; the approved code then enforces the site policy on the run config.
+
+Inspecting a bundle never executes it: the FAB is read as a zip archive, its task list is
+parsed from ``shared_models/tasks.py`` with :mod:`ast`, and its metadata from its
+``pyproject.toml``.
+
+Layout: ``<ledger>/approved.json`` = ``{"approved": [{"sha256", "fab_id", "version",
+"tasks", "files", "approved_at", "source"}, ...]}``, written atomically (temporary file, fsync,
+rename) and never reset: an unreadable file is an error the hospital must resolve.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import tempfile
+import tomllib
+import zipfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+APPROVED_FILE = "approved.json"
+TASKS_MODULE = "shared_models/tasks.py"  # where a fedcare bundle registers its tasks
+
+
+class ApprovalError(RuntimeError):
+    """A bundle cannot be read, or the approved list is unreadable (never reset automatically)."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What an operator sees before approving a bundle.
+
+    Attributes
+    ----------
+    sha256 : str
+        SHA-256 of the FAB's bytes (64 hex digits): Flower's ``fab_hash``.
+    fab_id : str
+        ``publisher/name`` from the bundle's pyproject.toml.
+    version : str
+        ``[project].version`` from the bundle's pyproject.toml.
+    files : list[str]
+        Files in the bundle with their sizes in bytes, ``"path (N bytes)"``.
+    tasks : list[str]
+        Task names registered in the bundle's ``TASKS`` (parsed, never imported).
+    """
+
+    sha256: str
+    fab_id: str
+    version: str
+    files: list[str]
+    tasks: list[str]
+
+
+def fab_bytes(source: Path) -> bytes:
+    """The FAB of ``source``: a ``.fab`` file's bytes, or the FAB built from an app folder.
+
+    An app folder is packed with Flower's own ``flwr.cli.build.build_fab_from_disk`` (the
+    function ``flwr run APP_DIR`` uses; deterministic: sorted files, fixed zip dates), so the
+    hash equals the ``fab_hash`` of a run submitted from that folder.
+
+    Raises
+    ------
+    ApprovalError
+        ``source`` does not exist, or the folder is not a valid Flower app.
+    """
+    if source.is_file():
+        return source.read_bytes()
+    if not (source / "pyproject.toml").is_file():
+        raise ApprovalError(f"{source}: neither a .fab file nor an app folder with pyproject.toml")
+    from flwr.cli.build import build_fab_from_disk
+
+    try:
+        return build_fab_from_disk(source)
+    except ValueError as exc:
+        raise ApprovalError(f"{source}: not a valid Flower app ({exc})") from None
+
+
+def task_names(source: str) -> list[str]:
+    """Task names registered in a ``shared_models/tasks.py`` source text, without executing it.
+
+    Reads the string keys of the dict literal assigned to ``TASKS`` (annotated or not).
+    Returns an empty list when there is no such literal.
+
+    Raises
+    ------
+    ApprovalError
+        The source is not valid Python.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ApprovalError(f"{TASKS_MODULE}: not valid Python ({exc})") from None
+    for node in tree.body:
+        target: ast.expr | None = None
+        value: ast.expr | None = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id == "TASKS" and isinstance(value, ast.Dict):
+            return [
+                k.value
+                for k in value.keys
+                if isinstance(k, ast.Constant) and isinstance(k.value, str)
+            ]
+    return []
+
+
+def inspect_fab(content: bytes) -> BundleInfo:
+    """Describe a FAB from its bytes (a zip archive) without extracting or importing it.
+
+    Raises
+    ------
+    ApprovalError
+        Not a zip archive, or no ``pyproject.toml`` inside.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(content))
+        names = archive.namelist()
+        project = tomllib.loads(archive.read("pyproject.toml").decode())
+        tasks_src = archive.read(TASKS_MODULE).decode() if TASKS_MODULE in names else ""
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ApprovalError(f"not a Flower app bundle ({type(exc).__name__}: {exc})") from None
+    publisher = project.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher", "?")
+    meta = project.get("project", {})
+    files = [
+        f"{i.filename} ({i.file_size} bytes)"
+        for i in archive.infolist()
+        if not i.filename.startswith(".info/")
+    ]
+    return BundleInfo(
+        sha256=hashlib.sha256(content).hexdigest(),
+        fab_id=f"{publisher}/{meta.get('name', '?')}",
+        version=str(meta.get("version", "?")),
+        files=files,
+        tasks=task_names(tasks_src),
+    )
+
+
+class ApprovedBundles:
+    """``approved.json`` in a hospital's ledger folder.
+
+    Parameters
+    ----------
+    folder : Path
+        The hospital's ledger folder (created on the first approval).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / APPROVED_FILE
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every approval recorded (oldest first); ``[]`` when none was ever recorded.
+
+        Raises
+        ------
+        ApprovalError
+            The file exists but is truncated, corrupted or of another shape. The message names
+            the file; it is never reset automatically.
+        """
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data["approved"]
+            if not all(isinstance(e, dict) and _is_sha256(e["sha256"]) for e in entries):
+                raise ValueError("an entry has no valid sha256")
+            return list(entries)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApprovalError(
+                f"approved-bundles file {self.path} is unreadable ({type(exc).__name__}: {exc}); "
+                "it is never reset automatically -- restore it from a backup, or move it away and "
+                "approve the bundles again with `fedcare client approve`"
+            ) from None
+
+    def is_approved(self, sha256: str) -> bool:
+        """Whether a FAB with this SHA-256 was approved (raises :class:`ApprovalError`)."""
+        return any(e["sha256"] == sha256 for e in self.entries())
+
+    def approve(self, info: BundleInfo, *, source: str) -> bool:
+        """Record ``info`` (atomically: write, fsync, rename); existing entries are kept.
+
+        Returns
+        -------
+        bool
+            False when the hash was already approved (nothing is written).
+
+        Raises
+        ------
+        ApprovalError
+            The existing file is unreadable (it is left untouched).
+        """
+        entries = self.entries()
+        if any(e["sha256"] == info.sha256 for e in entries):
+            return False
+        entry = {
+            **asdict(info),
+            "approved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "source": source,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"approved": [*entries, entry]}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return True
+
+
+def _is_sha256(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )

@@ -1,0 +1,172 @@
+"""Approved app bundles: `fedcare client approve`, the approved list, the launcher's refusal text.
+
+The bundles are built with Flower's own builder from a copy of the fedcare app (exactly the files
+its FAB contains); nothing here executes a bundle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab, task_names
+from server.run_config import APP_DIR
+from simulations import cli
+
+
+@pytest.fixture(scope="module")
+def app_copy(tmp_path_factory) -> Path:
+    """The files of the fedcare FAB, unpacked into a fresh folder (a second copy of the app)."""
+    dst = tmp_path_factory.mktemp("app") / "fedcare"
+    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):
+                (dst / name).parent.mkdir(parents=True, exist_ok=True)
+                (dst / name).write_bytes(fab.read(name))
+    return dst
+
+
+def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _change_one_line(app: Path, dst: Path) -> Path:
+    """A copy of ``app`` with one line of client/training.py changed."""
+    import shutil
+
+    shutil.copytree(app, dst)
+    path = dst / "client" / "training.py"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[0] = lines[0].rstrip("\n") + "  # changed\n"
+    path.write_text("".join(lines))
+    return dst
+
+
+def test_approve_records_the_hash_and_is_idempotent(monkeypatch, capsys, tmp_path, app_copy):
+    expected = inspect_fab(fab_bytes(app_copy)).sha256
+    ledger = tmp_path / "ledger"
+    code, out = _fedcare(monkeypatch, capsys, "client", "approve", "--ledger", str(ledger),
+                         str(app_copy), "--yes")  # fmt: skip
+    assert code == 0, out
+    assert (
+        expected in out and "breast-cancer, heart-disease" in out and "client/client_app.py" in out
+    )
+    entries = json.loads((ledger / "approved.json").read_text())["approved"]
+    assert [e["sha256"] for e in entries] == [expected]
+    assert entries[0]["tasks"] == ["breast-cancer", "heart-disease"]
+    code, out = _fedcare(monkeypatch, capsys, "client", "approve", "--ledger", str(ledger),
+                         str(app_copy), "--yes")  # fmt: skip
+    assert code == 0 and "already approved" in out
+    assert len(json.loads((ledger / "approved.json").read_text())["approved"]) == 1
+    code, out = _fedcare(
+        monkeypatch, capsys, "client", "approve", "--ledger", str(ledger), "--list"
+    )
+    assert code == 0 and expected in out
+
+
+def test_a_copy_of_the_app_has_the_app_hash(app_copy):
+    """The FAB is deterministic: the same files give the same hash (what `flwr run` submits)."""
+    assert fab_bytes(app_copy) == fab_bytes(APP_DIR)
+
+
+def test_one_changed_line_changes_the_hash(tmp_path, app_copy):
+    changed = _change_one_line(app_copy, tmp_path / "changed")
+    assert inspect_fab(fab_bytes(changed)).sha256 != inspect_fab(fab_bytes(app_copy)).sha256
+
+
+def test_approval_keeps_earlier_entries(tmp_path, app_copy):
+    approved = ApprovedBundles(tmp_path)
+    first = inspect_fab(fab_bytes(app_copy))
+    second = inspect_fab(fab_bytes(_change_one_line(app_copy, tmp_path / "changed")))
+    assert approved.approve(first, source="a") and approved.approve(second, source="b")
+    assert [e["sha256"] for e in approved.entries()] == [first.sha256, second.sha256]
+    assert approved.is_approved(first.sha256) and not approved.is_approved("0" * 64)
+
+
+@pytest.mark.parametrize("content", ['{"approved": [', '{"approved": [{"sha256": "abc"}]}', "[]"])
+def test_corrupted_list_is_an_error_naming_the_file_and_never_reset(
+    monkeypatch, capsys, tmp_path, app_copy, content
+):
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    (ledger / "approved.json").write_text(content)
+    code, out = _fedcare(monkeypatch, capsys, "client", "approve", "--ledger", str(ledger),
+                         str(app_copy), "--yes")  # fmt: skip
+    assert code == 2
+    assert f"{ledger / 'approved.json'} is unreadable" in " ".join(out.split())
+    assert "never reset" in out and "Traceback" not in out
+    assert (ledger / "approved.json").read_text() == content
+    with pytest.raises(ApprovalError, match="approved.json is unreadable"):
+        ApprovedBundles(ledger).is_approved("0" * 64)
+
+
+def test_task_list_comes_out_without_importing_the_bundle(tmp_path, app_copy):
+    import shutil
+
+    evil = tmp_path / "evil"
+    shutil.copytree(app_copy, evil)
+    tasks = evil / "shared_models" / "tasks.py"
+    marker = tmp_path / "imported"
+    tasks.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + tasks.read_text())
+    info = inspect_fab(fab_bytes(evil))
+    assert info.tasks == ["breast-cancer", "heart-disease"]
+    assert not marker.exists()  # the module was parsed, never executed
+    assert task_names("TASKS: dict = {'a': 1, 'b': 2}\n") == ["a", "b"]
+    assert task_names("x = 1\n") == []
+
+
+def test_not_a_bundle_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    bogus = tmp_path / "app.fab"
+    bogus.write_bytes(b"not a zip")
+    code, out = _fedcare(monkeypatch, capsys, "client", "approve", "--ledger", str(tmp_path / "l"),
+                         str(bogus), "--yes")  # fmt: skip
+    assert code == 2 and "not a Flower app bundle" in out and "Traceback" not in out
+    assert not (tmp_path / "l" / "approved.json").exists()
+
+
+def test_start_refuses_without_an_approved_bundle(monkeypatch, capsys, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tmp_path / "a.key"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    for name in ("ca.pem", "data.csv"):
+        (tmp_path / name).write_text("x")
+    code, out = _fedcare(
+        monkeypatch, capsys, "client", "start", "--superlink", "127.0.0.1:1", "--ca",
+        str(tmp_path / "ca.pem"), "--key", str(key), "--site", "a", "--data",
+        str(tmp_path / "data.csv"), "--state", str(tmp_path / "state"),
+    )  # fmt: skip
+    flat = " ".join(out.split())
+    assert code == 2 and "no approved app bundle in" in flat
+    assert "fedcare client approve --ledger" in flat and "Traceback" not in out
+
+
+def test_refusal_reason_is_what_the_coordinator_parses():
+    from client.client_app import SITE_REFUSED
+    from client.launcher import SITE_REFUSED as LAUNCHER_REFUSED
+    from client.launcher import refusal_reason
+    from server.history import _REFUSAL
+
+    reason = refusal_reason("a", "f" * 64, Path("/l"))
+    assert LAUNCHER_REFUSED == SITE_REFUSED
+    match = _REFUSAL.match(reason)
+    assert match and match.group(1) == "a" and "f" * 64 in reason and "not approved" in reason
