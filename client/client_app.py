@@ -26,12 +26,13 @@ from client.audit import AuditLog
 from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
 from client.policy import PolicyError, PolicyRefusal, SitePolicy
 from client.secure_aggregation import (
+    SecAggProtocolError,
     client_clipping_mod,
     handing_to_secagg,
     secagg_stage,
     secure_aggregation_mod,
 )
-from client.site import SITE_REFUSED, SiteSettings, load_site_data
+from client.site import SiteSettings, load_site_data
 from client.training import (
     AccountantState,
     PrivacyBudgetError,
@@ -43,6 +44,7 @@ from client.training import (
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import METRIC_NAMES, binary_metrics
 from shared_models.models import build_model, predict_proba
+from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY
 from shared_models.tasks import DataError, SiteData, get_task
 
 
@@ -66,9 +68,27 @@ def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  
     return reply
 
 
-# outermost first: audit the protocol, run SecAgg+, clip for client-level DP, then the handler
-UNIT_WEIGHT_KEY = "unit-weight"  # = server.strategies.UNIT_WEIGHT_KEY (client-level DP weighting)
-app = ClientApp(mods=[_audit_protocol_mod, secure_aggregation_mod, client_clipping_mod])
+def _secagg_preflight_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
+    """Flower mod: at the SecAgg+ setup stage, refuse a run this site would refuse to train
+    (policy, ledger, data), before taking part in the key exchange; answer protocol parameters
+    or clipping norms the inner mods reject with a refusal."""
+    if secagg_stage(msg) == "setup":
+        try:
+            run = RunConfig.from_run_config(context.run_config)
+            data = load_site_data(SiteSettings.from_node_config(context.node_config), run)
+            _check_policy(context, run, data, _ledger(context), _run_key(context, run))
+        except _EXPECTED as exc:
+            return _refuse(msg, _site_name(context), exc)
+    try:
+        return call_next(msg, context)
+    except SecAggProtocolError as exc:  # protocol parameters or clipping norm rejected
+        return _refuse(msg, _site_name(context), exc)
+
+
+# outermost first: audit the protocol, refuse early, run SecAgg+, clip (client-level DP), handler
+app = ClientApp(
+    mods=[_audit_protocol_mod, _secagg_preflight_mod, secure_aggregation_mod, client_clipping_mod]
+)
 
 _STATE_KEY = "fedcare"
 _EXPECTED = (
@@ -173,6 +193,12 @@ def _train(msg: Message, context: Context) -> Message:
         cache = ReplayCache(ledger) if ledger is not None else None
         replay = cache.get(run_key, request) if cache is not None else None
         replayed = replay is not None
+        if replay is not None and run.secagg.enabled:
+            raise PolicyRefusal(
+                f"round {server_round} was already answered in a secure aggregation session; the "
+                "same update is not sent into a second one (two sums over different hospitals "
+                "would reveal it), so this hospital sits the repeated round out"
+            )
         if replay is not None:
             state_dict, metrics = replay
         else:
@@ -210,19 +236,8 @@ def _train_locally(
     """One round of (DP) training; the accountant state is recorded before anything is returned."""
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
-    plan = plan_for_run(run, n_train=data.n_train) if run.dp.sample_level else None
     state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
-    policy = _policy(context)
-    if policy is not None:  # before any training: a refusal changes nothing in the ledger
-        others = (
-            [e["accountant"] for e in run_entries(ledger) if e["run_id"] != run_key]
-            if ledger
-            else []
-        )
-        policy.check_run(
-            task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
-            client_level=run.dp.client_level, secure_aggregation=run.secagg.enabled,
-        )  # fmt: skip
+    plan = _check_policy(context, run, data, ledger, run_key)  # before any training
     started = time.perf_counter()
     result = train_round(
         model,
@@ -259,6 +274,34 @@ def _train_locally(
         metrics["noise-multiplier"] = plan.noise_multiplier
         metrics["sample-rate"] = plan.sample_rate
     return model.state_dict(), metrics
+
+
+def _check_policy(
+    context: Context, run: RunConfig, data: SiteData, ledger: Ledger | None, run_key: str
+):  # type: ignore[no-untyped-def]
+    """The run's DP plan at this site, after checking it against the site policy (a refusal
+    changes nothing in the ledger).
+
+    Raises
+    ------
+    PolicyRefusal, PolicyError, LedgerError, ConfigError, PrivacyBudgetError
+        Expected problems, answered with a refusal.
+    """
+    plan = plan_for_run(run, n_train=data.n_train) if run.dp.sample_level else None
+    policy = _policy(context)
+    if policy is not None:
+        others = (
+            [e["accountant"] for e in run_entries(ledger) if e["run_id"] != run_key]
+            if ledger
+            else []
+        )
+        policy.check_run(
+            task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
+            client_level=run.dp.client_level, secure_aggregation=run.secagg.enabled,
+        )  # fmt: skip
+    if ledger is not None:
+        ledger.load(run_key)  # an unreadable ledger refuses here, before anything is exchanged
+    return plan
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

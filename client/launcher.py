@@ -51,8 +51,8 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.approval import ApprovalError, ApprovedBundles
 from client.audit import AuditLog
+from shared_models.protocol import SITE_REFUSED
 
-SITE_REFUSED = 4001  # = client.client_app.SITE_REFUSED (not imported here: that module loads torch)
 DEFAULT_POLL_INTERVAL = 0.1  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the SuperExec-authenticated RPC
 _log = logging.getLogger("fedcare.launcher")

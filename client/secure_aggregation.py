@@ -22,12 +22,16 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.site import SITE_REFUSED
 from shared_models.config import RunConfig
+from shared_models.protocol import SITE_REFUSED
 
 Handler = Callable[[Message, Context], Message]
 _masking: ContextVar[bool] = ContextVar("fedcare_secagg_masking", default=False)
@@ -51,6 +55,52 @@ class SecAggRangeError(ValueError):
     """The hospital's update does not fit the protocol's quantisation range or max weight."""
 
 
+class SecAggProtocolError(ValueError):
+    """The coordinator's SecAgg+ parameters would weaken the protocol or differ from the run's."""
+
+
+def check_protocol(msg: Message, context: Context) -> None:
+    """Refuse protocol parameters that would let the coordinator unmask one hospital's update.
+
+    Setup stage: reconstruction threshold >= 2 and <= the number of shares, and the quantisation
+    range and max weight the run config declares. Share-keys stage: at least ``threshold``
+    hospitals (this one included) to share with.
+
+    Raises
+    ------
+    SecAggProtocolError
+        Naming the parameter, the value received and the value required.
+    """
+    stage = secagg_stage(msg)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    run = RunConfig.from_run_config(context.run_config)
+    if stage == "setup":
+        threshold, shares = int(configs[Key.THRESHOLD]), int(configs[Key.SHARE_NUMBER])  # type: ignore[arg-type]
+        max_weight = 1.0 if run.dp.client_level else run.secagg.max_weight
+        problems = []
+        if not 2 <= threshold <= shares:
+            problems.append(
+                f"reconstruction threshold {threshold} with {shares} shares (need 2 <= threshold <= shares)"
+            )
+        if float(configs[Key.CLIPPING_RANGE]) != run.secagg.clipping_range:  # type: ignore[arg-type]
+            problems.append(
+                f"clipping range {configs[Key.CLIPPING_RANGE]!r} (run config: {run.secagg.clipping_range:g})"
+            )
+        if float(configs[Key.MAX_WEIGHT]) != max_weight:  # type: ignore[arg-type]
+            problems.append(f"max weight {configs[Key.MAX_WEIGHT]!r} (run config: {max_weight:g})")
+        if problems:
+            raise SecAggProtocolError("SecAgg+ setup rejected: " + "; ".join(problems))
+    elif stage == "share_keys":
+        state = context.state.config_records.get(RECORD_KEY_STATE)
+        threshold = int(state["threshold"]) if state is not None and "threshold" in state else 2  # type: ignore[arg-type]
+        peers = len([k for k in configs if k != Key.STAGE])
+        if peers < max(threshold, 2):
+            raise SecAggProtocolError(
+                f"SecAgg+ share-keys rejected: {peers} hospital(s) to share with, fewer than the "
+                f"reconstruction threshold {threshold}"
+            )
+
+
 def secagg_stage(msg: Message) -> str | None:
     """The SecAgg+ stage of a protocol message from :mod:`server.secure_aggregation`
     (``setup``, ``share_keys``, ``collect_masked_vectors``, ``unmask``), else None."""
@@ -63,14 +113,19 @@ def secagg_stage(msg: Message) -> str | None:
 def secure_aggregation_mod(msg: Message, context: Context, call_next: Handler) -> Message:
     """Flower mod: SecAgg+ for protocol messages, anything else straight to ``call_next``.
 
+    A refusal by the handler (policy, budget, data) is returned as the handler's own error
+    reply, and an update outside the protocol's range as an error reply naming the bound and the
+    run-config key to change.
+
     Raises
     ------
-    Nothing for expected problems: a refusal by the handler (policy, budget, data) is returned as
-    the handler's own error reply, and an update outside the protocol's range as an error reply
-    naming the bound and the run-config key to change.
+    SecAggProtocolError
+        Protocol parameters that :func:`check_protocol` rejects (the ClientApp answers with a
+        refusal).
     """
     if secagg_stage(msg) is None:
         return call_next(msg, context)
+    check_protocol(msg, context)
 
     def train_then_hand_over(inner: Message, ctx: Context) -> Message:
         protocol = inner.content.config_records.pop(RECORD_KEY_CONFIGS)
@@ -132,13 +187,26 @@ def _add_fitres(reply: Message, run: RunConfig) -> None:
 
 
 def client_clipping_mod(msg: Message, context: Context, call_next: Handler) -> Message:
-    """Flower's ``fixedclipping_mod`` on train messages that carry a clipping norm (client-level
-    DP runs); every other message goes straight to ``call_next``."""
+    """Flower's ``fixedclipping_mod`` on train messages of client-level DP runs; every other
+    message goes straight to ``call_next``.
+
+    Raises
+    ------
+    SecAggProtocolError
+        A client-level DP run whose train request carries no clipping norm or another one than
+        the run config's ``dp.client-clipping-norm`` (the ClientApp answers with a refusal).
+    """
     config = msg.content.config_records.get("config")
-    if (
-        msg.metadata.message_type == MessageType.TRAIN
-        and config is not None
-        and KEY_CLIPPING_NORM in config
-    ):
+    if msg.metadata.message_type != MessageType.TRAIN or config is None:
+        return call_next(msg, context)
+    run = RunConfig.from_run_config(context.run_config)
+    if run.dp.client_level:
+        norm = config.get(KEY_CLIPPING_NORM)
+        if norm is None or float(norm) != run.dp.client_clipping_norm:  # type: ignore[arg-type]
+            raise SecAggProtocolError(
+                f"client-level DP run: the coordinator asked for clipping norm {norm!r} but the run "
+                f"config says dp.client-clipping-norm = {run.dp.client_clipping_norm:g}"
+            )
+    if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

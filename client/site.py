@@ -17,8 +17,6 @@ from shared_models.config import RunConfig
 from shared_models.sites import simulated_sites_for, site_from_frame
 from shared_models.tasks import SiteData, get_task
 
-SITE_REFUSED = 4001  # error code of a reply refused by the site: "site NAME refused: <reason>"
-
 
 @dataclass(frozen=True)
 class SiteSettings:

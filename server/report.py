@@ -103,26 +103,30 @@ def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
         history.central_privacy[max(history.central_privacy)] if history.central_privacy else None
     )
     out.update(
-        guarantee="client-level (ε, δ)-DP of the released global model with respect to any one "
+        guarantee="client-level (ε, δ)-DP of the released global models with respect to any one "
         "hospital's whole participation (clipped updates, Gaussian noise added by the "
         "coordinator: Flower DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod, "
-        "RDP accountant); hospitals train without per-patient DP and must trust the coordinator "
+        "RDP accountant); it covers the model weights only, not the per-hospital metrics in "
+        "this report; hospitals train without per-patient DP and must trust the coordinator "
         "to add the noise",
         clipping_norm=dp.client_clipping_norm,
+        noise_multiplier_set=dp.client_noise_multiplier or None,
         epsilon=spent["epsilon"] if spent else None,
-        rounds_accounted=max(history.central_privacy) if history.central_privacy else 0,
+        releases=int(spent.get("releases", max(history.central_privacy))) if spent else 0,
     )
     return out
 
 
 def _secagg_summary(run: RunConfig) -> dict[str, Any]:
+    """Whether the run used SecAgg+, with its protocol parameters and what it protects."""
     sa = run.secagg
     if not sa.enabled:
         return {"enabled": False}
     return {
         "enabled": True,
-        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod): the coordinator saw "
-        "only the sum of the hospitals' updates",
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod): a coordinator that "
+        "follows the protocol sees only the sum of the hospitals' model updates (each "
+        "hospital's train metrics: loss, example count, ε, still travel unmasked)",
         "num_shares": sa.num_shares, "reconstruction_threshold": sa.reconstruction_threshold,
         "clipping_range": sa.clipping_range, "max_weight": sa.max_weight,
     }  # fmt: skip
@@ -197,9 +201,13 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     elif dp["enabled"]:
         lines.append(
             f"- privacy: **client-level** DP: ε = {_fmt(dp['epsilon'], 4)} at δ = {dp['delta']:g} "
-            f"for the released model after {dp['rounds_accounted']} round(s) (target "
-            f"{dp['target_epsilon']:g}), update clipping norm {dp['clipping_norm']:g}. "
-            f"{dp['guarantee']}."
+            f"for the released models after {dp['releases']} release(s) "
+            + (
+                f"(noise multiplier set to {dp['noise_multiplier_set']:g})"
+                if dp["noise_multiplier_set"]
+                else f"(noise calibrated to ε = {dp['target_epsilon']:g})"
+            )
+            + f", update clipping norm {dp['clipping_norm']:g}. {dp['guarantee']}."
         )
     else:
         lines.append("- privacy: **none** (dp.enabled = false: non-private baseline run)")
@@ -342,7 +350,9 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
     elif not dp["enabled"]:
         console.print("privacy: none (trained without differential privacy)")
     if summary.get("secure_aggregation", {}).get("enabled"):
-        console.print("secure aggregation: SecAgg+ (the coordinator saw only the sum of updates)")
+        console.print(
+            "secure aggregation: SecAgg+ (the coordinator received only the sum of the updates)"
+        )
     ov = summary["overall"]
     console.print(
         f"overall AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))}, "

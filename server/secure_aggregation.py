@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import Parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.legacy_context import History
@@ -44,12 +43,16 @@ from flwr.serverapp import Grid
 from flwr.supercore import log as flwr_log
 
 from shared_models.config import SecAggConfig
-
-SECAGG_FAILED = 4002  # error code when the sum could not be unmasked this round
+from shared_models.protocol import SECAGG_FAILED
 
 
 class _Stages(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, sending the strategy's own train messages in the collect stage."""
+    """Flower's SecAgg+ workflow, sending the strategy's own train messages in the collect stage.
+
+    A hospital that fails before it has sent anything masked (an error or no reply in the setup
+    or share-keys stage) is removed from the protocol, as if it had never been sampled: nobody
+    holds shares of its keys, so Flower's unmask stage could not treat it as a dropped hospital.
+    """
 
     def __init__(self, contents: dict[int, RecordDict], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -59,7 +62,23 @@ class _Stages(SecAggPlusWorkflow):
         ok = super().setup_stage(grid, context, state)
         # what each hospital trains on: the strategy's message (arrays + config), not a legacy FitIns
         state.nid_to_fitins = {nid: _copy(self._contents[nid]) for nid in state.nid_to_fitins}
-        return ok
+        return ok and _forget_failed(self, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return super().share_keys_stage(grid, context, state) and _forget_failed(self, state)
+
+
+def _forget_failed(workflow: SecAggPlusWorkflow, state: WorkflowState) -> bool:
+    """Drop hospitals that failed before the collect stage from the sampled set and from every
+    neighbourhood; then re-check the reconstruction threshold."""
+    alive = set(state.active_node_ids)
+    state.sampled_node_ids = alive
+    state.nid_to_neighbours = {
+        nid: neighbours & alive
+        for nid, neighbours in state.nid_to_neighbours.items()
+        if nid in alive
+    }
+    return workflow._check_threshold(state)
 
 
 class _Sum(LegacyStrategy):
@@ -102,7 +121,6 @@ class _Observed(Grid):
         self._exchange = exchange
         self.errors: dict[int, Message] = {}
         self.trained: dict[int, Message] = {}
-        self.received: list[Message] = []  # every protocol reply, for inspection
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):  # type: ignore[no-untyped-def]
         sent = list(messages)
@@ -117,7 +135,6 @@ class _Observed(Grid):
                 self.errors.setdefault(node, reply)
             elif "metrics" in reply.content.metric_records:
                 self.trained[node] = reply
-        self.received.extend(replies)
         return replies
 
     # the workflow uses send_and_receive only; the rest delegates
@@ -149,7 +166,7 @@ def run_secaggplus_round(
     exchange,  # type: ignore[no-untyped-def]
     timeout: float | None,
     context: Context,
-    observer: list[Message] | None = None,
+    unit_weights: bool = False,
 ) -> list[Message]:
     """Answer one round of train ``messages`` through SecAgg+ and return one reply per hospital.
 
@@ -168,8 +185,9 @@ def run_secaggplus_round(
         Seconds each protocol stage waits for replies.
     context : Context
         The ServerApp's context (wrapped in Flower's ``LegacyContext`` for the workflow).
-    observer : list of Message, optional
-        If given, every protocol reply the coordinator received is appended (for audits/tests).
+    unit_weights : bool
+        Every hospital weighs 1 (client-level DP): ``max_weight`` is then 1, which keeps the
+        quantisation as fine as with example counts.
 
     Returns
     -------
@@ -189,6 +207,9 @@ def run_secaggplus_round(
     instead of letting the protocol clip it silently (see :mod:`client.secure_aggregation`).
     """
     by_node = {m.metadata.dst_node_id: m for m in messages}
+    if len(by_node) < 2:  # Flower's workflow stops silently; say why
+        reason = "secure aggregation needs at least 2 hospitals in a round; only 1 was sampled"
+        return [Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=m) for m in messages]
     template = messages[0].content.array_records["arrays"]
     server_round = int(messages[0].content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     observed = _Observed(grid, exchange)
@@ -205,25 +226,28 @@ def run_secaggplus_round(
         num_shares=_count_or_fraction(cfg.num_shares),
         reconstruction_threshold=_count_or_fraction(cfg.reconstruction_threshold),
         clipping_range=cfg.clipping_range,
-        max_weight=cfg.max_weight,
+        max_weight=1.0 if unit_weights else cfg.max_weight,
         timeout=timeout,
     )
     workflow(observed, ctx)
-    if observer is not None:
-        observer.extend(observed.received)
     replies: list[Message] = []
     aggregate = _as_arrays(legacy.aggregate, template) if legacy.aggregate is not None else None
+    lost = sorted(nid for nid in by_node if nid not in observed.trained)
     for nid, msg in by_node.items():
-        if nid in observed.errors:  # a refusal (or the SuperLink's "unavailable") with its reason
-            replies.append(Message(observed.errors[nid].error, reply_to=msg))
-            continue
         trained = observed.trained.get(nid)
-        if trained is None:
-            continue  # never answered the collect stage: recorded as dropped by the caller
-        if aggregate is None:
-            reason = "secure aggregation could not unmask the sum (fewer hospitals left than the reconstruction threshold)"
+        if trained is not None and aggregate is None:  # trained, but the sum was never unmasked
+            reason = (
+                f"secure aggregation could not unmask this round's sum: {len(lost)} of "
+                f"{len(by_node)} hospitals failed or dropped out (nodes {lost}), fewer than the "
+                "reconstruction threshold remained"
+            )
             replies.append(Message(Error(code=SECAGG_FAILED, reason=reason), reply_to=msg))
             continue
+        if trained is None and nid in observed.errors:  # a refusal or "unavailable", with reason
+            replies.append(Message(observed.errors[nid].error, reply_to=msg))
+            continue
+        if trained is None or aggregate is None:
+            continue  # never answered: recorded as dropped by the caller
         content = trained.content
         record = RecordDict({"arrays": aggregate, "metrics": content.metric_records["metrics"]})
         if "info" in content.config_records:
@@ -263,4 +287,4 @@ def _copy(content: RecordDict) -> RecordDict:
     return out
 
 
-__all__ = ["RECORD_KEY_CONFIGS", "SECAGG_FAILED", "run_secaggplus_round"]
+__all__ = ["SECAGG_FAILED", "run_secaggplus_round"]

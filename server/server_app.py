@@ -33,7 +33,6 @@ from server.history import RecordingGrid, RunHistory
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
 from server.strategies import (
-    UNIT_WEIGHT_KEY,
     ResumedStrategy,
     build_strategy,
     calibrate_client_noise,
@@ -42,9 +41,10 @@ from server.strategies import (
     strategy_state,
     with_client_dp,
 )
-from shared_models.config import RunConfig
+from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import binary_metrics
 from shared_models.models import build_model, predict_proba
+from shared_models.protocol import UNIT_WEIGHT_KEY
 from shared_models.sites import simulated_sites_for
 from shared_models.tasks import get_task
 
@@ -69,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(model.state_dict())
     if run.resume_from:
         done, weights, sidecar = latest_checkpoint(out)
-    strategy = _strategy(run, grid, rounds_done=done)
+    strategy = _strategy(run, grid, releases_done=_releases_before(out) if run.resume_from else 0)
     if (
         run.resume_from
     ):  # continue from the last checkpoint: weights, rounds, strategy state, history
@@ -97,7 +97,9 @@ def main(grid: Grid, context: Context) -> None:
             history.centralized[server_round] = metrics
         spent = privacy_spent(strategy)
         if spent is not None:  # client-level DP: the coordinator's accountant
-            history.central_privacy[server_round] = {"epsilon": spent[0], "delta": spent[1]}
+            history.central_privacy[server_round] = {
+                "epsilon": spent[0], "delta": spent[1], "releases": spent[2],
+            }  # fmt: skip
         path = out / "checkpoints" / f"round-{server_round:03d}.safetensors"
         extra = strategy_state(strategy)
         if extra:  # written before the weights: a checkpoint is complete once its sidecar exists
@@ -116,8 +118,9 @@ def main(grid: Grid, context: Context) -> None:
 
         def secure_aggregation(inner, sent, exchange, timeout):  # type: ignore[no-untyped-def]
             return run_secaggplus_round(
-                inner, sent, run.secagg, exchange=exchange, timeout=timeout, context=context
-            )
+                inner, sent, run.secagg, exchange=exchange, timeout=timeout, context=context,
+                unit_weights=run.dp.client_level,
+            )  # fmt: skip
 
     result = strategy.start(
         grid=RecordingGrid(
@@ -139,12 +142,29 @@ def main(grid: Grid, context: Context) -> None:
     write_reports(out, run, history, summary)
 
 
-def _strategy(run: RunConfig, grid: Grid, *, rounds_done: int):  # type: ignore[no-untyped-def]
+def _releases_before(out: Path) -> int:
+    """Client-level DP releases a resumed run already made: those its last checkpoint recorded,
+    plus one, since the coordinator may have sent the next round's noisy model to the hospitals
+    for evaluation before it stopped (never undercounting: ε may be overstated by one release)."""
+    _, _, sidecar = latest_checkpoint(out)
+    central = RunHistory.from_dict(sidecar["history"]).central_privacy
+    if not central:
+        return 0
+    return int(central[max(central)].get("releases", max(central))) + 1
+
+
+def _strategy(run: RunConfig, grid: Grid, *, releases_done: int):  # type: ignore[no-untyped-def]
     """The run's Flower strategy; under client-level DP wrapped in Flower's
     ``DifferentialPrivacyClientSideFixedClipping`` with its accountant."""
     if not run.dp.client_level:
         return build_strategy(run.strategy)
     hospitals = run.simulated_hospitals or len(list(grid.get_node_ids()))
+    if hospitals < 2:
+        raise ConfigError(
+            f"dp.level = 'client': {hospitals} hospital(s) connected; client-level DP needs every "
+            "hospital of the consortium connected when the run starts (the noise is scaled to "
+            "their number), and at least 2"
+        )
     sigma = run.dp.client_noise_multiplier or calibrate_client_noise(
         run.dp.target_epsilon, run.dp.target_delta, run.train.rounds, hospitals
     )
@@ -155,7 +175,7 @@ def _strategy(run: RunConfig, grid: Grid, *, rounds_done: int):  # type: ignore[
     return with_client_dp(
         build_strategy(run.strategy, weighted_by_key=UNIT_WEIGHT_KEY),
         noise_multiplier=sigma, clipping_norm=run.dp.client_clipping_norm, hospitals=hospitals,
-        delta=run.dp.target_delta, rounds_done=rounds_done,
+        delta=run.dp.target_delta, releases_done=releases_done,
     )  # fmt: skip
 
 

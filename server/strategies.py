@@ -72,10 +72,6 @@ STRATEGIES: dict[str, Callable[..., fl.Strategy]] = {
 }
 
 
-# under client-level DP every hospital weighs the same (Flower's accountant requires equal weights)
-UNIT_WEIGHT_KEY = "unit-weight"
-
-
 def build_strategy(cfg: StrategyConfig, *, weighted_by_key: str = "num-examples") -> fl.Strategy:
     """Build the Flower strategy named ``cfg.name`` with the run's sampling settings.
 
@@ -117,7 +113,10 @@ def client_dp_accountant(delta: float, hospitals: int):  # type: ignore[no-untyp
 
 
 def client_dp_epsilon(noise_multiplier: float, rounds: int, delta: float, hospitals: int) -> float:
-    """ε after ``rounds`` Gaussian releases of the clipped mean with ``noise_multiplier``."""
+    """ε after ``rounds`` Gaussian releases of the clipped mean with ``noise_multiplier``.
+
+    Without amplification by sampling, ε does not depend on the number of ``hospitals``.
+    """
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
     accountant = client_dp_accountant(delta, hospitals)
@@ -129,7 +128,13 @@ def calibrate_client_noise(
     target_epsilon: float, delta: float, rounds: int, hospitals: int, *, tol: float = 1e-4
 ) -> float:
     """Smallest noise multiplier whose ε after ``rounds`` releases is <= ``target_epsilon``
-    (bisection on Flower's accountant, the one that reports ε; relative tolerance ``tol``)."""
+    (bisection on Flower's accountant, the one that reports ε; relative tolerance ``tol``).
+
+    Raises
+    ------
+    ValueError
+        No noise multiplier up to 1e6 reaches the target.
+    """
     lo, hi = 0.01, 1.0
     while client_dp_epsilon(hi, rounds, delta, hospitals) > target_epsilon:
         lo, hi = hi, hi * 2
@@ -146,11 +151,16 @@ def calibrate_client_noise(
 
 def with_client_dp(
     strategy: fl.Strategy, *, noise_multiplier: float, clipping_norm: float, hospitals: int,
-    delta: float, rounds_done: int = 0,
+    delta: float, releases_done: int = 0,
 ) -> fl.Strategy:  # fmt: skip
     """Wrap ``strategy`` in Flower's ``DifferentialPrivacyClientSideFixedClipping`` (the
     hospitals clip with ``fixedclipping_mod``) with Flower's RDP accountant; a resumed run
-    composes the ``rounds_done`` releases it already made (every release is the same event).
+    composes the ``releases_done`` releases it already made (every release is the same event).
+
+    Raises
+    ------
+    ValueError
+        From Flower: noise multiplier <= 0, clipping norm <= 0, fewer than 1 hospital.
 
     Source: Flower ``flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping``;
     McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018.
@@ -158,9 +168,9 @@ def with_client_dp(
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
     accountant = client_dp_accountant(delta, hospitals)
-    if rounds_done:
+    if releases_done:
         accountant.compose(
-            GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), rounds_done
+            GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), releases_done
         )
     return fl.DifferentialPrivacyClientSideFixedClipping(
         strategy, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
@@ -168,13 +178,13 @@ def with_client_dp(
     )  # fmt: skip
 
 
-def privacy_spent(strategy: fl.Strategy) -> tuple[float, float] | None:
-    """(ε, δ) of a client-level DP strategy so far, else None."""
+def privacy_spent(strategy: fl.Strategy) -> tuple[float, float, int] | None:
+    """(ε, δ, number of releases) of a client-level DP strategy so far, else None."""
     inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
     if isinstance(inner, fl.DifferentialPrivacyClientSideFixedClipping):
         spent = inner.privacy_spent()
         if spent is not None:
-            return spent.epsilon, spent.delta
+            return spent.epsilon, spent.delta, spent.num_releases
     return None
 
 

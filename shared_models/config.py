@@ -282,6 +282,13 @@ class RunConfig:
                     raise ConfigError(
                         f"run config key '{key}' = {value!r}: a count (int > 1) or a fraction (<= 1)"
                     )
+            if 1 < sa.num_shares <= 2:  # Flower's SecAggPlusWorkflow rule
+                raise ConfigError("run config key 'secagg.num-shares' as a count must be > 2")
+            if 1 < sa.num_shares <= sa.reconstruction_threshold:
+                raise ConfigError(
+                    "run config key 'secagg.reconstruction-threshold' must be below "
+                    "'secagg.num-shares' when both are counts"
+                )
             _in_range("secagg.clipping-range", sa.clipping_range, 0.0, 1e6, lo_open=True)
             _in_range("secagg.max-weight", sa.max_weight, 0.0, 1e9, lo_open=True)
         if dp.enabled:

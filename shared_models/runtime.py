@@ -90,7 +90,17 @@ def run_foreground(
         preexec_fn=_die_with_parent,
     )  # fmt: skip
     stopping = threading.Event()
-    extra = [_spawn_companion(ccmd, env=env, log_path=clog) for ccmd, clog in companions]
+    extra: list[subprocess.Popen[bytes]] = []
+    try:
+        for ccmd, clog in companions:
+            extra.append(_spawn_companion(ccmd, env=env, log_path=clog))
+    except OSError:  # a companion that cannot start: stop everything started so far
+        for companion in extra:
+            _stop_group(companion, stop_timeout)
+        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     failed: list[int] = []
 
     def _stop(signum: int, frame: FrameType | None) -> None:

@@ -14,7 +14,6 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from client.client_app import app as client_app
 from server.strategies import (
-    UNIT_WEIGHT_KEY,
     build_strategy,
     calibrate_client_noise,
     client_dp_epsilon,
@@ -23,6 +22,7 @@ from server.strategies import (
 )
 from shared_models.config import ConfigError, RunConfig
 from shared_models.models import build_model
+from shared_models.protocol import UNIT_WEIGHT_KEY
 from tests.handlers import make_context, make_request, use_task_identity
 
 
@@ -86,15 +86,17 @@ def test_coordinator_adds_calibrated_noise_and_accounts_each_round(default_cfg):
         std = float(np.std(noisy["w"].numpy()))
         # Flower adds N(0, (σ C / n)^2) to the mean of n clipped updates
         assert std == pytest.approx(sigma * clip / hospitals, rel=0.02)
-        eps, delta = privacy_spent(strategy)
+        eps, delta, releases = privacy_spent(strategy)
+        assert releases == rnd
         assert eps == pytest.approx(client_dp_epsilon(sigma, rnd, 1e-5, hospitals), rel=1e-9)
         assert delta == 1e-5
 
 
 def test_hospital_clips_its_update_to_the_norm(default_cfg):
     default_cfg.update(
-        {"dp.level": "client", "train.rounds": 2, "train.lr": 2.0, "simulation.hospitals": 3}
-    )
+        {"dp.level": "client", "dp.client-clipping-norm": 0.05, "train.rounds": 2,
+         "train.lr": 2.0, "simulation.hospitals": 3}
+    )  # fmt: skip
     ctx = make_context(default_cfg, {"partition-id": 0, "num-partitions": 3})
     model = build_model("mlp", n_features=30)
     request = make_request("train", model)
@@ -107,8 +109,19 @@ def test_hospital_clips_its_update_to_the_norm(default_cfg):
     assert norm == pytest.approx(0.05, rel=1e-4)  # clipped to exactly C (it was larger)
     metrics = reply.content["metrics"]
     assert metrics[UNIT_WEIGHT_KEY] == 1.0 and "epsilon" not in metrics  # no DP-SGD here
-    # without the clipping norm in the config (other runs), nothing is clipped
-    plain = client_app(make_request("train", model, server_round=2), ctx)
+    # a coordinator that drops the clipping norm, or loosens it, is refused (nothing trained)
+    for norm in (None, 5.0):
+        request = make_request("train", model, server_round=2)
+        if norm is not None:
+            request.content["config"][KEY_CLIPPING_NORM] = norm
+        refused = client_app(request, ctx)
+        assert refused.has_error() and "dp.client-clipping-norm = 0.05" in refused.error.reason
+    # in a sample-level run the mod passes train requests through unclipped
+    default_cfg["dp.level"] = "sample"
+    plain = client_app(
+        make_request("train", model),
+        make_context(default_cfg, {"partition-id": 0, "num-partitions": 3}),
+    )
     moved = {k: a.numpy() for k, a in plain.content["arrays"].items()}
     assert math.sqrt(sum(float(np.sum((moved[k] - sent[k]) ** 2)) for k in sent)) > 0.05
     assert torch.is_tensor(model.state_dict()["net.0.weight"])
@@ -128,7 +141,16 @@ def test_client_level_config_errors(default_cfg, override, message):
         RunConfig.from_run_config(default_cfg)
 
 
-def test_secagg_refuses_strategies_that_need_each_update(default_cfg):
-    default_cfg.update({"secagg.enabled": True, "strategy.name": "krum"})
-    with pytest.raises(ConfigError, match="secure aggregation hides"):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"strategy.name": "krum"}, "secure aggregation hides"),
+        ({"secagg.num-shares": 2}, "as a count must be > 2"),
+        ({"secagg.num-shares": 4, "secagg.reconstruction-threshold": 4}, "must be below"),
+        ({"secagg.reconstruction-threshold": 2.5}, "a count"),
+    ],
+)
+def test_secagg_config_errors(default_cfg, override, message):
+    default_cfg.update({"secagg.enabled": True, **override})
+    with pytest.raises(ConfigError, match=message):
         RunConfig.from_run_config(default_cfg)

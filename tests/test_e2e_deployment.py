@@ -258,13 +258,14 @@ def _unpack_app(dst: Path) -> Path:
 
 
 def _app_with_one_changed_line(dst: Path) -> Path:
-    """The fedcare app unpacked into ``dst`` with one line of client/training.py changed (a
-    comment: the code still runs where the bundle is approved)."""
+    """The fedcare app unpacked into ``dst`` with one line of client/client_app.py changed: the
+    train reply names the site "NAME+changed", so the report shows whose code ran."""
     _unpack_app(dst)
-    path = dst / "client" / "training.py"
-    lines = path.read_text().splitlines(keepends=True)
-    lines[0] = lines[0].rstrip("\n") + "  # one changed line\n"
-    path.write_text("".join(lines))
+    path = dst / "client" / "client_app.py"
+    line = '"info": ConfigRecord({"site": data.name, "device": device, "replayed": replayed}),'
+    text = path.read_text()
+    assert text.count(line) == 1
+    path.write_text(text.replace(line, line.replace("data.name,", 'data.name + "+changed",')))
     return dst
 
 
@@ -295,7 +296,8 @@ def test_changed_bundle_is_refused_where_not_approved(federation, tmp_path):
     ), summary["failures"]
     assert {f["hospital"] for f in summary["failures"]} == {"c"}
     trained = {h["name"]: h["rounds_trained"] for h in summary["hospitals"]}
-    assert trained["a"] == trained["b"] == 1
+    # the approved bundle's own code ran at a and b (not the launcher's installed copy)
+    assert trained["a+changed"] == trained["b+changed"] == 1
     assert changed in " ".join(run.stdout.split())  # shown in the end-of-run table
     audit = [json.loads(line) for line in (root / "hospital-c" / "ledger" / "audit.jsonl").open()]
     assert any(e.get("decision") == "refused" and e.get("fab_hash") == changed for e in audit)

@@ -153,7 +153,7 @@ def test_client_level_dp_with_secure_aggregation(tmp_path):
     assert dp["level"] == "client" and dp["guarantee"].startswith("client-level (ε, δ)-DP")
     sigma = calibrate_client_noise(2.0, 1e-5, 2, 4)
     assert dp["epsilon"] == pytest.approx(client_dp_epsilon(sigma, 2, 1e-5, 4), rel=1e-6)
-    assert 1.99 < dp["epsilon"] <= 2.0 and dp["rounds_accounted"] == 2
+    assert 1.99 < dp["epsilon"] <= 2.0 and dp["releases"] == 2
     assert summary["secure_aggregation"]["enabled"] is True
     assert all(h["epsilon"] is None and h["rounds_trained"] == 2 for h in summary["hospitals"])
     assert not summary["failures"]

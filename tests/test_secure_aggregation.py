@@ -6,9 +6,12 @@ hospital's local update is the same in every run:
 - plain FedAvg: the spy records every hospital's individual update (the reference);
 - SecAgg+: the ServerApp receives no ArrayRecord from any hospital, only masked vectors; the
   global model equals FedAvg of the reference updates within SecAgg+'s quantisation error;
-- SecAgg+ with hospital-2 refusing after the key exchange (its privacy ledger is unreadable): the
-  round still completes, hospital-2's masks are reconstructed from the others' shares, and the
-  global model equals FedAvg of the three other hospitals' reference updates.
+- SecAgg+ with hospital-1 dropping after the key exchange (it trains, then has more examples than
+  secagg.max-weight allows and refuses to send): the round still completes, hospital-1's masks
+  are reconstructed from the others' shares, and the global model equals FedAvg of the three
+  other hospitals' reference updates;
+- SecAgg+ with hospital-2 refusing at setup (its privacy ledger is unreadable): it is left out of
+  the protocol and the global model equals FedAvg of the other three.
 """
 
 from __future__ import annotations
@@ -74,22 +77,29 @@ def runs(tmp_path_factory):
             if r.metadata.message_type == "train" and not r.has_error()
         }
         secure, received = _federate(tmp, "secagg", mp, **{"secagg.enabled": True})
-        broken = tmp / "dropped" / "ledgers" / "hospital-2" / "runs"
+        # hospital-1 has 100 training examples, the others 99
+        dropped, dropped_received = _federate(
+            tmp, "dropped", mp, **{"secagg.enabled": True, "secagg.max-weight": 99.5}
+        )
+        broken = tmp / "early" / "ledgers" / "hospital-2" / "runs"
         broken.mkdir(parents=True)
-        (broken / "secagg-test-dropped.json").write_text('{"run_id": "secagg-test-dro')  # truncated
-        dropped, dropped_received = _federate(tmp, "dropped", mp, **{"secagg.enabled": True})
+        (broken / "secagg-test-early.json").write_text('{"run_id": "secagg-test-ear')  # truncated
+        early, early_received = _federate(tmp, "early", mp, **{"secagg.enabled": True})
     finally:
         mp.undo()
-    return updates, (secure, received), (dropped, dropped_received, tmp / "dropped")
+    return (
+        updates, (secure, received), (dropped, dropped_received, tmp / "dropped"),
+        (early, early_received, tmp / "early"),
+    )  # fmt: skip
 
 
 def test_reference_run_sees_individual_updates(runs):
-    updates, _, _ = runs
+    updates, *_ = runs
     assert sorted(updates) == [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]
 
 
 def test_server_receives_no_individual_update(runs):
-    updates, (_, received), _ = runs
+    updates, (_, received), *_ = runs
     train = [r for r in received if r.metadata.message_type == "train"]
     assert len(train) == 4 * HOSPITALS  # setup, share keys, masked vectors, unmask shares
     masked = []
@@ -117,7 +127,7 @@ def test_server_receives_no_individual_update(runs):
 
 
 def test_secure_aggregate_equals_fedavg(runs):
-    updates, (secure, _), _ = runs
+    updates, (secure, _), *_ = runs
     expected = _fedavg(updates, sorted(updates))
     for key, value in expected.items():
         assert secure[key].dtype == np.float32
@@ -129,25 +139,46 @@ def test_secure_aggregate_equals_fedavg(runs):
 def test_round_completes_when_a_hospital_drops_after_key_exchange(runs):
     import json
 
-    updates, _, (dropped, received, run_dir) = runs
+    updates, _, (dropped, received, run_dir), _ = runs
     stages = [r for r in received if r.metadata.message_type == "train"]
-    # hospital-2 answered setup and share-keys, then refused instead of sending its masked vector
+    # hospital-1 answered setup and share-keys, trained, then refused to send its masked vector
     errors = [r for r in stages if r.has_error()]
-    assert len(errors) == 1 and "site hospital-2 refused" in errors[0].error.reason
+    assert (
+        len(errors) == 1
+        and "site hospital-1 refused: 100 training examples exceed" in errors[0].error.reason
+    )
     assert len(stages) == 4 + 4 + 4 + 3
-    survivors = [s for s in sorted(updates) if s != "hospital-2"]
+    survivors = [s for s in sorted(updates) if s != "hospital-1"]
     expected = _fedavg(updates, survivors)
     for key, value in expected.items():
         np.testing.assert_allclose(dropped[key], value, atol=ATOL, rtol=0)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [f["hospital"] for f in summary["failures"] if f["kind"] == "train"] == ["hospital-2"]
+    assert [f["hospital"] for f in summary["failures"] if f["kind"] == "train"] == ["hospital-1"]
     assert summary["secure_aggregation"]["enabled"] is True
+
+
+def test_hospital_refusing_before_the_key_exchange_is_left_out(runs):
+    import json
+
+    updates, _, _, (early, received, run_dir) = runs
+    stages = [r for r in received if r.metadata.message_type == "train"]
+    errors = [r for r in stages if r.has_error()]
+    assert (
+        len(errors) == 1
+        and "site hospital-2 refused: privacy ledger file" in errors[0].error.reason
+    )
+    assert len(stages) == 4 + 3 + 3 + 3  # refused at setup, then left out of every stage
+    expected = _fedavg(updates, [s for s in sorted(updates) if s != "hospital-2"])
+    for key, value in expected.items():
+        np.testing.assert_allclose(early[key], value, atol=ATOL, rtol=0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [f["hospital"] for f in summary["failures"] if f["kind"] == "train"] == ["hospital-2"]
 
 
 def test_audit_log_lists_every_protocol_message_and_no_unmasked_weights(runs, tmp_path_factory):
     import json
 
-    _, (_, received), _ = runs
+    _, (_, received), *_ = runs
     root = next(tmp_path_factory.getbasetemp().glob("secagg*")) / "secagg" / "ledgers"
     for site in [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]:
         lines = [json.loads(x) for x in (root / site / "audit.jsonl").read_text().splitlines()]
