@@ -82,6 +82,8 @@ def main(grid: Grid, context: Context) -> None:
             )
         strategy = ResumedStrategy(strategy, offset=done)
         flwr_log(INFO, "[fedcare] resuming %s after round %d of %d", out, done, run.train.rounds)
+    if run.simulated_hospitals:  # the engine registers hospitals while this thread starts
+        _wait_for_hospitals(grid, run.simulated_hospitals)
     pooled = _pooled_test_set(run, grid) if run.centralized_eval else None
     t_start = time.monotonic()
 
@@ -140,6 +142,15 @@ def main(grid: Grid, context: Context) -> None:
     save_weights(out / "model.safetensors", final, _model_card(run, summary, n_features))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
+
+
+def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:
+    """Simulation: wait until all ``count`` simulated hospitals are registered, so that round 1
+    samples from all of them (Flower's strategies size their sample from the nodes connected at
+    that moment). After ``timeout`` seconds the run goes on with those present."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _releases_before(out: Path) -> int:

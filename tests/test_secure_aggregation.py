@@ -46,6 +46,7 @@ def _federate(tmp_path, name: str, monkeypatch, **overrides) -> tuple[dict, list
     cfg.update(
         {
             "train.rounds": 1, "simulation.hospitals": HOSPITALS, "output.dir": str(tmp_path / name),
+            "strategy.min-available-nodes": HOSPITALS,  # as `fedcare simulate` sets it
             "run.id": f"secagg-test-{name}", "simulation.ledger-dir": str(tmp_path / name / "ledgers"),
             **overrides,
         }
