@@ -389,3 +389,18 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     final = load_file(str(run_dir / "model.safetensors"))
     assert any(not torch.equal(first[k], final[k]) for k in first)
     assert (run_dir / "checkpoints" / "round-003.strategy.safetensors").exists()  # FedAdam moments
+    # a fresh start of the remaining 2 rounds (what a resume ignoring its checkpoint would give)
+    # ends elsewhere; an uninterrupted 3-round run with the same seed ends at the same weights
+    # (same per-round seeds at the hospitals, FedAdam moments restored; replies may arrive in
+    # another order, hence the float tolerance)
+    ends = {}
+    for rounds in (2, 3):
+        out = root / f"run-fresh-{rounds}"
+        fresh = _fedcare("server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+                         "--rounds", str(rounds), "--strategy", "fedadam", "--out", str(out),
+                         "--app", str(federation["app"]), "--run-config", settings, timeout=600)  # fmt: skip
+        assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+        ends[rounds] = load_file(str(out / "model.safetensors"))
+    assert any(not torch.allclose(ends[2][k], final[k], atol=1e-3) for k in final)
+    for key in final:
+        torch.testing.assert_close(final[key], ends[3][key], atol=1e-5, rtol=0)
