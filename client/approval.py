@@ -20,14 +20,14 @@ import ast
 import hashlib
 import io
 import json
-import os
-import tempfile
 import tomllib
 import zipfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from shared_models.files import write_json_atomic
 
 APPROVED_FILE = "approved.json"
 TASKS_MODULE = "shared_models/tasks.py"  # where a fedcare bundle registers its tasks
@@ -209,19 +209,7 @@ class ApprovedBundles:
             "approved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": source,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"approved": [*entries, entry]}, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path, {"approved": [*entries, entry]}, indent=1)
         return True
 
 

@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from client.training import AccountantState
+from shared_models.files import write_json_atomic
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -72,8 +72,6 @@ class Ledger:
 
     def save(self, run_id: str, state: AccountantState, *, task: str, delta: float) -> None:
         """Record ``state`` for ``run_id`` atomically (write, fsync, rename)."""
-        path = self.path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {
             "run_id": run_id,
             "task": task,
@@ -81,16 +79,7 @@ class Ledger:
             "accountant": state,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(entry, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.path(run_id), entry, indent=1)
 
 
 def fingerprint(server_round: int, arrays: dict[str, bytes]) -> str:
