@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 
@@ -28,3 +30,20 @@ def make_request(kind: str, model, server_round: int = 1) -> Message:  # type: i
         }
     )
     return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def unpack_app(dst: Path) -> Path:
+    """The files of the fedcare FAB (built from the checkout by Flower) unpacked into ``dst``: a
+    second copy of the app, with the same bundle hash."""
+    import io
+    import zipfile
+
+    from client.approval import fab_bytes
+    from server.run_config import APP_DIR
+
+    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):
+                (dst / name).parent.mkdir(parents=True, exist_ok=True)
+                (dst / name).write_bytes(fab.read(name))
+    return dst

@@ -6,10 +6,8 @@ its FAB contains); nothing here executes a bundle.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,13 @@ import pytest
 from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab, task_names
 from server.run_config import APP_DIR
 from simulations import cli
+from tests.handlers import unpack_app
 
 
 @pytest.fixture(scope="module")
 def app_copy(tmp_path_factory) -> Path:
     """The files of the fedcare FAB, unpacked into a fresh folder (a second copy of the app)."""
-    dst = tmp_path_factory.mktemp("app") / "fedcare"
-    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
-        for name in fab.namelist():
-            if not name.startswith(".info/"):
-                (dst / name).parent.mkdir(parents=True, exist_ok=True)
-                (dst / name).write_bytes(fab.read(name))
-    return dst
+    return unpack_app(tmp_path_factory.mktemp("app") / "fedcare")
 
 
 def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -161,12 +154,9 @@ def test_start_refuses_without_an_approved_bundle(monkeypatch, capsys, tmp_path)
 
 
 def test_refusal_reason_is_what_the_coordinator_parses():
-    from client.client_app import SITE_REFUSED
-    from client.launcher import SITE_REFUSED as LAUNCHER_REFUSED
     from client.launcher import refusal_reason
     from server.history import _REFUSAL
 
     reason = refusal_reason("a", "f" * 64, Path("/l"))
-    assert LAUNCHER_REFUSED == SITE_REFUSED
     match = _REFUSAL.match(reason)
     assert match and match.group(1) == "a" and "f" * 64 in reason and "not approved" in reason

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.flwr_cli import CONNECTION, FlowerCLI
+from tests.handlers import unpack_app
 
 pytestmark = pytest.mark.slow
 FEDCARE = [sys.executable, "-m", "simulations.cli"]
@@ -89,7 +90,7 @@ def federation(tmp_path_factory):
     assert export.returncode == 0, export.stderr
     # the app as of now (edits to the checkout during the tests do not change what runs), which
     # each hospital approves before its daemon may start
-    app = _unpack_app(root / "app")
+    app = unpack_app(root / "app")
     approvals = [subprocess.Popen([*FEDCARE, "client", "approve", "--ledger", str(root / f"hospital-{h}" / "ledger"), str(app), "--yes"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()) for h in HOSPITALS]  # fmt: skip
     for proc in approvals:
@@ -241,26 +242,10 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     assert "certificate at" in proc.stderr and "could not be verified" in proc.stderr
 
 
-def _unpack_app(dst: Path) -> Path:
-    """The files of the fedcare FAB (built from the checkout) unpacked into ``dst``."""
-    import io
-    import zipfile
-
-    from client.approval import fab_bytes
-    from server.run_config import APP_DIR
-
-    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
-        for name in fab.namelist():
-            if not name.startswith(".info/"):
-                (dst / name).parent.mkdir(parents=True, exist_ok=True)
-                (dst / name).write_bytes(fab.read(name))
-    return dst
-
-
 def _app_with_one_changed_line(dst: Path) -> Path:
     """The fedcare app unpacked into ``dst`` with one line of client/client_app.py changed: the
     train reply names the site "NAME+changed", so the report shows whose code ran."""
-    _unpack_app(dst)
+    unpack_app(dst)
     path = dst / "client" / "client_app.py"
     line = '"info": ConfigRecord({"site": data.name, "device": device, "replayed": replayed}),'
     text = path.read_text()
