@@ -76,7 +76,10 @@ def _secagg_preflight_mod(msg: Message, context: Context, call_next) -> Message:
         try:
             run = RunConfig.from_run_config(context.run_config)
             data = load_site_data(SiteSettings.from_node_config(context.node_config), run)
-            _check_policy(context, run, data, _ledger(context), _run_key(context, run))
+            ledger, run_key = _ledger(context), _run_key(context, run)
+            if ledger is not None:
+                ledger.load(run_key)  # an unreadable ledger refuses before any key exchange
+            _check_policy(context, run, data, ledger, run_key)
         except _EXPECTED as exc:
             return _refuse(msg, _site_name(context), exc)
     try:
@@ -299,8 +302,6 @@ def _check_policy(
             task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
             client_level=run.dp.client_level, secure_aggregation=run.secagg.enabled,
         )  # fmt: skip
-    if ledger is not None:
-        ledger.load(run_key)  # an unreadable ledger refuses here, before anything is exchanged
     return plan
 
 

@@ -24,7 +24,6 @@ NAME --superexec-auth-secret-file FILE [--parent-pid PID]``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import signal
 import sys
@@ -131,7 +130,7 @@ class ApprovedBundlePlugin(BaseExecPlugin):
         return LaunchResult.accepted()
 
 
-def refuse_task(runtime_api_address: str, token: str, reason: str) -> str:
+def refuse_task(runtime_api_address: str, token: str, reason: str) -> None:
     """Answer a task's message with ``Error(4001, reason)`` without installing its bundle.
 
     Connects to the SuperNode's Runtime API with the task token, exactly as ``flwr-clientapp``
@@ -139,11 +138,6 @@ def refuse_task(runtime_api_address: str, token: str, reason: str) -> str:
 
     Source: ``flwr.supernode.runtime.run_clientapp.run_clientapp`` (its error path; the FAB is
     never passed to ``install_from_fab``).
-
-    Returns
-    -------
-    str
-        SHA-256 of the FAB content the SuperNode holds for the task (for the log).
 
     Raises
     ------
@@ -161,11 +155,10 @@ def refuse_task(runtime_api_address: str, token: str, reason: str) -> str:
         retry_invoker=make_simple_http_retry_invoker(),
     )
     try:
-        message, context, _run, fab = pull_task_input(client)
+        message, context, _run, _fab = pull_task_input(client)  # the FAB is never installed
         reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
         push_message(client, reply, context)
         push_task_output(client, context, SubStatus.FAILED, reason)
-        return hashlib.sha256(fab.content).hexdigest()
     finally:
         client.close()
 

@@ -97,25 +97,12 @@ def _clean(value: Any) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else v
 
 
-class RecordingGrid(Grid):
-    """A Grid that forwards everything to ``inner`` and records replies into ``history``."""
+class DelegatingGrid(Grid):
+    """A Grid that forwards everything to ``inner``; subclasses override ``send_and_receive``."""
 
-    def __init__(
-        self,
-        inner: Grid,
-        history: RunHistory,
-        *,
-        poll_interval: float = 0.0,
-        secure_aggregation: Callable[..., list[Message]] | None = None,
-    ) -> None:
+    def __init__(self, inner: Grid) -> None:
         self._inner = inner
-        self.history = history
-        self.poll_interval = poll_interval
-        # set when SecAgg+ is on: answers a round of train messages through the protocol
-        self._secure_aggregation = secure_aggregation
-        self._current_round = 0
 
-    # --- plain delegation ---------------------------------------------------------------------
     def set_run(self, run):  # type: ignore[no-untyped-def]
         return self._inner.set_run(run)
 
@@ -138,7 +125,43 @@ class RecordingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._inner.pull_messages(message_ids)
 
-    # --- recording ----------------------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._inner.send_and_receive(messages, timeout=timeout)
+
+
+def replying_node(reply: Message, destinations: Mapping[str, int]) -> int:
+    """The hospital a reply belongs to. The SuperLink answers for an unreachable node itself
+    (source = the SuperLink), so a reply is mapped to the node its request was sent to, via
+    ``destinations`` (request message id -> destination node, from :func:`destinations_of`);
+    replies to requests never pushed (assembled by SecAgg+) fall back to their source."""
+    return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def destinations_of(sent: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of pushed requests (Flower sets the id when pushing)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
+class RecordingGrid(DelegatingGrid):
+    """A Grid that forwards everything to ``inner`` and records replies into ``history``."""
+
+    def __init__(
+        self,
+        inner: Grid,
+        history: RunHistory,
+        *,
+        poll_interval: float = 0.0,
+        secure_aggregation: Callable[..., list[Message]] | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.history = history
+        self.poll_interval = poll_interval
+        # set when SecAgg+ is on: answers a round of train messages through the protocol
+        self._secure_aggregation = secure_aggregation
+        self._current_round = 0
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
@@ -152,15 +175,10 @@ class RecordingGrid(Grid):
             replies = self._secure_aggregation(self._inner, sent, self._exchange, timeout)
         else:
             replies = self._exchange(sent, timeout)
-        # the SuperLink answers for an unreachable node itself (src = SuperLink): map each reply
-        # to the hospital it was sent to through the message it replies to
-        # (replies that SecAgg+ assembles answer messages never pushed, without an id: by source)
-        destination = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
-        }
+        destinations = destinations_of(sent)
         answered = set()
         for reply in replies:
-            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            node = replying_node(reply, destinations)
             answered.add(node)
             self._record(reply, node)
         for msg in sent:

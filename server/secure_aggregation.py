@@ -42,6 +42,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
 from flwr.serverapp import Grid
 from flwr.supercore import log as flwr_log
 
+from server.history import DelegatingGrid, destinations_of, replying_node
 from shared_models.config import SecAggConfig
 from shared_models.protocol import SECAGG_FAILED
 
@@ -111,13 +112,13 @@ class _Sum(LegacyStrategy):
         return None
 
 
-class _Observed(Grid):
+class _Observed(DelegatingGrid):
     """Forwards the workflow's protocol exchanges to ``exchange`` and keeps, per hospital, its
     first error reply (so a refusal reaches the strategy with its reason) and its collect-stage
     reply (its own metrics; the arrays were masked and removed at the hospital)."""
 
     def __init__(self, inner: Grid, exchange) -> None:  # type: ignore[no-untyped-def]
-        self._inner = inner
+        super().__init__(inner)
         self._exchange = exchange
         self.errors: dict[int, Message] = {}
         self.trained: dict[int, Message] = {}
@@ -125,37 +126,14 @@ class _Observed(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):  # type: ignore[no-untyped-def]
         sent = list(messages)
         replies = list(self._exchange(sent, timeout))
-        # the SuperLink answers for an unreachable node itself: map replies via reply_to
-        destination = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
-        }
+        destinations = destinations_of(sent)
         for reply in replies:
-            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            node = replying_node(reply, destinations)
             if reply.has_error():
                 self.errors.setdefault(node, reply)
             elif "metrics" in reply.content.metric_records:
                 self.trained[node] = reply
         return replies
-
-    # the workflow uses send_and_receive only; the rest delegates
-    def set_run(self, run_id):  # type: ignore[no-untyped-def]
-        return self._inner.set_run(run_id)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._inner.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self):  # type: ignore[no-untyped-def]
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        return self._inner.pull_messages(message_ids)
 
 
 def run_secaggplus_round(

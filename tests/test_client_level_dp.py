@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from opacus.accountants.utils import get_noise_multiplier
@@ -124,7 +123,6 @@ def test_hospital_clips_its_update_to_the_norm(default_cfg):
     )
     moved = {k: a.numpy() for k, a in plain.content["arrays"].items()}
     assert math.sqrt(sum(float(np.sum((moved[k] - sent[k]) ** 2)) for k in sent)) > 0.05
-    assert torch.is_tensor(model.state_dict()["net.0.weight"])
 
 
 @pytest.mark.parametrize(
