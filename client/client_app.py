@@ -94,6 +94,7 @@ app = ClientApp(
 )
 
 _STATE_KEY = "fedcare"
+_PLAN_KEY = "fedcare.dp-plans"  # calibrated DP plans of this run, by their inputs
 _EXPECTED = (
     DataError, PrivacyBudgetError, ConfigError, LedgerError, PolicyRefusal, PolicyError, ValueError,
     FileNotFoundError,
@@ -290,7 +291,12 @@ def _check_policy(
     PolicyRefusal, PolicyError, LedgerError, ConfigError, PrivacyBudgetError
         Expected problems, answered with a refusal.
     """
-    plan = plan_for_run(run, n_train=data.n_train) if run.dp.sample_level else None
+    plan = None
+    if run.dp.sample_level:
+        plans = context.state.get(_PLAN_KEY)
+        if not isinstance(plans, ConfigRecord):
+            plans = context.state[_PLAN_KEY] = ConfigRecord()
+        plan = plan_for_run(run, n_train=data.n_train, memo=plans)
     policy = _policy(context)
     if policy is not None:
         others = (

@@ -48,6 +48,34 @@ def test_train_reports_cumulative_epsilon_and_keeps_accountant_state(sim_ctx):
     assert set(reply.content["arrays"].keys()) == set(model.state_dict().keys())
 
 
+def test_noise_is_calibrated_once_per_run_and_used_at_every_round(sim_ctx):
+    from client.training import DPPlan, plan_for_run
+    from shared_models.config import RunConfig
+
+    model = build_model("mlp", n_features=30)
+    client_app(_request("train", model, 1), sim_ctx)
+    plans = sim_ctx.state["fedcare.dp-plans"]  # kept in the hospital's Context by its SuperNode
+    assert len(plans) == 1
+    ((key, cached),) = plans.items()
+    fresh = plan_for_run(RunConfig.from_run_config(sim_ctx.run_config), n_train=133)
+    assert DPPlan(**json.loads(cached)) == fresh
+    # the memo is what round 2 uses: the sigma the accountant records is the memo's
+    plans[key] = json.dumps({**json.loads(cached), "noise_multiplier": 7.5})
+    client_app(_request("train", model, 2), sim_ctx)
+    history = json.loads(sim_ctx.state["fedcare"]["accountant"])["history"]
+    assert [h[0] for h in history] == [fresh.noise_multiplier, 7.5]
+    # other inputs (a longer run) are another entry, calibrated afresh
+    assert (
+        plan_for_run(
+            RunConfig.from_run_config({**sim_ctx.run_config, "train.rounds": 4}),
+            n_train=133,
+            memo=plans,
+        ).noise_multiplier
+        > fresh.noise_multiplier  # more steps at the same epsilon need more noise
+    )
+    assert len(plans) == 2
+
+
 def test_fourth_round_beyond_the_plan_is_refused(sim_ctx):
     model = build_model("mlp", n_features=30)
     for rnd in (1, 2, 3):
