@@ -182,11 +182,27 @@ def start(
             "subprocess: Flower's fresh flwr-clientapp per message."
         ),
     ] = "warm",
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between checks for a new message from the coordinator "
+            "(Flower's SuperNode: 3)."
+        ),
+    ] = 0.2,
+    supernode: Annotated[
+        str,
+        typer.Option(
+            help="fedcare: Flower's SuperNode in fedcare's prompt Fleet loop; flower: the stock "
+            "flower-supernode (3 s between checks; --poll-interval does not apply)."
+        ),
+    ] = "fedcare",
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key).
 
     Only app bundles approved with ``fedcare client approve`` run here: the SuperNode runs with
     ``--isolation process`` and fedcare's launcher (:mod:`client.launcher`) is its SuperExec.
+    The SuperNode is Flower's, in fedcare's Fleet loop (:mod:`client.supernode`), which checks
+    for messages every ``--poll-interval`` seconds.
     """
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
@@ -203,6 +219,10 @@ def start(
         raise HospitalSetupError(f"--superlink {superlink!r}: use HOST:PORT")
     if executor not in ("warm", "subprocess"):
         raise HospitalSetupError(f"--executor {executor!r}: use warm or subprocess")
+    if not 0.0 < poll_interval <= 60.0:
+        raise HospitalSetupError(f"--poll-interval {poll_interval}: use seconds in (0, 60]")
+    if supernode not in ("fedcare", "flower"):
+        raise HospitalSetupError(f"--supernode {supernode!r}: use fedcare or flower")
     ledger_dir = (ledger or state / "ledger").resolve()
     _require_approved_bundle(ledger_dir)
     _check_tls(superlink, ca)
@@ -220,7 +240,11 @@ def start(
         node_config += f' policy-path="{policy.resolve()}"'
     secret = _write_superexec_secret(state / "superexec.secret")
     cmd = [
-        flower_executable("flower-supernode"),
+        *(
+            [sys.executable, "-m", "client.supernode", "--poll-interval", str(poll_interval)]
+            if supernode == "fedcare"
+            else [flower_executable("flower-supernode")]
+        ),
         "--superlink", superlink,
         "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()),

@@ -1,0 +1,130 @@
+"""fedcare's SuperNode Fleet loop (client.supernode) and the coordinator's prompt reply pull.
+
+The loop runs for real in the deployment e2e tests (tests/test_e2e_deployment.py: every hospital
+there is a ``client.supernode`` process). Here: its two pieces against Flower's real node state and
+object store, and the shapes of the Flower 1.41 private functions it calls, so that a Flower
+upgrade that changes them fails here rather than in a hospital.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supernode.nodestate import NodeStateFactory
+
+from client.supernode import ObjectPrefetch, PromptReplies
+from tests.handlers import use_task_identity
+
+
+def _request() -> Message:
+    use_task_identity()
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord([np.arange(12, dtype=np.float32).reshape(3, 4)]),
+            "config": ConfigRecord({"server-round": 2}),
+        }
+    )
+    msg = Message(content, dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id  # what pushing it to a SuperLink sets
+    return msg
+
+
+class _SuperLinkUpload:
+    """The SuperLink's side of one message upload, scripted: each object is "not there yet" for
+    its first ``late`` pulls (the ServerApp still uploading), then available. Counts calls."""
+
+    def __init__(self, msg: Message, late: int) -> None:
+        self.contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+        self.late = late
+        self.calls: dict[str, int] = {}
+
+    def pull_object(self, run_id: int, object_id: str) -> bytes:
+        self.calls[object_id] = self.calls.get(object_id, 0) + 1
+        if self.calls[object_id] <= self.late:
+            raise ObjectUnavailableError(object_id)
+        return self.contents[object_id]
+
+
+def test_prefetch_has_every_object_before_the_task_exists():
+    msg = _request()
+    tree = get_object_tree(msg)
+    upload = _SuperLinkUpload(msg, late=2)
+    store = ObjectStoreFactory().store()
+    prefetch = ObjectPrefetch(lambda: (msg, tree), upload.pull_object, store)
+    received = prefetch.receive()
+    assert received is not None and received[0] is msg
+    # every object was fetched, after two 'not there yet' answers each
+    assert set(upload.calls) == set(upload.contents)
+    assert all(n == 3 for n in upload.calls.values())
+    # Flower's own pull (in _pull_and_store_message) now reads them without asking the SuperLink
+    for object_id, content in upload.contents.items():
+        assert prefetch.pull_object(msg.metadata.run_id, object_id) == content
+    assert all(n == 3 for n in upload.calls.values())
+
+
+def test_prefetch_skips_stored_objects_and_falls_back_to_the_superlink():
+    msg = _request()
+    tree = get_object_tree(msg)
+    upload = _SuperLinkUpload(msg, late=0)
+    store = ObjectStoreFactory().store()
+    stored = next(iter(upload.contents))  # already in this node's store (e.g. same weights)
+    store.preregister(msg.metadata.run_id, get_object_tree(get_all_nested_objects(msg)[stored]))
+    store.put(stored, upload.contents[stored])
+    prefetch = ObjectPrefetch(lambda: (msg, tree), upload.pull_object, store)
+    prefetch.receive()
+    assert stored not in upload.calls
+    # an object not prefetched is pulled from the SuperLink, as by Flower
+    assert prefetch.pull_object(msg.metadata.run_id, stored) == upload.contents[stored]
+    assert upload.calls[stored] == 1
+    assert ObjectPrefetch(lambda: None, upload.pull_object, store).receive() is None
+
+
+def test_prompt_replies_waits_for_the_clientapp_reply_in_the_real_node_state():
+    state = NodeStateFactory(objectstore_factory=ObjectStoreFactory()).state()
+    request = _request()
+    reply = Message(RecordDict(), reply_to=request)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    prompt = PromptReplies(state, interval=0.01)
+    assert prompt.get_messages_legacy(is_reply=False) == []  # other queries do not wait
+    threading.Timer(0.2, state.store_message, args=(reply,)).start()
+    got = prompt.get_messages_legacy(is_reply=True)  # what Flower's _push_messages asks
+    assert [m.metadata.message_id for m in got] == [reply.metadata.message_id]
+    assert prompt.get_node_id is not None and prompt.delete_messages == state.delete_messages
+
+
+def test_the_flower_functions_the_loop_relies_on_keep_their_shape():
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.supernode.cli.flower_supernode import (
+        SuperNodeLifespanConfig,
+        _start_supernode_http_api,
+    )
+    from flwr.supernode.start_client_internal import (
+        _init_connection,
+        _pull_and_store_message,
+        _push_messages,
+    )
+
+    def params(fn) -> set[str]:  # type: ignore[no-untyped-def]
+        return set(inspect.signature(fn).parameters)
+
+    assert params(_pull_and_store_message) == {
+        "state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
+        "confirm_message_received", "trusted_entities",
+    }  # fmt: skip
+    assert params(_push_messages) == {"state", "object_store", "send", "push_object"}
+    assert {"server_address", "insecure", "root_certificates", "authentication_keys",
+            "max_retries", "max_wait_time"} <= params(_init_connection)  # fmt: skip
+    assert params(_start_supernode_http_api) == {"config", "state_factory"}
+    fields = set(SuperNodeLifespanConfig.__dataclass_fields__)
+    assert {"server_address", "root_certificates", "insecure", "authentication_keys",
+            "max_retries", "max_wait_time", "node_config", "isolation", "trusted_entities",
+            "health_server_address"} <= fields  # fmt: skip
+    # the coordinator's prompt pull reads these of Flower's HttpGrid
+    assert isinstance(inspect.getattr_static(HttpGrid, "_runtime_client"), property)
+    assert "pull_messages" in vars(HttpGrid)
