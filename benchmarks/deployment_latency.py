@@ -4,14 +4,18 @@ Starts `fedcare server start` and, per variant, three `fedcare client start` hos
 127.0.0.1 (TLS, hospital authentication, approved app), runs `fedcare server run` with a small
 model and prints per-round figures. Variants: the hospitals' task executor (`subprocess`: Flower's
 fresh `flwr-clientapp` per message; `warm`: fedcare's fork of a process with torch imported), each
-optionally with SecAgg+ (`warm+secagg`):
+optionally with SecAgg+ (`+secagg`) and optionally with Flower 1.41's own timing (`+flower`: the
+stock `flower-supernode`, which waits 3 s after an empty pull, and Flower's `send_and_receive` on
+the coordinator, which polls every 3 s; without it, fedcare's Fleet loop `client.supernode` and
+a 0.1 s coordinator poll). `subprocess+flower` is Flower's defaults, `warm` fedcare's:
 
     wall      time between consecutive round checkpoints (seconds)
     compute   slowest hospital's local training + slowest hospital's evaluation (seconds),
               as each ClientApp measured it
     overhead  wall - compute: messaging, polling, process start-up of each ClientApp
 
-Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants subprocess,warm,warm+secagg]
+Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants subprocess+flower,warm]
+       [--keep DIR]  (keeps the logs; FLWR_LOG_LEVEL=DEBUG adds timestamps to every Flower line)
 Rounds 1 (ClientApp first start) and the others are reported separately. Compare variants as
 ratios within one run: absolute seconds depend on the machine (printed first).
 """
@@ -80,7 +84,7 @@ def _per_round(run_dir: Path) -> pd.DataFrame:
 
 
 def _start_hospitals(
-    root: Path, port: int, executor: str, tag: str
+    root: Path, port: int, executor: str, supernode: str, tag: str
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i, name in enumerate("abc", start=1):
@@ -91,7 +95,7 @@ def _start_hospitals(
             "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
             "--key", str(root / "pki" / "hospitals" / f"{name}.key"), "--site", name,
             "--data", str(root / "data" / f"hospital-{i}.csv"), "--port", str(_free_port()),
-            "--state", str(state), "--executor", executor,
+            "--state", str(state), "--executor", executor, "--supernode", supernode,
         ], root / f"client-{name}-{tag}.log"))  # fmt: skip
     return procs
 
@@ -102,16 +106,24 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
-        "--variants", default="subprocess,warm",
-        help="comma-separated EXECUTOR[+secagg] (executor: subprocess or warm)",
+        "--variants", default="subprocess+flower,warm",
+        help="comma-separated EXECUTOR[+secagg][+flower] (executor: subprocess or warm)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep", type=Path, default=None,
+        help="write the PKI, logs and run folders here and keep them (default: a temporary folder)",
     )  # fmt: skip
     args = parser.parse_args()
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, flwr {metadata.version('flwr')}, torch {metadata.version('torch')}"
     )
-    with tempfile.TemporaryDirectory(prefix="fedcare-bench-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedcare-bench-")))
+        else:
+            root = args.keep.resolve()
+            root.mkdir(parents=True, exist_ok=False)
         subprocess.run([*FEDCARE, "server", "init", "--out", str(root / "pki"),
                         "--hospital", "a", "--hospital", "b", "--hospital", "c"], check=True, capture_output=True)  # fmt: skip
         subprocess.run(
@@ -130,13 +142,15 @@ def main() -> None:
                     sys.exit("coordinator did not start; see " + str(root / "server.log"))
                 time.sleep(0.5)
             for n, variant in enumerate(args.variants.split(",")):
-                executor, _, extra = variant.partition("+")
-                hospitals = _start_hospitals(root, port, executor, tag=str(n))
+                executor, *extras = variant.split("+")
+                flower = "flower" in extras  # Flower 1.41's own timing throughout
+                supernode = "flower" if flower else "fedcare"
+                hospitals = _start_hospitals(root, port, executor, supernode, tag=str(n))
                 try:
                     time.sleep(15)  # daemons connect (the warm launcher imports torch once)
                     run_dir = root / f"run-{n}"
-                    cfg = "model.name='logreg' train.poll-interval=0.1"
-                    if extra == "secagg":
+                    cfg = f"model.name='logreg' train.poll-interval={0 if flower else 0.1}"
+                    if "secagg" in extras:
                         cfg += " secagg.enabled=true"
                     proc = subprocess.run(
                         [*FEDCARE, "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
