@@ -89,7 +89,7 @@ def _start_hospitals(
     procs = []
     for i, name in enumerate("abc", start=1):
         state = root / f"h-{name}-{tag}"
-        subprocess.run([*FEDCARE, "client", "approve", "--ledger", str(state / "ledger"), "--yes"],
+        subprocess.run([*FEDCARE, "client", "approve", "--ledger", str(state / "ledger"), str(root / "app"), "--yes"],
                        check=True, capture_output=True, cwd=ROOT)  # fmt: skip
         procs.append(_spawn([
             "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
@@ -131,6 +131,11 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        # the app as of now: an edit to the checkout during the benchmark changes nothing that runs
+        sys.path.insert(0, str(ROOT))
+        from tests.handlers import unpack_app
+
+        unpack_app(root / "app")
         port = _free_port()
         server = _spawn(["server", "start", "--pki", str(root / "pki"), "--port", str(port),
                          "--state", str(root / "coord")], root / "server.log")  # fmt: skip
@@ -154,7 +159,8 @@ def main() -> None:
                         cfg += " secagg.enabled=true"
                     proc = subprocess.run(
                         [*FEDCARE, "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
-                         "--rounds", str(args.rounds), "--out", str(run_dir), "--run-config", cfg],
+                         "--rounds", str(args.rounds), "--out", str(run_dir), "--app", str(root / "app"),
+                         "--run-config", cfg],
                         capture_output=True, text=True, timeout=1800, cwd=ROOT,
                     )  # fmt: skip
                     if proc.returncode != 0:

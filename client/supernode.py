@@ -94,9 +94,13 @@ class ObjectPrefetch:
         if (received := self._receive()) is None:
             return None
         message, tree = received
-        missing = [
-            t.object_id for t in iterate_object_tree(tree) if self._store.get(t.object_id) is None
-        ]
+        missing = list(  # once each (a tree may hold the same object twice)
+            dict.fromkeys(
+                t.object_id
+                for t in iterate_object_tree(tree)
+                if self._store.get(t.object_id) is None
+            )
+        )
         try:
             self._fetched = pull_objects(
                 missing,

@@ -225,9 +225,13 @@ def run(
             f"run {run_id} completed; its run folder {run_dir} is on the coordinator's machine"
         )
         return
-    from server.report import print_summary
+    from server.report import nobody_trained, print_summary
 
-    print_summary(console, json.loads(summary_path.read_text()), run_dir, status_seconds(status))
+    summary = json.loads(summary_path.read_text())
+    print_summary(console, summary, run_dir, status_seconds(status))
+    if (problem := nobody_trained(summary)) is not None:
+        console.print(f"[red]run {run_id} trained nothing:[/] {problem}")
+        raise typer.Exit(1)
 
 
 # settings that may change when resuming (they do not change what a hospital computes)

@@ -327,6 +327,15 @@ def _nan_none(v: Any) -> float | None:
     return None if v is None or v != v else float(v)
 
 
+def nobody_trained(summary: dict[str, Any]) -> str | None:
+    """Why a finished run trained nothing (no hospital returned an update in any round, e.g. all
+    refused it), with the first reasons; ``None`` when at least one hospital trained."""
+    if any(h["rounds_trained"] for h in summary["hospitals"]):
+        return None
+    reasons = "; ".join(f["reason"] for f in summary["failures"][:3]) or "no hospital answered"
+    return f"no hospital trained: {reasons}"
+
+
 def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: float) -> None:
     """The end-of-run table: per-hospital ε, δ, AUROC, accuracy; overall; baselines; failures."""
     from rich.table import Table

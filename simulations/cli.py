@@ -110,7 +110,7 @@ def main() -> None:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) is returned here, not raised
     except (
         UsageError,
         DataError,
@@ -129,6 +129,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

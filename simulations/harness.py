@@ -149,7 +149,7 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     run, sites = preflight(cfg, hospitals, req)
 
     from server.history import RunHistory
-    from server.report import write_reports
+    from server.report import nobody_trained, write_reports
     from simulations.baselines import compute_baselines
     from simulations.engine import run_federation
 
@@ -178,7 +178,6 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     summary["baselines"] = compute_baselines(run, sites)
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
-    if not any(h["rounds_trained"] for h in summary["hospitals"]):
-        reasons = "; ".join(f["reason"] for f in summary["failures"][:3])
-        raise UsageError(f"no hospital trained: {reasons}. Reports are in {req.out}")
+    if (problem := nobody_trained(summary)) is not None:
+        raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary

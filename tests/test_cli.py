@@ -67,3 +67,16 @@ def test_existing_run_folder_is_never_overwritten(monkeypatch, capsys, tmp_path)
     code, output = _run(monkeypatch, capsys, "simulate", "--out", str(out))
     assert code == 2 and "exists and is not empty" in output
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_a_command_ending_in_failure_exits_nonzero(monkeypatch, capsys, tmp_path):
+    """A command that stops with typer.Exit(n) exits n (typer, run with standalone_mode=False,
+    returns n instead of raising it): here a declined approval, which records nothing."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    code, output = _run(
+        monkeypatch, capsys, "client", "approve", "--ledger", str(tmp_path / "ledger")
+    )
+    assert code == 1 and "not approved" in output
+    assert not (tmp_path / "ledger" / "approved.json").exists()

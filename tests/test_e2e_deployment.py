@@ -242,16 +242,34 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     assert "certificate at" in proc.stderr and "could not be verified" in proc.stderr
 
 
-def _app_with_one_changed_line(dst: Path) -> Path:
+def _app_with_one_changed_line(dst: Path, tag: str = "changed") -> Path:
     """The fedcare app unpacked into ``dst`` with one line of client/client_app.py changed: the
-    train reply names the site "NAME+changed", so the report shows whose code ran."""
+    train reply names the site "NAME+TAG", so the report shows whose code ran."""
     unpack_app(dst)
     path = dst / "client" / "client_app.py"
     line = '"info": ConfigRecord({"site": data.name, "device": device, "replayed": replayed}),'
     text = path.read_text()
     assert text.count(line) == 1
-    path.write_text(text.replace(line, line.replace("data.name,", 'data.name + "+changed",')))
+    path.write_text(text.replace(line, line.replace("data.name,", f'data.name + "+{tag}",')))
     return dst
+
+
+def test_a_run_no_hospital_may_run_fails(federation, tmp_path):
+    """A bundle no hospital approved: every hospital refuses, and `server run` exits 1 saying
+    that nothing was trained, with the refusal (Flower itself reports such a run as completed)."""
+    root, port = federation["root"], federation["port"]
+    app = _app_with_one_changed_line(tmp_path / "fedcare", tag="unapproved")
+    run = _fedcare(
+        "server", "run", "--superlink", f"127.0.0.1:{port}", "--pki", str(root / "pki"),
+        "--rounds", "1", "--no-dp", "--out", str(root / "run-unapproved"), "--app", str(app),
+        "--run-config", 'model.name="logreg"', timeout=300,
+    )  # fmt: skip
+    output = " ".join(run.stdout.split())
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "trained nothing: no hospital trained: site " in output
+    assert "is not approved here" in output
+    summary = json.loads((root / "run-unapproved" / "summary.json").read_text())
+    assert {f["hospital"] for f in summary["failures"]} == set(HOSPITALS)
 
 
 def test_changed_bundle_is_refused_where_not_approved(federation, tmp_path):
