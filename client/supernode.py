@@ -59,10 +59,10 @@ from flwr.supernode.start_client_internal import (
     _push_messages,
 )
 
+from shared_models.protocol import OBJECT_RETRY_BACKOFF, OBJECT_RETRY_CAP
+
 DEFAULT_POLL_INTERVAL = 0.2  # seconds after an empty pull (Flower 1.41: 3 s)
 REPLY_CHECK_INTERVAL = 0.02  # seconds between checks for the ClientApp's reply (Flower: 0.5 s)
-OBJECT_BACKOFF = 0.05  # first retry after an object the SuperLink does not have yet (Flower: 1 s)
-OBJECT_BACKOFF_CAP = 1.0  # seconds (Flower: 10 s)
 OBJECT_PREFETCH_SECONDS = 60.0  # then Flower's own pull takes over, with its own limits
 
 
@@ -105,8 +105,8 @@ class ObjectPrefetch:
             self._fetched = pull_objects(
                 missing,
                 pull_object_fn=partial(self._pull_object, message.metadata.run_id),
-                initial_backoff=OBJECT_BACKOFF,
-                backoff_cap=OBJECT_BACKOFF_CAP,
+                initial_backoff=OBJECT_RETRY_BACKOFF,
+                backoff_cap=OBJECT_RETRY_CAP,
                 max_time=OBJECT_PREFETCH_SECONDS,
             )
         except Exception as exc:  # noqa: BLE001 -- Flower's pull below retries and reports it

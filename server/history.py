@@ -33,6 +33,8 @@ from flwr.supercore.inflatable.inflatable_utils import (
 )
 from flwr.superlink.grid.http_grid import HttpGrid
 
+from shared_models.protocol import OBJECT_RETRY_BACKOFF, OBJECT_RETRY_CAP
+
 
 @dataclass
 class SiteEvent:
@@ -159,10 +161,6 @@ def destinations_of(sent: Iterable[Message]) -> dict[str, int]:
     return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
 
 
-OBJECT_BACKOFF = 0.05  # first retry after an object the SuperLink does not have yet (Flower: 1 s)
-OBJECT_BACKOFF_CAP = 1.0  # seconds (Flower: 10 s)
-
-
 def pull_replies_promptly(grid: Grid, message_ids: Iterable[str]) -> list[Message]:
     """``grid.pull_messages(message_ids)``; for a deployment's ``HttpGrid``, without Flower 1.41's
     1 s wait for a reply that is still arriving.
@@ -195,8 +193,8 @@ def pull_replies_promptly(grid: Grid, message_ids: Iterable[str]) -> list[Messag
             contents = pull_objects(
                 [t.object_id for t in iterate_object_tree(tree)],
                 pull_object_fn=make_pull_object_fn_protobuf(client.PullObject, node, run_id),
-                initial_backoff=OBJECT_BACKOFF,
-                backoff_cap=OBJECT_BACKOFF_CAP,
+                initial_backoff=OBJECT_RETRY_BACKOFF,
+                backoff_cap=OBJECT_RETRY_CAP,
             )
         except ObjectPullError as exc:  # as Flower: an error reply in place of the lost one
             metadata = Metadata(
