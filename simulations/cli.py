@@ -127,8 +127,6 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 
