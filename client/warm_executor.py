@@ -41,10 +41,7 @@ APP_PACKAGES = frozenset({"client", "server", "shared_models", "simulations"})
 class ForkExecutor:
     """Run each ClientApp task in a fork of this (pre-warmed) process.
 
-    Parameters
-    ----------
-    preload : tuple of str
-        Modules imported once, before any task (missing ones are skipped).
+    The modules in ``PRELOAD`` are imported once, when it is created (missing ones are skipped).
 
     Notes
     -----
@@ -52,8 +49,8 @@ class ForkExecutor:
     launcher (``parent_pid`` of the execution spec) and exits with it, as ``flwr-clientapp`` does.
     """
 
-    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
-        for name in preload:
+    def __init__(self) -> None:
+        for name in PRELOAD:
             try:
                 importlib.import_module(name)
             except ImportError:

@@ -59,7 +59,7 @@ class RunHistory:
     events: list[SiteEvent] = field(default_factory=list)
     centralized: dict[int, dict[str, float | None]] = field(default_factory=dict)
     sites: dict[int, str] = field(default_factory=dict)  # node id -> site name
-    # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta"}
+    # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta", "releases"}
     central_privacy: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def site_name(self, node_id: int) -> str:

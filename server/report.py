@@ -112,7 +112,7 @@ def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
         clipping_norm=dp.client_clipping_norm,
         noise_multiplier_set=dp.client_noise_multiplier or None,
         epsilon=spent["epsilon"] if spent else None,
-        releases=int(spent.get("releases", max(history.central_privacy))) if spent else 0,
+        releases=int(spent["releases"]) if spent else 0,
     )
     return out
 

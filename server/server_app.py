@@ -69,12 +69,12 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(model.state_dict())
     if run.resume_from:
         done, weights, sidecar = latest_checkpoint(out)
-    strategy = _strategy(run, grid, releases_done=_releases_before(out) if run.resume_from else 0)
+        history = RunHistory.from_dict(sidecar["history"])
+    strategy = _strategy(run, grid, releases_done=_releases_before(history))
     if (
         run.resume_from
     ):  # continue from the last checkpoint: weights, rounds, strategy state, history
         initial = ArrayRecord(load_weights(weights))  # byte-identical to what hospitals were sent
-        history = RunHistory.from_dict(sidecar["history"])
         state_file = weights.with_name(weights.stem + ".strategy.safetensors")
         if state_file.exists():
             load_strategy_state(
@@ -153,15 +153,15 @@ def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _releases_before(out: Path) -> int:
-    """Client-level DP releases a resumed run already made: those its last checkpoint recorded,
-    plus one, since the coordinator may have sent the next round's noisy model to the hospitals
-    for evaluation before it stopped (never undercounting: ε may be overstated by one release)."""
-    _, _, sidecar = latest_checkpoint(out)
-    central = RunHistory.from_dict(sidecar["history"]).central_privacy
+def _releases_before(history: RunHistory) -> int:
+    """Client-level DP releases a resumed run already made: those its last checkpoint's
+    ``history`` recorded, plus one, since the coordinator may have sent the next round's noisy
+    model to the hospitals for evaluation before it stopped (never undercounting: ε may be
+    overstated by one release). 0 for a fresh run (empty history)."""
+    central = history.central_privacy
     if not central:
         return 0
-    return int(central[max(central)].get("releases", max(central))) + 1
+    return int(central[max(central)]["releases"]) + 1
 
 
 def _strategy(run: RunConfig, grid: Grid, *, releases_done: int):  # type: ignore[no-untyped-def]

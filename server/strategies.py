@@ -47,7 +47,7 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return out
 
 
-def _common(cfg: StrategyConfig, weighted_by_key: str = "num-examples") -> dict[str, Any]:
+def _common(cfg: StrategyConfig, weighted_by_key: str) -> dict[str, Any]:
     return {
         "weighted_by_key": weighted_by_key,
         "fraction_train": cfg.fraction_train,
@@ -60,15 +60,15 @@ def _common(cfg: StrategyConfig, weighted_by_key: str = "num-examples") -> dict[
     }
 
 
-STRATEGIES: dict[str, Callable[..., fl.Strategy]] = {
-    "fedavg": lambda c, **kw: fl.FedAvg(**_common(c, **kw)),
+STRATEGIES: dict[str, Callable[[StrategyConfig, str], fl.Strategy]] = {
+    "fedavg": lambda c, k: fl.FedAvg(**_common(c, k)),
     # FedProx only sends `proximal-mu`; client.training applies the proximal term
-    "fedprox": lambda c, **kw: fl.FedProx(**_common(c, **kw), proximal_mu=c.proximal_mu),
-    "fedadam": lambda c: fl.FedAdam(**_common(c), eta=c.server_lr),
-    "fedyogi": lambda c: fl.FedYogi(**_common(c), eta=c.server_lr),
-    "fedmedian": lambda c: fl.FedMedian(**_common(c)),
-    "fedtrimmedavg": lambda c: fl.FedTrimmedAvg(**_common(c), beta=c.trim_beta),
-    "krum": lambda c: fl.Krum(**_common(c), num_malicious_nodes=c.num_malicious_nodes),
+    "fedprox": lambda c, k: fl.FedProx(**_common(c, k), proximal_mu=c.proximal_mu),
+    "fedadam": lambda c, k: fl.FedAdam(**_common(c, k), eta=c.server_lr),
+    "fedyogi": lambda c, k: fl.FedYogi(**_common(c, k), eta=c.server_lr),
+    "fedmedian": lambda c, k: fl.FedMedian(**_common(c, k)),
+    "fedtrimmedavg": lambda c, k: fl.FedTrimmedAvg(**_common(c, k), beta=c.trim_beta),
+    "krum": lambda c, k: fl.Krum(**_common(c, k), num_malicious_nodes=c.num_malicious_nodes),
 }
 
 
@@ -84,9 +84,7 @@ def build_strategy(cfg: StrategyConfig, *, weighted_by_key: str = "num-examples"
         raise ValueError(
             f"unknown strategy {cfg.name!r}; known strategies: {', '.join(sorted(STRATEGIES))}"
         )
-    if weighted_by_key != "num-examples":
-        return STRATEGIES[cfg.name](cfg, weighted_by_key=weighted_by_key)
-    return STRATEGIES[cfg.name](cfg)
+    return STRATEGIES[cfg.name](cfg, weighted_by_key)
 
 
 def client_dp_accountant(delta: float, hospitals: int):  # type: ignore[no-untyped-def]
@@ -117,11 +115,17 @@ def client_dp_epsilon(noise_multiplier: float, rounds: int, delta: float, hospit
 
     Without amplification by sampling, ε does not depend on the number of ``hospitals``.
     """
+    return _composed_accountant(noise_multiplier, delta, hospitals, rounds).get_epsilon(delta)
+
+
+def _composed_accountant(noise_multiplier: float, delta: float, hospitals: int, releases: int):  # type: ignore[no-untyped-def]
+    """:func:`client_dp_accountant` after ``releases`` identical Gaussian releases."""
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
     accountant = client_dp_accountant(delta, hospitals)
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), rounds)
-    return accountant.get_epsilon(delta)
+    if releases:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), releases)
+    return accountant
 
 
 def calibrate_client_noise(
@@ -165,22 +169,21 @@ def with_client_dp(
     Source: Flower ``flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping``;
     McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018.
     """
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
-    accountant = client_dp_accountant(delta, hospitals)
-    if releases_done:
-        accountant.compose(
-            GaussianPrivacyEvent(noise_multiplier, hospitals, hospitals), releases_done
-        )
+    accountant = _composed_accountant(noise_multiplier, delta, hospitals, releases_done)
     return fl.DifferentialPrivacyClientSideFixedClipping(
         strategy, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
         num_sampled_clients=hospitals, accountant=accountant,
     )  # fmt: skip
 
 
+def _unwrap(strategy: fl.Strategy) -> fl.Strategy:
+    """The strategy inside fedcare's :class:`ResumedStrategy` wrapper (if any)."""
+    return strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+
+
 def privacy_spent(strategy: fl.Strategy) -> tuple[float, float, int] | None:
     """(ε, δ, number of releases) of a client-level DP strategy so far, else None."""
-    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    inner = _unwrap(strategy)
     if isinstance(inner, fl.DifferentialPrivacyClientSideFixedClipping):
         spent = inner.privacy_spent()
         if spent is not None:
@@ -195,7 +198,7 @@ STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 
 def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
     """The strategy's between-round state as flat arrays (``"m_t/<layer>"``), for checkpoints."""
-    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    inner = _unwrap(strategy)
     inner = getattr(inner, "strategy", inner)  # inside a DP wrapper
     out: dict[str, np.ndarray] = {}
     for attr in STATEFUL_ATTRIBUTES:
@@ -207,7 +210,7 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
 
 def load_strategy_state(strategy: fl.Strategy, arrays: dict[str, np.ndarray]) -> None:
     """Restore what :func:`strategy_state` saved (e.g. FedAdam's first and second moments)."""
-    inner = strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    inner = _unwrap(strategy)
     inner = getattr(inner, "strategy", inner)  # inside a DP wrapper
     for attr in STATEFUL_ATTRIBUTES:
         part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}

@@ -58,6 +58,30 @@ def _reply(arrays: dict[str, np.ndarray], node: int) -> Message:
     return Message(content, reply_to=request)
 
 
+def test_a_resumed_run_counts_the_releases_it_already_made(default_cfg):
+    """A resumed coordinator starts its accountant at the releases the checkpoint recorded, so ε
+    continues from there instead of restarting at 0."""
+    run = RunConfig.from_run_config({**default_cfg, "dp.level": "client"})
+    resumed = with_client_dp(
+        build_strategy(run.strategy, weighted_by_key=UNIT_WEIGHT_KEY),
+        noise_multiplier=2.0, clipping_norm=0.5, hospitals=4, delta=1e-5, releases_done=2,
+    )  # fmt: skip
+    eps, delta, releases = privacy_spent(resumed)
+    assert releases == 2 and delta == 1e-5
+    assert eps == pytest.approx(client_dp_epsilon(2.0, 2, 1e-5, 4), rel=1e-9)
+    assert eps > client_dp_epsilon(2.0, 1, 1e-5, 4)
+
+
+def test_resume_counts_one_release_more_than_the_checkpoint_recorded():
+    """The next round's model may have reached the hospitals before the coordinator stopped."""
+    from server.history import RunHistory
+    from server.server_app import _releases_before
+
+    assert _releases_before(RunHistory()) == 0  # a fresh run
+    spent = {r: {"epsilon": 0.5 * r, "delta": 1e-5, "releases": r} for r in (1, 2)}
+    assert _releases_before(RunHistory(central_privacy=spent)) == 3
+
+
 def test_coordinator_adds_calibrated_noise_and_accounts_each_round(default_cfg):
     default_cfg.update({"dp.level": "client", "simulation.hospitals": 4})
     run = RunConfig.from_run_config(default_cfg)

@@ -202,3 +202,70 @@ def test_audit_log_lists_every_protocol_message_and_no_unmasked_weights(runs, tm
         handed = [e for e in lines if e["direction"].startswith("handed to SecAgg+")]
         assert len(handed) == 1 and handed[0]["decision"] == "trained"
         assert handed[0]["epsilon"] is not None
+
+
+def _protocol_message(configs: dict) -> Message:  # type: ignore[type-arg]
+    from flwr.app import ConfigRecord, RecordDict
+
+    return Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}), dst_node_id=7, message_type="train"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({Key.THRESHOLD: 1}, "reconstruction threshold 1 with 3 shares"),
+        ({Key.THRESHOLD: 4}, "reconstruction threshold 4 with 3 shares"),
+        ({Key.CLIPPING_RANGE: 80.0}, "clipping range 80.0 (run config: 8)"),
+        ({Key.MAX_WEIGHT: 1e9}, "max weight 1000000000.0 (run config: 1000)"),
+    ],
+)
+def test_hospital_refuses_a_protocol_the_coordinator_weakened(default_cfg, change, refusal):
+    """The setup parameters come from the coordinator; a hospital takes part only with the
+    threshold and ranges that keep its update hidden (checked against its run config)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from client.client_app import SITE_REFUSED
+    from client.client_app import app as client_app
+    from tests.handlers import make_context, use_task_identity
+
+    use_task_identity()
+    cfg = {**default_cfg, "secagg.enabled": True}
+    node = {"partition-id": 0, "num-partitions": 3}
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32,
+             Key.MAX_WEIGHT: 1000.0}  # fmt: skip
+    accepted = client_app(_protocol_message(setup), make_context(cfg, node))
+    assert not accepted.has_error(), accepted.error  # the run config's own parameters
+    reply = client_app(_protocol_message({**setup, **change}), make_context(cfg, node))
+    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert "SecAgg+ setup rejected: " + refusal in reply.error.reason
+
+
+def test_hospital_refuses_to_share_keys_with_fewer_peers_than_the_threshold(default_cfg):
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from client.client_app import SITE_REFUSED
+    from client.client_app import app as client_app
+    from tests.handlers import make_context, use_task_identity
+
+    use_task_identity()
+    ctx = make_context(
+        {**default_cfg, "secagg.enabled": True}, {"partition-id": 0, "num-partitions": 3}
+    )
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 3,
+             Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32,
+             Key.MAX_WEIGHT: 1000.0}  # fmt: skip
+    keys = client_app(_protocol_message(setup), ctx)
+    assert not keys.has_error(), keys.error
+    own = keys.content.config_records[RECORD_KEY_CONFIGS]
+    public = [own[Key.PUBLIC_KEY_1], own[Key.PUBLIC_KEY_2]]
+    # the coordinator forwards the keys of this hospital (node 7) and of only one other
+    peers = {Key.STAGE: Stage.SHARE_KEYS, "7": public, "8": public}
+    reply = client_app(_protocol_message(peers), ctx)
+    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert (
+        "share-keys rejected: 2 hospital(s) to share with, fewer than the reconstruction threshold 3"
+        in reply.error.reason
+    )
