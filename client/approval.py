@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flwr.common.config import get_metadata_from_config
+
 from shared_models.files import write_json_atomic
 
 APPROVED_FILE = "approved.json"
@@ -132,8 +134,10 @@ def inspect_fab(content: bytes) -> BundleInfo:
         tasks_src = archive.read(TASKS_MODULE).decode() if TASKS_MODULE in names else ""
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ApprovalError(f"not a Flower app bundle ({type(exc).__name__}: {exc})") from None
-    publisher = project.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher", "?")
-    meta = project.get("project", {})
+    try:
+        fab_id, version = get_metadata_from_config(project)  # Flower's reading of the FAB
+    except KeyError as exc:
+        raise ApprovalError(f"not a Flower app bundle (pyproject.toml has no {exc})") from None
     files = [
         f"{i.filename} ({i.file_size} bytes)"
         for i in archive.infolist()
@@ -141,8 +145,8 @@ def inspect_fab(content: bytes) -> BundleInfo:
     ]
     return BundleInfo(
         sha256=hashlib.sha256(content).hexdigest(),
-        fab_id=f"{publisher}/{meta.get('name', '?')}",
-        version=str(meta.get("version", "?")),
+        fab_id=fab_id,
+        version=str(version),
         files=files,
         tasks=task_names(tasks_src),
     )

@@ -52,15 +52,10 @@ def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  
     """Flower mod: audit every SecAgg+ protocol message (keys, shares, masked vectors) that the
     hospital receives and sends, with the stage; the handlers audit the rest themselves."""
     stage = secagg_stage(msg)
-    folder = None
-    if stage is not None:
-        try:
-            folder = _ledger_dir(context)
-        except _EXPECTED:
-            folder = None
-    if folder is None:
+    target = _audit_target(context) if stage is not None else None
+    if target is None:
         return call_next(msg, context)
-    audit, run_id, site = AuditLog(folder), _audit_run_id(context), _site_name(context)
+    audit, run_id, site = target
     audit.message("received", msg, run_id=run_id, site=site, secagg_stage=stage)
     reply = call_next(msg, context)
     decision = "refused" if reply.has_error() else f"secagg {stage}"
@@ -144,15 +139,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
     """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
-    try:
-        folder = _ledger_dir(context)
-    except _EXPECTED:
-        folder = None  # the handler itself answers with the reason
-    if folder is None:
+    target = _audit_target(context)
+    if target is None:
         return handler(msg, context)
-    audit = AuditLog(folder)
-    run_id = _audit_run_id(context)
-    site = _site_name(context)
+    audit, run_id, site = target
     config = msg.content.config_records.get("config")
     server_round = config.get("server-round", 0) if config is not None else 0
     audit.message("received", msg, run_id=run_id, site=site, round=server_round)
@@ -174,6 +164,18 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
         epsilon=epsilon,
     )
     return reply
+
+
+def _audit_target(context: Context) -> tuple[AuditLog, str, str] | None:
+    """(audit log, run id, site name) of a site that keeps a ledger folder, else None (also when
+    the node config is unusable: the handler itself then answers with the reason)."""
+    try:
+        folder = _ledger_dir(context)
+    except _EXPECTED:
+        return None
+    if folder is None:
+        return None
+    return AuditLog(folder), _audit_run_id(context), _site_name(context)
 
 
 def _audit_run_id(context: Context) -> str:
