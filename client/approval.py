@@ -6,7 +6,7 @@ whose SHA-256 (the hash Flower itself uses to name and store a FAB) its operator
 ``fedcare client approve``; the approved code then enforces the site policy on the run config.
 
 Inspecting a bundle never executes it: the FAB is read as a zip archive, its task list is
-parsed from ``shared_models/tasks.py`` with :mod:`ast`, and its metadata from its
+parsed from ``shared_models/tasks/*.py`` with :mod:`ast`, and its metadata from its
 ``pyproject.toml``.
 
 Layout: ``<ledger>/approved.json`` = ``{"approved": [{"sha256", "fab_id", "version",
@@ -32,7 +32,7 @@ from flwr.common.config import get_metadata_from_config
 from shared_models.files import write_json_atomic
 
 APPROVED_FILE = "approved.json"
-TASKS_MODULE = "shared_models/tasks.py"  # where a fedcare bundle registers its tasks
+TASKS_PACKAGE = "shared_models/tasks/"  # where a fedcare bundle registers its tasks
 
 
 class ApprovalError(RuntimeError):
@@ -88,11 +88,11 @@ def fab_bytes(source: Path) -> bytes:
         raise ApprovalError(f"{source}: not a valid Flower app ({exc})") from None
 
 
-def task_names(source: str) -> list[str]:
-    """Task names registered in a ``shared_models/tasks.py`` source text, without executing it.
+def task_names(source: str, *, module: str = TASKS_PACKAGE) -> list[str]:
+    """Task names registered in a module of ``shared_models/tasks/``, without executing it.
 
-    Reads the string keys of the dict literal assigned to ``TASKS`` (annotated or not).
-    Returns an empty list when there is no such literal.
+    Reads the string keys of the dict literals assigned to a name ending in ``TASKS``
+    (``TABULAR_TASKS = {...}``, annotated or not). Returns an empty list when there is none.
 
     Raises
     ------
@@ -102,7 +102,8 @@ def task_names(source: str) -> list[str]:
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
-        raise ApprovalError(f"{TASKS_MODULE}: not valid Python ({exc})") from None
+        raise ApprovalError(f"{module}: not valid Python ({exc})") from None
+    names: list[str] = []
     for node in tree.body:
         target: ast.expr | None = None
         value: ast.expr | None = None
@@ -110,13 +111,17 @@ def task_names(source: str) -> list[str]:
             target, value = node.targets[0], node.value
         elif isinstance(node, ast.AnnAssign):
             target, value = node.target, node.value
-        if isinstance(target, ast.Name) and target.id == "TASKS" and isinstance(value, ast.Dict):
-            return [
+        if (
+            isinstance(target, ast.Name)
+            and target.id.endswith("TASKS")
+            and isinstance(value, ast.Dict)
+        ):
+            names += [
                 k.value
                 for k in value.keys
                 if isinstance(k, ast.Constant) and isinstance(k.value, str)
             ]
-    return []
+    return names
 
 
 def inspect_fab(content: bytes) -> BundleInfo:
@@ -131,7 +136,12 @@ def inspect_fab(content: bytes) -> BundleInfo:
         archive = zipfile.ZipFile(io.BytesIO(content))
         names = archive.namelist()
         project = tomllib.loads(archive.read("pyproject.toml").decode())
-        tasks_src = archive.read(TASKS_MODULE).decode() if TASKS_MODULE in names else ""
+        tasks = [
+            task
+            for name in names
+            if name.startswith(TASKS_PACKAGE) and name.endswith(".py")
+            for task in task_names(archive.read(name).decode(), module=name)
+        ]
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ApprovalError(f"not a Flower app bundle ({type(exc).__name__}: {exc})") from None
     try:
@@ -148,7 +158,7 @@ def inspect_fab(content: bytes) -> BundleInfo:
         fab_id=fab_id,
         version=str(version),
         files=files,
-        tasks=task_names(tasks_src),
+        tasks=sorted(tasks),
     )
 
 

@@ -43,9 +43,9 @@ from client.training import (
 )
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import METRIC_NAMES, binary_metrics
-from shared_models.models import build_model, predict_proba
+from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY
-from shared_models.tasks import DataError, SiteData, get_task
+from shared_models.tasks import DataError, SiteData
 
 
 def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -105,12 +105,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     run = RunConfig.from_run_config(context.run_config)
     site = SiteSettings.from_node_config(context.node_config)
     data = load_site_data(site, run)
-    task = get_task(run.task.name)
-    model = build_model(
-        run.model.name,
-        n_features=task.n_features(task.resolve_preprocessing(run.task.preprocessing)),
-        hidden=run.model.hidden,
-    )
+    model, _ = model_for_run(run)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return run, site, data, model, resolve_device(site.device)
 
@@ -247,8 +242,7 @@ def _train_locally(
     started = time.perf_counter()
     result = train_round(
         model,
-        data.x_train,
-        data.y_train,
+        data.train_set(),
         steps=steps_per_round(data.n_train, run.train.batch_size, run.train.local_epochs),
         batch_size=run.train.batch_size,
         lr=run.train.lr,

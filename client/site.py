@@ -72,7 +72,7 @@ class SiteSettings:
 
 
 def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
-    """This hospital's preprocessed data (train/test split, standardised with its own stats).
+    """This hospital's preprocessed data (train/test split, scaled with the task's fixed constants).
 
     Raises
     ------

@@ -24,7 +24,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from shared_models.config import RunConfig
 
@@ -254,8 +254,7 @@ def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def train_round(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    data: Dataset,
     *,
     steps: int,
     batch_size: int,
@@ -272,9 +271,10 @@ def train_round(
     Parameters
     ----------
     model : nn.Module
-        Maps ``[B, F] float32`` to logits ``[B]``; starts from the global weights.
-    x, y : np.ndarray
-        Training split, ``[N, F] float32`` and ``[N]`` in {0, 1}.
+        Maps ``[B, *input_shape] float32`` to logits ``[B]``; starts from the global weights.
+    data : Dataset
+        The training split: ``(x [*input_shape] float32, y [] float32 in {0, 1})`` pairs
+        (e.g. :meth:`shared_models.tasks.SiteData.train_set`).
     steps : int
         Optimizer steps to take.
     batch_size : int
@@ -301,8 +301,7 @@ def train_round(
     """
     torch.manual_seed(seed)
     model.to(device).train()
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=dp is None)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     engine = None
     net: nn.Module = model

@@ -140,7 +140,7 @@ def check_names(cfg: dict[str, Any]) -> None:
         ("model.name", "model", "models", MODELS),
     )
     for key, kind, kinds, known in registries:
-        if cfg[key] not in known:
+        if cfg[key] not in known and not (key == "model.name" and cfg[key] == "default"):
             raise UsageError(
                 f"unknown {kind} {cfg[key]!r}; known {kinds}: {', '.join(sorted(known))}"
             )

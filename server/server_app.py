@@ -43,10 +43,9 @@ from server.strategies import (
 )
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import binary_metrics
-from shared_models.models import build_model, predict_proba
+from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import UNIT_WEIGHT_KEY
 from shared_models.sites import simulated_sites_for
-from shared_models.tasks import get_task
 
 app = ServerApp()
 progress_log = logging.getLogger("fedcare.progress")
@@ -60,11 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(
         run.resume_from or run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    task = get_task(run.task.name)
-    n_features = task.n_features(task.resolve_preprocessing(run.task.preprocessing))
-    model = build_model(
-        run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
-    )
+    model, model_info = model_for_run(run)
     history, done = RunHistory(), 0
     initial = ArrayRecord(model.state_dict())
     if run.resume_from:
@@ -139,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     summary = build_summary(run, history, wall_seconds=time.monotonic() - t_start)
-    save_weights(out / "model.safetensors", final, _model_card(run, summary, n_features))
+    save_weights(out / "model.safetensors", final, _model_card(run, summary, model_info))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
 
@@ -219,9 +214,9 @@ def _sidecar(run: RunConfig, history: RunHistory, server_round: int, context: Co
     }
 
 
-def _model_card(run: RunConfig, summary: dict, n_features: int) -> dict:
+def _model_card(run: RunConfig, summary: dict, model_info: dict) -> dict:
     return {
-        "model": {"name": run.model.name, "n_features": n_features, "hidden": run.model.hidden},
+        "model": model_info,
         "task": run.task.name,
         "preprocessing": run.task.preprocessing,
         "training": {

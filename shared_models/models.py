@@ -1,19 +1,29 @@
 """Model registry. Every model is Opacus-compatible (no BatchNorm; checked by a test with
-``opacus.validators.ModuleValidator.validate(model, strict=True)``)."""
+``opacus.validators.ModuleValidator.validate(model, strict=True)``).
+
+A builder takes the shape of one example (``input_shape``, e.g. ``(30,)`` for a tabular task)
+and the run's ``model.hidden`` width; every model maps a batch ``[B, *input_shape]`` to logits
+``[B]`` of the positive class.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .config import RunConfig
+
 
 class LogisticRegression(nn.Module):
     """Logistic regression: one linear layer producing a logit.
 
-    ``x: [B, F] float32 -> logits: [B] float32``.
+    ``x: [B, *input_shape] float32 -> logits: [B] float32`` (inputs are flattened).
     """
 
     def __init__(self, n_features: int) -> None:
@@ -21,13 +31,13 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(n_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).squeeze(-1)  # [B]
+        return self.linear(x.flatten(1)).squeeze(-1)  # [B]
 
 
 class MLP(nn.Module):
     """Two-layer perceptron with a ReLU hidden layer.
 
-    ``x: [B, F] float32 -> logits: [B] float32``.
+    ``x: [B, *input_shape] float32 -> logits: [B] float32`` (inputs are flattened).
     """
 
     def __init__(self, n_features: int, hidden: int = 32) -> None:
@@ -39,47 +49,82 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)  # [B]
+        return self.net(x.flatten(1)).squeeze(-1)  # [B]
 
 
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {
-    "logreg": lambda n_features, hidden: LogisticRegression(n_features),
-    "mlp": lambda n_features, hidden: MLP(n_features, hidden),
+ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]  # (input_shape, hidden) -> model
+
+MODELS: dict[str, ModelBuilder] = {
+    "logreg": lambda shape, hidden: LogisticRegression(math.prod(shape)),
+    "mlp": lambda shape, hidden: MLP(math.prod(shape), hidden),
 }
 
 
-def build_model(name: str, *, n_features: int, hidden: int = 32, seed: int = 0) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    n_features: int | None = None,
+    hidden: int = 32,
+    seed: int = 0,
+) -> nn.Module:
     """Build the registered model ``name`` with deterministic initial weights.
 
     Parameters
     ----------
     name : str
-        Registry key (``logreg`` or ``mlp``).
-    n_features : int
-        Input width F.
+        Registry key (see :data:`MODELS`).
+    input_shape : tuple[int, ...]
+        Shape of one example; ``n_features=F`` is shorthand for ``input_shape=(F,)``.
     hidden : int
-        Hidden width (MLP only).
+        Hidden width (models that have one).
     seed : int
         Seed for the initial weights, so that every party builds the same initial model.
 
     Raises
     ------
     ValueError
-        Unknown name; the message lists the known models.
+        Unknown name (the message lists the known models), or no input shape given.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    shape = input_shape if input_shape is not None else (n_features,) if n_features else None
+    if shape is None:
+        raise ValueError("build_model needs input_shape (or n_features)")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return MODELS[name](n_features, hidden)
+        return MODELS[name](tuple(shape), hidden)
     finally:
         torch.random.set_rng_state(gen_state)
 
 
+def model_for_run(run: RunConfig) -> tuple[nn.Module, dict[str, object]]:
+    """The run's model (task's input shape, ``model.name`` resolved, ``train.seed`` init) and its
+    description for model cards: ``{"name", "input_shape", "hidden"}``.
+
+    Raises
+    ------
+    ValueError
+        Unknown task or preprocessing, or a model that does not fit the task.
+    """
+    from .tasks import get_task
+
+    task = get_task(run.task.name)
+    shape = task.input_shape(task.resolve_preprocessing(run.task.preprocessing))
+    name = task.resolve_model(run.model.name)
+    model = build_model(name, input_shape=shape, hidden=run.model.hidden, seed=run.train.seed)
+    return model, {"name": name, "input_shape": list(shape), "hidden": run.model.hidden}
+
+
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
-    """Probabilities of class 1: ``x [N, F] float32 -> [N] float64``."""
+def predict_proba(
+    model: nn.Module, x: np.ndarray, *, device: str = "cpu", batch_size: int = 1024
+) -> np.ndarray:
+    """Probabilities of class 1: ``x [N, *input_shape] float32 -> [N] float64``, in batches."""
     model.to(device).eval()
-    logits = model(torch.from_numpy(x).to(device))
-    return torch.sigmoid(logits).double().cpu().numpy()
+    out = [
+        torch.sigmoid(model(torch.from_numpy(x[i : i + batch_size]).to(device))).double().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0)

@@ -11,22 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from torch.utils.data import ConcatDataset, Dataset
 
 from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics
-from shared_models.models import build_model, predict_proba
-from shared_models.tasks import SiteData, get_task
+from shared_models.models import model_for_run, predict_proba
+from shared_models.tasks import SiteData
 
 
-def _fit(run: RunConfig, x: np.ndarray, y: np.ndarray, n_features: int):  # -> nn.Module
-    model = build_model(
-        run.model.name, n_features=n_features, hidden=run.model.hidden, seed=run.train.seed
-    )
+def _fit(run: RunConfig, data: Dataset):  # -> nn.Module
+    model, _ = model_for_run(run)
     epochs = run.train.rounds * run.train.local_epochs
     train_round(
-        model, x, y,
-        steps=steps_per_round(len(y), run.train.batch_size, epochs),
+        model, data,
+        steps=steps_per_round(len(data), run.train.batch_size, epochs),
         batch_size=run.train.batch_size, lr=run.train.lr, momentum=run.train.momentum,
         dp=None, seed=run.train.seed,
     )  # fmt: skip
@@ -36,17 +35,10 @@ def _fit(run: RunConfig, x: np.ndarray, y: np.ndarray, n_features: int):  # -> n
 def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, dict[str, Any]]:
     """Pooled and local non-private baselines: AUROC and accuracy on the pooled test splits,
     and the unweighted mean of per-hospital test accuracies."""
-    task = get_task(run.task.name)
-    n_features = task.n_features(task.resolve_preprocessing(run.task.preprocessing))
     x_test = np.concatenate([s.x_test for s in sites])
     y_test = np.concatenate([s.y_test for s in sites])
 
-    pooled = _fit(
-        run,
-        np.concatenate([s.x_train for s in sites]),
-        np.concatenate([s.y_train for s in sites]),
-        n_features,
-    )
+    pooled = _fit(run, ConcatDataset([s.train_set() for s in sites]))
     overall = binary_metrics(y_test, predict_proba(pooled, x_test))
     per_site = [binary_metrics(s.y_test, predict_proba(pooled, s.x_test)).accuracy for s in sites]
     out = {
@@ -59,7 +51,7 @@ def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, 
     }
     local_acc, scores = [], []
     for s in sites:
-        model = _fit(run, s.x_train, s.y_train, n_features)
+        model = _fit(run, s.train_set())
         p = predict_proba(model, s.x_test)
         scores.append(p)
         local_acc.append(binary_metrics(s.y_test, p).accuracy)

@@ -110,7 +110,7 @@ def test_task_list_comes_out_without_importing_the_bundle(tmp_path, app_copy):
 
     evil = tmp_path / "evil"
     shutil.copytree(app_copy, evil)
-    tasks = evil / "shared_models" / "tasks.py"
+    tasks = evil / "shared_models" / "tasks" / "tabular.py"
     marker = tmp_path / "imported"
     tasks.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + tasks.read_text())
     info = inspect_fab(fab_bytes(evil))

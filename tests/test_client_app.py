@@ -102,7 +102,7 @@ def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_pa
     default_cfg.update({"task.name": "heart-disease", "dp.enabled": False})
     ctx = _context(default_cfg, {"data-path": str(path), "site": "zurich"})
     task = get_task("heart-disease")
-    model = build_model("mlp", n_features=task.n_features("flamby"))
+    model = build_model("mlp", input_shape=task.input_shape("flamby"))
     reply = client_app(_request("evaluate", model, 1), ctx)
     assert not reply.has_error()
     assert math.isnan(reply.content["metrics"]["auroc"])

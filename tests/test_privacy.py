@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
 
 from client.training import (
     PrivacyBudgetError,
@@ -22,6 +23,10 @@ def _data(n=200, f=5, seed=0):
     x = rng.normal(size=(n, f)).astype(np.float32)
     y = (x[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(np.float32)
     return x, y
+
+
+def _ds(x, y):
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
 
 
 def test_pinned_rdp_epsilon():
@@ -63,7 +68,7 @@ def test_cumulative_epsilon_equals_one_accountant_over_all_steps():
     for rnd in range(4):
         model = build_model("logreg", n_features=5)
         res = train_round(
-            model, x, y, steps=plan.steps_per_round, batch_size=20, lr=0.1,
+            model, _ds(x, y), steps=plan.steps_per_round, batch_size=20, lr=0.1,
             dp=plan, accountant_state=state, seed=rnd,
         )  # fmt: skip
         state = res.accountant_state
@@ -82,10 +87,10 @@ def test_exceeding_the_planned_steps_is_refused():
         n_train=len(y), batch_size=20, local_epochs=1, rounds=1,
         target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0,
     )  # fmt: skip
-    res = train_round(build_model("logreg", n_features=5), x, y, steps=plan.steps_per_round,
+    res = train_round(build_model("logreg", n_features=5), _ds(x, y), steps=plan.steps_per_round,
                       batch_size=20, lr=0.1, dp=plan)  # fmt: skip
     with pytest.raises(PrivacyBudgetError, match="exceed the 10 DP steps"):
-        train_round(build_model("logreg", n_features=5), x, y, steps=plan.steps_per_round,
+        train_round(build_model("logreg", n_features=5), _ds(x, y), steps=plan.steps_per_round,
                     batch_size=20, lr=0.1, dp=plan, accountant_state=res.accountant_state)  # fmt: skip
 
 
@@ -100,7 +105,7 @@ def test_noise_magnitude_band():
     )  # fmt: skip
     model = build_model("logreg", n_features=50)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    train_round(model, x, y, steps=1, batch_size=40, lr=1.0, dp=plan, seed=0)
+    train_round(model, _ds(x, y), steps=1, batch_size=40, lr=1.0, dp=plan, seed=0)
     delta = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     expected = plan.noise_multiplier * 1e-6 / 40  # lr = 1
     assert 0.75 * expected < float(delta.std()) < 1.25 * expected
@@ -110,7 +115,7 @@ def test_non_private_training_learns():
     x, y = _data()
     model = build_model("logreg", n_features=5)
     res = train_round(
-        model, x, y, steps=steps_per_round(len(y), 20, 5), batch_size=20, lr=0.5, dp=None
+        model, _ds(x, y), steps=steps_per_round(len(y), 20, 5), batch_size=20, lr=0.5, dp=None
     )
     assert res.epsilon is None and res.accountant_state is None
     assert res.loss < 0.5
@@ -122,7 +127,9 @@ def test_fedprox_term_pulls_towards_global_weights():
     prox = build_model("logreg", n_features=5)
     start = torch.cat([p.detach().flatten().clone() for p in free.parameters()])
     for model, mu in ((free, 0.0), (prox, 5.0)):
-        train_round(model, x, y, steps=30, batch_size=20, lr=0.1, dp=None, proximal_mu=mu, seed=1)
+        train_round(
+            model, _ds(x, y), steps=30, batch_size=20, lr=0.1, dp=None, proximal_mu=mu, seed=1
+        )
     dist = [
         float((torch.cat([p.detach().flatten() for p in m.parameters()]) - start).norm())
         for m in (free, prox)
@@ -139,7 +146,7 @@ def test_dp_training_runs_on_cuda():
     )  # fmt: skip
     model = build_model("mlp", n_features=5)
     res = train_round(
-        model, x, y, steps=plan.steps_per_round, batch_size=20, lr=0.1, dp=plan, device="cuda"
+        model, _ds(x, y), steps=plan.steps_per_round, batch_size=20, lr=0.1, dp=plan, device="cuda"
     )
     assert next(model.parameters()).device.type == "cuda"
     assert 0 < res.epsilon <= 1.0

@@ -7,12 +7,10 @@ import pandas as pd
 import pytest
 
 from shared_models.sites import simulated_site_frames, site_from_frame
-from shared_models.tasks import (
+from shared_models.tasks import DataError, get_task, prepare_site
+from shared_models.tasks.tabular import (
     HEART_SITES,
-    DataError,
     breast_cancer_frame,
-    get_task,
-    prepare_site,
     read_breast_cancer_csv,
     read_heart_disease_file,
 )
@@ -75,7 +73,7 @@ def test_heart_flamby_preprocessing_matches_flamby_counts(heart_dir):
     sizes = {}
     for name, frame in sites:
         x, y = task.features(frame, "flamby")
-        assert x.shape[1] == task.n_features("flamby") == 13
+        assert (x.shape[1],) == task.input_shape("flamby") == (13,)
         assert not np.isnan(x).any()
         sizes[name] = len(y)
     assert sizes == {"cleveland": 303, "hungarian": 261, "switzerland": 46, "va": 130}
@@ -112,22 +110,33 @@ def test_heart_missing_file_names_it(tmp_path):
         get_task("heart-disease").load_sites(str(tmp_path))
 
 
-def test_prepare_site_uses_only_own_training_statistics():
+def test_prepare_site_scales_with_the_fixed_constants_only():
     rng = np.random.default_rng(0)
     x = rng.normal(5.0, 3.0, size=(200, 4)).astype(np.float32)
     y = (rng.random(200) > 0.5).astype(np.float32)
-    site = prepare_site("a", x, y, test_fraction=0.25, seed=0)
+    center, scale = (5.0, 0.0, 1.0, 2.0), (3.0, 1.0, 2.0, 4.0)
+    site = prepare_site("a", x, y, test_fraction=0.25, seed=0, reference_scaling=(center, scale))
     assert site.n_train == 150 and site.n_test == 50
-    np.testing.assert_allclose(site.x_train.mean(axis=0), 0.0, atol=1e-5)
-    np.testing.assert_allclose(site.x_train.std(axis=0), 1.0, atol=1e-4)
-    assert np.abs(site.x_test.mean(axis=0)).max() > 1e-3  # test split is NOT re-centred on itself
+    raw = np.concatenate([site.x_train, site.x_test]) * np.float32(scale) + np.float32(center)
+    np.testing.assert_allclose(np.sort(raw, axis=0), np.sort(x, axis=0), rtol=1e-5)
+    # no statistic of the site enters: the training split is NOT centred on its own mean
+    assert np.abs(site.x_train.mean(axis=0)[1:]).max() > 0.5
+    unscaled = prepare_site("a", x, y, test_fraction=0.25, seed=0)
+    np.testing.assert_allclose(
+        np.sort(np.concatenate([unscaled.x_train, unscaled.x_test]), axis=0), np.sort(x, axis=0)
+    )
 
 
-def test_prepare_site_imputes_with_site_median():
-    x = np.array([[1.0], [np.nan], [3.0], [5.0], [7.0], [9.0], [np.nan], [11.0]], dtype=np.float32)
-    y = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.float32)
+def test_prepare_site_imputes_with_site_training_median():
+    values = [1.0, np.nan, 3.0, 5.0, 7.0, 9.0, np.nan, 11.0, 13.0, 15.0, 17.0, 19.0]
+    x = np.array([[i, v] for i, v in enumerate(values)], dtype=np.float32)  # column 0: row id
+    y = np.array([0, 1] * 6, dtype=np.float32)
     site = prepare_site("a", x, y, test_fraction=0.25, seed=0)
-    assert not np.isnan(site.x_train).any() and not np.isnan(site.x_test).any()
+    train_median = np.nanmedian([values[int(i)] for i in site.x_train[:, 0]])
+    for part in (site.x_train, site.x_test):
+        for row_id, value in part:
+            expected = values[int(row_id)]
+            assert value == (train_median if np.isnan(expected) else expected)
 
 
 def test_heart_site_from_file_is_reproducible(heart_dir):
@@ -199,6 +208,6 @@ def test_breast_cancer_scaling_does_not_depend_on_the_site():
 
 
 def read_breast_cancer_frame() -> pd.DataFrame:
-    from shared_models.tasks import _breast_from_frame
+    from shared_models.tasks.tabular import _breast_from_frame
 
     return _breast_from_frame(breast_cancer_frame(), "embedded")

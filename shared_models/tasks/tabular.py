@@ -1,17 +1,11 @@
-"""Tasks: input schema, upstream file loaders, per-site preprocessing, model and metric choice.
-
-A task is what the coordinator and every hospital must agree on. Each hospital turns its own
-raw file into tensors with :func:`prepare_site`, scaled with the task's fixed, data-independent
-constants (from the dataset's published description) and imputed with its OWN training split's
-medians: no preprocessing step ever needs raw data -- or statistics -- of two hospitals.
-
-Registered tasks (``TASKS``):
+"""Tabular tasks read from the datasets' upstream files.
 
 ``breast-cancer``
     Wisconsin Diagnostic Breast Cancer (WDBC, 569 patients x 30 features), shipped inside
     scikit-learn (:func:`sklearn.datasets.load_breast_cancer`). Label 1 = malignant. Has no
     natural split: the simulation partitions it into hospitals. A hospital file is a CSV with a
     header, the 30 feature columns named as in scikit-learn, and a ``diagnosis`` column (M/B).
+    Features are scaled to [-1, 1] with the published WDBC feature ranges.
 ``heart-disease``
     UCI Heart Disease, one upstream ``processed.<site>.data`` file per hospital (14 columns, no
     header, ``?`` = missing). Label ``num > 0``. Preprocessing ``flamby`` (the default) follows
@@ -22,138 +16,12 @@ Registered tasks (``TASKS``):
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
-LABEL = "label"
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed, or does not match the task's schema.
-
-    The message names the file (and row / column where there is one) and what to do.
-    """
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One hospital's preprocessed data.
-
-    Attributes
-    ----------
-    name : str
-        Site name (e.g. ``"cleveland"``, ``"hospital-1"``).
-    x_train, x_test : np.ndarray
-        ``[N, F] float32``, standardised with the site's own training-split mean and std.
-    y_train, y_test : np.ndarray
-        ``[N] float32`` in {0, 1}; 1 = disease present.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-    @property
-    def n_train(self) -> int:
-        return int(self.y_train.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.y_test.shape[0])
-
-
-@dataclass(frozen=True)
-class Task:
-    """A learning task both sides agree on.
-
-    Attributes
-    ----------
-    name : str
-        Registry key.
-    read_file : Callable[[Path], pd.DataFrame]
-        Reads one hospital's file in the task's upstream format and returns the raw frame with
-        a binary ``label`` column. Raises :class:`DataError`.
-    load_sites : Callable[[str], list[tuple[str, pd.DataFrame]]]
-        Simulation only: the raw frames of all sites in a data folder (``""`` = the embedded
-        data). One frame per natural site, or a single frame to be partitioned.
-    features : Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
-        ``(raw frame, preprocessing) -> (x [N, F] float32 with NaN for missing, y [N])``.
-    n_features : Callable[[str], int]
-        Input width F for a preprocessing name.
-    write_file : Callable[[pd.DataFrame, Path], None]
-        Writes a raw frame (as returned by ``read_file``) back in the task's hospital file format.
-    file_name : Callable[[str], str]
-        Hospital file name for a site name.
-    natural_split : bool
-        True when the data come as real hospitals (no partitioning in simulation).
-    preprocessings : tuple[str, ...]
-        Allowed ``task.preprocessing`` values; the first is the default.
-    positive_class : str
-        What label 1 means, for reports.
-    default_test_fraction : float
-        Test share of each site when ``data.test-fraction`` is 0.
-    reference_scaling : (center, scale) or None
-        Fixed, data-independent per-feature centre and scale (from the task's documented units).
-        None: each site standardises with its own training-split mean and std.
-    """
-
-    name: str
-    read_file: Callable[[Path], pd.DataFrame]
-    load_sites: Callable[[str], list[tuple[str, pd.DataFrame]]]
-    features: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
-    n_features: Callable[[str], int]
-    write_file: Callable[[pd.DataFrame, Path], None]
-    file_name: Callable[[str], str]
-    natural_split: bool
-    preprocessings: tuple[str, ...]
-    positive_class: str
-    default_test_fraction: float = 0.3
-    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-    def resolve_preprocessing(self, name: str) -> str:
-        """Map ``"default"`` to the task's default; raise ``ValueError`` on an unknown name."""
-        if name == "default":
-            return self.preprocessings[0]
-        if name not in self.preprocessings:
-            raise ValueError(
-                f"task '{self.name}' has no preprocessing {name!r}; "
-                f"choose one of {list(self.preprocessings)} or 'default'"
-            )
-        return name
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers shared by the loaders
-# ----------------------------------------------------------------------------------------------
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise DataError(f"{path}: file not found; check the path")
-    if not path.is_file():
-        raise DataError(f"{path}: is a directory, expected a data file")
-
-
-def _check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.DataFrame:
-    """Convert every column to float; name the first non-numeric cell (file, line, column)."""
-    out = frame.copy()
-    for col in out.columns:
-        converted = pd.to_numeric(out[col], errors="coerce")
-        bad = converted.isna() & out[col].notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                f"{path}, line {row + first_line}: column '{col}' has non-numeric value "
-                f"{out[col].iloc[row]!r}; fix or remove that row"
-            )
-        out[col] = converted.astype(float)
-    return out
+from .base import LABEL, DataError, Task, check_numeric, require_file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +63,7 @@ def _breast_from_frame(frame: pd.DataFrame, source: str) -> pd.DataFrame:
             f"{source}, line {row + 2}: 'diagnosis' is {frame['diagnosis'].iloc[row]!r}; "
             "use M (malignant) or B (benign)"
         )
-    out = _check_numeric(frame[names], Path(source), first_line=2)
+    out = check_numeric(frame[names], Path(source), first_line=2)
     out[LABEL] = diag.isin(["M", "1"]).astype(float).to_numpy()
     return out
 
@@ -209,7 +77,7 @@ def read_breast_cancer_csv(path: Path) -> pd.DataFrame:
         File missing, not CSV, a column missing, a non-numeric feature or an unknown diagnosis.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
@@ -283,7 +151,7 @@ def read_heart_disease_file(path: Path) -> pd.DataFrame:
         Naming the file and line: wrong column count, non-numeric value, empty file.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError:
@@ -314,7 +182,7 @@ def read_heart_disease_file(path: Path) -> pd.DataFrame:
     )
     frame = frame.apply(lambda c: c.str.strip())
     frame = frame.replace({"?": np.nan, "": np.nan})
-    frame = _check_numeric(frame, path, first_line=1)
+    frame = check_numeric(frame, path, first_line=1)
     if frame["num"].isna().any():
         row = int(np.flatnonzero(frame["num"].isna().to_numpy())[0])
         raise DataError(f"{path}, line {row + 1}: the label column 'num' is missing")
@@ -367,7 +235,7 @@ def _heart_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
-TASKS: dict[str, Task] = {
+TABULAR_TASKS: dict[str, Task] = {
     "breast-cancer": Task(
         name="breast-cancer",
         read_file=read_breast_cancer_csv,
@@ -375,7 +243,7 @@ TASKS: dict[str, Task] = {
         write_file=write_breast_cancer_csv,
         file_name=lambda site: f"{site}.csv",
         features=_breast_features,
-        n_features=lambda p: 30,
+        input_shape=lambda p: (30,),
         natural_split=False,
         preprocessings=("standard",),
         positive_class="malignant",
@@ -388,7 +256,7 @@ TASKS: dict[str, Task] = {
         write_file=write_heart_disease_file,
         file_name=lambda site: f"processed.{site}.data",
         features=_heart_features,
-        n_features=lambda p: len(_HEART_NUMERIC) + sum(len(v) for v in _HEART_ONEHOT.values()),
+        input_shape=lambda p: (len(_HEART_NUMERIC) + sum(len(v) for v in _HEART_ONEHOT.values()),),
         natural_split=True,
         preprocessings=("flamby", "impute"),
         positive_class="heart disease (num > 0)",
@@ -396,86 +264,3 @@ TASKS: dict[str, Task] = {
         reference_scaling=(_HEART_CENTER, _HEART_SCALE),
     ),
 }
-
-
-def get_task(name: str) -> Task:
-    """Return the registered task ``name``.
-
-    Raises
-    ------
-    ValueError
-        Unknown name; the message lists the known tasks.
-    """
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
-        ) from None
-
-
-def prepare_site(
-    name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    test_fraction: float,
-    seed: int,
-    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-) -> SiteData:
-    """Split one site's rows into train/test and scale them without any other site's data.
-
-    Parameters
-    ----------
-    name : str
-        Site name.
-    x : np.ndarray
-        ``[N, F] float32``; NaN marks a missing value (imputed with the site's train median).
-    y : np.ndarray
-        ``[N]`` binary labels.
-    test_fraction : float
-        Share of rows in the test split; stratified by label when both classes have >= 2 rows
-        (``sklearn.model_selection.train_test_split``).
-    seed : int
-        Split seed.
-    reference_scaling : (center, scale), optional
-        Fixed per-feature centre and scale; without it, the site's training-split mean and std.
-
-    Notes
-    -----
-    Imputation and standardisation use either the site's own training split or fixed,
-    data-independent constants -- never pooled statistics -- so no raw data crosses hospitals.
-
-    Raises
-    ------
-    DataError
-        Fewer than 4 rows, or only one row in the training split.
-    """
-    n = int(y.shape[0])
-    if n < 4:
-        raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
-    counts = np.bincount(y.astype(int), minlength=2)
-    stratify = y if counts.min() >= 2 else None
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
-    )
-    if np.isnan(x_tr).any():
-        with warnings.catch_warnings():  # an all-missing column has no median: use 0
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = np.nan_to_num(np.nanmedian(x_tr, axis=0), nan=0.0)
-        x_tr = np.where(np.isnan(x_tr), median, x_tr)
-        x_te = np.where(np.isnan(x_te), median, x_te)
-    if reference_scaling is not None:
-        mean = np.asarray(reference_scaling[0], dtype=np.float32)
-        std = np.asarray(reference_scaling[1], dtype=np.float32)
-    else:
-        mean = x_tr.mean(axis=0)
-        std = x_tr.std(axis=0)
-        std[std < 1e-8] = 1.0
-    return SiteData(
-        name=name,
-        x_train=((x_tr - mean) / std).astype(np.float32),
-        y_train=y_tr.astype(np.float32),
-        x_test=((x_te - mean) / std).astype(np.float32),
-        y_test=y_te.astype(np.float32),
-    )

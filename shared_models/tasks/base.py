@@ -1,0 +1,226 @@
+"""What every task is made of: the :class:`Task` record, one hospital's :class:`SiteData`,
+the :class:`DataError` every loader raises, and :func:`prepare_site` (split and fixed scaling).
+
+A task is what the coordinator and every hospital must agree on. Each hospital turns its own
+raw data into tensors with the task's fixed, data-independent constants: no preprocessing step
+ever needs raw data -- or statistics -- of two hospitals.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, TensorDataset
+
+LABEL = "label"
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or does not match the task's schema.
+
+    The message names the file (and row / column where there is one) and what to do.
+    """
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's preprocessed data.
+
+    Attributes
+    ----------
+    name : str
+        Site name (e.g. ``"cleveland"``, ``"hospital-1"``).
+    x_train, x_test : np.ndarray
+        ``[N, *input_shape] float32`` (tabular: ``[N, F]``), preprocessed with the task's fixed
+        constants.
+    y_train, y_test : np.ndarray
+        ``[N] float32`` in {0, 1}; 1 = disease present.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+    def train_set(self) -> Dataset:
+        """The training split as a torch ``Dataset`` of ``(x [*input_shape], y [])`` pairs."""
+        return TensorDataset(torch.from_numpy(self.x_train), torch.from_numpy(self.y_train))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A learning task both sides agree on.
+
+    Attributes
+    ----------
+    name : str
+        Registry key.
+    read_file : Callable[[Path], pd.DataFrame]
+        Reads one hospital's file in the task's upstream format and returns the raw frame with
+        a binary ``label`` column. Raises :class:`DataError`.
+    load_sites : Callable[[str], list[tuple[str, pd.DataFrame]]]
+        Simulation only: the raw frames of all sites in a data folder (``""`` = the embedded
+        data). One frame per natural site, or a single frame to be partitioned.
+    features : Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
+        ``(raw frame, preprocessing) -> (x [N, F] float32 with NaN for missing, y [N])``.
+    input_shape : Callable[[str], tuple[int, ...]]
+        Shape of one example for a preprocessing name (tabular: ``(F,)``).
+    write_file : Callable[[pd.DataFrame, Path], None]
+        Writes a raw frame (as returned by ``read_file``) back in the task's hospital file format.
+    file_name : Callable[[str], str]
+        Hospital file name for a site name.
+    natural_split : bool
+        True when the data come as real hospitals (no partitioning in simulation).
+    preprocessings : tuple[str, ...]
+        Allowed ``task.preprocessing`` values; the first is the default.
+    positive_class : str
+        What label 1 means, for reports.
+    default_test_fraction : float
+        Test share of each site when ``data.test-fraction`` is 0.
+    reference_scaling : (center, scale) or None
+        Fixed, data-independent per-feature centre and scale (from the task's documented units).
+        None: the features are used as the task's ``features`` returns them.
+    models : tuple[str, ...]
+        Names in :data:`shared_models.models.MODELS` that fit the task; the first is its default
+        (run config ``model.name = "default"``).
+    """
+
+    name: str
+    read_file: Callable[[Path], pd.DataFrame]
+    load_sites: Callable[[str], list[tuple[str, pd.DataFrame]]]
+    features: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
+    input_shape: Callable[[str], tuple[int, ...]]
+    write_file: Callable[[pd.DataFrame, Path], None]
+    file_name: Callable[[str], str]
+    natural_split: bool
+    preprocessings: tuple[str, ...]
+    positive_class: str
+    default_test_fraction: float = 0.3
+    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    models: tuple[str, ...] = ("mlp", "logreg")
+
+    def resolve_model(self, name: str) -> str:
+        """Map ``"default"`` to the task's default model; raise ``ValueError`` for a model that
+        does not fit the task."""
+        if name == "default":
+            return self.models[0]
+        if name not in self.models:
+            raise ValueError(
+                f"model {name!r} does not fit task '{self.name}'; choose one of "
+                f"{list(self.models)} or 'default'"
+            )
+        return name
+
+    def resolve_preprocessing(self, name: str) -> str:
+        """Map ``"default"`` to the task's default; raise ``ValueError`` on an unknown name."""
+        if name == "default":
+            return self.preprocessings[0]
+        if name not in self.preprocessings:
+            raise ValueError(
+                f"task '{self.name}' has no preprocessing {name!r}; "
+                f"choose one of {list(self.preprocessings)} or 'default'"
+            )
+        return name
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the loaders
+# ----------------------------------------------------------------------------------------------
+def require_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise DataError(f"{path}: is a directory, expected a data file")
+
+
+def check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.DataFrame:
+    """Convert every column to float; name the first non-numeric cell (file, line, column)."""
+    out = frame.copy()
+    for col in out.columns:
+        converted = pd.to_numeric(out[col], errors="coerce")
+        bad = converted.isna() & out[col].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{path}, line {row + first_line}: column '{col}' has non-numeric value "
+                f"{out[col].iloc[row]!r}; fix or remove that row"
+            )
+        out[col] = converted.astype(float)
+    return out
+
+
+def prepare_site(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    test_fraction: float,
+    seed: int,
+    reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> SiteData:
+    """Split one site's examples into train/test and scale them without any other site's data.
+
+    Parameters
+    ----------
+    name : str
+        Site name.
+    x : np.ndarray
+        ``[N, *input_shape] float32``; NaN marks a missing value (imputed with the site's own
+        training-split median, per feature).
+    y : np.ndarray
+        ``[N]`` binary labels.
+    test_fraction : float
+        Share of rows in the test split; stratified by label when both classes have >= 2 rows
+        (``sklearn.model_selection.train_test_split``).
+    seed : int
+        Split seed.
+    reference_scaling : (center, scale), optional
+        Fixed, data-independent per-feature centre and scale, applied as ``(x - center) / scale``
+        (tabular tasks); without it ``x`` is kept as the task's ``features`` made it.
+
+    Raises
+    ------
+    DataError
+        Fewer than 4 examples.
+    """
+    n = int(y.shape[0])
+    if n < 4:
+        raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
+    counts = np.bincount(y.astype(int), minlength=2)
+    stratify = y if counts.min() >= 2 else None
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    if np.isnan(x_tr).any():
+        with warnings.catch_warnings():  # an all-missing column has no median: use 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nan_to_num(np.nanmedian(x_tr, axis=0), nan=0.0)
+        x_tr = np.where(np.isnan(x_tr), median, x_tr)
+        x_te = np.where(np.isnan(x_te), median, x_te)
+    if reference_scaling is not None:
+        center = np.asarray(reference_scaling[0], dtype=np.float32)
+        scale = np.asarray(reference_scaling[1], dtype=np.float32)
+        x_tr, x_te = (x_tr - center) / scale, (x_te - center) / scale
+    return SiteData(
+        name=name,
+        x_train=x_tr.astype(np.float32),
+        y_train=y_tr.astype(np.float32),
+        x_test=x_te.astype(np.float32),
+        y_test=y_te.astype(np.float32),
+    )
