@@ -196,6 +196,11 @@ def start(
             "flower-supernode (3 s between checks; --poll-interval does not apply)."
         ),
     ] = "fedcare",
+    test_fraction: Annotated[
+        float,
+        typer.Option(help="Share of the data held out for evaluation (0: the task's default)."),
+    ] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="Seed of this site's train/test split.")] = 0,
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key).
 
@@ -206,6 +211,14 @@ def start(
     """
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+    from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+
+    try:  # a broken policy stops the daemon here, naming the key, not at the first run
+        effective = SitePolicy.load(policy) if policy is not None else DEFAULT_POLICY
+    except PolicyError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
+        raise HospitalSetupError(f"--test-fraction {test_fraction:g}: use 0.05 to 0.9 (or 0)")
     for path, what in ((ca, "--ca"), (key, "--key"), (data, "--data")):
         if not path.is_file():
             raise HospitalSetupError(f"{what} {path}: file not found")
@@ -228,16 +241,16 @@ def start(
     _check_tls(superlink, ca)
     state.mkdir(parents=True, exist_ok=True)
     node_config = (
-        f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}"'
+        f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}" '
+        f"test-fraction={float(test_fraction)!r} split-seed={int(split_seed)}"
     )
     if policy is not None:
-        from client.policy import PolicyError, SitePolicy
-
-        try:
-            SitePolicy.load(policy)  # a broken policy stops the daemon here, not at the first run
-        except PolicyError as exc:
-            raise HospitalSetupError(str(exc)) from None
         node_config += f' policy-path="{policy.resolve()}"'
+    source = (
+        f"from {policy}" if policy is not None else "fedcare's default; --policy FILE changes it"
+    )
+    console.print(f"site policy ({source}):")
+    console.print(effective.as_toml().rstrip(), highlight=False, markup=False)
     secret = _write_superexec_secret(state / "superexec.secret")
     cmd = [
         *(
@@ -321,32 +334,48 @@ def check(
 def budget(
     ledger: Annotated[Path, typer.Option(help="The hospital's privacy ledger folder.")],
 ) -> None:
-    """Privacy spent at this hospital: per run and lifetime ε, δ, steps, noise multiplier, sample rate."""
-    from client.ledger import Ledger, LedgerError, lifetime_epsilon, run_entries
-    from client.training import accountant_steps, epsilon_spent
+    """Privacy spent at this hospital: per run and lifetime ε, δ, steps, releases."""
+    from client.ledger import Ledger, LedgerError, lifetime_epsilon
 
     if not ledger.is_dir():
         raise HospitalSetupError(f"--ledger {ledger}: folder not found")
     try:
-        entries = run_entries(Ledger(ledger))
+        records = Ledger(ledger).records()
     except LedgerError as exc:
         raise HospitalSetupError(str(exc)) from None
-    if not entries:
+    if not records:
         console.print(f"{ledger}: no runs recorded yet (no privacy spent)")
         return
     console.print(f"privacy ledger {ledger}")
-    for e in entries:
-        state = e["accountant"]
-        sigmas = ", ".join(sorted({f"{s:.4g}" for s, _, _ in state["history"]}))
-        rates = ", ".join(sorted({f"{q:.4g}" for _, q, _ in state["history"]}))
+    for r in records:
+        console.print(f"  run {r.run_id}  task {r.task}  updated {r.updated or '?'}")
+        history = r.accountant["history"]
+        sigmas = ", ".join(sorted({f"{s:.4g}" for s, q, _ in history if q < 1}))
+        rates = ", ".join(sorted({f"{q:.4g}" for _, q, _ in history if q < 1}))
+        if not r.sample_level_dp:
+            console.print(
+                f"      no sample-level DP: {r.updates} model update(s) released without it, "
+                f"{r.eval_releases} noisy evaluation release(s): ε = ∞"
+            )
+            continue
         console.print(
-            f"  run {e['run_id']}  task {e.get('task', '?')}  updated {e.get('updated', '?')}\n"
-            f"      steps {accountant_steps(state)}, noise multiplier {sigmas}, sample rate {rates}: "
-            f"ε = {epsilon_spent(state, delta=e['delta']):.3f} at δ = {e['delta']:g}"
+            f"      steps {r.train_steps}, noise multiplier {sigmas or '-'}, sample rate "
+            f"{rates or '-'}, {r.eval_releases} evaluation release(s): ε = {r.epsilon():.3f} "
+            f"at δ = {r.delta:g} (the run's), {r.epsilon(r.site_delta):.3f} at the site's "
+            f"δ = {r.site_delta:g}"
         )
-    delta = max(e["delta"] for e in entries)
-    total = lifetime_epsilon([e["accountant"] for e in entries], delta=delta)
-    console.print(
-        f"lifetime: ε = {total:.3f} at δ = {delta:g} over {len(entries)} run(s) "
-        "(all steps composed with one RDP accountant, not a sum of per-run ε)"
-    )
+    private = [r for r in records if r.sample_level_dp]
+    exposed = len(records) - len(private)
+    if private:
+        delta = max(r.site_delta for r in private)
+        total = lifetime_epsilon([r.accountant for r in private], delta=delta)
+        console.print(
+            f"lifetime: ε = {total:.3f} at δ = {delta:g} over {len(private)} run(s) with "
+            "sample-level DP (every release composed with one RDP accountant, not a sum of "
+            "per-run ε)"
+        )
+    if exposed:
+        console.print(
+            f"lifetime: ε = ∞ -- {exposed} run(s) released model updates without sample-level DP "
+            "(allowed by this site's policy, allow-non-dp)"
+        )

@@ -1,30 +1,45 @@
-"""The hospital's Flower ClientApp: thin handlers over :mod:`client.training`.
+"""The hospital's Flower ClientApp: thin handlers over :mod:`client.training` and
+:mod:`client.evaluation`, under the site's policy and privacy ledger.
 
-Train handler: load the site's data, train with Opacus DP-SGD (noise calibrated once for the
-whole run), record the accountant's state (``context.state`` and, when the hospital has one, its
-on-disk ledger) BEFORE replying, and reply with ``arrays`` and ``metrics`` (``num-examples`` =
-training examples, ``train-loss``, cumulative ``epsilon`` and ``delta``).
-Evaluate handler: test-split AUROC, accuracy, sensitivity, specificity (NaN when undefined; the
-reason travels in the ``info`` ConfigRecord).
-Expected problems (bad data, budget exhausted, bad run config, unreadable ledger) are answered
-with an error reply whose reason the coordinator shows, never with a traceback.
+Every guarantee here holds against a coordinator that sends any run config, any weights and any
+number of messages:
+
+- Train: the request is checked against the site policy (a hospital setting, never the run's)
+  and the run's recorded plan; the round's DP-SGD steps are added to everything this run already
+  released here and refused if that would cross the policy's ε caps at the site's δ; DP noise and
+  Poisson sampling come from the OS CSPRNG; the accountant state is recorded in the ledger BEFORE
+  the reply (``arrays``; ``metrics``: ``num-examples`` = training examples, cumulative
+  ``epsilon`` and ``delta``; the train loss only where the policy allows exact metrics).
+- Evaluate: exact metrics only where the policy allows them; otherwise per-class score
+  histograms with Gaussian noise, each release charged to the same accountant.
+- Refusals name the bound that refused; replies never carry data values or local paths (the
+  hospital's audit log keeps the details).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
-import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog
-from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
-from client.policy import PolicyError, PolicyRefusal, SitePolicy
+from client.evaluation import release_histograms
+from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
+from client.policy import (
+    DEFAULT_POLICY,
+    SIMULATION_POLICY,
+    PolicyError,
+    PolicyRefusal,
+    SitePolicy,
+)
 from client.secure_aggregation import (
     SecAggProtocolError,
     client_clipping_mod,
@@ -32,20 +47,34 @@ from client.secure_aggregation import (
     secagg_stage,
     secure_aggregation_mod,
 )
-from client.site import SiteSettings, load_site_data
+from client.site import SiteSettings, SiteSetupError, load_site_data, run_config_of
 from client.training import (
-    AccountantState,
+    DPPlan,
     PrivacyBudgetError,
+    empty_accountant_state,
     plan_for_run,
     resolve_device,
-    steps_per_round,
     train_round,
 )
 from shared_models.config import ConfigError, RunConfig
-from shared_models.metrics import METRIC_NAMES, binary_metrics
+from shared_models.metrics import METRIC_NAMES, binary_metrics, score_histograms
 from shared_models.models import model_for_run, predict_proba
-from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY
+from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
 from shared_models.tasks import DataError, SiteData
+
+_log = logging.getLogger("fedcare.hospital")
+
+# refusals whose text is built from the run config and public values only: sent as they are
+_PUBLIC = (PolicyRefusal, PrivacyBudgetError, ConfigError, SecAggProtocolError)
+# refusals whose text may name local paths or data values: the coordinator gets the category
+_PRIVATE = {
+    DataError: "its data failed validation",
+    LedgerError: "its privacy ledger cannot be used",
+    PolicyError: "its site policy file is unusable",
+    SiteSetupError: "its hospital settings are incomplete",
+    OSError: "a local file could not be read or written",
+}
+_EXPECTED = (*_PUBLIC, *_PRIVATE)
 
 
 def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -69,18 +98,14 @@ def _secagg_preflight_mod(msg: Message, context: Context, call_next) -> Message:
     or clipping norms the inner mods reject with a refusal."""
     if secagg_stage(msg) == "setup":
         try:
-            run = RunConfig.from_run_config(context.run_config)
-            data = load_site_data(SiteSettings.from_node_config(context.node_config), run)
-            ledger, run_key = _ledger(context), _run_key(context, run)
-            if ledger is not None:
-                ledger.load(run_key)  # an unreadable ledger refuses before any key exchange
-            _check_policy(context, run, data, ledger, run_key)
+            site = _Site.of(context)
+            site.check_policy(site.record())
         except _EXPECTED as exc:
-            return _refuse(msg, _site_name(context), exc)
+            return _refuse(msg, context, exc)
     try:
         return call_next(msg, context)
     except SecAggProtocolError as exc:  # protocol parameters or clipping norm rejected
-        return _refuse(msg, _site_name(context), exc)
+        return _refuse(msg, context, exc)
 
 
 # outermost first: audit the protocol, refuse early, run SecAgg+, clip (client-level DP), handler
@@ -88,36 +113,150 @@ app = ClientApp(
     mods=[_audit_protocol_mod, _secagg_preflight_mod, secure_aggregation_mod, client_clipping_mod]
 )
 
-_STATE_KEY = "fedcare"
+_RECORD_KEY = "fedcare.run"  # this run's RunRecord (Context.state), for sites without a ledger
 _PLAN_KEY = "fedcare.dp-plans"  # calibrated DP plans of this run, by their inputs
-_EXPECTED = (
-    DataError, PrivacyBudgetError, ConfigError, LedgerError, PolicyRefusal, PolicyError, ValueError,
-    FileNotFoundError,
-)  # fmt: skip
 
 
-def _refuse(msg: Message, site: str, exc: Exception) -> Message:
-    return Message(Error(code=SITE_REFUSED, reason=f"site {site} refused: {exc}"), reply_to=msg)
+@dataclass(frozen=True)
+class _Site:
+    """What one message needs to know about this hospital and the run (built once per message)."""
 
+    context: Context
+    run: RunConfig
+    settings: SiteSettings
+    data: SiteData
+    policy: SitePolicy
+    ledger: Ledger | None
 
-def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
-    """-> (run config, site settings, site data, model with the global weights, device)."""
-    run = RunConfig.from_run_config(context.run_config)
-    site = SiteSettings.from_node_config(context.node_config)
-    data = load_site_data(site, run)
-    model, _ = model_for_run(run)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    return run, site, data, model, resolve_device(site.device)
+    @classmethod
+    def of(cls, context: Context) -> _Site:
+        """Raises the expected errors (bad run config, node config, data, policy file)."""
+        run = run_config_of(context)
+        settings = SiteSettings.from_node_config(context.node_config)
+        data = load_site_data(settings, run)
+        folder = _ledger_dir(context, settings, data.name)
+        return cls(
+            context, run, settings, data, _policy(context, settings),
+            Ledger(folder) if folder is not None else None,
+        )  # fmt: skip
 
+    @property
+    def run_key(self) -> str:
+        """The fedcare run id (stable across a coordinator's resume), else Flower's run id."""
+        return self.run.run_id or str(self.context.run_id)
 
-def _site_name(context: Context) -> str:
-    try:
-        site = SiteSettings.from_node_config(context.node_config)
-        if site.simulated:  # the simulated hospital's name comes with its data (cached)
-            return load_site_data(site, RunConfig.from_run_config(context.run_config)).name
-        return site.name
-    except _EXPECTED:
-        return f"node {context.node_id}"
+    @property
+    def private_evaluation(self) -> bool:
+        """Evaluation leaves this site only as noisy counts (the policy forbids exact metrics)."""
+        return not self.policy.exact_metrics
+
+    def record(self) -> RunRecord:
+        """This run's record: from the ledger (or, without one, this node's Context), else new.
+
+        Raises
+        ------
+        LedgerError
+            The ledger file of this run is unreadable.
+        """
+        found = self.ledger.load(self.run_key) if self.ledger is not None else None
+        if found is None and self.ledger is None and _RECORD_KEY in self.context.state:
+            found = RunRecord.from_json(str(self.context.state[_RECORD_KEY]["json"]))  # type: ignore[index]
+        if found is not None:
+            return found
+        return RunRecord(
+            run_id=self.run_key,
+            task=self.run.task.name,
+            delta=self.run.dp.target_delta,
+            site_delta=self.policy.site_delta(self.data.n_train),
+            plan=self.plan_signature(),
+            accountant=empty_accountant_state(self.run.dp.accountant),
+            sample_level_dp=self.run.dp.sample_level,
+        )
+
+    def save(self, record: RunRecord) -> None:
+        """Persist ``record`` (ledger: atomic and durable) BEFORE anything it covers leaves."""
+        if self.ledger is not None:
+            self.ledger.save(record)
+        else:
+            self.context.state[_RECORD_KEY] = ConfigRecord({"json": record.to_json()})
+
+    def plan_signature(self) -> dict[str, Any]:
+        """The run settings this site's privacy depends on; a run id keeps them for its life."""
+        run = self.run
+        return {
+            "task": run.task.name, "preprocessing": run.task.preprocessing,
+            "model": run.model.name, "rounds": run.train.rounds,
+            "local-epochs": run.train.local_epochs, "batch-size": run.train.batch_size,
+            "dp.enabled": run.dp.enabled, "dp.level": run.dp.level,
+            "dp.target-epsilon": run.dp.target_epsilon, "dp.target-delta": run.dp.target_delta,
+            "dp.max-grad-norm": run.dp.max_grad_norm, "dp.accountant": run.dp.accountant,
+            "dp.eval-noise-multiplier": run.dp.eval_noise_multiplier,
+            "eval.every": run.eval_every, "n-train": self.data.n_train,
+            "private-evaluation": self.private_evaluation,
+        }  # fmt: skip
+
+    def check_policy(self, record: RunRecord) -> DPPlan | None:
+        """The run's DP plan here, after checking the run against the site policy and the plan
+        this run id was first recorded with. A refusal changes nothing in the ledger.
+
+        Raises
+        ------
+        PolicyRefusal, ConfigError
+            Expected problems, answered with a refusal.
+        """
+        if record.plan is not None and record.plan != self.plan_signature():
+            changed = sorted(k for k, v in self.plan_signature().items() if record.plan.get(k) != v)
+            raise PolicyRefusal(
+                f"run {self.run_key} was recorded here with other settings ({', '.join(changed)} "
+                "changed); a changed run needs a new run id, and spends its own budget"
+            )
+        plan = None
+        if self.run.dp.sample_level:
+            plans = self.context.state.get(_PLAN_KEY)
+            if not isinstance(plans, ConfigRecord):
+                plans = self.context.state[_PLAN_KEY] = ConfigRecord()
+            try:
+                plan = plan_for_run(
+                    self.run, n_train=self.data.n_train,
+                    private_evaluation=self.private_evaluation, memo=plans,
+                )  # fmt: skip
+            except ValueError as exc:  # δ >= 1/n, or a budget that cannot be reached
+                raise ConfigError(str(exc)) from None
+        y = self.data.y_train
+        self.policy.check_run(
+            task=self.run.task.name, plan=plan, n_train=self.data.n_train,
+            class_counts=(int((y == 0).sum()), int((y == 1).sum())),
+            client_level=self.run.dp.client_level, secure_aggregation=self.run.secagg.enabled,
+        )  # fmt: skip
+        if plan is not None:  # a run that could not finish within the lifetime cap never starts
+            self.check_release(plan.planned_state(), what="the run")
+        return plan
+
+    def check_release(self, state: dict[str, Any], what: str) -> None:
+        """Refuse a release that would bring this run's or the site's lifetime ε over the caps.
+
+        ``state`` is this run's accountant state with the release added (or its whole plan).
+        """
+        others = [
+            r.accountant
+            for r in (self.ledger.records() if self.ledger is not None else [])
+            if r.run_id != self.run_key and r.sample_level_dp
+        ]
+        self.policy.check_release(
+            this_run=state, other_runs=others, n_train=self.data.n_train, what=what
+        )
+
+    def model(self, msg: Message):  # type: ignore[no-untyped-def]
+        """The run's model with the global weights of ``msg``, and the device to use."""
+        try:
+            model, _ = model_for_run(self.run)
+        except ValueError as exc:  # unknown task, preprocessing or a model that does not fit
+            raise ConfigError(str(exc)) from None
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        try:
+            return model, resolve_device(self.settings.device)
+        except ValueError as exc:
+            raise SiteSetupError(str(exc)) from None
 
 
 @app.train()
@@ -130,6 +269,32 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split (audited likewise)."""
     return _audited(_evaluate, msg, context)
+
+
+def _refuse(msg: Message, context: Context, exc: Exception) -> Message:
+    """An error reply naming this site and a reason safe to send: the text of a policy, budget
+    or config refusal; for anything that may carry local paths or data values, only its
+    category (the full text goes to the hospital's log and audit log)."""
+    public = next((text for kind, text in _PRIVATE.items() if isinstance(exc, kind)), None)
+    reason = str(exc) if public is None else f"{public} (the hospital's log has the details)"
+    if public is not None:
+        _log.warning("refused %s: %s", msg.metadata.message_type, exc)
+        target = _audit_target(context)
+        if target is not None:
+            target[0].write({"direction": "local", "site": target[2], "detail": str(exc)})
+    return Message(
+        Error(code=SITE_REFUSED, reason=refusal_reason(_site_name(context), reason)), reply_to=msg
+    )
+
+
+def _site_name(context: Context) -> str:
+    try:
+        settings = SiteSettings.from_node_config(context.node_config)
+        if settings.simulated:  # the simulated hospital's name comes with its data (cached)
+            return load_site_data(settings, run_config_of(context)).name
+        return settings.name
+    except _EXPECTED:
+        return f"node {context.node_id}"
 
 
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
@@ -165,219 +330,248 @@ def _audit_target(context: Context) -> tuple[AuditLog, str, str] | None:
     """(audit log, run id, site name) of a site that keeps a ledger folder, else None (also when
     the node config is unusable: the handler itself then answers with the reason)."""
     try:
-        folder = _ledger_dir(context)
+        settings = SiteSettings.from_node_config(context.node_config)
+        name = _site_name(context)
+        folder = _ledger_dir(context, settings, name)
     except _EXPECTED:
         return None
     if folder is None:
         return None
-    return AuditLog(folder), _audit_run_id(context), _site_name(context)
+    run_id = str(context.run_config.get("run.id", "")) or str(context.run_id)
+    return AuditLog(folder), run_id, name
 
 
-def _audit_run_id(context: Context) -> str:
-    return str(context.run_config.get("run.id", "")) or str(context.run_id)
+def _round(msg: Message) -> int:
+    return int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
 
 
 def _train(msg: Message, context: Context) -> Message:
     """Train the global model on this hospital's data for one round (or re-send the update of
     an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
-        run, _, data, model, device = _setup(msg, context)
-        if run.secagg.enabled and not handing_to_secagg():
+        site = _Site.of(context)
+        if site.run.secagg.enabled and not handing_to_secagg():
             raise PolicyRefusal(
                 "the run's config requires secure aggregation but this train request came "
                 "outside the SecAgg+ protocol: the update is not sent unmasked"
             )
-        server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-        ledger, run_key = _ledger(context), _run_key(context, run)
+        model, device = site.model(msg)
         arrays = msg.content.array_records["arrays"]
-        request = fingerprint(server_round, {k: a.data for k, a in arrays.items()})
-        cache = ReplayCache(ledger) if ledger is not None else None
-        replay = cache.get(run_key, request) if cache is not None else None
-        replayed = replay is not None
-        if replay is not None and run.secagg.enabled:
+        request = fingerprint("train", _round(msg), {k: a.data for k, a in arrays.items()})
+        cache = ReplayCache(site.ledger, "train") if site.ledger is not None else None
+        replay = cache.get(site.run_key, request) if cache is not None else None
+        if replay is not None and site.run.secagg.enabled:
             raise PolicyRefusal(
-                f"round {server_round} was already answered in a secure aggregation session; the "
-                "same update is not sent into a second one (two sums over different hospitals "
-                "would reveal it), so this hospital sits the repeated round out"
+                f"round {_round(msg)} was already answered in a secure aggregation session; "
+                "the same update is not sent into a second one (two sums over different "
+                "hospitals would reveal it), so this hospital sits the repeated round out"
             )
         if replay is not None:
             state_dict, metrics = replay
         else:
-            state_dict, metrics = _train_locally(
-                msg, context, run, data, model, device, ledger, run_key
-            )
+            state_dict, metrics = _train_locally(msg, site, model, device)
             if cache is not None:
-                cache.put(run_key, request, state_dict, metrics)
+                cache.put(site.run_key, request, state_dict, metrics)
     except _EXPECTED as exc:
-        return _refuse(msg, _site_name(context), exc)
-    except OSError as exc:
-        return _refuse(
-            msg, _site_name(context), LedgerError(f"cannot write the privacy ledger: {exc}")
-        )
+        return _refuse(msg, context, exc)
+    info = {"site": site.data.name, "device": device, "replayed": replay is not None}
     reply = RecordDict(
         {
             "arrays": ArrayRecord(state_dict),
             "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-            "info": ConfigRecord({"site": data.name, "device": device, "replayed": replayed}),
+            "info": ConfigRecord(info),  # type: ignore[arg-type]
         }
     )
     return Message(content=reply, reply_to=msg)
 
 
 def _train_locally(
-    msg: Message,
-    context: Context,
-    run: RunConfig,
-    data: SiteData,
-    model: Any,
-    device: str,
-    ledger: Ledger | None,
-    run_key: str,
+    msg: Message, site: _Site, model: Any, device: str
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """One round of (DP) training; the accountant state is recorded before anything is returned."""
-    config = msg.content.config_records["config"]
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    state = ledger.load(run_key) if ledger is not None else _load_accountant(context)
-    plan = _check_policy(context, run, data, ledger, run_key)  # before any training
+    """One round of (DP) training; the release is recorded before anything is returned."""
+    run, data = site.run, site.data
+    record = site.record()
+    plan = site.check_policy(record)  # before any training
+    steps = plan.steps_per_round if plan is not None else _steps(data.n_train, run)
+    if plan is not None:
+        if record.train_steps + steps > plan.total_steps:
+            raise PrivacyBudgetError(
+                f"this round's {steps} steps would exceed the {plan.total_steps} DP steps the "
+                f"run was calibrated for ({record.train_steps} already taken)"
+            )
+        site.check_release(
+            _with(record.accountant, plan.noise_multiplier, plan.sample_rate, steps),
+            what=f"round {_round(msg)}'s {steps} DP-SGD steps",
+        )
     started = time.perf_counter()
     result = train_round(
         model,
         data.train_set(),
-        steps=steps_per_round(data.n_train, run.train.batch_size, run.train.local_epochs),
+        steps=steps,
         batch_size=run.train.batch_size,
         lr=run.train.lr,
         momentum=run.train.momentum,
         dp=plan,
-        accountant_state=state,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        seed=_seed(run.train.seed, data.name, server_round),
+        accountant_state=record.accountant if plan is not None else None,
+        steps_taken=record.train_steps,
+        proximal_mu=float(msg.content.config_records["config"].get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        seed=run.train.seed * 100_003 + _round(msg),  # batch order of NON-private runs only
         device=device,
     )
+    record.updates += 1
+    if plan is not None and result.accountant_state is not None:
+        record.accountant, record.train_steps = result.accountant_state, record.train_steps + steps
+    site.save(record)  # recorded BEFORE the update leaves the hospital
     metrics = {
         "num-examples": float(data.n_train),
-        "train-loss": result.loss,
-        "steps": float(result.steps),
+        "steps": float(steps),
         "compute-seconds": time.perf_counter() - started,
     }
+    if site.policy.exact_metrics:  # an exact function of the data: only where the site allows
+        metrics["train-loss"] = result.loss
     if run.dp.client_level:  # Flower's client-level accountant needs equal weights
         metrics[UNIT_WEIGHT_KEY] = 1.0
-    if plan is not None and result.accountant_state is not None:
-        context.state[_STATE_KEY] = ConfigRecord(
-            {"accountant": json.dumps(result.accountant_state)}
-        )
-        if ledger is not None:  # recorded BEFORE the update leaves the hospital
-            ledger.save(
-                run_key, result.accountant_state, task=run.task.name, delta=plan.target_delta
-            )
-        metrics["epsilon"] = float(result.epsilon or 0.0)
+    if plan is not None:
+        metrics["epsilon"] = record.epsilon()
         metrics["delta"] = plan.target_delta
         metrics["noise-multiplier"] = plan.noise_multiplier
         metrics["sample-rate"] = plan.sample_rate
     return model.state_dict(), metrics
 
 
-def _check_policy(
-    context: Context, run: RunConfig, data: SiteData, ledger: Ledger | None, run_key: str
-):  # type: ignore[no-untyped-def]
-    """The run's DP plan at this site, after checking it against the site policy (a refusal
-    changes nothing in the ledger).
+def _steps(n_train: int, run: RunConfig) -> int:
+    from client.training import steps_per_round
 
-    Raises
-    ------
-    PolicyRefusal, PolicyError, LedgerError, ConfigError, PrivacyBudgetError
-        Expected problems, answered with a refusal.
-    """
-    plan = None
-    if run.dp.sample_level:
-        plans = context.state.get(_PLAN_KEY)
-        if not isinstance(plans, ConfigRecord):
-            plans = context.state[_PLAN_KEY] = ConfigRecord()
-        plan = plan_for_run(run, n_train=data.n_train, memo=plans)
-    policy = _policy(context)
-    if policy is not None:
-        others = (
-            [e["accountant"] for e in run_entries(ledger) if e["run_id"] != run_key]
-            if ledger
-            else []
-        )
-        policy.check_run(
-            task=run.task.name, plan=plan, n_train=data.n_train, other_runs=others,
-            client_level=run.dp.client_level, secure_aggregation=run.secagg.enabled,
-        )  # fmt: skip
-    return plan
+    return steps_per_round(n_train, run.train.batch_size, run.train.local_epochs)
+
+
+def _with(state: Mapping[str, Any], sigma: float, q: float, steps: int) -> dict[str, Any]:
+    """``state`` with ``steps`` more releases of (sigma, q) (not recorded: for the cap checks)."""
+    return {"mechanism": state["mechanism"], "history": [*state["history"], [sigma, q, steps]]}
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this hospital's test split."""
+    """Evaluate the global model on this hospital's test split: exact metrics where the policy
+    allows them, else a noisy, accounted release of per-class score histograms."""
     try:
-        run, _, data, model, device = _setup(msg, context)
+        site = _Site.of(context)
+        model, device = site.model(msg)
+        started = time.perf_counter()
+        plan = site.check_policy(site.record())
+        scores = predict_proba(model, site.data.x_test, device=device)
+        if site.private_evaluation:
+            metrics = _release_privately(msg, site, plan, scores)
+            info = ConfigRecord({"site": site.data.name})
+        else:
+            metrics, info = _exact_metrics(site, scores)
     except _EXPECTED as exc:
-        return _refuse(msg, _site_name(context), exc)
-    started = time.perf_counter()
-    result = binary_metrics(data.y_test, predict_proba(model, data.x_test, device=device))
-    metrics = MetricRecord(
-        {"num-examples": data.n_test, "compute-seconds": time.perf_counter() - started}
-    )
-    if run.dp.client_level:  # the strategy's weighting key (FedAvg weighs evaluation likewise)
+        return _refuse(msg, context, exc)
+    metrics["num-examples"] = float(site.data.n_test)
+    metrics["compute-seconds"] = time.perf_counter() - started
+    if site.run.dp.client_level:  # the strategy's weighting key (FedAvg weighs evaluation likewise)
         metrics[UNIT_WEIGHT_KEY] = 1.0
-    for name, value in result.as_dict().items():
-        metrics[name] = math.nan if value is None else value
-    info = ConfigRecord({"site": data.name})
-    policy = _policy(context)
-    if (
-        policy is not None and data.n_test < policy.min_cohort
-    ):  # no metric from fewer than k patients
+    return Message(
+        content=RecordDict({"metrics": MetricRecord(metrics), "info": info}),  # type: ignore[arg-type]
+        reply_to=msg,
+    )
+
+
+def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], ConfigRecord]:
+    """Exact test metrics and per-class score histograms (sites whose policy allows them),
+    withheld below ``min-cohort`` patients of either class."""
+    result = binary_metrics(site.data.y_test, scores)
+    metrics: dict[str, Any] = {
+        name: math.nan if value is None else value for name, value in result.as_dict().items()
+    }
+    info = ConfigRecord({"site": site.data.name})
+    y = site.data.y_test
+    if min(int((y == 0).sum()), int((y == 1).sum())) < site.policy.min_cohort:
         for name in METRIC_NAMES:
             metrics[name] = math.nan
-            info[f"undefined.{name}"] = (
-                f"withheld: {data.n_test} test patients < site policy min-cohort"
-            )
+            info[f"undefined.{name}"] = "withheld: a test class has fewer patients than min-cohort"
+    else:  # the exact counts too, so the coordinator can pool them across hospitals
+        negatives, positives = score_histograms(y, scores)
+        metrics["hist-neg"], metrics["hist-pos"] = negatives.tolist(), positives.tolist()
     for name in METRIC_NAMES:
         if name in result.undefined and f"undefined.{name}" not in info:
             info[f"undefined.{name}"] = result.undefined[name]
-    return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
+    return metrics, info
 
 
-def _policy(context: Context) -> SitePolicy | None:
-    """The hospital's site policy: node config ``policy-path`` (deployment) or, in simulation,
-    run config ``simulation.policy`` (one policy for every simulated hospital)."""
-    path = str(context.node_config.get("policy-path", "")) or str(
-        context.run_config.get("simulation.policy", "")
-    )
-    return SitePolicy.load(Path(path)) if path else None
+def _release_privately(
+    msg: Message, site: _Site, plan: DPPlan | None, scores: np.ndarray
+) -> dict[str, Any]:
+    """Per-class score histograms with Gaussian noise, charged to the run's accountant and
+    recorded before they leave; an identical repeated request gets the same release again."""
+    arrays = msg.content.array_records["arrays"]
+    request = fingerprint("evaluate", _round(msg), {k: a.data for k, a in arrays.items()})
+    cache = ReplayCache(site.ledger, "evaluate") if site.ledger is not None else None
+    replay = cache.get(site.run_key, request) if cache is not None else None
+    if replay is not None:
+        return replay[1]
+    record = site.record()
+    sigma = site.run.dp.eval_noise_multiplier
+    if sigma < site.policy.min_eval_noise_multiplier:
+        raise PolicyRefusal(
+            f"evaluation noise multiplier {sigma:g} is below the policy's minimum "
+            f"{site.policy.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
+        )
+    allowed = plan.eval_releases if plan is not None else site.run.evaluation_rounds_count
+    if record.eval_releases >= allowed:
+        raise PrivacyBudgetError(
+            f"this run already received its {allowed} planned evaluation(s) from this site "
+            "(eval.every); each further one would spend privacy budget"
+        )
+    if plan is not None:
+        site.check_release(
+            _with(record.accountant, sigma, 1.0, 1), what=f"round {_round(msg)}'s evaluation"
+        )
+    negatives, positives = release_histograms(site.data.y_test, scores, noise_multiplier=sigma)
+    record.accountant = _with(record.accountant, sigma, 1.0, 1)
+    record.eval_releases += 1
+    site.save(record)  # recorded BEFORE the counts leave the hospital
+    metrics: dict[str, Any] = {
+        "hist-neg": negatives,
+        "hist-pos": positives,
+        "eval-noise-multiplier": sigma,
+    }
+    if plan is not None:
+        metrics["epsilon"] = record.epsilon()
+        metrics["delta"] = plan.target_delta
+    if cache is not None:
+        cache.put(site.run_key, request, {}, metrics)
+    return metrics
 
 
-def _ledger_dir(context: Context) -> Path | None:
-    """The hospital's ledger folder: node config ``ledger-dir`` (deployment) or, in simulation,
+def _policy(context: Context, settings: SiteSettings) -> SitePolicy:
+    """The hospital's site policy. Deployed: node config ``policy-path``, else
+    :data:`~client.policy.DEFAULT_POLICY`. Simulated hospitals only (the researcher holds all
+    the data): run config ``simulation.policy``, else :data:`~client.policy.SIMULATION_POLICY`.
+
+    Raises
+    ------
+    PolicyError
+        The policy file is missing or invalid.
+    """
+    path = str(context.node_config.get("policy-path", ""))
+    if path:
+        return SitePolicy.load(Path(path))
+    if not settings.simulated:  # no run-config key reaches a file at a deployed hospital
+        return DEFAULT_POLICY
+    sim_path = str(context.run_config.get("simulation.policy", ""))
+    return SitePolicy.load(Path(sim_path)) if sim_path else SIMULATION_POLICY
+
+
+def _ledger_dir(context: Context, settings: SiteSettings, name: str) -> Path | None:
+    """The hospital's ledger folder: node config ``ledger-dir``; for simulated hospitals only,
     ``<simulation.ledger-dir>/<site name>`` (one sub-folder per simulated hospital)."""
     folder = str(context.node_config.get("ledger-dir", ""))
     if folder:
         return Path(folder)
     root = str(context.run_config.get("simulation.ledger-dir", ""))
-    if not root:
+    if not root or not settings.simulated:
         return None
-    run = RunConfig.from_run_config(context.run_config)
-    return Path(root) / load_site_data(SiteSettings.from_node_config(context.node_config), run).name
+    return Path(root) / name
 
 
-def _ledger(context: Context) -> Ledger | None:
-    """The hospital's on-disk ledger, if it has one."""
-    folder = _ledger_dir(context)
-    return Ledger(folder) if folder is not None else None
-
-
-def _run_key(context: Context, run: RunConfig) -> str:
-    """The fedcare run id (stable across a coordinator's resume), else Flower's run id."""
-    return run.run_id or str(context.run_id)
-
-
-def _load_accountant(context: Context) -> AccountantState | None:
-    record = context.state.get(_STATE_KEY)
-    if record is None:
-        return None
-    return json.loads(str(record["accountant"]))
-
-
-def _seed(run_seed: int, site: str, server_round: int) -> int:
-    """Distinct, reproducible seed per (run seed, site, round)."""
-    return (run_seed * 1_000_003 + zlib.crc32(site.encode()) * 101 + server_round) % (2**31)
+__all__ = ["SITE_REFUSED", "app"]

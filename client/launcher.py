@@ -50,20 +50,21 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.approval import ApprovalError, ApprovedBundles
 from client.audit import AuditLog
-from shared_models.protocol import SITE_REFUSED
+from shared_models.protocol import SITE_REFUSED, refusal_reason
 
 DEFAULT_POLL_INTERVAL = 0.1  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the SuperExec-authenticated RPC
 _log = logging.getLogger("fedcare.launcher")
 
 
-def refusal_reason(site: str, fab_hash: str, ledger: Path, why: str = "") -> str:
-    """The error reason of a refused bundle (the coordinator parses ``"site NAME refused: "``)."""
+def bundle_refusal(site: str, fab_hash: str, why: str = "") -> str:
+    """The error reason of a refused bundle (:func:`shared_models.protocol.refusal_reason`; no
+    local path: the coordinator reads it)."""
     detail = why or "is not approved here"
-    return (
-        f"site {site} refused: app bundle {fab_hash or '(no hash)'} {detail} "
-        f"(the hospital approves a bundle after review with `fedcare client approve --ledger "
-        f"{ledger} BUNDLE`)"
+    return refusal_reason(
+        site,
+        f"app bundle {fab_hash or '(no hash)'} {detail} (the hospital approves a bundle after "
+        "review with `fedcare client approve`)",
     )
 
 
@@ -120,7 +121,7 @@ class ApprovedBundlePlugin(BaseExecPlugin):
         if approved:
             self.audit.write({**entry, "decision": "approved"})
             return super().launch_task(token, task)
-        reason = refusal_reason(self.site, fab_hash, self.ledger, why)
+        reason = bundle_refusal(self.site, fab_hash, why)
         self.audit.write({**entry, "decision": "refused", "reason": reason})
         _log.warning("task %d of run %d: %s", task.task_id, task.run_id, reason)
         try:

@@ -1,34 +1,38 @@
-"""The hospital's site policy: a TOML file the hospital owns that bounds what any run may do there.
+"""The hospital's site policy: what any run may do at this hospital, set by the hospital alone.
 
-Example (``policy.toml``)::
+The policy is a hospital setting (``fedcare client start --policy FILE``); no run-config key
+reaches it. A deployed hospital without a policy file runs under :data:`DEFAULT_POLICY`, and a
+policy file only changes the keys it names: every other key keeps the default's value, so a file
+that only raises the lifetime budget still requires DP. Example (``policy.toml``)::
 
-    max-epsilon-per-run = 3.0         # planned ε of one run (all its rounds), at the run's δ
-    lifetime-epsilon = 10.0           # all runs recorded in the ledger plus this one, composed
-    min-noise-multiplier = 0.8
-    max-grad-norm = [0.1, 5.0]        # allowed clipping bound range
-    allowed-tasks = ["heart-disease"]
-    min-cohort = 20                   # no metric is reported from fewer patients
-    allow-non-dp = false
-    require-secure-aggregation = false  # true: only runs with SecAgg+ (secagg.enabled)
+    max-epsilon-per-run = 3.0          # ε of one run at this site (training + evaluation), at max-delta
+    lifetime-epsilon = 10.0            # every run in the ledger composed with one accountant
+    max-delta = 1e-5                   # the site's δ; default min(1e-5, 1 / (10 n_train))
+    min-noise-multiplier = 0.5         # DP-SGD noise multiplier, at least
+    min-eval-noise-multiplier = 2.0    # Gaussian noise on released evaluation counts, at least
+    max-grad-norm = [0.01, 10.0]       # allowed clipping bound range
+    allowed-tasks = ["heart-disease"]  # default: every registered task
+    min-cohort = 10                    # patients per class, at least, behind any exact metric
+    allow-non-dp = false               # true also admits client-level-only DP runs
+    exact-metrics = false              # true: exact evaluation metrics and train loss leave the site
+    require-secure-aggregation = false # true: only runs with SecAgg+ (secagg.enabled)
 
-Every key is optional. The ClientApp checks a run's PLANNED total privacy cost against the policy
-before any training; a refusal changes nothing in the ledger.
+Values are strictly typed: a string where a boolean belongs, a NaN, an infinity or a negative
+number is an error naming the key, and the hospital daemon refuses to start on it.
+
+``fedcare simulate`` gives its simulated hospitals :data:`SIMULATION_POLICY` (the researcher
+holds all the data: exact metrics and non-DP runs allowed, no caps) unless ``--policy`` is given.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from client.training import AccountantState, DPPlan, epsilon_spent
-
-_KEYS = {
-    "max-epsilon-per-run", "lifetime-epsilon", "min-noise-multiplier", "max-grad-norm",
-    "allowed-tasks", "min-cohort", "allow-non-dp", "require-secure-aggregation",
-}  # fmt: skip
 
 
 class PolicyError(ValueError):
@@ -41,51 +45,87 @@ class PolicyRefusal(RuntimeError):
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """Bounds a hospital sets for every run at its site (defaults: no bound)."""
+    """Bounds a hospital sets for every run at its site (see the module docstring).
 
-    max_epsilon_per_run: float = math.inf
-    lifetime_epsilon: float = math.inf
-    min_noise_multiplier: float = 0.0
-    max_grad_norm: tuple[float, float] = (0.0, math.inf)
+    Attributes
+    ----------
+    max_epsilon_per_run, lifetime_epsilon : float
+        ε caps, enforced at :meth:`site_delta` before every round and every evaluation release.
+    max_delta : float or None
+        The site's δ (None: ``min(1e-5, 1 / (10 n_train))``); a run asking for more is refused.
+    min_noise_multiplier, min_eval_noise_multiplier : float
+        Lower bounds on DP-SGD's and the evaluation release's noise multipliers.
+    max_grad_norm : (float, float)
+        Allowed range of the DP-SGD clipping bound.
+    allowed_tasks : tuple[str, ...] or None
+        None: every registered task.
+    min_cohort : int
+        Patients per class, at least, in the training split and behind any exact metric.
+    allow_non_dp, exact_metrics, require_secure_aggregation : bool
+        See the module docstring.
+    """
+
+    max_epsilon_per_run: float = 3.0
+    lifetime_epsilon: float = 10.0
+    max_delta: float | None = None
+    min_noise_multiplier: float = 0.5
+    min_eval_noise_multiplier: float = 2.0
+    max_grad_norm: tuple[float, float] = (0.01, 10.0)
     allowed_tasks: tuple[str, ...] | None = None
-    min_cohort: int = 0
+    min_cohort: int = 10
     allow_non_dp: bool = False
+    exact_metrics: bool = False
     require_secure_aggregation: bool = False
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
-        """Read a policy TOML file.
+        """Read a policy TOML file; keys it does not name keep :data:`DEFAULT_POLICY`'s value.
 
         Raises
         ------
         PolicyError
-            Missing file, TOML syntax error, unknown key, or a value of the wrong type.
+            Missing file, TOML syntax error, unknown key, or a value of the wrong type or range
+            (the message names the key).
         """
         try:
             raw: dict[str, Any] = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise PolicyError(f"site policy {path}: {exc}") from None
-        unknown = sorted(set(raw) - _KEYS)
+        known = {_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
         if unknown:
             raise PolicyError(
-                f"site policy {path}: unknown key(s) {unknown}; known: {sorted(_KEYS)}"
+                f"site policy {path}: unknown key(s) {unknown}; known: {sorted(known)}"
             )
         try:
-            bounds = raw.get("max-grad-norm", [0.0, math.inf])
-            return cls(
-                max_epsilon_per_run=float(raw.get("max-epsilon-per-run", math.inf)),
-                lifetime_epsilon=float(raw.get("lifetime-epsilon", math.inf)),
-                min_noise_multiplier=float(raw.get("min-noise-multiplier", 0.0)),
-                max_grad_norm=(float(bounds[0]), float(bounds[1])),
-                allowed_tasks=tuple(str(t) for t in raw["allowed-tasks"])
-                if "allowed-tasks" in raw
-                else None,
-                min_cohort=int(raw.get("min-cohort", 0)),
-                allow_non_dp=bool(raw.get("allow-non-dp", False)),
-                require_secure_aggregation=bool(raw.get("require-secure-aggregation", False)),
-            )
-        except (TypeError, ValueError, IndexError) as exc:
+            values = {known[key]: _parse(key, value) for key, value in raw.items()}
+        except PolicyError as exc:
             raise PolicyError(f"site policy {path}: {exc}") from None
+        return replace(DEFAULT_POLICY, **values)
+
+    def as_toml(self) -> str:
+        """The effective policy as the TOML a hospital would write (for ``client start``)."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                text = {"max_delta": "min(1e-5, 1/(10 n_train))", "allowed_tasks": "all tasks"}
+                lines.append(f"# {_key(f.name)} = {text[f.name]}")
+                continue
+            if isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, tuple):
+                rendered = "[" + ", ".join(repr(v) for v in value) + "]"
+            else:
+                rendered = repr(value)
+            lines.append(f"{_key(f.name)} = {rendered}")
+        return "\n".join(lines) + "\n"
+
+    def site_delta(self, n_train: int) -> float:
+        """The site's δ: ``max-delta``, else ``min(1e-5, 1 / (10 n_train))``."""
+        if self.max_delta is not None:
+            return self.max_delta
+        return min(1e-5, 1.0 / (10 * max(n_train, 1)))
 
     def check_run(
         self,
@@ -93,18 +133,20 @@ class SitePolicy:
         task: str,
         plan: DPPlan | None,
         n_train: int,
-        other_runs: list[AccountantState],
+        class_counts: tuple[int, int],
         client_level: bool = False,
         secure_aggregation: bool = False,
     ) -> None:
-        """Refuse a run whose planned privacy cost or parameters fall outside the policy.
+        """Refuse a run whose settings fall outside the policy (before any training).
 
         Parameters
         ----------
         plan : DPPlan or None
-            The run's DP plan at this site (None: the run trains without DP).
-        other_runs : list[AccountantState]
-            Accountant states of every OTHER run in the ledger (for the lifetime budget).
+            The run's DP plan at this site (None: the run trains without sample-level DP).
+        n_train : int
+            Training examples at this site.
+        class_counts : (int, int)
+            Negative and positive training examples (checked against ``min-cohort``).
         client_level : bool
             The run has client-level DP only (noise added by the coordinator, not here).
         secure_aggregation : bool
@@ -124,9 +166,10 @@ class SitePolicy:
                 "the run does not use secure aggregation (secagg.enabled = false) and the policy "
                 "requires it"
             )
-        if n_train < self.min_cohort:
+        if min(class_counts) < self.min_cohort:
             raise PolicyRefusal(
-                f"{n_train} training patients is below the policy's min-cohort {self.min_cohort}"
+                f"a class of the training split has fewer patients than the policy's min-cohort "
+                f"{self.min_cohort}"
             )
         if plan is None:
             if not self.allow_non_dp:
@@ -137,37 +180,129 @@ class SitePolicy:
                     else "the run trains without differential privacy and the policy requires DP"
                 )
             return
-        planned = epsilon_spent(
-            {
-                "mechanism": plan.accountant,
-                "history": [[plan.noise_multiplier, plan.sample_rate, plan.total_steps]],
-            },
-            delta=plan.target_delta,
-        )
-        if planned > self.max_epsilon_per_run:
+        site_delta = self.site_delta(n_train)
+        if plan.target_delta > site_delta:
             raise PolicyRefusal(
-                f"run would spend ε={planned:.2f} but the policy allows {self.max_epsilon_per_run:g} per run"
+                f"the run asks for δ = {plan.target_delta:g} but this site's δ is at most "
+                f"{site_delta:g} (policy max-delta)"
             )
         if plan.noise_multiplier < self.min_noise_multiplier:
             raise PolicyRefusal(
                 f"noise multiplier {plan.noise_multiplier:.3f} is below the policy's minimum "
                 f"{self.min_noise_multiplier:g}"
             )
+        if plan.eval_releases and plan.eval_noise_multiplier < self.min_eval_noise_multiplier:
+            raise PolicyRefusal(
+                f"evaluation noise multiplier {plan.eval_noise_multiplier:g} is below the "
+                f"policy's minimum {self.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
+            )
         lo, hi = self.max_grad_norm
         if not lo <= plan.max_grad_norm <= hi:
             raise PolicyRefusal(
                 f"max_grad_norm {plan.max_grad_norm:g} is outside the policy's [{lo:g}, {hi:g}]"
             )
-        if math.isfinite(self.lifetime_epsilon):
-            from client.ledger import lifetime_epsilon
+        planned = epsilon_spent(plan.planned_state(), delta=site_delta)
+        if planned > self.max_epsilon_per_run:
+            raise PolicyRefusal(
+                f"run would spend ε={planned:.2f} at δ={site_delta:g} but the policy allows "
+                f"{self.max_epsilon_per_run:g} per run"
+            )
 
-            full = {
-                "mechanism": "rdp",
-                "history": [[plan.noise_multiplier, plan.sample_rate, plan.total_steps]],
-            }
-            total = lifetime_epsilon([*other_runs, full], delta=plan.target_delta)
-            if total > self.lifetime_epsilon:
-                raise PolicyRefusal(
-                    f"run would bring the site's lifetime ε to {total:.2f} but the policy allows "
-                    f"{self.lifetime_epsilon:g} in total"
-                )
+    def check_release(
+        self,
+        *,
+        this_run: AccountantState,
+        other_runs: list[AccountantState],
+        n_train: int,
+        what: str,
+    ) -> tuple[float, float]:
+        """Refuse a release (a round's training, an evaluation) that would cross a cap.
+
+        ``this_run`` is the run's recorded accountant state WITH the release added; the caps
+        are checked at the site's δ over everything actually recorded, not over the plan.
+
+        Returns
+        -------
+        (float, float)
+            ε of this run and lifetime ε after the release, at :meth:`site_delta`.
+
+        Raises
+        ------
+        PolicyRefusal
+            The release would bring the run's ε above ``max-epsilon-per-run`` or the site's
+            lifetime ε above ``lifetime-epsilon``.
+        """
+        from client.ledger import lifetime_epsilon
+
+        delta = self.site_delta(n_train)
+        run_eps = epsilon_spent(this_run, delta=delta)
+        if run_eps > self.max_epsilon_per_run + 1e-9:
+            raise PolicyRefusal(
+                f"{what} would bring the run's ε to {run_eps:.2f} at δ={delta:g} but the policy "
+                f"allows {self.max_epsilon_per_run:g} per run"
+            )
+        total = lifetime_epsilon([*other_runs, this_run], delta=delta)
+        if total > self.lifetime_epsilon + 1e-9:
+            raise PolicyRefusal(
+                f"{what} would bring the site's lifetime ε to {total:.2f} at δ={delta:g} but the "
+                f"policy allows {self.lifetime_epsilon:g} in total"
+            )
+        return run_eps, total
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _number(key: str, value: Any, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyError(f"{key} must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise PolicyError(f"{key} must be a whole number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise PolicyError(f"{key} must be a finite, non-negative number, got {value!r}")
+    return value
+
+
+def _parse(key: str, value: Any) -> Any:
+    """One policy value, strictly typed (see the module docstring)."""
+    if key in ("allow-non-dp", "exact-metrics", "require-secure-aggregation"):
+        if not isinstance(value, bool):
+            raise PolicyError(f"{key} must be true or false (unquoted), got {value!r}")
+        return value
+    if key == "allowed-tasks":
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise PolicyError(f"{key} must be a list of task names, got {value!r}")
+        return tuple(value)
+    if key == "max-grad-norm":
+        if not isinstance(value, list) or len(value) != 2:
+            raise PolicyError(f"{key} must be [low, high], got {value!r}")
+        lo, hi = (float(_number(key, v)) for v in value)
+        if lo > hi:
+            raise PolicyError(f"{key} must be [low, high] with low <= high, got {value!r}")
+        return (lo, hi)
+    if key == "min-cohort":
+        return int(_number(key, value, integer=True))
+    number = float(_number(key, value))
+    if key == "max-delta" and not 0 < number < 1:
+        raise PolicyError(f"{key} must be in (0, 1), got {value!r}")
+    return number
+
+
+DEFAULT_POLICY = SitePolicy()
+"""What a deployed hospital runs under without a policy file: sample-level DP required, ε ≤ 3 per
+run and ≤ 10 over the site's lifetime at δ ≤ min(1e-5, 1/(10 n)), noisy evaluation only."""
+
+SIMULATION_POLICY = SitePolicy(
+    max_delta=0.1,  # the run's δ (the plan still requires δ < 1/n)
+    max_epsilon_per_run=math.inf,
+    lifetime_epsilon=math.inf,
+    min_noise_multiplier=0.0,
+    min_eval_noise_multiplier=0.0,
+    max_grad_norm=(0.0, math.inf),
+    min_cohort=0,
+    allow_non_dp=True,
+    exact_metrics=True,
+)
+"""Simulated hospitals without ``--policy``: the researcher holds all the data, so exact metrics and
+non-DP runs are allowed and nothing is capped (δ still has to be below 1/n)."""

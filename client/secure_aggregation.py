@@ -30,8 +30,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.site import run_config_of
 from shared_models.config import RunConfig
-from shared_models.protocol import SITE_REFUSED
+from shared_models.protocol import SITE_REFUSED, refusal_reason
 
 Handler = Callable[[Message, Context], Message]
 _masking: ContextVar[bool] = ContextVar("fedcare_secagg_masking", default=False)
@@ -62,8 +63,9 @@ class SecAggProtocolError(ValueError):
 def check_protocol(msg: Message, context: Context) -> None:
     """Refuse protocol parameters that would let the coordinator unmask one hospital's update.
 
-    Setup stage: reconstruction threshold >= 2 and <= the number of shares, and the quantisation
-    range and max weight the run config declares. Share-keys stage: at least ``threshold``
+    Setup stage: the reconstruction threshold the run config gives for the number of shares,
+    a strict majority of them (and >= 2), and the quantisation range and max weight the run
+    config declares. Share-keys stage: at least ``threshold``
     hospitals (this one included) to share with.
 
     Raises
@@ -73,7 +75,7 @@ def check_protocol(msg: Message, context: Context) -> None:
     """
     stage = secagg_stage(msg)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    run = RunConfig.from_run_config(context.run_config)
+    run = run_config_of(context)
     if stage == "setup":
         threshold, shares = int(configs[Key.THRESHOLD]), int(configs[Key.SHARE_NUMBER])  # type: ignore[arg-type]
         max_weight = 1.0 if run.dp.client_level else run.secagg.max_weight
@@ -81,6 +83,18 @@ def check_protocol(msg: Message, context: Context) -> None:
         if not 2 <= threshold <= shares:
             problems.append(
                 f"reconstruction threshold {threshold} with {shares} shares (need 2 <= threshold <= shares)"
+            )
+        expected = expected_threshold(run.secagg.reconstruction_threshold, shares)
+        if threshold != expected:
+            problems.append(
+                f"reconstruction threshold {threshold} with {shares} shares (run config "
+                f"secagg.reconstruction-threshold = {run.secagg.reconstruction_threshold:g} "
+                f"gives {expected})"
+            )
+        if 2 * threshold <= shares:
+            problems.append(
+                f"reconstruction threshold {threshold} is not a strict majority of the {shares} "
+                "hospitals sharing keys (a minority could unmask one hospital's update)"
             )
         if float(configs[Key.CLIPPING_RANGE]) != run.secagg.clipping_range:  # type: ignore[arg-type]
             problems.append(
@@ -99,6 +113,15 @@ def check_protocol(msg: Message, context: Context) -> None:
                 f"SecAgg+ share-keys rejected: {peers} hospital(s) to share with, fewer than the "
                 f"reconstruction threshold {threshold}"
             )
+
+
+def expected_threshold(configured: float, shares: int) -> int:
+    """The reconstruction threshold ``SecAggPlusWorkflow`` derives from the run config's
+    ``secagg.reconstruction-threshold`` for ``shares`` shares: a count (> 1) as it is, a
+    fraction as ``max(round(fraction * shares), 2)`` (Flower 1.41's setup stage)."""
+    if configured > 1:
+        return int(configured)
+    return max(round(configured * shares), 2)
 
 
 def secagg_stage(msg: Message) -> str | None:
@@ -138,10 +161,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Handler) -
         if reply.has_error():
             raise _Refused(reply)
         try:
-            _add_fitres(reply, RunConfig.from_run_config(ctx.run_config))
+            _add_fitres(reply, run_config_of(ctx))
         except SecAggRangeError as exc:
             site = str(reply.content.config_records["info"]["site"])
-            error = Error(code=SITE_REFUSED, reason=f"site {site} refused: {exc}")
+            error = Error(code=SITE_REFUSED, reason=refusal_reason(site, str(exc)))
             raise _Refused(Message(error, reply_to=inner)) from None
         return reply
 
@@ -199,7 +222,7 @@ def client_clipping_mod(msg: Message, context: Context, call_next: Handler) -> M
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type != MessageType.TRAIN or config is None:
         return call_next(msg, context)
-    run = RunConfig.from_run_config(context.run_config)
+    run = run_config_of(context)
     if run.dp.client_level:
         norm = config.get(KEY_CLIPPING_NORM)
         if norm is None or float(norm) != run.dp.client_clipping_norm:  # type: ignore[arg-type]

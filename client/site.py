@@ -13,9 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared_models.config import RunConfig
 from shared_models.sites import simulated_sites_for, site_from_frame
-from shared_models.tasks import SiteData, get_task
+from shared_models.tasks import DataError, SiteData, get_task
+
+
+class SiteSetupError(ValueError):
+    """The hospital's own settings (``context.node_config``) are missing or malformed."""
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_run(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_run_config(dict(items))
+
+
+def run_config_of(context: Any) -> RunConfig:
+    """``context.run_config`` parsed once per distinct config: the ClientApp's mods and handlers
+    of one message (and the messages of one run) share one parse.
+
+    Raises
+    ------
+    shared_models.config.ConfigError
+        A key is missing, has the wrong type or is out of range.
+    """
+    return _parse_run(tuple(sorted(context.run_config.items())))
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,11 @@ class SiteSettings:
         Simulation only (-1 in deployment).
     device : str
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+    test_fraction : float
+        Share of the site's data held out for evaluation (0: the task's default). A hospital
+        setting: the coordinator cannot choose which patients are tested.
+    split_seed : int
+        Seed of the site's train/test split (hospital setting, like ``test_fraction``).
     """
 
     name: str
@@ -39,6 +67,8 @@ class SiteSettings:
     partition_id: int
     num_partitions: int
     device: str
+    test_fraction: float = 0.0
+    split_seed: int = 0
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -46,17 +76,25 @@ class SiteSettings:
 
         Raises
         ------
-        ValueError
-            Neither ``data-path`` nor a simulation ``partition-id`` is set.
+        SiteSetupError
+            Neither ``data-path`` nor a simulation ``partition-id`` is set, or a value has the
+            wrong type.
         """
-        data_path = str(cfg.get("data-path", ""))
-        partition_id = int(cfg.get("partition-id", -1))
-        num_partitions = int(cfg.get("num-partitions", -1))
+        try:
+            data_path = str(cfg.get("data-path", ""))
+            partition_id = int(cfg.get("partition-id", -1))
+            num_partitions = int(cfg.get("num-partitions", -1))
+            test_fraction = float(cfg.get("test-fraction", 0.0))
+            split_seed = int(cfg.get("split-seed", 0))
+        except (TypeError, ValueError) as exc:
+            raise SiteSetupError(f"node config: {exc}") from None
         if not data_path and partition_id < 0:
-            raise ValueError(
+            raise SiteSetupError(
                 "node config has no 'data-path': start the hospital with "
                 '--node-config \'data-path="/path/to/file" site="NAME"\''
             )
+        if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
+            raise SiteSetupError(f"node config test-fraction {test_fraction:g}: use 0.05 to 0.9")
         default_name = Path(data_path).stem if data_path else f"partition-{partition_id}"
         return cls(
             name=str(cfg.get("site", default_name)),
@@ -64,6 +102,8 @@ class SiteSettings:
             partition_id=partition_id,
             num_partitions=num_partitions,
             device=str(cfg.get("device", "auto")),
+            test_fraction=test_fraction,
+            split_seed=split_seed,
         )
 
     @property
@@ -74,10 +114,14 @@ class SiteSettings:
 def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     """This hospital's preprocessed data (train/test split, scaled with the task's fixed constants).
 
+    A deployed hospital splits with its own ``test-fraction`` and ``split-seed``; in simulation
+    the researcher's run config sets them (``data.test-fraction``, ``train.seed``).
+
     Raises
     ------
     shared_models.tasks.DataError
-        The file is missing or malformed (the message names file, line and column).
+        The file is missing or malformed (the message names file, line and column), or a
+        preprocessed value is not finite.
     """
     if site.simulated:
         sites = simulated_sites_for(run, site.num_partitions)
@@ -86,7 +130,7 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     mtime = path.stat().st_mtime_ns if path.exists() else 0
     return _load_file(
         run.task.name, site.name, str(path), mtime, run.task.preprocessing,
-        run.data.test_fraction, run.train.seed,
+        site.test_fraction, site.split_seed,
     )  # fmt: skip
 
 
@@ -102,6 +146,14 @@ def _load_file(
 ) -> SiteData:
     task = get_task(task_name)
     frame = task.read_file(Path(path))
-    return site_from_frame(
+    data = site_from_frame(
         task, site, frame, preprocessing=preprocessing, test_fraction=test_fraction, seed=seed
     )
+    for split, x in (("training", data.x_train), ("test", data.x_test)):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            raise DataError(
+                f"{path}: {int(bad.sum())} example(s) of the {split} split have a non-finite "
+                "value after preprocessing; run `fedcare client check` on the file"
+            )
+    return data

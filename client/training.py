@@ -10,8 +10,10 @@ epsilon returned after round k covers all k rounds (never just the last one).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass
@@ -20,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from torch import nn
@@ -62,6 +65,17 @@ class DPPlan:
         Poisson sampling rate q.
     steps_per_round, total_steps : int
         Local steps per round, and over all rounds.
+    target_epsilon, target_delta : float
+        The run's (ε, δ) at this hospital: DP-SGD and evaluation releases together.
+    max_grad_norm : float
+        Per-sample clipping bound C.
+    accountant : str
+        Opacus accountant (``rdp`` or ``prv``).
+    eval_noise_multiplier : float
+        Noise multiplier of each evaluation release (Gaussian, L2 sensitivity 1: noisy score
+        histograms, :func:`client.evaluation.release_histograms`); 0 when none is planned.
+    eval_releases : int
+        Evaluation releases the plan allows (0: the site releases exact metrics or none).
     """
 
     noise_multiplier: float
@@ -72,6 +86,36 @@ class DPPlan:
     target_delta: float
     max_grad_norm: float
     accountant: str
+    eval_noise_multiplier: float = 0.0
+    eval_releases: int = 0
+
+    def planned_state(self) -> AccountantState:
+        """The accountant state of the whole planned run (all DP-SGD steps, every release)."""
+        return planned_history(
+            self.accountant,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.total_steps,
+            self.eval_noise_multiplier,
+            self.eval_releases,
+        )
+
+
+def planned_history(
+    accountant: str,
+    noise_multiplier: float,
+    q: float,
+    steps: int,
+    eval_noise_multiplier: float,
+    eval_releases: int,
+) -> AccountantState:
+    """Accountant state of ``steps`` DP-SGD steps (sigma, q) followed by ``eval_releases``
+    Gaussian releases of sensitivity 1 with ``eval_noise_multiplier`` (recorded, as Opacus
+    records a step, as ``(sigma, sample_rate=1, 1)``)."""
+    history: list[list[float]] = [[noise_multiplier, q, steps]]
+    if eval_releases:
+        history.append([eval_noise_multiplier, 1.0, eval_releases])
+    return {"mechanism": accountant, "history": history}
 
 
 def plan_dp(
@@ -84,17 +128,22 @@ def plan_dp(
     target_delta: float,
     max_grad_norm: float,
     accountant: str = "rdp",
+    eval_noise_multiplier: float = 0.0,
+    eval_releases: int = 0,
 ) -> DPPlan:
-    """Calibrate the noise multiplier once for the whole run (all rounds x local steps).
+    """Calibrate the noise multiplier once for the whole run (all rounds x local steps), so that
+    DP-SGD and ``eval_releases`` evaluation releases together spend at most ``target_epsilon``.
 
-    Uses ``opacus.accountants.utils.get_noise_multiplier`` (binary search; the returned sigma
-    gives epsilon <= target).
+    Without evaluation releases this is ``opacus.accountants.utils.get_noise_multiplier``
+    (binary search; the returned sigma gives epsilon <= target). With them, the same binary
+    search (same bracket, same 0.01 tolerance) runs over the composed history of
+    :func:`planned_history`, which Opacus' function cannot express.
 
     Raises
     ------
     ValueError
         ``target_delta >= 1 / n_train`` (delta must be below one over the number of records),
-        or a budget too small to reach.
+        or a budget too small to reach (e.g. the evaluation releases alone exceed it).
     """
     if target_delta >= 1.0 / n_train:
         raise ValueError(
@@ -103,14 +152,23 @@ def plan_dp(
         )
     q = sample_rate(n_train, batch_size)
     k = steps_per_round(n_train, batch_size, local_epochs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" at small eps
-        sigma = get_noise_multiplier(
+    if eval_releases == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha"
+            sigma = get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=q,
+                steps=rounds * k,
+                accountant=accountant,
+            )
+    else:
+        sigma = _calibrate_with_releases(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
-            sample_rate=q,
-            steps=rounds * k,
-            accountant=accountant,
+            state_for=lambda s: planned_history(
+                accountant, s, q, rounds * k, eval_noise_multiplier, eval_releases
+            ),
         )
     return DPPlan(
         noise_multiplier=float(sigma),
@@ -121,13 +179,54 @@ def plan_dp(
         target_delta=target_delta,
         max_grad_norm=max_grad_norm,
         accountant=accountant,
+        eval_noise_multiplier=eval_noise_multiplier if eval_releases else 0.0,
+        eval_releases=eval_releases,
     )
 
 
+_MAX_SIGMA = 1e6  # as opacus.accountants.utils.MAX_SIGMA
+
+
+def _calibrate_with_releases(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    state_for: Callable[[float], AccountantState],
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest sigma (within ``tolerance`` in ε) whose composed state spends <= the target:
+    the bracket-and-bisect of ``opacus.accountants.utils.get_noise_multiplier``."""
+    lo, hi, eps_hi = 0.0, 10.0, math.inf
+    while eps_hi > target_epsilon:
+        hi *= 2
+        eps_hi = epsilon_spent(state_for(hi), delta=target_delta)
+        if hi > _MAX_SIGMA:
+            raise ValueError(
+                f"ε = {target_epsilon:g} cannot be reached: the evaluation releases alone spend "
+                "more; raise dp.target-epsilon or dp.eval-noise-multiplier"
+            )
+    while target_epsilon - eps_hi > tolerance:
+        mid = (lo + hi) / 2
+        eps = epsilon_spent(state_for(mid), delta=target_delta)
+        if eps < target_epsilon:
+            hi, eps_hi = mid, eps
+        else:
+            lo = mid
+    return hi
+
+
 def plan_for_run(
-    run: RunConfig, *, n_train: int, memo: MutableMapping[str, Any] | None = None
+    run: RunConfig,
+    *,
+    n_train: int,
+    private_evaluation: bool = False,
+    memo: MutableMapping[str, Any] | None = None,
 ) -> DPPlan:
     """:func:`plan_dp` with the run's settings (``train.*`` and ``dp.*``) for a site of ``n_train``.
+
+    ``private_evaluation``: the site releases noisy evaluation counts (its policy forbids exact
+    metrics), so the plan budgets ``eval.every``'s evaluation rounds at
+    ``dp.eval-noise-multiplier`` inside the run's ε.
 
     ``memo`` (a hospital's ``Context.state`` record, kept by its SuperNode from message to
     message) stores the plan under its exact inputs, so the binary search on the accountant
@@ -143,6 +242,8 @@ def plan_for_run(
         "target_delta": run.dp.target_delta,
         "max_grad_norm": run.dp.max_grad_norm,
         "accountant": run.dp.accountant,
+        "eval_noise_multiplier": run.dp.eval_noise_multiplier,
+        "eval_releases": run.evaluation_rounds_count if private_evaluation else 0,
     }
     key = json.dumps(inputs, sort_keys=True)
     if memo is not None and isinstance(cached := memo.get(key), str):
@@ -166,15 +267,38 @@ def accountant_steps(state: AccountantState) -> int:
 def epsilon_spent(state: AccountantState, *, delta: float) -> float:
     """Epsilon of all steps recorded in ``state`` at ``delta`` (0.0 when nothing was spent).
 
-    Uses the same Opacus accountant class that recorded the steps.
+    Uses the same Opacus accountant class that recorded the steps, except that a history with
+    un-subsampled Gaussian releases (evaluation counts, ``sample_rate = 1``) is accounted with
+    RDP, for which Opacus' PRV accountant is numerically unreliable (RDP's ε is the larger).
+    RDP is computed as ``RDPAccountant.get_privacy_spent`` does (``compute_rdp`` per history
+    entry, summed, then ``get_privacy_spent`` at ``delta``) with the per-step RDP of each
+    (sigma, q) cached: the hospital checks ε several times per round.
     """
     if not state["history"]:
         return 0.0
-    acc = create_accountant(state["mechanism"])
-    acc.load_state_dict({"mechanism": state["mechanism"], "history": _history(state)})
+    history = _history(state)
+    # PRV is numerically unreliable for un-subsampled releases (q = 1): RDP accounts those runs
+    mechanism = "rdp" if any(q >= 1.0 for _, q, _ in history) else state["mechanism"]
+    if mechanism == "rdp":
+        rdp = sum(np.asarray(_rdp_per_step(sigma, q)) * steps for sigma, q, steps in history)
+        eps, _ = privacy_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+        return float(eps)
+    acc = create_accountant(mechanism)
+    acc.load_state_dict({"mechanism": mechanism, "history": history})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PRV warns about its own numerical precision
         return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(sigma: float, q: float) -> tuple[float, ...]:
+    """RDP of one step of the subsampled Gaussian at Opacus' default orders."""
+    rdp = privacy_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    return tuple(float(v) for v in rdp)
 
 
 def _history(state: AccountantState) -> list[tuple[float, float, int]]:
@@ -264,6 +388,7 @@ def train_round(
     accountant_state: AccountantState | None = None,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    steps_taken: int | None = None,
     device: str = "cpu",
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
@@ -290,7 +415,12 @@ def train_round(
         data-independent step ``w -= lr * mu * (w - w_global)`` after each (private) optimizer
         step, so it is post-processing and does not change the DP guarantee.
     seed : int
-        Seed for batch sampling and DP noise.
+        Batch order of NON-private training only. DP-SGD's Poisson sampling and Gaussian noise
+        come from generators seeded with ``secrets.randbits`` (the OS CSPRNG) at every call:
+        no value from outside the hospital seeds them.
+    steps_taken : int, optional
+        DP-SGD steps this run already took here (default: every step in ``accountant_state``;
+        the ledger passes its own count when the state also holds evaluation releases).
     device : str
         Torch device.
 
@@ -299,18 +429,22 @@ def train_round(
     PrivacyBudgetError
         If this round would take the hospital beyond the run's calibrated ``total_steps``.
     """
-    torch.manual_seed(seed)
     model.to(device).train()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None)
+    # DP: Poisson masks and noise from generators seeded by the OS CSPRNG, fresh for every call,
+    # so nobody outside the hospital can reproduce (and subtract) them. Without DP there is no
+    # noise to protect: the run seed fixes the batch order, for reproducible non-private runs.
+    sampler = torch.Generator().manual_seed(secrets.randbits(64) if dp else seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     engine = None
     net: nn.Module = model
     if dp is not None:
         state = accountant_state or empty_accountant_state(dp.accountant)
-        if accountant_steps(state) + steps > dp.total_steps:
+        taken = accountant_steps(state) if steps_taken is None else steps_taken
+        if taken + steps > dp.total_steps:
             raise PrivacyBudgetError(
                 f"this round's {steps} steps would exceed the {dp.total_steps} DP steps the run "
-                f"was calibrated for ({accountant_steps(state)} already taken)"
+                f"was calibrated for ({taken} already taken)"
             )
         with warnings.catch_warnings():
             # Opacus warns that its cryptographically secure RNG is off (secure_mode=False)
@@ -326,6 +460,7 @@ def train_round(
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
             )
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
     try:

@@ -9,7 +9,6 @@ train rounds go through :func:`server.secure_aggregation.run_secaggplus_round` i
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from server.grid_pull import pull_replies_promptly
+from shared_models.metrics import metrics_from_histograms
+from shared_models.protocol import parse_refusal
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SiteEvent:
         Reasons for metrics that are undefined at that site.
     error : str | None
         Error reason, refusal, or ``"no reply ..."`` when the hospital dropped.
+    histograms : dict[str, list[float]]
+        Noisy per-class score histograms (``hist-neg``, ``hist-pos``) a site without exact
+        metrics released; its ``metrics`` are computed from them here.
     """
 
     round: int
@@ -50,6 +54,7 @@ class SiteEvent:
     metrics: dict[str, float | None] = field(default_factory=dict)
     undefined: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    histograms: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,11 +228,9 @@ class RecordingGrid(DelegatingGrid):
     def _record(self, reply: Message, node: int) -> None:
         kind = _kind(reply.metadata.message_type)
         if reply.has_error():
-            named = _REFUSAL.match(
-                reply.error.reason or ""
-            )  # "site NAME refused: ..." (client_app)
-            if named:
-                self.history.sites[node] = named.group(1)
+            refusal = parse_refusal(reply.error.reason or "")
+            if refusal is not None:
+                self.history.sites[node] = refusal[0]
             self.history.events.append(
                 SiteEvent(
                     round=self._current_round,
@@ -250,19 +253,27 @@ class RecordingGrid(DelegatingGrid):
                 for k, v in info.items()
                 if k.startswith("undefined.")
             }
+        values = {k: _clean(v) for k, v in metrics.items() if not isinstance(v, list)}
+        histograms = {k: [float(x) for x in v] for k, v in metrics.items() if k in HISTOGRAM_KEYS}
+        if len(histograms) == len(HISTOGRAM_KEYS) and "auroc" not in values:
+            # a noisy release (a site without exact metrics): the metrics are computed here
+            released = metrics_from_histograms(histograms["hist-neg"], histograms["hist-pos"])
+            values.update(released.as_dict())
+            undefined.update(released.undefined)
         self.history.events.append(
             SiteEvent(
                 round=self._current_round,
                 kind=kind,
                 node_id=node,
                 site=self.history.site_name(node),
-                metrics={k: _clean(v) for k, v in metrics.items() if not isinstance(v, list)},
+                metrics=values,
                 undefined=undefined,
+                histograms=histograms,
             )
         )
 
 
-_REFUSAL = re.compile(r"^site (\S+) refused: ")
+HISTOGRAM_KEYS = ("hist-neg", "hist-pos")
 
 
 def _round_of(msg: Message) -> int:

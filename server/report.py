@@ -28,13 +28,15 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
     for name in names:
         tr = trained.get(name)
         ev = evaluated.get(name)
+        privacy = _latest_privacy(history, name) if run.dp.sample_level else {}
         hospitals.append(
             {
                 "name": name,
                 "n_train": _int(tr.metrics.get("num-examples")) if tr else None,
                 "n_test": _int(ev.metrics.get("num-examples")) if ev else None,
-                "epsilon": tr.metrics.get("epsilon") if tr and run.dp.sample_level else None,
-                "delta": tr.metrics.get("delta") if tr and run.dp.sample_level else None,
+                "epsilon": privacy.get("epsilon"),
+                "delta": privacy.get("delta"),
+                "evaluation": _evaluation_kind(ev),
                 "rounds_trained": sum(
                     1
                     for e in history.events
@@ -51,15 +53,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         overall.update(history.centralized[final_round])
         overall["method"] = "pooled test splits of all hospitals (centralized evaluation)"
     else:
-        for m in METRIC_NAMES:
-            pairs = [
-                (h["metrics"][m], h["n_test"])
-                for h in hospitals
-                if h["metrics"][m] is not None and h["n_test"]
-            ]
-            total = sum(n for _, n in pairs)
-            overall[m] = sum(v * n for v, n in pairs) / total if total else None
-        overall["method"] = "test-size-weighted mean of hospital metrics"
+        overall.update(_pooled_from_histograms(evaluated.values()))
     return {
         "task": run.task.name,
         "strategy": run.strategy.name,
@@ -78,6 +72,49 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
     }
 
 
+def _latest_privacy(history: RunHistory, site: str) -> dict[str, float | None]:
+    """The hospital's cumulative (ε, δ) from its latest reply that carried one: a training round
+    or, later, an evaluation release (both charged to the same accountant)."""
+    for ev in reversed(history.events):
+        if ev.site == site and ev.error is None and ev.metrics.get("epsilon") is not None:
+            return {"epsilon": ev.metrics["epsilon"], "delta": ev.metrics.get("delta")}
+    return {}
+
+
+def _evaluation_kind(ev: Any) -> str | None:
+    if ev is None:
+        return None
+    if ev.metrics.get("eval-noise-multiplier") is not None:
+        return f"noisy counts (Gaussian, σ = {ev.metrics['eval-noise-multiplier']:g} patients)"
+    return "exact" if ev.histograms else "exact (withheld or without counts)"
+
+
+def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
+    """Overall metrics from the hospitals' summed score histograms: pooled sensitivity,
+    specificity and accuracy at 0.5 from pooled counts, pooled AUROC at the histograms' bin
+    resolution; noisy where a hospital released noisy counts."""
+    import numpy as np
+
+    from shared_models.metrics import metrics_from_histograms
+
+    events = [ev for ev in evaluated if ev.histograms]
+    if not events:
+        return {m: None for m in METRIC_NAMES} | {
+            "method": "no hospital released test counts (metrics withheld or not evaluated)"
+        }
+    neg = np.sum([ev.histograms["hist-neg"] for ev in events], axis=0)
+    pos = np.sum([ev.histograms["hist-pos"] for ev in events], axis=0)
+    pooled = metrics_from_histograms(neg, pos)
+    noisy = [ev.site for ev in events if ev.metrics.get("eval-noise-multiplier") is not None]
+    method = (
+        f"pooled test counts of {len(events)} hospital(s) (score histograms summed; AUROC at "
+        f"{len(neg)}-bin resolution"
+        + (f"; noisy counts from {', '.join(noisy)}" if noisy else "")
+        + ")"
+    )
+    return {**pooled.as_dict(), "method": method}
+
+
 def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
     """Which privacy guarantee the run had, in words and numbers (never more than was spent)."""
     dp = run.dp
@@ -94,9 +131,12 @@ def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
     if dp.sample_level:
         out.update(
             guarantee="sample-level (ε, δ)-DP per hospital: DP-SGD at each hospital (Opacus), "
-            "each hospital's ε for its own patients, computed by its own accountant",
+            "each hospital's ε for its own patients, computed by its own accountant over every "
+            "DP-SGD step and every noisy evaluation release it made; a hospital whose policy "
+            "allows exact metrics released them outside this ε",
             max_grad_norm=dp.max_grad_norm,
             accountant=dp.accountant,
+            eval_noise_multiplier=dp.eval_noise_multiplier,
         )
         return out
     spent = (
@@ -215,15 +255,17 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         lines.append(f"- secure aggregation: {summary['secure_aggregation']['protocol']}")
     lines += ["", "## Hospitals (final round)", ""]
     lines.append(
-        "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity |"
+        "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | "
+        "specificity | evaluation released as |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for h in summary["hospitals"]:
         m = h["metrics"]
         lines.append(
             f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'], 4)} | "
             f"{format(h['delta'], 'g') if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
-            f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
+            f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
+            f"{h.get('evaluation') or 'n/a'} |"
         )
     undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
     if undefined:

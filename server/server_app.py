@@ -33,7 +33,7 @@ from server.history import RecordingGrid, RunHistory
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
 from server.strategies import (
-    ResumedStrategy,
+    ScheduledStrategy,
     build_strategy,
     calibrate_client_noise,
     load_strategy_state,
@@ -75,8 +75,8 @@ def main(grid: Grid, context: Context) -> None:
             load_strategy_state(
                 strategy, {k: v.numpy() for k, v in load_weights(state_file).items()}
             )
-        strategy = ResumedStrategy(strategy, offset=done)
         flwr_log(INFO, "[fedcare] resuming %s after round %d of %d", out, done, run.train.rounds)
+    strategy = ScheduledStrategy(strategy, offset=done, evaluates=run.evaluates_in_round)
     if run.simulated_hospitals:  # the engine registers hospitals while this thread starts
         _wait_for_hospitals(grid, run.simulated_hospitals)
     pooled = _pooled_test_set(run, grid) if run.centralized_eval else None

@@ -177,8 +177,8 @@ def with_client_dp(
 
 
 def _unwrap(strategy: fl.Strategy) -> fl.Strategy:
-    """The strategy inside fedcare's :class:`ResumedStrategy` wrapper (if any)."""
-    return strategy.inner if isinstance(strategy, ResumedStrategy) else strategy
+    """The strategy inside fedcare's :class:`ScheduledStrategy` wrapper (if any)."""
+    return strategy.inner if isinstance(strategy, ScheduledStrategy) else strategy
 
 
 def privacy_spent(strategy: fl.Strategy) -> tuple[float, float, int] | None:
@@ -218,17 +218,24 @@ def load_strategy_state(strategy: fl.Strategy, arrays: dict[str, np.ndarray]) ->
             setattr(inner, attr, part)
 
 
-class ResumedStrategy(fl.Strategy):
-    """Wraps a Flower strategy so a resumed run continues the round numbering.
+class ScheduledStrategy(fl.Strategy):
+    """Wraps a Flower strategy with the run's round numbering and evaluation schedule.
 
-    Flower's ``Strategy.start`` counts rounds from 1; this wrapper adds ``offset`` (the rounds
-    already completed) to the round every hook sees, so hospitals, checkpoints and reports see
-    rounds ``offset + 1 ...``. Everything else is the inner strategy's own behaviour.
+    Flower's ``Strategy.start`` counts rounds from 1 and evaluates after every round. A resumed
+    run continues the numbering: ``offset`` (the rounds already completed) is added to the round
+    every hook sees, so hospitals, checkpoints and reports see rounds ``offset + 1 ...``. And a
+    federated evaluation costs privacy at hospitals that release noisy counts, so it only runs on
+    the rounds ``evaluates(round)`` selects (``RunConfig.evaluates_in_round``: every
+    ``eval.every``-th round and the last); on the others no evaluate message is sent.
+    Everything else is the inner strategy's own behaviour.
     """
 
-    def __init__(self, inner: fl.Strategy, offset: int) -> None:
+    def __init__(
+        self, inner: fl.Strategy, *, offset: int = 0, evaluates: Callable[[int], bool]
+    ) -> None:
         self.inner = inner
         self.offset = offset
+        self.evaluates = evaluates
 
     def summary(self) -> None:
         self.inner.summary()
@@ -240,6 +247,8 @@ class ResumedStrategy(fl.Strategy):
         return self.inner.aggregate_train(server_round + self.offset, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        if not self.evaluates(server_round + self.offset):
+            return []
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]

@@ -104,6 +104,7 @@ class DPConfig:
     accountant: str
     client_clipping_norm: float
     client_noise_multiplier: float  # 0 = calibrate to target_epsilon over the run's rounds
+    eval_noise_multiplier: float  # Gaussian noise on the released evaluation counts (sensitivity 1)
 
     @property
     def sample_level(self) -> bool:
@@ -156,6 +157,7 @@ class RunConfig:
     secagg: SecAggConfig
     output_dir: str
     centralized_eval: bool
+    eval_every: int  # federated evaluation every k rounds and after the last; 0 = last round only
     run_id: str
     resume_from: str
     simulated_hospitals: int
@@ -209,6 +211,7 @@ class RunConfig:
                 accountant=_get(cfg, "dp.accountant", str),
                 client_clipping_norm=_get(cfg, "dp.client-clipping-norm", float),
                 client_noise_multiplier=_get(cfg, "dp.client-noise-multiplier", float),
+                eval_noise_multiplier=_get(cfg, "dp.eval-noise-multiplier", float),
             ),
             data=DataConfig(
                 dir=_get(cfg, "data.dir", str),
@@ -225,6 +228,7 @@ class RunConfig:
             ),
             output_dir=_get(cfg, "output.dir", str),
             centralized_eval=_get(cfg, "eval.centralized", bool),
+            eval_every=_get(cfg, "eval.every", int),
             run_id=_get(cfg, "run.id", str),
             resume_from=_get(cfg, "run.resume-from", str),
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
@@ -295,10 +299,24 @@ class RunConfig:
             _in_range("dp.target-epsilon", dp.target_epsilon, 0.0, 100.0, lo_open=True)
             _in_range("dp.target-delta", dp.target_delta, 0.0, 0.1, lo_open=True)
             _in_range("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
+        _in_range("dp.eval-noise-multiplier", dp.eval_noise_multiplier, 0.0, 1e6, lo_open=True)
+        _in_range("eval.every", self.eval_every, 0, 100_000)
         _choice("data.partition", da.partition, ("iid", "dirichlet"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         if da.test_fraction != 0.0:  # 0 = the task's default split
             _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)
+
+    def evaluates_in_round(self, server_round: int) -> bool:
+        """Whether round ``server_round`` has a federated evaluation (``eval.every`` k: every
+        k-th round and the last; 0: the last round only)."""
+        every = self.eval_every
+        return server_round == self.train.rounds or (every > 0 and server_round % every == 0)
+
+    @property
+    def evaluation_rounds_count(self) -> int:
+        """Number of rounds with a federated evaluation."""
+        every, rounds = self.eval_every, self.train.rounds
+        return rounds // every + (rounds % every != 0) if every > 0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain-dict view (for JSON sidecars and reports)."""

@@ -11,7 +11,8 @@ from typing import Any
 
 def write_json_atomic(path: Path, data: Any, *, indent: int = 2) -> None:
     """Write ``data`` as JSON to ``path``: a temporary file in the same folder, flushed and
-    fsynced, then renamed over ``path`` (``os.replace``). A crash leaves the previous version.
+    fsynced, then renamed over ``path`` (``os.replace``) and the folder fsynced, so the rename
+    itself survives a power cut. A crash leaves the previous version.
 
     Raises
     ------
@@ -32,3 +33,15 @@ def write_json_atomic(path: Path, data: Any, *, indent: int = 2) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync a folder, making a rename or a new file in it durable (POSIX; no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

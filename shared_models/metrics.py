@@ -73,3 +73,63 @@ def binary_metrics(
         n=n,
         undefined=undefined,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics from (noisy) score histograms: what a hospital without exact metrics releases
+# ----------------------------------------------------------------------------------------------
+HISTOGRAM_BINS = 10  # equal-width bins of the predicted probability over [0, 1]; 0.5 is an edge
+
+
+def score_histograms(
+    y_true: np.ndarray, scores: np.ndarray, *, bins: int = HISTOGRAM_BINS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class counts of predicted probabilities in ``bins`` equal-width bins over [0, 1].
+
+    Returns ``(negatives [bins], positives [bins])`` (float64 counts). Adding or removing one
+    patient changes one count by 1: the pair has L2 sensitivity 1, so Gaussian noise of standard
+    deviation sigma on every count is the Gaussian mechanism with noise multiplier sigma.
+    """
+    y = np.asarray(y_true).astype(int)
+    idx = np.clip((np.asarray(scores, dtype=float) * bins).astype(int), 0, bins - 1)
+    neg = np.bincount(idx[y == 0], minlength=bins).astype(float)
+    pos = np.bincount(idx[y == 1], minlength=bins).astype(float)
+    return neg, pos
+
+
+def metrics_from_histograms(
+    negatives: np.ndarray | list[float], positives: np.ndarray | list[float]
+) -> BinaryMetrics:
+    """AUROC, accuracy, sensitivity and specificity (threshold 0.5) from per-class score
+    histograms (:func:`score_histograms`), possibly noisy.
+
+    AUROC is the Mann-Whitney statistic over bins (pairs in one bin count 1/2), i.e. the AUROC of
+    scores rounded to their bin. Noisy counts are used as they are (unbiased sums; negative counts
+    included) and each metric is clipped to [0, 1]; a class whose noisy total is below 1 makes the
+    metrics that need it undefined. Post-processing only: it spends no privacy.
+    """
+    neg, pos = np.asarray(negatives, dtype=float), np.asarray(positives, dtype=float)
+    half = len(neg) // 2  # bins [0, half) predict 0, [half, bins) predict 1 (threshold 0.5)
+    n_neg, n_pos = float(neg.sum()), float(pos.sum())
+    undefined: dict[str, str] = {}
+    clip = lambda v: float(min(1.0, max(0.0, v)))  # noqa: E731
+    auroc = sens = spec = acc = None
+    if n_pos >= 1 and n_neg >= 1:
+        below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+        auroc = clip(float(np.sum(pos * (below + 0.5 * neg))) / (n_pos * n_neg))
+    else:
+        undefined["auroc"] = "too few patients of one class in the released counts"
+    if n_pos >= 1:
+        sens = clip(pos[half:].sum() / n_pos)
+    else:
+        undefined["sensitivity"] = "no positive patients in the released counts"
+    if n_neg >= 1:
+        spec = clip(neg[:half].sum() / n_neg)
+    else:
+        undefined["specificity"] = "no negative patients in the released counts"
+    if n_pos + n_neg >= 1:
+        acc = clip((pos[half:].sum() + neg[:half].sum()) / (n_pos + n_neg))
+    else:
+        undefined["accuracy"] = "no patients in the released counts"
+    n = max(0, round(n_pos + n_neg))
+    return BinaryMetrics(auroc, acc, sens, spec, n, undefined)

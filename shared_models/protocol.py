@@ -10,3 +10,16 @@ UNIT_WEIGHT_KEY = "unit-weight"
 # first retry after this many seconds, doubling up to the cap (Flower 1.41's pull: 1 s, 10 s)
 OBJECT_RETRY_BACKOFF = 0.05
 OBJECT_RETRY_CAP = 1.0
+
+
+def refusal_reason(site: str, reason: str) -> str:
+    """The error reason of a reply refused by a hospital (code :data:`SITE_REFUSED`)."""
+    return f"site {site} refused: {reason}"
+
+
+def parse_refusal(text: str) -> tuple[str, str] | None:
+    """``(site, reason)`` of a :func:`refusal_reason` text, else None."""
+    head, sep, reason = text.partition(" refused: ")
+    if not sep or not head.startswith("site ") or " " in head[5:]:
+        return None
+    return head[5:], reason

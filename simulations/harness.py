@@ -88,10 +88,13 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sites = simulated_sites_for(run, hospitals)
-    if run.dp.enabled:
+    if run.dp.sample_level:
+        from client.policy import SIMULATION_POLICY, SitePolicy
+
+        policy = SitePolicy.load(req.policy) if req.policy is not None else SIMULATION_POLICY
         for site in sites:
             try:
-                plan_for_run(run, n_train=site.n_train)
+                plan_for_run(run, n_train=site.n_train, private_evaluation=not policy.exact_metrics)
             except ValueError as exc:
                 raise UsageError(f"hospital {site.name}: {exc}") from None
     return run, sites

@@ -47,3 +47,15 @@ def unpack_app(dst: Path) -> Path:
                 (dst / name).parent.mkdir(parents=True, exist_ok=True)
                 (dst / name).write_bytes(fab.read(name))
     return dst
+
+
+def permissive_policy(folder: Path) -> str:
+    """A site policy file for a deployed test hospital that allows what a simulated one does
+    (no DP, exact metrics, no caps): the path, for node config ``policy-path``."""
+    path = folder / "permissive-policy.toml"
+    path.write_text(
+        "allow-non-dp = true\nexact-metrics = true\nmin-cohort = 0\nmax-delta = 0.1\n"
+        "max-epsilon-per-run = 1000.0\nlifetime-epsilon = 100000.0\nmin-noise-multiplier = 0.0\n"
+        "min-eval-noise-multiplier = 0.0\nmax-grad-norm = [0.0, 1000000.0]\n"
+    )
+    return str(path)

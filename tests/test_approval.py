@@ -154,9 +154,10 @@ def test_start_refuses_without_an_approved_bundle(monkeypatch, capsys, tmp_path)
 
 
 def test_refusal_reason_is_what_the_coordinator_parses():
-    from client.launcher import refusal_reason
-    from server.history import _REFUSAL
+    from client.launcher import bundle_refusal
+    from shared_models.protocol import parse_refusal
 
-    reason = refusal_reason("a", "f" * 64, Path("/l"))
-    match = _REFUSAL.match(reason)
-    assert match and match.group(1) == "a" and "f" * 64 in reason and "not approved" in reason
+    reason = bundle_refusal("a", "f" * 64)
+    site, why = parse_refusal(reason)
+    assert site == "a" and "f" * 64 in why and "not approved" in why
+    assert parse_refusal("something else: refused") is None

@@ -12,7 +12,7 @@ from client.client_app import SITE_REFUSED
 from client.client_app import app as client_app
 from shared_models.models import build_model
 from shared_models.tasks import get_task
-from tests.handlers import make_context, make_request, use_task_identity
+from tests.handlers import make_context, make_request, permissive_policy, use_task_identity
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +21,13 @@ def _task_identity():
 
 
 _context, _request = make_context, make_request
+
+
+def _record(ctx):
+    """The run's record a hospital without a ledger keeps in its Context."""
+    from client.ledger import RunRecord
+
+    return RunRecord.from_json(ctx.state["fedcare.run"]["json"])
 
 
 @pytest.fixture
@@ -40,8 +47,9 @@ def test_train_reports_cumulative_epsilon_and_keeps_accountant_state(sim_ctx):
         assert metrics["delta"] == pytest.approx(1e-5)
         assert reply.content["info"]["site"] == "hospital-2"
         eps.append(metrics["epsilon"])
-        history = json.loads(sim_ctx.state["fedcare"]["accountant"])["history"]
-        assert sum(h[2] for h in history) == rnd * metrics["steps"]
+        record = _record(sim_ctx)
+        assert record.train_steps == rnd * metrics["steps"] == record.accountant["history"][0][2]
+        assert "train-loss" in metrics  # simulated hospitals without --policy: exact metrics
     assert eps[0] < eps[1] < eps[2] <= 1.5
     assert eps[2] > 1.45  # the run's budget is spent by the last planned round
     # the returned weights are the trained ones, with the model's keys
@@ -62,7 +70,7 @@ def test_noise_is_calibrated_once_per_run_and_used_at_every_round(sim_ctx):
     # the memo is what round 2 uses: the sigma the accountant records is the memo's
     plans[key] = json.dumps({**json.loads(cached), "noise_multiplier": 7.5})
     client_app(_request("train", model, 2), sim_ctx)
-    history = json.loads(sim_ctx.state["fedcare"]["accountant"])["history"]
+    history = _record(sim_ctx).accountant["history"]
     assert [h[0] for h in history] == [fresh.noise_multiplier, 7.5]
     # other inputs (a longer run) are another entry, calibrated afresh
     assert (
@@ -100,7 +108,8 @@ def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_pa
     path = tmp_path / "processed.positive.data"
     path.write_text("\n".join(positives[:40]) + "\n")
     default_cfg.update({"task.name": "heart-disease", "dp.enabled": False})
-    ctx = _context(default_cfg, {"data-path": str(path), "site": "zurich"})
+    node = {"data-path": str(path), "site": "zurich", "policy-path": permissive_policy(tmp_path)}
+    ctx = _context(default_cfg, node)
     task = get_task("heart-disease")
     model = build_model("mlp", input_shape=task.input_shape("flamby"))
     reply = client_app(_request("evaluate", model, 1), ctx)
@@ -119,8 +128,14 @@ def test_malformed_site_file_is_refused_with_a_clear_reason(default_cfg, tmp_pat
     ctx = _context(default_cfg, {"data-path": str(path), "site": "x"})
     reply = client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
     assert reply.error.code == SITE_REFUSED
-    assert reply.error.reason.startswith("site x refused: ")
-    assert "line 1: expected 14 comma-separated values" in reply.error.reason
+    assert reply.error.reason == (
+        "site x refused: its data failed validation (the hospital's log has the details)"
+    )  # the coordinator learns neither the file's path nor what is in it
+    ledger = tmp_path / "ledger"
+    ctx = _context(default_cfg, {"data-path": str(path), "site": "x", "ledger-dir": str(ledger)})
+    client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
+    local = (ledger / "audit.jsonl").read_text()  # ... the hospital's own audit log has it
+    assert "line 1: expected 14 comma-separated values" in local and str(path) in local
 
 
 def test_ledger_survives_a_daemon_restart(default_cfg, tmp_path):
@@ -143,7 +158,7 @@ def test_ledger_survives_a_daemon_restart(default_cfg, tmp_path):
     ]
     assert eps == pytest.approx(ref[1:], rel=1e-12)
     entry = json.loads((tmp_path / "ledger" / "runs" / "run-abc.json").read_text())
-    assert sum(h[2] for h in entry["accountant"]["history"]) == 3 * 5
+    assert entry["train_steps"] == sum(h[2] for h in entry["accountant"]["history"]) == 3 * 5
 
 
 def test_corrupted_ledger_is_refused_and_never_reset(default_cfg, tmp_path):
@@ -157,7 +172,9 @@ def test_corrupted_ledger_is_refused_and_never_reset(default_cfg, tmp_path):
     )
     reply = client_app(_request("train", build_model("mlp", n_features=30), 1), ctx)
     assert reply.error.code == SITE_REFUSED
-    assert "run-x.json is unreadable" in reply.error.reason and "never reset" in reply.error.reason
+    assert "its privacy ledger cannot be used" in reply.error.reason
+    local = (tmp_path / "ledger" / "audit.jsonl").read_text()
+    assert "run-x.json is unreadable" in local and "never reset" in local
     assert path.read_text().endswith('"hist')  # untouched
 
 
@@ -178,7 +195,7 @@ def test_a_repeated_request_is_answered_again_without_spending_budget(default_cf
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     entry = json.loads((tmp_path / "runs" / "run-r.json").read_text())
-    assert sum(h[2] for h in entry["accountant"]["history"]) == 5  # trained once
+    assert entry["train_steps"] == 5 and entry["updates"] == 1  # trained once
     other = build_model("mlp", n_features=30, seed=1)  # different global weights: a new request
     assert (
         client_app(_request("train", other, 1), ctx).content["metrics"]["epsilon"]

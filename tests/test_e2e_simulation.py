@@ -159,3 +159,18 @@ def test_client_level_dp_with_secure_aggregation(tmp_path):
     assert not summary["failures"]
     assert "privacy: client-level ε = 2.000" in output
     assert "**client-level** DP" in (out / "report.md").read_text()
+
+
+def test_same_seed_same_weights_only_without_dp(tmp_path):
+    """The seed fixes the partitions, the initial model and (without DP) the batch order; DP-SGD
+    noise and Poisson sampling come from each hospital's CSPRNG, so two DP runs differ."""
+    from safetensors.torch import load_file
+
+    def final(name: str, *args: str) -> dict:
+        _, _, out = _simulate(tmp_path / name, "--hospitals", "2", "--rounds", "1", *args)
+        return load_file(str(out / "model.safetensors"))
+
+    dp = [final(f"dp{i}", "--epsilon", "2", "--seed", "3") for i in (1, 2)]
+    plain = [final(f"plain{i}", "--no-dp", "--seed", "3") for i in (1, 2)]
+    assert max(float((dp[0][k] - dp[1][k]).abs().max()) for k in dp[0]) > 1e-3
+    assert all(bool((plain[0][k] == plain[1][k]).all()) for k in plain[0])

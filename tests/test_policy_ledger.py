@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -43,7 +45,8 @@ def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, sit
     default_cfg.update({"dp.target-epsilon": 4.0, "run.id": "big"})
     reply = client_app(_msg("train"), _ctx(default_cfg, site("max-epsilon-per-run = 3.0\n")))
     assert reply.error.code == SITE_REFUSED
-    assert "run would spend ε=4.00 but the policy allows 3 per run" in reply.error.reason
+    assert re.search(r"run would spend ε=\d\.\d\d at δ=1e-05 but the policy allows 3 per run",
+                     reply.error.reason)  # fmt: skip
     assert not (tmp_path / "ledger" / "runs").exists()  # a refusal changes nothing in the ledger
     audit = [
         json.loads(line) for line in (tmp_path / "ledger" / "audit.jsonl").read_text().splitlines()
@@ -53,7 +56,7 @@ def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, sit
 
 
 def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
-    node = site("lifetime-epsilon = 2.5\n")
+    node = site("lifetime-epsilon = 2.5\nexact-metrics = true\n")  # training releases only
     default_cfg.update({"dp.target-epsilon": 2.0, "train.rounds": 2, "run.id": "first"})
     for rnd in (1, 2):
         assert not client_app(_msg("train", rnd), _ctx(default_cfg, node)).has_error()
@@ -75,8 +78,9 @@ def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
         ("", {"dp.enabled": False}, "requires DP"),
         ("min-noise-multiplier = 5.0\n", {}, "below the policy's minimum 5"),
         ("max-grad-norm = [0.1, 0.5]\n", {}, "max_grad_norm 1 is outside the policy's [0.1, 0.5]"),
-        ("min-cohort = 500\n", {}, "below the policy's min-cohort 500"),
-        ("max-epsilon = 1.0\n", {}, "unknown key(s) ['max-epsilon']"),
+        ("min-cohort = 500\n", {}, "fewer patients than the policy's min-cohort 500"),
+        ("max-epsilon = 1.0\n", {}, "its site policy file is unusable"),
+        ("", {"dp.target-delta": 1e-4}, "this site's δ is at most 1e-05"),
     ],
 )
 def test_policy_bounds(default_cfg, site, policy, update, reason):
@@ -85,11 +89,12 @@ def test_policy_bounds(default_cfg, site, policy, update, reason):
     assert reply.has_error() and reason in reply.error.reason
 
 
-def test_min_cohort_withholds_evaluation_metrics(default_cfg, site):
-    reply = client_app(_msg("evaluate"), _ctx(default_cfg, site("min-cohort = 100\n")))
+def test_min_cohort_withholds_exact_evaluation_metrics(default_cfg, site):
+    node = site("exact-metrics = true\nmin-cohort = 30\n")  # 21 positive test patients here
+    reply = client_app(_msg("evaluate"), _ctx(default_cfg, node))
     metrics, info = reply.content["metrics"], reply.content["info"]
     assert all(math.isnan(metrics[k]) for k in ("auroc", "accuracy", "sensitivity", "specificity"))
-    assert "withheld: 57 test patients" in info["undefined.auroc"]
+    assert "withheld: a test class has fewer patients than min-cohort" in info["undefined.auroc"]
 
 
 def test_lifetime_composes_with_one_accountant_not_by_adding():
@@ -117,6 +122,7 @@ def test_budget_command_lists_runs_and_lifetime(default_cfg, site, monkeypatch, 
     cli.main()
     out = " ".join(capsys.readouterr().out.split())
     assert "run r1 task breast-cancer" in out and "steps 5, noise multiplier" in out
+    assert "0 evaluation release(s)" in out
     assert "lifetime: ε =" in out and "at δ = 1e-05 over 1 run(s)" in out
 
 
@@ -127,7 +133,7 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     from shared_models.tasks import get_task
 
     node = site("")
-    default_cfg.update({"train.rounds": 2, "run.id": "audited"})
+    default_cfg.update({"train.rounds": 2, "run.id": "audited", "eval.every": 1})
     replies = []
     for rnd in (1, 2):
         for kind in ("train", "evaluate"):
@@ -143,20 +149,25 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     assert (
         weights <= sent[0]["records"]["arrays"] < weights + 1024
     )  # float32 weights + array headers
-    assert sent[2]["epsilon"] > sent[0]["epsilon"] > 0
+    assert sent[3]["epsilon"] > sent[2]["epsilon"] > sent[1]["epsilon"] > sent[0]["epsilon"] > 0
+    assert "hist-pos" in replies[1].content["metrics"]  # the default policy: noisy counts only
+    assert "auroc" not in replies[1].content["metrics"] and "train-loss" not in sent[0]["metrics"]
     # every raw value of this hospital's patients (features, as stored in its data)
     frame = simulated_site_frames(
         get_task("breast-cancer"), data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0
     )[0][1]
     # (values with >= 4 significant digits: a count like 57 or a rate like 0.15 is an aggregate that
     # may equal some feature value by coincidence)
-    raw = {float(v) for v in frame.drop(columns="label").to_numpy().ravel()
+    # compared as float32, the precision of the weights (a float64 feature never equals a float32
+    # weight exactly, so a float64 comparison could not fail)
+    raw = {np.float32(v) for v in frame.drop(columns="label").to_numpy().ravel()
            if len(f"{v:.10g}".replace(".", "").replace("-", "").strip("0")) >= 4}  # fmt: skip
     for reply in replies:
-        values = [float(v) for r in reply.content.metric_records.values() for v in r.values()]
+        values = [np.float32(x) for r in reply.content.metric_records.values() for v in r.values()
+                  for x in (v if isinstance(v, list) else [v])]  # fmt: skip
         for record in reply.content.array_records.values():
             for array in record.values():
-                values.extend(float(v) for v in array.numpy().ravel())
+                values.extend(np.float32(v) for v in array.numpy().ravel())
         assert not raw & set(values)
         for info in reply.content.config_records.values():
             assert not any(str(v) in {str(x) for x in raw} for v in info.values())
@@ -167,7 +178,7 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
             for v in value.values():
                 numbers(v)
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            logged.add(float(value))
+            logged.add(np.float32(value))
 
     for entry in audit:
         numbers(entry)

@@ -56,6 +56,13 @@ def test_aggregate_metrics_skips_undefined_and_takes_worst_epsilon():
     assert out["epsilon"] == 1.5
 
 
+# per-class score histograms (10 bins over [0, 1]; bins 5-9 predict positive) of two hospitals
+_HIST = {
+    "a": ([10, 8, 4, 2, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 2, 2, 3, 3, 2]),  # 27 neg, 13 pos
+    "b": ([3, 2, 1, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]),  # 7 neg, 3 pos
+}
+
+
 def _history() -> RunHistory:
     h = RunHistory(sites={1: "a", 2: "b"})
     for rnd in (1, 2):
@@ -74,10 +81,12 @@ def _history() -> RunHistory:
                     },
                 )
             )
+            neg, pos = _HIST[site]
             h.events.append(SiteEvent(rnd, "evaluate", node, site, {"num-examples": n_test, "auroc": None,
                                                                     "accuracy": acc, "sensitivity": 1.0,
                                                                     "specificity": None},
-                                      undefined={"auroc": "one class"}))  # fmt: skip
+                                      undefined={"auroc": "one class"},
+                                      histograms={"hist-neg": neg, "hist-pos": pos}))  # fmt: skip
     h.events.append(SiteEvent(2, "train", 3, "node 3", error="no reply (hospital dropped out)"))
     return h
 
@@ -98,14 +107,27 @@ def test_summary_schema_and_overall(default_cfg):
     assert guarantee.startswith("sample-level (ε, δ)-DP per hospital")
     assert summary["dp"] == {
         "enabled": True, "level": "sample", "target_epsilon": 2.0, "delta": 1e-5,
-        "max_grad_norm": 1.0, "accountant": "rdp",
+        "max_grad_norm": 1.0, "accountant": "rdp", "eval_noise_multiplier": 5.0,
     }  # fmt: skip
     assert summary["secure_aggregation"] == {"enabled": False}
     a = next(h for h in summary["hospitals"] if h["name"] == "a")
     assert a["n_train"] == 100 and a["n_test"] == 40 and a["epsilon"] == pytest.approx(0.8)
     assert a["metrics"]["auroc"] is None and a["undefined"]["auroc"] == "one class"
-    assert summary["overall"]["mean_client_accuracy"] == pytest.approx(0.7)
-    assert summary["overall"]["accuracy"] == pytest.approx((0.8 * 40 + 0.6 * 10) / 50)  # pooled
+    overall = summary["overall"]
+    assert overall["mean_client_accuracy"] == pytest.approx(0.7)
+    # pooled confusion counts at 0.5: TP = 12 + 3, FN = 1 + 0, TN = 25 + 6, FP = 2 + 1
+    assert overall["sensitivity"] == pytest.approx(15 / 16)
+    assert overall["specificity"] == pytest.approx(31 / 34)
+    assert overall["accuracy"] == pytest.approx((15 + 31) / 50)
+    neg = [x + y for x, y in zip(*(_HIST[s][0] for s in "ab"), strict=True)]
+    pos = [x + y for x, y in zip(*(_HIST[s][1] for s in "ab"), strict=True)]
+    scores = [(i + 0.5) / 10 for i, c in enumerate(neg) for _ in range(c)]
+    scores += [(i + 0.5) / 10 for i, c in enumerate(pos) for _ in range(c)]
+    labels = [0] * sum(neg) + [1] * sum(pos)
+    from sklearn.metrics import roc_auc_score
+
+    assert overall["auroc"] == pytest.approx(roc_auc_score(labels, scores))  # binned, pooled
+    assert overall["method"].startswith("pooled test counts of 2 hospital(s)")
     assert summary["failures"] == [
         {
             "round": 2,
@@ -114,6 +136,19 @@ def test_summary_schema_and_overall(default_cfg):
             "reason": "no reply (hospital dropped out)",
         }
     ]
+
+
+def test_noisy_histograms_become_metrics_at_the_coordinator():
+    """A site without exact metrics sends only noisy counts; the coordinator's history computes
+    its metrics from them (post-processing)."""
+    from shared_models.metrics import metrics_from_histograms
+
+    neg, pos = _HIST["a"]
+    m = metrics_from_histograms(neg, pos)
+    assert m.sensitivity == pytest.approx(12 / 13) and m.specificity == pytest.approx(25 / 27)
+    noisy = metrics_from_histograms([c + 0.3 for c in neg], [c - 0.2 for c in pos])
+    assert 0 <= noisy.auroc <= 1 and abs(noisy.auroc - m.auroc) < 0.05
+    assert metrics_from_histograms([0.05] * 10, pos).auroc is None  # < 1 noisy negative
 
 
 def test_reports_are_written(default_cfg, tmp_path):
@@ -129,19 +164,35 @@ def test_reports_are_written(default_cfg, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_resumed_strategy_numbers_rounds_after_the_checkpoint(default_cfg):
+def test_scheduled_strategy_numbers_rounds_after_the_checkpoint_and_evaluates_on_schedule(
+    default_cfg,
+):
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.strategies import ResumedStrategy
+    from server.strategies import ScheduledStrategy
+    from tests.handlers import use_task_identity
+
+    use_task_identity()
 
     class Grid:
         def get_node_ids(self):
             return [1, 2]
 
-    inner = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
-    resumed = ResumedStrategy(inner, offset=3)
+    default_cfg.update({"train.rounds": 6, "eval.every": 2})
+    run = RunConfig.from_run_config(default_cfg)
+    inner = build_strategy(run.strategy)
+    resumed = ScheduledStrategy(inner, offset=3, evaluates=run.evaluates_in_round)
     messages = list(resumed.configure_train(1, ArrayRecord(), ConfigRecord(), Grid()))
     assert {m.content["config"]["server-round"] for m in messages} == {4}
+    evaluated = [
+        3 + r
+        for r in (1, 2, 3)
+        if list(resumed.configure_evaluate(r, ArrayRecord(), ConfigRecord(), Grid()))
+    ]
+    assert evaluated == [4, 6]  # every 2nd round and the last; round 5 sends nothing
+    assert run.evaluation_rounds_count == 3
+    default_cfg["eval.every"] = 0
+    assert RunConfig.from_run_config(default_cfg).evaluation_rounds_count == 1
 
 
 def test_fedadam_moments_survive_a_checkpoint(default_cfg):

@@ -150,7 +150,8 @@ def require_file(path: Path) -> None:
 
 
 def check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.DataFrame:
-    """Convert every column to float; name the first non-numeric cell (file, line, column)."""
+    """Convert every column to float; name the first non-numeric or non-finite cell (file, line,
+    column). Missing values stay NaN."""
     out = frame.copy()
     for col in out.columns:
         converted = pd.to_numeric(out[col], errors="coerce")
@@ -160,6 +161,13 @@ def check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.Dat
             raise DataError(
                 f"{path}, line {row + first_line}: column '{col}' has non-numeric value "
                 f"{out[col].iloc[row]!r}; fix or remove that row"
+            )
+        infinite = np.isinf(converted.to_numpy(dtype=float, na_value=np.nan))
+        if infinite.any():
+            row = int(np.flatnonzero(infinite)[0])
+            raise DataError(
+                f"{path}, line {row + first_line}: column '{col}' has a non-finite value "
+                f"(infinity or a number too large for a float); fix or remove that row"
             )
         out[col] = converted.astype(float)
     return out
