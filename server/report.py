@@ -166,7 +166,7 @@ def _secagg_summary(run: RunConfig) -> dict[str, Any]:
         "enabled": True,
         "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod): a coordinator that "
         "follows the protocol sees only the sum of the hospitals' model updates (each "
-        "hospital's train metrics: loss, example count, ε, still travel unmasked)",
+        "hospital's train metrics: example count, ε, still travel unmasked)",
         "num_shares": sa.num_shares, "reconstruction_threshold": sa.reconstruction_threshold,
         "clipping_range": sa.clipping_range, "max_weight": sa.max_weight,
     }  # fmt: skip
