@@ -171,7 +171,7 @@ def test_hospital_refusing_before_the_key_exchange_is_left_out(runs):
     errors = [r for r in stages if r.has_error()]
     assert (
         len(errors) == 1
-        and "site hospital-2 refused: privacy ledger file" in errors[0].error.reason
+        and "site hospital-2 refused: its privacy ledger cannot be used" in errors[0].error.reason
     )
     assert len(stages) == 4 + 3 + 3 + 3  # refused at setup, then left out of every stage
     expected = _fedavg(updates, [s for s in sorted(updates) if s != "hospital-2"])
