@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared_models.protocol import APP_DIR
 from shared_models.runtime import child_env, flower_executable, run_foreground
 from shared_models.tasks import get_task
 
@@ -127,8 +128,6 @@ def approve(
                 )
             return
         if bundle is None:
-            from server.run_config import APP_DIR
-
             bundle = APP_DIR
         if not bundle.exists():
             raise HospitalSetupError(f"{bundle}: not found (give an app folder or a .fab file)")

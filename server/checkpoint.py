@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from shared_models.files import write_json_atomic
 
+_ROUND = re.compile(r"round-(\d{3,})\.safetensors")
 PACKAGES = ("fedcare", "flwr", "torch", "opacus", "numpy", "scikit-learn", "pandas")
 
 
@@ -53,10 +55,12 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path, dict[str, Any]]:
     FileNotFoundError
         The folder has no complete checkpoint (weights plus a readable sidecar).
     """
-    candidates = sorted(
-        (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9].safetensors"), reverse=True
-    )
-    for weights in candidates:
+    numbered = [
+        (int(m.group(1)), path)
+        for path in (run_dir / "checkpoints").glob("round-*.safetensors")
+        if (m := _ROUND.fullmatch(path.name))
+    ]  # round-001 ... round-999, round-1000 ...: ordered by number, not by name
+    for _, weights in sorted(numbered, reverse=True):
         try:
             sidecar = json.loads(weights.with_suffix(".json").read_text())
         except (OSError, ValueError):

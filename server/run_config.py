@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app directory (pyproject.toml)
+from shared_models.protocol import APP_DIR  # re-exported for the coordinator
+
+__all__ = ["APP_DIR", "RunOptions", "UsageError", "check_names", "default_run_config", "to_toml"]
 
 
 class UsageError(ValueError):

@@ -129,28 +129,31 @@ def _composed_accountant(noise_multiplier: float, delta: float, hospitals: int, 
 
 
 def calibrate_client_noise(
-    target_epsilon: float, delta: float, rounds: int, hospitals: int, *, tol: float = 1e-4
+    target_epsilon: float, delta: float, rounds: int, hospitals: int
 ) -> float:
-    """Smallest noise multiplier whose ε after ``rounds`` releases is <= ``target_epsilon``
-    (bisection on Flower's accountant, the one that reports ε; relative tolerance ``tol``).
+    """Smallest noise multiplier whose ε after ``rounds`` releases is <= ``target_epsilon``.
+
+    ``dp_accounting.calibrate_dp_mechanism`` (Brent's method) over the RDP accountant that
+    Flower's :func:`client_dp_accountant` wraps, with the same neighbouring relation and
+    orders, so the ε Flower reports for the returned sigma stays within the target. Without
+    amplification by sampling it does not depend on ``hospitals``.
 
     Raises
     ------
     ValueError
-        No noise multiplier up to 1e6 reaches the target.
+        No noise multiplier reaches the target (from ``dp_accounting``).
     """
-    lo, hi = 0.01, 1.0
-    while client_dp_epsilon(hi, rounds, delta, hospitals) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"no noise multiplier reaches ε={target_epsilon} over {rounds} rounds")
-    while hi - lo > tol * hi:
-        mid = (lo + hi) / 2
-        if client_dp_epsilon(mid, rounds, delta, hospitals) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    from dp_accounting import calibrate_dp_mechanism, dp_event, rdp
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    return float(
+        calibrate_dp_mechanism(
+            lambda: rdp.RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE),
+            lambda sigma: dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(sigma), rounds),
+            target_epsilon,
+            delta,
+        )
+    )
 
 
 def with_client_dp(

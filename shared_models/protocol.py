@@ -1,6 +1,13 @@
-"""Values the coordinator and the hospitals agree on in their messages (import-light: no torch)."""
+"""What the coordinator and the hospitals agree on: the app directory, error codes, record keys
+and the refusal text (import-light: no torch). ``client`` and ``server`` never import each other;
+both import this."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+# the Flower app directory (pyproject.toml with the run-config schema): the repository root
+APP_DIR = Path(__file__).resolve().parent.parent
 
 SITE_REFUSED = 4001  # error code of a reply refused by the site: "site NAME refused: <reason>"
 SECAGG_FAILED = 4002  # error code when the coordinator could not unmask a SecAgg+ round's sum

@@ -94,11 +94,27 @@ def test_fourth_round_beyond_the_plan_is_refused(sim_ctx):
 
 
 def test_evaluate_reports_metrics(sim_ctx):
-    reply = client_app(_request("evaluate", build_model("mlp", n_features=30), 1), sim_ctx)
+    """A simulated hospital (exact metrics) reports its test split's metrics, recomputed here
+    with scikit-learn from the same data and model."""
+    from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+
+    from client.site import SiteSettings, load_site_data, run_config_of
+    from shared_models.models import predict_proba
+
+    model = build_model("mlp", n_features=30, seed=5)
+    reply = client_app(_request("evaluate", model, 1), sim_ctx)
     metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 57
-    for key in ("auroc", "accuracy", "sensitivity", "specificity"):
-        assert 0.0 <= metrics[key] <= 1.0
+    data = load_site_data(
+        SiteSettings.from_node_config(sim_ctx.node_config), run_config_of(sim_ctx)
+    )
+    scores = predict_proba(model, data.x_test)
+    pred = (scores >= 0.5).astype(int)
+    assert metrics["num-examples"] == data.n_test == 57
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(data.y_test, scores))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(data.y_test, pred))
+    assert metrics["sensitivity"] == pytest.approx(recall_score(data.y_test, pred))
+    assert metrics["specificity"] == pytest.approx(recall_score(data.y_test, pred, pos_label=0))
+    assert sum(metrics["hist-neg"]) + sum(metrics["hist-pos"]) == 57  # exact counts
 
 
 def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_path):

@@ -174,3 +174,29 @@ def test_same_seed_same_weights_only_without_dp(tmp_path):
     plain = [final(f"plain{i}", "--no-dp", "--seed", "3") for i in (1, 2)]
     assert max(float((dp[0][k] - dp[1][k]).abs().max()) for k in dp[0]) > 1e-3
     assert all(bool((plain[0][k] == plain[1][k]).all()) for k in plain[0])
+
+
+def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
+    """Checkpoints are numbered past 999 and a resume finds round 1000 (not round 999 by name)."""
+    import shutil
+
+    from server.run_config import default_run_config
+    from simulations.engine import run_federation
+
+    out = tmp_path / "run"
+    cfg = {**default_run_config(), "train.rounds": 1, "simulation.hospitals": 2, "dp.enabled": False,
+           "model.name": "logreg", "output.dir": str(out), "strategy.min-available-nodes": 2,
+           "run.id": "long-run"}  # fmt: skip
+    run_federation(run_config=cfg, num_supernodes=2)
+    ckpt = out / "checkpoints"
+    for rnd in (999, 1000):  # pretend the run got that far
+        shutil.copy(ckpt / "round-001.safetensors", ckpt / f"round-{rnd:03d}.safetensors")
+        sidecar = json.loads((ckpt / "round-001.json").read_text())
+        sidecar["round"] = rnd
+        (ckpt / f"round-{rnd:03d}.json").write_text(json.dumps(sidecar))
+    run_federation(
+        run_config={**cfg, "train.rounds": 1001, "run.resume-from": str(out)}, num_supernodes=2
+    )
+    assert json.loads((ckpt / "round-1001.json").read_text())["round"] == 1001
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1001 and all(h["rounds_trained"] == 2 for h in summary["hospitals"])

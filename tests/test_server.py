@@ -195,16 +195,69 @@ def test_scheduled_strategy_numbers_rounds_after_the_checkpoint_and_evaluates_on
     assert RunConfig.from_run_config(default_cfg).evaluation_rounds_count == 1
 
 
+def _adam_round(strategy, server_round: int, start: dict, updates: list[dict]):  # type: ignore[no-untyped-def]
+    """One real FedAdam round: configure_train on ``start``, aggregate two hospitals' replies."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+    from tests.handlers import use_task_identity
+
+    use_task_identity()
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in start.items()})
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), Grid()))
+    replies = [
+        Message(
+            RecordDict({
+                "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in update.items()}),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }),
+            reply_to=msg,
+        )
+        for msg, update in zip(sent, updates, strict=True)
+    ]  # fmt: skip
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return {k: a.numpy() for k, a in new.items()}
+
+
 def test_fedadam_moments_survive_a_checkpoint(default_cfg):
+    """FedAdam's moments come from a real round of Flower's aggregation; a strategy restored from
+    the checkpointed state continues exactly like the one that never stopped, and differently
+    from one that starts without them."""
     import numpy as np
 
     from server.strategies import load_strategy_state, strategy_state
 
     default_cfg["strategy.name"] = "fedadam"
-    a = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
-    a.m_t = {"w": np.ones(3)}
-    a.v_t = {"w": np.full(3, 2.0)}
-    b = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
-    load_strategy_state(b, strategy_state(a))
-    np.testing.assert_array_equal(b.m_t["w"], a.m_t["w"])
-    np.testing.assert_array_equal(b.v_t["w"], a.v_t["w"])
+    cfg = RunConfig.from_run_config(default_cfg).strategy
+    rng = np.random.default_rng(0)
+    w0 = {"w": rng.normal(size=3).astype(np.float32)}
+    updates = [[{"w": rng.normal(size=3).astype(np.float32)} for _ in range(2)] for _ in range(2)]
+    a = build_strategy(cfg)
+    w1 = _adam_round(a, 1, w0, updates[0])
+    assert set(strategy_state(a)) == {"m_t/w", "v_t/w"}
+    resumed, fresh = build_strategy(cfg), build_strategy(cfg)
+    load_strategy_state(resumed, strategy_state(a))
+    expected = _adam_round(a, 2, w1, updates[1])
+    np.testing.assert_array_equal(_adam_round(resumed, 2, w1, updates[1])["w"], expected["w"])
+    assert not np.allclose(_adam_round(fresh, 2, w1, updates[1])["w"], expected["w"])
+
+
+def test_the_latest_checkpoint_is_found_past_round_999(tmp_path):
+    import torch
+
+    from server.checkpoint import latest_checkpoint, save_weights
+
+    for rnd in (998, 999, 1000, 1001):
+        save_weights(
+            tmp_path / "checkpoints" / f"round-{rnd:03d}.safetensors",
+            {"w": torch.full((2,), float(rnd))},
+            {"round": rnd},
+        )
+    (tmp_path / "checkpoints" / "round-1001.json").unlink()  # incomplete: no sidecar
+    done, weights, sidecar = latest_checkpoint(tmp_path)
+    assert done == 1000 and weights.name == "round-1000.safetensors" and sidecar["round"] == 1000
