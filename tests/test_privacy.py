@@ -98,17 +98,17 @@ def test_noise_magnitude_band():
     """With clipping at ~0 the update is pure noise: per step, each parameter moves by
     lr * sigma * C / B (B = expected batch size). The empirical std must sit in a two-sided band
     around that value: dropping the noise (std ~ 0) or doubling it fails."""
-    x, y = _data(n=400, f=50)
+    x, y = _data(n=400, f=2000)  # 2001 weights: the std is estimated within ~2 %
     plan = plan_dp(
         n_train=400, batch_size=40, local_epochs=1, rounds=1,
         target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1e-6,
     )  # fmt: skip
-    model = build_model("logreg", n_features=50)
+    model = build_model("logreg", n_features=2000)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     train_round(model, _ds(x, y), steps=1, batch_size=40, lr=1.0, dp=plan, seed=0)
     delta = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     expected = plan.noise_multiplier * 1e-6 / 40  # lr = 1
-    assert 0.75 * expected < float(delta.std()) < 1.25 * expected
+    assert 0.9 * expected < float(delta.std()) < 1.1 * expected
 
 
 def test_non_private_training_learns():
