@@ -19,6 +19,9 @@ task, so a new approval takes effect without restarting the daemon.
 
 Run as ``python -m client.launcher --runtime-api-address 127.0.0.1:PORT --ledger DIR --site
 NAME --superexec-auth-secret-file FILE [--parent-pid PID]``.
+
+Flower 1.41 private code this module copies from or calls is pinned by source hash in
+``tests/test_flower_internals.py``: a flwr upgrade that changes it fails there, naming this module.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ not configurable and that made up most of a deployed round's overhead (issue #3,
 Only ``--isolation process`` is supported: fedcare's launcher (:mod:`client.launcher`) is the
 SuperExec. ``--trusted-entities`` is refused, as by ``fedcare client start`` (see README,
 "Approved code"). These are private functions of Flower 1.41; the project pins ``flwr==1.41.0``,
-and ``tests/test_supernode.py`` fails if any of them changes shape.
+and ``tests/test_flower_internals.py`` fails, naming this module, if the source of any of them
+changes.
 """
 
 from __future__ import annotations

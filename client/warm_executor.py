@@ -16,6 +16,9 @@ never initialised in the parent (importing torch does not), so a child may use t
 
 Source: the ``Executor`` protocol of ``flwr.supercore.superexec.executor`` (``launch``,
 ``reconcile``, ``close``, capacity hooks), as implemented by Flower's ``SubprocessExecutor``.
+
+Flower 1.41 private code this module copies from or calls is pinned by source hash in
+``tests/test_flower_internals.py``: a flwr upgrade that changes it fails there, naming this module.
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
-"""Pulling a deployment's replies from the SuperLink without Flower 1.41's 1 s object backoff."""
+"""Exchanging messages with a deployment's hospitals without Flower 1.41's fixed waits.
+
+The one module of the coordinator that relies on Flower 1.41's private code:
+``HttpGrid.send_and_receive`` (its loop, here with the run's poll interval instead of 3 s) and
+``HttpGrid.pull_messages`` (here with a 0.05 s first object retry instead of 1 s).
+``tests/test_flower_internals.py`` pins the source of both: an upgrade of flwr that changes them
+fails there, naming this module.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import cast
 
@@ -82,4 +90,28 @@ def pull_replies_promptly(grid: Grid, message_ids: Iterable[str]) -> list[Messag
         message = cast(Message, inflate_object_from_contents(msg_id, contents))
         message.metadata.__dict__["_message_id"] = msg_id  # as HttpGrid.pull_messages
         replies.append(message)
+    return replies
+
+
+def send_and_receive_promptly(
+    grid: Grid, sent: list[Message], *, timeout: float | None, poll_interval: float
+) -> list[Message]:
+    """Push ``sent`` and collect replies until all arrived or ``timeout`` seconds passed.
+
+    With ``poll_interval > 0`` this is Flower's own ``send_and_receive`` loop (public
+    ``push_messages`` / ``pull_messages``) polling every ``poll_interval`` seconds instead of
+    Flower 1.41's fixed 3 s (``flwr/superlink/grid/http_grid.py``), which otherwise adds up to
+    2 x 3 s to every round of a deployment; ``0`` is Flower's ``send_and_receive`` itself.
+    """
+    if poll_interval <= 0:
+        return list(grid.send_and_receive(sent, timeout=timeout))
+    pending = set(grid.push_messages(sent))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and (deadline is None or time.monotonic() < deadline):
+        got = pull_replies_promptly(grid, pending)
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(poll_interval)
     return replies

@@ -9,7 +9,6 @@ train rounds go through :func:`server.secure_aggregation.run_secaggplus_round` i
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from server.grid_pull import pull_replies_promptly
+from server.grid_pull import send_and_receive_promptly
 from shared_models.metrics import metrics_from_histograms
 from shared_models.protocol import parse_refusal
 
@@ -205,25 +204,10 @@ class RecordingGrid(DelegatingGrid):
         return replies
 
     def _exchange(self, sent: list[Message], timeout: float | None) -> list[Message]:
-        """Push ``sent`` and collect replies until all arrived or ``timeout`` seconds passed.
-
-        With ``poll_interval > 0`` this is Flower's own ``send_and_receive`` loop (public
-        ``push_messages`` / ``pull_messages``) polling every ``poll_interval`` seconds instead of
-        Flower 1.41's fixed 3 s (``flwr/superlink/grid/http_grid.py``), which otherwise adds up to
-        2 x 3 s to every round of a deployment.
-        """
-        if self.poll_interval <= 0:
-            return list(self._inner.send_and_receive(sent, timeout=timeout))
-        pending = set(self._inner.push_messages(sent))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = pull_replies_promptly(self._inner, pending)
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
-                time.sleep(self.poll_interval)
-        return replies
+        """Push ``sent`` and collect the replies (:func:`server.grid_pull.send_and_receive_promptly`)."""
+        return send_and_receive_promptly(
+            self._inner, sent, timeout=timeout, poll_interval=self.poll_interval
+        )
 
     def _record(self, reply: Message, node: int) -> None:
         kind = _kind(reply.metadata.message_type)

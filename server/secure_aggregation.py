@@ -18,6 +18,9 @@ Because every reply carries the same aggregate, the strategy's weighted mean of 
 aggregate itself: FedAvg and FedProx then give FedAvg's result, FedAdam / FedYogi apply their
 server optimiser to it. Strategies that need each update (median, trimmed mean, Krum) are refused
 by the run config.
+
+Flower 1.41 private code this module copies from or calls is pinned by source hash in
+``tests/test_flower_internals.py``: a flwr upgrade that changes it fails there, naming this module.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ thread over an in-memory Grid and each simulated hospital's ClientApp runs in a 
 Flower's runtime directly (``flwr.simulation.run_simulation._run_simulation``) instead of the
 deprecated ``run_simulation`` wrapper because the wrapper cannot pass a run config; going through
 ``flwr run`` would leave a detached local SuperLink running after the command returns.
+
+Flower 1.41 private code this module copies from or calls is pinned by source hash in
+``tests/test_flower_internals.py``: a flwr upgrade that changes it fails there, naming this module.
 """
 
 from __future__ import annotations

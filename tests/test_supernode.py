@@ -2,13 +2,12 @@
 
 The loop runs for real in the deployment e2e tests (tests/test_e2e_deployment.py: every hospital
 there is a ``client.supernode`` process). Here: its two pieces against Flower's real node state and
-object store, and the shapes of the Flower 1.41 private functions it calls, so that a Flower
-upgrade that changes them fails here rather than in a hospital.
+object store. The Flower 1.41 private code it copies from and calls is pinned by source hash in
+tests/test_flower_internals.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 
 import numpy as np
@@ -96,35 +95,3 @@ def test_prompt_replies_waits_for_the_clientapp_reply_in_the_real_node_state():
     got = prompt.get_messages_legacy(is_reply=True)  # what Flower's _push_messages asks
     assert [m.metadata.message_id for m in got] == [reply.metadata.message_id]
     assert prompt.delete_messages == state.delete_messages  # everything else is the state's
-
-
-def test_the_flower_functions_the_loop_relies_on_keep_their_shape():
-    from flwr.superlink.grid.http_grid import HttpGrid
-    from flwr.supernode.cli.flower_supernode import (
-        SuperNodeLifespanConfig,
-        _start_supernode_http_api,
-    )
-    from flwr.supernode.start_client_internal import (
-        _init_connection,
-        _pull_and_store_message,
-        _push_messages,
-    )
-
-    def params(fn) -> set[str]:  # type: ignore[no-untyped-def]
-        return set(inspect.signature(fn).parameters)
-
-    assert params(_pull_and_store_message) == {
-        "state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
-        "confirm_message_received", "trusted_entities",
-    }  # fmt: skip
-    assert params(_push_messages) == {"state", "object_store", "send", "push_object"}
-    assert {"server_address", "insecure", "root_certificates", "authentication_keys",
-            "max_retries", "max_wait_time"} <= params(_init_connection)  # fmt: skip
-    assert params(_start_supernode_http_api) == {"config", "state_factory"}
-    fields = set(SuperNodeLifespanConfig.__dataclass_fields__)
-    assert {"server_address", "root_certificates", "insecure", "authentication_keys",
-            "max_retries", "max_wait_time", "node_config", "isolation", "trusted_entities",
-            "health_server_address"} <= fields  # fmt: skip
-    # the coordinator's prompt pull reads these of Flower's HttpGrid
-    assert isinstance(inspect.getattr_static(HttpGrid, "_runtime_client"), property)
-    assert "pull_messages" in vars(HttpGrid)

@@ -1,0 +1,84 @@
+"""The Flower 1.41 private code fedcare copies from or calls, pinned by the SHA-256 of its source.
+
+Where Flower 1.41 has no public hook, one fedcare module per concern copies or calls its private
+code (README, "Speed"; the project pins ``flwr==1.41.0``). Each entry below is a function or class
+that module copied a loop from or calls directly. When a Flower upgrade changes one of them, this
+test fails and names the fedcare module to re-check against the new source; after re-checking,
+update the hash here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+
+import pytest
+
+PINNED: dict[str, dict[str, str]] = {
+    "client/supernode.py (the hospital's prompt Fleet loop)": {
+        "flwr.supernode.start_client_internal:start_client_internal": "9e89a6eb68fbec68",
+        "flwr.supernode.start_client_internal:_pull_and_store_message": "eaf5d0e36dc34e4c",
+        "flwr.supernode.start_client_internal:_push_messages": "00bb86faffdec114",
+        "flwr.supernode.start_client_internal:_init_connection": "800f9aba73646ea2",
+        "flwr.supernode.cli.flower_supernode:flower_supernode": "e263e10452076b00",
+        "flwr.supernode.cli.flower_supernode:_parse_supernode_lifespan_config": "4094956c95246dbe",
+        "flwr.supernode.cli.flower_supernode:_start_supernode_http_api": "b2832210a0cad93a",
+        "flwr.supercore.inflatable.inflatable_utils:pull_objects": "31bb2de46b450e6a",
+    },
+    "client/launcher.py (the SuperExec that launches approved bundles only)": {
+        "flwr.supercore.superexec.run_superexec:run_superexec": "d11f4e7fbc8f0b12",
+        "flwr.supernode.runtime.run_clientapp:pull_task_input": "5607a23e1673ee87",
+        "flwr.supernode.runtime.run_clientapp:push_message": "07cb512c93e065a9",
+        "flwr.supernode.runtime.run_clientapp:push_task_output": "9206407456e79e17",
+        "flwr.supercore.superexec.plugin.base_exec_plugin:BaseExecPlugin": "687ebe55961326e8",
+    },
+    "client/warm_executor.py (ClientApps in forks of a warm process)": {
+        "flwr.supercore.superexec.executor.subprocess_executor:SubprocessExecutor": (
+            "9c58435eb28cd789"
+        ),
+        "flwr.supernode.runtime.run_clientapp:run_clientapp": "6ce09559f3a2f5dc",
+    },
+    "server/grid_pull.py (the coordinator's prompt exchange)": {
+        "flwr.superlink.grid.http_grid:HttpGrid.pull_messages": "67a5266a5a2ed515",
+        "flwr.superlink.grid.http_grid:HttpGrid.send_and_receive": "699c9f048f3cff74",
+    },
+    "server/secure_aggregation.py (SecAgg+ stages driven from the strategies)": {
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow:SecAggPlusWorkflow": (
+            "3ce26fbb0e619d7a"
+        ),
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow:WorkflowState": (
+            "91415782137e66cd"
+        ),
+    },
+    "simulations/engine.py (the Simulation Engine in this process)": {
+        "flwr.simulation.run_simulation:_run_simulation": "da43f120d1afc492",
+    },
+}
+
+
+def source_hash(qualified: str) -> str:
+    """First 16 hex digits of the SHA-256 of ``module:attr[.attr]``'s source."""
+    module, _, attrs = qualified.partition(":")
+    obj = importlib.import_module(module)
+    for attr in attrs.split("."):
+        obj = getattr(obj, attr)
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("concern", sorted(PINNED))
+def test_the_flower_code_each_module_relies_on_is_unchanged(concern):
+    changed = [name for name, pin in PINNED[concern].items() if source_hash(name) != pin]
+    assert not changed, (
+        f"Flower's {', '.join(changed)} changed since fedcare's {concern} was written against "
+        "flwr 1.41.0: re-check that module against the new source, then update the hash here"
+    )
+
+
+def test_the_guard_notices_a_changed_source(monkeypatch):
+    import flwr.simulation.run_simulation as module
+
+    pinned = source_hash("flwr.simulation.run_simulation:_run_simulation")
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def _run_simulation(): pass\n")
+    assert source_hash("flwr.simulation.run_simulation:_run_simulation") != pinned
+    assert module  # the module itself is untouched
