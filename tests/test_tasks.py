@@ -175,7 +175,7 @@ def test_breast_cancer_scaling_does_not_depend_on_the_site():
     """The same patient gets the same features at every hospital, whatever the hospital's label
     mix (per-site standardisation would centre an all-malignant hospital like an all-benign one)."""
     task = get_task("breast-cancer")
-    x, y = task.features(read_breast_cancer_frame(), "standard")
+    x, y = task.features(read_breast_cancer_frame(), "wdbc-ranges")
     malignant, benign = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     patient = malignant[0]
     rows_a = np.r_[patient, malignant[1:40]]  # an all-malignant hospital

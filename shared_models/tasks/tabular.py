@@ -245,7 +245,7 @@ TABULAR_TASKS: dict[str, Task] = {
         features=_breast_features,
         input_shape=lambda p: (30,),
         natural_split=False,
-        preprocessings=("standard",),
+        preprocessings=("wdbc-ranges",),  # fixed min-max scaling to [-1, 1] (published ranges)
         positive_class="malignant",
         reference_scaling=(_WDBC_CENTER, _WDBC_SCALE),
     ),
