@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -252,11 +253,46 @@ class _Site:
             model, _ = model_for_run(self.run)
         except ValueError as exc:  # unknown task, preprocessing or a model that does not fit
             raise ConfigError(str(exc)) from None
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        weights = msg.content.array_records["arrays"].to_torch_state_dict()
+        _check_global_weights(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:  # other names or shapes than the run's model
+            raise ConfigError(
+                f"the global weights do not fit model {self.run.model.name!r} of task "
+                f"{self.run.task.name!r} (other parameter names or shapes)"
+            ) from None
         try:
             return model, resolve_device(self.settings.device)
         except ValueError as exc:
             raise SiteSetupError(str(exc)) from None
+
+
+MAX_GLOBAL_WEIGHT = 1e6  # |w| above this could overflow float32 activations for some patients
+
+
+def _check_global_weights(weights: Mapping[str, Any]) -> None:
+    """Refuse global weights that are not finite or larger than :data:`MAX_GLOBAL_WEIGHT`.
+
+    DP-SGD's guarantee assumes finite per-sample gradients. Weights chosen so that activations
+    overflow to inf or NaN only for some patients (say, those with a feature above a threshold)
+    would turn the whole update into NaN exactly when such a patient is in the batch: one bit
+    about the data outside the noise. The check reads only the coordinator's own weights, so the
+    refusal reveals nothing about the data.
+
+    Raises
+    ------
+    PolicyRefusal
+        A non-finite or too large global weight.
+    """
+    for name, tensor in weights.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise PolicyRefusal(f"the global weights {name!r} are not all finite")
+        if tensor.numel() and float(tensor.abs().max()) > MAX_GLOBAL_WEIGHT:
+            raise PolicyRefusal(
+                f"the global weights {name!r} exceed {MAX_GLOBAL_WEIGHT:g} in magnitude (they "
+                "could overflow this site's computations for some patients only)"
+            )
 
 
 @app.train()

@@ -277,3 +277,17 @@ def test_refusal_texts_carry_no_local_path(hospital, tmp_path):
     assert reply.error.code == SITE_REFUSED and str(tmp_path) not in reply.error.reason
     entries = [json.loads(line) for line in (tmp_path / "ledger" / "audit.jsonl").open()]
     assert any(str(ledger_file) in e.get("detail", "") for e in entries)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e20])
+def test_weights_that_could_overflow_for_some_patients_only_are_refused(hospital, value):
+    """Huge weights could make activations overflow (and the update NaN) exactly when a patient
+    with some feature value is in the batch: one bit outside the DP noise. Refused before any
+    computation on the data, by a check on the coordinator's own weights."""
+    model = build_model("mlp", n_features=30)
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = value
+    for kind in ("train", "evaluate"):
+        reply = client_app(make_request(kind, model, 1), hospital())
+        assert reply.error.code == SITE_REFUSED and "global weights" in reply.error.reason
+    assert hospital.ledger.records() == []
