@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog
+from client.dp_modes import grad_sample_mode_for
 from client.ledger import Ledger, LedgerError, ReplayCache, fingerprint, run_entries
 from client.policy import PolicyError, PolicyRefusal, SitePolicy
 from client.secure_aggregation import (
@@ -252,6 +253,7 @@ def _train_locally(
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         seed=_seed(run.train.seed, data.name, server_round),
         device=device,
+        grad_sample_mode=grad_sample_mode_for(model, run.dp.grad_sample_mode),
     )
     metrics = {
         "num-examples": float(data.n_train),

@@ -22,9 +22,9 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from shared_models.config import RunConfig
 
@@ -201,10 +201,13 @@ def _run_steps(
     steps: int,
     device: str,
     after_step: Callable[[], None] | None,
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any],
 ) -> list[float]:
-    """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses."""
-    criterion = nn.BCEWithLogitsLoss()
-    losses: list[float] = []
+    """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses.
+
+    The losses stay on the device until the end (no host synchronisation per step).
+    """
+    losses: list[torch.Tensor] = []
     batches = _cycle(loader)
     with warnings.catch_warnings():
         # torch notes that Opacus' hooks fire although inputs need no gradient: expected
@@ -219,10 +222,10 @@ def _run_steps(
             loss.backward()
             optimizer.step()
             if len(yb):
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
             if after_step is not None:
                 after_step()
-    return losses
+    return torch.stack(losses).tolist() if losses else []
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ def train_round(
     proximal_mu: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
 
@@ -292,7 +296,13 @@ def train_round(
     seed : int
         Seed for batch sampling and DP noise.
     device : str
-        Torch device.
+        Torch device; the model, and a ``TensorDataset``'s tensors, are moved there once.
+    grad_sample_mode : str
+        How Opacus computes per-sample gradient norms: ``"hooks"``, ``"functorch"`` or
+        ``"ghost"`` (fast gradient clipping, Li et al. ICLR 2022 / Bu et al. 2022: norms
+        without per-sample gradients, a second backward pass with the clipping coefficients;
+        needs the criterion wrapped by ``make_private``). The same clipped gradient and
+        guarantee in every mode; see :func:`client.dp_modes.grad_sample_mode_for`.
 
     Raises
     ------
@@ -301,7 +311,9 @@ def train_round(
     """
     torch.manual_seed(seed)
     model.to(device).train()
+    data = _on_device(data, device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None)
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     engine = None
     net: nn.Module = model
@@ -319,24 +331,29 @@ def train_round(
             engine.accountant.load_state_dict(
                 {"mechanism": state["mechanism"], "history": _history(state)}
             )
-            net, optimizer, loader = engine.make_private(
+            private = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode,
+                criterion=criterion,  # wrapped in ghost mode (its two backward passes)
             )
+            if grad_sample_mode == "ghost":
+                net, optimizer, criterion, loader = private
+            else:
+                net, optimizer, loader = private
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
     try:
         losses = _run_steps(
-            net, optimizer, loader, steps=steps, device=device,
+            net, optimizer, loader, steps=steps, device=device, criterion=criterion,
             after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
         )  # fmt: skip
     finally:
-        if isinstance(net, GradSampleModule):  # detach Opacus hooks: ``model`` holds the weights
-            net.remove_hooks()
-            net.cleanup()
+        if isinstance(net, AbstractGradSampleModule):  # detach Opacus hooks (``model`` holds
+            net.cleanup()  # the weights); cleanup() also removes the hooks
     mean_loss = float(np.mean(losses)) if losses else float("nan")
     if engine is None or dp is None:
         return TrainResult(loss=mean_loss, steps=steps, accountant_state=None, epsilon=None)
@@ -351,6 +368,16 @@ def train_round(
         accountant_state=new_state,
         epsilon=epsilon_spent(new_state, delta=dp.target_delta),
     )
+
+
+def _on_device(data: Dataset, device: str) -> Dataset:
+    """A ``TensorDataset`` with its tensors on ``device`` (moved once, not per batch); any
+    other dataset as it is (its batches are moved in the loop)."""
+    if isinstance(data, TensorDataset) and any(
+        t.device != torch.device(device) for t in data.tensors
+    ):
+        return TensorDataset(*(t.to(device) for t in data.tensors))
+    return data
 
 
 def resolve_device(name: str) -> str:

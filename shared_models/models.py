@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .image_models import ChestCNN
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -57,6 +59,7 @@ ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]  # (input_shape, hidd
 MODELS: dict[str, ModelBuilder] = {
     "logreg": lambda shape, hidden: LogisticRegression(math.prod(shape)),
     "mlp": lambda shape, hidden: MLP(math.prod(shape), hidden),
+    "cnn": lambda shape, hidden: ChestCNN(shape),
 }
 
 
