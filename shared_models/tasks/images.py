@@ -29,6 +29,7 @@ the preprocessing: ``size-28`` (default), ``size-64``, ``size-128``, ``size-224`
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,10 @@ def _read_dicom(path: Path, shown: str) -> tuple[np.ndarray, str]:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path)
-        raw = ds.pixel_array
+        with warnings.catch_warnings():  # pydicom warns about each oddity it repairs
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+            raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for damaged or unsupported files
         raise DataError(
             f"{shown}: not a readable DICOM image ({type(exc).__name__}); re-export it "
@@ -302,11 +305,13 @@ def image_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray,
     """
     size = image_size(preprocessing)
     out = np.empty((len(frame), size, size), dtype=np.uint8)
-    names = frame["file"] if "file" in frame else range(len(frame))
-    for i, (img, name) in enumerate(zip(frame["image"], names, strict=True)):
+    for i, img in enumerate(frame["image"]):
         if min(img.shape) < size:
+            row = frame.iloc[i]
+            name = row.get("file", f"image {i + 1}")
+            w, h = row.get("width", img.shape[1]), row.get("height", img.shape[0])
             raise DataError(
-                f"{name}: {img.shape[1]}x{img.shape[0]} pixels, smaller than the "
+                f"{name}: {w}x{h} pixels, smaller than the "
                 f"{size}x{size} of preprocessing size-{size}; use the original (larger) image "
                 "or a smaller size"
             )
