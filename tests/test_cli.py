@@ -20,7 +20,7 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, heart-disease"),
+        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, chest-xray, heart-disease"),
         (["--task", "heart-disease"], "task heart-disease needs --data-dir"),
         (["--task", "heart-disease", "--data-dir", "/does/not/exist"], "/does/not/exist: data folder not found"),
         (["--epsilon", "0"], "--epsilon must be a positive number (got 0)"),
