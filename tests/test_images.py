@@ -247,3 +247,40 @@ def test_a_folder_of_hospital_folders_is_a_federation(tmp_path):
     assert sites[0].n_test == 4  # the task's default 20 % split
     with pytest.raises(DataError, match="2 hospital folders"):
         _sites(tmp_path, num_sites=3)
+
+
+def test_client_check_reports_an_image_folder(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from simulations import cli
+
+    write_hospital_folder(tmp_path / "site", 9, seed=0)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["fedcare", "client", "check", "--task", "chest-xray", "--data", str(tmp_path / "site")],
+    )
+    cli.main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "9 images, valid chest-xray data" in out
+    assert "label (pneumonia): 4 positive (44%), 5 negative" in out
+    assert "every image becomes 1x28x28 (preprocessing size-28)" in out
+    assert "│ DICOM MONOCHROME2 12-bit │ 32x32 │ 3 │" in out and "│ PNG L │ 32x32 │ 6 │" in out
+
+
+def test_client_check_names_the_bad_file(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from simulations import cli
+
+    folder = _folder(tmp_path, {"a.png": _IMG}, [("a.png", 0), ("b.png", 1)])
+    monkeypatch.setattr(
+        sys, "argv", ["fedcare", "client", "check", "--task", "chest-xray", "--data", str(folder)]
+    )
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    out = capsys.readouterr()
+    assert exc.value.code == 2 and "Traceback" not in out.err
+    assert "hospital-b/b.png: listed in labels.csv (line 3) but not found" in " ".join(
+        out.err.split()
+    )
