@@ -202,6 +202,7 @@ def _run_steps(
     device: str,
     after_step: Callable[[], None] | None,
     criterion: Callable[[torch.Tensor, torch.Tensor], Any],
+    clip_norm: float | None = None,
 ) -> list[float]:
     """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses.
 
@@ -220,6 +221,8 @@ def _run_steps(
                 net(xb), yb
             )  # an empty Poisson batch: nan loss, Opacus adds noise only
             loss.backward()
+            if clip_norm is not None:  # non-private only: DP clips per sample in the optimizer
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
             optimizer.step()
             if len(yb):
                 losses.append(loss.detach())
@@ -269,6 +272,7 @@ def train_round(
     seed: int = 0,
     device: str = "cpu",
     grad_sample_mode: str = "hooks",
+    clip_batch_norm: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
 
@@ -303,6 +307,10 @@ def train_round(
         without per-sample gradients, a second backward pass with the clipping coefficients;
         needs the criterion wrapped by ``make_private``). The same clipped gradient and
         guarantee in every mode; see :func:`client.dp_modes.grad_sample_mode_for`.
+    clip_batch_norm : float, optional
+        Non-private training only: clip the batch gradient's L2 norm to this value
+        (``torch.nn.utils.clip_grad_norm_``), so that a learning rate tuned for clipped DP
+        gradients does not diverge without DP (the non-private baselines use it).
 
     Raises
     ------
@@ -350,6 +358,7 @@ def train_round(
         losses = _run_steps(
             net, optimizer, loader, steps=steps, device=device, criterion=criterion,
             after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
+            clip_norm=clip_batch_norm if dp is None else None,
         )  # fmt: skip
     finally:
         if isinstance(net, AbstractGradSampleModule):  # detach Opacus hooks (``model`` holds

@@ -81,7 +81,7 @@ class ChestCNN(nn.Module):
         *,
         widths: tuple[int, ...] = (16, 32, 32),
         groups: int = 4,
-        activation: str = "relu",
+        activation: str = "tanh",
         head_grid: int = 3,
         shift: int = 0,
         input_norm: bool = False,

@@ -3,7 +3,9 @@
 ``pooled``: one model trained centrally on all hospitals' training data (the upper reference that
 federated learning tries to approach). ``local``: each hospital trains alone on its own data and
 is tested on its own test split (what a hospital gets without joining). Both use the same model,
-optimizer, learning rate and number of epochs as the federated run, without DP.
+optimizer, learning rate and number of epochs as the federated run, without DP; when the run
+trains with DP-SGD, the batch gradient is clipped to the run's ``dp.max-grad-norm`` (no per-sample
+clipping, no noise), so that a learning rate tuned for clipped gradients does not diverge.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
         steps=steps_per_round(len(data), run.train.batch_size, epochs),
         batch_size=run.train.batch_size, lr=run.train.lr, momentum=run.train.momentum,
         dp=None, seed=run.train.seed, device=device,
+        clip_batch_norm=run.dp.max_grad_norm if run.dp.sample_level else None,
     )  # fmt: skip
     return model
 
