@@ -87,3 +87,32 @@ def test_train_round_in_every_mode(mode):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_random_shift_is_per_example_and_off_in_eval():
+    """The augmentation option moves each image by its own offset only (so per-sample clipping
+    and accounting still hold) and does nothing at evaluation."""
+    from shared_models.image_models import RandomShift
+
+    shift = RandomShift(2)
+    x = torch.randn(6, 1, 12, 12)
+    assert torch.equal(shift.eval()(x), x)
+    shift.train()
+    torch.manual_seed(0)
+    full = shift(x)
+    torch.manual_seed(0)
+    changed = x.clone()
+    changed[3] += 100.0  # another example's pixels change ...
+    again = shift(changed)
+    mask = torch.ones(6, dtype=torch.bool)
+    mask[3] = False
+    assert torch.equal(full[mask], again[mask])  # ... and no other output row moves
+    assert not torch.equal(full, x)
+    # each output is a crop of its own replicate-padded input
+    pad = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(6):
+        assert any(
+            torch.equal(full[i], pad[i, :, dy : dy + 12, dx : dx + 12])
+            for dy in range(5)
+            for dx in range(5)
+        )
