@@ -3,12 +3,14 @@ per-sample gradient mode, for EVERY model of EVERY task in the registry, on the 
 present) on CUDA.
 
     python benchmarks/dp_overhead.py [--batch-size 256] [--seconds 3] [--device cpu cuda]
+                                     [--tasks NAME ...] [--threads N]
 
 Inputs are random tensors of each task's example shape (``Task.input_shape`` with the task's
 default preprocessing), so models that other work registers appear here without any change.
 One training step = forward, backward and optimizer step on one batch of ``--batch-size``
 (DP: per-sample gradients or norms, clipping, Gaussian noise). Ratios are DP time / non-private
-time within this one run, which is what stays comparable on a shared machine. ``match`` says
+time within this one run, which is what stays comparable on a shared machine; the modes of one
+model are timed in interleaved passes (``--repeats``) and each rate is the median of its passes. ``match`` says
 whether the mode's clipped gradient (noise 0, fixed batch) equals ``hooks``' (Opacus' reference
 mode) to 1e-4 relative; ``best`` is the fastest matching mode, to compare with the model's
 recorded default (``grad_sample_mode`` on its class, run config ``dp.grad-sample-mode``).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -158,9 +161,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per cell")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved passes (median)")
     parser.add_argument("--device", nargs="*", default=None, help="default: cpu (+ cuda)")
     parser.add_argument("--tasks", nargs="*", default=None, help="default: every task")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(machine(devices))
     print(f"batch size {args.batch_size}; ratios = DP step time / non-private step time\n")
@@ -186,26 +193,36 @@ def main() -> None:
 
                 default = getattr(build(), "grad_sample_mode", "hooks")
                 params = sum(p.numel() for p in build().parameters())
-                base_rate, base_mem = measure(
-                    build, shape, None, device=device, batch=args.batch_size, seconds=args.seconds
-                )
+                # modes interleaved, ``--repeats`` times, median rate: load drifts on a shared
+                # machine would otherwise bias whichever mode ran at a busy moment
+                samples: dict[str | None, list[tuple[float, int]]] = {}
+                failed: dict[str, str] = {}
+                for _ in range(args.repeats):
+                    for mode in (None, *GRAD_SAMPLE_MODES):
+                        if mode in failed:
+                            continue
+                        try:
+                            samples.setdefault(mode, []).append(measure(
+                                build, shape, mode, device=device, batch=args.batch_size,
+                                seconds=args.seconds / args.repeats,
+                            ))  # fmt: skip
+                        except Exception as exc:  # a mode that does not support a layer
+                            failed[str(mode)] = f"{type(exc).__name__}: {exc}"
+                rate_of = {m: float(np.median([r for r, _ in v])) for m, v in samples.items()}
+                mem_of = {m: max(b for _, b in v) for m, v in samples.items()}
+                base_rate, base_mem = rate_of[None], mem_of[None]
                 cells, mems, rates = [], [], {}
                 for mode in GRAD_SAMPLE_MODES:
-                    try:
-                        rate, mem = measure(
-                            build, shape, mode, device=device, batch=args.batch_size,
-                            seconds=args.seconds,
-                        )  # fmt: skip
-                        match = mode == "hooks" or gradients_match(build, shape, mode)
-                    except Exception as exc:  # a mode that does not support a layer
+                    if mode in failed:
                         cells.append(f"{'n/a':>12}")
                         mems.append("n/a")
-                        print(f"  ({model_name} {mode}: {type(exc).__name__}: {exc})"[:200])
+                        print(f"  ({model_name} {mode}: {failed[mode]})"[:200])
                         continue
+                    match = mode == "hooks" or gradients_match(build, shape, mode)
                     if match:
-                        rates[mode] = rate
-                    cells.append(f"{base_rate / rate:>10.2f}x{' ' if match else '!'}")
-                    mems.append(f"{mem / 2**20:.0f}")
+                        rates[mode] = rate_of[mode]
+                    cells.append(f"{base_rate / rate_of[mode]:>10.2f}x{' ' if match else '!'}")
+                    mems.append(f"{mem_of[mode] / 2**20:.0f}")
                 best = max(rates, key=rates.__getitem__) if rates else "-"
                 seen.add((model_name, shape))
                 print(

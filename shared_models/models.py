@@ -28,6 +28,8 @@ class LogisticRegression(nn.Module):
     ``x: [B, *input_shape] float32 -> logits: [B] float32`` (inputs are flattened).
     """
 
+    grad_sample_mode = "hooks"  # measured fastest matching mode: benchmarks/dp_overhead.py
+
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(n_features, 1)
@@ -41,6 +43,8 @@ class MLP(nn.Module):
 
     ``x: [B, *input_shape] float32 -> logits: [B] float32`` (inputs are flattened).
     """
+
+    grad_sample_mode = "hooks"  # measured fastest matching mode: benchmarks/dp_overhead.py
 
     def __init__(self, n_features: int, hidden: int = 32) -> None:
         super().__init__()
