@@ -159,7 +159,12 @@ def start(
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     key: Annotated[Path, typer.Option(help="This hospital's private key (hospitals/NAME.key).")],
     site: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
-    data: Annotated[Path, typer.Option(help="This hospital's data file, in the task's format.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="This hospital's data, in the task's format (a file, or an image folder)."
+        ),
+    ],
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")
@@ -218,9 +223,11 @@ def start(
         raise HospitalSetupError(str(exc)) from None
     if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
         raise HospitalSetupError(f"--test-fraction {test_fraction:g}: use 0.05 to 0.9 (or 0)")
-    for path, what in ((ca, "--ca"), (key, "--key"), (data, "--data")):
+    for path, what in ((ca, "--ca"), (key, "--key")):
         if not path.is_file():
             raise HospitalSetupError(f"{what} {path}: file not found")
+    if not data.exists():  # a file (tabular tasks) or a folder (image tasks)
+        raise HospitalSetupError(f"--data {data}: not found")
     try:
         load_ssh_private_key(key.read_bytes(), None)
     except (ValueError, TypeError):
@@ -303,22 +310,37 @@ def start(
 
 @app.command()
 def check(
-    task: Annotated[str, typer.Option(help="Task whose schema the file must follow.")],
-    data: Annotated[Path, typer.Option(help="The data file to check.")],
+    task: Annotated[str, typer.Option(help="Task whose schema the data must follow.")],
+    data: Annotated[Path, typer.Option(help="The data file (or image folder) to check.")],
 ) -> None:
-    """Validate a local data file against a task's schema (offline): rows, label balance, missing."""
+    """Validate local data against a task's schema (offline): rows, label balance, and missing
+    values per column (tabular) or image formats and sizes (images)."""
     try:
         spec = get_task(task)
     except ValueError as exc:
         raise HospitalSetupError(str(exc)) from None
     frame = spec.read_file(data)  # raises DataError naming file, line and column
+    preprocessing = spec.resolve_preprocessing("default")
+    x, _ = spec.features(frame, preprocessing)  # the task's own checks (e.g. image sizes)
     n = len(frame)
     positives = int(frame["label"].sum())
-    console.print(f"{data}: {n} rows, valid {task} file")
+    images = "image" in frame.columns
+    console.print(f"{data}: {n} {'images' if images else 'rows'}, valid {task} data")
     console.print(
         f"label ({spec.positive_class}): {positives} positive ({positives / n:.0%}), "
         f"{n - positives} negative"
     )
+    if images:
+        shape = "x".join(str(d) for d in x.shape[1:])
+        console.print(f"every image becomes {shape} (preprocessing {preprocessing})")
+        table = Table(title="images by format and stored size")
+        for col in ("format", "size", "images"):
+            table.add_column(col, justify="right" if col == "images" else "left")
+        sizes = frame["width"].astype(str) + "x" + frame["height"].astype(str)
+        for (fmt, size), count in frame.groupby([frame["format"], sizes]).size().items():
+            table.add_row(str(fmt), str(size), str(count))
+        console.print(table)
+        return
     table = Table(title="missing values per column")
     table.add_column("column")
     table.add_column("missing", justify="right")

@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.audit import AuditLog
+from client.dp_modes import grad_sample_mode_for
 from client.evaluation import release_histograms
 from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
 from client.policy import (
@@ -453,6 +454,7 @@ def _train_locally(
         proximal_mu=float(msg.content.config_records["config"].get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         seed=run.train.seed * 100_003 + _round(msg),  # batch order of NON-private runs only
         device=device,
+        grad_sample_mode=grad_sample_mode_for(model, run.dp.grad_sample_mode),
     )
     record.updates += 1
     if plan is not None and result.accountant_state is not None:

@@ -8,6 +8,7 @@ that partition of the run's data, so one ClientApp serves both modes.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ class SiteSettings:
     name : str
         Site name shown in reports (deployment: ``site``; simulation: from the partition).
     data_path : str
-        The site's data file in the task's upstream format ("" in simulation).
+        The site's data in the task's format: a file, or a folder for image tasks ("" in
+        simulation).
     partition_id, num_partitions : int
         Simulation only (-1 in deployment).
     device : str
@@ -127,11 +129,22 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
         sites = simulated_sites_for(run, site.num_partitions)
         return sites[site.partition_id]
     path = Path(site.data_path)
-    mtime = path.stat().st_mtime_ns if path.exists() else 0
+    mtime = _modified(path)
     return _load_file(
         run.task.name, site.name, str(path), mtime, run.task.preprocessing,
         site.test_fraction, site.split_seed,
     )  # fmt: skip
+
+
+def _modified(path: Path) -> int:
+    """Newest modification time (ns) of a data file, or of a data folder and its direct entries
+    (an image folder's labels.csv or images), so that the cache below sees any change."""
+    if not path.exists():
+        return 0
+    if not path.is_dir():
+        return path.stat().st_mtime_ns
+    with os.scandir(path) as entries:
+        return max([path.stat().st_mtime_ns, *(e.stat().st_mtime_ns for e in entries)])
 
 
 @functools.lru_cache(maxsize=4)

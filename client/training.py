@@ -25,9 +25,9 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from shared_models.config import RunConfig
 
@@ -325,10 +325,14 @@ def _run_steps(
     steps: int,
     device: str,
     after_step: Callable[[], None] | None,
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any],
+    clip_norm: float | None = None,
 ) -> list[float]:
-    """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses."""
-    criterion = nn.BCEWithLogitsLoss()
-    losses: list[float] = []
+    """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses.
+
+    The losses stay on the device until the end (no host synchronisation per step).
+    """
+    losses: list[torch.Tensor] = []
     batches = _cycle(loader)
     with warnings.catch_warnings():
         # torch notes that Opacus' hooks fire although inputs need no gradient: expected
@@ -341,12 +345,14 @@ def _run_steps(
                 net(xb), yb
             )  # an empty Poisson batch: nan loss, Opacus adds noise only
             loss.backward()
+            if clip_norm is not None:  # non-private only: DP clips per sample in the optimizer
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
             optimizer.step()
             if len(yb):
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
             if after_step is not None:
                 after_step()
-    return losses
+    return torch.stack(losses).tolist() if losses else []
 
 
 @dataclass(frozen=True)
@@ -390,6 +396,8 @@ def train_round(
     seed: int = 0,
     steps_taken: int | None = None,
     device: str = "cpu",
+    grad_sample_mode: str = "hooks",
+    clip_batch_norm: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
 
@@ -422,7 +430,17 @@ def train_round(
         DP-SGD steps this run already took here (default: every step in ``accountant_state``;
         the ledger passes its own count when the state also holds evaluation releases).
     device : str
-        Torch device.
+        Torch device; the model, and a ``TensorDataset``'s tensors, are moved there once.
+    grad_sample_mode : str
+        How Opacus computes per-sample gradient norms: ``"hooks"``, ``"functorch"`` or
+        ``"ghost"`` (fast gradient clipping, Li et al. ICLR 2022 / Bu et al. 2022: norms
+        without per-sample gradients, a second backward pass with the clipping coefficients;
+        needs the criterion wrapped by ``make_private``). The same clipped gradient and
+        guarantee in every mode; see :func:`client.dp_modes.grad_sample_mode_for`.
+    clip_batch_norm : float, optional
+        Non-private training only: clip the batch gradient's L2 norm to this value
+        (``torch.nn.utils.clip_grad_norm_``), so that a learning rate tuned for clipped DP
+        gradients does not diverge without DP (the non-private baselines use it).
 
     Raises
     ------
@@ -430,11 +448,13 @@ def train_round(
         If this round would take the hospital beyond the run's calibrated ``total_steps``.
     """
     model.to(device).train()
+    data = _on_device(data, device)
     # DP: Poisson masks and noise from generators seeded by the OS CSPRNG, fresh for every call,
     # so nobody outside the hospital can reproduce (and subtract) them. Without DP there is no
     # noise to protect: the run seed fixes the batch order, for reproducible non-private runs.
     sampler = torch.Generator().manual_seed(secrets.randbits(64) if dp else seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampler)
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     engine = None
     net: nn.Module = model
@@ -453,7 +473,7 @@ def train_round(
             engine.accountant.load_state_dict(
                 {"mechanism": state["mechanism"], "history": _history(state)}
             )
-            net, optimizer, loader = engine.make_private(
+            private = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -461,17 +481,23 @@ def train_round(
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
+                grad_sample_mode=grad_sample_mode,
+                criterion=criterion,  # wrapped in ghost mode (its two backward passes)
             )
+            if grad_sample_mode == "ghost":
+                net, optimizer, criterion, loader = private
+            else:
+                net, optimizer, loader = private
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
     try:
         losses = _run_steps(
-            net, optimizer, loader, steps=steps, device=device,
+            net, optimizer, loader, steps=steps, device=device, criterion=criterion,
             after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
+            clip_norm=clip_batch_norm if dp is None else None,
         )  # fmt: skip
     finally:
-        if isinstance(net, GradSampleModule):  # detach Opacus hooks: ``model`` holds the weights
-            net.remove_hooks()
-            net.cleanup()
+        if isinstance(net, AbstractGradSampleModule):  # detach Opacus hooks (``model`` holds
+            net.cleanup()  # the weights); cleanup() also removes the hooks
     mean_loss = float(np.mean(losses)) if losses else float("nan")
     if engine is None or dp is None:
         return TrainResult(loss=mean_loss, steps=steps, accountant_state=None, epsilon=None)
@@ -486,6 +512,16 @@ def train_round(
         accountant_state=new_state,
         epsilon=epsilon_spent(new_state, delta=dp.target_delta),
     )
+
+
+def _on_device(data: Dataset, device: str) -> Dataset:
+    """A ``TensorDataset`` with its tensors on ``device`` (moved once, not per batch); any
+    other dataset as it is (its batches are moved in the loop)."""
+    if isinstance(data, TensorDataset) and any(
+        t.device != torch.device(device) for t in data.tensors
+    ):
+        return TensorDataset(*(t.to(device) for t in data.tensors))
+    return data
 
 
 def resolve_device(name: str) -> str:

@@ -105,6 +105,8 @@ class DPConfig:
     client_clipping_norm: float
     client_noise_multiplier: float  # 0 = calibrate to target_epsilon over the run's rounds
     eval_noise_multiplier: float  # Gaussian noise on the released evaluation counts (sensitivity 1)
+    # Opacus per-sample gradients: default (the model's measured mode) | hooks | functorch | ghost
+    grad_sample_mode: str = "default"
 
     @property
     def sample_level(self) -> bool:
@@ -212,6 +214,7 @@ class RunConfig:
                 client_clipping_norm=_get(cfg, "dp.client-clipping-norm", float),
                 client_noise_multiplier=_get(cfg, "dp.client-noise-multiplier", float),
                 eval_noise_multiplier=_get(cfg, "dp.eval-noise-multiplier", float),
+                grad_sample_mode=_get(cfg, "dp.grad-sample-mode", str),
             ),
             data=DataConfig(
                 dir=_get(cfg, "data.dir", str),
@@ -257,6 +260,9 @@ class RunConfig:
         _in_range("train.poll-interval", tr.poll_interval, 0.0, 60.0)
         _choice("dp.accountant", dp.accountant, ("rdp", "prv"))
         _choice("dp.level", dp.level, ("sample", "client"))
+        _choice(
+            "dp.grad-sample-mode", dp.grad_sample_mode, ("default", "hooks", "functorch", "ghost")
+        )
         if dp.client_level:
             _in_range("dp.client-clipping-norm", dp.client_clipping_norm, 0.0, 1e6, lo_open=True)
             _in_range("dp.client-noise-multiplier", dp.client_noise_multiplier, 0.0, 1e6)

@@ -73,8 +73,20 @@ def simulated_sites(
     preprocessing: str,
     test_fraction: float,
 ) -> tuple[SiteData, ...]:
-    """All simulated hospitals, preprocessed (each with its own statistics). Cached per process."""
+    """All simulated hospitals, preprocessed (each with its own statistics). Cached per process.
+
+    A task with its own ``simulated_sites`` hook (data with an official test split) builds them
+    itself; otherwise raw frames are partitioned and split by :func:`site_from_frame`.
+    """
     task = get_task(task_name)
+    if task.simulated_sites is not None:
+        return tuple(
+            task.simulated_sites(
+                data_dir, num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed,
+                preprocessing=task.resolve_preprocessing(preprocessing),
+                test_fraction=test_fraction,
+            )
+        )  # fmt: skip
     frames = simulated_site_frames(
         task, data_dir=data_dir, num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed
     )

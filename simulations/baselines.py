@@ -3,7 +3,9 @@
 ``pooled``: one model trained centrally on all hospitals' training data (the upper reference that
 federated learning tries to approach). ``local``: each hospital trains alone on its own data and
 is tested on its own test split (what a hospital gets without joining). Both use the same model,
-optimizer, learning rate and number of epochs as the federated run, without DP.
+optimizer, learning rate and number of epochs as the federated run, without DP; when the run
+trains with DP-SGD, the batch gradient is clipped to the run's ``dp.max-grad-norm`` (no per-sample
+clipping, no noise), so that a learning rate tuned for clipped gradients does not diverge.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch.utils.data import ConcatDataset, Dataset
+import torch
+from torch.utils.data import Dataset, TensorDataset
 
 from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
@@ -20,27 +23,41 @@ from shared_models.models import model_for_run, predict_proba
 from shared_models.tasks import SiteData
 
 
-def _fit(run: RunConfig, data: Dataset):  # -> nn.Module
+def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
     model, _ = model_for_run(run)
     epochs = run.train.rounds * run.train.local_epochs
     train_round(
         model, data,
         steps=steps_per_round(len(data), run.train.batch_size, epochs),
         batch_size=run.train.batch_size, lr=run.train.lr, momentum=run.train.momentum,
-        dp=None, seed=run.train.seed,
+        dp=None, seed=run.train.seed, device=device,
+        clip_batch_norm=run.dp.max_grad_norm if run.dp.sample_level else None,
     )  # fmt: skip
     return model
 
 
-def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, dict[str, Any]]:
+def _pooled_train_set(sites: tuple[SiteData, ...]) -> Dataset:
+    """All hospitals' training data as one ``TensorDataset`` (moved to a device in one piece)."""
+    return TensorDataset(
+        torch.from_numpy(np.concatenate([s.x_train for s in sites])),
+        torch.from_numpy(np.concatenate([s.y_train for s in sites])),
+    )
+
+
+def compute_baselines(
+    run: RunConfig, sites: tuple[SiteData, ...], *, device: str = "cpu"
+) -> dict[str, dict[str, Any]]:
     """Pooled and local non-private baselines: AUROC and accuracy on the pooled test splits,
-    and the unweighted mean of per-hospital test accuracies."""
+    and the unweighted mean of per-hospital test accuracies. ``device``: where they train."""
     x_test = np.concatenate([s.x_test for s in sites])
     y_test = np.concatenate([s.y_test for s in sites])
 
-    pooled = _fit(run, ConcatDataset([s.train_set() for s in sites]))
-    overall = binary_metrics(y_test, predict_proba(pooled, x_test))
-    per_site = [binary_metrics(s.y_test, predict_proba(pooled, s.x_test)).accuracy for s in sites]
+    def predict(model, x):  # type: ignore[no-untyped-def]
+        return predict_proba(model, x, device=device)
+
+    pooled = _fit(run, _pooled_train_set(sites), device)
+    overall = binary_metrics(y_test, predict(pooled, x_test))
+    per_site = [binary_metrics(s.y_test, predict(pooled, s.x_test)).accuracy for s in sites]
     out = {
         "pooled (centralised, non-private)": {
             "auroc": overall.auroc,
@@ -51,8 +68,8 @@ def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, 
     }
     local_acc, scores = [], []
     for s in sites:
-        model = _fit(run, s.train_set())
-        p = predict_proba(model, s.x_test)
+        model = _fit(run, s.train_set(), device)
+        p = predict(model, s.x_test)
         scores.append(p)
         local_acc.append(binary_metrics(s.y_test, p).accuracy)
     local = binary_metrics(y_test, np.concatenate(scores))

@@ -76,6 +76,13 @@ def simulate(
         Path | None, typer.Option(help="Site policy TOML applied at every simulated hospital.")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    gpus_per_hospital: Annotated[
+        float,
+        typer.Option(
+            help="GPU share of each simulated hospital (Ray resources; 0.25 = four hospitals "
+            "per GPU); 0 trains on the CPU."
+        ),
+    ] = 0.0,
 ) -> None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
     request = SimulationRequest(
@@ -88,6 +95,7 @@ def simulate(
         ledger_dir=ledger_dir,
         policy=policy,
         verbose=verbose,
+        gpus_per_hospital=gpus_per_hospital,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):

@@ -27,6 +27,7 @@ class SimulationRequest:
     ledger_dir: Path | None = None
     policy: Path | None = None
     verbose: bool = False
+    gpus_per_hospital: float = 0.0  # Ray GPU share of each simulated hospital (0 = CPU)
 
 
 DEFAULT_HOSPITALS = 3
@@ -42,6 +43,19 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     """
     if req.hospitals is not None and req.hospitals < 1:
         raise UsageError(f"--hospitals must be at least 1 (got {req.hospitals})")
+    if not 0.0 <= req.gpus_per_hospital <= 1.0:
+        raise UsageError(
+            f"--gpus-per-hospital must be in [0, 1] (got {req.gpus_per_hospital:g}); "
+            "0.25 puts four hospitals on one GPU"
+        )
+    if req.gpus_per_hospital > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--gpus-per-hospital needs a CUDA GPU, and torch sees none here "
+                "(a CPU build of torch, or no driver); drop the option to train on the CPU"
+            )
     cfg = req.options.build()
     cfg["output.dir"] = str(req.out.resolve())
     cfg["eval.centralized"] = True
@@ -56,6 +70,28 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
             raise UsageError(str(exc)) from None
         cfg["simulation.policy"] = str(req.policy.resolve())
     return cfg, req.hospitals or DEFAULT_HOSPITALS
+
+
+def _hospitals_in_data(task: Any, data_dir: str, requested: int, req: SimulationRequest) -> int:
+    """The number of simulated hospitals: the data's real hospitals when it has several (a
+    natural split, one file or image folder per hospital), else ``requested`` (one dataset
+    to partition, e.g. a MedMNIST file).
+
+    Raises
+    ------
+    UsageError
+        ``--hospitals`` given for data that come as several real hospitals.
+    """
+    if not (task.natural_split or data_dir):
+        return requested
+    found = len(task.load_sites(data_dir))
+    if not task.natural_split and found == 1:
+        return requested
+    if req.hospitals is not None and req.hospitals != found:
+        raise UsageError(
+            f"{data_dir} holds {found} real hospitals; drop --hospitals (got {req.hospitals})"
+        )
+    return found
 
 
 def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -> (RunConfig, sites)
@@ -74,8 +110,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     task = get_task(cfg["task.name"])
     if task.natural_split and req.hospitals is not None:
         raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
-    if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+    hospitals = _hospitals_in_data(task, cfg["data.dir"], hospitals, req)
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
@@ -125,8 +160,7 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
     cfg, hospitals = build_run_config(req)
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+    hospitals = _hospitals_in_data(task, cfg["data.dir"], hospitals, req)
     frames = simulated_site_frames(
         task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
         alpha=cfg["data.alpha"], seed=cfg["train.seed"],
@@ -171,7 +205,10 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     if not req.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        run_federation(run_config=cfg, num_supernodes=len(sites), verbose=req.verbose)
+        run_federation(
+            run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
+            num_gpus_per_client=req.gpus_per_hospital,
+        )  # fmt: skip
     finally:
         progress_logger.removeHandler(handler)
     summary_path = req.out / "summary.json"
@@ -179,7 +216,9 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         raise RuntimeError(f"the ServerApp finished without writing {summary_path}")
     summary = json.loads(summary_path.read_text())
     history = RunHistory.from_dict(json.loads((req.out / "history.json").read_text()))
-    summary["baselines"] = compute_baselines(run, sites)
+    summary["baselines"] = compute_baselines(
+        run, sites, device="cuda" if req.gpus_per_hospital > 0 else "cpu"
+    )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     if (problem := nobody_trained(summary)) is not None:

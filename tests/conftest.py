@@ -1,7 +1,9 @@
-"""Shared fixtures. Real datasets are read from ../shared/data (never copied into the repo)."""
+"""Shared fixtures. Real datasets are read from ../shared/data, or from $FEDCARE_SHARED_DATA
+(never copied into the repo); tests that need one skip with the reason when it is absent."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ from shared_models.runtime import apply_offline_env
 apply_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 HEART_DIR = SHARED_DATA / "heart_disease_uci"
+PNEUMONIA_DIR = SHARED_DATA / "pneumoniamnist"
 
 
 @pytest.fixture
@@ -20,6 +23,16 @@ def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").exists():
         pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent)")
     return HEART_DIR
+
+
+@pytest.fixture
+def pneumonia_dir() -> Path:
+    if not (PNEUMONIA_DIR / "pneumoniamnist.npz").exists():
+        pytest.skip(
+            f"pneumoniamnist.npz not found in {PNEUMONIA_DIR} (../shared/data is absent; "
+            "set FEDCARE_SHARED_DATA)"
+        )
+    return PNEUMONIA_DIR
 
 
 @pytest.fixture

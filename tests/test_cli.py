@@ -20,7 +20,7 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, heart-disease"),
+        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, chest-xray, heart-disease"),
         (["--task", "heart-disease"], "task heart-disease needs --data-dir"),
         (["--task", "heart-disease", "--data-dir", "/does/not/exist"], "/does/not/exist: data folder not found"),
         (["--epsilon", "0"], "--epsilon must be a positive number (got 0)"),
@@ -80,3 +80,25 @@ def test_a_command_ending_in_failure_exits_nonzero(monkeypatch, capsys, tmp_path
     )
     assert code == 1 and "not approved" in output
     assert not (tmp_path / "ledger" / "approved.json").exists()
+
+
+def test_gpu_share_is_checked_before_anything_starts(monkeypatch, capsys, tmp_path):
+    import torch
+
+    code, output = _run(monkeypatch, capsys, "simulate", "--gpus-per-hospital", "2",
+                        "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 2 and "--gpus-per-hospital must be in [0, 1] (got 2)" in output
+    if not torch.cuda.is_available():
+        code, output = _run(monkeypatch, capsys, "simulate", "--gpus-per-hospital", "0.25",
+                            "--out", str(tmp_path / "run"))  # fmt: skip
+        assert code == 2 and "--gpus-per-hospital needs a CUDA GPU" in " ".join(output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_chest_xray_without_data_dir_says_what_to_give(monkeypatch, capsys, tmp_path):
+    code, output = _run(monkeypatch, capsys, "simulate", "--task", "chest-xray",
+                        "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 2
+    assert "task chest-xray needs --data-dir: a folder with one MedMNIST .npz file" in " ".join(
+        output.split()
+    )

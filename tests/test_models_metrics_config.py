@@ -13,13 +13,28 @@ from sklearn.metrics import roc_auc_score
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import binary_metrics
 from shared_models.models import MODELS, build_model
+from shared_models.tasks import TASKS
+
+_TASK_MODELS = sorted(
+    (task.name, model, tuple(task.input_shape(p)))
+    for task in TASKS.values()
+    for model in task.models
+    for p in task.preprocessings
+)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_registered_model_passes_the_opacus_validator(name):
-    model = build_model(name, n_features=13, hidden=8)
+@pytest.mark.parametrize(("task", "name", "shape"), _TASK_MODELS)
+def test_every_registered_model_passes_the_opacus_validator(task, name, shape):
+    """Every model of every task, at every input shape the task's preprocessings give."""
+    model = build_model(name, input_shape=shape, hidden=8)
     ModuleValidator.validate(model, strict=True)  # raises on BatchNorm & co.
-    assert model(torch.zeros(5, 13)).shape == (5,)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(5, *shape)).shape == (5,)
+
+
+def test_every_registered_model_belongs_to_a_task():
+    assert {name for _, name, _ in _TASK_MODELS} == set(MODELS)
 
 
 def test_initial_weights_are_deterministic():
@@ -29,7 +44,7 @@ def test_initial_weights_are_deterministic():
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="known models: logreg, mlp"):
+    with pytest.raises(ValueError, match="known models: cnn, logreg, mlp"):
         build_model("resnet", n_features=3)
 
 
@@ -76,6 +91,13 @@ def test_config_errors_name_key_and_range(default_cfg, key, value, match):
 def test_missing_key(default_cfg):
     del default_cfg["train.seed"]
     with pytest.raises(ConfigError, match="'train.seed' is missing"):
+        RunConfig.from_run_config(default_cfg)
+
+
+def test_grad_sample_mode_is_a_checked_run_setting(default_cfg):
+    assert RunConfig.from_run_config(default_cfg).dp.grad_sample_mode == "default"
+    default_cfg["dp.grad-sample-mode"] = "vmap"
+    with pytest.raises(ConfigError, match=r"'dp.grad-sample-mode' = 'vmap'; choose one of"):
         RunConfig.from_run_config(default_cfg)
 
 

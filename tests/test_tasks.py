@@ -17,7 +17,7 @@ from shared_models.tasks.tabular import (
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(ValueError, match="known tasks: breast-cancer, heart-disease"):
+    with pytest.raises(ValueError, match="known tasks: breast-cancer, chest-xray, heart-disease"):
         get_task("nope")
 
 

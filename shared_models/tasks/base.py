@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,28 @@ class SiteData:
         return TensorDataset(torch.from_numpy(self.x_train), torch.from_numpy(self.y_train))
 
 
+class SimulatedSites(Protocol):
+    """``(data_dir, *, num_sites, scheme, alpha, seed, preprocessing, test_fraction) -> sites``.
+
+    Builds all simulated hospitals of a task whose data come with their own test split;
+    ``scheme``/``alpha`` as in :func:`shared_models.partition.partition_frame`, ``test_fraction``
+    0 = the task's default (used only where the data have no official split).
+    Raises :class:`DataError`.
+    """
+
+    def __call__(
+        self,
+        data_dir: str,
+        *,
+        num_sites: int,
+        scheme: str,
+        alpha: float,
+        seed: int,
+        preprocessing: str,
+        test_fraction: float,
+    ) -> list[SiteData]: ...
+
+
 @dataclass(frozen=True)
 class Task:
     """A learning task both sides agree on.
@@ -99,6 +122,11 @@ class Task:
     models : tuple[str, ...]
         Names in :data:`shared_models.models.MODELS` that fit the task; the first is its default
         (run config ``model.name = "default"``).
+    simulated_sites : SimulatedSites or None
+        Simulation only, for data that bring their own test split (MedMNIST's official
+        train/test files): returns every simulated hospital's :class:`SiteData` directly, in
+        partition-id order. None (tabular tasks): ``load_sites`` -> partitioning ->
+        ``features`` -> :func:`prepare_site`'s random split.
     """
 
     name: str
@@ -114,6 +142,7 @@ class Task:
     default_test_fraction: float = 0.3
     reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     models: tuple[str, ...] = ("mlp", "logreg")
+    simulated_sites: SimulatedSites | None = None
 
     def resolve_model(self, name: str) -> str:
         """Map ``"default"`` to the task's default model; raise ``ValueError`` for a model that
