@@ -4,8 +4,8 @@ Train handler: load the site's data, train with Opacus DP-SGD (noise calibrated 
 whole run), record the accountant's state (``context.state`` and, when the hospital has one, its
 on-disk ledger) BEFORE replying, and reply with ``arrays`` and ``metrics`` (``num-examples`` =
 training examples, ``train-loss``, cumulative ``epsilon`` and ``delta``).
-Evaluate handler: test-split AUROC, accuracy, sensitivity, specificity (NaN when undefined; the
-reason travels in the ``info`` ConfigRecord).
+Evaluate handler: test-split AUROC, accuracy, sensitivity, specificity, AUPRC and the operating
+point at sensitivity 0.8 (NaN when undefined; the reason travels in the ``info`` ConfigRecord).
 Expected problems (bad data, budget exhausted, bad run config, unreadable ledger) are answered
 with an error reply whose reason the coordinator shows, never with a traceback.
 """
@@ -42,7 +42,7 @@ from client.training import (
     train_round,
 )
 from shared_models.config import ConfigError, RunConfig
-from shared_models.metrics import METRIC_NAMES, binary_metrics
+from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY
 from shared_models.tasks import DataError, SiteData
@@ -314,27 +314,29 @@ def _evaluate(msg: Message, context: Context) -> Message:
     except _EXPECTED as exc:
         return _refuse(msg, _site_name(context), exc)
     started = time.perf_counter()
-    result = binary_metrics(data.y_test, predict_proba(model, data.x_test, device=device))
+    values, undefined = evaluation_metrics(
+        data.y_test, predict_proba(model, data.x_test, device=device)
+    )
     metrics = MetricRecord(
         {"num-examples": data.n_test, "compute-seconds": time.perf_counter() - started}
     )
     if run.dp.client_level:  # the strategy's weighting key (FedAvg weighs evaluation likewise)
         metrics[UNIT_WEIGHT_KEY] = 1.0
-    for name, value in result.as_dict().items():
+    for name, value in values.items():
         metrics[name] = math.nan if value is None else value
     info = ConfigRecord({"site": data.name})
     policy = _policy(context)
     if (
         policy is not None and data.n_test < policy.min_cohort
     ):  # no metric from fewer than k patients
-        for name in METRIC_NAMES:
+        for name in ALL_METRIC_NAMES:
             metrics[name] = math.nan
             info[f"undefined.{name}"] = (
                 f"withheld: {data.n_test} test patients < site policy min-cohort"
             )
-    for name in METRIC_NAMES:
-        if name in result.undefined and f"undefined.{name}" not in info:
-            info[f"undefined.{name}"] = result.undefined[name]
+    for name in ALL_METRIC_NAMES:
+        if name in undefined and f"undefined.{name}" not in info:
+            info[f"undefined.{name}"] = undefined[name]
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
-from shared_models.metrics import binary_metrics
+from shared_models.metrics import binary_metrics, operating_point_metrics
 from shared_models.models import model_for_run, predict_proba
 from shared_models.tasks import SiteData
 
@@ -33,13 +33,15 @@ def _fit(run: RunConfig, data: Dataset):  # -> nn.Module
 
 
 def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, dict[str, Any]]:
-    """Pooled and local non-private baselines: AUROC and accuracy on the pooled test splits,
-    and the unweighted mean of per-hospital test accuracies."""
+    """Pooled and local non-private baselines: AUROC, accuracy, AUPRC and the operating point at
+    sensitivity 0.8 on the pooled test splits, and the unweighted mean of per-hospital test
+    accuracies."""
     x_test = np.concatenate([s.x_test for s in sites])
     y_test = np.concatenate([s.y_test for s in sites])
 
     pooled = _fit(run, ConcatDataset([s.train_set() for s in sites]))
-    overall = binary_metrics(y_test, predict_proba(pooled, x_test))
+    pooled_scores = predict_proba(pooled, x_test)
+    overall = binary_metrics(y_test, pooled_scores)
     per_site = [binary_metrics(s.y_test, predict_proba(pooled, s.x_test)).accuracy for s in sites]
     out = {
         "pooled (centralised, non-private)": {
@@ -47,6 +49,7 @@ def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, 
             "accuracy": overall.accuracy,
             "mean_client_accuracy": float(np.mean([a for a in per_site if a is not None])),
             "privacy": "none",
+            **operating_point_metrics(y_test, pooled_scores)[0],
         }
     }
     local_acc, scores = [], []
@@ -61,5 +64,6 @@ def compute_baselines(run: RunConfig, sites: tuple[SiteData, ...]) -> dict[str, 
         "accuracy": local.accuracy,
         "mean_client_accuracy": float(np.mean([a for a in local_acc if a is not None])),
         "privacy": "none",
+        **operating_point_metrics(y_test, np.concatenate(scores))[0],
     }
     return out
