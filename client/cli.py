@@ -160,7 +160,9 @@ def start(
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
     key: Annotated[Path, typer.Option(help="This hospital's private key (hospitals/NAME.key).")],
     site: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
-    data: Annotated[Path, typer.Option(help="This hospital's data file, in the task's format.")],
+    data: Annotated[
+        Path, typer.Option(help="This hospital's data file (or folder), in the task's format.")
+    ],
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")
@@ -206,9 +208,11 @@ def start(
     """
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-    for path, what in ((ca, "--ca"), (key, "--key"), (data, "--data")):
+    for path, what in ((ca, "--ca"), (key, "--key")):
         if not path.is_file():
             raise HospitalSetupError(f"{what} {path}: file not found")
+    if not data.exists():
+        raise HospitalSetupError(f"--data {data}: file or folder not found")
     try:
         load_ssh_private_key(key.read_bytes(), None)
     except (ValueError, TypeError):
@@ -292,9 +296,14 @@ def start(
 @app.command()
 def check(
     task: Annotated[str, typer.Option(help="Task whose schema the file must follow.")],
-    data: Annotated[Path, typer.Option(help="The data file to check.")],
+    data: Annotated[Path, typer.Option(help="The data file (or folder: icu-mortality) to check.")],
 ) -> None:
-    """Validate a local data file against a task's schema (offline): rows, label balance, missing."""
+    """Validate local data against a task's schema (offline): rows, label balance, missing values.
+
+    icu-mortality: a folder of ``<RecordID>.txt`` records with their ``Outcomes*.txt`` (or the
+    upstream archive); one row per ICU stay, "missing" = stays without any observation of a
+    variable in the 48 h window.
+    """
     try:
         spec = get_task(task)
     except ValueError as exc:
@@ -302,7 +311,7 @@ def check(
     frame = spec.read_file(data)  # raises DataError naming file, line and column
     n = len(frame)
     positives = int(frame["label"].sum())
-    console.print(f"{data}: {n} rows, valid {task} file")
+    console.print(f"{data}: {n} rows, valid {task} data")
     console.print(
         f"label ({spec.positive_class}): {positives} positive ({positives / n:.0%}), "
         f"{n - positives} negative"
@@ -311,7 +320,7 @@ def check(
     table.add_column("column")
     table.add_column("missing", justify="right")
     for col in frame.columns:
-        if col != "label":
+        if col != "label" and frame[col].dtype != object:  # object: e.g. a stay's observations
             missing = int(frame[col].isna().sum())
             table.add_row(col, f"{missing} ({missing / n:.0%})" if missing else "0")
     console.print(table)

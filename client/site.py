@@ -27,7 +27,8 @@ class SiteSettings:
     name : str
         Site name shown in reports (deployment: ``site``; simulation: from the partition).
     data_path : str
-        The site's data file in the task's upstream format ("" in simulation).
+        The site's data file (or folder, e.g. icu-mortality's record files) in the task's
+        upstream format ("" in simulation).
     partition_id, num_partitions : int
         Simulation only (-1 in deployment).
     device : str
@@ -83,11 +84,25 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
         sites = simulated_sites_for(run, site.num_partitions)
         return sites[site.partition_id]
     path = Path(site.data_path)
-    mtime = path.stat().st_mtime_ns if path.exists() else 0
     return _load_file(
-        run.task.name, site.name, str(path), mtime, run.task.preprocessing,
+        run.task.name, site.name, str(path), _stamp(path), run.task.preprocessing,
         run.data.test_fraction, run.train.seed,
     )  # fmt: skip
+
+
+def _stamp(path: Path) -> int:
+    """Changes whenever the site's data change: a file's mtime, or for a data folder (e.g. ICU
+    record files) the names, sizes and mtimes of the files in it and one level down."""
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    entries = sorted(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in (*path.glob("*"), *path.glob("*/*"))
+        if p.is_file()
+    )
+    return hash(tuple(entries))
 
 
 @functools.lru_cache(maxsize=4)

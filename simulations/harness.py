@@ -72,10 +72,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
 
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    if task.natural_split and req.hospitals is not None:
-        raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
-    if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+    hospitals = _hospital_count(task, cfg, req, hospitals)
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
@@ -95,6 +92,35 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
             except ValueError as exc:
                 raise UsageError(f"hospital {site.name}: {exc}") from None
     return run, sites
+
+
+def _hospital_count(task, cfg: dict[str, Any], req: SimulationRequest, hospitals: int) -> int:  # type: ignore[no-untyped-def]
+    """How many hospitals to simulate; sets ``data.partition`` to ``natural`` when the data's
+    real hospitals are kept (a natural split, or a folder with one file per hospital).
+
+    A ``repartitionable`` task (icu-mortality) keeps its real hospitals unless ``--hospitals N``
+    asks for a partition of the pooled data.
+
+    Raises
+    ------
+    UsageError
+        ``--hospitals`` for a task whose real hospitals cannot be pooled, or ``--partition
+        dirichlet`` where the real hospitals are kept.
+    """
+    if req.hospitals is not None and task.repartitionable:
+        return hospitals
+    if task.natural_split and req.hospitals is not None:
+        raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
+    if task.repartitionable and cfg["data.partition"] == "dirichlet":
+        raise UsageError(
+            f"--partition dirichlet needs --hospitals N: without it task {task.name} keeps its "
+            "real hospitals"
+        )
+    if task.natural_split or req.options.data_dir:
+        if task.repartitionable:
+            cfg["data.partition"] = "natural"
+        return len(task.load_sites(cfg["data.dir"]))
+    return hospitals
 
 
 class _ProgressHandler(logging.Handler):
@@ -122,8 +148,7 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
     cfg, hospitals = build_run_config(req)
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+    hospitals = _hospital_count(task, cfg, req, hospitals)
     frames = simulated_site_frames(
         task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
         alpha=cfg["data.alpha"], seed=cfg["train.seed"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from shared_models.runtime import apply_offline_env
 apply_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 HEART_DIR = SHARED_DATA / "heart_disease_uci"
+PHYSIONET_DIR = SHARED_DATA / "physionet2012"
 
 
 @pytest.fixture
@@ -20,6 +22,17 @@ def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").exists():
         pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent)")
     return HEART_DIR
+
+
+@pytest.fixture
+def physionet_dir() -> Path:
+    """The folder holding PhysioNet 2012 set-a.tar.gz (FEDCARE_SHARED_DATA/physionet2012)."""
+    if not (PHYSIONET_DIR / "set-a.tar.gz").exists():
+        pytest.skip(
+            f"PhysioNet 2012 set-a.tar.gz not found in {PHYSIONET_DIR} (set FEDCARE_SHARED_DATA "
+            "to the shared data folder)"
+        )
+    return PHYSIONET_DIR
 
 
 @pytest.fixture
