@@ -23,7 +23,7 @@ from client.training import plan_dp
 pytestmark = pytest.mark.slow
 
 
-def _simulate(tmp_path: Path, *args: str) -> tuple[dict, str, Path]:
+def _simulate(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[dict, str, Path]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
     token = uuid.uuid4().hex  # inherited by every process the run starts (Ray's too)
@@ -31,7 +31,7 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[dict, str, Path]:
     env["FEDCARE_TEST_RUN"] = token
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output

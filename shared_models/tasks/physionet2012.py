@@ -164,8 +164,8 @@ def locate_source(path: Path) -> _Source:
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: not found; give the folder of <RecordID>.txt files and their "
-                        "outcomes file, or the upstream set-*.tar.gz archive")  # fmt: skip
+        raise DataError(f"{path.name or path}: not found; give the folder of <RecordID>.txt "
+                        "files and their outcomes file, or the upstream set-*.tar.gz archive")  # fmt: skip
     if path.is_file():
         if not tarfile.is_tarfile(path):
             raise DataError(
