@@ -17,6 +17,7 @@ The run settings are the task's recommended ones (``Task.run_defaults``) unless 
 Usage: python benchmarks/icu_models.py [--data-dir ../shared/data/physionet2012]
        [--models icu-logreg,icu-tcn,icu-gru] [--rounds R] [--epsilon 3] [--seed 0]
        [--set train.lr=0.1 --set model.hidden=64 ...] [--no-private] [--private-only]
+       [--step-times-only]
 Compare models as ratios within one run: absolute seconds depend on the machine (printed first)
 and on what else runs on it.
 """
@@ -122,30 +123,55 @@ def federate(run: RunConfig) -> dict[str, float | None]:
     }
 
 
-def gru_step_times(shape: tuple[int, ...], *, batch: int = 64, hidden: int = 32, steps: int = 10
-                   ) -> dict[str, float]:  # fmt: skip
-    """Non-private forward + backward time (ms) of torch's fused ``nn.GRU`` and of Opacus'
-    ``DPGRU`` (what ``ModuleValidator.fix`` substitutes for it; a Python loop over time steps)
-    in the same classifier, on random inputs of the task's shape."""
+def step_times(
+    args: argparse.Namespace, models: list[str], *, steps: int = 10, repeats: int = 3
+) -> dict[str, tuple[float, float]]:
+    """Milliseconds per optimizer step (non-private, DP) of each model on the largest unit
+    (``micu``) with the task's batch size, measured back to back (best of ``repeats``, models
+    interleaved) so that the machine's load affects every model alike."""
+    best: dict[str, list[float]] = {m: [float("inf"), float("inf")] for m in models}
+    for _ in range(repeats):
+        for model_name in models:
+            for i, dp in enumerate((False, True)):
+                run = run_config(args, model_name, dp=dp)
+                site = max(simulated_sites_for(run, 4), key=lambda s: s.n_train)
+                model, _ = model_for_run(run)
+                plan = plan_for_run(run, n_train=site.n_train) if dp else None
+                t0 = time.perf_counter()
+                train_round(
+                    model, site.train_set(), steps=steps, batch_size=run.train.batch_size,
+                    lr=run.train.lr, dp=plan,
+                )  # fmt: skip
+                ms = 1000 * (time.perf_counter() - t0) / steps
+                best[model_name][i] = min(best[model_name][i], ms)
+    return {m: (v[0], v[1]) for m, v in best.items()}
+
+
+def gru_step_times(
+    shape: tuple[int, ...], *, batch: int = 64, hidden: int = 32, steps: int = 10, repeats: int = 3
+) -> dict[str, float]:
+    """Non-private forward + backward time (ms, best of ``repeats``, interleaved) of torch's fused
+    ``nn.GRU`` and of Opacus' ``DPGRU`` (what ``ModuleValidator.fix`` substitutes for it; a Python
+    loop over time steps) in the same classifier, on random inputs of the task's shape."""
     from torch import nn
 
     from shared_models.sequence_models import GRUClassifier
 
-    out = {}
     x = torch.randn(batch, *shape)
     y = (torch.rand(batch) < 0.14).float()
-    for label in ("nn.GRU", "DPGRU"):
-        model = GRUClassifier(shape, hidden)
-        if label == "nn.GRU":
-            model.rnn = nn.GRU(3 * shape[1], hidden, batch_first=True)
-        loss_fn = nn.BCEWithLogitsLoss()
-        for i in range(steps + 2):  # two warm-up steps
-            if i == 2:
-                t0 = time.perf_counter()
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-        out[label] = 1000 * (time.perf_counter() - t0) / steps
-    return out
+    models = {"nn.GRU": GRUClassifier(shape, hidden), "DPGRU": GRUClassifier(shape, hidden)}
+    models["nn.GRU"].rnn = nn.GRU(3 * shape[1], hidden, batch_first=True)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(repeats):
+        for label, model in models.items():
+            loss_fn(model(x), y).backward()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model.zero_grad()
+                loss_fn(model(x), y).backward()
+            best[label] = min(best[label], 1000 * (time.perf_counter() - t0) / steps)
+    return best
 
 
 def main() -> None:
@@ -163,6 +189,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="run-config key=value")
     parser.add_argument("--no-private", action="store_true", help="only the non-private runs")
     parser.add_argument("--private-only", action="store_true", help="only the DP runs")
+    parser.add_argument(
+        "--step-times-only", action="store_true", help="only the back-to-back step times"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -183,8 +212,10 @@ def main() -> None:
         settings = settings[1:]
     header = (f"{'model':<12} {'setting':<12} {'AUROC':>6} {'AUPRC':>6} {'sens':>5} {'spec':>5} "
               f"{'sens80':>6} {'spec80':>6} {'max ε':>6} {'s':>7} {'ms/step':>8}")  # fmt: skip
-    print(header)
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    if not args.step_times_only:
+        print(header)
+    for model in [] if args.step_times_only else models:
         for label, dp in settings:
             run = run_config(args, model, dp=dp)
             m = federate(run)
@@ -197,6 +228,12 @@ def main() -> None:
                 flush=True,
             )
     print(f"run settings: {args.rounds or 'task default'} rounds, overrides {args.set or 'none'}")
+    print("step time on the largest unit, back to back (best of 3 x 10 steps):")
+    for model, (plain, private) in step_times(args, models).items():
+        print(
+            f"  {model:<12} non-private {plain:7.1f} ms  DP {private:7.1f} ms  "
+            f"({private / plain:.1f}x)"
+        )
     shape = get_task(TASK).input_shape("hourly")
     gru = gru_step_times(shape)
     print(
