@@ -12,9 +12,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.run_config import RunOptions, UsageError, check_names
+
+if TYPE_CHECKING:
+    from shared_models.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,12 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     return run, sites
 
 
-def _hospital_count(task, cfg: dict[str, Any], req: SimulationRequest, hospitals: int) -> int:  # type: ignore[no-untyped-def]
-    """How many hospitals to simulate; sets ``data.partition`` to ``natural`` when the data's
-    real hospitals are kept (a natural split, or a folder with one file per hospital).
+def _hospital_count(task: Task, cfg: dict[str, Any], req: SimulationRequest, hospitals: int) -> int:
+    """How many hospitals to simulate: the real ones of a natural split (or of a data folder with
+    one file per hospital), else ``hospitals``.
 
-    A ``repartitionable`` task (icu-mortality) keeps its real hospitals unless ``--hospitals N``
-    asks for a partition of the pooled data.
+    A ``repartitionable`` task (icu-mortality) keeps its real hospitals (and ``data.partition``
+    becomes ``natural``) unless ``--hospitals N`` asks for a partition of the pooled data.
 
     Raises
     ------
