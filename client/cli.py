@@ -162,7 +162,8 @@ def start(
     data: Annotated[
         Path,
         typer.Option(
-            help="This hospital's data, in the task's format (a file, or an image folder)."
+            help="This hospital's data, in the task's format (a file, or a folder: images, ICU "
+            "records)."
         ),
     ],
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
@@ -226,7 +227,7 @@ def start(
     for path, what in ((ca, "--ca"), (key, "--key")):
         if not path.is_file():
             raise HospitalSetupError(f"{what} {path}: file not found")
-    if not data.exists():  # a file (tabular tasks) or a folder (image tasks)
+    if not data.exists():  # a file (tabular tasks) or a folder (images, ICU records)
         raise HospitalSetupError(f"--data {data}: not found")
     try:
         load_ssh_private_key(key.read_bytes(), None)
@@ -311,10 +312,14 @@ def start(
 @app.command()
 def check(
     task: Annotated[str, typer.Option(help="Task whose schema the data must follow.")],
-    data: Annotated[Path, typer.Option(help="The data file (or image folder) to check.")],
+    data: Annotated[
+        Path, typer.Option(help="The data file (or folder: image tasks, icu-mortality) to check.")
+    ],
 ) -> None:
     """Validate local data against a task's schema (offline): rows, label balance, and missing
-    values per column (tabular) or image formats and sizes (images)."""
+    values per column (tabular), image formats and sizes (images), or per variable (icu-mortality:
+    a folder of ``<RecordID>.txt`` records with their ``Outcomes*.txt``, or the upstream archive;
+    one row per ICU stay, "missing" = stays without any observation of a variable in 48 h)."""
     try:
         spec = get_task(task)
     except ValueError as exc:
@@ -345,7 +350,7 @@ def check(
     table.add_column("column")
     table.add_column("missing", justify="right")
     for col in frame.columns:
-        if col != "label":
+        if col != "label" and frame[col].dtype != object:  # object: e.g. a stay's observations
             missing = int(frame[col].isna().sum())
             table.add_row(col, f"{missing} ({missing / n:.0%})" if missing else "0")
     console.print(table)

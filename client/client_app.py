@@ -10,7 +10,8 @@ number of messages:
   Poisson sampling come from the OS CSPRNG; the accountant state is recorded in the ledger BEFORE
   the reply (``arrays``; ``metrics``: ``num-examples`` = training examples, cumulative
   ``epsilon`` and ``delta``; the train loss only where the policy allows exact metrics).
-- Evaluate: exact metrics only where the policy allows them; otherwise per-class score
+- Evaluate: exact metrics (AUROC, accuracy, sensitivity, specificity, AUPRC, the operating
+  point at sensitivity 0.8) only where the policy allows them; otherwise per-class score
   histograms with Gaussian noise, each release charged to the same accountant.
 - Refusals name the bound that refused; replies never carry data values or local paths (the
   hospital's audit log keeps the details).
@@ -59,7 +60,7 @@ from client.training import (
     train_round,
 )
 from shared_models.config import ConfigError, RunConfig
-from shared_models.metrics import METRIC_NAMES, binary_metrics, score_histograms
+from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics, score_histograms
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
 from shared_models.tasks import DataError, SiteData
@@ -517,22 +518,22 @@ def _evaluate(msg: Message, context: Context) -> Message:
 def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], ConfigRecord]:
     """Exact test metrics and per-class score histograms (sites whose policy allows them),
     withheld below ``min-cohort`` patients of either class."""
-    result = binary_metrics(site.data.y_test, scores)
+    values, undefined = evaluation_metrics(site.data.y_test, scores)
     metrics: dict[str, Any] = {
-        name: math.nan if value is None else value for name, value in result.as_dict().items()
+        name: math.nan if value is None else value for name, value in values.items()
     }
     info = ConfigRecord({"site": site.data.name})
     y = site.data.y_test
     if min(int((y == 0).sum()), int((y == 1).sum())) < site.policy.min_cohort:
-        for name in METRIC_NAMES:
+        for name in ALL_METRIC_NAMES:
             metrics[name] = math.nan
             info[f"undefined.{name}"] = "withheld: a test class has fewer patients than min-cohort"
     else:  # the exact counts too, so the coordinator can pool them across hospitals
         negatives, positives = score_histograms(y, scores)
         metrics["hist-neg"], metrics["hist-pos"] = negatives.tolist(), positives.tolist()
-    for name in METRIC_NAMES:
-        if name in result.undefined and f"undefined.{name}" not in info:
-            info[f"undefined.{name}"] = result.undefined[name]
+    for name in ALL_METRIC_NAMES:
+        if name in undefined and f"undefined.{name}" not in info:
+            info[f"undefined.{name}"] = undefined[name]
     return metrics, info
 
 

@@ -8,7 +8,6 @@ that partition of the run's data, so one ClientApp serves both modes.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +50,8 @@ class SiteSettings:
     name : str
         Site name shown in reports (deployment: ``site``; simulation: from the partition).
     data_path : str
-        The site's data in the task's format: a file, or a folder for image tasks ("" in
-        simulation).
+        The site's data in the task's format: a file, or a folder (image tasks, ICU record
+        files); "" in simulation.
     partition_id, num_partitions : int
         Simulation only (-1 in deployment).
     device : str
@@ -129,22 +128,25 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
         sites = simulated_sites_for(run, site.num_partitions)
         return sites[site.partition_id]
     path = Path(site.data_path)
-    mtime = _modified(path)
     return _load_file(
-        run.task.name, site.name, str(path), mtime, run.task.preprocessing,
+        run.task.name, site.name, str(path), _stamp(path), run.task.preprocessing,
         site.test_fraction, site.split_seed,
     )  # fmt: skip
 
 
-def _modified(path: Path) -> int:
-    """Newest modification time (ns) of a data file, or of a data folder and its direct entries
-    (an image folder's labels.csv or images), so that the cache below sees any change."""
+def _stamp(path: Path) -> int:
+    """Changes whenever the site's data change: a file's mtime, or for a data folder (e.g. ICU
+    record files) the names, sizes and mtimes of the files in it and one level down."""
     if not path.exists():
         return 0
-    if not path.is_dir():
+    if path.is_file():
         return path.stat().st_mtime_ns
-    with os.scandir(path) as entries:
-        return max([path.stat().st_mtime_ns, *(e.stat().st_mtime_ns for e in entries)])
+    entries = sorted(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in (*path.glob("*"), *path.glob("*/*"))
+        if p.is_file()
+    )
+    return hash(tuple(entries))
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,7 +16,9 @@ class Partition(StrEnum):
     dirichlet = "dirichlet"
 
 
-Task = Annotated[str, typer.Option(help="Task: breast-cancer (embedded data) or heart-disease.")]
+Task = Annotated[
+    str, typer.Option(help="Task: breast-cancer (embedded data), heart-disease or icu-mortality.")
+]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with the task's upstream data files.")]
 PartitionOpt = Annotated[Partition, typer.Option(help="Split of data without a natural split.")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")]

@@ -17,7 +17,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from server.grid_pull import send_and_receive_promptly
-from shared_models.metrics import metrics_from_histograms
+from shared_models.metrics import histogram_metrics
 from shared_models.protocol import parse_refusal
 
 
@@ -241,9 +241,9 @@ class RecordingGrid(DelegatingGrid):
         histograms = {k: [float(x) for x in v] for k, v in metrics.items() if k in HISTOGRAM_KEYS}
         if len(histograms) == len(HISTOGRAM_KEYS) and "auroc" not in values:
             # a noisy release (a site without exact metrics): the metrics are computed here
-            released = metrics_from_histograms(histograms["hist-neg"], histograms["hist-pos"])
-            values.update(released.as_dict())
-            undefined.update(released.undefined)
+            released, why = histogram_metrics(histograms["hist-neg"], histograms["hist-pos"])
+            values.update(released)
+            undefined.update(why)
         self.history.events.append(
             SiteEvent(
                 round=self._current_round,

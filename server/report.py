@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from shared_models.config import RunConfig
-from shared_models.metrics import METRIC_NAMES
+from shared_models.metrics import ALL_METRIC_NAMES as METRIC_NAMES
 
 from .checkpoint import write_json_atomic
 from .history import RunHistory
@@ -95,7 +95,7 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     resolution; noisy where a hospital released noisy counts."""
     import numpy as np
 
-    from shared_models.metrics import metrics_from_histograms
+    from shared_models.metrics import histogram_metrics
 
     events = [ev for ev in evaluated if ev.histograms]
     if not events:
@@ -104,7 +104,7 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
         }
     neg = np.sum([ev.histograms["hist-neg"] for ev in events], axis=0)
     pos = np.sum([ev.histograms["hist-pos"] for ev in events], axis=0)
-    pooled = metrics_from_histograms(neg, pos)
+    pooled, _ = histogram_metrics(neg, pos)
     noisy = [ev.site for ev in events if ev.metrics.get("eval-noise-multiplier") is not None]
     method = (
         f"pooled test counts of {len(events)} hospital(s) (score histograms summed; AUROC at "
@@ -112,7 +112,7 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
         + (f"; noisy counts from {', '.join(noisy)}" if noisy else "")
         + ")"
     )
-    return {**pooled.as_dict(), "method": method}
+    return {**pooled, "method": method}
 
 
 def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
@@ -214,6 +214,11 @@ def write_reports(
     )  # fmt: skip
 
 
+def _operating_point(m: dict[str, Any]) -> str:
+    """``sensitivity / specificity`` at the threshold reaching sensitivity 0.8."""
+    return f"{_fmt(m.get('sensitivity@sens0.8'))} / {_fmt(m.get('specificity@sens0.8'))}"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -255,17 +260,17 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         lines.append(f"- secure aggregation: {summary['secure_aggregation']['protocol']}")
     lines += ["", "## Hospitals (final round)", ""]
     lines.append(
-        "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | "
-        "specificity | evaluation released as |"
+        "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity "
+        "| AUPRC | sens / spec at sens ≥ 0.8 | evaluation released as |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for h in summary["hospitals"]:
         m = h["metrics"]
         lines.append(
             f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'], 4)} | "
             f"{format(h['delta'], 'g') if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
             f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
-            f"{h.get('evaluation') or 'n/a'} |"
+            f"{_fmt(m.get('auprc'))} | {_operating_point(m)} | {h.get('evaluation') or 'n/a'} |"
         )
     undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
     if undefined:
@@ -278,18 +283,23 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         "",
         f"- AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))} "
         f"({ov.get('method')})",
+        f"- AUPRC {_fmt(ov.get('auprc'))}; sensitivity / specificity at 0.5: "
+        f"{_fmt(ov.get('sensitivity'))} / {_fmt(ov.get('specificity'))}, at the threshold "
+        f"reaching sensitivity 0.8: {_operating_point(ov)}",
         f"- mean client accuracy (unweighted, FLamby's metric): {_fmt(ov.get('mean_client_accuracy'))}",
     ]
     if summary.get("baselines"):
         lines += ["", "## Baselines (same model, same test splits)", ""]
         lines += [
-            "| baseline | AUROC | accuracy | mean client accuracy | privacy |",
-            "|---|---|---|---|---|",
+            "| baseline | AUROC | accuracy | mean client accuracy | AUPRC | sens / spec at sens ≥ 0.8 "
+            "| privacy |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, b in summary["baselines"].items():
             lines.append(
                 f"| {name} | {_fmt(b.get('auroc'))} | {_fmt(b.get('accuracy'))} | "
-                f"{_fmt(b.get('mean_client_accuracy'))} | {b.get('privacy', 'none')} |"
+                f"{_fmt(b.get('mean_client_accuracy'))} | {_fmt(b.get('auprc'))} | "
+                f"{_operating_point(b)} | {b.get('privacy', 'none')} |"
             )
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
@@ -406,12 +416,13 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         )
     ov = summary["overall"]
     console.print(
-        f"overall AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))}, "
-        f"mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
+        f"overall AUROC {_fmt(ov.get('auroc'))}, AUPRC {_fmt(ov.get('auprc'))}, accuracy "
+        f"{_fmt(ov.get('accuracy'))}, mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
     )
     for name, b in summary.get("baselines", {}).items():
         console.print(
-            f"  baseline {name}: AUROC {_fmt(b['auroc'])}, accuracy {_fmt(b['accuracy'])}"
+            f"  baseline {name}: AUROC {_fmt(b['auroc'])}, AUPRC {_fmt(b.get('auprc'))}, "
+            f"accuracy {_fmt(b['accuracy'])}"
         )
     for f in summary.get("failures", []):
         console.print(

@@ -95,7 +95,8 @@ class RunOptions:
             raise UsageError(f"--alpha must be positive (got {self.alpha:g})")
 
     def build(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults, then ``--run-config``, then the explicit options: the complete flat config.
+        """Defaults, then the task's recommended settings (``Task.run_defaults``), then
+        ``--run-config``, then the explicit options: the complete flat config.
 
         Raises
         ------
@@ -104,6 +105,7 @@ class RunOptions:
         """
         self.validate()
         cfg = dict(defaults if defaults is not None else default_run_config())
+        cfg.update(_task_run_defaults(self.task, cfg))
         if self.run_config:
             extra = parse_run_config_arg(self.run_config)
             unknown = sorted(set(extra) - set(cfg))
@@ -128,6 +130,20 @@ class RunOptions:
             cfg["dp.target-delta"] = float(self.delta)
         cfg["run.id"] = cfg["run.id"] or uuid.uuid4().hex[:16]  # hospitals' ledgers key on it
         return cfg
+
+
+def _task_run_defaults(task: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The run settings task ``task`` recommends ({} for an unknown task: reported later by
+    :func:`check_names`)."""
+    from shared_models.tasks import TASKS
+
+    spec = TASKS.get(task)
+    if spec is None:
+        return {}
+    unknown = sorted(set(spec.run_defaults) - set(schema))
+    if unknown:  # a task's own mistake, caught by the tests
+        raise ValueError(f"task {task}: run_defaults has unknown key(s) {unknown}")
+    return dict(spec.run_defaults)
 
 
 def check_names(cfg: dict[str, Any]) -> None:

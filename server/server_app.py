@@ -42,7 +42,7 @@ from server.strategies import (
     with_client_dp,
 )
 from shared_models.config import ConfigError, RunConfig
-from shared_models.metrics import binary_metrics
+from shared_models.metrics import evaluation_metrics
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import UNIT_WEIGHT_KEY
 from shared_models.sites import simulated_sites_for
@@ -90,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         metrics = None
         if pooled is not None:
             model.load_state_dict(state)
-            metrics = binary_metrics(pooled[1], predict_proba(model, pooled[0])).as_dict()
+            metrics, _ = evaluation_metrics(pooled[1], predict_proba(model, pooled[0]))
             history.centralized[server_round] = metrics
         spent = privacy_spent(strategy)
         if spent is not None:  # client-level DP: the coordinator's accountant

@@ -307,7 +307,7 @@ class RunConfig:
             _in_range("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
         _in_range("dp.eval-noise-multiplier", dp.eval_noise_multiplier, 0.0, 1e6, lo_open=True)
         _in_range("eval.every", self.eval_every, 0, 100_000)
-        _choice("data.partition", da.partition, ("iid", "dirichlet"))
+        _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         if da.test_fraction != 0.0:  # 0 = the task's default split
             _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)

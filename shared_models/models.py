@@ -1,8 +1,9 @@
 """Model registry. Every model is Opacus-compatible (no BatchNorm; checked by a test with
 ``opacus.validators.ModuleValidator.validate(model, strict=True)``).
 
-A builder takes the shape of one example (``input_shape``, e.g. ``(30,)`` for a tabular task)
-and the run's ``model.hidden`` width; every model maps a batch ``[B, *input_shape]`` to logits
+A builder takes the shape of one example (``input_shape``, e.g. ``(30,)`` for a tabular task,
+``(48, 46, 3)`` for ICU stays: :mod:`shared_models.sequence_models`) and the run's
+``model.hidden`` width; every model maps a batch ``[B, *input_shape]`` to logits
 ``[B]`` of the positive class.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .image_models import ChestCNN
+from .sequence_models import GRUClassifier, SummaryLogisticRegression, TemporalCNN
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -64,6 +66,9 @@ MODELS: dict[str, ModelBuilder] = {
     "logreg": lambda shape, hidden: LogisticRegression(math.prod(shape)),
     "mlp": lambda shape, hidden: MLP(math.prod(shape), hidden),
     "cnn": lambda shape, hidden: ChestCNN(shape),
+    "icu-logreg": lambda shape, hidden: SummaryLogisticRegression(shape),
+    "icu-tcn": lambda shape, hidden: TemporalCNN(shape, hidden),
+    "icu-gru": lambda shape, hidden: GRUClassifier(shape, hidden),
 }
 
 

@@ -41,6 +41,8 @@ def simulated_site_frames(
     Tasks with a natural split (or a data folder with one file per hospital) keep their real
     hospitals; otherwise the single dataset is partitioned with
     :func:`~shared_models.partition.partition_frame` into ``hospital-1`` ... ``hospital-N``.
+    A ``repartitionable`` task keeps its real hospitals with ``scheme="natural"`` and pools and
+    partitions their data with ``iid`` or ``dirichlet``.
 
     Raises
     ------
@@ -48,7 +50,8 @@ def simulated_site_frames(
         Unreadable data, or ``num_sites`` incompatible with a natural split.
     """
     sites = task.load_sites(data_dir)
-    if task.natural_split or len(sites) > 1:
+    pooled = scheme != "natural" and (len(sites) == 1 or task.repartitionable)
+    if not pooled:
         if num_sites != len(sites):
             names = ", ".join(name for name, _ in sites)
             raise DataError(
@@ -56,7 +59,7 @@ def simulated_site_frames(
                 f"it cannot be simulated with {num_sites}"
             )
         return sites
-    _, frame = sites[0]
+    frame = sites[0][1] if len(sites) == 1 else pd.concat([f for _, f in sites], ignore_index=True)
     parts = partition_frame(frame, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed)
     return [(f"hospital-{i + 1}", part) for i, part in enumerate(parts)]
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
-from shared_models.metrics import binary_metrics
+from shared_models.metrics import binary_metrics, operating_point_metrics
 from shared_models.models import model_for_run, predict_proba
 from shared_models.tasks import SiteData
 
@@ -47,8 +47,9 @@ def _pooled_train_set(sites: tuple[SiteData, ...]) -> Dataset:
 def compute_baselines(
     run: RunConfig, sites: tuple[SiteData, ...], *, device: str = "cpu"
 ) -> dict[str, dict[str, Any]]:
-    """Pooled and local non-private baselines: AUROC and accuracy on the pooled test splits,
-    and the unweighted mean of per-hospital test accuracies. ``device``: where they train."""
+    """Pooled and local non-private baselines: AUROC, accuracy, AUPRC and the operating point at
+    sensitivity 0.8 on the pooled test splits, and the unweighted mean of per-hospital test
+    accuracies. ``device``: where they train."""
     x_test = np.concatenate([s.x_test for s in sites])
     y_test = np.concatenate([s.y_test for s in sites])
 
@@ -56,7 +57,8 @@ def compute_baselines(
         return predict_proba(model, x, device=device)
 
     pooled = _fit(run, _pooled_train_set(sites), device)
-    overall = binary_metrics(y_test, predict(pooled, x_test))
+    pooled_scores = predict(pooled, x_test)
+    overall = binary_metrics(y_test, pooled_scores)
     per_site = [binary_metrics(s.y_test, predict(pooled, s.x_test)).accuracy for s in sites]
     out = {
         "pooled (centralised, non-private)": {
@@ -64,6 +66,7 @@ def compute_baselines(
             "accuracy": overall.accuracy,
             "mean_client_accuracy": float(np.mean([a for a in per_site if a is not None])),
             "privacy": "none",
+            **operating_point_metrics(y_test, pooled_scores)[0],
         }
     }
     local_acc, scores = [], []
@@ -78,5 +81,6 @@ def compute_baselines(
         "accuracy": local.accuracy,
         "mean_client_accuracy": float(np.mean([a for a in local_acc if a is not None])),
         "privacy": "none",
+        **operating_point_metrics(y_test, np.concatenate(scores))[0],
     }
     return out

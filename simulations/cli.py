@@ -49,7 +49,11 @@ def simulate(
     task: opt.Task = "breast-cancer",
     data_dir: opt.DataDir = None,
     hospitals: Annotated[
-        int | None, typer.Option(help="Simulated hospitals (tasks without a natural split).")
+        int | None,
+        typer.Option(
+            help="Simulated hospitals (tasks without a natural split; icu-mortality: pool the ICU "
+            "types and partition into N)."
+        ),
     ] = None,
     partition: opt.PartitionOpt = opt.Partition.iid,
     alpha: opt.Alpha = 0.5,

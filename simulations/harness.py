@@ -12,9 +12,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.run_config import RunOptions, UsageError, check_names
+
+if TYPE_CHECKING:
+    from shared_models.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -72,28 +75,6 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     return cfg, req.hospitals or DEFAULT_HOSPITALS
 
 
-def _hospitals_in_data(task: Any, data_dir: str, requested: int, req: SimulationRequest) -> int:
-    """The number of simulated hospitals: the data's real hospitals when it has several (a
-    natural split, one file or image folder per hospital), else ``requested`` (one dataset
-    to partition, e.g. a MedMNIST file).
-
-    Raises
-    ------
-    UsageError
-        ``--hospitals`` given for data that come as several real hospitals.
-    """
-    if not (task.natural_split or data_dir):
-        return requested
-    found = len(task.load_sites(data_dir))
-    if not task.natural_split and found == 1:
-        return requested
-    if req.hospitals is not None and req.hospitals != found:
-        raise UsageError(
-            f"{data_dir} holds {found} real hospitals; drop --hospitals (got {req.hospitals})"
-        )
-    return found
-
-
 def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -> (RunConfig, sites)
     """Parse the run config and load every simulated hospital's data; check the DP plan.
 
@@ -108,9 +89,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
 
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    if task.natural_split and req.hospitals is not None:
-        raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
-    hospitals = _hospitals_in_data(task, cfg["data.dir"], hospitals, req)
+    hospitals = _hospital_count(task, cfg, req, hospitals)
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
@@ -133,6 +112,43 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
             except ValueError as exc:
                 raise UsageError(f"hospital {site.name}: {exc}") from None
     return run, sites
+
+
+def _hospital_count(task: Task, cfg: dict[str, Any], req: SimulationRequest, hospitals: int) -> int:
+    """How many hospitals to simulate: the data's real hospitals when it has several (a natural
+    split, or a data folder with one file or image folder per hospital), else ``hospitals`` (one
+    dataset to partition, e.g. the embedded WDBC data or a MedMNIST file).
+
+    A ``repartitionable`` task (icu-mortality) keeps its real hospitals (and ``data.partition``
+    becomes ``natural``) unless ``--hospitals N`` asks for a partition of the pooled data.
+
+    Raises
+    ------
+    UsageError
+        ``--hospitals`` for data that come as several real hospitals that cannot be pooled, or
+        ``--partition dirichlet`` where the real hospitals are kept.
+    """
+    if req.hospitals is not None and task.repartitionable:
+        return hospitals
+    if task.natural_split and req.hospitals is not None:
+        raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
+    if task.repartitionable and cfg["data.partition"] == "dirichlet":
+        raise UsageError(
+            f"--partition dirichlet needs --hospitals N: without it task {task.name} keeps its "
+            "real hospitals"
+        )
+    if not (task.natural_split or cfg["data.dir"]):
+        return hospitals
+    found = len(task.load_sites(cfg["data.dir"]))
+    if task.repartitionable:
+        cfg["data.partition"] = "natural"
+    if not task.natural_split and found == 1:
+        return hospitals  # one dataset: partitioned into --hospitals
+    if req.hospitals is not None and req.hospitals != found:
+        raise UsageError(
+            f"{cfg['data.dir']} holds {found} real hospitals; drop --hospitals (got {req.hospitals})"
+        )
+    return found
 
 
 class _ProgressHandler(logging.Handler):
@@ -160,7 +176,7 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
     cfg, hospitals = build_run_config(req)
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    hospitals = _hospitals_in_data(task, cfg["data.dir"], hospitals, req)
+    hospitals = _hospital_count(task, cfg, req, hospitals)
     frames = simulated_site_frames(
         task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
         alpha=cfg["data.alpha"], seed=cfg["train.seed"],

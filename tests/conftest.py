@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 HEART_DIR = SHARED_DATA / "heart_disease_uci"
 PNEUMONIA_DIR = SHARED_DATA / "pneumoniamnist"
+PHYSIONET_DIR = SHARED_DATA / "physionet2012"
 
 
 @pytest.fixture
@@ -33,6 +34,17 @@ def pneumonia_dir() -> Path:
             "set FEDCARE_SHARED_DATA)"
         )
     return PNEUMONIA_DIR
+
+
+@pytest.fixture
+def physionet_dir() -> Path:
+    """The folder holding PhysioNet 2012 set-a.tar.gz (FEDCARE_SHARED_DATA/physionet2012)."""
+    if not (PHYSIONET_DIR / "set-a.tar.gz").exists():
+        pytest.skip(
+            f"PhysioNet 2012 set-a.tar.gz not found in {PHYSIONET_DIR} (set FEDCARE_SHARED_DATA "
+            "to the shared data folder)"
+        )
+    return PHYSIONET_DIR
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from shared_models.tasks import TASKS
 from simulations import cli
 
 
@@ -20,7 +21,7 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--task", "nope"], "unknown task 'nope'; known tasks: breast-cancer, chest-xray, heart-disease"),
+        (["--task", "nope"], f"unknown task 'nope'; known tasks: {', '.join(sorted(TASKS))}"),
         (["--task", "heart-disease"], "task heart-disease needs --data-dir"),
         (["--task", "heart-disease", "--data-dir", "/does/not/exist"], "/does/not/exist: data folder not found"),
         (["--epsilon", "0"], "--epsilon must be a positive number (got 0)"),

@@ -23,7 +23,7 @@ from client.training import plan_dp
 pytestmark = pytest.mark.slow
 
 
-def _simulate(tmp_path: Path, *args: str) -> tuple[dict, str, Path]:
+def _simulate(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[dict, str, Path]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
     token = uuid.uuid4().hex  # inherited by every process the run starts (Ray's too)
@@ -31,7 +31,7 @@ def _simulate(tmp_path: Path, *args: str) -> tuple[dict, str, Path]:
     env["FEDCARE_TEST_RUN"] = token
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
@@ -200,6 +200,8 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
     assert json.loads((ckpt / "round-1001.json").read_text())["round"] == 1001
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1001 and all(h["rounds_trained"] == 2 for h in summary["hospitals"])
+
+
 def test_chest_xray_on_hospital_image_folders(tmp_path):
     """Two hospitals' own folders (PNG + 16-bit DICOM + labels.csv) train a DP CNN through
     Flower's Simulation Engine and the report covers both."""

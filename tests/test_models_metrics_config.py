@@ -15,26 +15,42 @@ from shared_models.metrics import binary_metrics
 from shared_models.models import MODELS, build_model
 from shared_models.tasks import TASKS
 
-_TASK_MODELS = sorted(
-    (task.name, model, tuple(task.input_shape(p)))
-    for task in TASKS.values()
-    for model in task.models
-    for p in task.preprocessings
-)
+
+def _model_shapes() -> list[tuple[str, str, tuple[int, ...]]]:
+    """(task, model, input shape) for every model a task lists, with each preprocessing's shape;
+    models no task lists are built for a 13-feature tabular input."""
+    cases = [
+        (task.name, model, task.input_shape(prep))
+        for task in TASKS.values()
+        for prep in task.preprocessings
+        for model in task.models
+    ]
+    listed = {model for _, model, _ in cases}
+    return sorted(set(cases)) + [("", name, (13,)) for name in sorted(set(MODELS) - listed)]
 
 
-@pytest.mark.parametrize(("task", "name", "shape"), _TASK_MODELS)
+@pytest.mark.parametrize(("task", "name", "shape"), _model_shapes())
 def test_every_registered_model_passes_the_opacus_validator(task, name, shape):
-    """Every model of every task, at every input shape the task's preprocessings give."""
     model = build_model(name, input_shape=shape, hidden=8)
     ModuleValidator.validate(model, strict=True)  # raises on BatchNorm & co.
-    model.eval()
-    with torch.no_grad():
-        assert model(torch.zeros(5, *shape)).shape == (5,)
+    assert model(torch.zeros(5, *shape)).shape == (5,)
 
 
-def test_every_registered_model_belongs_to_a_task():
-    assert {name for _, name, _ in _TASK_MODELS} == set(MODELS)
+def test_every_task_lists_registered_models():
+    for task in TASKS.values():
+        assert task.models and set(task.models) <= set(MODELS), task.name
+
+
+def test_masked_summary_statistics_of_observed_bins_only():
+    from shared_models.sequence_models import MaskedSummary
+
+    x = torch.zeros(1, 4, 2, 3)  # 4 bins, 2 channels; channel 1 never observed
+    x[0, :, 0, 0] = torch.tensor([0.0, 2.0, 2.0, -1.0])  # carried forward after bin 1
+    x[0, :, 0, 1] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # observed in bins 1 and 3
+    first, last, low, high, mean, count = MaskedSummary()(x).view(2, 6)[0]
+    assert (first, last, low, high, mean) == (2.0, -1.0, -1.0, 2.0, 0.5)
+    assert count == pytest.approx(math.log(3) / math.log(5))
+    assert MaskedSummary()(x).view(2, 6)[1].abs().sum() == 0
 
 
 def test_initial_weights_are_deterministic():
@@ -44,7 +60,7 @@ def test_initial_weights_are_deterministic():
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="known models: cnn, logreg, mlp"):
+    with pytest.raises(ValueError, match=f"known models: {', '.join(sorted(MODELS))}$"):
         build_model("resnet", n_features=3)
 
 
@@ -63,6 +79,49 @@ def test_metrics_on_a_one_class_split_are_undefined_with_reason():
     assert m.auroc is None and m.specificity is None
     assert "only one class (5 positive, 0 negative)" in m.undefined["auroc"]
     assert m.accuracy == pytest.approx(0.8) and m.sensitivity == pytest.approx(0.8)
+
+
+def test_operating_point_metrics_match_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    from shared_models.metrics import evaluation_metrics, operating_point_metrics
+
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0, 1, 0])
+    s = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2, 0.35, 0.3, 0.8, 0.5])
+    m, undefined = operating_point_metrics(y, s)
+    assert m["auprc"] == pytest.approx(average_precision_score(y, s)) and undefined == {}
+    # positives sorted by score: 0.9 0.8 0.7 0.4 0.35 -> 4 of 5 caught at threshold 0.4,
+    # where the negatives 0.6 and 0.5 are above it: specificity 3/5
+    assert m["sensitivity@sens0.8"] == pytest.approx(0.8)
+    assert m["specificity@sens0.8"] == pytest.approx(0.6)
+    values, _ = evaluation_metrics(y, s)
+    assert values["auroc"] == pytest.approx(roc_auc_score(y, s)) and values["auprc"] == m["auprc"]
+
+
+def test_operating_point_metrics_without_positives_are_undefined():
+    from shared_models.metrics import operating_point_metrics
+
+    m, undefined = operating_point_metrics(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4]))
+    assert m == dict.fromkeys(m) and set(undefined) == set(m)
+    assert undefined["auprc"] == "no positive patients in the test split"
+    m, undefined = operating_point_metrics(np.ones(3), np.array([0.1, 0.2, 0.3]))
+    assert m["auprc"] == pytest.approx(1.0) and m["specificity@sens0.8"] is None
+    assert "no negative patients" in undefined["specificity@sens0.8"]
+
+
+def test_task_run_defaults_sit_between_schema_and_overrides():
+    from server.run_config import RunOptions
+
+    icu = TASKS["icu-mortality"]
+    assert icu.run_defaults, "icu-mortality recommends its own run settings"
+    cfg = RunOptions(task="icu-mortality").build()
+    for key, value in icu.run_defaults.items():
+        assert cfg[key] == value, key
+    assert icu.run_defaults["train.rounds"] != 7
+    cfg = RunOptions(task="icu-mortality", run_config="train.rounds=7").build()
+    assert cfg["train.rounds"] == 7  # --run-config wins
+    assert RunOptions(task="icu-mortality", rounds=2).build()["train.rounds"] == 2  # so do options
+    assert RunOptions(task="breast-cancer").build()["train.rounds"] == 5  # the schema's
 
 
 def test_default_run_config_parses(default_cfg):

@@ -261,3 +261,19 @@ def test_the_latest_checkpoint_is_found_past_round_999(tmp_path):
     (tmp_path / "checkpoints" / "round-1001.json").unlink()  # incomplete: no sidecar
     done, weights, sidecar = latest_checkpoint(tmp_path)
     assert done == 1000 and weights.name == "round-1000.safetensors" and sidecar["round"] == 1000
+
+
+def test_histogram_metrics_equal_scikit_learn_on_binned_scores():
+    """AUPRC and the operating point from counts are scikit-learn's on bin-rounded scores."""
+    import numpy as np
+
+    from shared_models.metrics import histogram_metrics, operating_point_metrics, score_histograms
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.2).astype(int)
+    s = np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1)
+    binned = (np.clip((s * 10).astype(int), 0, 9) + 0.5) / 10
+    values, _ = histogram_metrics(*score_histograms(y, s))
+    reference, _ = operating_point_metrics(y, binned)
+    for name, value in reference.items():
+        assert values[name] == pytest.approx(value), name

@@ -2,7 +2,8 @@
 
 A task is what the coordinator and every hospital must agree on; it travels in the app bundle
 the hospitals approve. Each family of tasks has its own module (``tabular``: rows from the
-datasets' upstream files; ``images``: chest X-rays); this package holds the registry. The training loop takes a task's
+datasets' upstream files; ``images``: chest X-rays; ``icu``: ICU stays as time series);
+this package holds the registry. The training loop takes a task's
 ``Dataset`` and a model from :mod:`shared_models.models`, so a new family adds a loader and a
 model, not a branch in ``client/training.py``.
 """
@@ -10,12 +11,13 @@ model, not a branch in ``client/training.py``.
 from __future__ import annotations
 
 from .base import LABEL, DataError, SiteData, Task, prepare_site
+from .icu import ICU_TASKS
 from .images import IMAGE_TASKS
 from .tabular import TABULAR_TASKS
 
 __all__ = ["LABEL", "TASKS", "DataError", "SiteData", "Task", "get_task", "prepare_site"]
 
-TASKS: dict[str, Task] = {**TABULAR_TASKS, **IMAGE_TASKS}
+TASKS: dict[str, Task] = {**TABULAR_TASKS, **IMAGE_TASKS, **ICU_TASKS}
 
 
 def get_task(name: str) -> Task:

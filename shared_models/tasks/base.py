@@ -9,8 +9,8 @@ ever needs raw data -- or statistics -- of two hospitals.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -110,6 +110,14 @@ class Task:
         Hospital file name for a site name.
     natural_split : bool
         True when the data come as real hospitals (no partitioning in simulation).
+    repartitionable : bool
+        Natural-split tasks only: in simulation the real hospitals' data may also be pooled and
+        partitioned into simulated ones (``data.partition`` ``iid`` / ``dirichlet``, i.e.
+        ``fedcare simulate --hospitals N``); ``natural`` keeps the real hospitals.
+    run_defaults : dict[str, bool | int | float | str]
+        Run settings (``[tool.flwr.app.config]`` keys) this task recommends in place of the
+        schema's defaults (e.g. more rounds for a larger model); ``--run-config`` and explicit
+        options still override them.
     preprocessings : tuple[str, ...]
         Allowed ``task.preprocessing`` values; the first is the default.
     positive_class : str
@@ -143,6 +151,8 @@ class Task:
     reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     models: tuple[str, ...] = ("mlp", "logreg")
     simulated_sites: SimulatedSites | None = None
+    repartitionable: bool = False
+    run_defaults: Mapping[str, bool | int | float | str] = field(default_factory=dict, hash=False)
 
     def resolve_model(self, name: str) -> str:
         """Map ``"default"`` to the task's default model; raise ``ValueError`` for a model that
