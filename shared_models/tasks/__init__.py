@@ -1,18 +1,22 @@
 """Tasks: input schema, upstream file loaders, per-site preprocessing, model and metric choice.
 
 A task is what the coordinator and every hospital must agree on; it travels in the app bundle
-the hospitals approve. Each family of tasks has its own module (``tabular``: rows from the
-datasets' upstream files); this package holds the registry. The training loop takes a task's
-``Dataset`` and a model from :mod:`shared_models.models`, so a new family adds a loader and a
-model, not a branch in ``client/training.py``.
+the hospitals approve. Each family of tasks has its own module (``tabular``: one task per task
+file in the app's ``tasks/`` folder, see :mod:`.taskfile`); this package holds the registry.
+The training loop takes a task's ``Dataset`` and a model from :mod:`shared_models.models`, so a
+new family adds a loader and a model, not a branch in ``client/training.py``.
 """
 
 from __future__ import annotations
 
 from .base import LABEL, DataError, SiteData, Task, prepare_site
-from .tabular import TABULAR_TASKS
+from .tabular import TABULAR_TASKS, TASK_FILE_PROBLEMS, TASKS_DIR
+from .taskfile import TaskFileError
 
-__all__ = ["LABEL", "TASKS", "DataError", "SiteData", "Task", "get_task", "prepare_site"]
+__all__ = [
+    "LABEL", "TASKS", "TASKS_DIR", "DataError", "SiteData", "Task", "TaskFileError", "get_task",
+    "prepare_site",
+]  # fmt: skip
 
 TASKS: dict[str, Task] = {**TABULAR_TASKS}
 
@@ -23,11 +27,13 @@ def get_task(name: str) -> Task:
     Raises
     ------
     ValueError
-        Unknown name; the message lists the known tasks.
+        Unknown name; the message lists the known tasks (and any task file of ``tasks/`` that
+        could not be loaded, with its problem).
     """
     try:
         return TASKS[name]
     except KeyError:
+        broken = "".join(f"; {problem}" for problem in TASK_FILE_PROBLEMS.values())
         raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}{broken}"
         ) from None
