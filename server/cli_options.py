@@ -16,8 +16,20 @@ class Partition(StrEnum):
     dirichlet = "dirichlet"
 
 
-Task = Annotated[str, typer.Option(help="Task: breast-cancer (embedded data) or heart-disease.")]
-DataDir = Annotated[Path | None, typer.Option(help="Folder with the task's upstream data files.")]
+Task = Annotated[
+    str,
+    typer.Option(
+        help="Task: breast-cancer (embedded data), heart-disease, or the name of a task file in "
+        "the app's tasks/ folder."
+    ),
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder with one data file per hospital in the task's format (the file names are "
+        "the hospital names), or one CSV file to split into simulated hospitals."
+    ),
+]
 PartitionOpt = Annotated[Partition, typer.Option(help="Split of data without a natural split.")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")]
 Rounds = Annotated[int | None, typer.Option(help="Federated rounds.")]

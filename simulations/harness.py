@@ -75,7 +75,9 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     if task.natural_split and req.hospitals is not None:
         raise UsageError(f"task {task.name} has real hospitals (a natural split); drop --hospitals")
     if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+        found = len(task.load_sites(cfg["data.dir"]))
+        if task.natural_split or found > 1:  # one file per hospital; a single file is split
+            hospitals = found
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
@@ -126,7 +128,9 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
     check_names(cfg)
     task = get_task(cfg["task.name"])
     if task.natural_split or req.options.data_dir:
-        hospitals = len(task.load_sites(cfg["data.dir"]))
+        found = len(task.load_sites(cfg["data.dir"]))
+        if task.natural_split or found > 1:
+            hospitals = found
     frames = simulated_site_frames(
         task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
         alpha=cfg["data.alpha"], seed=cfg["train.seed"],

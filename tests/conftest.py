@@ -1,7 +1,9 @@
-"""Shared fixtures. Real datasets are read from ../shared/data (never copied into the repo)."""
+"""Shared fixtures. Real datasets are read from ../shared/data (never copied into the repo), or
+from the folder named by the environment variable FEDCARE_SHARED_DATA."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,14 +13,14 @@ from shared_models.runtime import apply_offline_env
 apply_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 HEART_DIR = SHARED_DATA / "heart_disease_uci"
 
 
 @pytest.fixture
 def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").exists():
-        pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent)")
+        pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent; set FEDCARE_SHARED_DATA)")
     return HEART_DIR
 
 

@@ -9,13 +9,15 @@ new family adds a loader and a model, not a branch in ``client/training.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import LABEL, DataError, SiteData, Task, prepare_site
-from .tabular import TABULAR_TASKS, TASK_FILE_PROBLEMS, TASKS_DIR
+from .tabular import TABULAR_TASKS, TASK_FILE_PROBLEMS, TASKS_DIR, load_task_folder
 from .taskfile import TaskFileError
 
 __all__ = [
-    "LABEL", "TASKS", "TASKS_DIR", "DataError", "SiteData", "Task", "TaskFileError", "get_task",
-    "prepare_site",
+    "LABEL", "TASKS", "TASKS_DIR", "DataError", "SiteData", "Task", "TaskFileError",
+    "app_task_names", "get_task", "prepare_site", "task_file_problems",
 ]  # fmt: skip
 
 TASKS: dict[str, Task] = {**TABULAR_TASKS}
@@ -37,3 +39,15 @@ def get_task(name: str) -> Task:
         raise ValueError(
             f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}{broken}"
         ) from None
+
+
+def app_task_names(app_dir: Path) -> list[str]:
+    """The tasks an app folder provides: the tasks written in Python (this installation's) and
+    the task files of ``app_dir/tasks/`` (e.g. a copy of the app with a consortium's task)."""
+    in_code = set(TASKS) - set(TABULAR_TASKS)
+    return sorted(in_code | set(load_task_folder(Path(app_dir) / "tasks")[0]))
+
+
+def task_file_problems(app_dir: Path) -> list[str]:
+    """Why task files of ``app_dir/tasks/`` could not be loaded (invalid, misnamed)."""
+    return list(load_task_folder(Path(app_dir) / "tasks")[1].values())

@@ -352,10 +352,10 @@ def check_table(spec: TaskSpec, frame: pd.DataFrame, source: str) -> TableReport
     positives = negatives = 0
     lab = spec.label
     if lab.column in present:
-        text, missing = _cells(frame[lab.column], ())
+        _, missing = _cells(frame[lab.column], spec.missing)
         pos = match_values(frame[lab.column], lab.positive) >= 0
         neg = match_values(frame[lab.column], lab.negative) >= 0
-        bad = ~missing & ~pos & ~neg
+        bad = ~missing & ~pos & ~neg  # a missing label is reported with these
         positives, negatives = int(pos.sum()), int(neg.sum())
         declared = (
             f"positive {', '.join(map(str, lab.positive))}; "
@@ -373,7 +373,7 @@ def check_table(spec: TaskSpec, frame: pd.DataFrame, source: str) -> TableReport
         )
     for c in spec.ignore:
         if c in present:
-            _, missing = _cells(frame[c], ())
+            _, missing = _cells(frame[c], spec.missing)
             columns.append(ColumnReport(column=c, kind="ignored", missing=int(missing.sum())))
     return TableReport(
         source=source,

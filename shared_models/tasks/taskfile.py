@@ -156,6 +156,8 @@ class TaskSpec:
         In model-input order.
     ignore : tuple[str, ...]
         Columns present in the hospitals' files that the task does not use.
+    missing : tuple[str, ...]
+        The task's missing-value markers (``[task] missing``; a feature may have its own).
     model : str or None
         Default model (``model.name = "default"``).
     test_fraction : float or None
@@ -179,6 +181,7 @@ class TaskSpec:
     label: LabelSpec
     features: tuple[FeatureSpec, ...]
     ignore: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
     model: str | None = None
     test_fraction: float | None = None
     format: str = "csv"
@@ -256,11 +259,12 @@ class _Reader:
             raise self.error("", f"must be a table, got {_kind(table)}")
         self.table = table
 
-    def key(self, key: str) -> str:
-        return f"{self.where}.{key}" if key else self.where
-
     def error(self, key: str, problem: str) -> TaskFileError:
-        return TaskFileError(f"{self.source}: '{self.key(key)}' {problem}")
+        if self.where.startswith("feature '"):  # a named feature: "feature 'age': 'min' ..."
+            where = f"{self.where}: '{key}'" if key else self.where
+        else:
+            where = f"'{self.where}.{key}'" if key else f"'{self.where}'"
+        return TaskFileError(f"{self.source}: {where} {problem}")
 
     def unknown(self, allowed: set[str]) -> None:
         extra = sorted(set(self.table) - allowed)
@@ -454,6 +458,7 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         label=label,
         features=features,
         ignore=ignore,
+        missing=tuple(m for m in default_missing if m),
         model=model,
         test_fraction=test_fraction,
         format=task.choice("format", FORMATS, "csv"),
@@ -502,7 +507,7 @@ def _parse_feature(r: _Reader, default_missing: tuple[str, ...], default_if: str
     if_missing = r.choice("if-missing", IF_MISSING, default_if)
     indicator = r.get("missing-indicator", bool)
     if indicator is not None and if_missing != "impute":
-        raise r.error("missing-indicator", "applies only with if-missing = \"impute\"")
+        raise r.error("missing-indicator", 'applies only with if-missing = "impute"')
     missing = r.strings("missing") if "missing" in r.table else default_missing
     clash = [m for m in missing if m and any(same_value(m, v) for v in levels)]
     if clash:
