@@ -20,7 +20,9 @@ HEART_DIR = SHARED_DATA / "heart_disease_uci"
 @pytest.fixture
 def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").exists():
-        pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent; set FEDCARE_SHARED_DATA)")
+        pytest.skip(
+            f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent; set FEDCARE_SHARED_DATA)"
+        )
     return HEART_DIR
 
 

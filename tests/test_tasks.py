@@ -57,7 +57,9 @@ def test_breast_cancer_csv_bad_values_name_the_row_never_the_value(tmp_path):
     with pytest.raises(DataError) as exc:
         read_breast_cancer_csv(path)
     message = str(exc.value)
-    assert "label column 'diagnosis': 1 row(s) with a value that is neither positive nor " in message
+    assert (
+        "label column 'diagnosis': 1 row(s) with a value that is neither positive nor " in message
+    )
     assert "(first at data row 3)" in message and "'X'" not in message
 
 

@@ -80,9 +80,10 @@ def read_csv_table(path: Path) -> pd.DataFrame:
             na_filter=False, skip_blank_lines=True, skipinitialspace=True, engine="c",
         )  # fmt: skip
     except pd.errors.ParserError as exc:  # "Expected 5 fields in line 7, saw 6": no values
+        found = re.search(r"Expected \d+ fields in line \d+, saw \d+", str(exc))
         raise DataError(
-            f"{path}: not a regular table ({str(exc).split('. ', 1)[-1].strip()}); every row "
-            "needs as many fields as the header"
+            f"{path}: not a regular table ({found.group(0) if found else 'unbalanced quotes'}); "
+            "every row needs as many fields as the header"
         ) from None
     frame.columns = names
     frame = frame.fillna("")  # short rows are padded by pandas: their cells count as missing

@@ -470,9 +470,9 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
 
 
 def _parse_feature(r: _Reader, default_missing: tuple[str, ...], default_if: str) -> FeatureSpec:
-    r.unknown(_FEATURE_KEYS)
     name = r.get("name", str, required=True).strip()
     r.where = f"feature '{name}'"  # from here on, errors name the feature
+    r.unknown(_FEATURE_KEYS)
     kind = r.choice("type", FEATURE_TYPES, "")
     if not kind:
         raise r.error("type", f"is missing; choose one of {list(FEATURE_TYPES)}")
