@@ -73,10 +73,10 @@ def print_table_report(console: Console, report: TableReport) -> None:
             str(c.out_of_range) if c.out_of_range else "",
             c.detail,
         )
-    for c in report.missing_columns:
-        table.add_row(c, "[red]missing from the file[/]", "", "", "", "")
-    for c in report.extra_columns:
-        table.add_row(c, "[red]not in the task[/]", "", "", "", "")
+    for name in report.missing_columns:
+        table.add_row(name, "[red]missing from the file[/]", "", "", "", "")
+    for name in report.extra_columns:
+        table.add_row(name, "[red]not in the task[/]", "", "", "", "")
     console.print(table)
     for problem in report.problems():
         console.print(f"[red]problem:[/] {problem}", highlight=False)

@@ -334,7 +334,8 @@ def test_client_check_reports_per_column_counts(monkeypatch, capsys, tmp_path):
     assert code == 0, out
     assert "munich.csv: 229 rows, valid task gbsg2" in out
     assert "label: 88 positive (38%), 141 negative" in out
-    assert "progrec │ numeric │ 15 (7%)" in out  # the missing rate of the column
+    cells = out.split("│ progrec", 1)[1].split("│")  # the column's row of the table
+    assert "numeric" in cells[1] and "15 (7%)" in cells[2]  # its missing rate
 
 
 def test_client_start_refuses_a_file_that_fails_the_check(monkeypatch, capsys, tmp_path):
@@ -474,3 +475,21 @@ def test_unknown_task_names_a_broken_task_file(monkeypatch, capsys, tmp_path):
     assert tasks == {}
     assert "feature 'tsize': 'min' = 0 must be below" in problems["gbsg2.toml"]
     assert "rename the file to gbsg2.toml" in problems["ok.toml"]
+
+
+def test_the_readme_example_is_a_valid_task_file():
+    from server.run_config import APP_DIR
+
+    readme = (APP_DIR / "README.md").read_text()
+    section = readme.split("## Your own task", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = parse_task_text(example, source="README.md")
+    assert spec.name == "readmission" and spec.preprocessings == ("declared", "impute")
+    assert spec.output_columns("declared") == [
+        "age", "age missing", "creatinine", "sex",
+        "admission=elective", "admission=emergency", "admission=transfer",
+    ]  # fmt: skip
+    assert spec.output_columns("impute") == [
+        "age", "creatinine", "sex", "admission=elective", "admission=emergency",
+        "admission=transfer",
+    ]  # fmt: skip
