@@ -270,22 +270,23 @@ def task_from_file(path: Path) -> Task:
 def load_task_folder(folder: Path) -> tuple[dict[str, Task], dict[str, str]]:
     """Every ``*.toml`` task file of ``folder``: ``(tasks by name, problems by file name)``.
 
-    A file whose task name is not its file name, that repeats another file's name, or that is
-    invalid is left out, with its problem (shown when its task is asked for, and by
-    ``fedcare task check``).
+    A file whose task name is not its file name or that is invalid is left out, with its
+    problem (shown when an unknown task is asked for). Messages name ``tasks/FILE``, never the
+    folder's location.
     """
     tasks: dict[str, Task] = {}
     problems: dict[str, str] = {}
     for path in sorted(Path(folder).glob("*.toml")) if Path(folder).is_dir() else []:
+        source = f"tasks/{path.name}"
         try:
-            spec = parse_task_file(path)
+            spec = parse_task_file(path, source=source)
         except TaskFileError as exc:
             problems[path.name] = str(exc)
             continue
         if spec.name != path.stem:
             problems[path.name] = (
-                f"{path}: [task] name is '{spec.name}'; a task file in tasks/ is named after its "
-                f"task: rename the file to {spec.name}.toml"
+                f"{source}: [task] name is '{spec.name}'; a task file in tasks/ is named after "
+                f"its task: rename the file to {spec.name}.toml"
             )
             continue
         tasks[spec.name] = task_from_spec(spec)

@@ -350,8 +350,8 @@ def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join(words.get(k, k.__name__) for k in kinds)
 
 
-def parse_task_file(path: Path) -> TaskSpec:
-    """Read and validate a task file.
+def parse_task_file(path: Path, *, source: str | None = None) -> TaskSpec:
+    """Read and validate a task file; messages name it as ``source`` (default: its path).
 
     Raises
     ------
@@ -359,13 +359,14 @@ def parse_task_file(path: Path) -> TaskSpec:
         The file is missing, not UTF-8 TOML, or invalid (the message names the key).
     """
     path = Path(path)
+    source = source or str(path)
     if not path.is_file():
-        raise TaskFileError(f"{path}: task file not found")
+        raise TaskFileError(f"{source}: task file not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise TaskFileError(f"{path}: not UTF-8 text; save the task file as UTF-8") from None
-    return parse_task_text(text, source=str(path))
+        raise TaskFileError(f"{source}: not UTF-8 text; save the task file as UTF-8") from None
+    return parse_task_text(text, source=source)
 
 
 def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
