@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,7 @@ class TaskSpec:
             return self.features
         variant = next(v for v in self.variants if v.name == preprocessing)
         return tuple(
-            _replace(f, if_missing=variant.if_missing, missing_indicator=variant.missing_indicator)
+            replace(f, if_missing=variant.if_missing, missing_indicator=variant.missing_indicator)
             for f in self.features
         )
 
@@ -221,12 +221,6 @@ class TaskSpec:
             if f.if_missing == "impute" and f.missing_indicator:
                 names.append(f"{f.name} missing")
         return names
-
-
-def _replace(feature: FeatureSpec, **changes: Any) -> FeatureSpec:
-    from dataclasses import replace
-
-    return replace(feature, **changes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +240,7 @@ _ONLY_FOR = {  # keys that make sense for one feature type only
     "scale": ("numeric",), "levels": ("binary", "categorical"), "drop-first": ("categorical",),
 }  # fmt: skip
 _VARIANT_KEYS = {"if-missing", "missing-indicator"}
+# the names tabular.TABLE_FORMATS and tabular.EMBEDDED_DATA register (a test checks they agree)
 FORMATS = ("csv", "uci-heart-disease")
 EMBEDDED = ("sklearn-breast-cancer",)
 
