@@ -49,7 +49,9 @@ def test_breast_cancer_csv_bad_values_name_the_row_never_the_value(tmp_path):
     frame.to_csv(path, index=False)
     with pytest.raises(DataError) as exc:
         read_breast_cancer_csv(path)
-    assert "column 'mean area': 1 row(s) not a number (first at data row 5)" in str(exc.value)
+    assert "column 'mean area': 1 row(s) not a finite number (first at data row 5)" in str(
+        exc.value
+    )
     assert "big" not in str(exc.value)
     frame = breast_cancer_frame().iloc[:20].copy()
     frame.loc[2, "diagnosis"] = "X"

@@ -279,7 +279,11 @@ class TableReport:
                 )
                 continue
             if c.wrong_type:
-                what = "not a number" if c.kind == "numeric" else "not one of the declared levels"
+                what = (
+                    "not a finite number"
+                    if c.kind == "numeric"
+                    else "not one of the declared levels"
+                )
                 out.append(
                     f"{where}: column '{c.column}': {c.wrong_type} row(s) {what}{at}; "
                     f"the task declares {c.detail}"
