@@ -106,8 +106,6 @@ class Task:
     check_file : Callable[[Path], TableReport] or None
         Tabular tasks from a task file: the per-column report of one hospital file
         (:func:`shared_models.tasks.table.check_table`), for ``fedcare client check``.
-    description : str
-        What the task predicts (for the approval screen and reports).
     """
 
     name: str
@@ -125,7 +123,6 @@ class Task:
     models: tuple[str, ...] = ("mlp", "logreg")
     scaling_for: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
     check_file: Callable[[Path], Any] | None = None
-    description: str = ""
 
     def scaling(self, preprocessing: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The fixed ``(center, scale)`` of a (resolved) preprocessing, or None."""

@@ -252,7 +252,6 @@ def task_from_spec(spec: TaskSpec) -> Task:
         scaling_for=lambda preprocessing: reference_scaling(spec, preprocessing),
         models=models or MODEL_NAMES,
         check_file=check_file,
-        description=spec.description,
     )
 
 
