@@ -6,8 +6,9 @@ whose SHA-256 (the hash Flower itself uses to name and store a FAB) its operator
 ``fedcare client approve``; the approved code then enforces the site policy on the run config.
 
 Inspecting a bundle never executes it: the FAB is read as a zip archive, its task list is
-parsed from ``shared_models/tasks/*.py`` with :mod:`ast`, and its metadata from its
-``pyproject.toml``.
+parsed from ``shared_models/tasks/*.py`` with :mod:`ast` and from the task files
+``tasks/*.toml`` (validated as data, see :mod:`shared_models.tasks.taskfile`), and its
+metadata from its ``pyproject.toml``.
 
 Layout: ``<ledger>/approved.json`` = ``{"approved": [{"sha256", "fab_id", "version",
 "tasks", "files", "approved_at", "source"}, ...]}``, written atomically (temporary file, fsync,
@@ -32,7 +33,8 @@ from flwr.common.config import get_metadata_from_config
 from shared_models.files import write_json_atomic
 
 APPROVED_FILE = "approved.json"
-TASKS_PACKAGE = "shared_models/tasks/"  # where a fedcare bundle registers its tasks
+TASKS_PACKAGE = "shared_models/tasks/"  # where a fedcare bundle registers its Python tasks
+TASK_FILES = "tasks/"  # the bundle's task files (tasks/NAME.toml), one tabular task each
 
 
 class ApprovalError(RuntimeError):
@@ -54,7 +56,8 @@ class BundleInfo:
     files : list[str]
         Files in the bundle with their sizes in bytes, ``"path (N bytes)"``.
     tasks : list[str]
-        Task names registered in the bundle's ``TASKS`` (parsed, never imported).
+        Task names registered in the bundle's ``TASKS`` (parsed, never imported) and those of
+        its task files.
     """
 
     sha256: str
@@ -124,13 +127,36 @@ def task_names(source: str, *, module: str = TASKS_PACKAGE) -> list[str]:
     return names
 
 
+def task_file_name(text: str, *, path: str) -> str:
+    """The task name of a bundle's task file ``tasks/NAME.toml``, validated as data.
+
+    Raises
+    ------
+    ApprovalError
+        The file is not a valid task file, or its task name is not its file name (the
+        hospitals would not load it): the bundle should not be approved.
+    """
+    from shared_models.tasks.taskfile import TaskFileError, parse_task_text
+
+    try:
+        spec = parse_task_text(text, source=path)
+    except TaskFileError as exc:
+        raise ApprovalError(f"the bundle's task file is invalid: {exc}") from None
+    if f"{TASK_FILES}{spec.name}.toml" != path:
+        raise ApprovalError(
+            f"the bundle's task file {path} names task '{spec.name}'; a task file is named "
+            "after its task"
+        )
+    return spec.name
+
+
 def inspect_fab(content: bytes) -> BundleInfo:
     """Describe a FAB from its bytes (a zip archive) without extracting or importing it.
 
     Raises
     ------
     ApprovalError
-        Not a zip archive, or no ``pyproject.toml`` inside.
+        Not a zip archive, no ``pyproject.toml`` inside, or an invalid task file (named).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(content))
@@ -141,6 +167,11 @@ def inspect_fab(content: bytes) -> BundleInfo:
             for name in names
             if name.startswith(TASKS_PACKAGE) and name.endswith(".py")
             for task in task_names(archive.read(name).decode(), module=name)
+        ]
+        tasks += [
+            task_file_name(archive.read(name).decode("utf-8-sig"), path=name)
+            for name in names
+            if name.startswith(TASK_FILES) and name.endswith(".toml") and name.count("/") == 1
         ]
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ApprovalError(f"not a Flower app bundle ({type(exc).__name__}: {exc})") from None

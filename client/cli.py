@@ -84,6 +84,35 @@ def _require_approved_bundle(ledger_dir: Path) -> None:
         )
 
 
+def _report_table(task: str, data: Path) -> bool:
+    """For a tabular task from a task file, print the per-column report of ``data``
+    (:mod:`client.table_report`) and refuse a file that fails it; False for other tasks.
+
+    Raises
+    ------
+    HospitalSetupError
+        Unknown task or invalid task file, or ``data`` does not match the task.
+    """
+    from client.table_report import print_table_report, task_for_check
+
+    try:
+        spec = task_for_check(task)
+    except ValueError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    if spec.check_file is None:
+        return False
+    report = spec.check_file(data)
+    if report.format_error:  # not a table at all: one message
+        raise HospitalSetupError(report.format_error)
+    print_table_report(console, report)
+    if not report.ok:
+        raise HospitalSetupError(
+            f"{data} does not match task {spec.name} ({len(report.problems())} problem(s) above); "
+            "fix the file, or the task file with the consortium"
+        )
+    return True
+
+
 def _write_superexec_secret(path: Path) -> Path:
     """A fresh random SuperExec auth secret (32 bytes, mode 0600): only our launcher may acquire
     tasks from the SuperNode's Runtime API (``flower-supernode --superexec-auth-secret-file``)."""
@@ -206,6 +235,13 @@ def start(
         typer.Option(help="Share of the data held out for evaluation (0: the task's default)."),
     ] = 0.0,
     split_seed: Annotated[int, typer.Option(help="Seed of this site's train/test split.")] = 0,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Check --data against this tabular task (name or task file) first and refuse "
+            "to start when it does not match (the report of `fedcare client check`)."
+        ),
+    ] = None,
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key).
 
@@ -235,6 +271,8 @@ def start(
         raise HospitalSetupError(
             f"--key {key}: not an OpenSSH private key (use hospitals/NAME.key from `fedcare server init`)"
         ) from None
+    if task is not None:
+        _report_table(task, data)
     if ":" not in superlink:
         raise HospitalSetupError(f"--superlink {superlink!r}: use HOST:PORT")
     if executor not in ("warm", "subprocess"):
@@ -319,7 +357,13 @@ def check(
     """Validate local data against a task's schema (offline): rows, label balance, and missing
     values per column (tabular), image formats and sizes (images), or per variable (icu-mortality:
     a folder of ``<RecordID>.txt`` records with their ``Outcomes*.txt``, or the upstream archive;
-    one row per ICU stay, "missing" = stays without any observation of a variable in 48 h)."""
+    one row per ICU stay, "missing" = stays without any observation of a variable in 48 h).
+
+    A tabular task (a name, or a task file ``*.toml``) gets the per-column report: missing rate,
+    values of the wrong type and out-of-range values (counted, never shown), label balance.
+    """
+    if _report_table(task, data):
+        return
     try:
         spec = get_task(task)
     except ValueError as exc:

@@ -178,7 +178,7 @@ def run(
             strategy=strategy, epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, run_config=run_config,
         )  # fmt: skip
         cfg, stale_run = options.build(), None
-        check_names(cfg)
+        check_names(cfg, app_dir=app_dir)
         run_dir = (out or opt.default_out()).resolve()
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"{run_dir}: run folder exists and is not empty; choose another --out")

@@ -17,9 +17,20 @@ class Partition(StrEnum):
 
 
 Task = Annotated[
-    str, typer.Option(help="Task: breast-cancer (embedded data), heart-disease or icu-mortality.")
+    str,
+    typer.Option(
+        help="Task: breast-cancer (embedded data), heart-disease, chest-xray, icu-mortality, "
+        "or the name of a task file in the app's tasks/ folder."
+    ),
 ]
-DataDir = Annotated[Path | None, typer.Option(help="Folder with the task's upstream data files.")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        help="The task's upstream data: a folder with one data file (or folder) per hospital in "
+        "the task's format (the names are the hospital names), or one dataset to split into "
+        "simulated hospitals."
+    ),
+]
 PartitionOpt = Annotated[Partition, typer.Option(help="Split of data without a natural split.")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")]
 Rounds = Annotated[int | None, typer.Option(help="Federated rounds.")]

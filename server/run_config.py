@@ -146,19 +146,23 @@ def _task_run_defaults(task: str, schema: dict[str, Any]) -> dict[str, Any]:
     return dict(spec.run_defaults)
 
 
-def check_names(cfg: dict[str, Any]) -> None:
-    """Unknown task / strategy / model names become :class:`UsageError` listing the known ones."""
+def check_names(cfg: dict[str, Any], *, app_dir: Path = APP_DIR) -> None:
+    """Unknown task / strategy / model names become :class:`UsageError` listing the known ones
+    (the tasks of the app folder ``app_dir`` that will be submitted)."""
     from server.strategies import STRATEGIES
     from shared_models.models import MODELS
-    from shared_models.tasks import TASKS
+    from shared_models.tasks import app_task_names, task_file_problems
 
     registries: tuple[tuple[str, str, str, Any], ...] = (
-        ("task.name", "task", "tasks", TASKS),
+        ("task.name", "task", "tasks", app_task_names(app_dir)),
         ("strategy.name", "strategy", "strategies", STRATEGIES),
         ("model.name", "model", "models", MODELS),
     )
     for key, kind, kinds, known in registries:
         if cfg[key] not in known and not (key == "model.name" and cfg[key] == "default"):
+            broken = (
+                "".join(f"; {p}" for p in task_file_problems(app_dir)) if kind == "task" else ""
+            )
             raise UsageError(
-                f"unknown {kind} {cfg[key]!r}; known {kinds}: {', '.join(sorted(known))}"
+                f"unknown {kind} {cfg[key]!r}; known {kinds}: {', '.join(sorted(known))}{broken}"
             )

@@ -24,12 +24,13 @@ def site_from_frame(
 
     ``test_fraction`` 0 means the task's default split.
     """
-    x, y = task.features(frame, task.resolve_preprocessing(preprocessing))
+    resolved = task.resolve_preprocessing(preprocessing)
+    x, y = task.features(frame, resolved)
     return prepare_site(
         name, x, y,
         test_fraction=test_fraction or task.default_test_fraction,
         seed=seed,
-        reference_scaling=task.reference_scaling,
+        reference_scaling=task.scaling(resolved),
     )  # fmt: skip
 
 

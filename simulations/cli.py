@@ -1,4 +1,5 @@
-"""The ``fedcare`` command: ``simulate`` (this module), ``server ...`` and ``client ...``.
+"""The ``fedcare`` command: ``simulate`` (this module), ``server ...``, ``client ...`` and
+``task ...``.
 
 Expected mistakes (unknown task, missing or malformed data, out-of-range option, missing PKI
 file) print one message naming the problem and exit with code 2; no traceback.
@@ -24,6 +25,7 @@ from server import cli_options as opt  # noqa: E402
 from server.cli import app as server_app  # noqa: E402
 from server.report import print_summary  # noqa: E402
 from simulations.harness import SimulationRequest, UsageError, export_hospitals, run_simulation_job  # noqa: E402
+from simulations.task_cli import app as task_app  # noqa: E402
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error lines are never broken
@@ -37,6 +39,9 @@ app = typer.Typer(
 )
 app.add_typer(server_app, name="server", help="The coordinator: PKI, SuperLink, training runs.")
 app.add_typer(client_app, name="client", help="The hospital: SuperNode daemon, data checks.")
+app.add_typer(
+    task_app, name="task", help="A consortium's own tabular task: draft and check task files."
+)
 
 
 @app.callback()

@@ -22,7 +22,9 @@ PHYSIONET_DIR = SHARED_DATA / "physionet2012"
 @pytest.fixture
 def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").exists():
-        pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent)")
+        pytest.skip(
+            f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent; set FEDCARE_SHARED_DATA)"
+        )
     return HEART_DIR
 
 

@@ -257,7 +257,10 @@ def test_non_finite_data_is_refused_naming_the_column_and_no_value_leaves(hospit
     get_task("breast-cancer").write_file(frame, path)
     from shared_models.tasks import DataError
 
-    with pytest.raises(DataError, match=r"line 9: column 'mean radius' has a non-finite value"):
+    with pytest.raises(
+        DataError,
+        match=r"column 'mean radius': 1 row\(s\) not a finite number \(first at data row 8\)",
+    ):
         get_task("breast-cancer").read_file(path)
     ctx = hospital()
     ctx.node_config["data-path"] = str(path)

@@ -8,12 +8,11 @@ import pytest
 
 from shared_models.sites import simulated_site_frames, site_from_frame
 from shared_models.tasks import TASKS, DataError, get_task, prepare_site
-from shared_models.tasks.tabular import (
-    HEART_SITES,
-    breast_cancer_frame,
-    read_breast_cancer_csv,
-    read_heart_disease_file,
-)
+from shared_models.tasks.tabular import HEART_SITES, breast_cancer_frame, read_heart_disease_file
+
+
+def read_breast_cancer_csv(path):
+    return get_task("breast-cancer").read_file(path)
 
 
 def test_unknown_task_lists_known_names():
@@ -38,23 +37,32 @@ def test_breast_cancer_csv_roundtrip(tmp_path):
 def test_breast_cancer_csv_missing_column(tmp_path):
     path = tmp_path / "site.csv"
     breast_cancer_frame().drop(columns=["mean radius"]).iloc[:20].to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"site.csv: missing column\(s\) \['mean radius'\]"):
+    with pytest.raises(DataError, match=r"site.csv \(20 rows\): column 'mean radius' is missing"):
         read_breast_cancer_csv(path)
 
 
-def test_breast_cancer_csv_bad_values_name_the_line(tmp_path):
+def test_breast_cancer_csv_bad_values_name_the_row_never_the_value(tmp_path):
     frame = breast_cancer_frame().iloc[:20].copy()
     frame["mean area"] = frame["mean area"].astype(object)
     frame.loc[4, "mean area"] = "big"
     path = tmp_path / "site.csv"
     frame.to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"line 6: column 'mean area' has non-numeric value 'big'"):
+    with pytest.raises(DataError) as exc:
         read_breast_cancer_csv(path)
+    assert "column 'mean area': 1 row(s) not a finite number (first at data row 5)" in str(
+        exc.value
+    )
+    assert "big" not in str(exc.value)
     frame = breast_cancer_frame().iloc[:20].copy()
     frame.loc[2, "diagnosis"] = "X"
     frame.to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"line 4: 'diagnosis' is 'X'"):
+    with pytest.raises(DataError) as exc:
         read_breast_cancer_csv(path)
+    message = str(exc.value)
+    assert (
+        "label column 'diagnosis': 1 row(s) with a value that is neither positive nor " in message
+    )
+    assert "(first at data row 3)" in message and "'X'" not in message
 
 
 def test_heart_upstream_files_row_counts(heart_dir):
@@ -83,8 +91,8 @@ def test_heart_flamby_preprocessing_matches_flamby_counts(heart_dir):
 
 
 def test_heart_label_is_num_positive(heart_dir):
-    frame = read_heart_disease_file(heart_dir / "processed.switzerland.data")
-    assert frame["label"].mean() == pytest.approx((frame["num"] > 0).mean())
+    frame = get_task("heart-disease").read_file(heart_dir / "processed.switzerland.data")
+    assert frame["label"].mean() == pytest.approx((frame["num"].astype(float) > 0).mean())
     assert 0.9 < frame["label"].mean() < 0.95  # 93 % positive (shared/data README)
 
 
@@ -93,16 +101,17 @@ def test_heart_label_is_num_positive(heart_dir):
     [
         ("63,1,1,145,233,1,2,150,0,2.3,3,0,6\n", r"line 1: expected 14 comma-separated values"),
         ("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n63,1,1,145,233,1,2,150,0,2.3,3,0,6,0,1\n", "line 2: expected 14"),
-        ("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n63,one,1,145,233,1,2,150,0,2.3,3,0,6,0\n",
-         r"line 2: column 'sex' has non-numeric value 'one'"),
+        ("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n63,xyz,1,145,233,1,2,150,0,2.3,3,0,6,0\n",
+         r"column 'sex': 1 row\(s\) not one of the declared levels \(first at data row 2\)"),
         ("", "the file is empty"),
     ],
 )  # fmt: skip
 def test_heart_malformed_files(tmp_path, content, match):
     path = tmp_path / "processed.x.data"
     path.write_text(content)
-    with pytest.raises(DataError, match=match):
-        read_heart_disease_file(path)
+    with pytest.raises(DataError, match=match) as exc:
+        get_task("heart-disease").read_file(path)
+    assert "xyz" not in str(exc.value)  # never a cell value
 
 
 def test_heart_missing_file_names_it(tmp_path):
@@ -208,6 +217,5 @@ def test_breast_cancer_scaling_does_not_depend_on_the_site():
 
 
 def read_breast_cancer_frame() -> pd.DataFrame:
-    from shared_models.tasks.tabular import _breast_from_frame
-
-    return _breast_from_frame(breast_cancer_frame(), "embedded")
+    [(_, frame)] = get_task("breast-cancer").load_sites("")
+    return frame

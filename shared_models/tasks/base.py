@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -135,6 +135,12 @@ class Task:
         train/test files): returns every simulated hospital's :class:`SiteData` directly, in
         partition-id order. None (tabular tasks): ``load_sites`` -> partitioning ->
         ``features`` -> :func:`prepare_site`'s random split.
+    scaling_for : Callable[[str], (center, scale)] or None
+        The fixed scaling for a preprocessing name, when it depends on it (task files: missing
+        indicator columns); None: ``reference_scaling`` for every preprocessing.
+    check_file : Callable[[Path], TableReport] or None
+        Tabular tasks from a task file: the per-column report of one hospital file
+        (:func:`shared_models.tasks.table.check_table`), for ``fedcare client check``.
     """
 
     name: str
@@ -153,6 +159,14 @@ class Task:
     simulated_sites: SimulatedSites | None = None
     repartitionable: bool = False
     run_defaults: Mapping[str, bool | int | float | str] = field(default_factory=dict, hash=False)
+    scaling_for: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
+    check_file: Callable[[Path], Any] | None = None
+
+    def scaling(self, preprocessing: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The fixed ``(center, scale)`` of a (resolved) preprocessing, or None."""
+        if self.scaling_for is not None:
+            return self.scaling_for(preprocessing)
+        return self.reference_scaling
 
     def resolve_model(self, name: str) -> str:
         """Map ``"default"`` to the task's default model; raise ``ValueError`` for a model that
@@ -186,30 +200,6 @@ def require_file(path: Path) -> None:
         raise DataError(f"{path}: file not found; check the path")
     if not path.is_file():
         raise DataError(f"{path}: is a directory, expected a data file")
-
-
-def check_numeric(frame: pd.DataFrame, path: Path, *, first_line: int) -> pd.DataFrame:
-    """Convert every column to float; name the first non-numeric or non-finite cell (file, line,
-    column). Missing values stay NaN."""
-    out = frame.copy()
-    for col in out.columns:
-        converted = pd.to_numeric(out[col], errors="coerce")
-        bad = converted.isna() & out[col].notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                f"{path}, line {row + first_line}: column '{col}' has non-numeric value "
-                f"{out[col].iloc[row]!r}; fix or remove that row"
-            )
-        infinite = np.isinf(converted.to_numpy(dtype=float, na_value=np.nan))
-        if infinite.any():
-            row = int(np.flatnonzero(infinite)[0])
-            raise DataError(
-                f"{path}, line {row + first_line}: column '{col}' has a non-finite value "
-                f"(infinity or a number too large for a float); fix or remove that row"
-            )
-        out[col] = converted.astype(float)
-    return out
 
 
 def prepare_site(
