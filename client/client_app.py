@@ -50,7 +50,13 @@ from client.secure_aggregation import (
     secagg_stage,
     secure_aggregation_mod,
 )
-from client.site import SiteSettings, SiteSetupError, load_site_data, run_config_of
+from client.site import (
+    SiteSettings,
+    SiteSetupError,
+    load_site_data,
+    run_config_of,
+    simulation_node,
+)
 from client.training import (
     DPPlan,
     PrivacyBudgetError,
@@ -413,6 +419,8 @@ def _train(msg: Message, context: Context) -> Message:
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
     info = {"site": site.data.name, "device": device, "replayed": replay is not None}
+    if site.settings.simulated and (node := simulation_node()) is not None:
+        info["ray-node"] = node  # which node of a Ray cluster hosted this simulated hospital
     reply = RecordDict(
         {
             "arrays": ArrayRecord(state_dict),

@@ -8,6 +8,7 @@ that partition of the run's data, so one ClientApp serves both modes.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,15 @@ class SiteSetupError(ValueError):
 @functools.lru_cache(maxsize=8)
 def _parse_run(items: tuple[tuple[str, Any], ...]) -> RunConfig:
     return RunConfig.from_run_config(dict(items))
+
+
+def simulation_node() -> str | None:
+    """The Ray node that runs this simulated hospital's ClientApp (its actor's node id), or None
+    outside a Ray worker: the simulation report shows which nodes of a cluster hosted whom."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def run_config_of(context: Any) -> RunConfig:

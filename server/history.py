@@ -41,6 +41,8 @@ class SiteEvent:
         Reasons for metrics that are undefined at that site.
     error : str | None
         Error reason, refusal, or ``"no reply ..."`` when the hospital dropped.
+    host : str or None
+        Simulation: the Ray node that ran the hospital's ClientApp for this message.
     histograms : dict[str, list[float]]
         Noisy per-class score histograms (``hist-neg``, ``hist-pos``) a site without exact
         metrics released; its ``metrics`` are computed from them here.
@@ -54,6 +56,7 @@ class SiteEvent:
     undefined: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     histograms: dict[str, list[float]] = field(default_factory=dict)
+    host: str | None = None
 
 
 @dataclass
@@ -253,6 +256,7 @@ class RecordingGrid(DelegatingGrid):
                 metrics=values,
                 undefined=undefined,
                 histograms=histograms,
+                host=str(info["ray-node"]) if info is not None and "ray-node" in info else None,
             )
         )
 

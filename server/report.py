@@ -68,8 +68,18 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
             {"round": e.round, "kind": e.kind, "hospital": e.site, "reason": e.error}
             for e in history.errors()
         ],
+        "ray_nodes": _ray_nodes(history),
         "baselines": {},
     }
+
+
+def _ray_nodes(history: RunHistory) -> dict[str, list[str]]:
+    """Simulation: Ray node id -> the hospitals whose training ran there (empty when deployed)."""
+    nodes: dict[str, set[str]] = {}
+    for ev in history.events:
+        if ev.host is not None:
+            nodes.setdefault(ev.host, set()).add(ev.site)
+    return {node: sorted(sites) for node, sites in sorted(nodes.items())}
 
 
 def _latest_privacy(history: RunHistory, site: str) -> dict[str, float | None]:
@@ -307,6 +317,9 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
             f"- round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}"
             for f in summary["failures"]
         ]
+    if len(summary.get("ray_nodes", {})) > 1:
+        lines += ["", "## Ray nodes (simulation on a cluster)", ""]
+        lines += [f"- {node}: {', '.join(sites)}" for node, sites in summary["ray_nodes"].items()]
     lines += [
         "",
         "## Per round",
@@ -428,4 +441,7 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         console.print(
             f"  [yellow]round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}[/]"
         )
+    if len(summary.get("ray_nodes", {})) > 1:
+        for node, sites in summary["ray_nodes"].items():
+            console.print(f"  Ray node {node[:12]}: trained {', '.join(sites)}")
     console.print(f"run folder: [bold]{out}[/] ({seconds:.1f} s)")

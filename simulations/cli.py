@@ -92,6 +92,16 @@ def simulate(
             "per GPU); 0 trains on the CPU."
         ),
     ] = 0.0,
+    cpus_per_hospital: Annotated[
+        float, typer.Option(help="CPUs of each simulated hospital's Ray actor.")
+    ] = 1.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="An existing Ray cluster to run the hospitals on (as printed by `ray start "
+            "--head`); default: $RAY_ADDRESS, else this machine alone."
+        ),
+    ] = None,
 ) -> None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
     request = SimulationRequest(
@@ -105,6 +115,8 @@ def simulate(
         policy=policy,
         verbose=verbose,
         gpus_per_hospital=gpus_per_hospital,
+        cpus_per_hospital=cpus_per_hospital,
+        ray_address=ray_address,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):

@@ -24,6 +24,7 @@ def run_federation(
     num_supernodes: int,
     num_cpus_per_client: float = 1.0,
     num_gpus_per_client: float = 0.0,
+    ray_address: str | None = None,
     verbose: bool = False,
 ) -> None:
     """Run ``server.server_app:app`` with ``num_supernodes`` simulated ClientApps.
@@ -35,7 +36,13 @@ def run_federation(
     num_supernodes : int
         Number of simulated hospitals (each gets ``partition-id`` 0..N-1).
     num_cpus_per_client, num_gpus_per_client : float
-        Ray resources per ClientApp actor (GPU fractions allowed).
+        Ray resources per ClientApp actor (GPU fractions allowed). Flower's actor pool holds as
+        many actors as fit on every node of the cluster.
+    ray_address : str, optional
+        An existing Ray cluster (``ray start --head`` prints it) whose nodes host the simulated
+        hospitals; it is passed to ``ray.init`` through Flower's backend ``init_args``. Every
+        node needs fedcare installed at the same path as here. None: a Ray instance of this
+        machine alone, on the loopback address, stopped at the end.
 
     Raises
     ------
@@ -65,14 +72,19 @@ def run_federation(
     server_context = Context(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
+    init_args: dict[str, Any] = {
+        "logging_level": logging.DEBUG if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+        "include_dashboard": False,
+        "configure_logging": not verbose,
+    }
+    if ray_address:
+        init_args["address"] = ray_address
+    else:  # one machine: Ray's processes talk over loopback only
+        init_args["_node_ip_address"] = "127.0.0.1"
     backend_config = {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
-        "init_args": {
-            "logging_level": logging.DEBUG if verbose else logging.ERROR,
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-            "configure_logging": not verbose,
-        },
+        "init_args": init_args,
     }
     _run_simulation(
         num_supernodes=num_supernodes,

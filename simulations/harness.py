@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ class SimulationRequest:
     policy: Path | None = None
     verbose: bool = False
     gpus_per_hospital: float = 0.0  # Ray GPU share of each simulated hospital (0 = CPU)
+    cpus_per_hospital: float = 1.0  # Ray CPUs of each simulated hospital's actor
+    ray_address: str | None = None  # an existing Ray cluster (else RAY_ADDRESS, else local)
 
 
 DEFAULT_HOSPITALS = 3
@@ -51,6 +54,8 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
             f"--gpus-per-hospital must be in [0, 1] (got {req.gpus_per_hospital:g}); "
             "0.25 puts four hospitals on one GPU"
         )
+    if not req.cpus_per_hospital > 0:
+        raise UsageError(f"--cpus-per-hospital must be positive (got {req.cpus_per_hospital:g})")
     if req.gpus_per_hospital > 0:
         import torch
 
@@ -223,7 +228,8 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     try:
         run_federation(
             run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
-            num_gpus_per_client=req.gpus_per_hospital,
+            num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
+            ray_address=req.ray_address or os.environ.get("RAY_ADDRESS") or None,
         )  # fmt: skip
     finally:
         progress_logger.removeHandler(handler)

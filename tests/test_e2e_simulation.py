@@ -225,3 +225,36 @@ def test_chest_xray_on_hospital_image_folders(tmp_path):
     }  # fmt: skip
     card = json.loads((out / "model.json").read_text())
     assert card["model"]["name"] == "cnn" and card["model"]["input_shape"] == [1, 28, 28]
+
+
+def test_hospitals_run_on_both_nodes_of_a_ray_cluster(tmp_path):
+    """`fedcare simulate --ray-address` on Ray's own two-node test cluster (a head and a worker
+    node on this machine, loopback only, one CPU each): the run's summary shows that both nodes
+    hosted hospitals."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # nodes on 127.0.0.1, not the LAN IP
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"},
+    )
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        out = tmp_path / "run"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_ADDRESS"))}
+        proc = subprocess.run(
+            [sys.executable, "-m", "simulations.cli", "simulate", "--hospitals", "4", "--rounds",
+             "2", "--ray-address", cluster.address, "--out", str(out)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        nodes = json.loads((out / "summary.json").read_text())["ray_nodes"]
+        assert len(nodes) == 2  # the head's and the worker's actor each trained hospitals
+        assert {s for sites in nodes.values() for s in sites} == {
+            f"hospital-{i}" for i in range(1, 5)
+        }
+        assert "Ray node" in proc.stdout
+    finally:
+        cluster.shutdown()
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
