@@ -1,7 +1,9 @@
-"""Shared fixtures. Real datasets are read from ../shared/data (never copied into the repo)."""
+"""Shared fixtures. Real datasets are read from $FEDCARE_SHARED_DATA (default ../shared/data beside
+the repository; never copied into it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from shared_models.runtime import apply_offline_env
 apply_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("FEDCARE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HEART_DIR = SHARED_DATA / "heart_disease_uci"
 
 
