@@ -160,14 +160,15 @@ def start(
         )
     if not 0 < port < 65536 or not 0 < internal_port < 65536:
         raise UsageError("--port and --internal-port must be TCP ports (1-65535)")
-    public_local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if rate_limit <= 0 or max_body_mb <= 0:
+        raise UsageError("--rate-limit and --max-body-mb must be positive")
+    wildcard = host in ("0.0.0.0", "::", "")
+    public_local = "127.0.0.1" if wildcard else host
     try:
-        covers_loopback = host in ("0.0.0.0", "::", "") or ipaddress.ip_address(
-            host
-        ) == ipaddress.ip_address("127.0.0.1")
+        on_loopback_ip = ipaddress.ip_address(public_local) == ipaddress.ip_address("127.0.0.1")
     except ValueError:
-        covers_loopback = host == "localhost"
-    if covers_loopback and port == internal_port:
+        on_loopback_ip = host == "localhost"
+    if (wildcard or on_loopback_ip) and port == internal_port:
         raise UsageError(
             f"--port {port} and --internal-port {internal_port} collide on 127.0.0.1; choose two ports"
         )

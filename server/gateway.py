@@ -8,12 +8,12 @@ start`` therefore runs the SuperLink on 127.0.0.1 and this gateway on the public
 the consortium's TLS certificate. For every request the gateway decides, in this order, before
 anything reaches Flower:
 
-1. the path must be one of :data:`FLEET_ROUTES` (the calls an authenticated SuperNode makes,
+1. the client address must be within its request rate (a token bucket per address) -- else 503
+   with ``Retry-After`` (Flower's SuperNode retries 502/503/504 and gives up on other codes);
+2. the path must be one of :data:`FLEET_ROUTES` (the calls an authenticated SuperNode makes,
    read from ``flwr/supernode/fleet_http_connection.py``; ``tests/test_gateway.py`` fails if
    Flower's own list changes) -- else 404 (403 for Flower's Control and Runtime APIs);
-2. the method must be POST -- else 405;
-3. the client address must be within its request rate (a token bucket per address) -- else 503
-   with ``Retry-After`` (Flower's SuperNode retries 502/503/504 and gives up on other codes);
+3. the method must be POST -- else 405;
 4. the body must be at most ``max_body_bytes`` (Flower sends arrays in chunks of 5 MiB) -- else
    413;
 5. the request must carry Flower's SuperNode authentication headers (``flwr-public-key``,
@@ -24,7 +24,7 @@ anything reaches Flower:
 Allowed requests are forwarded unchanged (headers included, so Flower verifies the node's
 signature itself) to the loopback SuperLink over TLS, and the answer is streamed back
 (``httpx`` streaming, ``starlette`` responses, served by ``uvicorn``). Refusals are logged with
-the client address (rate refusals at most once a minute per address).
+the client address (at most 100 lines per address and minute).
 
 Run as ``python -m server.gateway --host H --port P --upstream https://127.0.0.1:Q --ca-cert
 CA --certfile CERT --keyfile KEY`` (``fedcare server start`` does).
@@ -55,6 +55,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("fedcare.gateway")
+LOG_PER_MINUTE = 100  # refusal lines per client address and minute
 
 # what Flower 1.41's SuperNode calls when it authenticates with its own key (RegisterNode and
 # UnregisterNode are only used by self-registering nodes; the SuperLink refuses them under
@@ -186,7 +187,7 @@ class Gateway:
         self.buckets = TokenBuckets(self.limits.rate, self.limits.burst)
         self._verify, self._transport = verify, transport
         self._client: httpx.AsyncClient | None = None
-        self._rate_logged: dict[str, float] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # address -> (minute start, refusals)
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -218,17 +219,32 @@ class Gateway:
                 return
 
     def _refuse(self, request: Request, status: int, reason: str, **headers: str) -> Response:
+        """Answer with ``status`` and log it: at most :data:`LOG_PER_MINUTE` lines per client
+        address and minute, so that a flood does not fill the disk."""
         peer = request.client.host if request.client else "?"
-        if status != 503 or time.monotonic() - self._rate_logged.get(peer, -math.inf) > 60:
-            if status == 503:
-                self._rate_logged[peer] = time.monotonic()
+        t = time.monotonic()
+        start, count = self._logged.get(peer, (t, 0))
+        if t - start > 60:
+            start, count = t, 0
+        if count < LOG_PER_MINUTE:
             log.info("refused %s %s from %s: %d %s", request.method, request.url.path, peer,
                      status, reason)  # fmt: skip
+        elif count == LOG_PER_MINUTE:
+            log.info("further refusals from %s this minute are not logged", peer)
+        self._logged[peer] = (start, count + 1)
+        if len(self._logged) > 10_000:  # many addresses: forget those quiet for a minute
+            self._logged = {k: v for k, v in self._logged.items() if t - v[0] <= 60}
         return JSONResponse({"error": reason}, status_code=status, headers=headers or None)
 
     async def handle(self, request: Request) -> Response:
         """Decide on one request (see the module docstring) and forward it if allowed."""
         path = request.url.path
+        peer = request.client.host if request.client else "?"
+        wait = self.buckets.take(peer)
+        if wait > 0:
+            return self._refuse(
+                request, 503, "request rate limit exceeded", **{"retry-after": str(math.ceil(wait))}
+            )
         if path not in FLEET_ROUTES:
             if path.startswith(PRIVATE_PREFIXES):
                 return self._refuse(
@@ -237,12 +253,6 @@ class Gateway:
             return self._refuse(request, 404, "not found")
         if request.method != "POST":
             return self._refuse(request, 405, "POST only", allow="POST")
-        peer = request.client.host if request.client else "?"
-        wait = self.buckets.take(peer)
-        if wait > 0:
-            return self._refuse(
-                request, 503, "request rate limit exceeded", **{"retry-after": str(math.ceil(wait))}
-            )
         declared = request.headers.get("content-length")
         if declared is not None and (
             not declared.isdigit() or int(declared) > self.limits.max_body_bytes

@@ -174,9 +174,12 @@ def test_body_size_and_request_rate_are_bounded(superlink):
                                 headers=_signed(private, public))  # fmt: skip
 
     assert asyncio.run(go()).status_code == 413
-    # the burst (3, one already used above) then 503 + Retry-After, which Flower's SuperNode retries
-    answers = _call(gateway, [("POST", "/v1/fleet/pull-messages", b"", None)] * 3)
-    assert [r.status_code for r in answers] == [401, 401, 503]
+    # the burst (3, one already used above), whatever the path, then 503 + Retry-After (which
+    # Flower's SuperNode retries)
+    answers = _call(gateway, [("POST", "/v1/fleet/pull-messages", b"", None),
+                              ("POST", "/v1/control/list-runs", b"", None),
+                              ("POST", "/docs", b"", None)])  # fmt: skip
+    assert [r.status_code for r in answers] == [401, 403, 503]
     assert answers[2].headers["retry-after"] == "1"
     assert (
         _call(gateway, [("POST", "/v1/fleet/pull-messages", b"", None)], peer="198.51.100.1")[

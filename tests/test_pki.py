@@ -165,3 +165,25 @@ def test_init_without_demo_makes_no_hospital_key_and_demo_says_so(monkeypatch, c
     assert PKI(tmp_path / "pki").hospitals() == ["a", "b"]
     assert (tmp_path / "demo-hospitals" / "a" / "a.key").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in (tmp_path / "pki").rglob("*.key")] == ["server.key"]
+
+
+def test_start_refuses_a_public_port_on_the_superlinks_port_and_an_old_certificate(
+    monkeypatch, capsys, tmp_path
+):
+    init_pki(tmp_path / "pki", addresses=["127.0.0.1"])
+    code, out = _fedcare(monkeypatch, capsys, "server", "start", "--pki", str(tmp_path / "pki"),
+                         "--port", "19500", "--internal-port", "19500",
+                         "--state", str(tmp_path / "state"))  # fmt: skip
+    assert code == 2 and "collide on 127.0.0.1; choose two ports" in out
+    assert not (tmp_path / "state").exists()  # refused before anything started
+    # a certificate issued without the loopback SAN (fedcare 0.1 with --address only)
+    from server import pki as pki_module
+
+    keys = PKI(tmp_path / "pki")
+    keys.server_cert.unlink()
+    keys.server_key.unlink()
+    monkeypatch.setattr(pki_module, "LOOPBACK_SANS", ())
+    init_pki(tmp_path / "pki", addresses=["coord.example.org"])
+    assert "127.0.0.1" not in server_cert_sans(keys)
+    with pytest.raises(PKIError, match="is not valid for 127.0.0.1"):
+        keys.check_server_side()
