@@ -40,7 +40,7 @@ import math
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -131,7 +131,7 @@ class TokenBuckets:
         self._last_sweep = t
 
 
-def signature_problem(headers: dict[str, str] | object) -> str | None:
+def signature_problem(headers: Mapping[str, str]) -> str | None:
     """Why a request's SuperNode authentication headers are not acceptable, or None.
 
     The same checks as Flower 1.41's ``flwr.superlink.routers.fleet.node_auth
@@ -139,7 +139,7 @@ def signature_problem(headers: dict[str, str] | object) -> str | None:
     an ISO timestamp within ``TIMESTAMP_TOLERANCE`` (+ ``SYSTEM_TIME_TOLERANCE``) seconds, and a
     valid ECDSA signature of the timestamp by that key (``verify_signature``).
     """
-    get = headers.get  # type: ignore[attr-defined]
+    get = headers.get
     raw_key, raw_sig, stamp = (
         get(FLEET_HTTP_PUBLIC_KEY_HEADER), get(FLEET_HTTP_SIGNATURE_HEADER), get(TIMESTAMP_HEADER),
     )  # fmt: skip
@@ -190,6 +190,7 @@ class Gateway:
         self._logged: dict[str, tuple[float, int]] = {}  # address -> (minute start, refusals)
 
     def client(self) -> httpx.AsyncClient:
+        """The pooled HTTPS client to the SuperLink (keep-alive; created on first use)."""
         if self._client is None:
             self._client = httpx.AsyncClient(
                 verify=self._verify, transport=self._transport,

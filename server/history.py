@@ -66,18 +66,26 @@ class RunHistory:
     sites: dict[int, str] = field(default_factory=dict)  # node id -> self-reported site name
     # node id -> name registered with the node's key at the SuperLink (deployment only)
     registered: dict[int, str] = field(default_factory=dict)
+    # node id -> a site name it reported that differs from its registered name (last such report)
+    misreported: dict[int, str] = field(default_factory=dict)
     # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta", "releases"}
     central_privacy: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def site_name(self, node_id: int) -> str:
         return self.registered.get(node_id) or self.sites.get(node_id, f"node {node_id}")
 
+    def self_report(self, node_id: int, site: str) -> None:
+        """Record the site name a hospital reported in a reply; keep it if it is not the name
+        its key was registered under."""
+        self.sites[node_id] = site
+        registered = self.registered.get(node_id)
+        if registered is not None and site != registered:
+            self.misreported[node_id] = site
+
     def name_mismatches(self) -> dict[str, str]:
-        """Registered name -> self-reported site name, for hospitals where the two differ."""
+        """Registered name -> a different site name the hospital reported during the run."""
         return {
-            name: self.sites[node]
-            for node, name in self.registered.items()
-            if node in self.sites and self.sites[node] != name
+            self.registered[n]: site for n, site in self.misreported.items() if n in self.registered
         }
 
     def latest(self, kind: str) -> dict[str, SiteEvent]:
@@ -97,6 +105,7 @@ class RunHistory:
             "centralized": {str(k): v for k, v in self.centralized.items()},
             "sites": {str(k): v for k, v in self.sites.items()},
             "registered": {str(k): v for k, v in self.registered.items()},
+            "misreported": {str(k): v for k, v in self.misreported.items()},
             "central_privacy": {str(k): v for k, v in self.central_privacy.items()},
         }
 
@@ -107,6 +116,7 @@ class RunHistory:
             centralized={int(k): v for k, v in data.get("centralized", {}).items()},
             sites={int(k): v for k, v in data.get("sites", {}).items()},
             registered={int(k): v for k, v in data.get("registered", {}).items()},
+            misreported={int(k): v for k, v in data.get("misreported", {}).items()},
             central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
         )
 
@@ -256,7 +266,7 @@ class RecordingGrid(DelegatingGrid):
                 reply.error.reason or ""
             )  # "site NAME refused: ..." (client_app)
             if named:
-                self.history.sites[node] = named.group(1)
+                self.history.self_report(node, named.group(1))
             self.history.events.append(
                 SiteEvent(
                     round=self._current_round,
@@ -270,7 +280,7 @@ class RecordingGrid(DelegatingGrid):
         content = reply.content
         info = content.config_records.get("info")
         if info is not None and "site" in info:
-            self.history.sites[node] = str(info["site"])
+            self.history.self_report(node, str(info["site"]))
         metrics: Mapping[str, Any] = next(iter(content.metric_records.values()), {})
         undefined: dict[str, str] = {}
         if info is not None:

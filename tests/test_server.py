@@ -196,8 +196,9 @@ class _NamedNodesGrid(Grid):
 
 
 def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(default_cfg, tmp_path):
-    """Node 2's key is registered as "va" but it calls itself "cleveland": the report says "va"
-    (two hospitals, not one) and flags the mismatch; node 1 agrees with its registration."""
+    """Node 2's key is registered as "va" but its train reply calls it "cleveland" (its evaluate
+    reply says "va" again): the report says "va" (two hospitals, not one) and flags the
+    mismatch; node 1 agrees with its registration throughout."""
     from flwr.app import ConfigRecord, Message
 
     from server.history import RecordingGrid
@@ -205,13 +206,17 @@ def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(defaul
 
     use_task_identity()
     history = RunHistory()
-    grid = RecordingGrid(
-        _NamedNodesGrid({1: "cleveland", 2: "va"}, {1: "cleveland", 2: "cleveland"}), history
-    )
-    sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
-                    message_type="train") for n in (1, 2)]  # fmt: skip
-    grid.send_and_receive(sent, timeout=10)
-    assert [(e.node_id, e.site) for e in history.events] == [(1, "cleveland"), (2, "va")]
+    fleet = _NamedNodesGrid({1: "cleveland", 2: "va"}, {1: "cleveland", 2: "cleveland"})
+    grid = RecordingGrid(fleet, history)
+    for kind in ("train", "evaluate"):
+        sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
+                        message_type=kind) for n in (1, 2)]  # fmt: skip
+        grid.send_and_receive(sent, timeout=10)
+        fleet.self_reported[2] = "va"
+    assert [(e.kind, e.node_id, e.site) for e in history.events] == [
+        ("train", 1, "cleveland"), ("train", 2, "va"),
+        ("evaluate", 1, "cleveland"), ("evaluate", 2, "va"),
+    ]  # fmt: skip
     run = RunConfig.from_run_config(default_cfg)
     summary = build_summary(run, history, wall_seconds=1.0)
     assert [h["name"] for h in summary["hospitals"]] == ["cleveland", "va"]
@@ -225,6 +230,7 @@ def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(defaul
     assert "the hospital registered as va reports its site as 'cleveland'" in report
     restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # checkpoint sidecar
     assert restored.registered == {1: "cleveland", 2: "va"}
+    assert restored.name_mismatches() == {"va": "cleveland"}
 
 
 def test_without_registered_keys_names_are_self_reported(default_cfg):
