@@ -200,7 +200,7 @@ def main() -> None:
         server = _spawn(["server", "start", "--pki", str(root / "pki"), "--port", str(port),
                          "--internal-port", str(internal), "--state", str(root / "coord")],
                         root / "server.log")  # fmt: skip
-        results = {}
+        results: dict[str, list[pd.DataFrame]] = {}  # a variant may be listed more than once
         try:
             deadline = time.monotonic() + 120
             while "fedcare coordinator listening" not in (root / "server.log").read_text():
@@ -232,7 +232,7 @@ def main() -> None:
                     )  # fmt: skip
                     if proc.returncode != 0:
                         sys.exit(proc.stdout + proc.stderr)
-                    results[variant] = _per_round(run_dir)
+                    results.setdefault(variant, []).append(_per_round(run_dir))
                 finally:
                     for proc in reversed(hospitals):
                         _stop(proc)
@@ -242,16 +242,17 @@ def main() -> None:
     print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
     print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
     summary = {}
-    for variant, frame in results.items():
-        for _, row in frame.iterrows():
-            wall = "-" if pd.isna(row["wall"]) else f"{row['wall']:.2f}"
-            over = "-" if pd.isna(row["overhead"]) else f"{row['overhead']:.2f}"
-            print(
-                f"{variant:>16} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}"
-            )
-        steady = frame.dropna(subset=["wall"])
+    for variant, frames in results.items():
+        for frame in frames:
+            for _, row in frame.iterrows():
+                wall = "-" if pd.isna(row["wall"]) else f"{row['wall']:.2f}"
+                over = "-" if pd.isna(row["overhead"]) else f"{row['overhead']:.2f}"
+                print(
+                    f"{variant:>16} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}"
+                )
+        steady = pd.concat(frames).dropna(subset=["wall"])
         summary[variant] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
-    print("\nsteady rounds (2..N), mean:")
+    print("\nsteady rounds (2..N) of every repeat, mean:")
     base = next(iter(summary.values()))
     for variant, (wall, over) in summary.items():
         print(

@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", type=int, default=defaults.burst)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per forwarded request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     limits = GatewayLimits(max_body_bytes=int(args.max_body_mb * 2**20), rate=args.rate,
                            burst=args.burst)  # fmt: skip
     app = Gateway(args.upstream, verify=upstream_tls(args.ca_cert), limits=limits)
