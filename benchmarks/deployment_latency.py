@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -106,7 +107,12 @@ def _start_hospitals(
     return procs
 
 
-def request_latency(root: Path, addresses: dict[str, str], repeats: int = 200) -> dict[str, float]:
+LATENCY_REPEATS = 200  # signed pulls per address (plus one warm-up)
+
+
+def request_latency(
+    root: Path, addresses: dict[str, str], repeats: int = LATENCY_REPEATS
+) -> dict[str, float]:
     """Median seconds of one signed Fleet pull (``PullMessages`` of hospital a, Flower's own
     ``FleetHttpClient`` with its node-authentication interceptor) per address, measured in
     alternating blocks of 20 so that machine load affects every address alike."""
@@ -239,6 +245,9 @@ def main() -> None:
                     time.sleep(5)  # the SuperLink marks them offline
         finally:
             _stop(server)
+        gateway_log = (root / "coord" / "gateway.log").read_text()
+        stopped = re.findall(r"stopping: (\d+) requests forwarded", gateway_log)
+        forwarded = int(stopped[-1]) if stopped else None
     print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
     print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
     summary = {}
@@ -270,6 +279,14 @@ def main() -> None:
         f"one signed Fleet pull, median: direct {1000 * latency['direct']:.1f} ms, through the "
         f"gateway {1000 * latency['gateway']:.1f} ms ({1000 * added:+.1f} ms per request)"
     )
+    gateway_rounds = sum(len(f) for v, fs in results.items() if "direct" not in v for f in fs)
+    if forwarded is not None and gateway_rounds:
+        per_round = (forwarded - LATENCY_REPEATS - 1) / gateway_rounds
+        print(
+            f"requests the gateway forwarded: {forwarded} (idle polls between runs included), "
+            f"{per_round:.0f} per round of the gateway variants; if every one of them were on a "
+            f"round's critical path: at most {per_round * added:.2f} s per round"
+        )
 
 
 if __name__ == "__main__":

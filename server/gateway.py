@@ -188,6 +188,7 @@ class Gateway:
         self._verify, self._transport = verify, transport
         self._client: httpx.AsyncClient | None = None
         self._logged: dict[str, tuple[float, int]] = {}  # address -> (minute start, refusals)
+        self.forwarded = self.refused = 0  # requests since the start
 
     def client(self) -> httpx.AsyncClient:
         """The pooled HTTPS client to the SuperLink (keep-alive; created on first use)."""
@@ -214,6 +215,9 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                log.info(
+                    "stopping: %d requests forwarded, %d refused", self.forwarded, self.refused
+                )
                 if self._client is not None:
                     await self._client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -223,6 +227,7 @@ class Gateway:
         """Answer with ``status`` and log it: at most :data:`LOG_PER_MINUTE` lines per client
         address and minute, so that a flood does not fill the disk."""
         peer = request.client.host if request.client else "?"
+        self.refused += 1
         t = time.monotonic()
         start, count = self._logged.get(peer, (t, 0))
         if t - start > 60:
@@ -282,6 +287,7 @@ class Gateway:
             return self._refuse(request, 504, "the coordinator's SuperLink did not answer in time")
         except httpx.HTTPError:
             return self._refuse(request, 502, "the coordinator's SuperLink is not reachable")
+        self.forwarded += 1
         return StreamingResponse(
             upstream.aiter_raw(),
             status_code=upstream.status_code,
