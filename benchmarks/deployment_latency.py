@@ -246,8 +246,8 @@ def main() -> None:
         finally:
             _stop(server)
         gateway_log = (root / "coord" / "gateway.log").read_text()
-        stopped = re.findall(r"stopping: (\d+) requests forwarded", gateway_log)
-        forwarded = int(stopped[-1]) if stopped else None
+        stopped = re.findall(r"forwarded per route: (\{.*\})", gateway_log)
+        forwarded = json.loads(stopped[-1]) if stopped else None
     print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
     print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
     summary = {}
@@ -281,11 +281,18 @@ def main() -> None:
     )
     gateway_rounds = sum(len(f) for v, fs in results.items() if "direct" not in v for f in fs)
     if forwarded is not None and gateway_rounds:
-        per_round = (forwarded - LATENCY_REPEATS - 1) / gateway_rounds
+        # a round's critical path at one hospital: its requests except the idle polls (one
+        # pull per message, train and evaluate, finds it) and background heartbeats; the three
+        # hospitals' requests run in parallel
+        background = {"pull-messages", "send-node-heartbeat", "activate-node", "deactivate-node"}
+        per_hospital = (
+            sum(n for r, n in forwarded.items() if r not in background) / 3 / gateway_rounds + 2
+        )
         print(
-            f"requests the gateway forwarded: {forwarded} (idle polls between runs included), "
-            f"{per_round:.0f} per round of the gateway variants; if every one of them were on a "
-            f"round's critical path: at most {per_round * added:.2f} s per round"
+            f"requests the gateway forwarded: {sum(forwarded.values())} ({json.dumps(forwarded)}); "
+            f"per round and hospital, not counting idle polls and heartbeats: {per_hospital:.0f}, "
+            f"so the gateway adds about {per_hospital * added:.2f} s per round "
+            f"({per_hospital:.0f} x {1000 * added:.1f} ms, if none of them overlapped)"
         )
 
 

@@ -40,6 +40,7 @@ import math
 import ssl
 import time
 from base64 import b64decode
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -188,7 +189,8 @@ class Gateway:
         self._verify, self._transport = verify, transport
         self._client: httpx.AsyncClient | None = None
         self._logged: dict[str, tuple[float, int]] = {}  # address -> (minute start, refusals)
-        self.forwarded = self.refused = 0  # requests since the start
+        self.forwarded: Counter[str] = Counter()  # route -> requests forwarded since the start
+        self.refused = 0
 
     def client(self) -> httpx.AsyncClient:
         """The pooled HTTPS client to the SuperLink (keep-alive; created on first use)."""
@@ -287,7 +289,7 @@ class Gateway:
             return self._refuse(request, 504, "the coordinator's SuperLink did not answer in time")
         except httpx.HTTPError:
             return self._refuse(request, 502, "the coordinator's SuperLink is not reachable")
-        self.forwarded += 1
+        self.forwarded[path.rsplit("/", 1)[1]] += 1
         return StreamingResponse(
             upstream.aiter_raw(),
             status_code=upstream.status_code,
