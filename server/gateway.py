@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import binascii
 import datetime
+import json
 import logging
 import math
 import ssl
@@ -218,8 +219,9 @@ class Gateway:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 log.info(
-                    "stopping: %d requests forwarded, %d refused", self.forwarded, self.refused
-                )
+                    "stopping: %d requests forwarded, %d refused; forwarded per route: %s",
+                    sum(self.forwarded.values()), self.refused, json.dumps(dict(self.forwarded)),
+                )  # fmt: skip
                 if self._client is not None:
                     await self._client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -205,3 +205,36 @@ def test_superlink_down_is_a_retryable_502():
     gateway = Gateway("https://127.0.0.1:9", limits=GatewayLimits(upstream_timeout=5))
     answer = _call(gateway, [("POST", "/v1/fleet/pull-messages", b"", _signed(private, public))])[0]
     assert answer.status_code == 502 and "not reachable" in answer.text
+
+
+def test_counts_per_route_are_logged_at_shutdown(superlink, caplog):
+    """One line when the gateway stops: what it forwarded per route (the benchmark reads it)."""
+    import json
+    import logging
+
+    gateway = _gateway(superlink)
+    private, public = generate_key_pairs()
+    _call(gateway, [("POST", "/v1/fleet/get-run", b"", _signed(private, public)),
+                    ("POST", "/v1/control/list-runs", b"", None)])  # fmt: skip
+
+    async def lifespan() -> None:
+        messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await gateway({"type": "lifespan"}, receive, send)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+
+    with caplog.at_level(logging.INFO, logger="fedcare.gateway"):
+        asyncio.run(lifespan())
+    line = next(r.getMessage() for r in caplog.records if "forwarded per route" in r.getMessage())
+    assert "1 requests forwarded, 1 refused" in line
+    assert json.loads(line.split("forwarded per route: ")[1]) == {"get-run": 1}
