@@ -56,7 +56,8 @@ def _check_tls(superlink: str, ca: Path) -> None:
 
 _FLOWER_ERRORS = {
     "[code: 2004]": "the coordinator refused this hospital: its public key is not registered there "
-    "(ask the coordinator to add hospitals/{site}.pub and restart `fedcare server start`)",
+    "(send your NAME.pub from `fedcare client keygen` to the coordinator, who runs "
+    "`fedcare server add-hospital NAME NAME.pub`)",
     "[code: 2001]": "the coordinator requires hospital authentication: pass --key",
     "CERTIFICATE_VERIFY_FAILED": "the coordinator's certificate could not be verified with {ca}",
 }
@@ -124,6 +125,36 @@ def _write_superexec_secret(path: Path) -> Path:
 
 
 @app.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Folder for the key pair (created).")],
+    name: Annotated[
+        str, typer.Option(help="File name and key comment: OUT/NAME.key and OUT/NAME.pub.")
+    ] = "hospital",
+) -> None:
+    """Make this hospital's key pair: the private key (mode 0600) never leaves the hospital;
+    NAME.pub goes to the coordinator. Never overwrites an existing key."""
+    from shared_models.node_keys import (
+        KeyFileError,
+        fingerprint,
+        generate_key_pair,
+        load_public_key,
+    )
+
+    try:
+        key_path, pub_path = generate_key_pair(out, name)
+    except KeyFileError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    console.print(f"wrote {key_path} (private, mode 0600: keep it here, never send it)")
+    console.print(f"wrote {pub_path} (public)")
+    console.print(
+        f"send [bold]{pub_path.name}[/] to the coordinator (key fingerprint "
+        f"{fingerprint(load_public_key(pub_path))}; compare it by phone or another channel). "
+        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name}`; then start "
+        f"this hospital with `fedcare client start --key {key_path} ...`"
+    )
+
+
+@app.command()
 def approve(
     ledger: Annotated[Path, typer.Option(help="The hospital's ledger folder (approved.json).")],
     bundle: Annotated[
@@ -186,7 +217,9 @@ def approve(
 def start(
     superlink: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
     ca: Annotated[Path, typer.Option(help="The consortium CA certificate (ca.pem).")],
-    key: Annotated[Path, typer.Option(help="This hospital's private key (hospitals/NAME.key).")],
+    key: Annotated[
+        Path, typer.Option(help="This hospital's private key (NAME.key from `client keygen`).")
+    ],
     site: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
     data: Annotated[
         Path,
@@ -269,7 +302,7 @@ def start(
         load_ssh_private_key(key.read_bytes(), None)
     except (ValueError, TypeError):
         raise HospitalSetupError(
-            f"--key {key}: not an OpenSSH private key (use hospitals/NAME.key from `fedcare server init`)"
+            f"--key {key}: not an OpenSSH private key (use NAME.key from `fedcare client keygen`)"
         ) from None
     if task is not None:
         _report_table(task, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -16,34 +17,96 @@ from rich.table import Table
 
 from server import cli_options as opt
 from server.flwr_cli import CONNECTION, FlowerCLI, FlowerCLIError
-from server.pki import PKI, init_pki
+from server.pki import PKI, PKIError, init_pki, server_cert_sans
 from server.run_config import APP_DIR, UsageError, check_names, to_toml
 from shared_models.runtime import child_env, flower_executable, run_foreground
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
-REGISTERED = "registered.json"  # in the PKI folder: hospital name -> Flower node id
 PROGRESS_MARK = "[fedcare] progress "
+
+
+DEFAULT_INTERNAL = (
+    "127.0.0.1:9092"  # the SuperLink's loopback side (`server start --internal-port`)
+)
+SuperlinkOpt = Annotated[
+    str,
+    typer.Option(
+        help="The SuperLink's loopback address HOST:PORT (`server start --internal-port`); from "
+        "another machine, through an SSH tunnel (see README)."
+    ),
+]
+
+
+def _split_names(values: list[str] | None) -> list[str]:
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
 
 
 @app.command()
 def init(
     out: Annotated[Path, typer.Option(help="PKI folder to create (or complete).")],
-    hospital: Annotated[list[str], typer.Option(help="Hospital name; repeat for each hospital.")],
     address: Annotated[
-        list[str] | None, typer.Option(help="Address hospitals dial (certificate SAN); repeatable.")
+        list[str] | None,
+        typer.Option(help="Address hospitals dial (certificate SAN); repeatable."),
+    ] = None,
+    ca_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the CA private key (default: OUT-ca beside OUT)."),
+    ] = None,
+    demo_hospitals: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--demo-hospitals",
+            help="One-machine trial only: also make key pairs for these hospitals (NAME,NAME ...) "
+            "here and add them. Real hospitals make their own with `fedcare client keygen`.",
+        ),
+    ] = None,
+    demo_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where --demo-hospitals keys go (default: demo-hospitals beside OUT)."),
     ] = None,
 ) -> None:
-    """Create the consortium CA, the coordinator's TLS certificate and one key pair per hospital."""
+    """Create the consortium CA and the coordinator's TLS certificate (hospitals make their own
+    keys: `fedcare client keygen`, then `fedcare server add-hospital`)."""
+    from server.hospitals import HospitalRegistry
+    from server.pki import default_ca_dir
+    from shared_models.node_keys import check_site_name, generate_key_pair
+
     addresses = address or ["127.0.0.1", "localhost"]
-    written = init_pki(out, hospitals=hospital, addresses=addresses)
+    demo = _split_names(demo_hospitals)
+    for name in demo:
+        check_site_name(name)
+    ca_dir = ca_dir or default_ca_dir(out)
+    written = init_pki(out, addresses=addresses, ca_dir=ca_dir)
     for path in written:
         console.print(f"wrote {path}")
     if not written:
         console.print(f"{out}: nothing to do, every file already exists")
+    keys = PKI(out)
+    if any(p.name == "ca.key" for p in written):
+        console.print(
+            f"the CA private key is in [bold]{ca_dir}[/], apart from {out}: `server start` never "
+            "needs it; keep it offline (it is only needed to issue a new coordinator certificate)"
+        )
+    registry = HospitalRegistry(keys)
+    demo_root = demo_dir or out.parent / "demo-hospitals"
+    for name in demo:
+        if keys.hospital_pub(name).exists():
+            console.print(f"hospital {name}: already added, no new key")
+            continue
+        key_path, pub_path = generate_key_pair(demo_root / name, name)
+        registry.add_key(name, pub_path)
+        console.print(f"wrote {key_path} and {pub_path}; added hospital {name}")
+    if demo:
+        console.print(
+            "[yellow]DEMO ONLY:[/] these hospital private keys were made on the coordinator's "
+            "machine, so it could impersonate those hospitals. In a real consortium each hospital "
+            "runs `fedcare client keygen` and sends only NAME.pub."
+        )
     console.print(
-        f"give each hospital [bold]{out / 'ca.pem'}[/] and its own [bold]hospitals/NAME.key[/]; "
-        f"the coordinator certificate is valid for {', '.join(addresses)}"
+        f"give each hospital [bold]{keys.ca_cert}[/]; the coordinator certificate is valid for "
+        f"{', '.join(server_cert_sans(keys))}; add each hospital's public key with "
+        f"`fedcare server add-hospital NAME NAME.pub --pki {out}`"
     )
 
 
@@ -58,48 +121,65 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-def _register_hospitals(cli: FlowerCLI, pki: PKI) -> dict[str, int]:
-    """Register every hospital public key in the PKI folder (once); return name -> node id."""
-    path = pki.root / REGISTERED
-    known: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
-    listed = {int(n["node-id"]) for n in cli.json("supernode", "list", CONNECTION)["nodes"]}
-    for name in pki.hospitals():
-        if known.get(name) in listed:
-            continue
-        proc = cli.run("supernode", "register", str(pki.hospital_pub(name)), CONNECTION)
-        node_ids = [int(w) for w in proc.stdout.split() if w.isdigit()]
-        if proc.returncode != 0 or not node_ids:
-            raise FlowerCLIError(
-                f"registering {name}: {' '.join((proc.stdout + proc.stderr).split())}"
-            )
-        known[name] = node_ids[0]
-    path.write_text(json.dumps(known, indent=2) + "\n")
-    return known
-
-
 @app.command()
 def start(
     pki: Annotated[Path, typer.Option(help="PKI folder from `fedcare server init`.")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Public interface of the gateway (hospitals dial it).")
+    ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(help="HTTPS port (Fleet, Control and ServerApp APIs).")
+        int, typer.Option(help="Public HTTPS port: the gateway, Fleet API only.")
     ] = 9093,
+    internal_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of the SuperLink on 127.0.0.1 (all of Flower's APIs; operators only)."
+        ),
+    ] = 9092,
     state: Annotated[Path, typer.Option(help="Folder for the persistent state and logs.")] = Path(
         "fedcare-state"
     ),
+    rate_limit: Annotated[
+        float, typer.Option(help="Gateway: requests per second per client address.")
+    ] = 100.0,
+    max_body_mb: Annotated[float, typer.Option(help="Gateway: largest request body, MiB.")] = 16.0,
 ) -> None:
-    """Run the Flower SuperLink in the foreground: TLS, hospital authentication, persistent state."""
+    """Run the coordinator in the foreground: the Flower SuperLink on 127.0.0.1 (TLS, hospital
+    authentication, persistent state) and, on the public address, the gateway that forwards only
+    the Fleet API (what hospitals' SuperNodes call)."""
+    import ipaddress
+
+    from server.hospitals import HospitalRegistry
+
     keys = PKI(pki)
     keys.check_server_side()
-    if not keys.hospitals():
-        raise UsageError(
-            f"{keys.hospitals_dir}: no hospital public keys; add hospitals with `fedcare server init`"
+    if keys.legacy_ca_key.exists():
+        console.print(
+            f"[yellow]warning:[/] {keys.legacy_ca_key} is the CA private key, in the folder the "
+            "coordinator runs from; `server start` does not need it: move it offline"
         )
+    if not 0 < port < 65536 or not 0 < internal_port < 65536:
+        raise UsageError("--port and --internal-port must be TCP ports (1-65535)")
+    if rate_limit <= 0 or max_body_mb <= 0:
+        raise UsageError("--rate-limit and --max-body-mb must be positive")
+    wildcard = host in ("0.0.0.0", "::", "")
+    public_local = "127.0.0.1" if wildcard else host
+    try:
+        on_loopback_ip = ipaddress.ip_address(public_local) == ipaddress.ip_address("127.0.0.1")
+    except ValueError:
+        on_loopback_ip = host == "localhost"
+    if (wildcard or on_loopback_ip) and port == internal_port:
+        raise UsageError(
+            f"--port {port} and --internal-port {internal_port} collide on 127.0.0.1; choose two ports"
+        )
+    for h, p, opt_name in (
+        (public_local, port, "--port"),
+        ("127.0.0.1", internal_port, "--internal-port"),
+    ):
+        if _wait_for_port(h, p, 0.5):
+            raise UsageError(f"port {p} on {h} is already in use; choose another {opt_name}")
     state.mkdir(parents=True, exist_ok=True)
     home = (state / "flwr-home").resolve()
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    if _wait_for_port(local, port, 0.5):
-        raise UsageError(f"port {port} on {local} is already in use; choose another --port")
     cmd = [
         flower_executable("flower-superlink"),
         "--ssl-ca-certfile", str(keys.ca_cert.resolve()),
@@ -108,30 +188,113 @@ def start(
         "--enable-supernode-auth",
         "--database", str((state / "superlink.db").resolve()),
         "--disable-runtime-dependency-installation",
-        "--host", host, "--port", str(port),
+        "--host", "127.0.0.1", "--port", str(internal_port),
     ]  # fmt: skip
-    cli = FlowerCLI(home, f"{local}:{port}", keys.ca_cert)
+    gateway = [
+        sys.executable, "-m", "server.gateway", "--host", host, "--port", str(port),
+        "--upstream", f"https://127.0.0.1:{internal_port}",
+        "--ca-cert", str(keys.ca_cert.resolve()), "--certfile", str(keys.server_cert.resolve()),
+        "--keyfile", str(keys.server_key.resolve()),
+        "--rate", str(rate_limit), "--max-body-mb", str(max_body_mb),
+    ]  # fmt: skip
+    cli = FlowerCLI(home, f"127.0.0.1:{internal_port}", keys.ca_cert)
     log = state / "superlink.log"
 
     def on_ready() -> None:
-        if not _wait_for_port(local, port, 60):
+        if not _wait_for_port("127.0.0.1", internal_port, 60):
             console.print("[red]the SuperLink did not open its port within 60 s[/]; see", log)
             return
         try:
-            registered = _register_hospitals(cli, keys)
-        except (FlowerCLIError, OSError) as exc:
+            registered, failed = HospitalRegistry(keys).reconcile(cli)
+        except (FlowerCLIError, PKIError, OSError, ValueError) as exc:
             console.print(f"[red]hospital registration failed:[/] {exc}")
             return
+        for name, reason in failed.items():
+            console.print(f"[red]hospital {name} could not be registered:[/] {reason}")
+        if not _wait_for_port(public_local, port, 30):
+            console.print("[red]the gateway did not open its port within 30 s[/]; see",
+                          state / "gateway.log")  # fmt: skip
+            return
+        hospitals = ", ".join(f"{n} ({i})" for n, i in sorted(registered.items())) or (
+            "none yet (`fedcare server add-hospital NAME NAME.pub`)"
+        )
         console.print(
-            f"fedcare coordinator listening on https://{host}:{port} (TLS, hospital authentication on)\n"
-            f"registered hospitals: {', '.join(f'{n} ({i})' for n, i in sorted(registered.items()))}\n"
-            f"state: {state}  log: {log}  -- Ctrl-C or SIGTERM stops it"
+            f"fedcare coordinator listening on https://{host}:{port} (gateway: Fleet API only)\n"
+            f"SuperLink (all APIs, operators only) on https://127.0.0.1:{internal_port}\n"
+            f"registered hospitals: {hospitals}\n"
+            f"state: {state}  logs: {log}, {state / 'gateway.log'}  -- Ctrl-C or SIGTERM stops it"
         )
 
     threading.Thread(target=on_ready, daemon=True).start()
-    code = run_foreground(cmd, env=child_env(FLWR_HOME=str(home)), log_path=log)
-    console.print(f"SuperLink stopped (exit code {code})")
+    code = run_foreground(
+        cmd, env=child_env(FLWR_HOME=str(home)), log_path=log,
+        companions=[(gateway, state / "gateway.log")],
+    )  # fmt: skip
+    console.print(f"coordinator stopped (exit code {code})")
     raise typer.Exit(code)
+
+
+@app.command("add-hospital")
+def add_hospital(
+    name: Annotated[str, typer.Argument(help="The hospital's name (shown in every report).")],
+    public_key: Annotated[
+        Path, typer.Argument(help="The hospital's NAME.pub from `fedcare client keygen`.")
+    ],
+    pki: Annotated[Path, typer.Option(help="PKI folder of the coordinator.")],
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
+) -> None:
+    """Add a hospital's public key and register it with the running coordinator (no restart:
+    the hospital can join the next run)."""
+    from server.hospitals import HospitalRegistry, superlink_reachable
+
+    keys = PKI(pki)
+    if not keys.ca_cert.exists():
+        raise UsageError(f"{keys.ca_cert}: missing; pass the PKI folder from `fedcare server init`")
+    registry = HospitalRegistry(keys)
+    fp = registry.add_key(name, public_key)
+    console.print(f"hospital {name}: key {fp} stored as {keys.hospital_pub(name)}")
+    if not superlink_reachable(superlink):
+        console.print(
+            f"the coordinator is not running at {superlink}: the key is registered when "
+            f"`fedcare server start --pki {pki}` starts"
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
+        registered, failed = registry.reconcile(_cli_for(superlink, pki, Path(tmp)))
+    if name in failed:
+        registry.forget(name)  # not half-added: the next `server start` would fail on it again
+        raise FlowerCLIError(f"the coordinator refused hospital {name}'s key: {failed[name]}")
+    node_id = registered[name]
+    console.print(
+        f"hospital {name} registered with the running coordinator (node {node_id}); it can join "
+        "the next run"
+    )
+
+
+@app.command("remove-hospital")
+def remove_hospital(
+    name: Annotated[str, typer.Argument(help="The hospital to remove.")],
+    pki: Annotated[Path, typer.Option(help="PKI folder of the coordinator.")],
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
+) -> None:
+    """Remove a hospital: its key is unregistered at the running coordinator (its daemon is
+    refused from its next request on) and deleted from the PKI folder."""
+    from server.hospitals import HospitalRegistry, superlink_reachable
+
+    registry = HospitalRegistry(PKI(pki))
+    node_id = registry.remove(name)
+    if node_id is None:
+        console.print(f"hospital {name} removed (it was never registered with the SuperLink)")
+        return
+    if not superlink_reachable(superlink):
+        console.print(
+            f"hospital {name} removed; the coordinator is not running at {superlink}: node "
+            f"{node_id} is unregistered when `fedcare server start --pki {pki}` starts"
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
+        registry.unregister_revoked(_cli_for(superlink, pki, Path(tmp)))
+    console.print(f"hospital {name} removed: node {node_id} unregistered, its requests are refused")
 
 
 def _cli_for(superlink: str, pki: Path, home: Path) -> FlowerCLI:
@@ -145,8 +308,8 @@ def _cli_for(superlink: str, pki: Path, home: Path) -> FlowerCLI:
 
 @app.command()
 def run(
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")],
     pki: Annotated[Path, typer.Option(help="PKI folder (for the CA certificate).")],
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
     task: opt.Task = "breast-cancer",
     rounds: opt.Rounds = None,
     strategy: opt.Strategy = None,
@@ -324,20 +487,23 @@ def _run_status(cli: FlowerCLI, run_id: int) -> dict[str, Any]:
 
 @app.command()
 def status(
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")],
     pki: Annotated[Path, typer.Option(help="PKI folder (CA certificate, registered hospitals).")],
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
 ) -> None:
     """List hospitals (online / offline) and runs."""
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp))
         nodes = cli.json("supernode", "list", CONNECTION)["nodes"]
         runs = cli.json("ls", CONNECTION).get("runs", [])
-    reg_path = pki / REGISTERED
-    names = {v: k for k, v in json.loads(reg_path.read_text()).items()} if reg_path.exists() else {}
+    from server.hospitals import HospitalRegistry
+
+    names = {v: k for k, v in HospitalRegistry(PKI(pki)).node_ids().items()}
     table = Table(title="hospitals")
     for col in ("hospital", "node id", "status", "since"):
         table.add_column(col, no_wrap=True)
     for node in nodes:
+        if node["status"] == "unregistered":  # removed hospitals
+            continue
         nid = int(node["node-id"])
         since = node.get("online-at") if node["status"] == "online" else node.get("offline-at")
         table.add_row(names.get(nid, "?"), str(nid), node["status"], str(since))

@@ -1,9 +1,13 @@
 """What happened in a run, per round and per hospital, as seen by the coordinator.
 
 :class:`RecordingGrid` wraps the Grid the ServerApp receives and records every reply (metrics,
-site name, error reason) and every hospital that was asked but did not answer. It observes; it
-never changes a message, so any Flower strategy runs unmodified on top of it. With SecAgg+ on,
-train rounds go through :func:`server.secure_aggregation.run_secaggplus_round` instead.
+site name, error reason) and every hospital that was asked but did not answer. In a deployment a
+hospital is named by the key it authenticates with: ``fedcare server add-hospital`` registers each
+key under the hospital's name at the SuperLink, which the ServerApp reads back per node
+(``Grid.get_nodes``); the name a hospital reports about itself is kept beside it and a
+difference is flagged in the report. It observes; it never changes a message, so any Flower
+strategy runs unmodified on top of it. With SecAgg+ on, train rounds go through
+:func:`server.secure_aggregation.run_secaggplus_round` instead.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class SiteEvent:
     node_id : int
         Flower node id.
     site : str
-        Site name the hospital reported (or ``node <id>`` if it never did).
+        The hospital's name: registered with its key (deployment), else the site name it
+        reported (simulation), else ``node <id>``.
     metrics : dict[str, float | None]
         Reply metrics (NaN converted to None).
     undefined : dict[str, str]
@@ -65,12 +70,30 @@ class RunHistory:
 
     events: list[SiteEvent] = field(default_factory=list)
     centralized: dict[int, dict[str, float | None]] = field(default_factory=dict)
-    sites: dict[int, str] = field(default_factory=dict)  # node id -> site name
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> self-reported site name
+    # node id -> name registered with the node's key at the SuperLink (deployment only)
+    registered: dict[int, str] = field(default_factory=dict)
+    # node id -> a site name it reported that differs from its registered name (last such report)
+    misreported: dict[int, str] = field(default_factory=dict)
     # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta", "releases"}
     central_privacy: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def site_name(self, node_id: int) -> str:
-        return self.sites.get(node_id, f"node {node_id}")
+        return self.registered.get(node_id) or self.sites.get(node_id, f"node {node_id}")
+
+    def self_report(self, node_id: int, site: str) -> None:
+        """Record the site name a hospital reported in a reply; keep it if it is not the name
+        its key was registered under."""
+        self.sites[node_id] = site
+        registered = self.registered.get(node_id)
+        if registered is not None and site != registered:
+            self.misreported[node_id] = site
+
+    def name_mismatches(self) -> dict[str, str]:
+        """Registered name -> a different site name the hospital reported during the run."""
+        return {
+            self.registered[n]: site for n, site in self.misreported.items() if n in self.registered
+        }
 
     def latest(self, kind: str) -> dict[str, SiteEvent]:
         """Latest successful event of ``kind`` per site."""
@@ -88,6 +111,8 @@ class RunHistory:
             "events": [asdict(ev) for ev in self.events],
             "centralized": {str(k): v for k, v in self.centralized.items()},
             "sites": {str(k): v for k, v in self.sites.items()},
+            "registered": {str(k): v for k, v in self.registered.items()},
+            "misreported": {str(k): v for k, v in self.misreported.items()},
             "central_privacy": {str(k): v for k, v in self.central_privacy.items()},
         }
 
@@ -97,6 +122,8 @@ class RunHistory:
             events=[SiteEvent(**ev) for ev in data.get("events", [])],
             centralized={int(k): v for k, v in data.get("centralized", {}).items()},
             sites={int(k): v for k, v in data.get("sites", {}).items()},
+            registered={int(k): v for k, v in data.get("registered", {}).items()},
+            misreported={int(k): v for k, v in data.get("misreported", {}).items()},
             central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
         )
 
@@ -170,11 +197,23 @@ class RecordingGrid(DelegatingGrid):
         # set when SecAgg+ is on: answers a round of train messages through the protocol
         self._secure_aggregation = secure_aggregation
         self._current_round = 0
+        self._names_asked: set[int] = set()
+
+    def _learn_registered_names(self, nodes: Iterable[int]) -> None:
+        """The names the SuperLink holds for ``nodes`` (registered with their keys); asked once
+        per node (the Simulation Engine's nodes have none)."""
+        missing = set(nodes) - self._names_asked
+        if missing:
+            self._names_asked |= missing
+            for info in self._inner.get_nodes():
+                if info.name:
+                    self.history.registered[int(info.node_id)] = str(info.name)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         sent = list(messages)
+        self._learn_registered_names(m.metadata.dst_node_id for m in sent)
         self._current_round = _round_of(sent[0]) if sent else self._current_round
         if (
             self._secure_aggregation is not None
@@ -217,7 +256,7 @@ class RecordingGrid(DelegatingGrid):
         if reply.has_error():
             refusal = parse_refusal(reply.error.reason or "")
             if refusal is not None:
-                self.history.sites[node] = refusal[0]
+                self.history.self_report(node, refusal[0])
             self.history.events.append(
                 SiteEvent(
                     round=self._current_round,
@@ -231,7 +270,7 @@ class RecordingGrid(DelegatingGrid):
         content = reply.content
         info = content.config_records.get("info")
         if info is not None and "site" in info:
-            self.history.sites[node] = str(info["site"])
+            self.history.self_report(node, str(info["site"]))
         metrics: Mapping[str, Any] = next(iter(content.metric_records.values()), {})
         undefined: dict[str, str] = {}
         if info is not None:

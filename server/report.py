@@ -23,7 +23,9 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
     """The ``summary.json`` document (final-round test metrics, per-hospital epsilon and delta)."""
     trained = history.latest("train")
     evaluated = history.latest("evaluate")
-    names = sorted(set(trained) | set(evaluated) | set(history.sites.values()))
+    nodes = set(history.sites) | set(history.registered)
+    names = sorted(set(trained) | set(evaluated) | {history.site_name(n) for n in nodes})
+    registered, mismatches = set(history.registered.values()), history.name_mismatches()
     hospitals: list[dict[str, Any]] = []
     for name in names:
         tr = trained.get(name)
@@ -44,6 +46,8 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 ),
                 "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
                 "undefined": dict(ev.undefined) if ev else {},
+                "named_by": "registered key" if name in registered else "self-reported",
+                "self_reported_site": mismatches.get(name),
             }
         )
     accs = [h["metrics"]["accuracy"] for h in hospitals if h["metrics"]["accuracy"] is not None]
@@ -69,6 +73,10 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
             for e in history.errors()
         ],
         "ray_nodes": _ray_nodes(history),
+        "name_mismatches": [
+            {"hospital": name, "self_reported_site": site}
+            for name, site in sorted(mismatches.items())
+        ],
         "baselines": {},
     }
 
@@ -282,6 +290,7 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
             f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
             f"{_fmt(m.get('auprc'))} | {_operating_point(m)} | {h.get('evaluation') or 'n/a'} |"
         )
+    lines += _identity_lines(summary)
     undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
     if undefined:
         lines += ["", "Undefined metrics (reported as n/a, never imputed):", ""]
@@ -339,6 +348,26 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(_nan_none(row['epsilon']))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _identity_lines(summary: dict[str, Any]) -> list[str]:
+    """How hospitals are named, and every hospital whose self-reported site name differs."""
+    by_key = [h["name"] for h in summary["hospitals"] if h.get("named_by") == "registered key"]
+    if not by_key:
+        return ["", "Hospitals are named by the site name they report (no registered keys)."]
+    lines = ["", "Hospitals are named by the key they authenticate with (registered by the "
+             "coordinator with `fedcare server add-hospital`)."]  # fmt: skip
+    lines += [
+        f"- {h['name']}: no registered key; named by its own report"
+        for h in summary["hospitals"]
+        if h.get("named_by") != "registered key"
+    ]
+    lines += [
+        f"- **name mismatch**: the hospital registered as {m['hospital']} reports its site as "
+        f"{m['self_reported_site']!r}"
+        for m in summary.get("name_mismatches", [])
+    ]
+    return lines
 
 
 def plot_curves(
@@ -444,4 +473,9 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
     if len(summary.get("ray_nodes", {})) > 1:
         for node, sites in summary["ray_nodes"].items():
             console.print(f"  Ray node {node[:12]}: trained {', '.join(sites)}")
+    for m in summary.get("name_mismatches", []):
+        console.print(
+            f"  [yellow]name mismatch: the hospital registered as {m['hospital']} reports its "
+            f"site as {m['self_reported_site']!r}[/]"
+        )
     console.print(f"run folder: [bold]{out}[/] ({seconds:.1f} s)")

@@ -135,6 +135,7 @@ def main() -> None:
     from server.flwr_cli import FlowerCLIError
     from server.pki import PKIError
     from shared_models.config import ConfigError
+    from shared_models.node_keys import KeyFileError
     from shared_models.tasks import DataError
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -145,6 +146,7 @@ def main() -> None:
         DataError,
         ConfigError,
         PKIError,
+        KeyFileError,
         HospitalSetupError,
         FlowerCLIError,
     ) as exc:

@@ -73,6 +73,26 @@ def test_a_copy_of_the_app_has_the_app_hash(app_copy):
     assert fab_bytes(app_copy) == fab_bytes(APP_DIR)
 
 
+def test_the_bundle_holds_only_the_apps_code_and_defaults():
+    """Tests, benchmarks, the simulation harness, README and CI files stay out of what hospitals
+    approve and run (``fab-include`` in pyproject.toml, applied by Flower's builder); the task
+    files are in, so the tasks hospitals approve are the tasks that run."""
+    files = [f.split(" (")[0] for f in inspect_fab(fab_bytes(APP_DIR)).files]
+    assert "pyproject.toml" in files and "client/client_app.py" in files
+    assert "server/server_app.py" in files and "shared_models/tasks/tabular.py" in files
+    assert {f.split("/")[0] for f in files} == {
+        "pyproject.toml",
+        "client",
+        "server",
+        "shared_models",
+        "tasks",
+    }
+    assert {"tasks/breast-cancer.toml", "tasks/heart-disease.toml"} <= set(files)
+    assert all(
+        f == "pyproject.toml" or f.endswith(".py") or f.startswith("tasks/") for f in files
+    ), files
+
+
 def test_one_changed_line_changes_the_hash(tmp_path, app_copy):
     changed = _change_one_line(app_copy, tmp_path / "changed")
     assert inspect_fab(fab_bytes(changed)).sha256 != inspect_fab(fab_bytes(app_copy)).sha256

@@ -202,6 +202,31 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
     assert summary["rounds"] == 1001 and all(h["rounds_trained"] == 2 for h in summary["hospitals"])
 
 
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """Without DP (hospitals' batches follow the run's seed): 1 round, then a resume to 3 rounds,
+    ends at the weights of an uninterrupted 3-round FedAdam run (the strategy's moments come from
+    the checkpoint); a fresh 2-round run (a resume that ignored its checkpoint) ends elsewhere."""
+    import torch
+    from safetensors.torch import load_file
+
+    from server.run_config import default_run_config
+    from simulations.engine import run_federation
+
+    base = {**default_run_config(), "simulation.hospitals": 2, "dp.enabled": False,
+            "model.name": "logreg", "strategy.name": "fedadam", "strategy.min-available-nodes": 2}  # fmt: skip
+    ends = {}
+    for name, rounds in (("whole", 3), ("fresh", 2), ("resumed", 1)):
+        cfg = {**base, "train.rounds": rounds, "output.dir": str(tmp_path / name), "run.id": name}
+        run_federation(run_config=cfg, num_supernodes=2)
+        if name == "resumed":
+            resumed = {**cfg, "train.rounds": 3, "run.resume-from": str(tmp_path / name)}
+            run_federation(run_config=resumed, num_supernodes=2)
+        ends[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    for key, value in ends["whole"].items():
+        torch.testing.assert_close(ends["resumed"][key], value, atol=1e-5, rtol=0)
+    assert any(not torch.allclose(ends["fresh"][k], v, atol=1e-3) for k, v in ends["whole"].items())
+
+
 def test_chest_xray_on_hospital_image_folders(tmp_path):
     """Two hospitals' own folders (PNG + 16-bit DICOM + labels.csv) train a DP CNN through
     Flower's Simulation Engine and the report covers both."""

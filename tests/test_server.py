@@ -7,6 +7,7 @@ import math
 
 import pytest
 from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
 
 from server.history import RunHistory, SiteEvent
@@ -277,3 +278,83 @@ def test_histogram_metrics_equal_scikit_learn_on_binned_scores():
     reference, _ = operating_point_metrics(y, binned)
     for name, value in reference.items():
         assert values[name] == pytest.approx(value), name
+
+
+class _NamedNodesGrid(Grid):
+    """The ServerApp's view of a deployment: nodes whose keys the coordinator registered under
+    names (Flower's ``NodeInfo.name``), each answering the strategy's messages."""
+
+    def __init__(self, names: dict[int, str], self_reported: dict[int, str]) -> None:
+        self.names, self.self_reported = names, self_reported
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, name=name) for n, name in self.names.items()]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import ConfigRecord, Message
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            content = RecordDict({
+                "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.3}),
+                "info": ConfigRecord({"site": self.self_reported[node]}),
+            })  # fmt: skip
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+    def set_run(self, run): ...  # type: ignore[no-untyped-def]
+    def run(self): ...  # type: ignore[no-untyped-def]
+    def create_message(self, *a, **k): ...  # type: ignore[no-untyped-def]
+    def get_node_ids(self):
+        return list(self.names)  # type: ignore[no-untyped-def]
+
+    def push_messages(self, messages): ...  # type: ignore[no-untyped-def]
+    def pull_messages(self, message_ids): ...  # type: ignore[no-untyped-def]
+
+
+def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(default_cfg, tmp_path):
+    """Node 2's key is registered as "va" but its train reply calls it "cleveland" (its evaluate
+    reply says "va" again): the report says "va" (two hospitals, not one) and flags the
+    mismatch; node 1 agrees with its registration throughout."""
+    from flwr.app import ConfigRecord, Message
+
+    from server.history import RecordingGrid
+    from tests.handlers import use_task_identity
+
+    use_task_identity()
+    history = RunHistory()
+    fleet = _NamedNodesGrid({1: "cleveland", 2: "va"}, {1: "cleveland", 2: "cleveland"})
+    grid = RecordingGrid(fleet, history)
+    for kind in ("train", "evaluate"):
+        sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
+                        message_type=kind) for n in (1, 2)]  # fmt: skip
+        grid.send_and_receive(sent, timeout=10)
+        fleet.self_reported[2] = "va"
+    assert [(e.kind, e.node_id, e.site) for e in history.events] == [
+        ("train", 1, "cleveland"), ("train", 2, "va"),
+        ("evaluate", 1, "cleveland"), ("evaluate", 2, "va"),
+    ]  # fmt: skip
+    run = RunConfig.from_run_config(default_cfg)
+    summary = build_summary(run, history, wall_seconds=1.0)
+    assert [h["name"] for h in summary["hospitals"]] == ["cleveland", "va"]
+    assert {h["name"]: h["named_by"] for h in summary["hospitals"]} == {
+        "cleveland": "registered key", "va": "registered key",
+    }  # fmt: skip
+    assert summary["name_mismatches"] == [{"hospital": "va", "self_reported_site": "cleveland"}]
+    write_reports(tmp_path, run, history, summary)
+    report = (tmp_path / "report.md").read_text()
+    assert "named by the key they authenticate with" in report
+    assert "the hospital registered as va reports its site as 'cleveland'" in report
+    restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # checkpoint sidecar
+    assert restored.registered == {1: "cleveland", 2: "va"}
+    assert restored.name_mismatches() == {"va": "cleveland"}
+
+
+def test_without_registered_keys_names_are_self_reported(default_cfg):
+    """Simulation: the engine's nodes carry no registered name; the site names they report are used."""
+    summary = build_summary(RunConfig.from_run_config(default_cfg), _history(), wall_seconds=1.0)
+    assert {h["named_by"] for h in summary["hospitals"]} == {"self-reported"}
+    assert summary["name_mismatches"] == []
