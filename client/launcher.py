@@ -226,17 +226,17 @@ def run_launcher(
     else:
         chosen = SubprocessExecutor()
     plugin = ApprovedBundlePlugin(runtime_api_address, ledger=ledger, site=site, executor=chosen)
-    stopping = False
 
     def _stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+        # raised wherever the main thread is, also inside Flower's retry loop, which retries a
+        # gone SuperNode forever (a flag checked between tasks would never be seen)
+        raise _Stopped
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     _log.info("launcher for site %s: approved bundles from %s", site, plugin.approved.path)
     try:
-        while not stopping:
+        while True:
             try:
                 res = client.AcquireTask(
                     AcquireTaskRequest(
@@ -253,9 +253,15 @@ def run_launcher(
                 _log.debug("Runtime API not ready: %s", exc)
                 time.sleep(1.0)
             time.sleep(poll_interval)
+    except _Stopped:
+        _log.info("launcher for site %s: stopped", site)
     finally:
         client.close()
         plugin.executor.close()
+
+
+class _Stopped(BaseException):
+    """SIGTERM / SIGINT (or the parent's death, which Flower's monitor turns into SIGINT)."""
 
 
 def main(argv: list[str] | None = None) -> None:

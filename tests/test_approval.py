@@ -180,3 +180,35 @@ def test_refusal_reason_is_what_the_coordinator_parses():
     site, why = parse_refusal(reason)
     assert site == "a" and "f" * 64 in why and "not approved" in why
     assert parse_refusal("something else: refused") is None
+
+
+def test_the_launcher_stops_on_sigterm_while_its_supernode_is_gone(tmp_path):
+    """A SuperNode that is gone makes Flower's client retry forever: SIGTERM (or the parent's
+    death) must still stop the launcher, or it outlives `fedcare client start`."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "ledger").mkdir()
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}",
+             "--ledger", str(tmp_path / "ledger"), "--site", "a", "--executor", "subprocess"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "retrying in" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "retrying in" in log.read_text(), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+        assert "launcher for site a: stopped" in log.read_text()
+    finally:
+        proc.kill()
