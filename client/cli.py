@@ -15,7 +15,6 @@ from rich.table import Table
 
 from shared_models.protocol import APP_DIR
 from shared_models.runtime import child_env, flower_executable, run_foreground
-from shared_models.tasks import get_task
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
@@ -398,6 +397,8 @@ def check(
     if _report_table(task, data):
         return
     try:
+        from shared_models.tasks import get_task
+
         spec = get_task(task)
     except ValueError as exc:
         raise HospitalSetupError(str(exc)) from None

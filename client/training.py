@@ -118,6 +118,7 @@ def planned_history(
     return {"mechanism": accountant, "history": history}
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments; a frozen result
 def plan_dp(
     *,
     n_train: int,

@@ -10,6 +10,7 @@ A builder takes the shape of one example (``input_shape``, e.g. ``(30,)`` for a 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,8 @@ class MLP(nn.Module):
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]  # (input_shape, hidden) -> model
 
+_INIT_LOCK = threading.Lock()
+
 MODELS: dict[str, ModelBuilder] = {
     "logreg": lambda shape, hidden: LogisticRegression(math.prod(shape)),
     "mlp": lambda shape, hidden: MLP(math.prod(shape), hidden),
@@ -103,12 +106,13 @@ def build_model(
     shape = input_shape if input_shape is not None else (n_features,) if n_features else None
     if shape is None:
         raise ValueError("build_model needs input_shape (or n_features)")
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return MODELS[name](tuple(shape), hidden)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    with _INIT_LOCK:  # threads (a simulation's ServerApp and its baselines) share torch's RNG
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return MODELS[name](tuple(shape), hidden)
+        finally:
+            torch.random.set_rng_state(gen_state)
 
 
 def model_for_run(run: RunConfig) -> tuple[nn.Module, dict[str, object]]:

@@ -23,7 +23,6 @@ from rich.console import Console  # noqa: E402
 from client.cli import app as client_app  # noqa: E402
 from server import cli_options as opt  # noqa: E402
 from server.cli import app as server_app  # noqa: E402
-from server.report import print_summary  # noqa: E402
 from simulations.harness import SimulationRequest, UsageError, export_hospitals, run_simulation_job  # noqa: E402
 from simulations.task_cli import app as task_app  # noqa: E402
 
@@ -124,6 +123,8 @@ def simulate(
         return
     t0 = time.monotonic()
     summary = run_simulation_job(request, console=console)
+    from server.report import print_summary
+
     print_summary(console, summary, request.out, time.monotonic() - t0)
 
 
@@ -135,8 +136,8 @@ def main() -> None:
     from server.flwr_cli import FlowerCLIError
     from server.pki import PKIError
     from shared_models.config import ConfigError
+    from shared_models.errors import DataError
     from shared_models.node_keys import KeyFileError
-    from shared_models.tasks import DataError
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:

@@ -13,9 +13,88 @@ Flower 1.41 private code this module copies from or calls is pinned by source ha
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from server.run_config import APP_DIR
+
+
+def backend_config(
+    *,
+    num_cpus_per_client: float = 1.0,
+    num_gpus_per_client: float = 0.0,
+    ray_address: str | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Flower's Ray backend config: each ClientApp actor's resources and ``ray.init``'s arguments.
+
+    ``ray_address``: an existing Ray cluster; None starts Ray on this machine alone, its
+    processes talking over the loopback address only.
+    """
+    init_args: dict[str, Any] = {
+        "logging_level": logging.DEBUG if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+        "include_dashboard": False,
+        "configure_logging": not verbose,
+    }
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["_node_ip_address"] = "127.0.0.1"
+    return {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+        "init_args": init_args,
+    }
+
+
+def preload_hospital_stack() -> None:
+    """Ray ``worker_process_setup_hook``: import what a simulated hospital's ClientApp needs
+    (torch, Opacus, Flower's actor, the partitioners) when a worker process starts.
+
+    Ray starts its idle worker processes as soon as ``ray.init`` returns; Flower's ClientApp
+    actors are then placed in them with these imports already done (see :func:`start_ray`).
+    """
+    import flwr.simulation.ray_transport.ray_actor  # noqa: F401
+    import flwr_datasets.partitioner  # noqa: F401
+
+    import client.client_app  # noqa: F401
+
+
+def start_ray(config: dict[str, Any]) -> None:
+    """``ray.init`` with the arguments of :func:`backend_config` and what Flower's
+    ``RayBackend.init_ray`` adds (the workers get this process's ``sys.path``), plus a
+    ``worker_process_setup_hook`` (:func:`preload_hospital_stack`). Flower's backend then finds
+    Ray up and skips its own ``ray.init``.
+
+    Call it from the main thread: Ray ties its processes' lives to the thread that starts them
+    (``PR_SET_PDEATHSIG`` on Linux), so a ``ray.init`` in a worker thread loses its GCS when
+    that thread ends.
+
+    Raises
+    ------
+    Exception
+        Whatever ``ray.init`` raises (e.g. no Ray cluster at the given address).
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env = {
+        "env_vars": {"PYTHONPATH": pythonpath},
+        "worker_process_setup_hook": f"{__name__}.preload_hospital_stack",
+    }
+    ray.init(runtime_env=runtime_env, **config["init_args"])
+
+
+def stop_ray() -> None:
+    """Stop this process's Ray (or disconnect from a cluster), if it is up."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def run_federation(
@@ -42,7 +121,7 @@ def run_federation(
         An existing Ray cluster (``ray start --head`` prints it) whose nodes host the simulated
         hospitals; it is passed to ``ray.init`` through Flower's backend ``init_args``. Every
         node needs fedcare installed at the same path as here. None: a Ray instance of this
-        machine alone, on the loopback address, stopped at the end.
+        machine alone, on the loopback address.
 
     Raises
     ------
@@ -72,27 +151,17 @@ def run_federation(
     server_context = Context(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
-    init_args: dict[str, Any] = {
-        "logging_level": logging.DEBUG if verbose else logging.ERROR,
-        "log_to_driver": verbose,
-        "include_dashboard": False,
-        "configure_logging": not verbose,
-    }
-    if ray_address:
-        init_args["address"] = ray_address
-    else:  # one machine: Ray's processes talk over loopback only
-        init_args["_node_ip_address"] = "127.0.0.1"
-    backend_config = {
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
-        "init_args": init_args,
-    }
+    config = backend_config(
+        num_cpus_per_client=num_cpus_per_client, num_gpus_per_client=num_gpus_per_client,
+        ray_address=ray_address, verbose=verbose,
+    )  # fmt: skip
     _run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,
         server_app=server_app,
         backend_name="ray",
-        backend_config=backend_config,  # type: ignore[arg-type]
+        backend_config=config,  # type: ignore[arg-type]
         server_app_context=server_context,
         app_dir=str(APP_DIR),
         is_app=True,  # hospitals' contexts get the run config fused from APP_DIR + overrides

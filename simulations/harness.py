@@ -1,8 +1,8 @@
 """``fedcare simulate``: validate the request, run the federation, add baselines, report.
 
-Everything a user can get wrong is checked BEFORE the Simulation Engine starts (task, data files,
-number of hospitals, DP budget feasible at every hospital), so mistakes cost no Ray start-up and
-leave no half-written run folder.
+Everything a user can get wrong is checked BEFORE the Simulation Engine runs (task, data files,
+number of hospitals, DP budget feasible at every hospital; while Ray starts, which a mistake then
+stops again), so mistakes leave no half-written run folder.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,13 +200,33 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
     """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
 
+    The request's checks (:func:`preflight`) run in a thread while Ray starts
+    (:func:`simulations.engine.start_ray`: its workers import the training stack as they start),
+    and the non-private baselines train in a thread while the federation runs. A request that
+    fails its checks stops Ray again before its error is raised.
+
     Returns the final ``summary.json`` content.
     """
+    from simulations.engine import backend_config, start_ray, stop_ray
+
     t0 = time.monotonic()
     cfg, hospitals = build_run_config(req)
     if req.out.exists() and any(req.out.iterdir()):
         raise UsageError(f"{req.out}: run folder exists and is not empty; choose another --out")
-    run, sites = preflight(cfg, hospitals, req)
+    resources = {
+        "num_cpus_per_client": req.cpus_per_hospital,
+        "num_gpus_per_client": req.gpus_per_hospital,
+        "ray_address": req.ray_address or os.environ.get("RAY_ADDRESS") or None,
+        "verbose": req.verbose,
+    }
+    checks = _Background(preflight, cfg, hospitals, req)
+    try:
+        start_ray(backend_config(**resources))
+        run, sites = checks.result()
+    except BaseException:
+        checks.join()
+        stop_ray()
+        raise
 
     from server.history import RunHistory
     from server.report import nobody_trained, write_reports
@@ -218,6 +239,8 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
+    device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
+    baselines = _Background(compute_baselines, run, sites, device=device)
     handler = _ProgressHandler()
     progress_logger = logging.getLogger("fedcare.progress")
     progress_logger.addHandler(handler)
@@ -226,11 +249,7 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     if not req.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        run_federation(
-            run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
-            num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
-            ray_address=req.ray_address or os.environ.get("RAY_ADDRESS") or None,
-        )  # fmt: skip
+        run_federation(run_config=cfg, num_supernodes=len(sites), **resources)
     finally:
         progress_logger.removeHandler(handler)
     summary_path = req.out / "summary.json"
@@ -238,11 +257,35 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         raise RuntimeError(f"the ServerApp finished without writing {summary_path}")
     summary = json.loads(summary_path.read_text())
     history = RunHistory.from_dict(json.loads((req.out / "history.json").read_text()))
-    summary["baselines"] = compute_baselines(
-        run, sites, device="cuda" if req.gpus_per_hospital > 0 else "cpu"
-    )
+    summary["baselines"] = baselines.result()
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+class _Background:
+    """``fn(*args, **kwargs)`` in a daemon thread; :meth:`result` joins it and re-raises."""
+
+    def __init__(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._value = fn(*args, **kwargs)
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -96,7 +96,9 @@ def test_task_file_deployment_and_changed_range_refused(tmp_path):
     paths = gbsg2.write_hospitals(root / "data")
     port = _free_port()
     internal = _free_port()
-    init = _fedcare("server", "init", "--out", str(root / "pki"), "--demo-hospitals", ",".join(HOSPITALS))
+    init = _fedcare(
+        "server", "init", "--out", str(root / "pki"), "--demo-hospitals", ",".join(HOSPITALS)
+    )
     assert init.returncode == 0, init.stdout + init.stderr
     for h in HOSPITALS:
         ok = _fedcare("client", "approve", "--ledger", str(root / h / "ledger"), str(app), "--yes")
@@ -116,7 +118,9 @@ def test_task_file_deployment_and_changed_range_refused(tmp_path):
                 "--state", str(root / h), log=root / f"client-{h}.log",
             ))  # fmt: skip
         ca, home = root / "pki" / "ca.pem", root / "flwr-home"
-        _wait_for(lambda: _online(internal, ca, home) == len(HOSPITALS), root / "client-bonn.log", 120)
+        _wait_for(
+            lambda: _online(internal, ca, home) == len(HOSPITALS), root / "client-bonn.log", 120
+        )
         for h in HOSPITALS:  # each hospital's data passed the task file's check before starting
             assert "valid task gbsg2" in " ".join((root / f"client-{h}.log").read_text().split())
 

@@ -20,14 +20,9 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, TensorDataset
 
+from shared_models.errors import DataError
+
 LABEL = "label"
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed, or does not match the task's schema.
-
-    The message names the file (and row / column where there is one) and what to do.
-    """
 
 
 @dataclass(frozen=True)
