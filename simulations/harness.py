@@ -210,7 +210,6 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     from simulations.engine import backend_config, start_ray, stop_ray
 
     t0 = time.monotonic()
-    cfg, hospitals = build_run_config(req)
     if req.out.exists() and any(req.out.iterdir()):
         raise UsageError(f"{req.out}: run folder exists and is not empty; choose another --out")
     resources = {
@@ -219,10 +218,12 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         "ray_address": req.ray_address or os.environ.get("RAY_ADDRESS") or None,
         "verbose": req.verbose,
     }
-    checks = _Background(preflight, cfg, hospitals, req)
+    import ray  # noqa: F401  (imported before the checks' thread imports torch & co.)
+
+    checks = _Background(_checked, req)
     try:
         start_ray(backend_config(**resources))
-        run, sites = checks.result()
+        cfg, run, sites = checks.result()
     except BaseException:
         checks.join()
         stop_ray()
@@ -263,6 +264,13 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+def _checked(req: SimulationRequest):  # -> (run config, RunConfig, sites)
+    """:func:`build_run_config` and :func:`preflight`: every check of the request."""
+    cfg, hospitals = build_run_config(req)
+    run, sites = preflight(cfg, hospitals, req)
+    return cfg, run, sites
 
 
 class _Background:
