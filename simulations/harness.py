@@ -267,9 +267,13 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
 
 
 def _checked(req: SimulationRequest):  # -> (run config, RunConfig, sites)
-    """:func:`build_run_config` and :func:`preflight`: every check of the request."""
+    """:func:`build_run_config` and :func:`preflight`: every check of the request; then the
+    imports :func:`simulations.engine.run_federation` needs, while Ray is still starting."""
     cfg, hospitals = build_run_config(req)
     run, sites = preflight(cfg, hospitals, req)
+    import client.client_app  # noqa: F401
+    import server.server_app  # noqa: F401
+
     return cfg, run, sites
 
 
