@@ -89,14 +89,6 @@ def start_ray(config: dict[str, Any]) -> None:
     ray.init(runtime_env=runtime_env, **config["init_args"])
 
 
-def stop_ray() -> None:
-    """Stop this process's Ray (or disconnect from a cluster), if it is up."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def run_federation(
     *,
     run_config: dict[str, Any],

@@ -1,8 +1,8 @@
 """``fedcare simulate``: validate the request, run the federation, add baselines, report.
 
-Everything a user can get wrong is checked BEFORE the Simulation Engine runs (task, data files,
-number of hospitals, DP budget feasible at every hospital; while Ray starts, which a mistake then
-stops again), so mistakes leave no half-written run folder.
+Everything a user can get wrong is checked BEFORE the Simulation Engine starts (task, data files,
+number of hospitals, DP budget feasible at every hospital), so mistakes cost no Ray start-up and
+leave no half-written run folder.
 """
 
 from __future__ import annotations
@@ -200,46 +200,39 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
     """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
 
-    The request's checks (:func:`preflight`) run in a thread while Ray starts
-    (:func:`simulations.engine.start_ray`: its workers import the training stack as they start),
-    and the non-private baselines train in a thread while the federation runs. A request that
-    fails its checks stops Ray again before its error is raised.
+    Ray starts only once the request passed its checks (a mistake costs no Ray start-up); its
+    worker processes then import the training stack as they start
+    (:func:`simulations.engine.start_ray`), and the non-private baselines train in a thread
+    while the federation runs.
 
     Returns the final ``summary.json`` content.
     """
-    from simulations.engine import backend_config, start_ray, stop_ray
+    from simulations.engine import backend_config, start_ray
 
     t0 = time.monotonic()
     if req.out.exists() and any(req.out.iterdir()):
         raise UsageError(f"{req.out}: run folder exists and is not empty; choose another --out")
+    cfg, hospitals = build_run_config(req)
+    run, sites = preflight(cfg, hospitals, req)
     resources = {
         "num_cpus_per_client": req.cpus_per_hospital,
         "num_gpus_per_client": req.gpus_per_hospital,
         "ray_address": req.ray_address or os.environ.get("RAY_ADDRESS") or None,
         "verbose": req.verbose,
     }
-    import ray  # noqa: F401  (imported before the checks' thread imports torch & co.)
-
-    checks = _Background(_checked, req)
-    try:
-        start_ray(backend_config(**resources))
-        cfg, run, sites = checks.result()
-    except BaseException:
-        checks.join()
-        stop_ray()
-        raise
-
-    from server.history import RunHistory
-    from server.report import nobody_trained, write_reports
-    from simulations.baselines import compute_baselines
-    from simulations.engine import run_federation
-
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
     console.print(
         f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
+    start_ray(backend_config(**resources))
+
+    from server.history import RunHistory
+    from server.report import nobody_trained, write_reports
+    from simulations.baselines import compute_baselines
+    from simulations.engine import run_federation
+
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
     baselines = _Background(compute_baselines, run, sites, device=device)
     handler = _ProgressHandler()
@@ -266,17 +259,6 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     return summary
 
 
-def _checked(req: SimulationRequest):  # -> (run config, RunConfig, sites)
-    """:func:`build_run_config` and :func:`preflight`: every check of the request; then the
-    imports :func:`simulations.engine.run_federation` needs, while Ray is still starting."""
-    cfg, hospitals = build_run_config(req)
-    run, sites = preflight(cfg, hospitals, req)
-    import client.client_app  # noqa: F401
-    import server.server_app  # noqa: F401
-
-    return cfg, run, sites
-
-
 class _Background:
     """``fn(*args, **kwargs)`` in a daemon thread; :meth:`result` joins it and re-raises."""
 
@@ -292,9 +274,6 @@ class _Background:
 
         self._thread = threading.Thread(target=target, daemon=True)
         self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
 
     def result(self) -> Any:
         self._thread.join()
