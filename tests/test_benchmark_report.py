@@ -127,3 +127,26 @@ def test_split_seed_fixes_the_split_while_the_training_seed_varies(heart_dir):
     assert not all(
         np.array_equal(a, b) for a, b in zip(test_rows(0, -1), test_rows(1, -1), strict=True)
     )
+
+
+scale = _load("simulation_scale")
+
+
+def test_scale_slope_is_the_least_squares_line():
+    # y = 2x + 1 exactly, then one point off the line: the OLS slope of (0,1) (1,3) (2,5) (3,10)
+    assert scale.slope([0, 1, 2], [1, 3, 5]) == pytest.approx((2.0, 1.0))
+    b, a = scale.slope([0, 1, 2, 3], [1, 3, 5, 10])
+    # by hand: mean x 1.5, mean y 4.75, Sxy = 14.5, Sxx = 5 -> b = 2.9, a = 4.75 - 4.35 = 0.4
+    assert (b, a) == (pytest.approx(2.9), pytest.approx(0.4))
+    with pytest.raises(ValueError, match="at least two"):
+        scale.slope([1], [1])
+    with pytest.raises(ValueError, match="all x are equal"):
+        scale.slope([2, 2], [1, 3])
+
+
+def test_scale_resampled_rows_are_real_records_drawn_with_replacement():
+    rows = scale.resampled_rows(300, 19, seed=0)
+    assert rows.shape == (300 * 19,)
+    assert rows.min() >= 0 and rows.max() < scale.REAL_ROWS == 569
+    assert len(set(rows.tolist())) < len(rows)  # with replacement: repeats
+    assert (scale.resampled_rows(300, 19, seed=0) == rows).all()  # deterministic
