@@ -64,6 +64,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+RUNS_LOG = CACHE / "runs.jsonl"  # one line per computing run of this script
 PLOTS = ROOT / "benchmarks" / "results"
 PROTOCOL_VERSION = 1  # bump when the evaluation below changes: every cell is recomputed
 
@@ -107,6 +108,10 @@ class TaskBench:
         ``"flamby"`` (metric = mean of per-centre test accuracies; local = Local k on all
         centres) or ``"project"`` (metric = pooled-test AUROC; local = own test split).
     references : tuple of Reference
+        Published values of the headline metric (none are listed where none was found for
+        this protocol).
+    local_references : dict
+        Published ``Local k`` values by training centre (FLamby).
     """
 
     name: str
@@ -115,6 +120,7 @@ class TaskBench:
     overrides: dict[str, Any] = field(default_factory=dict)
     protocol: str = "project"
     references: tuple[Reference, ...] = ()
+    local_references: dict[str, float] = field(default_factory=dict)  # Local k, by centre
     tabular: bool = True
 
     @property
@@ -128,6 +134,7 @@ class TaskBench:
 
 
 FLAMBY = "FLamby (du Terrail et al. 2022), results/results_benchmark_fed_heart_disease, 5 seeds"
+FLAMBY_DP = "FLamby dp_example/results_fed_heart_disease.csv (FedAvg with DP, 5 seeds)"
 TASK_BENCHES: dict[str, TaskBench] = {
     "breast-cancer": TaskBench("breast-cancer", data="", hospitals=3),
     "heart-disease": TaskBench(
@@ -138,10 +145,19 @@ TASK_BENCHES: dict[str, TaskBench] = {
         protocol="flamby",
         references=(
             Reference("pooled", None, 0.735, FLAMBY),
+            Reference("local", None, 0.639, FLAMBY + " (mean of Local 0-3)"),
             Reference("fedavg", None, 0.685, FLAMBY),
+            Reference("fedprox", None, 0.685, FLAMBY),
             Reference("fedyogi", None, 0.731, FLAMBY),
-            Reference("fedavg", 1.0, 0.70, "FLamby dp_example (nominal ε = 1, FedAvg), approx."),
+            Reference("fedavg", 1.0, 0.685, FLAMBY_DP + ", δ = 1e-4"),
+            Reference("fedavg", 1.0, 0.702, FLAMBY_DP + ", δ = 1e-3"),
         ),
+        local_references={
+            "cleveland": 0.722,
+            "hungarian": 0.629,
+            "switzerland": 0.567,
+            "va": 0.637,
+        },
     ),
     "gbsg2": TaskBench("gbsg2", data="", hospitals=None),
     "icu-mortality": TaskBench(
@@ -462,7 +478,12 @@ def _federated_cell(cell: Cell, bench: TaskBench, ray_address: str) -> dict[str,
             options=RunOptions(task=cell.task), hospitals=bench.hospitals, out=out
         )
         run, sites = preflight(cfg, bench.hospitals or 3, req)
-        run_federation(run_config=cfg, num_supernodes=len(sites), ray_address=ray_address)
+        # one ClientApp actor per worker (all the Ray instance's CPUs): a handful of small
+        # hospitals take milliseconds each, and every actor costs a Python + torch start
+        run_federation(
+            run_config=cfg, num_supernodes=len(sites), ray_address=ray_address,
+            num_cpus_per_client=float(os.cpu_count() or 1),
+        )  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
         model, _ = model_for_run(run)
         model.load_state_dict(load_weights(out / "model.safetensors"))
@@ -580,6 +601,22 @@ def machine_lines() -> list[str]:
     ]
 
 
+def _compute_lines(results: dict) -> list[str]:
+    """What computing these cells cost: the runs that computed cells, and the cells' own wall
+    times summed (cells of side-by-side workers overlap, so the sum exceeds the elapsed time)."""
+    total = sum(r.get("seconds", 0.0) for rs in results.values() for r in rs)
+    lines = [f"- the cells' own wall times, summed: {total / 60:.1f} min"]
+    if RUNS_LOG.exists():
+        for line in RUNS_LOG.read_text().splitlines():
+            run = json.loads(line)
+            lines.append(
+                f"- computing run ended {run['ended']}: {run['minutes']} min wall, "
+                f"{run['computed']} cells computed, load average at its end "
+                f"{', '.join(map(str, run['load']))}; `{run['command']}`"
+            )
+    return lines
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "not run"
@@ -590,6 +627,10 @@ def _fmt(values: list[float]) -> str:
 def _headline(bench: TaskBench, result: dict[str, Any]) -> float | None:
     key = "mean_client_accuracy" if bench.protocol == "flamby" else "auroc"
     return result.get(key)
+
+
+def _delta(ref: Reference) -> str:
+    return ", δ = " + ref.source.rsplit("δ = ", 1)[1] if "δ = " in ref.source else ""
 
 
 def _eps_label(eps: float | None) -> str:
@@ -617,6 +658,7 @@ def render(
         f"wrote this file: {wall_seconds / 60:.1f} min (cells already cached were not recomputed)",
         *machine_lines(),
         f"- command: `{command}`",
+        *_compute_lines(results),
         f"- cells: {done} of {len(cells)} planned ({seeds} seeds × {len(METHODS)} methods × "
         f"{len(EPSILONS)} privacy levels × {len(tasks)} tasks); a cell with n < {seeds} ran out "
         "of the time budget",
@@ -659,6 +701,14 @@ def render(
             refs = [r for r in bench.references if r.method == method]
             row.append("; ".join(f"{r.value:.3f} ({_eps_label(r.epsilon)})" for r in refs) or "—")
             lines.append("| " + " | ".join(row) + " |")
+        sources = sorted({r.source for r in bench.references})
+        lines += [
+            "",
+            "Published: " + "; ".join(sources)
+            if sources
+            else "Published: none found for this task and protocol (the shared data README "
+            "lists none); the column is empty rather than filled from another protocol.",
+        ]
         lines += ["", "ε actually spent (accountant, mean over seeds; largest hospital):", ""]
         lines += ["| method | " + " | ".join(_eps_label(e) for e in EPSILONS[1:]) + " |"]
         lines += ["|---" * len(EPSILONS) + "|"]
@@ -686,7 +736,7 @@ def render(
                 row.append(_fmt(vals))
             lines.append("| " + " | ".join(row) + " |")
         if bench.protocol == "flamby":
-            lines += _local_k_table(results, task)
+            lines += _local_k_table(results, task, bench.local_references)
         fed_seconds = [
             r["seconds"]
             for (t, m, _), rs in results.items()
@@ -744,7 +794,7 @@ def _protocol_text(bench: TaskBench) -> str:
     )
 
 
-def _local_k_table(results: dict, task: str) -> list[str]:
+def _local_k_table(results: dict, task: str, published: dict[str, float]) -> list[str]:
     """FLamby-style ``Local k`` rows (no DP): mean over centres, per training centre."""
     rows = results.get((task, "local", None), [])
     if not rows or "local" not in rows[0]:
@@ -755,14 +805,15 @@ def _local_k_table(results: dict, task: str) -> list[str]:
         "Local k (no DP): trained at centre k, mean accuracy over the 4 centres' tests:",
         "",
     ]
-    lines += ["| trained at | mean over centres | " + " | ".join(names) + " |"]
-    lines += ["|---" * (len(names) + 2) + "|"]
+    lines += ["| trained at | mean over centres | " + " | ".join(names) + " | FLamby |"]
+    lines += ["|---" * (len(names) + 3) + "|"]
     for k in names:
         means = [r["local"][k]["mean_client_accuracy"] for r in rows]
         per = [
             _fmt([r["local"][k]["client_accuracy"][c] for r in rows]).split(" (")[0] for c in names
         ]
-        lines.append(f"| {k} | {_fmt(means)} | " + " | ".join(per) + " |")
+        ref = f"{published[k]:.3f}" if k in published else "—"
+        lines.append(f"| {k} | {_fmt(means)} | " + " | ".join(per) + f" | {ref} |")
     return lines
 
 
@@ -848,15 +899,17 @@ def main(argv: list[str] | None = None) -> int:
             for batch in [b for b in batches if b]:
                 pool.submit(_run_batch, batch, apps[batch[0].task], deadline)
     command = "python benchmarks/report.py " + " ".join(
-        [
-            "--tasks",
-            *args.tasks,
-            "--seeds",
-            str(args.seeds),
-            "--budget-minutes",
-            f"{args.budget_minutes:g}",
-        ]
-    )
+        ["--tasks", *args.tasks, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
+         "--budget-minutes", f"{args.budget_minutes:g}"]
+    )  # fmt: skip
+    computed = sum(1 for c in todo if (CACHE / c.key).exists())
+    if not args.report_only:
+        with RUNS_LOG.open("a") as fh:  # every computing run, for RESULTS.md's header
+            fh.write(json.dumps({
+                "ended": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "minutes": round((time.monotonic() - t0) / 60, 1), "command": command,
+                "computed": computed, "load": [round(v, 1) for v in os.getloadavg()],
+            }) + "\n")  # fmt: skip
     RESULTS_MD.write_text(
         render(
             args.tasks, cells, wall_seconds=time.monotonic() - t0, command=command, seeds=args.seeds
