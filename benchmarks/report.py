@@ -51,7 +51,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -337,15 +336,19 @@ def app_dir_for(task: str) -> Path:
     tests do, so that every Ray worker finds the task."""
     if task != "gbsg2":
         return ROOT
-    app = CACHE / "app-gbsg2"
     sys.path.insert(0, str(ROOT))
+    from client.approval import fab_bytes
     from tests import gbsg2
     from tests.handlers import unpack_app
 
-    if app.exists():
-        shutil.rmtree(app)
-    unpack_app(app)
-    (app / "tasks" / "gbsg2.toml").write_text(gbsg2.TASK)
+    # named by the bundle's hash: a copy in use by a running worker is never rewritten
+    digest = hashlib.sha256(fab_bytes(ROOT) + gbsg2.TASK.encode()).hexdigest()[:12]
+    app = CACHE / f"app-gbsg2-{digest}"
+    if not app.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="app-gbsg2-", dir=CACHE))
+        unpack_app(tmp)
+        (tmp / "tasks" / "gbsg2.toml").write_text(gbsg2.TASK)
+        tmp.rename(app)
     return app
 
 

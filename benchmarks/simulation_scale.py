@@ -21,11 +21,13 @@ by the harness like a user's CSV (``--data-dir``). The output says which sizes a
 Measured
 --------
 - ``to round 1``: from the call into the engine to the end of round 1 (Ray start, actors,
-  node registration, DP planning when ``--dp``, the first round).
+  node registration, DP planning when ``--dp``, the first round); ``after``: from the end of
+  the last round to the engine's return (final federated evaluation, Ray shutdown).
 - ``round``: the median duration of rounds 2 .. R-1, from the ServerApp's per-round progress
   records (the last round also runs the federated evaluation and is left out).
-- ``peak RSS``: the largest sum of resident set sizes over this process and all its
-  descendants (Ray's GCS, raylet and worker processes), sampled every 0.2 s with psutil.
+- ``peak RSS``: the largest sum of resident set sizes over the measuring process (each size
+  runs in a fresh Python process, as one ``fedcare simulate``) and all its descendants (Ray's
+  GCS, raylet and worker processes), sampled every 0.2 s with psutil from the parent.
   Shared pages (libraries, Ray's object store) count once per process, so it is an upper bound.
 - Growth per added hospital: the least-squares slope (:func:`slope`) of round time (ms per
   hospital) and peak RSS (MB per hospital) over the full-participation sizes.
@@ -85,13 +87,14 @@ def resampled_rows(n_hospitals: int, rows_per_hospital: int, *, seed: int = 0): 
 
 
 class TreeMemorySampler:
-    """Samples the summed RSS (bytes) of this process and all its descendants in a thread."""
+    """Samples the summed RSS (bytes) of process ``pid`` (default: this one) and all its
+    descendants in a thread."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
         import psutil
 
         self._psutil = psutil
-        self._me = psutil.Process()
+        self._me = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
         self.peak_processes = 0
@@ -126,16 +129,17 @@ class TreeMemorySampler:
 
 
 class _RoundClock(logging.Handler):
-    """Collects the ServerApp's per-round progress records: round -> seconds since its start."""
+    """Collects the ServerApp's per-round progress records (emitted in this process, in the
+    ServerApp's thread, at the end of each round): round -> ``time.monotonic()`` then."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
-        self.seconds: dict[int, float] = {}
+        self.at: dict[int, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         info = getattr(record, "fedcare_progress", None)
         if info:
-            self.seconds[int(info["round"])] = float(info["seconds"])
+            self.at[int(info["round"])] = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Measurement:
     preflight_s: float
     to_round1_s: float
     round_s: float  # median of rounds 2 .. R-1
+    shutdown_s: float  # end of the last round to the engine's return
     wall_s: float
     peak_rss: int
     processes: int
@@ -168,7 +173,7 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
         task = get_task("breast-cancer")
         frame = task.load_sites("")[0][1]
         folder = workdir / f"data-{n}"
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         rows = frame.iloc[resampled_rows(n, rows_per_hospital)].reset_index(drop=True)
         task.write_file(rows, folder / "wdbc-resampled.csv")
         data_dir = str(folder)
@@ -189,15 +194,14 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     progress.propagate = False
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        with TreeMemorySampler() as memory:
-            run_federation(run_config=cfg, num_supernodes=len(sites))
+        run_federation(run_config=cfg, num_supernodes=len(sites))
     finally:
         progress.removeHandler(clock)
     t2 = time.monotonic()
-    secs = clock.seconds
-    if not all(r in secs for r in range(1, rounds + 1)):
-        raise RuntimeError(f"{n} hospitals: progress records for rounds {sorted(secs)} only")
-    steady = [secs[r] - secs[r - 1] for r in range(2, rounds)]
+    at = clock.at
+    if not all(r in at for r in range(1, rounds + 1)):
+        raise RuntimeError(f"{n} hospitals: progress records for rounds {sorted(at)} only")
+    steady = [at[r] - at[r - 1] for r in range(2, rounds)]
     n_train = sum(s.n_train + s.n_test for s in sites) / len(sites)
     return Measurement(
         hospitals=len(sites),
@@ -205,20 +209,49 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
         rows_per_hospital=n_train,
         resampled=resampled,
         preflight_s=t1 - t0,
-        to_round1_s=_round1_since_call(t1, secs, t2, rounds),
+        to_round1_s=at[1] - t1,
+        shutdown_s=t2 - at[rounds],
         round_s=statistics.median(steady),
         wall_s=t2 - t0,
-        peak_rss=memory.peak,
-        processes=memory.peak_processes,
+        peak_rss=0,  # the parent samples this process' tree (see measure_in_child)
+        processes=0,
     )
 
 
-def _round1_since_call(t_call: float, secs: dict[int, float], t_end: float, rounds: int) -> float:
-    """Seconds from the engine call to the end of round 1, from the ServerApp-relative round
-    times and the call's end (the ServerApp's last record is followed only by its final
-    evaluation hand-off and the engine's shutdown, which this counts as start-up: an upper
-    bound)."""
-    return (t_end - t_call) - (secs[rounds] - secs[1])
+def measure_in_child(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp: bool,
+                     workdir: Path, timeout: float) -> Measurement | None:  # fmt: skip
+    """:func:`measure` in a fresh Python process (one federation per process, as ``fedcare
+    simulate``), sampling the memory of that process and its Ray processes from here.
+
+    Returns None when it did not finish within ``timeout`` seconds (the child's threads' stacks
+    are then on stderr, from :mod:`faulthandler`); the child and its descendants are killed.
+    """
+    import contextlib
+    import json
+    import subprocess
+
+    import psutil
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--fraction",
+           str(fraction), "--rounds", str(rounds), "--rows-per-hospital", str(rows_per_hospital),
+           "--workdir", str(workdir), "--timeout", str(timeout)] + (["--dp"] if dp else [])  # fmt: skip
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with TreeMemorySampler(child.pid) as memory:
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = psutil.Process(child.pid).children(recursive=True)
+            for proc in [*tree, psutil.Process(child.pid)]:  # only what this run started
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            child.wait()
+            return None
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"{n} hospitals: the measuring process failed (exit {child.returncode})")
+    fields = json.loads(lines[-1][len("RESULT ") :])
+    fields.update(peak_rss=memory.peak, processes=memory.peak_processes)
+    return Measurement(**fields)
 
 
 def machine() -> list[str]:
@@ -254,7 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rows-per-hospital", type=int, default=19)
     parser.add_argument("--dp", action="store_true", help="DP-SGD at every hospital (ε = 2).")
+    parser.add_argument("--timeout", type=float, default=900.0, help="Seconds per size.")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the measuring child
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one is not None:
+        import dataclasses
+        import faulthandler
+        import json
+
+        faulthandler.dump_traceback_later(max(1.0, args.timeout - 20), exit=False)
+        m = measure(
+            args.one, rounds=args.rounds, rows_per_hospital=args.rows_per_hospital,
+            fraction=args.fraction, dp=args.dp, workdir=args.workdir,
+        )  # fmt: skip
+        print("RESULT " + json.dumps(dataclasses.asdict(m)), flush=True)
+        return 0
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (rounds 2 .. R-1 are timed)")
     print("\n".join(machine()), flush=True)
@@ -266,22 +314,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"{'hospitals':>9} {'train/rnd':>9} {'rows/h':>7} {'data':>9} {'preflight':>9} "
-        f"{'to round1':>9} {'round':>8} {'ms/hosp':>8} {'peak RSS':>9} {'procs':>5} {'wall':>7}"
+        f"{'to round1':>9} {'round':>8} {'ms/hosp':>8} {'after':>7} {'peak RSS':>9} {'procs':>5} "
+        f"{'wall':>7}"
     )
     print(header, flush=True)
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="fedcare-scale-") as tmp:
         plan = [(n, 1.0) for n in args.sizes] + [(n, args.fraction) for n in args.sampled]
         for n, fraction in plan:
-            m = measure(
+            m = measure_in_child(
                 n, rounds=args.rounds, rows_per_hospital=args.rows_per_hospital,
-                fraction=fraction, dp=args.dp, workdir=Path(tmp),
+                fraction=fraction, dp=args.dp, workdir=Path(tmp), timeout=args.timeout,
             )  # fmt: skip
+            if m is None:
+                print(f"{n:>9} did not finish within {args.timeout:g} s (killed)", flush=True)
+                continue
             results.append(m)
             print(
                 f"{m.hospitals:>9} {m.sampled:>9} {m.rows_per_hospital:>7.1f} "
                 f"{'resampled' if m.resampled else 'real':>9} {m.preflight_s:>8.1f}s "
                 f"{m.to_round1_s:>8.1f}s {m.round_s:>7.2f}s {1000 * m.round_s / m.sampled:>8.1f} "
+                f"{m.shutdown_s:>6.1f}s "
                 f"{m.peak_rss / 2**30:>7.2f}GB {m.processes:>5} {m.wall_s:>6.1f}s",
                 flush=True,
             )
