@@ -612,10 +612,12 @@ def _compute_lines(results: dict) -> list[str]:
     if RUNS_LOG.exists():
         for line in RUNS_LOG.read_text().splitlines():
             run = json.loads(line)
+            load = ", ".join(map(str, run["load"])) if run.get("load") else "not recorded"
+            note = f" ({run['note']})" if run.get("note") else ""
             lines.append(
                 f"- computing run ended {run['ended']}: {run['minutes']} min wall, "
-                f"{run['computed']} cells computed, load average at its end "
-                f"{', '.join(map(str, run['load']))}; `{run['command']}`"
+                f"{run['computed']} cells computed, load average at its end {load}; "
+                f"`{run['command']}`{note}"
             )
     return lines
 
@@ -702,7 +704,10 @@ def render(
                 ]
                 row.append(_fmt(vals))
             refs = [r for r in bench.references if r.method == method]
-            row.append("; ".join(f"{r.value:.3f} ({_eps_label(r.epsilon)})" for r in refs) or "—")
+            row.append(
+                "; ".join(f"{r.value:.3f} ({_eps_label(r.epsilon)}{_delta(r)})" for r in refs)
+                or "—"
+            )
             lines.append("| " + " | ".join(row) + " |")
         sources = sorted({r.source for r in bench.references})
         lines += [
