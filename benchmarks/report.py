@@ -849,16 +849,21 @@ def _plot(bench: TaskBench, results: dict) -> Path | None:
                 [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                 marker="o", capsize=3, label=method,
             )  # fmt: skip
-    for ref in bench.references:
-        ax.axhline(ref.value, linestyle="--", linewidth=0.8, color="grey")
+    by_value: dict[float, list[str]] = {}
+    for ref in bench.references:  # one dashed line per published value, its labels joined
+        by_value.setdefault(ref.value, []).append(
+            f"{ref.method} {_eps_label(ref.epsilon)}{_delta(ref)}"
+        )
+    for value, labels in by_value.items():
+        ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
         ax.annotate(
-            f"{ref.method} {_eps_label(ref.epsilon)} (published)",
-            (len(EPSILONS) - 1, ref.value), fontsize=7, ha="right", va="bottom", color="grey",
+            "published: " + "; ".join(labels), (len(EPSILONS) - 1, value),
+            fontsize=7, ha="right", va="bottom", color="grey",
         )  # fmt: skip
     ax.set_xticks(xs, [_eps_label(e) for e in EPSILONS])
     ax.set_ylabel(bench.metric_name)
     ax.set_title(f"{bench.name}: {len(next(iter(results.values())))} seed(s) per point at most")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best", framealpha=0.6)
     PLOTS.mkdir(parents=True, exist_ok=True)
     path = PLOTS / f"{bench.name}.png"
     fig.tight_layout()
