@@ -140,6 +140,7 @@ class DataConfig:
     partition: str
     alpha: float
     test_fraction: float
+    split_seed: int = -1  # simulation: partition + train/test split seed; -1 = train.seed
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class RunConfig:
                 partition=_get(cfg, "data.partition", str),
                 alpha=_get(cfg, "data.alpha", float),
                 test_fraction=_get(cfg, "data.test-fraction", float),
+                split_seed=int(cfg.get("data.split-seed", -1)),
             ),
             secagg=SecAggConfig(
                 enabled=_get(cfg, "secagg.enabled", bool),
@@ -309,6 +311,7 @@ class RunConfig:
         _in_range("eval.every", self.eval_every, 0, 100_000)
         _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
+        _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)
         if da.test_fraction != 0.0:  # 0 = the task's default split
             _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)
 

@@ -103,14 +103,18 @@ def simulated_sites(
 
 
 def simulated_sites_for(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
-    """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed)."""
+    """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed).
+
+    The partition and train/test splits use ``data.split-seed`` when it is set (>= 0), else
+    ``train.seed`` (benchmarks fix the split while the training seed varies, as FLamby does).
+    """
     return simulated_sites(
         run.task.name,
         data_dir=run.data.dir,
         num_sites=num_sites,
         scheme=run.data.partition,
         alpha=run.data.alpha,
-        seed=run.train.seed,
+        seed=run.data.split_seed if run.data.split_seed >= 0 else run.train.seed,
         preprocessing=run.task.preprocessing,
         test_fraction=run.data.test_fraction,
     )
