@@ -1,7 +1,7 @@
 """The benchmark report: pooled, local and federated (FedAvg, FedProx, FedYogi) models on the
 tasks, without DP and at ε in {8, 3, 1}, over several seeds, next to published references.
 
-    FEDCARE_SHARED_DATA=/work/shared/data nice -n 10 python benchmarks/report.py \
+    FEDCARE_SHARED_DATA=../shared/data nice -n 10 python benchmarks/report.py \
         [--tasks breast-cancer heart-disease gbsg2] [--seeds 5] [--budget-minutes 55]
 
 writes ``benchmarks/RESULTS.md`` and one plot per task (``benchmarks/results/<task>.png``).

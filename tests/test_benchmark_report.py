@@ -32,7 +32,7 @@ report = _load("report")
 
 def test_cell_key_changes_with_what_changes_the_result_and_only_with_it():
     cfg = {"task.name": "heart-disease", "train.lr": 0.5, "run.id": "a1", "output.dir": "/tmp/x",
-           "data.dir": "/work/shared/data/heart_disease_uci"}  # fmt: skip
+           "data.dir": "/data/heart_disease_uci"}  # fmt: skip
     key = report.cell_key("heart-disease", "fedavg", 1.0, 0, cfg)
     assert key.startswith("heart-disease__fedavg__eps1__s0__") and key.endswith(".json")
     # a fresh run id, another output folder, the same data elsewhere: the same cell
