@@ -47,15 +47,10 @@ def machine(devices: list[str]) -> str:
     """One paragraph about where this ran (CPU model, cores, load, versions, GPU)."""
     import opacus
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    from simulations.machine import cpu_model, load_average
+
+    cpu = cpu_model()
+    load = load_average()
     lines = [
         f"machine: {platform.node()} {platform.system()} {platform.release()}; CPU {cpu}, "
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load}",

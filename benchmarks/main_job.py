@@ -41,10 +41,12 @@ def machine() -> str:
     import ray
     import torch
 
+    from simulations.machine import cpu_model
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"machine: {platform.node()} {platform.system()} {platform.release()}, "
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {mem:.0f} GiB; "
+        f"{os.cpu_count()} CPUs ({cpu_model()}), {mem:.0f} GiB; "
         f"Python {platform.python_version()}, torch {torch.__version__}, flwr {flwr.__version__}, "
         f"ray {ray.__version__}; load average before the runs {os.getloadavg()[0]:.2f}"
     )

@@ -577,14 +577,9 @@ def machine_lines() -> list[str]:
     import psutil
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from simulations.machine import cpu_model, load_average
+
+    cpu = cpu_model()
     try:
         commit = subprocess.run(
             ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
@@ -592,7 +587,7 @@ def machine_lines() -> list[str]:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = load_average()
     return [
         f"- machine: {platform.node()}, {os.cpu_count()} CPUs ({cpu}), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; load average at the end {load} "

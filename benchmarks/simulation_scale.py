@@ -261,15 +261,10 @@ def machine() -> list[str]:
     import ray
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    from simulations.machine import cpu_model, load_average
+
+    cpu = cpu_model()
+    load = load_average()
     return [
         f"machine: {os.cpu_count()} CPUs ({cpu}), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {load}",
