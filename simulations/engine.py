@@ -13,8 +13,6 @@ Flower 1.41 private code this module copies from or calls is pinned by source ha
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from typing import Any
 
 from server.run_config import APP_DIR
@@ -46,47 +44,6 @@ def backend_config(
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": init_args,
     }
-
-
-def preload_hospital_stack() -> None:
-    """Ray ``worker_process_setup_hook``: import what a simulated hospital's ClientApp needs
-    (torch, Opacus, Flower's actor, the partitioners) when a worker process starts.
-
-    Ray starts its idle worker processes as soon as ``ray.init`` returns; Flower's ClientApp
-    actors are then placed in them with these imports already done (see :func:`start_ray`).
-    """
-    import flwr.simulation.ray_transport.ray_actor  # noqa: F401
-    import flwr_datasets.partitioner  # noqa: F401
-
-    import client.client_app  # noqa: F401
-
-
-def start_ray(config: dict[str, Any]) -> None:
-    """``ray.init`` with the arguments of :func:`backend_config` and what Flower's
-    ``RayBackend.init_ray`` adds (the workers get this process's ``sys.path``), plus a
-    ``worker_process_setup_hook`` (:func:`preload_hospital_stack`). Flower's backend then finds
-    Ray up and skips its own ``ray.init``.
-
-    Call it from the main thread: Ray ties its processes' lives to the thread that starts them
-    (``PR_SET_PDEATHSIG`` on Linux), so a ``ray.init`` in a worker thread loses its GCS when
-    that thread ends.
-
-    Raises
-    ------
-    Exception
-        Whatever ``ray.init`` raises (e.g. no Ray cluster at the given address).
-    """
-    import ray
-
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    runtime_env = {
-        "env_vars": {"PYTHONPATH": pythonpath},
-        "worker_process_setup_hook": f"{__name__}.preload_hospital_stack",
-    }
-    ray.init(runtime_env=runtime_env, **config["init_args"])
 
 
 def run_federation(

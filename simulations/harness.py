@@ -200,33 +200,22 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
     """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
 
-    Ray starts only once the request passed its checks (a mistake costs no Ray start-up); its
-    worker processes then import the training stack as they start
-    (:func:`simulations.engine.start_ray`), and the non-private baselines train in a thread
-    while the federation runs.
+    Ray starts only once the request passed its checks (a mistake costs no Ray start-up); the
+    non-private baselines train in a thread while the federation runs.
 
     Returns the final ``summary.json`` content.
     """
-    from simulations.engine import backend_config, start_ray
-
     t0 = time.monotonic()
     if req.out.exists() and any(req.out.iterdir()):
         raise UsageError(f"{req.out}: run folder exists and is not empty; choose another --out")
     cfg, hospitals = build_run_config(req)
     run, sites = preflight(cfg, hospitals, req)
-    resources = {
-        "num_cpus_per_client": req.cpus_per_hospital,
-        "num_gpus_per_client": req.gpus_per_hospital,
-        "ray_address": req.ray_address or os.environ.get("RAY_ADDRESS") or None,
-        "verbose": req.verbose,
-    }
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
     console.print(
         f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
-    start_ray(backend_config(**resources))
 
     from server.history import RunHistory
     from server.report import nobody_trained, write_reports
@@ -243,7 +232,11 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     if not req.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        run_federation(run_config=cfg, num_supernodes=len(sites), **resources)
+        run_federation(
+            run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
+            num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
+            ray_address=req.ray_address or os.environ.get("RAY_ADDRESS") or None,
+        )  # fmt: skip
     finally:
         progress_logger.removeHandler(handler)
     summary_path = req.out / "summary.json"
