@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from shared_models.config import RunConfig
+from shared_models.image_models import seed_augmentation
 
 AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, steps], ...]}
 
@@ -454,6 +455,7 @@ def train_round(
     # so nobody outside the hospital can reproduce (and subtract) them. Without DP there is no
     # noise to protect: the run seed fixes the batch order, for reproducible non-private runs.
     sampler = torch.Generator().manual_seed(secrets.randbits(64) if dp else seed)
+    seed_augmentation(model, secrets.randbits(64) if dp else seed)  # image tasks' RandomAffine
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampler)
     criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

@@ -6,37 +6,59 @@ Registered in :data:`shared_models.models.MODELS`; like every shared model they 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
-class RandomShift(nn.Module):
-    """Random translation by up to ``pad`` pixels per example, in training mode only.
+class RandomAffine(nn.Module):
+    """Random rotation, scaling and translation of each example, in training mode only.
 
-    ``x: [B, C, H, W] -> [B, C, H, W]``: each example is padded by replicating its border and
-    cropped at a random offset (the "random crop with padding" of CIFAR training, done on the
-    batch). It has no parameters and each output row depends on its own input row only, so
-    per-sample clipping and the DP accounting are unchanged (the augmentation is part of the
-    per-example computation). Draws from torch's default generator: augmentation randomness
-    is not privacy noise.
+    ``x: [B, C, H, W] -> [B, C, H, W]``. Each example gets its own angle in
+    ``[-rotation, rotation]`` degrees, zoom factor in ``[1 - scale, 1 + scale]`` and offset in
+    ``[-shift, shift]`` pixels per axis, applied with bilinear sampling
+    (``torch.nn.functional.affine_grid`` / ``grid_sample``, border pixels replicated). It has no
+    parameters and each output row depends on its own input row only, so per-sample clipping
+    and the DP accounting are unchanged: the augmentation is part of the per-example
+    computation (one augmented view per example and step; De et al. 2022, arXiv:2204.13650,
+    section 3.1, for augmentation under DP-SGD).
+
+    Draws from :attr:`generator` when set (see :func:`seed_augmentation`), else from torch's
+    default generator. Augmentation randomness is not privacy noise: it needs no secrecy.
     """
 
-    def __init__(self, pad: int) -> None:
+    def __init__(self, rotation: float, scale: float, shift: float) -> None:
         super().__init__()
-        self.pad = pad
+        self.rotation, self.scale, self.shift = rotation, scale, shift
+        self.generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.pad == 0:
+        if not self.training or not (self.rotation or self.scale or self.shift):
             return x
         b, _, h, w = x.shape
-        k = self.pad
-        padded = nn.functional.pad(x, (k, k, k, k), mode="replicate")  # [B, C, H+2k, W+2k]
-        dy = torch.randint(0, 2 * k + 1, (b, 1, 1), device=x.device)
-        dx = torch.randint(0, 2 * k + 1, (b, 1, 1), device=x.device)
-        rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # [B, H, 1]
-        cols = dx + torch.arange(w, device=x.device).view(1, 1, w)  # [B, 1, W]
-        batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+        def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1), drawn on the CPU
+            return (torch.rand(shape, generator=self.generator) * 2 - 1).to(x.device)
+
+        angle = uniform(b) * math.radians(self.rotation)  # [B]
+        zoom = 1 + uniform(b) * self.scale  # [B]; > 1 magnifies
+        offset = uniform(b, 2) * self.shift * 2 / torch.tensor([w, h], device=x.device)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(  # [B, 2, 3]: output grid -> input coordinates, in [-1, 1] units
+            [torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)],
+            1,
+        ).to(x.dtype)
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def seed_augmentation(model: nn.Module, seed: int) -> None:
+    """Make every :class:`RandomAffine` in ``model`` draw from a generator seeded with ``seed``
+    (so a non-private run is reproducible from its seed)."""
+    for module in model.modules():
+        if isinstance(module, RandomAffine):
+            module.generator = torch.Generator().manual_seed(seed)
 
 
 class ChestCNN(nn.Module):
@@ -66,8 +88,11 @@ class ChestCNN(nn.Module):
         ``"relu"`` or ``"tanh"`` (tempered sigmoids, Papernot et al., AAAI 2021).
     head_grid : int
         Side of the pooled feature map the linear head reads.
-    shift : int
-        Random-shift augmentation in pixels (0 = none), see :class:`RandomShift`.
+    rotation, scale, shift : float
+        Training-time augmentation (:class:`RandomAffine`): rotation in degrees, relative
+        zoom, translation in pixels; all 0 = none. The defaults (15 degrees, 0.15, 2 pixels)
+        were chosen by measurement (README, "Chest X-rays"): without them the model fits the
+        train split's patients and loses about 0.01-0.02 test AUROC on the official test split.
     input_norm : bool
         Standardise each image by its own mean and standard deviation first (a GroupNorm with
         one group on the input).
@@ -83,14 +108,17 @@ class ChestCNN(nn.Module):
         groups: int = 4,
         activation: str = "tanh",
         head_grid: int = 3,
-        shift: int = 0,
+        rotation: float = 15.0,
+        scale: float = 0.15,
+        shift: float = 2.0,
         input_norm: bool = False,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"ChestCNN needs a (C, H, W) input shape, got {input_shape}")
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
-        layers: list[nn.Module] = [RandomShift(shift)] if shift else []
+        self.augment = RandomAffine(rotation, scale, shift)  # no weights: state_dict unchanged
+        layers: list[nn.Module] = []
         channels = input_shape[0]
         if input_norm:  # each image standardised by its own mean and std (no other image's)
             layers.append(nn.GroupNorm(1, channels))
@@ -107,4 +135,4 @@ class ChestCNN(nn.Module):
         self.head = nn.Linear(channels * head_grid * head_grid, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(-1)  # [B]
+        return self.head(self.features(self.augment(x))).squeeze(-1)  # [B]
