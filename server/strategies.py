@@ -63,6 +63,10 @@ def _common(cfg: StrategyConfig, weighted_by_key: str) -> dict[str, Any]:
 STRATEGIES: dict[str, Callable[[StrategyConfig, str], fl.Strategy]] = {
     "fedavg": lambda c, k: fl.FedAvg(**_common(c, k)),
     # FedProx only sends `proximal-mu`; client.training applies the proximal term
+    # FedAvg with server momentum (Hsu et al. 2019, arXiv:1909.06335), server learning rate 1
+    "fedavgm": lambda c, k: fl.FedAvgM(
+        **_common(c, k), server_learning_rate=1.0, server_momentum=c.server_momentum
+    ),
     "fedprox": lambda c, k: fl.FedProx(**_common(c, k), proximal_mu=c.proximal_mu),
     "fedadam": lambda c, k: fl.FedAdam(**_common(c, k), eta=c.server_lr),
     "fedyogi": lambda c, k: fl.FedYogi(**_common(c, k), eta=c.server_lr),
@@ -194,9 +198,10 @@ def privacy_spent(strategy: fl.Strategy) -> tuple[float, float, int] | None:
     return None
 
 
-# attributes of Flower strategies that carry state between rounds (FedOpt family: FedAdam,
-# FedYogi, FedAdagrad moments); each is a dict of layer name -> numpy array
-STATEFUL_ATTRIBUTES = ("m_t", "v_t")
+# attributes of Flower strategies that carry state between rounds: the FedOpt family's moments
+# (FedAdam, FedYogi, FedAdagrad: dicts of layer name -> numpy array) and FedAvgM's momentum
+# (a list of numpy arrays, in layer order)
+STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 
 
 def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
@@ -208,6 +213,8 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, np.ndarray]:
         value = getattr(inner, attr, None)
         if isinstance(value, dict):
             out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, list):
+            out.update({f"{attr}/{i}": np.asarray(v) for i, v in enumerate(value)})
     return out
 
 
@@ -218,7 +225,8 @@ def load_strategy_state(strategy: fl.Strategy, arrays: dict[str, np.ndarray]) ->
     for attr in STATEFUL_ATTRIBUTES:
         part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(attr + "/")}
         if part:
-            setattr(inner, attr, part)
+            lists = attr == "momentum_vector"  # FedAvgM's: a list in layer order
+            setattr(inner, attr, [part[str(i)] for i in range(len(part))] if lists else part)
 
 
 class ScheduledStrategy(fl.Strategy):

@@ -69,6 +69,7 @@ class StrategyConfig:
     min_available_nodes: int
     proximal_mu: float
     server_lr: float
+    server_momentum: float
     trim_beta: float
     num_malicious_nodes: int
 
@@ -192,6 +193,7 @@ class RunConfig:
                 min_available_nodes=_get(cfg, s + "min-available-nodes", int),
                 proximal_mu=_get(cfg, s + "proximal-mu", float),
                 server_lr=_get(cfg, s + "server-lr", float),
+                server_momentum=_get(cfg, s + "server-momentum", float),
                 trim_beta=_get(cfg, s + "trim-beta", float),
                 num_malicious_nodes=_get(cfg, s + "num-malicious-nodes", int),
             ),
@@ -251,6 +253,7 @@ class RunConfig:
         _in_range("strategy.min-available-nodes", st.min_available_nodes, 1, 10_000)
         _in_range("strategy.proximal-mu", st.proximal_mu, 0.0, 100.0)
         _in_range("strategy.server-lr", st.server_lr, 0.0, 10.0, lo_open=True)
+        _in_range("strategy.server-momentum", st.server_momentum, 0.0, 0.999)
         _in_range("strategy.trim-beta", st.trim_beta, 0.0, 0.5)
         _in_range("strategy.num-malicious-nodes", st.num_malicious_nodes, 0, 10_000)
         _in_range("train.rounds", tr.rounds, 1, 100_000)
@@ -283,7 +286,7 @@ class RunConfig:
             if st.name in ("fedmedian", "fedtrimmedavg", "krum"):
                 raise ConfigError(
                     f"secagg.enabled: strategy {st.name!r} needs every hospital's update, which "
-                    "secure aggregation hides; use fedavg, fedprox, fedadam or fedyogi"
+                    "secure aggregation hides; use fedavg, fedavgm, fedprox, fedadam or fedyogi"
                 )
             for key, value in (
                 ("secagg.num-shares", sa.num_shares),

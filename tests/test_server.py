@@ -16,8 +16,9 @@ from server.strategies import STRATEGIES, aggregate_metrics, build_strategy
 from shared_models.config import RunConfig
 
 EXPECTED = {
-    "fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
-    "fedmedian": fl.FedMedian, "fedtrimmedavg": fl.FedTrimmedAvg, "krum": fl.Krum,
+    "fedavg": fl.FedAvg, "fedavgm": fl.FedAvgM, "fedprox": fl.FedProx, "fedadam": fl.FedAdam,
+    "fedyogi": fl.FedYogi, "fedmedian": fl.FedMedian, "fedtrimmedavg": fl.FedTrimmedAvg,
+    "krum": fl.Krum,
 }  # fmt: skip
 
 
@@ -38,6 +39,9 @@ def test_strategy_parameters_are_passed(default_cfg):
     assert build_strategy(RunConfig.from_run_config(default_cfg).strategy).beta == 0.1
     default_cfg.update({"strategy.name": "fedadam", "strategy.server-lr": 0.2})
     assert build_strategy(RunConfig.from_run_config(default_cfg).strategy).eta == 0.2
+    default_cfg.update({"strategy.name": "fedavgm", "strategy.server-momentum": 0.5})
+    fedavgm = build_strategy(RunConfig.from_run_config(default_cfg).strategy)
+    assert fedavgm.server_momentum == 0.5 and fedavgm.server_learning_rate == 1.0
 
 
 def test_unknown_strategy(default_cfg):
@@ -197,7 +201,7 @@ def test_scheduled_strategy_numbers_rounds_after_the_checkpoint_and_evaluates_on
 
 
 def _adam_round(strategy, server_round: int, start: dict, updates: list[dict]):  # type: ignore[no-untyped-def]
-    """One real FedAdam round: configure_train on ``start``, aggregate two hospitals' replies."""
+    """One real round of a server-optimizer strategy: configure_train on ``start``, aggregate two hospitals' replies."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
@@ -225,22 +229,25 @@ def _adam_round(strategy, server_round: int, start: dict, updates: list[dict]): 
     return {k: a.numpy() for k, a in new.items()}
 
 
-def test_fedadam_moments_survive_a_checkpoint(default_cfg):
-    """FedAdam's moments come from a real round of Flower's aggregation; a strategy restored from
-    the checkpointed state continues exactly like the one that never stopped, and differently
-    from one that starts without them."""
+@pytest.mark.parametrize(
+    ("name", "keys"), [("fedadam", {"m_t/w", "v_t/w"}), ("fedavgm", {"momentum_vector/0"})]
+)
+def test_server_optimizer_state_survives_a_checkpoint(default_cfg, name, keys):
+    """FedAdam's moments and FedAvgM's momentum come from a real round of Flower's aggregation;
+    a strategy restored from the checkpointed state continues exactly like the one that never
+    stopped, and differently from one that starts without them."""
     import numpy as np
 
     from server.strategies import load_strategy_state, strategy_state
 
-    default_cfg["strategy.name"] = "fedadam"
+    default_cfg["strategy.name"] = name
     cfg = RunConfig.from_run_config(default_cfg).strategy
     rng = np.random.default_rng(0)
     w0 = {"w": rng.normal(size=3).astype(np.float32)}
     updates = [[{"w": rng.normal(size=3).astype(np.float32)} for _ in range(2)] for _ in range(2)]
     a = build_strategy(cfg)
     w1 = _adam_round(a, 1, w0, updates[0])
-    assert set(strategy_state(a)) == {"m_t/w", "v_t/w"}
+    assert set(strategy_state(a)) == keys
     resumed, fresh = build_strategy(cfg), build_strategy(cfg)
     load_strategy_state(resumed, strategy_state(a))
     expected = _adam_round(a, 2, w1, updates[1])
