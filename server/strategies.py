@@ -62,11 +62,11 @@ def _common(cfg: StrategyConfig, weighted_by_key: str) -> dict[str, Any]:
 
 STRATEGIES: dict[str, Callable[[StrategyConfig, str], fl.Strategy]] = {
     "fedavg": lambda c, k: fl.FedAvg(**_common(c, k)),
-    # FedProx only sends `proximal-mu`; client.training applies the proximal term
     # FedAvg with server momentum (Hsu et al. 2019, arXiv:1909.06335), server learning rate 1
     "fedavgm": lambda c, k: fl.FedAvgM(
         **_common(c, k), server_learning_rate=1.0, server_momentum=c.server_momentum
     ),
+    # FedProx only sends `proximal-mu`; client.training applies the proximal term
     "fedprox": lambda c, k: fl.FedProx(**_common(c, k), proximal_mu=c.proximal_mu),
     "fedadam": lambda c, k: fl.FedAdam(**_common(c, k), eta=c.server_lr),
     "fedyogi": lambda c, k: fl.FedYogi(**_common(c, k), eta=c.server_lr),
