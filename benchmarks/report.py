@@ -357,12 +357,18 @@ def app_dir_for(task: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 def _evaluate(model, sites) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Exact metrics of one model on every site's test split."""
+    from shared_models.models import predict_proba
+
+    return _metrics(sites, [predict_proba(model, s.x_test) for s in sites])
+
+
+def _metrics(sites, scores: list) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """FLamby's metric and the pooled AUROC / accuracy of per-site scores on the sites' test
+    splits (``scores[k]``: ``[n_test_k]`` probabilities for site ``k``)."""
     import numpy as np
 
     from shared_models.metrics import binary_metrics
-    from shared_models.models import predict_proba
 
-    scores = [predict_proba(model, s.x_test) for s in sites]
     ys = [s.y_test for s in sites]
     flamby, accs = flamby_metric(ys, scores)
     pooled = binary_metrics(np.concatenate(ys), np.concatenate(scores))
@@ -407,12 +413,10 @@ def _train_central(run, data, epsilon: float | None):  # type: ignore[no-untyped
 def _central_cell(cell: Cell, bench: TaskBench) -> dict[str, Any]:
     """A pooled or local cell, in this process."""
     import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
 
     from server.run_config import RunOptions
-    from shared_models.metrics import binary_metrics
     from shared_models.models import predict_proba
+    from simulations.baselines import pooled_train_set
     from simulations.harness import SimulationRequest, preflight
 
     cfg = dict(cell.config)
@@ -421,11 +425,7 @@ def _central_cell(cell: Cell, bench: TaskBench) -> dict[str, Any]:
     )
     run, sites = preflight(cfg, bench.hospitals or 3, req)  # the same hospitals as federated
     if cell.method == "pooled":
-        data = TensorDataset(
-            torch.from_numpy(np.concatenate([s.x_train for s in sites])),
-            torch.from_numpy(np.concatenate([s.y_train for s in sites])),
-        )
-        model, eps = _train_central(run, data, cell.epsilon)
+        model, eps = _train_central(run, pooled_train_set(sites), cell.epsilon)
         return {**_evaluate(model, sites), "epsilon": eps}
     per_site, eps_all = {}, []
     own_scores = []
@@ -446,16 +446,7 @@ def _central_cell(cell: Cell, bench: TaskBench) -> dict[str, Any]:
             "local": per_site,
             "epsilon": epsilon,
         }
-    ys = [s.y_test for s in sites]
-    flamby, accs = flamby_metric(ys, own_scores)
-    pooled = binary_metrics(np.concatenate(ys), np.concatenate(own_scores))
-    return {
-        "mean_client_accuracy": flamby,
-        "client_accuracy": dict(zip([s.name for s in sites], accs, strict=True)),
-        "auroc": pooled.auroc,
-        "accuracy": pooled.accuracy,
-        "epsilon": epsilon,
-    }
+    return {**_metrics(sites, own_scores), "epsilon": epsilon}
 
 
 def _task(name: str):  # type: ignore[no-untyped-def]

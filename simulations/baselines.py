@@ -36,7 +36,7 @@ def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
     return model
 
 
-def _pooled_train_set(sites: tuple[SiteData, ...]) -> Dataset:
+def pooled_train_set(sites: tuple[SiteData, ...]) -> Dataset:
     """All hospitals' training data as one ``TensorDataset`` (moved to a device in one piece)."""
     return TensorDataset(
         torch.from_numpy(np.concatenate([s.x_train for s in sites])),
@@ -56,7 +56,7 @@ def compute_baselines(
     def predict(model, x):  # type: ignore[no-untyped-def]
         return predict_proba(model, x, device=device)
 
-    pooled = _fit(run, _pooled_train_set(sites), device)
+    pooled = _fit(run, pooled_train_set(sites), device)
     pooled_scores = predict(pooled, x_test)
     overall = binary_metrics(y_test, pooled_scores)
     per_site = [binary_metrics(s.y_test, predict(pooled, s.x_test)).accuracy for s in sites]

@@ -253,7 +253,11 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
 
 
 class _Background:
-    """``fn(*args, **kwargs)`` in a daemon thread; :meth:`result` joins it and re-raises."""
+    """``fn(*args, **kwargs)`` in a daemon thread; :meth:`result` joins it and re-raises.
+
+    Not ``concurrent.futures``: its worker threads are joined at interpreter exit, so a run that
+    fails early would wait for the baselines before the command could exit.
+    """
 
     def __init__(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         self._value: Any = None
