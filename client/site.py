@@ -126,7 +126,8 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     """This hospital's preprocessed data (train/test split, scaled with the task's fixed constants).
 
     A deployed hospital splits with its own ``test-fraction`` and ``split-seed``; in simulation
-    the researcher's run config sets them (``data.test-fraction``, ``train.seed``).
+    the researcher's run config sets them (``data.test-fraction``, and ``data.split-seed`` or
+    else ``train.seed``).
 
     Raises
     ------

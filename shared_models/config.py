@@ -224,7 +224,7 @@ class RunConfig:
                 partition=_get(cfg, "data.partition", str),
                 alpha=_get(cfg, "data.alpha", float),
                 test_fraction=_get(cfg, "data.test-fraction", float),
-                split_seed=int(cfg.get("data.split-seed", -1)),
+                split_seed=_get(cfg, "data.split-seed", int),
             ),
             secagg=SecAggConfig(
                 enabled=_get(cfg, "secagg.enabled", bool),

@@ -139,6 +139,8 @@ def test_default_run_config_parses(default_cfg):
         ("train.lr", "fast", r"'train.lr' must be float, got 'fast'"),
         ("dp.accountant", "gdp", r"'dp.accountant' = 'gdp'; choose one of \['rdp', 'prv'\]"),
         ("dp.enabled", 1, r"'dp.enabled' must be bool"),
+        ("data.split-seed", 43.5, r"'data.split-seed' must be int, got 43.5"),
+        ("data.split-seed", "43", r"'data.split-seed' must be int, got '43'"),
     ],
 )
 def test_config_errors_name_key_and_range(default_cfg, key, value, match):
