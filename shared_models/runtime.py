@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -29,6 +29,31 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
+
+
+PARTITION_CACHE_ENV = "FEDCARE_PARTITION_CACHE"
+"""A folder where simulated hospitals share their partition (see :mod:`shared_models.partition`)."""
+
+
+@contextlib.contextmanager
+def partition_cache() -> Iterator[Path]:
+    """A fresh temporary folder in ``$FEDCARE_PARTITION_CACHE`` for the duration of the block
+    (processes started inside it, such as Ray's workers, inherit it); removed afterwards and
+    the variable restored."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fedcare-partitions-"))
+    previous = os.environ.get(PARTITION_CACHE_ENV)
+    os.environ[PARTITION_CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(PARTITION_CACHE_ENV, None)
+        else:
+            os.environ[PARTITION_CACHE_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:

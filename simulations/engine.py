@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
 from server.run_config import APP_DIR
 
 
@@ -44,6 +46,37 @@ def backend_config(
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": init_args,
     }
+
+
+def start_ray(
+    *,
+    num_cpus_per_client: float = 1.0,
+    num_gpus_per_client: float = 0.0,
+    ray_address: str | None = None,
+    verbose: bool = False,
+) -> None:
+    """Start Ray (or connect to ``ray_address``) now, exactly as Flower's Ray backend would.
+
+    Flower's ``RayBackend`` initialises Ray when it is built, unless Ray is already
+    initialised; building one here, with the same backend config as :func:`run_federation`, lets
+    the caller overlap Ray's start-up (a few seconds, mostly waiting for its processes) with
+    other work. The federation then reuses this Ray instance and shuts it down at its end; a
+    caller that does not run the federation calls :func:`stop_ray`. Must run in the main thread
+    (``ray.init`` installs signal handlers).
+    """
+    RayBackend(
+        backend_config(
+            num_cpus_per_client=num_cpus_per_client, num_gpus_per_client=num_gpus_per_client,
+            ray_address=ray_address, verbose=verbose,
+        )  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def stop_ray() -> None:
+    """Shut down the Ray instance :func:`start_ray` started (no-op when there is none)."""
+    import ray
+
+    ray.shutdown()
 
 
 def run_federation(

@@ -41,6 +41,8 @@ def test_bad_input_gives_one_clear_message(monkeypatch, capsys, tmp_path, args, 
     assert message in " ".join(output.split())
     assert "Traceback" not in output
     assert not (tmp_path / "run").exists()  # nothing half-written
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # a Ray started beside the checks is stopped
 
 
 def test_malformed_heart_file_names_file_and_line(monkeypatch, capsys, tmp_path, heart_dir):

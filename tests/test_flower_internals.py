@@ -53,6 +53,11 @@ PINNED: dict[str, dict[str, str]] = {
     },
     "simulations/engine.py (the Simulation Engine in this process)": {
         "flwr.simulation.run_simulation:_run_simulation": "da43f120d1afc492",
+        # start_ray builds a RayBackend ahead of the run: its __init__ starts Ray, init_ray
+        # skips ray.init when Ray is already up, terminate shuts Ray down after the run
+        "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.__init__": "7ba3f97cc09875cb",
+        "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.init_ray": "617470e8182cea2e",
+        "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.terminate": "572052de11fe046c",
     },
 }
 

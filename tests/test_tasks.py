@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -171,6 +173,41 @@ def test_partitions_are_disjoint_and_cover_the_data():
         task, data_dir="", num_sites=4, scheme="dirichlet", alpha=0.5, seed=1
     )
     assert all(a.equals(b) for (_, a), (_, b) in zip(frames, again, strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_the_partition_cache_gives_the_same_hospitals_and_survives_a_bad_entry(
+    tmp_path, monkeypatch, scheme
+):
+    """The harness shares one partition with the hospitals' actors through a folder: an entry
+    gives exactly the partition Flower Datasets computes, and a corrupt or inconsistent entry is
+    recomputed (and rewritten), never trusted."""
+    from shared_models import partition
+    from shared_models.runtime import PARTITION_CACHE_ENV
+
+    frame = get_task("breast-cancer").load_sites("")[0][1]
+    kwargs = dict(num_partitions=4, scheme=scheme, alpha=0.5, seed=3)
+    monkeypatch.delenv(PARTITION_CACHE_ENV, raising=False)
+    expected = partition.partition_frame(frame, **kwargs)
+    monkeypatch.setenv(PARTITION_CACHE_ENV, str(tmp_path))
+    first = partition.partition_frame(frame, **kwargs)
+    (entry,) = tmp_path.glob("*.json")
+    computed = []
+    real = partition._partition_rows
+    monkeypatch.setattr(
+        partition, "_partition_rows", lambda *a, **k: computed.append(1) or real(*a, **k)
+    )
+    cached = partition.partition_frame(frame, **kwargs)
+    assert computed == []  # read from the folder
+    good = entry.read_text()
+    rows = json.loads(good)
+    for bad in ("not json", json.dumps(rows[:-1]), json.dumps([rows[0] + rows[1][:1], *rows[1:]])):
+        entry.write_text(bad)
+        again = partition.partition_frame(frame, **kwargs)
+        assert all(a.equals(b) for a, b in zip(again, expected, strict=True))
+    assert len(computed) == 3 and entry.read_text() == good
+    for parts in (first, cached):
+        assert all(a.equals(b) for a, b in zip(parts, expected, strict=True))
 
 
 def test_too_many_hospitals_is_a_data_error():
