@@ -400,7 +400,7 @@ def _train_central(run, data, epsilon: float | None):  # type: ignore[no-untyped
             dp=None,
             seed=run.train.seed,
             clip_batch_norm=run.dp.max_grad_norm,
-        )  # fmt: skip  (as simulations.baselines._fit)
+        )  # fmt: skip  (batch clipping: these cells are cached)
         return model, None
     plan = plan_for_run(run, n_train=n)
     result = train_round(

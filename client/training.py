@@ -400,6 +400,7 @@ def train_round(
     device: str = "cpu",
     grad_sample_mode: str = "hooks",
     clip_batch_norm: float | None = None,
+    clip_per_sample: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
 
@@ -442,7 +443,13 @@ def train_round(
     clip_batch_norm : float, optional
         Non-private training only: clip the batch gradient's L2 norm to this value
         (``torch.nn.utils.clip_grad_norm_``), so that a learning rate tuned for clipped DP
-        gradients does not diverge without DP (the non-private baselines use it).
+        gradients does not diverge without DP (the benchmark report's pooled/local cells).
+    clip_per_sample : float, optional
+        Non-private training only: DP-SGD's update without its noise -- each example's gradient
+        clipped to this L2 norm, then averaged (Opacus ``make_private`` with
+        ``noise_multiplier=0``, in ``grad_sample_mode``), over the seeded shuffled batches
+        (no Poisson sampling). The non-private baselines of a DP run use it: a learning rate
+        tuned for per-example-clipped gradients can diverge on merely batch-clipped ones.
 
     Raises
     ------
@@ -459,6 +466,8 @@ def train_round(
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampler)
     criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if dp is not None and clip_per_sample is not None:
+        raise ValueError("clip_per_sample is for non-private training; DP-SGD clips at dp.max_grad_norm")
     engine = None
     net: nn.Module = model
     if dp is not None:
@@ -469,20 +478,22 @@ def train_round(
                 f"this round's {steps} steps would exceed the {dp.total_steps} DP steps the run "
                 f"was calibrated for ({taken} already taken)"
             )
+    if dp is not None or clip_per_sample is not None:
         with warnings.catch_warnings():
             # Opacus warns that its cryptographically secure RNG is off (secure_mode=False)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=dp.accountant)
-            engine.accountant.load_state_dict(
-                {"mechanism": state["mechanism"], "history": _history(state)}
-            )
+            engine = PrivacyEngine(accountant=dp.accountant if dp else "rdp")
+            if dp is not None:
+                engine.accountant.load_state_dict(
+                    {"mechanism": state["mechanism"], "history": _history(state)}
+                )
             private = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
+                noise_multiplier=dp.noise_multiplier if dp else 0.0,
+                max_grad_norm=dp.max_grad_norm if dp else clip_per_sample,
+                poisson_sampling=dp is not None,
                 noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
                 grad_sample_mode=grad_sample_mode,
                 criterion=criterion,  # wrapped in ghost mode (its two backward passes)
@@ -491,6 +502,7 @@ def train_round(
                 net, optimizer, criterion, loader = private
             else:
                 net, optimizer, loader = private
+    if dp is not None:
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
     try:
         losses = _run_steps(

@@ -4,8 +4,11 @@
 federated learning tries to approach). ``local``: each hospital trains alone on its own data and
 is tested on its own test split (what a hospital gets without joining). Both use the same model,
 optimizer, learning rate and number of epochs as the federated run, without DP; when the run
-trains with DP-SGD, the batch gradient is clipped to the run's ``dp.max-grad-norm`` (no per-sample
-clipping, no noise), so that a learning rate tuned for clipped gradients does not diverge.
+trains with DP-SGD, they take DP-SGD's update without its noise (each example's gradient clipped to
+the run's ``dp.max-grad-norm``, Opacus with ``noise_multiplier=0``), so that a learning rate tuned
+for clipped gradients does not diverge. (Clipping the batch gradient instead left the chest X-ray
+local baseline at AUROC 0.56-0.57 for two seeds of three at the DP preset's lr 2; per-example
+clipping gives 0.93-0.94.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from client.dp_modes import grad_sample_mode_for
 from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics, operating_point_metrics
@@ -31,7 +35,8 @@ def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
         steps=steps_per_round(len(data), run.train.batch_size, epochs),
         batch_size=run.train.batch_size, lr=run.train.lr, momentum=run.train.momentum,
         dp=None, seed=run.train.seed, device=device,
-        clip_batch_norm=run.dp.max_grad_norm if run.dp.sample_level else None,
+        clip_per_sample=run.dp.max_grad_norm if run.dp.sample_level else None,
+        grad_sample_mode=grad_sample_mode_for(model, run.dp.grad_sample_mode),
     )  # fmt: skip
     return model
 

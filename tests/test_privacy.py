@@ -121,6 +121,36 @@ def test_non_private_training_learns():
     assert res.loss < 0.5
 
 
+def test_clip_per_sample_is_the_dp_sgd_update_without_noise():
+    """The non-private baselines of a DP run: one step moves the weights by exactly lr times the
+    mean of the per-example gradients, each clipped to the norm (computed here one example at a
+    time), and neither by the batch-clipped gradient nor by anything random."""
+    x, y = _data(n=16)
+    model = build_model("logreg", n_features=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    clipped = []
+    for i in range(16):
+        model.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(torch.from_numpy(x[i : i + 1])), torch.from_numpy(y[i : i + 1])
+        )
+        loss.backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        clipped.append(g * min(1.0, 0.05 / float(g.norm())))
+    assert max(float(c.norm()) for c in clipped) == pytest.approx(0.05)  # clipping binds
+    expected = -0.5 * torch.stack(clipped).mean(0)
+    res = train_round(
+        model, _ds(x, y), steps=1, batch_size=16, lr=0.5, dp=None, clip_per_sample=0.05
+    )
+    step = torch.cat([(model.state_dict()[k] - start[k]).flatten() for k in start])
+    assert torch.allclose(step, expected, atol=1e-6)
+    assert res.epsilon is None and res.accountant_state is None
+    with pytest.raises(ValueError, match="non-private"):
+        plan = plan_dp(n_train=16, batch_size=16, local_epochs=1, rounds=1, target_epsilon=1.0,
+                       target_delta=1e-3, max_grad_norm=1.0)  # fmt: skip
+        train_round(model, _ds(x, y), steps=1, batch_size=16, lr=0.5, dp=plan, clip_per_sample=1)
+
+
 def test_fedprox_term_pulls_towards_global_weights():
     x, y = _data()
     free = build_model("logreg", n_features=5)
