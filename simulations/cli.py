@@ -102,7 +102,7 @@ def simulate(
             "--head`); default: $RAY_ADDRESS, else this machine alone."
         ),
     ] = None,
-) -> None:
+) -> str | None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
     request = SimulationRequest(
         options=opt.run_options(
@@ -127,13 +127,12 @@ def simulate(
     from server.report import print_summary
 
     print_summary(console, summary, request.out, time.monotonic() - t0)
-    global _run_folder_complete
-    _run_folder_complete = True
+    return RUN_FOLDER_COMPLETE
 
 
-# Set by ``simulate`` once its run folder is written and closed; :func:`main` then exits without
-# the interpreter's teardown.
-_run_folder_complete = False
+# What ``simulate`` returns once its run folder is written and closed (typer hands a command's
+# return value to :func:`main`), which then exits without the interpreter's teardown.
+RUN_FOLDER_COMPLETE = "run folder complete"
 
 
 def _exit_without_teardown() -> None:
@@ -187,7 +186,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
-    if _run_folder_complete:
+    if code == RUN_FOLDER_COMPLETE:
         _exit_without_teardown()
 
 
