@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+# Imported with this module, not inside start_ray: the harness imports this module before its
+# checks thread starts, so that the thread never imports Flower's mutually importing modules at
+# the same time as the main thread (Python refuses with a _DeadlockError; seen).
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
 from server.run_config import APP_DIR

@@ -224,13 +224,12 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
 
 
 def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, Any]:
-    # Flower is imported here, before the checks thread also imports parts of it: two threads
-    # importing Flower's mutually importing modules at once can deadlock (Python refuses).
+    # Imports Flower, before the checks thread also imports parts of it (see simulations.engine)
     from simulations.engine import start_ray, stop_ray
 
     checks = _Background(_checked_request, req)
     if checks.wait(_QUICK_CHECK_SECONDS):
-        cfg, run, sites = checks.result()  # raises a mistake found at once: no Ray start-up
+        checks.result()  # raises a mistake found at once, before any Ray start-up
     try:
         start_ray(
             num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
