@@ -467,7 +467,9 @@ def train_round(
     criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     if dp is not None and clip_per_sample is not None:
-        raise ValueError("clip_per_sample is for non-private training; DP-SGD clips at dp.max_grad_norm")
+        raise ValueError(
+            "clip_per_sample is for non-private training; DP-SGD clips at dp.max_grad_norm"
+        )
     engine = None
     net: nn.Module = model
     if dp is not None:

@@ -6,16 +6,17 @@ The partition is a deterministic function of (data, number of hospitals, scheme,
 so the simulated hospitals and the coordinator's pooled evaluation agree on it.
 
 Because it is deterministic, it is computed once per ``fedcare simulate``: the harness names a
-folder in ``$FEDCARE_PARTITION_CACHE`` (:func:`shared_models.runtime.partition_cache`) (inherited by the Ray workers it starts), the first
-process to partition a dataset writes the row indices there, keyed by a hash of the labels and
-the partition settings, and the simulated hospitals' actors read them instead of importing
-Hugging Face ``datasets`` and Flower Datasets and partitioning again (about 1.7 s of each actor's
-start-up on the 2-core machine). A missing, unreadable or inconsistent entry is recomputed.
+folder in ``$FEDCARE_PARTITION_CACHE`` (:func:`shared_models.runtime.partition_cache`; the Ray
+workers it starts inherit it), the first process to partition a dataset writes the row indices
+there, keyed by a hash of the labels and the partition settings, and the simulated hospitals'
+actors read them instead of importing Hugging Face ``datasets`` and Flower Datasets and
+partitioning again (about 1.7 s of each actor's start-up on the 2-core machine). A missing, unreadable or inconsistent entry is recomputed.
 Deployed hospitals never partition (they load their own file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,10 +79,8 @@ def partition_frame(
     if parts is None:
         parts = _partition_rows(labels, **settings)  # type: ignore[arg-type]
         if cache is not None:
-            try:
+            with contextlib.suppress(OSError):  # the cache only saves time
                 write_json_atomic(cache, [p.tolist() for p in parts], indent=0)
-            except OSError:
-                pass  # the cache only saves time
     return [frame.iloc[rows].reset_index(drop=True) for rows in parts]
 
 
