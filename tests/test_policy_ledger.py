@@ -163,15 +163,14 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     raw = {np.float32(v) for v in frame.drop(columns=["label", "diagnosis"]).to_numpy().ravel()
            if len(f"{v:.10g}".replace(".", "").replace("-", "").strip("0")) >= 4}  # fmt: skip
     for reply in replies:
-        values = [np.float32(x) for r in reply.content.metric_records.values() for v in r.values()
-                  for x in (v if isinstance(v, list) else [v])]  # fmt: skip
-        for record in reply.content.array_records.values():
-            for array in record.values():
-                values.extend(np.float32(v) for v in array.numpy().ravel())
-        # A leak shows up as many equal values; one or two are chance: the ~1,000 DP-noised
-        # float32 weights land exactly on one of the raw values' float32 grid points in about
-        # one run of five (seen: a weight of 0.3327 and a raw 0.3327).
-        assert len(raw & set(values)) <= 2, sorted(raw & set(values))[:10]
+        values = {np.float32(x) for r in reply.content.metric_records.values() for v in r.values()
+                  for x in (v if isinstance(v, list) else [v])}  # fmt: skip
+        assert not raw & values  # not one raw value among the metrics
+        weights = {np.float32(v) for record in reply.content.array_records.values()
+                   for array in record.values() for v in array.numpy().ravel()}  # fmt: skip
+        # Among the ~1,000 DP-noised float32 weights one or two may land exactly on a raw value's
+        # float32 grid point by chance (about one run in five; seen: 0.3327); a leak shows many.
+        assert len(raw & weights) <= 2, sorted(raw & weights)[:10]
         for info in reply.content.config_records.values():
             assert not any(str(v) in {str(x) for x in raw} for v in info.values())
     logged: set[float] = set()
