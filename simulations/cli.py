@@ -15,6 +15,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from enum import StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
@@ -26,6 +27,15 @@ from server import cli_options as opt  # noqa: E402
 from server.cli import app as server_app  # noqa: E402
 from simulations.harness import SimulationRequest, UsageError, export_hospitals, run_simulation_job  # noqa: E402
 from simulations.task_cli import app as task_app  # noqa: E402
+
+
+class Backend(StrEnum):
+    """Where ``fedcare simulate`` runs the hospitals' ClientApps (see ``harness.uses_ray``)."""
+
+    auto = "auto"
+    ray = "ray"
+    in_process = "in-process"
+
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error lines are never broken
@@ -102,6 +112,14 @@ def simulate(
             "--head`); default: $RAY_ADDRESS, else this machine alone."
         ),
     ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="Where the hospitals' ClientApps run: Ray actors (ray), this process, one "
+            "message at a time (in-process), or auto: Ray when --ray-address, $RAY_ADDRESS, "
+            "--gpus-per-hospital or --cpus-per-hospital is given, else in-process."
+        ),
+    ] = Backend.auto,
 ) -> str | None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report."""
     request = SimulationRequest(
@@ -117,6 +135,7 @@ def simulate(
         gpus_per_hospital=gpus_per_hospital,
         cpus_per_hospital=cpus_per_hospital,
         ray_address=ray_address,
+        backend=backend.value,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):

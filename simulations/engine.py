@@ -1,7 +1,9 @@
 """Running a federation through Flower's Simulation Engine (Ray backend) in this process.
 
 This is what ``flwr run`` does inside its ``flower-simulation`` process: the ServerApp runs in a
-thread over an in-memory Grid and each simulated hospital's ClientApp runs in a Ray actor. We call
+thread over an in-memory Grid and each simulated hospital's ClientApp runs in a Ray actor, or,
+with :class:`InProcessBackend`, in this process (Flower 1.41 builds ``RayBackend`` with no
+registry of backends; :func:`_flower_builds` swaps the class for the run). We call
 Flower's runtime directly (``flwr.simulation.run_simulation._run_simulation``) instead of the
 deprecated ``run_simulation`` wrapper because the wrapper cannot pass a run config; going through
 ``flwr run`` would leave a detached local SuperLink running after the command returns.
@@ -12,12 +14,17 @@ Flower 1.41 private code this module copies from or calls is pinned by source ha
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Imported with this module, not inside start_ray: the harness imports this module before its
 # checks thread starts, so that the thread never imports Flower's mutually importing modules at
 # the same time as the main thread (Python refuses with a _DeadlockError; seen).
+from flwr.server.superlink.fleet.vce.backend import raybackend
+from flwr.server.superlink.fleet.vce.backend.backend import Backend
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
 from server.run_config import APP_DIR
@@ -82,6 +89,63 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
+class InProcessBackend(Backend):
+    """Flower Simulation Engine backend that runs the ClientApp in this process, one message at a
+    time.
+
+    What Flower's ``RayBackend`` does for one message (``ClientAppActor.run``: load the app, call
+    it, wrap its exception in ``ClientAppException``), without Ray: no Ray processes to start, no
+    actor that imports torch again. The message and context are deep-copied first, as Ray's
+    serialisation would, so a ClientApp never shares an object with the ServerApp's state.
+    """
+
+    def __init__(self, backend_config: dict[str, Any]) -> None:
+        super().__init__(backend_config)  # type: ignore[arg-type]
+        self._app_fn: Callable[[], Any] | None = None
+
+    def build(self, app_fn: Callable[[], Any]) -> None:
+        self._app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+        from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+
+        if self._app_fn is None:
+            raise ValueError("build() the backend before processing messages")
+        message, context = copy.deepcopy((message, context))
+        try:
+            app = self._app_fn()
+            return app(message=message, context=context), context
+        except LoadClientAppError:
+            raise
+        except Exception as ex:
+            raise ClientAppException(str(ex)) from ex
+
+    def terminate(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _flower_builds(backend: type[Backend]) -> Iterator[None]:
+    """Make Flower's Simulation Engine build ``backend`` instead of ``RayBackend``.
+
+    ``start_vce`` imports ``RayBackend`` from its module each time it builds the backend (it has
+    no backend registry); the name is swapped for the run and restored after.
+    """
+    saved = raybackend.RayBackend
+    raybackend.RayBackend = backend  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = saved  # type: ignore[misc]
+
+
 def run_federation(
     *,
     run_config: dict[str, Any],
@@ -90,6 +154,7 @@ def run_federation(
     num_gpus_per_client: float = 0.0,
     ray_address: str | None = None,
     verbose: bool = False,
+    in_process: bool = False,
 ) -> None:
     """Run ``server.server_app:app`` with ``num_supernodes`` simulated ClientApps.
 
@@ -107,6 +172,9 @@ def run_federation(
         hospitals; it is passed to ``ray.init`` through Flower's backend ``init_args``. Every
         node needs fedcare installed at the same path as here. None: a Ray instance of this
         machine alone, on the loopback address.
+    in_process : bool
+        Run the ClientApps in this process (:class:`InProcessBackend`), one message at a time,
+        instead of Ray actors; the resource and address arguments are then unused.
 
     Raises
     ------
@@ -140,16 +208,17 @@ def run_federation(
         num_cpus_per_client=num_cpus_per_client, num_gpus_per_client=num_gpus_per_client,
         ray_address=ray_address, verbose=verbose,
     )  # fmt: skip
-    _run_simulation(
-        num_supernodes=num_supernodes,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=config,  # type: ignore[arg-type]
-        server_app_context=server_context,
-        app_dir=str(APP_DIR),
-        is_app=True,  # hospitals' contexts get the run config fused from APP_DIR + overrides
-        run=run,
-        verbose_logging=verbose,
-    )
+    with _flower_builds(InProcessBackend) if in_process else contextlib.nullcontext():
+        _run_simulation(
+            num_supernodes=num_supernodes,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=config,  # type: ignore[arg-type]
+            server_app_context=server_context,
+            app_dir=str(APP_DIR),
+            is_app=True,  # hospitals' contexts get the run config fused from APP_DIR + overrides
+            run=run,
+            verbose_logging=verbose,
+        )

@@ -36,6 +36,7 @@ class SimulationRequest:
     gpus_per_hospital: float = 0.0  # Ray GPU share of each simulated hospital (0 = CPU)
     cpus_per_hospital: float = 1.0  # Ray CPUs of each simulated hospital's actor
     ray_address: str | None = None  # an existing Ray cluster (else RAY_ADDRESS, else local)
+    backend: str = "auto"  # "auto", "ray" or "in-process" (see uses_ray)
 
 
 DEFAULT_HOSPITALS = 3
@@ -207,8 +208,9 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
     """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
 
-    Ray starts while the request is checked (the federation starts only once the checks
-    passed); the non-private baselines train in a thread while the federation runs. The
+    With Ray (:func:`uses_ray`), Ray starts while the request is checked (the federation starts
+    only once the checks passed); without, the hospitals' ClientApps run in this process
+    (:class:`simulations.engine.InProcessBackend`). The non-private baselines train in a thread while the federation runs. The
     partition is computed once, by the checks, and shared with the hospitals' Ray actors through
     a temporary folder (:func:`shared_models.runtime.partition_cache`).
 
@@ -223,26 +225,62 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
         return _run_job(req, console=console, t0=t0)
 
 
+def uses_ray(req: SimulationRequest) -> bool:
+    """Whether the hospitals run in Ray actors (Flower's ``RayBackend``) or in this process.
+
+    ``--backend auto`` picks Ray when an option only Ray serves is given (``--ray-address`` or
+    ``$RAY_ADDRESS``, ``--gpus-per-hospital``, ``--cpus-per-hospital``), else this process:
+    starting Ray and actors that import torch again costs more than a small federation's
+    training on a 2-core machine (README, "Main job wall time").
+
+    Raises
+    ------
+    UsageError
+        ``--backend in-process`` together with a Ray-only option, or an unknown backend.
+    """
+    ray_options = [
+        name
+        for name, given in (
+            ("--ray-address/$RAY_ADDRESS", _ray_address(req) is not None),
+            ("--gpus-per-hospital", req.gpus_per_hospital > 0),
+            ("--cpus-per-hospital", req.cpus_per_hospital != 1.0),
+        )
+        if given
+    ]
+    if req.backend == "in-process" and ray_options:
+        raise UsageError(
+            f"--backend in-process runs every hospital in this process, on its CPU; "
+            f"{ray_options[0]} needs --backend ray (or drop it)"
+        )
+    if req.backend not in ("auto", "ray", "in-process"):
+        raise UsageError(f"--backend must be auto, ray or in-process (got {req.backend!r})")
+    return req.backend == "ray" or (req.backend == "auto" and bool(ray_options))
+
+
 def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, Any]:
     # Imports Flower, before the checks thread also imports parts of it (see simulations.engine)
     from simulations.engine import start_ray, stop_ray
 
-    checks = _Background(_checked_request, req)
-    if checks.wait(_QUICK_CHECK_SECONDS):
-        checks.result()  # raises a mistake found at once, before any Ray start-up
-    try:
-        start_ray(
-            num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
-            ray_address=_ray_address(req), verbose=req.verbose,
-        )  # fmt: skip
-    except BaseException:
-        checks.result()  # a mistake in the request is the message the user needs first
-        raise
-    try:
-        cfg, run, sites = checks.result()
-    except BaseException:
-        stop_ray()
-        raise
+    ray = uses_ray(req)
+    if ray:
+        checks = _Background(_checked_request, req)
+        if checks.wait(_QUICK_CHECK_SECONDS):
+            checks.result()  # raises a mistake found at once, before any Ray start-up
+        try:
+            start_ray(
+                num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
+                ray_address=_ray_address(req), verbose=req.verbose,
+            )  # fmt: skip
+        except BaseException:
+            checks.result()  # a mistake in the request is the message the user needs first
+            raise
+        try:
+            cfg, run, sites = checks.result()
+        except BaseException:
+            stop_ray()
+            raise
+    else:
+        cfg, run, sites = _checked_request(req)
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
     console.print(
         f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
@@ -268,7 +306,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         run_federation(
             run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
             num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
-            ray_address=_ray_address(req),
+            ray_address=_ray_address(req), in_process=not ray,
         )  # fmt: skip
     finally:
         progress_logger.removeHandler(handler)

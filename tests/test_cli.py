@@ -33,6 +33,8 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["--run-config", "train.lr=-1"], "'train.lr' = -1.0 is outside (0.0, 100.0]"),
         (["--delta", "0.01"], "is not below 1/n"),
         (["--epsilon", "1", "--no-dp"], "--epsilon and --no-dp exclude each other"),
+        (["--backend", "ray", "--delta", "0.01"], "is not below 1/n"),  # Ray starts, then stops
+        (["--backend", "in-process", "--cpus-per-hospital", "2"], "--cpus-per-hospital needs --backend ray"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_clear_message(monkeypatch, capsys, tmp_path, args, message):

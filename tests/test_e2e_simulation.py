@@ -57,10 +57,15 @@ def _assert_no_leftover_processes(token: str) -> None:
     assert not left, f"processes left running: {left}"
 
 
-def test_two_hospitals_two_rounds_with_dp(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "ray"])
+def test_two_hospitals_two_rounds_with_dp(tmp_path, backend):
     summary, output, out = _simulate(
-        tmp_path, "--hospitals", "2", "--rounds", "2", "--epsilon", "2"
+        tmp_path, "--hospitals", "2", "--rounds", "2", "--epsilon", "2", "--backend", backend
     )
+    if backend == "auto":  # in this process: no Ray node hosted a hospital
+        assert summary["ray_nodes"] == {}
+    else:
+        assert [sorted(s) for s in summary["ray_nodes"].values()] == [["hospital-1", "hospital-2"]]
     assert "Traceback" not in output
     assert "deprecat" not in output.lower()
     assert [h["name"] for h in summary["hospitals"]] == ["hospital-1", "hospital-2"]
