@@ -283,9 +283,13 @@ def epsilon_spent(state: AccountantState, *, delta: float) -> float:
     mechanism = "rdp" if any(q >= 1.0 for _, q, _ in history) else state["mechanism"]
     if mechanism == "rdp":
         rdp = sum(np.asarray(_rdp_per_step(sigma, q)) * steps for sigma, q, steps in history)
-        eps, _ = privacy_analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-        )
+        with warnings.catch_warnings():
+            # "Optimal order is the largest alpha": the ε returned is still a valid bound (at
+            # the largest order), only not the tightest; not the user's to act on
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            eps, _ = privacy_analysis.get_privacy_spent(
+                orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+            )
         return float(eps)
     acc = create_accountant(mechanism)
     acc.load_state_dict({"mechanism": mechanism, "history": history})
