@@ -4,12 +4,14 @@ client sampling (``strategy.fraction-train``), with the growth per added hospita
 
     nice -n 10 python benchmarks/simulation_scale.py [--sizes 3 10 30 100 300]
         [--sampled 1000] [--fraction 0.03] [--rounds 4] [--rows-per-hospital 19] [--dp]
+        [--backend in-process|ray]
 
 Each size is one federation through the project's harness and engine, as ``fedcare simulate
 --task breast-cancer --hospitals N --no-dp`` runs it (:func:`simulations.harness.preflight`,
-then :func:`simulations.engine.run_federation`: Flower's Simulation Engine on a local Ray
-instance started and stopped for the run; its actor pool is sized to the machine's CPUs, not to
-the number of hospitals). The coordinator's centralised evaluation is off
+then :func:`simulations.engine.run_federation`: Flower's Simulation Engine with the ClientApps
+in the measuring process (``--backend in-process``, ``fedcare simulate``'s default), or on a
+local Ray instance started and stopped for the run (``--backend ray``; its actor pool is sized
+to the machine's CPUs, not to the number of hospitals)). The coordinator's centralised evaluation is off
 (``eval.centralized = false``) so that a round is what the federation itself costs.
 
 Data: WDBC (569 patients). The harness gives every simulated hospital at least 10 patients
@@ -20,7 +22,7 @@ by the harness like a user's CSV (``--data-dir``). The output says which sizes a
 
 Measured
 --------
-- ``to round 1``: from the call into the engine to the end of round 1 (Ray start, actors,
+- ``to round 1``: from the call into the engine to the end of round 1 (with Ray: its start, actors;
   node registration, DP planning when ``--dp``, the first round); ``after``: from the end of
   the last round to the engine's return (final federated evaluation, Ray shutdown).
 - ``round``: the median duration of rounds 2 .. R-1, from the ServerApp's per-round progress
@@ -160,7 +162,7 @@ class Measurement:
 
 
 def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp: bool,
-            workdir: Path) -> Measurement:  # fmt: skip
+            workdir: Path, in_process: bool = False) -> Measurement:  # fmt: skip
     """Run one federation of ``n`` hospitals and measure it (see the module docstring)."""
     from server.run_config import RunOptions
     from shared_models.tasks import get_task
@@ -194,7 +196,7 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     progress.propagate = False
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        run_federation(run_config=cfg, num_supernodes=len(sites))
+        run_federation(run_config=cfg, num_supernodes=len(sites), in_process=in_process)
     finally:
         progress.removeHandler(clock)
     t2 = time.monotonic()
@@ -219,7 +221,7 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
 
 
 def measure_in_child(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp: bool,
-                     workdir: Path, timeout: float) -> Measurement | None:  # fmt: skip
+                     workdir: Path, timeout: float, backend: str) -> Measurement | None:  # fmt: skip
     """:func:`measure` in a fresh Python process (one federation per process, as ``fedcare
     simulate``), sampling the memory of that process and its Ray processes from here.
 
@@ -234,7 +236,8 @@ def measure_in_child(n: int, *, rounds: int, rows_per_hospital: int, fraction: f
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--fraction",
            str(fraction), "--rounds", str(rounds), "--rows-per-hospital", str(rows_per_hospital),
-           "--workdir", str(workdir), "--timeout", str(timeout)] + (["--dp"] if dp else [])  # fmt: skip
+           "--workdir", str(workdir), "--timeout", str(timeout), "--backend", backend,
+           ] + (["--dp"] if dp else [])  # fmt: skip
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     with TreeMemorySampler(child.pid) as memory:
         try:
@@ -283,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-hospital", type=int, default=19)
     parser.add_argument("--dp", action="store_true", help="DP-SGD at every hospital (ε = 2).")
     parser.add_argument("--timeout", type=float, default=900.0, help="Seconds per size.")
+    parser.add_argument(
+        "--backend", choices=["in-process", "ray"], default="in-process",
+        help="Where the ClientApps run (fedcare simulate --backend); default: its default.",
+    )  # fmt: skip
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the measuring child
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(
             args.one, rounds=args.rounds, rows_per_hospital=args.rows_per_hospital,
             fraction=args.fraction, dp=args.dp, workdir=args.workdir,
+            in_process=args.backend == "in-process",
         )  # fmt: skip
         print("RESULT " + json.dumps(dataclasses.asdict(m)), flush=True)
         return 0
@@ -302,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 3 (rounds 2 .. R-1 are timed)")
     print("\n".join(machine()), flush=True)
     print(
-        f"task breast-cancer, {'DP-SGD ε=2' if args.dp else 'no DP'}, {args.rounds} rounds, "
+        f"backend {args.backend}; task breast-cancer, {'DP-SGD ε=2' if args.dp else 'no DP'}, "
+        f"{args.rounds} rounds, "
         f"MLP; hospitals with > {REAL_ROWS // 10} needed: load test on resampled records "
         f"({args.rows_per_hospital} per hospital, drawn with replacement from WDBC)",
         flush=True,
@@ -320,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             m = measure_in_child(
                 n, rounds=args.rounds, rows_per_hospital=args.rows_per_hospital,
                 fraction=fraction, dp=args.dp, workdir=Path(tmp), timeout=args.timeout,
+                backend=args.backend,
             )  # fmt: skip
             if m is None:
                 print(f"{n:>9} did not finish within {args.timeout:g} s (killed)", flush=True)

@@ -32,6 +32,23 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from shared_models.config import RunConfig
 from shared_models.image_models import seed_augmentation
 
+# Library notices that are expected in fedcare's use and not the user's to act on, ignored once
+# here rather than around each call: warnings.catch_warnings is not thread-safe, and a simulation
+# trains its hospitals and its baselines in threads of one process (one thread's exit restored
+# the filters while another still trained, and the notices reached the console).
+# - torch: Opacus' hooks fire although the first layer's input (the images) needs no gradient;
+#   Opacus' per-sample gradients use the output gradients only.
+# - Opacus RDP: "optimal order is the largest alpha": the ε is still a valid bound (at the
+#   largest order), only not the tightest.
+# - Opacus: its cryptographically secure RNG is off (secure_mode=False); DP-SGD's noise comes
+#   from a generator seeded from ``secrets`` instead (:func:`train_round`).
+for _notice in (
+    "Full backward hook is firing",
+    "Optimal order is the largest alpha",
+    "Secure RNG turned off",
+):
+    warnings.filterwarnings("ignore", message=_notice)
+
 AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, steps], ...]}
 
 
@@ -155,15 +172,13 @@ def plan_dp(
     q = sample_rate(n_train, batch_size)
     k = steps_per_round(n_train, batch_size, local_epochs)
     if eval_releases == 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha"
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=q,
-                steps=rounds * k,
-                accountant=accountant,
-            )
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=q,
+            steps=rounds * k,
+            accountant=accountant,
+        )
     else:
         sigma = _calibrate_with_releases(
             target_epsilon=target_epsilon,
@@ -283,13 +298,9 @@ def epsilon_spent(state: AccountantState, *, delta: float) -> float:
     mechanism = "rdp" if any(q >= 1.0 for _, q, _ in history) else state["mechanism"]
     if mechanism == "rdp":
         rdp = sum(np.asarray(_rdp_per_step(sigma, q)) * steps for sigma, q, steps in history)
-        with warnings.catch_warnings():
-            # "Optimal order is the largest alpha": the ε returned is still a valid bound (at
-            # the largest order), only not the tightest; not the user's to act on
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            eps, _ = privacy_analysis.get_privacy_spent(
-                orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-            )
+        eps, _ = privacy_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
         return float(eps)
     acc = create_accountant(mechanism)
     acc.load_state_dict({"mechanism": mechanism, "history": history})
@@ -340,24 +351,19 @@ def _run_steps(
     """
     losses: list[torch.Tensor] = []
     batches = _cycle(loader)
-    with warnings.catch_warnings():
-        # torch notes that Opacus' hooks fire although inputs need no gradient: expected
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(steps):
-            xb, yb = next(batches)
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(
-                net(xb), yb
-            )  # an empty Poisson batch: nan loss, Opacus adds noise only
-            loss.backward()
-            if clip_norm is not None:  # non-private only: DP clips per sample in the optimizer
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
-            optimizer.step()
-            if len(yb):
-                losses.append(loss.detach())
-            if after_step is not None:
-                after_step()
+    for _ in range(steps):
+        xb, yb = next(batches)
+        xb, yb = xb.to(device), yb.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(net(xb), yb)  # an empty Poisson batch: nan loss, Opacus adds noise only
+        loss.backward()
+        if clip_norm is not None:  # non-private only: DP clips per sample in the optimizer
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
+        optimizer.step()
+        if len(yb):
+            losses.append(loss.detach())
+        if after_step is not None:
+            after_step()
     return torch.stack(losses).tolist() if losses else []
 
 
@@ -485,29 +491,26 @@ def train_round(
                 f"was calibrated for ({taken} already taken)"
             )
     if dp is not None or clip_per_sample is not None:
-        with warnings.catch_warnings():
-            # Opacus warns that its cryptographically secure RNG is off (secure_mode=False)
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=dp.accountant if dp else "rdp")
-            if dp is not None:
-                engine.accountant.load_state_dict(
-                    {"mechanism": state["mechanism"], "history": _history(state)}
-                )
-            private = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=dp.noise_multiplier if dp else 0.0,
-                max_grad_norm=dp.max_grad_norm if dp else clip_per_sample,
-                poisson_sampling=dp is not None,
-                noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
-                grad_sample_mode=grad_sample_mode,
-                criterion=criterion,  # wrapped in ghost mode (its two backward passes)
+        engine = PrivacyEngine(accountant=dp.accountant if dp else "rdp")
+        if dp is not None:
+            engine.accountant.load_state_dict(
+                {"mechanism": state["mechanism"], "history": _history(state)}
             )
-            if grad_sample_mode == "ghost":
-                net, optimizer, criterion, loader = private
-            else:
-                net, optimizer, loader = private
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier if dp else 0.0,
+            max_grad_norm=dp.max_grad_norm if dp else clip_per_sample,
+            poisson_sampling=dp is not None,
+            noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
+            grad_sample_mode=grad_sample_mode,
+            criterion=criterion,  # wrapped in ghost mode (its two backward passes)
+        )
+        if grad_sample_mode == "ghost":
+            net, optimizer, criterion, loader = private
+        else:
+            net, optimizer, loader = private
     if dp is not None:
         assert abs(loader.sample_rate - dp.sample_rate) < 1e-12, "sample rate drifted from the plan"
     try:

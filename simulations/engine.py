@@ -95,8 +95,12 @@ class InProcessBackend(Backend):
 
     What Flower's ``RayBackend`` does for one message (``ClientAppActor.run``: load the app, call
     it, wrap its exception in ``ClientAppException``), without Ray: no Ray processes to start, no
-    actor that imports torch again. The message and context are deep-copied first, as Ray's
-    serialisation would, so a ClientApp never shares an object with the ServerApp's state.
+    actor that imports torch again. The message and context are deep-copied on the way in and
+    the reply and updated context on the way out, as Ray's serialisation would, so a ClientApp
+    and the ServerApp's state never share an object.
+
+    The swap of :func:`_flower_builds` is process-wide: one process runs one federation at a
+    time with this backend (``fedcare simulate`` runs one).
     """
 
     def __init__(self, backend_config: dict[str, Any]) -> None:
@@ -121,11 +125,12 @@ class InProcessBackend(Backend):
         message, context = copy.deepcopy((message, context))
         try:
             app = self._app_fn()
-            return app(message=message, context=context), context
+            reply = app(message=message, context=context)
         except LoadClientAppError:
             raise
         except Exception as ex:
             raise ClientAppException(str(ex)) from ex
+        return copy.deepcopy((reply, context))
 
     def terminate(self) -> None:
         pass

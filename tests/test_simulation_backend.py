@@ -39,17 +39,21 @@ def test_the_client_app_gets_a_copy_and_its_errors_are_flowers_client_app_errors
     nothing the ServerApp's state holds, and its exception reaches Flower as a
     ``ClientAppException`` (Flower turns it into an error reply)."""
     app = ClientApp()
+    kept: list[Message] = []
 
     @app.train()
     def train(msg: Message, context):  # type: ignore[no-untyped-def]
         msg.content["arrays"]["w"] = Array(np.ones(3, dtype=np.float32))
         msg.content["config"]["server-round"] = 99
         context.state["seen"] = ConfigRecord({"round": 1})
-        return Message(RecordDict({"arrays": msg.content["arrays"]}), reply_to=msg)
+        kept.append(Message(RecordDict({"arrays": msg.content["arrays"]}), reply_to=msg))
+        return kept[-1]
 
     request, context = _request(), make_context({}, {"partition-id": 0})
     reply, new_context = _backend_with(app).process_message(request, context)
     assert np.array_equal(reply.content["arrays"]["w"].numpy(), np.ones(3))
+    kept[0].content["arrays"]["w"] = Array(np.full(3, 7, dtype=np.float32))  # the app's later write
+    assert np.array_equal(reply.content["arrays"]["w"].numpy(), np.ones(3))  # not in the reply
     assert np.array_equal(request.content["arrays"]["w"].numpy(), np.zeros(3))
     assert request.content["config"]["server-round"] == 1
     assert "seen" in new_context.state and "seen" not in context.state  # the engine stores it
