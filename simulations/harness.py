@@ -208,11 +208,12 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any]:
     """Validate, run the simulation, add baselines and wall time, and (re)write the reports.
 
-    With Ray (:func:`uses_ray`), Ray starts while the request is checked (the federation starts
-    only once the checks passed); without, the hospitals' ClientApps run in this process
-    (:class:`simulations.engine.InProcessBackend`). The non-private baselines train in a thread while the federation runs. The
-    partition is computed once, by the checks, and shared with the hospitals' Ray actors through
-    a temporary folder (:func:`shared_models.runtime.partition_cache`).
+    The hospitals' ClientApps run in this process (:class:`simulations.engine.InProcessBackend`)
+    or, when :func:`uses_ray`, in Ray actors, Ray starting while the request is checked (the
+    federation starts only once the checks passed). The non-private baselines train in a thread
+    while the federation runs. The partition is computed once, by the checks, and shared with
+    the hospitals' Ray actors through a temporary folder
+    (:func:`shared_models.runtime.partition_cache`).
 
     Returns the final ``summary.json`` content.
     """
@@ -238,6 +239,8 @@ def uses_ray(req: SimulationRequest) -> bool:
     UsageError
         ``--backend in-process`` together with a Ray-only option, or an unknown backend.
     """
+    if req.backend not in ("auto", "ray", "in-process"):
+        raise UsageError(f"--backend must be auto, ray or in-process (got {req.backend!r})")
     ray_options = [
         name
         for name, given in (
@@ -252,35 +255,12 @@ def uses_ray(req: SimulationRequest) -> bool:
             f"--backend in-process runs every hospital in this process, on its CPU; "
             f"{ray_options[0]} needs --backend ray (or drop it)"
         )
-    if req.backend not in ("auto", "ray", "in-process"):
-        raise UsageError(f"--backend must be auto, ray or in-process (got {req.backend!r})")
     return req.backend == "ray" or (req.backend == "auto" and bool(ray_options))
 
 
 def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, Any]:
-    # Imports Flower, before the checks thread also imports parts of it (see simulations.engine)
-    from simulations.engine import start_ray, stop_ray
-
     ray = uses_ray(req)
-    if ray:
-        checks = _Background(_checked_request, req)
-        if checks.wait(_QUICK_CHECK_SECONDS):
-            checks.result()  # raises a mistake found at once, before any Ray start-up
-        try:
-            start_ray(
-                num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
-                ray_address=_ray_address(req), verbose=req.verbose,
-            )  # fmt: skip
-        except BaseException:
-            checks.result()  # a mistake in the request is the message the user needs first
-            raise
-        try:
-            cfg, run, sites = checks.result()
-        except BaseException:
-            stop_ray()
-            raise
-    else:
-        cfg, run, sites = _checked_request(req)
+    cfg, run, sites = _checked_while_ray_starts(req) if ray else _checked_request(req)
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
     console.print(
         f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
@@ -321,6 +301,31 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+def _checked_while_ray_starts(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:
+    """:func:`_checked_request` in a thread while Ray starts in this one (``ray.init`` must run
+    in the main thread). A mistake found within ``_QUICK_CHECK_SECONDS`` starts no Ray; a later
+    one stops it. Either way the mistake is what is raised."""
+    # Imports Flower, before the checks thread also imports parts of it (see simulations.engine)
+    from simulations.engine import start_ray, stop_ray
+
+    checks = _Background(_checked_request, req)
+    if checks.wait(_QUICK_CHECK_SECONDS):
+        checks.result()  # raises a mistake found at once, before any Ray start-up
+    try:
+        start_ray(
+            num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
+            ray_address=_ray_address(req), verbose=req.verbose,
+        )  # fmt: skip
+    except BaseException:
+        checks.result()  # a mistake in the request is the message the user needs first
+        raise
+    try:
+        return checks.result()
+    except BaseException:
+        stop_ray()
+        raise
 
 
 def _checked_request(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:
