@@ -304,9 +304,8 @@ def epsilon_spent(state: AccountantState, *, delta: float) -> float:
         return float(eps)
     acc = create_accountant(mechanism)
     acc.load_state_dict({"mechanism": mechanism, "history": history})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PRV warns about its own numerical precision
-        return float(acc.get_epsilon(delta=delta))
+    with np.errstate(all="ignore"):  # PRV's numerics (log of 0 at the domain's edge); numpy's
+        return float(acc.get_epsilon(delta=delta))  # errstate is per thread, unlike warnings
 
 
 @functools.lru_cache(maxsize=1024)

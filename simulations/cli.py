@@ -116,8 +116,9 @@ def simulate(
         Backend,
         typer.Option(
             help="Where the hospitals' ClientApps run: Ray actors (ray), this process, one "
-            "message at a time (in-process), or auto: Ray when --ray-address, $RAY_ADDRESS, "
-            "--gpus-per-hospital or --cpus-per-hospital is given, else in-process."
+            "message at a time (in-process), or auto: Ray when --ray-address or $RAY_ADDRESS "
+            "is set, --gpus-per-hospital is above 0 or --cpus-per-hospital is not 1, else "
+            "in-process."
         ),
     ] = Backend.auto,
 ) -> str | None:

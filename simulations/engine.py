@@ -1,4 +1,4 @@
-"""Running a federation through Flower's Simulation Engine (Ray backend) in this process.
+"""Running a federation through Flower's Simulation Engine in this process.
 
 This is what ``flwr run`` does inside its ``flower-simulation`` process: the ServerApp runs in a
 thread over an in-memory Grid and each simulated hospital's ClientApp runs in a Ray actor, or,
@@ -125,12 +125,13 @@ class InProcessBackend(Backend):
         message, context = copy.deepcopy((message, context))
         try:
             app = self._app_fn()
-            reply = app(message=message, context=context)
+            return copy.deepcopy((app(message=message, context=context), context))
         except LoadClientAppError:
             raise
         except Exception as ex:
             raise ClientAppException(str(ex)) from ex
-        return copy.deepcopy((reply, context))
+        except SystemExit as ex:  # would end Flower's only worker thread; Ray's actor would die
+            raise ClientAppException(f"the ClientApp exited (code {ex.code})") from ex
 
     def terminate(self) -> None:
         pass

@@ -2,8 +2,9 @@
 
 Everything a user can get wrong is checked BEFORE the federation starts (task, data files,
 number of hospitals, DP budget feasible at every hospital), so mistakes leave no half-written run
-folder. The checks run in a thread while Ray starts in the main thread (both take seconds; on
-2 cores they overlap); a failed check shuts Ray down again and reports only the mistake.
+folder. The hospitals run in this process by default (:func:`uses_ray`); with Ray, the checks
+run in a thread while Ray starts in the main thread (both take seconds; on 2 cores they
+overlap), and a failed check shuts Ray down again and reports only the mistake.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     or, when :func:`uses_ray`, in Ray actors, Ray starting while the request is checked (the
     federation starts only once the checks passed). The non-private baselines train in a thread
     while the federation runs. The partition is computed once, by the checks, and shared with
-    the hospitals' Ray actors through a temporary folder
+    the hospitals: in this process through the memo of
+    :func:`shared_models.sites.simulated_sites`, with Ray's actors through a temporary folder
     (:func:`shared_models.runtime.partition_cache`).
 
     Returns the final ``summary.json`` content.
@@ -229,10 +231,11 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
 def uses_ray(req: SimulationRequest) -> bool:
     """Whether the hospitals run in Ray actors (Flower's ``RayBackend``) or in this process.
 
-    ``--backend auto`` picks Ray when an option only Ray serves is given (``--ray-address`` or
-    ``$RAY_ADDRESS``, ``--gpus-per-hospital``, ``--cpus-per-hospital``), else this process:
-    starting Ray and actors that import torch again costs more than a small federation's
-    training on a 2-core machine (README, "Main job wall time").
+    ``--backend auto`` picks Ray when an option only Ray serves is set (``--ray-address`` or
+    ``$RAY_ADDRESS``, a ``--gpus-per-hospital`` share, ``--cpus-per-hospital`` other than 1),
+    else this process: starting Ray and actors that import torch again costs more than a small
+    federation's training on a 2-core machine (README, "Main job wall time"). An explicit
+    ``--backend in-process`` ignores an inherited ``$RAY_ADDRESS``.
 
     Raises
     ------
@@ -244,7 +247,8 @@ def uses_ray(req: SimulationRequest) -> bool:
     ray_options = [
         name
         for name, given in (
-            ("--ray-address/$RAY_ADDRESS", _ray_address(req) is not None),
+            ("--ray-address", req.ray_address is not None),
+            ("$RAY_ADDRESS", req.backend == "auto" and _ray_address(req) is not None),
             ("--gpus-per-hospital", req.gpus_per_hospital > 0),
             ("--cpus-per-hospital", req.cpus_per_hospital != 1.0),
         )
@@ -252,8 +256,8 @@ def uses_ray(req: SimulationRequest) -> bool:
     ]
     if req.backend == "in-process" and ray_options:
         raise UsageError(
-            f"--backend in-process runs every hospital in this process, on its CPU; "
-            f"{ray_options[0]} needs --backend ray (or drop it)"
+            f"--backend in-process runs every hospital in this process; {ray_options[0]} needs "
+            "--backend ray (or drop it)"
         )
     return req.backend == "ray" or (req.backend == "auto" and bool(ray_options))
 

@@ -192,7 +192,7 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
     cfg = {**default_run_config(), "train.rounds": 1, "simulation.hospitals": 2, "dp.enabled": False,
            "model.name": "logreg", "output.dir": str(out), "strategy.min-available-nodes": 2,
            "run.id": "long-run"}  # fmt: skip
-    run_federation(run_config=cfg, num_supernodes=2)
+    run_federation(run_config=cfg, num_supernodes=2, in_process=True)  # simulate's default
     ckpt = out / "checkpoints"
     for rnd in (999, 1000):  # pretend the run got that far
         shutil.copy(ckpt / "round-001.safetensors", ckpt / f"round-{rnd:03d}.safetensors")
@@ -200,8 +200,9 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
         sidecar["round"] = rnd
         (ckpt / f"round-{rnd:03d}.json").write_text(json.dumps(sidecar))
     run_federation(
-        run_config={**cfg, "train.rounds": 1001, "run.resume-from": str(out)}, num_supernodes=2
-    )
+        run_config={**cfg, "train.rounds": 1001, "run.resume-from": str(out)}, num_supernodes=2,
+        in_process=True,
+    )  # fmt: skip
     assert json.loads((ckpt / "round-1001.json").read_text())["round"] == 1001
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1001 and all(h["rounds_trained"] == 2 for h in summary["hospitals"])
@@ -222,10 +223,10 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     ends = {}
     for name, rounds in (("whole", 3), ("fresh", 2), ("resumed", 1)):
         cfg = {**base, "train.rounds": rounds, "output.dir": str(tmp_path / name), "run.id": name}
-        run_federation(run_config=cfg, num_supernodes=2)
+        run_federation(run_config=cfg, num_supernodes=2, in_process=True)  # simulate's default
         if name == "resumed":
             resumed = {**cfg, "train.rounds": 3, "run.resume-from": str(tmp_path / name)}
-            run_federation(run_config=resumed, num_supernodes=2)
+            run_federation(run_config=resumed, num_supernodes=2, in_process=True)
         ends[name] = load_file(str(tmp_path / name / "model.safetensors"))
     for key, value in ends["whole"].items():
         torch.testing.assert_close(ends["resumed"][key], value, atol=1e-5, rtol=0)

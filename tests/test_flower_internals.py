@@ -60,9 +60,11 @@ PINNED: dict[str, dict[str, str]] = {
         "flwr.server.superlink.fleet.vce.backend.raybackend:RayBackend.terminate": "572052de11fe046c",
         # InProcessBackend: start_vce builds the backend by importing the name RayBackend from
         # its module at call time (swapped by _flower_builds); run_api drives the Backend
-        # interface; the backend does for one message what the Ray actor's run does
+        # interface from worker threads (worker: error codes, context stored on success); the
+        # backend does for one message what the Ray actor's run does
         "flwr.server.superlink.fleet.vce.vce_api:start_vce": "2d5e267f893950a7",
         "flwr.server.superlink.fleet.vce.vce_api:run_api": "f85c0cd6e902752f",
+        "flwr.server.superlink.fleet.vce.vce_api:worker": "60f308688ba34fb5",
         "flwr.server.superlink.fleet.vce.backend.backend:Backend": "b12e9f514dd36767",
         "flwr.simulation.ray_transport.ray_actor:VirtualClientEngineActor.run": "a87502a00b99224d",
     },

@@ -67,6 +67,15 @@ def test_the_client_app_gets_a_copy_and_its_errors_are_flowers_client_app_errors
     with pytest.raises(ClientAppException, match="no data at this hospital"):
         _backend_with(failing).process_message(_request(), make_context({}, {}))
 
+    exiting = ClientApp()
+
+    @exiting.train()
+    def leave(msg: Message, context):  # type: ignore[no-untyped-def]
+        raise SystemExit(3)  # must not end Flower's only worker thread
+
+    with pytest.raises(ClientAppException, match="exited"):
+        _backend_with(exiting).process_message(_request(), make_context({}, {}))
+
 
 def test_the_backend_swap_lasts_for_the_run_only():
     assert raybackend.RayBackend is RayBackend
@@ -98,13 +107,11 @@ def test_auto_picks_ray_only_for_what_only_ray_serves(monkeypatch, backend, kwar
     assert uses_ray(_req(monkeypatch, backend, **kwargs)) is ray
 
 
-def test_ray_address_from_the_environment_means_ray(monkeypatch):
-    req = _req(monkeypatch)
+def test_ray_address_from_the_environment_means_ray_unless_in_process_is_asked_for(monkeypatch):
+    auto, in_process = _req(monkeypatch), _req(monkeypatch, "in-process")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert uses_ray(req)
-    with pytest.raises(UsageError, match=r"\$RAY_ADDRESS needs --backend ray"):
-        uses_ray(SimulationRequest(options=RunOptions(), hospitals=3, out=Path("run"),
-                                   backend="in-process"))  # fmt: skip
+    assert uses_ray(auto)
+    assert not uses_ray(in_process)  # an explicit choice wins over an inherited variable
 
 
 def test_in_process_refuses_ray_only_options(monkeypatch):
