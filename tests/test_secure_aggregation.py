@@ -51,7 +51,7 @@ def _federate(tmp_path, name: str, monkeypatch, **overrides) -> tuple[dict, list
             "dp.enabled": False, **overrides,
         }
     )  # fmt: skip
-    run_federation(run_config=cfg, num_supernodes=HOSPITALS)
+    run_federation(run_config=cfg, num_supernodes=HOSPITALS, in_process=True)  # simulate's default
     monkeypatch.setattr(InMemoryGrid, "pull_messages", original)
     weights = load_file(str(tmp_path / name / "checkpoints" / "round-001.safetensors"))
     return weights, received
