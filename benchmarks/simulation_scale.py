@@ -11,8 +11,9 @@ Each size is one federation through the project's harness and engine, as ``fedca
 then :func:`simulations.engine.run_federation`: Flower's Simulation Engine with the ClientApps
 in the measuring process (``--backend in-process``, ``fedcare simulate``'s default), or on a
 local Ray instance started and stopped for the run (``--backend ray``; its actor pool is sized
-to the machine's CPUs, not to the number of hospitals)). The coordinator's centralised evaluation is off
-(``eval.centralized = false``) so that a round is what the federation itself costs.
+to the machine's CPUs, not to the number of hospitals)). The coordinator's centralised
+evaluation is off (``eval.centralized = false``) so that a round is what the federation itself
+costs.
 
 Data: WDBC (569 patients). The harness gives every simulated hospital at least 10 patients
 (``shared_models.partition.MIN_PARTITION_SIZE``), so up to 56 hospitals split the real
@@ -22,8 +23,8 @@ by the harness like a user's CSV (``--data-dir``). The output says which sizes a
 
 Measured
 --------
-- ``to round 1``: from the call into the engine to the end of round 1 (with Ray: its start, actors;
-  node registration, DP planning when ``--dp``, the first round); ``after``: from the end of
+- ``to round 1``: from the call into the engine to the end of round 1 (with Ray: its start,
+  actors; node registration, DP planning when ``--dp``, the first round); ``after``: from the end of
   the last round to the engine's return (final federated evaluation, Ray shutdown).
 - ``round``: the median duration of rounds 2 .. R-1, from the ServerApp's per-round progress
   records (the last round also runs the federated evaluation and is left out).

@@ -10,7 +10,8 @@ folder in ``$FEDCARE_PARTITION_CACHE`` (:func:`shared_models.runtime.partition_c
 workers it starts inherit it), the first process to partition a dataset writes the row indices
 there, keyed by a hash of the labels and the partition settings, and the simulated hospitals'
 actors read them instead of importing Hugging Face ``datasets`` and Flower Datasets and
-partitioning again (about 1.7 s of each actor's start-up on the 2-core machine). A missing, unreadable or inconsistent entry is recomputed.
+partitioning again (about 1.7 s of each actor's start-up on the 2-core machine). A missing,
+unreadable or inconsistent entry is recomputed.
 Deployed hospitals never partition (they load their own file).
 """
 
