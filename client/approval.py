@@ -70,9 +70,10 @@ class BundleInfo:
 def fab_bytes(source: Path) -> bytes:
     """The FAB of ``source``: a ``.fab`` file's bytes, or the FAB built from an app folder.
 
-    An app folder is packed with Flower's own ``flwr.cli.build.build_fab_from_disk`` (the
-    function ``flwr run APP_DIR`` uses; deterministic: sorted files, fixed zip dates), so the
-    hash equals the ``fab_hash`` of a run submitted from that folder.
+    An app folder is packed with :func:`shared_models.fab.build_fab`: Flower's own build
+    (``flwr.cli.build``, which ``flwr run APP_DIR`` uses; deterministic: sorted files, fixed zip
+    dates) without walking the folder's ``.venv``, so the hash equals the ``fab_hash`` of a run
+    submitted from that folder.
 
     Raises
     ------
@@ -83,10 +84,10 @@ def fab_bytes(source: Path) -> bytes:
         return source.read_bytes()
     if not (source / "pyproject.toml").is_file():
         raise ApprovalError(f"{source}: neither a .fab file nor an app folder with pyproject.toml")
-    from flwr.cli.build import build_fab_from_disk
+    from shared_models.fab import build_fab
 
     try:
-        return build_fab_from_disk(source)
+        return build_fab(source)
     except ValueError as exc:
         raise ApprovalError(f"{source}: not a valid Flower app ({exc})") from None
 

@@ -332,6 +332,7 @@ def run(
 ) -> None:
     """Submit a training run to the federation and follow it; exit code = the run's outcome."""
     from shared_models.config import RunConfig
+    from shared_models.fab import build_fab, unpack_fab
 
     if resume is not None:
         cfg, run_dir, stale_run = _resume_config(resume, run_config)
@@ -348,6 +349,10 @@ def run(
         cfg["output.dir"] = str(run_dir)
         cfg["eval.centralized"] = False
     parsed = RunConfig.from_run_config(cfg)
+    try:
+        fab = build_fab(app_dir)
+    except ValueError as exc:
+        raise UsageError(f"{app_dir}: not a valid Flower app ({exc})") from None
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp) / "flwr-home")
         if (
@@ -356,7 +361,10 @@ def run(
             cli.run("stop", str(stale_run), CONNECTION)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(to_toml(cfg))
-        submitted = cli.json("run", str(app_dir), CONNECTION, "--run-config", str(overrides))
+        # `flwr run` gets the app's FAB files only (the FAB, hence its hash, is the same): its own
+        # build would walk the checkout's .venv (shared_models.fab)
+        staged = unpack_fab(fab, Path(tmp) / "fedcare")
+        submitted = cli.json("run", str(staged), CONNECTION, "--run-config", str(overrides))
         run_id = int(submitted["run-id"])
         dp = (
             f"DP ε={parsed.dp.target_epsilon:g}, δ={parsed.dp.target_delta:g}"

@@ -98,9 +98,11 @@ def run_foreground(
 ) -> int:
     """Run ``cmd`` until it exits, copying its output to ``log_path`` (and ``on_line``).
 
-    SIGINT / SIGTERM received by this process are forwarded to the child as SIGTERM (Flower's
-    SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the child is
-    killed. The child runs in its own process group, which is killed once the child has exited,
+    SIGINT / SIGTERM received by this process stop the companions, then the child with SIGTERM
+    (Flower's SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the
+    child is killed. Companions stop first because their open connections hold up the child's
+    shutdown: uvicorn, under the SuperLink's and the SuperNode's HTTP APIs, waits for open
+    connections to close (the gateway's, the launcher's) before it exits. The child runs in its own process group, which is killed once the child has exited,
     so no process it started (SuperExec, ClientApp or ServerApp processes) outlives it. Returns the child's exit code, or 0 when the stop was requested here.
 
     ``companions`` are ``(command, log file)`` pairs started after ``cmd`` with the same
@@ -129,9 +131,7 @@ def run_foreground(
     failed: list[int] = []
 
     def _stop(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        stopping.set()  # the loop below stops the companions, then the child
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -155,8 +155,11 @@ def run_foreground(
                         on_line(
                             f"[fedcare] {' '.join(ccmd)} exited with code {companion.returncode}"
                         )
-                    proc.send_signal(signal.SIGTERM)
             if stopping.is_set() or failed:
+                for companion in extra:  # first: they hold connections the child waits for
+                    _stop_group(companion, stop_timeout)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=stop_timeout)
                 except subprocess.TimeoutExpired:

@@ -33,20 +33,13 @@ def make_request(kind: str, model, server_round: int = 1) -> Message:  # type: i
 
 
 def unpack_app(dst: Path) -> Path:
-    """The files of the fedcare FAB (built from the checkout by Flower) unpacked into ``dst``: a
-    second copy of the app, with the same bundle hash."""
-    import io
-    import zipfile
-
+    """The files of the fedcare FAB (built from the checkout as Flower builds it) unpacked into
+    ``dst``: a second copy of the app, with the same bundle hash."""
     from client.approval import fab_bytes
     from server.run_config import APP_DIR
+    from shared_models.fab import unpack_fab
 
-    with zipfile.ZipFile(io.BytesIO(fab_bytes(APP_DIR))) as fab:
-        for name in fab.namelist():
-            if not name.startswith(".info/"):
-                (dst / name).parent.mkdir(parents=True, exist_ok=True)
-                (dst / name).write_bytes(fab.read(name))
-    return dst
+    return unpack_fab(fab_bytes(APP_DIR), dst)
 
 
 def permissive_policy(folder: Path) -> str:

@@ -73,6 +73,47 @@ def test_a_copy_of_the_app_has_the_app_hash(app_copy):
     assert fab_bytes(app_copy) == fab_bytes(APP_DIR)
 
 
+def test_the_fab_is_flowers_own_build_of_the_checkout():
+    """fedcare builds the FAB without walking .venv (shared_models.fab): the bytes are those of
+    Flower's ``build_fab_from_disk``, which ``flwr run`` uses, on the checkout as installed."""
+    from flwr.cli.build import build_fab_from_disk
+
+    assert fab_bytes(APP_DIR) == build_fab_from_disk(APP_DIR)
+
+
+def test_app_files_are_flowers_files_after_its_exclude_patterns(tmp_path, app_copy):
+    """Every kind of path Flower's walk meets: folders excluded whatever their content (.venv,
+    .flwr at the top; __pycache__ anywhere), a nested .venv (kept by Flower), symlinked files
+    and folders (skipped), a .gitignore'd folder (walked, then dropped by Flower's filter)."""
+    import shutil
+
+    from flwr.cli.utils import build_pathspec, collect_files
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+
+    from shared_models.fab import app_files, build_fab
+
+    app = tmp_path / "app"
+    shutil.copytree(app_copy, app)
+    for rel in (".venv/lib/site.py", ".flwr/config.toml", "__pycache__/x.py",
+                "client/__pycache__/y.py", "client/.venv/kept.py", "runs/r1/summary.json",
+                "client/deep/er/z.py"):  # fmt: skip
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text("x = 1\n")
+    (app / ".gitignore").write_text("runs/\n")
+    (app / "linked.py").symlink_to(app / "client" / "deep" / "er" / "z.py")
+    (app / "client" / "linked-dir").symlink_to(app / "client" / "deep", target_is_directory=True)
+    (app / "outside").symlink_to(tmp_path, target_is_directory=True)
+    excluded = build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS)
+    flower = {k: v for k, v in collect_files(app.resolve()).items() if not excluded.match_file(k)}
+    ours = app_files(app)
+    assert ours == flower
+    assert "client/.venv/kept.py" in ours and "runs/r1/summary.json" in ours
+    assert not any(k.startswith((".venv/", ".flwr/", "__pycache__/")) for k in ours)
+    from flwr.cli.build import build_fab_from_disk
+
+    assert build_fab(app) == build_fab_from_disk(app)
+
+
 def test_the_bundle_holds_only_the_apps_code_and_defaults():
     """Tests, benchmarks, the simulation harness, README and CI files stay out of what hospitals
     approve and run (``fab-include`` in pyproject.toml, applied by Flower's builder); the task

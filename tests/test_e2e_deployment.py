@@ -153,7 +153,9 @@ def federation(tmp_path_factory):
             )  # fmt: skip
             procs.append(clients[name])
 
-        def online() -> bool:
+        def online() -> bool:  # the SuperLink's view, asked once each daemon says it connected
+            if not all(_connected(root / f"hospital-{h}") for h in HOSPITALS):
+                return False
             nodes = cli.json("supernode", "list", CONNECTION)["nodes"]
             return sum(n["status"] == "online" for n in nodes) == len(HOSPITALS)
 
@@ -170,6 +172,12 @@ def federation(tmp_path_factory):
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _connected(state: Path) -> bool:
+    """The hospital daemon's SuperNode has activated its node (cheaper to ask than `flwr`)."""
+    log = state / "supernode.log"
+    return log.exists() and "SuperNode ID:" in log.read_text()
 
 
 def _wait(condition, timeout: float, log: Path) -> None:
@@ -345,6 +353,7 @@ def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federa
                              federation["port"], tmp_path / "client-d.log")  # fmt: skip
     federation.setdefault("extra", []).append(daemon)
     cli = federation["cli"]
+    _wait(lambda: _connected(state), 90, tmp_path / "client-d.log")
     _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) == 4,
           90, tmp_path / "client-d.log")  # fmt: skip
     run = _fedcare(

@@ -75,6 +75,10 @@ def _wait_for(condition, log: Path, timeout: float) -> None:  # type: ignore[no-
     raise AssertionError(f"timed out; log:\n{log.read_text()[-3000:]}")
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def _online(port: int, ca: Path, home: Path) -> int:
     from server.flwr_cli import CONNECTION, FlowerCLI
 
@@ -118,8 +122,13 @@ def test_task_file_deployment_and_changed_range_refused(tmp_path):
                 "--state", str(root / h), log=root / f"client-{h}.log",
             ))  # fmt: skip
         ca, home = root / "pki" / "ca.pem", root / "flwr-home"
-        _wait_for(
-            lambda: _online(internal, ca, home) == len(HOSPITALS), root / "client-bonn.log", 120
+        _wait_for(  # each daemon says it connected (cheap), then the SuperLink's view (`flwr`)
+            lambda: (
+                all("SuperNode ID:" in _read(root / h / "supernode.log") for h in HOSPITALS)
+                and _online(internal, ca, home) == len(HOSPITALS)
+            ),
+            root / "client-bonn.log",
+            120,
         )
         for h in HOSPITALS:  # each hospital's data passed the task file's check before starting
             assert "valid task gbsg2" in " ".join((root / f"client-{h}.log").read_text().split())

@@ -39,6 +39,13 @@ PINNED: dict[str, dict[str, str]] = {
         ),
         "flwr.supernode.runtime.run_clientapp:run_clientapp": "6ce09559f3a2f5dc",
     },
+    "shared_models/fab.py (FABs built without walking .venv)": {
+        # app_files = collect_files per top-level folder, minus the folders the exclude patterns
+        # drop whatever their content; build_fab = build_fab_from_disk on those files
+        "flwr.cli.utils:collect_files": "702850cf487d31b8",
+        "flwr.cli.utils:filter_paths_for_publish": "fbc4948b2ba91fb1",
+        "flwr.cli.build:build_fab_from_disk": "d4912729f7fa5092",
+    },
     "server/grid_pull.py (the coordinator's prompt exchange)": {
         "flwr.superlink.grid.http_grid:HttpGrid.pull_messages": "67a5266a5a2ed515",
         "flwr.superlink.grid.http_grid:HttpGrid.send_and_receive": "699c9f048f3cff74",

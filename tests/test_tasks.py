@@ -22,6 +22,23 @@ def test_unknown_task_lists_known_names():
         get_task("nope")
 
 
+def test_every_model_is_some_tasks_and_the_registry_imports_no_torch():
+    """`fedcare server run` checks model names against the tasks' model lists, and imports the
+    task registry without torch, scikit-learn or Opacus (a fresh interpreter: this one has them)."""
+    import subprocess
+    import sys
+
+    from shared_models.models import MODELS
+
+    assert {name for task in TASKS.values() for name in task.models} == set(MODELS)
+    probe = (
+        "import sys, shared_models.tasks, server.run_config, server.strategies; "
+        "print(sorted(m for m in ('torch', 'sklearn', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_breast_cancer_embedded_frame_matches_wdbc():
     frame = breast_cancer_frame()
     assert frame.shape == (569, 31)

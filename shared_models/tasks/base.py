@@ -12,15 +12,15 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
-import torch
-from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, TensorDataset
 
 from shared_models.errors import DataError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 LABEL = "label"
 
@@ -56,6 +56,9 @@ class SiteData:
 
     def train_set(self) -> Dataset:
         """The training split as a torch ``Dataset`` of ``(x [*input_shape], y [])`` pairs."""
+        import torch
+        from torch.utils.data import TensorDataset
+
         return TensorDataset(torch.from_numpy(self.x_train), torch.from_numpy(self.y_train))
 
 
@@ -234,6 +237,8 @@ def prepare_site(
     n = int(y.shape[0])
     if n < 4:
         raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
+    from sklearn.model_selection import train_test_split
+
     counts = np.bincount(y.astype(int), minlength=2)
     stratify = y if counts.min() >= 2 else None
     x_tr, x_te, y_tr, y_te = train_test_split(

@@ -1,0 +1,93 @@
+"""`shared_models.runtime.run_foreground`, with real processes: the stop order of a daemon and its
+companions (the coordinator's SuperLink and gateway; a hospital's SuperNode and launcher)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+# The child serves one TCP connection and, like uvicorn under Flower's SuperLink and SuperNode,
+# does not exit on SIGTERM before its open connections are closed; it records whether the
+# companion's connection was still open when SIGTERM arrived.
+CHILD = """
+import signal, socket, sys, time
+srv = socket.create_server(("127.0.0.1", 0))
+open(sys.argv[1] + ".port", "w").write(str(srv.getsockname()[1]))
+conn, _ = srv.accept()
+conn.setblocking(False)
+def open_now():
+    try:
+        return conn.recv(1) != b""
+    except BlockingIOError:
+        return True
+def on_term(signum, frame):
+    open(sys.argv[1], "w").write("open" if open_now() else "closed")
+    while open_now():
+        time.sleep(0.05)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+while True:
+    time.sleep(0.05)
+"""
+
+# The companion holds a connection to the child until it is stopped.
+COMPANION = """
+import socket, sys, time
+from pathlib import Path
+port = Path(sys.argv[1] + ".port")
+while not port.exists() or not port.read_text():
+    time.sleep(0.05)
+conn = socket.create_connection(("127.0.0.1", int(port.read_text())))
+while True:
+    time.sleep(0.05)
+"""
+
+DRIVER = """
+import sys
+from pathlib import Path
+from shared_models.runtime import run_foreground
+child, companion, mark, log = sys.argv[1:5]
+code = run_foreground([sys.executable, child, mark], env=dict(__import__("os").environ),
+                      log_path=Path(log), stop_timeout=20,
+                      companions=[([sys.executable, companion, mark], Path(log + ".c"))])
+print("exit", code)
+"""
+
+
+def test_companions_stop_before_the_child_so_its_shutdown_does_not_wait(tmp_path: Path):
+    """SIGTERM to the foreground process: the companion (which holds a connection the child waits
+    for) is stopped first, then the child; the whole stop ends with exit code 0."""
+    files = {}
+    for name, text in (("child", CHILD), ("companion", COMPANION), ("driver", DRIVER)):
+        files[name] = tmp_path / f"{name}.py"
+        files[name].write_text(textwrap.dedent(text))
+    mark = tmp_path / "at-sigterm"
+    driver = subprocess.Popen(
+        [sys.executable, str(files["driver"]), str(files["child"]), str(files["companion"]),
+         str(mark), str(tmp_path / "child.log")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "at-sigterm.port").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the companion connects
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=60)
+    assert out.strip() == "exit 0"
+    assert mark.read_text() == "closed"  # the companion was gone before the child's SIGTERM
+    assert not _alive_python_with(str(mark))
+
+
+def _alive_python_with(arg: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if arg in Path(f"/proc/{pid}/cmdline").read_text():
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            continue
+    return False
