@@ -30,9 +30,10 @@ import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from client.training import AccountantState, DPPlan, epsilon_spent
+if TYPE_CHECKING:  # imported where used: `fedcare client start` loads a policy without torch
+    from client.training import AccountantState, DPPlan
 
 
 class PolicyError(ValueError):
@@ -201,6 +202,8 @@ class SitePolicy:
             raise PolicyRefusal(
                 f"max_grad_norm {plan.max_grad_norm:g} is outside the policy's [{lo:g}, {hi:g}]"
             )
+        from client.training import epsilon_spent
+
         planned = epsilon_spent(plan.planned_state(), delta=site_delta)
         if planned > self.max_epsilon_per_run:
             raise PolicyRefusal(
@@ -233,6 +236,7 @@ class SitePolicy:
             lifetime ε above ``lifetime-epsilon``.
         """
         from client.ledger import lifetime_epsilon
+        from client.training import epsilon_spent
 
         delta = self.site_delta(n_train)
         run_eps = epsilon_spent(this_run, delta=delta)

@@ -24,7 +24,8 @@ def test_unknown_task_lists_known_names():
 
 def test_every_model_is_some_tasks_and_the_registry_imports_no_torch():
     """`fedcare server run` checks model names against the tasks' model lists, and imports the
-    task registry without torch, scikit-learn or Opacus (a fresh interpreter: this one has them)."""
+    task registry without torch, scikit-learn or Opacus; so does `fedcare client start` with the
+    site policy (a fresh interpreter: this one has them)."""
     import subprocess
     import sys
 
@@ -32,7 +33,7 @@ def test_every_model_is_some_tasks_and_the_registry_imports_no_torch():
 
     assert {name for task in TASKS.values() for name in task.models} == set(MODELS)
     probe = (
-        "import sys, shared_models.tasks, server.run_config, server.strategies; "
+        "import sys, shared_models.tasks, server.run_config, server.strategies, client.policy; "
         "print(sorted(m for m in ('torch', 'sklearn', 'opacus') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
