@@ -251,8 +251,8 @@ def start(
     poll_interval: Annotated[
         float,
         typer.Option(
-            help="Seconds between checks for a new message from the coordinator "
-            "(Flower's SuperNode: 3)."
+            help="Seconds between checks for a new message from the coordinator while a run "
+            "exchanges messages; idle, the wait grows to 2 s (Flower's SuperNode: always 3)."
         ),
     ] = 0.2,
     supernode: Annotated[

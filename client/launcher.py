@@ -53,9 +53,10 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.approval import ApprovalError, ApprovedBundles
 from client.audit import AuditLog
-from shared_models.protocol import SITE_REFUSED, refusal_reason
+from shared_models.protocol import SITE_REFUSED, poll_wait, refusal_reason
 
 DEFAULT_POLL_INTERVAL = 0.1  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
+IDLE_POLL_CAP = 1.0  # seconds between AcquireTask calls once idle (poll_wait)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the SuperExec-authenticated RPC
 _log = logging.getLogger("fedcare.launcher")
 
@@ -195,7 +196,8 @@ def run_launcher(
     parent_pid : int, optional
         Exit when this process is gone.
     poll_interval : float
-        Seconds between task polls.
+        Seconds between task polls while tasks come; idle, the wait grows to at most
+        ``IDLE_POLL_CAP`` (:func:`shared_models.protocol.poll_wait`).
     executor : {"warm", "subprocess"}
         ``warm``: fork a process that has imported torch & co. once
         (:class:`client.warm_executor.ForkExecutor`); ``subprocess``: Flower's
@@ -235,6 +237,7 @@ def run_launcher(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     _log.info("launcher for site %s: approved bundles from %s", site, plugin.approved.path)
+    last_task = time.monotonic()
     try:
         while True:
             try:
@@ -246,13 +249,14 @@ def run_launcher(
                 )
                 plugin.executor.reconcile()
                 if res.HasField("task") and res.token:
+                    last_task = time.monotonic()
                     result = plugin.launch_task(token=res.token, task=res.task)
                     if result.message:
                         _log.warning("task %d: %s", res.task.task_id, result.message)
             except Exception as exc:  # the SuperNode is starting or restarting
                 _log.debug("Runtime API not ready: %s", exc)
                 time.sleep(1.0)
-            time.sleep(poll_interval)
+            time.sleep(poll_wait(time.monotonic() - last_task, poll_interval, IDLE_POLL_CAP))
     except _Stopped:
         _log.info("launcher for site %s: stopped", site)
     finally:

@@ -11,7 +11,10 @@ not configurable and that made up most of a deployed round's overhead (issue #3,
 
 1. After every pull that finds no message, Flower sleeps 3 s, before each of a round's two
    messages. Here the wait is ``--poll-interval`` (0.2 s by default, one small HTTPS request
-   to the SuperLink per wait).
+   to the SuperLink per wait) while messages flow, and grows with the time since the last
+   message once idle (a tenth of it, at most ``IDLE_POLL_CAP`` = 2 s;
+   :func:`shared_models.protocol.poll_wait`), so that idle hospitals do not keep the
+   coordinator busy.
 2. Flower creates the ClientApp's task before it pulls the message's objects (the global
    weights) from the SuperLink. With a ClientApp that starts in a fraction of a second (the warm
    executor), the ClientApp asks for objects that are not there yet and backs off 1 s, then 2 s
@@ -60,9 +63,10 @@ from flwr.supernode.start_client_internal import (
     _push_messages,
 )
 
-from shared_models.protocol import OBJECT_RETRY_BACKOFF, OBJECT_RETRY_CAP
+from shared_models.protocol import OBJECT_RETRY_BACKOFF, OBJECT_RETRY_CAP, poll_wait
 
-DEFAULT_POLL_INTERVAL = 0.2  # seconds after an empty pull (Flower 1.41: 3 s)
+DEFAULT_POLL_INTERVAL = 0.2  # seconds after an empty pull while messages flow (Flower 1.41: 3 s)
+IDLE_POLL_CAP = 2.0  # seconds between pulls of an idle hospital (poll_wait)
 REPLY_CHECK_INTERVAL = 0.02  # seconds between checks for the ClientApp's reply (Flower: 0.5 s)
 OBJECT_PREFETCH_SECONDS = 60.0  # then Flower's own pull takes over, with its own limits
 
@@ -160,7 +164,8 @@ def run_fleet_loop(config: Any, state_factory: NodeStateFactory, poll_interval: 
     state_factory : flwr.supernode.nodestate.NodeStateFactory
         The factory whose state the Runtime API server also uses.
     poll_interval : float
-        Seconds to wait after a pull that found no message.
+        Seconds to wait after a pull that found no message, while messages flow; idle, the wait
+        grows to at most ``IDLE_POLL_CAP`` (:func:`shared_models.protocol.poll_wait`).
     """
     state = state_factory.state()
     store = state_factory.objectstore_factory.store()
@@ -176,6 +181,7 @@ def run_fleet_loop(config: Any, state_factory: NodeStateFactory, poll_interval: 
         log(INFO, "SuperNode ID: %s", node_id)
         prefetch = ObjectPrefetch(receive, pull_object, store)
         replies = PromptReplies(state)
+        last_message = time.monotonic()
         while True:
             run_id = _pull_and_store_message(
                 state=state,
@@ -189,7 +195,8 @@ def run_fleet_loop(config: Any, state_factory: NodeStateFactory, poll_interval: 
                 trusted_entities=None,
             )
             if run_id is None:
-                time.sleep(poll_interval)
+                idle = time.monotonic() - last_message
+                time.sleep(poll_wait(idle, poll_interval, IDLE_POLL_CAP))
                 continue
             _push_messages(
                 state=replies,  # type: ignore[arg-type]
@@ -197,6 +204,7 @@ def run_fleet_loop(config: Any, state_factory: NodeStateFactory, poll_interval: 
                 send=send,
                 push_object=push_object,
             )
+            last_message = time.monotonic()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,6 +17,23 @@ UNIT_WEIGHT_KEY = "unit-weight"
 # first retry after this many seconds, doubling up to the cap (Flower 1.41's pull: 1 s, 10 s)
 OBJECT_RETRY_BACKOFF = 0.05
 OBJECT_RETRY_CAP = 1.0
+# a hospital's polls (its SuperNode asking the coordinator for a message, its launcher asking the
+# SuperNode for a task) wait `interval` seconds while messages flow; once idle, a tenth of the
+# time since the last message, up to a cap: see poll_wait
+IDLE_POLL_SHARE = 0.1
+
+
+def poll_wait(idle: float, interval: float, cap: float) -> float:
+    """Seconds to wait before the next poll, ``idle`` seconds after the last message.
+
+    ``interval`` while a run exchanges messages (``idle`` below ``interval / IDLE_POLL_SHARE``),
+    then ``IDLE_POLL_SHARE * idle``, at most ``max(interval, cap)``. A message that arrives after
+    a gap of G seconds therefore waits at most ``max(interval, G / 10)`` more than it would
+    with polls every ``interval`` seconds, and an idle hospital polls every ``cap`` seconds
+    (with ``interval`` 0.2 and ``cap`` 2: a tenth of the requests an idle coordinator got at a
+    fixed 0.2 s).
+    """
+    return min(max(interval, IDLE_POLL_SHARE * idle), max(interval, cap))
 
 
 def refusal_reason(site: str, reason: str) -> str:

@@ -95,3 +95,25 @@ def test_prompt_replies_waits_for_the_clientapp_reply_in_the_real_node_state():
     got = prompt.get_messages_legacy(is_reply=True)  # what Flower's _push_messages asks
     assert [m.metadata.message_id for m in got] == [reply.metadata.message_id]
     assert prompt.delete_messages == state.delete_messages  # everything else is the state's
+
+
+def test_polls_are_prompt_while_messages_flow_and_back_off_when_idle():
+    """poll_wait: the SuperNode's wait after an empty pull (interval 0.2 s, cap 2 s). A message
+    after a gap of G seconds waits at most max(0.2, G/10) s more; an idle hospital polls every
+    2 s, a tenth of the requests of a fixed 0.2 s."""
+    from client.supernode import DEFAULT_POLL_INTERVAL, IDLE_POLL_CAP
+    from shared_models.protocol import poll_wait
+
+    def wait(idle: float) -> float:
+        return poll_wait(idle, DEFAULT_POLL_INTERVAL, IDLE_POLL_CAP)
+
+    assert [wait(t) for t in (0.0, 1.0, 2.0)] == [0.2, 0.2, 0.2]  # a round's messages
+    assert abs(wait(5.0) - 0.5) < 1e-12 and abs(wait(15.0) - 1.5) < 1e-12
+    assert wait(20.0) == wait(3600.0) == 2.0
+    assert all(wait(g) <= max(0.2, g / 10) + 1e-12 for g in np.linspace(0, 100, 1001))
+    # polls during an hour of idling: about 1800 (2 s apart) instead of 18000 at a fixed 0.2 s
+    t, polls = 0.0, 0
+    while t < 3600:
+        t, polls = t + wait(t), polls + 1
+    assert 1800 < polls < 1900
+    assert poll_wait(100.0, 5.0, 2.0) == 5.0  # a longer --poll-interval is never shortened
