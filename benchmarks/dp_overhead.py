@@ -6,7 +6,8 @@ present) on CUDA.
                                      [--tasks NAME ...] [--threads N]
 
 Inputs are random tensors of each task's example shape (``Task.input_shape`` with the task's
-default preprocessing), so models that other work registers appear here without any change.
+default preprocessing, or the preprocessing a model needs, ``Task.preprocessing_models``), so
+models that other work registers appear here without any change.
 One training step = forward, backward and optimizer step on one batch of ``--batch-size``
 (DP: per-sample gradients or norms, clipping, Gaussian noise). Ratios are DP time / non-private
 time within this one run, which is what stays comparable on a shared machine; the modes of one
@@ -180,8 +181,9 @@ def main() -> None:
         for task_name, task in sorted(TASKS.items()):
             if args.tasks and task_name not in args.tasks:
                 continue
-            shape = tuple(task.input_shape(task.resolve_preprocessing("default")))
-            for model_name in task.models:
+            preps = [task.resolve_preprocessing("default"), *task.preprocessing_models]
+            for prep, model_name in [(p, m) for p in preps for m in task.models_for(p)]:
+                shape = tuple(task.input_shape(prep))
 
                 def build(model_name=model_name, shape=shape):  # noqa: ANN202
                     return build_model(model_name, input_shape=shape, hidden=32)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .image_models import ChestCNN
+from .image_models import ChestCNN, ScatterLinear
 from .sequence_models import GRUClassifier, SummaryLogisticRegression, TemporalCNN
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ MODELS: dict[str, ModelBuilder] = {
     "logreg": lambda shape, hidden: LogisticRegression(math.prod(shape)),
     "mlp": lambda shape, hidden: MLP(math.prod(shape), hidden),
     "cnn": lambda shape, hidden: ChestCNN(shape),
+    "scatter-linear": lambda shape, hidden: ScatterLinear(shape),
     "icu-logreg": lambda shape, hidden: SummaryLogisticRegression(shape),
     "icu-tcn": lambda shape, hidden: TemporalCNN(shape, hidden),
     "icu-gru": lambda shape, hidden: GRUClassifier(shape, hidden),
@@ -127,8 +128,9 @@ def model_for_run(run: RunConfig) -> tuple[nn.Module, dict[str, object]]:
     from .tasks import get_task
 
     task = get_task(run.task.name)
-    shape = task.input_shape(task.resolve_preprocessing(run.task.preprocessing))
-    name = task.resolve_model(run.model.name)
+    preprocessing = task.resolve_preprocessing(run.task.preprocessing)
+    shape = task.input_shape(preprocessing)
+    name = task.resolve_model(run.model.name, preprocessing)
     model = build_model(name, input_shape=shape, hidden=run.model.hidden, seed=run.train.seed)
     return model, {"name": name, "input_shape": list(shape), "hidden": run.model.hidden}
 

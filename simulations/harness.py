@@ -109,8 +109,7 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     cfg["simulation.hospitals"] = hospitals
     run = RunConfig.from_run_config(cfg)
     try:
-        task.resolve_preprocessing(run.task.preprocessing)
-        task.resolve_model(run.model.name)
+        task.resolve_model(run.model.name, task.resolve_preprocessing(run.task.preprocessing))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sites = simulated_sites_for(run, hospitals)

@@ -14,9 +14,13 @@ from shared_models.models import build_model
 from shared_models.tasks import TASKS
 
 _MODELS = sorted(
-    (task.name, model, tuple(task.input_shape(task.resolve_preprocessing("default"))))
-    for task in TASKS.values()
-    for model in task.models
+    {
+        (task.name, model, tuple(task.input_shape(prep)))
+        for task in TASKS.values()
+        for prep in task.preprocessings
+        for model in task.models_for(prep)
+        if prep == task.resolve_preprocessing("default") or prep in task.preprocessing_models
+    }
 )
 
 

@@ -284,3 +284,55 @@ def test_client_check_names_the_bad_file(monkeypatch, capsys, tmp_path):
     assert "hospital-b/b.png: listed in labels.csv (line 3) but not found" in " ".join(
         out.err.split()
     )
+
+
+def test_scatter_preprocessing_is_a_fixed_per_image_transform(tmp_path):
+    """scatter-28: [N, 81, 7, 7] scattering coefficients of the 28x28 pixels, the same for an
+    image whatever else is in the hospital's folder (no statistics across images or sites)."""
+    from shared_models.tasks.images import scattering
+
+    rng = np.random.default_rng(0)
+    images = [synthetic_xray(rng, k % 2, 40) for k in range(5)]
+    frame = pd.DataFrame({"file": [f"{k}.png" for k in range(5)], "image": images,
+                          "label": [float(k % 2) for k in range(5)]})  # fmt: skip
+    x, y = image_features(frame, "scatter-28")
+    assert x.shape == (5, 81, 7, 7) and x.dtype == np.float32 and np.isfinite(x).all()
+    alone, _ = image_features(frame.iloc[[3]], "scatter-28")
+    np.testing.assert_allclose(alone[0], x[3], rtol=1e-5, atol=1e-6)
+    pixels, _ = image_features(frame, "size-28")
+    np.testing.assert_allclose(scattering(pixels, "scatter-28"), x, rtol=1e-5, atol=1e-6)
+    assert scattering(pixels, "size-28") is pixels  # other preprocessings: unchanged
+    task = get_task("chest-xray")
+    assert task.input_shape("scatter-28") == (81, 7, 7) and task.input_shape("size-64") == (
+        1,
+        64,
+        64,
+    )
+
+
+def test_models_fit_their_preprocessing_with_a_clear_error_otherwise():
+    task = get_task("chest-xray")
+    assert task.resolve_model("default") == "cnn"
+    assert task.resolve_model("default", "scatter-28") == "scatter-linear"
+    with pytest.raises(ValueError, match="model 'cnn' does not fit task 'chest-xray' with "
+                       "preprocessing 'scatter-28'; choose one of \\['scatter-linear'\\]"):  # fmt: skip
+        task.resolve_model("cnn", "scatter-28")
+    with pytest.raises(
+        ValueError, match="does not fit task 'chest-xray'; choose one of \\['cnn'\\]"
+    ):
+        task.resolve_model("scatter-linear")
+
+
+def test_simulate_refuses_a_model_that_does_not_fit_the_preprocessing(
+    monkeypatch, capsys, pneumonia_dir
+):
+    from simulations import cli
+
+    monkeypatch.setattr("sys.argv", ["fedcare", "simulate", "--task", "chest-xray", "--data-dir",
+                                     str(pneumonia_dir), "--hospitals", "3", "--run-config",
+                                     "task.preprocessing='scatter-28' model.name='cnn'"])  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    out = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 2 and "model 'cnn' does not fit task 'chest-xray'" in out, out
+    assert "Traceback" not in out

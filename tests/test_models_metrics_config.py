@@ -23,7 +23,7 @@ def _model_shapes() -> list[tuple[str, str, tuple[int, ...]]]:
         (task.name, model, task.input_shape(prep))
         for task in TASKS.values()
         for prep in task.preprocessings
-        for model in task.models
+        for model in task.models_for(prep)
     ]
     listed = {model for _, model, _ in cases}
     return sorted(set(cases)) + [("", name, (13,)) for name in sorted(set(MODELS) - listed)]

@@ -128,6 +128,10 @@ class Task:
     models : tuple[str, ...]
         Names in :data:`shared_models.models.MODELS` that fit the task; the first is its default
         (run config ``model.name = "default"``).
+    preprocessing_models : Mapping[str, tuple[str, ...]]
+        Preprocessings whose examples only some models take (e.g. scattering coefficients
+        instead of pixels): the models that fit each, the first its default. The others fit
+        the models listed under no preprocessing here. See :meth:`models_for`.
     simulated_sites : SimulatedSites or None
         Simulation only, for data that bring their own test split (MedMNIST's official
         train/test files): returns every simulated hospital's :class:`SiteData` directly, in
@@ -159,6 +163,7 @@ class Task:
     run_defaults: Mapping[str, bool | int | float | str] = field(default_factory=dict, hash=False)
     scaling_for: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
     check_file: Callable[[Path], Any] | None = None
+    preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def scaling(self, preprocessing: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The fixed ``(center, scale)`` of a (resolved) preprocessing, or None."""
@@ -166,15 +171,25 @@ class Task:
             return self.scaling_for(preprocessing)
         return self.reference_scaling
 
-    def resolve_model(self, name: str) -> str:
-        """Map ``"default"`` to the task's default model; raise ``ValueError`` for a model that
-        does not fit the task."""
+    def models_for(self, preprocessing: str = "default") -> tuple[str, ...]:
+        """The models that take the examples of a preprocessing; the first is the default."""
+        preprocessing = self.resolve_preprocessing(preprocessing)
+        if preprocessing in self.preprocessing_models:
+            return self.preprocessing_models[preprocessing]
+        special = {m for models in self.preprocessing_models.values() for m in models}
+        return tuple(m for m in self.models if m not in special)
+
+    def resolve_model(self, name: str, preprocessing: str = "default") -> str:
+        """Map ``"default"`` to the default model of the task (and preprocessing); raise
+        ``ValueError`` for a model that does not fit them."""
+        fitting = self.models_for(preprocessing)
         if name == "default":
-            return self.models[0]
-        if name not in self.models:
+            return fitting[0]
+        if name not in fitting:
+            shown = "" if preprocessing == "default" else f" with preprocessing {preprocessing!r}"
             raise ValueError(
-                f"model {name!r} does not fit task '{self.name}'; choose one of "
-                f"{list(self.models)} or 'default'"
+                f"model {name!r} does not fit task '{self.name}'{shown}; choose one of "
+                f"{list(fitting)} or 'default'"
             )
         return name
 

@@ -38,7 +38,12 @@ import pandas as pd
 from .base import LABEL, DataError, SiteData, Task, prepare_site
 
 IMAGE_SIZES = (28, 64, 128, 224)  # MedMNIST v2's published sizes
-PREPROCESSINGS = tuple(f"size-{s}" for s in IMAGE_SIZES)
+SCATTER = "scatter-28"  # 28x28 pixels, then a fixed scattering transform (see scattering)
+PREPROCESSINGS = (*(f"size-{s}" for s in IMAGE_SIZES), SCATTER)
+SCATTER_J, SCATTER_ANGLES = 2, 8  # scales (2^J pixels) and orientations of the Morlet wavelets
+SCATTER_CHANNELS = (
+    1 + SCATTER_J * SCATTER_ANGLES + SCATTER_ANGLES**2 * SCATTER_J * (SCATTER_J - 1) // 2
+)
 PIXEL_CENTER = 127.5  # fixed normalisation of 8-bit gray levels to [-1, 1]
 PIXEL_SCALE = 127.5
 LABELS_FILE = "labels.csv"
@@ -51,7 +56,7 @@ _FOLDER_HELP = (
 
 
 def image_size(preprocessing: str) -> int:
-    """``"size-64"`` -> 64 (``"default"`` -> 28).
+    """``"size-64"`` -> 64, ``"scatter-28"`` -> 28 (``"default"`` -> 28).
 
     Raises
     ------
@@ -63,7 +68,45 @@ def image_size(preprocessing: str) -> int:
         raise ValueError(
             f"no image preprocessing {preprocessing!r}; choose one of {PREPROCESSINGS}"
         )
-    return int(name.removeprefix("size-"))
+    return int(name.rpartition("-")[2])
+
+
+def image_input_shape(preprocessing: str) -> tuple[int, int, int]:
+    """Shape of one example: ``(1, S, S)`` pixels, or ``(81, 7, 7)`` scattering coefficients."""
+    size = image_size(preprocessing)
+    if preprocessing == SCATTER:
+        return (SCATTER_CHANNELS, size // 2**SCATTER_J, size // 2**SCATTER_J)
+    return (1, size, size)
+
+
+def scattering(x: np.ndarray, preprocessing: str) -> np.ndarray:
+    """Preprocessing ``scatter-28``: ``x [N, 1, S, S] -> [N, 81, S/4, S/4] float32``; others: ``x``.
+
+    The 2D scattering transform (Bruna & Mallat 2013; kymatio's ``Scattering2D``, J = 2 scales,
+    8 orientations, order 2): fixed Morlet wavelet filters, moduli and local averaging, with
+    nothing learned from data, so it is a fixed constant of the task like the pixel scaling and
+    needs no statistics of any site. Tramèr & Boneh (ICLR 2021, "Differentially private learning
+    needs better features") showed that linear models on these features beat end-to-end CNNs
+    under DP-SGD on small images; on PneumoniaMNIST too (README, "Chest X-rays").
+
+    kymatio 0.3's ``kymatio.torch`` also imports its 3D transform, which needs a function recent
+    SciPy removed; the 2D frontend is imported directly.
+    """
+    if preprocessing != SCATTER:
+        return x
+    import torch
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    size = x.shape[-1]
+    transform = ScatteringTorch2D(J=SCATTER_J, shape=(size, size), L=SCATTER_ANGLES)
+    out = np.empty((len(x), *image_input_shape(preprocessing)), dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, len(x), 512):
+            batch = torch.from_numpy(np.ascontiguousarray(x[i : i + 512], dtype=np.float32))
+            out[i : i + 512] = (
+                transform(batch).flatten(1, 2).numpy()
+            )  # [B, 1, 81, h, w] -> [B, 81, h, w]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +339,8 @@ def write_image_folder(frame: pd.DataFrame, folder: Path) -> None:
 
 
 def image_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(frame, "size-S") -> (x [N, 1, S, S] float32 in [-1, 1], y [N] float32)``.
+    """``(frame, "size-S") -> (x [N, 1, S, S] float32 in [-1, 1], y [N] float32)``;
+    ``"scatter-28"``: ``x`` through :func:`scattering`, ``[N, 81, 7, 7]``.
 
     Raises
     ------
@@ -316,7 +360,7 @@ def image_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray,
                 "or a smaller size"
             )
         out[i] = center_crop_resize(img, size)
-    return normalise(out), frame[LABEL].to_numpy(np.float32)
+    return scattering(normalise(out), preprocessing), frame[LABEL].to_numpy(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,8 +569,8 @@ def simulated_chest_sites(
         )
     ]
     tests = share_test_split(parts, y_train, y_test, seed=seed)
-    x_train = medmnist_pixels(x_train_u8, size, npz.name)
-    x_test = medmnist_pixels(x_test_u8, size, npz.name)
+    x_train = scattering(medmnist_pixels(x_train_u8, size, npz.name), preprocessing)
+    x_test = scattering(medmnist_pixels(x_test_u8, size, npz.name), preprocessing)
     return [
         SiteData(
             name=f"hospital-{k + 1}",
@@ -549,12 +593,13 @@ IMAGE_TASKS: dict[str, Task] = {
         write_file=write_image_folder,
         file_name=lambda site: site,  # a hospital's data is a folder named after it
         features=image_features,
-        input_shape=lambda p: (1, image_size(p), image_size(p)),
+        input_shape=image_input_shape,
         natural_split=False,
         preprocessings=PREPROCESSINGS,
         positive_class="pneumonia",
         default_test_fraction=CHEST_TEST_FRACTION,
-        models=("cnn",),
+        models=("cnn", "scatter-linear"),
+        preprocessing_models={SCATTER: ("scatter-linear",)},
         simulated_sites=simulated_chest_sites,
     ),
 }
