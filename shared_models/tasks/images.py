@@ -103,9 +103,8 @@ def scattering(x: np.ndarray, preprocessing: str) -> np.ndarray:
     with torch.no_grad():
         for i in range(0, len(x), 512):
             batch = torch.from_numpy(np.ascontiguousarray(x[i : i + 512], dtype=np.float32))
-            out[i : i + 512] = (
-                transform(batch).flatten(1, 2).numpy()
-            )  # [B, 1, 81, h, w] -> [B, 81, h, w]
+            # kymatio keeps the input's channel axis: [B, 1, 81, h, w] -> [B, 81, h, w]
+            out[i : i + 512] = transform(batch).flatten(1, 2).numpy()
     return out
 
 
