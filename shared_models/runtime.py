@@ -102,8 +102,10 @@ def run_foreground(
     (Flower's SuperLink and SuperNode shut down cleanly on it); after ``stop_timeout`` seconds the
     child is killed. Companions stop first because their open connections hold up the child's
     shutdown: uvicorn, under the SuperLink's and the SuperNode's HTTP APIs, waits for open
-    connections to close (the gateway's, the launcher's) before it exits. The child runs in its own process group, which is killed once the child has exited,
-    so no process it started (SuperExec, ClientApp or ServerApp processes) outlives it. Returns the child's exit code, or 0 when the stop was requested here.
+    connections to close (the gateway's, the launcher's) before it exits. The child runs in its
+    own process group, which is killed once the child has exited, so no process it started
+    (SuperExec, ClientApp or ServerApp processes) outlives it. Returns the child's exit code, or
+    0 when the stop was requested here.
 
     ``companions`` are ``(command, log file)`` pairs started after ``cmd`` with the same
     guarantees (own process group, killed with this process, stopped with the child). A
