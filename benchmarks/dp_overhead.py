@@ -19,6 +19,13 @@ recorded default (``grad_sample_mode`` on its class, run config ``dp.grad-sample
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps; on the CPU the growth
 of the process' resident set (sampled every 5 ms) over its size before the steps, so small
 allocations that reuse freed memory show as 0.
+
+Cryptographic noise (last table; ``--noise-only`` prints just it): one DP step (the model's
+default mode) with the hospital's noise (:class:`client.secure_dp.SecurePrivacyEngine`: ChaCha20
+keystream, float64 Box-Muller, one rounding) against the same step with Opacus' own noise
+(``torch.normal`` from a ``torch.Generator``, what fedcare used before), interleaved, for the MLP,
+scatter-linear and the CNN at their preset batch sizes; and the Poisson mask of one step
+(:meth:`client.secure_random.SecureRandom.bernoulli`) against ``torch.rand(n) < q``.
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from opacus import PrivacyEngine  # noqa: E402
 from torch import nn  # noqa: E402
 
 from client.dp_modes import GRAD_SAMPLE_MODES, clipped_gradient, make_private_fixed  # noqa: E402
+from client.secure_dp import SecurePrivacyEngine  # noqa: E402
+from client.secure_random import SecureRandom  # noqa: E402
 from shared_models.models import build_model  # noqa: E402
 from shared_models.tasks import TASKS  # noqa: E402
 
@@ -153,6 +163,98 @@ def gradients_match(build, shape: tuple[int, ...], mode: str, *, batch: int = 16
     return all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+# (task, preprocessing, model, batch size): the MLP at the schema's batch size, scatter-linear at the
+# DP preset's (presets/chest-xray.toml), the CNN at its preset's (presets/chest-xray-no-dp.toml)
+NOISE_CASES = (
+    ("breast-cancer", "default", "mlp", 32),
+    ("chest-xray", "scatter-28", "scatter-linear", 256),
+    ("chest-xray", "default", "cnn", 64),
+)
+
+
+def _noise_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, secure: bool):
+    """One DP step closure (fixed batch, sigma 1, the model's default mode) whose noise comes from
+    the hospital's SecureRandom (``secure``) or from Opacus' torch generator."""
+    mode = getattr(model, "grad_sample_mode", "hooks")
+    engine = (
+        SecurePrivacyEngine(accountant="rdp", randomness=SecureRandom())
+        if secure
+        else PrivacyEngine()
+    )
+    criterion = nn.BCEWithLogitsLoss()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    out = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+        criterion=criterion,
+        **({} if secure else {"noise_generator": torch.Generator().manual_seed(0)}),
+    )  # fmt: skip
+    net, optimizer = out[0], out[1]
+    if mode == "ghost":
+        criterion = out[2]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(net(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def noise_cost(*, seconds: float, repeats: int) -> None:
+    """Print the cryptographic noise's cost per DP step as a ratio to Opacus' torch noise."""
+    print("cryptographic noise: DP step with SecureRandom noise / with Opacus' torch noise")
+    print(f"{'task':14} {'model':15} {'batch':>5} {'params':>7} {'torch/s':>8} {'secure/s':>9} "
+          f"{'ratio':>6}  noise per step")  # fmt: skip
+    for task_name, prep, model_name, batch in NOISE_CASES:
+        task = TASKS[task_name]
+        shape = tuple(task.input_shape(task.resolve_preprocessing(prep)))
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, *shape), generator=gen)
+        y = (torch.rand(batch, generator=gen) < 0.5).float()
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        params = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            steps = {}
+            for secure in (False, True):
+                model = build_model(model_name, input_shape=shape, hidden=32)
+                params = sum(p.numel() for p in model.parameters())
+                steps[secure] = _noise_step(model, x, y, secure=secure)
+                for _ in range(2):
+                    steps[secure]()
+            for _ in range(repeats):  # interleaved passes, median rate
+                for secure in (False, True):
+                    n, started = 0, time.perf_counter()
+                    while n < 3 or time.perf_counter() - started < seconds / repeats:
+                        steps[secure]()
+                        n += 1
+                    rates[secure].append(n / (time.perf_counter() - started))
+        torch_rate, secure_rate = (float(np.median(rates[k])) for k in (False, True))
+        randomness = SecureRandom()
+        t = time.perf_counter()
+        for _ in range(20):
+            randomness.standard_normal(params)
+        draw = (time.perf_counter() - t) / 20
+        print(
+            f"{task_name:14} {model_name:15} {batch:>5} {params:>7} {torch_rate:>8.1f} "
+            f"{secure_rate:>9.1f} {torch_rate / secure_rate:>6.3f}  {1e3 * draw:.3f} ms"
+        )
+    for n, q in ((5_000, 256 / 5_000), (50_000, 256 / 50_000)):
+        randomness, gen = SecureRandom(), torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        for _ in range(100):
+            randomness.bernoulli(q, n).nonzero()
+        secure_s = (time.perf_counter() - t) / 100
+        t = time.perf_counter()
+        for _ in range(100):
+            (torch.rand(n, generator=gen) < q).nonzero()
+        torch_s = (time.perf_counter() - t) / 100
+        print(f"Poisson mask of {n} records: SecureRandom {1e3 * secure_s:.3f} ms, torch.rand "
+              f"{1e3 * torch_s:.3f} ms per step")  # fmt: skip
+    print("ratio = torch-noise steps/s / secure-noise steps/s (1.10 = 10 % slower)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=256)
@@ -161,11 +263,15 @@ def main() -> None:
     parser.add_argument("--device", nargs="*", default=None, help="default: cpu (+ cuda)")
     parser.add_argument("--tasks", nargs="*", default=None, help="default: every task")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+    parser.add_argument("--noise-only", action="store_true", help="only the noise-cost table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(machine(devices))
+    if args.noise_only:
+        noise_cost(seconds=args.seconds, repeats=args.repeats)
+        return
     print(f"batch size {args.batch_size}; ratios = DP step time / non-private step time\n")
     seen: set[tuple[str, tuple[int, ...]]] = set()
     for device in devices:
@@ -231,6 +337,8 @@ def main() -> None:
         print()
     print("x = DP step time / non-private step time (lower is better); '!' = clipped gradient")
     print("differs from hooks (not eligible as best); best = fastest matching mode on that device.")
+    print()
+    noise_cost(seconds=args.seconds, repeats=args.repeats)
 
 
 if __name__ == "__main__":

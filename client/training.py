@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import secrets
 import warnings
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
@@ -29,6 +27,8 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from client.secure_dp import SecurePrivacyEngine
+from client.secure_random import SecureRandom
 from shared_models.config import RunConfig
 from shared_models.image_models import seed_augmentation
 
@@ -40,8 +40,8 @@ from shared_models.image_models import seed_augmentation
 #   Opacus' per-sample gradients use the output gradients only.
 # - Opacus RDP: "optimal order is the largest alpha": the ε is still a valid bound (at the
 #   largest order), only not the tightest.
-# - Opacus: its cryptographically secure RNG is off (secure_mode=False); DP-SGD's noise comes
-#   from a generator seeded from ``secrets`` instead (:func:`train_round`).
+# - Opacus: its torchcsprng-based RNG is off (secure_mode=False); DP-SGD's noise and Poisson
+#   sampling come from the hospital's ChaCha20 generator instead (:mod:`client.secure_dp`).
 for _notice in (
     "Full backward hook is firing",
     "Optimal order is the largest alpha",
@@ -53,7 +53,22 @@ AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, st
 
 
 class PrivacyBudgetError(RuntimeError):
-    """A round would take more DP steps than the run was calibrated for."""
+    """A round would take more DP steps (or an evaluation more releases) than the run was
+    calibrated for. The message names no number derived from the site's data; ``detail`` (the
+    step counts) stays at the hospital."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def steps_exceeded(taken: int, steps: int, total: int) -> PrivacyBudgetError:
+    """The refusal of a round whose ``steps`` would take the run past its planned ``total``."""
+    return PrivacyBudgetError(
+        "this round's DP-SGD steps would exceed the steps the run was calibrated for "
+        "(train.rounds rounds of train.local-epochs)",
+        detail=f"{steps} steps, {taken} of {total} already taken",
+    )
 
 
 def sample_rate(n_train: int, batch_size: int) -> float:
@@ -162,12 +177,13 @@ def plan_dp(
     ------
     ValueError
         ``target_delta >= 1 / n_train`` (delta must be below one over the number of records),
-        or a budget too small to reach (e.g. the evaluation releases alone exceed it).
+        or a budget too small to reach (e.g. the evaluation releases alone exceed it). The
+        message names no number derived from ``n_train``: it may reach the coordinator.
     """
     if target_delta >= 1.0 / n_train:
         raise ValueError(
-            f"dp.target-delta={target_delta:g} is not below 1/n = {1.0 / n_train:.3g} for "
-            f"{n_train} training records; use a smaller delta"
+            f"dp.target-delta = {target_delta:g} is not below 1/n_train (n_train: the number of "
+            "training records at the hospital); use a smaller delta"
         )
     q = sample_rate(n_train, batch_size)
     k = steps_per_round(n_train, batch_size, local_epochs)
@@ -410,6 +426,7 @@ def train_round(
     grad_sample_mode: str = "hooks",
     clip_batch_norm: float | None = None,
     clip_per_sample: float | None = None,
+    randomness: SecureRandom | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on one hospital's data.
 
@@ -435,9 +452,9 @@ def train_round(
         data-independent step ``w -= lr * mu * (w - w_global)`` after each (private) optimizer
         step, so it is post-processing and does not change the DP guarantee.
     seed : int
-        Batch order of NON-private training only. DP-SGD's Poisson sampling and Gaussian noise
-        come from generators seeded with ``secrets.randbits`` (the OS CSPRNG) at every call:
-        no value from outside the hospital seeds them.
+        Batch order (and image augmentation) of NON-private training only. Nothing seeds DP
+        training: its Poisson sampling, Gaussian noise and augmentation draw from
+        ``randomness``.
     steps_taken : int, optional
         DP-SGD steps this run already took here (default: every step in ``accountant_state``;
         the ledger passes its own count when the state also holds evaluation releases).
@@ -459,6 +476,10 @@ def train_round(
         ``noise_multiplier=0``, in ``grad_sample_mode``), over the seeded shuffled batches
         (no Poisson sampling). The non-private baselines of a DP run use it: a learning rate
         tuned for per-example-clipped gradients can diverge on merely batch-clipped ones.
+    randomness : SecureRandom, optional
+        DP training's source of randomness (:class:`client.secure_random.SecureRandom`: the
+        ChaCha20 keystream); default a new one under a key from the OS CSPRNG, never stored.
+        Tests pass a fixed key to show that it is the only source of the noise.
 
     Raises
     ------
@@ -467,11 +488,15 @@ def train_round(
     """
     model.to(device).train()
     data = _on_device(data, device)
-    # DP: Poisson masks and noise from generators seeded by the OS CSPRNG, fresh for every call,
-    # so nobody outside the hospital can reproduce (and subtract) them. Without DP there is no
-    # noise to protect: the run seed fixes the batch order, for reproducible non-private runs.
-    sampler = torch.Generator().manual_seed(secrets.randbits(64) if dp else seed)
-    seed_augmentation(model, secrets.randbits(64) if dp else seed)  # image tasks' RandomAffine
+    # DP: Poisson masks, noise and augmentation from the hospital's ChaCha20 generator, under a
+    # fresh key from the OS CSPRNG, so nobody outside the hospital can reproduce (and subtract)
+    # them. Without DP there is no noise to protect: the seed fixes the batch order.
+    if dp is not None:
+        randomness = randomness or SecureRandom()
+        seed_augmentation(model, randomness.randbits(64))  # image tasks' RandomAffine
+    else:
+        seed_augmentation(model, seed)
+    sampler = torch.Generator().manual_seed(seed)  # non-private batch order only
     loader = DataLoader(data, batch_size=batch_size, shuffle=dp is None, generator=sampler)
     criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -485,12 +510,11 @@ def train_round(
         state = accountant_state or empty_accountant_state(dp.accountant)
         taken = accountant_steps(state) if steps_taken is None else steps_taken
         if taken + steps > dp.total_steps:
-            raise PrivacyBudgetError(
-                f"this round's {steps} steps would exceed the {dp.total_steps} DP steps the run "
-                f"was calibrated for ({taken} already taken)"
-            )
+            raise steps_exceeded(taken, steps, dp.total_steps)
     if dp is not None or clip_per_sample is not None:
-        engine = PrivacyEngine(accountant=dp.accountant if dp else "rdp")
+        engine = SecurePrivacyEngine(
+            accountant=dp.accountant if dp else "rdp", randomness=randomness or SecureRandom()
+        )
         if dp is not None:
             engine.accountant.load_state_dict(
                 {"mechanism": state["mechanism"], "history": _history(state)}
@@ -502,7 +526,6 @@ def train_round(
             noise_multiplier=dp.noise_multiplier if dp else 0.0,
             max_grad_norm=dp.max_grad_norm if dp else clip_per_sample,
             poisson_sampling=dp is not None,
-            noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(64)),
             grad_sample_mode=grad_sample_mode,
             criterion=criterion,  # wrapped in ghost mode (its two backward passes)
         )

@@ -89,7 +89,7 @@ def test_exceeding_the_planned_steps_is_refused():
     )  # fmt: skip
     res = train_round(build_model("logreg", n_features=5), _ds(x, y), steps=plan.steps_per_round,
                       batch_size=20, lr=0.1, dp=plan)  # fmt: skip
-    with pytest.raises(PrivacyBudgetError, match="exceed the 10 DP steps"):
+    with pytest.raises(PrivacyBudgetError, match="exceed the steps the run was calibrated for"):
         train_round(build_model("logreg", n_features=5), _ds(x, y), steps=plan.steps_per_round,
                     batch_size=20, lr=0.1, dp=plan, accountant_state=res.accountant_state)  # fmt: skip
 

@@ -1,0 +1,268 @@
+"""Opacus DP-SGD with its randomness from the hospital's :class:`~client.secure_random.SecureRandom`.
+
+Opacus computes the per-sample gradients, clips them, steps the accountant and keeps the
+privacy bookkeeping; this module replaces only its two random draws, which Opacus takes from a
+``torch.Generator`` (mt19937 on the CPU, searchable from the released noise) unless
+``secure_mode`` is on, and ``secure_mode`` needs torchcsprng, which is no longer maintained:
+
+- **Poisson sampling**: :class:`SecurePoissonSampler` is Opacus'
+  ``UniformWithReplacementSampler`` with each example's inclusion drawn by
+  :meth:`SecureRandom.bernoulli` instead of ``torch.rand(..., generator=...)``;
+  :meth:`SecurePrivacyEngine._prepare_data_loader` builds Opacus' ``DPDataLoader`` around it
+  (:class:`SecureDPDataLoader`: the same sample rate, empty batches included).
+- **Gaussian noise**: :class:`SecureDPOptimizer` (and its fast-gradient-clipping twin) override
+  ``add_noise``: one float64 draw of N(0, (sigma C)^2) for all parameters from
+  :meth:`SecureRandom.standard_normal`, added to the clipped sum in float64 and rounded once to
+  the parameter's dtype. Everything after (``scale_grad``, the optimizer's update) is
+  post-processing of that released sum.
+
+Floating-point attacks (Mironov, CCS 2012; Jin et al., IEEE S&P 2022, which recovered data from
+Opacus' float32 noise) exploit which floating-point values ``x + noise`` can take for different
+``x``. Here the sum is formed in float64 from noise on float64's 53-bit grid and rounded once to
+float32, whose grid is 2**29 times coarser: every float32 output near ``x`` is reached from both
+neighbouring datasets, with probabilities that differ from the ideal Gaussian's only in the
+float64 rounding. This is Opacus' ``secure_mode`` idea (noise finer than the output grid;
+Holohan & Braghin 2021, section 5.1) at a quarter of its draws. The residual risk, stated in the
+README: the guarantee is that of an exact Gaussian up to the float64 approximation (tails cut at
+8.57 sigma, density on float64's grid), argued, not proven; a discrete Gaussian (Canonne, Kamath
+& Steinke 2020) would make it exact but cannot serve float gradients.
+
+Opacus' private methods that this module overrides or calls (``PrivacyEngine._prepare_optimizer``
+and ``_prepare_data_loader``, the optimizers' ``add_noise``, the sampler, the loader) are pinned
+by the SHA-256 of their source in ``tests/test_secure_dp.py``: an Opacus upgrade that changes
+them fails that test until this module is re-checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
+
+from client.secure_random import SecureRandom
+
+
+class SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler with inclusions from a :class:`SecureRandom`.
+
+    Each of ``len(self)`` batches holds every example independently with probability
+    ``sample_rate`` (:meth:`SecureRandom.bernoulli`: at most ``sample_rate``, within 2**-64).
+    """
+
+    def __init__(self, *, num_samples: int, sample_rate: float, randomness: SecureRandom) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, generator=None)
+        self.randomness = randomness
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield (
+                self.randomness.bernoulli(self.sample_rate, self.num_samples).nonzero()[0].tolist()
+            )
+
+
+class SecureDPDataLoader(DataLoader):
+    """Opacus' ``DPDataLoader`` with a :class:`SecurePoissonSampler`: Poisson batches at
+    ``sample_rate``, the collate function wrapped for empty batches as Opacus wraps it
+    (``wrap_collate_with_empty`` with the first example's shapes and dtypes).
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Map-style dataset of ``(x, y)`` examples.
+    sample_rate : float
+        Poisson sampling rate q; ``len(loader)`` is ``int(1 / q)`` batches, as Opacus'.
+    randomness : SecureRandom
+        The source of the inclusions.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        sample_rate: float,
+        randomness: SecureRandom,
+        collate_fn: Any = None,
+        batch_first: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.sample_rate = sample_rate
+        self.distributed = False
+        first = dataset[0]
+        super().__init__(
+            dataset=dataset,
+            batch_sampler=SecurePoissonSampler(
+                num_samples=len(dataset), sample_rate=sample_rate, randomness=randomness
+            ),
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=collate_fn or default_collate,
+                batch_first=batch_first,
+                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                dtypes=[dtype_safe(x) for x in first],
+            ),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_loader(
+        cls, data_loader: DataLoader, *, randomness: SecureRandom, batch_first: bool = True
+    ) -> SecureDPDataLoader:
+        """As ``DPDataLoader.from_data_loader``: sample rate ``1 / len(data_loader)``, the same
+        dataset, collate function, workers and memory pinning."""
+        return cls(
+            data_loader.dataset, sample_rate=1 / len(data_loader), randomness=randomness,
+            collate_fn=data_loader.collate_fn, batch_first=batch_first,
+            num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+        )  # fmt: skip
+
+
+class _SecureNoise:
+    """``add_noise`` of Opacus' DP optimizers with the noise from ``self.randomness``."""
+
+    randomness: SecureRandom
+    params: list[torch.nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
+
+    def add_noise(self) -> None:
+        """``p.grad = round(p.summed_grad + N(0, (sigma C)^2))`` for every parameter, the noise
+        drawn once for all (float64), the sum rounded once to the parameter's dtype.
+
+        The fast-gradient-clipping optimizer's ``_adjusted_noise_multiplier`` (adaptive
+        clipping) is honoured as in Opacus; the accountant always records ``noise_multiplier``.
+        """
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = float(sigma) * float(self.max_grad_norm)
+        sums = [p.summed_grad for p in self.params]
+        for summed in sums:
+            _check_processed_flag(summed)
+        if std == 0.0:  # noiseless (non-private baselines): no draw
+            noises: list[torch.Tensor | None] = [None] * len(sums)
+        else:
+            drawn = self.randomness.standard_normal(sum(s.numel() for s in sums)) * std
+            noises = list(torch.from_numpy(drawn).split([s.numel() for s in sums]))
+        for p, summed, z in zip(self.params, sums, noises, strict=True):
+            if z is None:
+                p.grad = summed.view_as(p)
+            else:  # float64 sum, one rounding to the parameter's dtype
+                z = z.to(summed.device).view_as(summed)
+                p.grad = (summed.double() + z).to(summed.dtype).view_as(p)
+            _mark_as_processed(summed)
+
+
+class SecureDPOptimizer(_SecureNoise, DPOptimizer):
+    """Opacus' ``DPOptimizer`` (flat clipping) with :class:`SecureRandom` noise."""
+
+    def __init__(self, *args: Any, randomness: SecureRandom, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.randomness = randomness
+
+
+class SecureDPOptimizerFastGradientClipping(_SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus' ``DPOptimizerFastGradientClipping`` (ghost clipping) with :class:`SecureRandom`
+    noise."""
+
+    def __init__(self, *args: Any, randomness: SecureRandom, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.randomness = randomness
+
+
+_SECURE_OPTIMIZERS: dict[type, type] = {
+    DPOptimizer: SecureDPOptimizer,
+    DPOptimizerFastGradientClipping: SecureDPOptimizerFastGradientClipping,
+}
+
+
+class SecurePrivacyEngine(PrivacyEngine):
+    """Opacus' ``PrivacyEngine`` whose ``make_private`` returns a data loader and an optimizer
+    that draw from ``randomness`` (module docstring). Accountant, clipping and per-sample
+    gradients are Opacus' own.
+
+    Parameters
+    ----------
+    accountant : str
+        Opacus accountant name (``"rdp"``, ``"prv"``).
+    randomness : SecureRandom
+        The source of the Poisson masks and the Gaussian noise.
+
+    Raises
+    ------
+    ValueError
+        From ``make_private``: a clipping mode or a distributed setting without a secure
+        counterpart here (fedcare uses flat clipping on one device).
+    """
+
+    def __init__(self, *, accountant: str, randomness: SecureRandom) -> None:
+        super().__init__(accountant=accountant, secure_mode=False)
+        self.randomness = randomness
+
+    def _prepare_data_loader(
+        self,
+        data_loader: DataLoader,
+        *,
+        poisson_sampling: bool,
+        distributed: bool,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
+    ) -> DataLoader:
+        if not poisson_sampling:  # fixed batches (benchmarks, non-private baselines)
+            return super()._prepare_data_loader(
+                data_loader, poisson_sampling=False, distributed=distributed,
+                batch_first=batch_first, rand_on_empty=rand_on_empty,
+            )  # fmt: skip
+        if distributed or rand_on_empty:
+            raise ValueError("secure Poisson sampling serves one device and empty batches")
+        if self.dataset is None:
+            self.dataset = data_loader.dataset
+        return SecureDPDataLoader.from_loader(
+            data_loader, randomness=self.randomness, batch_first=batch_first
+        )
+
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float | list[float],
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        distributed: bool = False,
+        clipping: str = "flat",
+        noise_generator: Any = None,
+        grad_sample_mode: str = "hooks",
+        **kwargs: Any,
+    ) -> DPOptimizer:
+        if noise_generator is not None:
+            raise ValueError("the noise comes from the engine's SecureRandom, not a generator")
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        opacus_class = get_optimizer_class(
+            clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
+        )
+        secure_class = _SECURE_OPTIMIZERS.get(opacus_class)
+        if secure_class is None:
+            raise ValueError(
+                f"no secure-noise counterpart of Opacus' {opacus_class.__name__} (clipping "
+                f"{clipping!r}, distributed={distributed})"
+            )
+        return secure_class(
+            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+            generator=None, secure_mode=False, randomness=self.randomness, **kwargs,
+        )  # fmt: skip
+
+
+__all__ = [
+    "SecureDPDataLoader",
+    "SecureDPOptimizer",
+    "SecureDPOptimizerFastGradientClipping",
+    "SecurePoissonSampler",
+    "SecurePrivacyEngine",
+]
