@@ -28,7 +28,9 @@ Protocols
 ``heart-disease`` follows FLamby's Fed-Heart-Disease (du Terrail et al., NeurIPS 2022;
 ``flamby/datasets/fed_heart_disease``): the four real hospitals, its preprocessing (the task's
 ``flamby`` preprocessing), a per-centre stratified 66/34 train/test split with FLamby's fixed
-seed 43 (run config ``data.split-seed``; the training seed varies), a logistic regression, the
+seed 43 (run config ``data.split = "stratified"`` and ``data.split-seed``; the training seed
+varies; fedcare's own split is per record, see :func:`shared_models.tasks.prepare_site`), a
+logistic regression, the
 metric = the mean over the 4 centres' test accuracies of ONE model (:func:`flamby_metric`), and
 the local baseline = a model trained at one centre and evaluated on all four (``Local k``).
 Other tasks use the project's definitions (metric: AUROC on the pooled test splits; local: each
@@ -140,7 +142,12 @@ TASK_BENCHES: dict[str, TaskBench] = {
         "heart-disease",
         data="heart_disease_uci",
         hospitals=None,
-        overrides={"model.name": "logreg", "data.split-seed": 43, "task.preprocessing": "flamby"},
+        overrides={
+            "model.name": "logreg",
+            "data.split-seed": 43,
+            "data.split": "stratified",
+            "task.preprocessing": "flamby",
+        },
         protocol="flamby",
         references=(
             Reference("pooled", None, 0.735, FLAMBY),
@@ -765,7 +772,8 @@ def _protocol_text(bench: TaskBench) -> str:
             "Protocol: FLamby's Fed-Heart-Disease. Same as FLamby: the 4 real hospitals; "
             "slope, ca, thal dropped, rows with a missing value dropped, cp and restecg one-hot "
             "without their first level (13 inputs); per-centre stratified 66/34 split with "
-            "FLamby's seed 43 (`data.split-seed = 43`: identical rows, 486 train / 254 test, "
+            'FLamby\'s seed 43 (`data.split = "stratified"`, `data.split-seed = 43`: identical '
+            "rows, 486 train / 254 test, "
             "since both use `sklearn.model_selection.train_test_split` on the same rows); "
             "logistic regression; metric = mean over the 4 centres of one model's test "
             "accuracy (threshold 0.5); local = `Local k` (trained at centre k, evaluated on all "
@@ -783,7 +791,8 @@ def _protocol_text(bench: TaskBench) -> str:
             if bench.hospitals
             else "the data's own files, one per hospital"
         )
-        + "; test split per hospital (stratified); local = each hospital's own model on its "
+        + "; test split per hospital (per record: a keyed hash of each record); local = each "
+        "hospital's own model on its "
         "own test split (as `simulations/baselines.py`)."
     )
 

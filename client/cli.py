@@ -264,9 +264,12 @@ def start(
     ] = "fedcare",
     test_fraction: Annotated[
         float,
-        typer.Option(help="Share of the data held out for evaluation (0: the task's default)."),
+        typer.Option(
+            help="Share of the data held out for evaluation (0: the task's default). Each "
+            "patient's split is decided by a keyed hash of its record, the key kept in the "
+            "ledger folder (split.key)."
+        ),
     ] = 0.0,
-    split_seed: Annotated[int, typer.Option(help="Seed of this site's train/test split.")] = 0,
     task: Annotated[
         str | None,
         typer.Option(
@@ -319,7 +322,7 @@ def start(
     state.mkdir(parents=True, exist_ok=True)
     node_config = (
         f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}" '
-        f"test-fraction={float(test_fraction)!r} split-seed={int(split_seed)}"
+        f"test-fraction={float(test_fraction)!r}"
     )
     if policy is not None:
         node_config += f' policy-path="{policy.resolve()}"'

@@ -8,6 +8,7 @@ that partition of the run's data, so one ClientApp serves both modes.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,8 +18,12 @@ from typing import Any
 import numpy as np
 
 from shared_models.config import RunConfig
+from shared_models.files import fsync_folder
 from shared_models.sites import simulated_sites_for, site_from_frame
 from shared_models.tasks import DataError, SiteData, get_task
+from shared_models.tasks.base import SPLIT_KEY_BYTES, split_key_from_seed
+
+SPLIT_KEY_FILE = "split.key"  # in the hospital's state folder (node config ledger-dir)
 
 
 class SiteSetupError(ValueError):
@@ -70,7 +75,9 @@ class SiteSettings:
         Share of the site's data held out for evaluation (0: the task's default). A hospital
         setting: the coordinator cannot choose which patients are tested.
     split_seed : int
-        Seed of the site's train/test split (hospital setting, like ``test_fraction``).
+        Only for a hospital without a state folder: the seed its split key is derived from.
+    ledger_dir : str
+        The hospital's state folder (privacy ledger, audit log, split key); "" if none.
     """
 
     name: str
@@ -80,6 +87,7 @@ class SiteSettings:
     device: str
     test_fraction: float = 0.0
     split_seed: int = 0
+    ledger_dir: str = ""
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
@@ -115,6 +123,7 @@ class SiteSettings:
             device=str(cfg.get("device", "auto")),
             test_fraction=test_fraction,
             split_seed=split_seed,
+            ledger_dir=str(cfg.get("ledger-dir", "")),
         )
 
     @property
@@ -125,15 +134,17 @@ class SiteSettings:
 def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     """This hospital's preprocessed data (train/test split, scaled with the task's fixed constants).
 
-    A deployed hospital splits with its own ``test-fraction`` and ``split-seed``; in simulation
-    the researcher's run config sets them (``data.test-fraction``, and ``data.split-seed`` or
-    else ``train.seed``).
+    A deployed hospital splits with its own ``test-fraction`` and its split key
+    (:func:`site_split_key`); in simulation the researcher's run config sets them
+    (``data.test-fraction``, ``data.split``, and ``data.split-seed`` or else ``train.seed``).
 
     Raises
     ------
     shared_models.tasks.DataError
         The file is missing or malformed (the message names file, line and column), or a
         preprocessed value is not finite.
+    SiteSetupError
+        The split key in the state folder is unusable.
     """
     if site.simulated:
         sites = simulated_sites_for(run, site.num_partitions)
@@ -141,8 +152,54 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     path = Path(site.data_path)
     return _load_file(
         run.task.name, site.name, str(path), _stamp(path), run.task.preprocessing,
-        site.test_fraction, site.split_seed,
+        site.test_fraction, site_split_key(site),
     )  # fmt: skip
+
+
+def site_split_key(site: SiteSettings) -> bytes:
+    """The key of a deployed hospital's train/test split (see
+    :func:`shared_models.tasks.base.assign_test_records`).
+
+    With a state folder (``ledger-dir``): 32 random bytes from the OS CSPRNG, written once to
+    ``<ledger-dir>/split.key`` (mode 0600, created atomically: a concurrent first load keeps
+    the first key) and read from there afterwards, so each patient stays in the same split for
+    the life of the hospital's data and nobody outside the hospital can tell which split a
+    known record is in. Without one: derived from node config ``split-seed``.
+
+    Raises
+    ------
+    SiteSetupError
+        The key file exists but does not hold a key (or cannot be read or written).
+    """
+    if not site.ledger_dir:
+        return split_key_from_seed(site.split_seed)
+    folder = Path(site.ledger_dir)
+    path = folder / SPLIT_KEY_FILE
+    try:
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{SPLIT_KEY_FILE}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(SPLIT_KEY_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process made it first: keep theirs
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+            fsync_folder(folder)
+        key = path.read_bytes()
+    except OSError as exc:
+        raise SiteSetupError(f"the split key {path} cannot be read or written: {exc}") from None
+    if len(key) != SPLIT_KEY_BYTES:
+        raise SiteSetupError(
+            f"{path} does not hold a {SPLIT_KEY_BYTES}-byte split key; restore it from a backup "
+            "(a new key would move patients between the training and test splits)"
+        )
+    return key
 
 
 def _stamp(path: Path) -> int:
@@ -168,13 +225,14 @@ def _load_file(
     mtime: int,
     preprocessing: str,
     test_fraction: float,
-    seed: int,
+    split_key: bytes,
 ) -> SiteData:
     task = get_task(task_name)
     frame = task.read_file(Path(path))
     data = site_from_frame(
-        task, site, frame, preprocessing=preprocessing, test_fraction=test_fraction, seed=seed
-    )
+        task, site, frame, preprocessing=preprocessing, test_fraction=test_fraction,
+        split_key=split_key,
+    )  # fmt: skip
     for split, x in (("training", data.x_train), ("test", data.x_test)):
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if bad.any():

@@ -142,6 +142,7 @@ class DataConfig:
     alpha: float
     test_fraction: float
     split_seed: int = -1  # simulation: partition + train/test split seed; -1 = train.seed
+    split: str = "per-record"  # simulation: per-record (keyed hash) | stratified (FLamby's)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class RunConfig:
                 alpha=_get(cfg, "data.alpha", float),
                 test_fraction=_get(cfg, "data.test-fraction", float),
                 split_seed=_get(cfg, "data.split-seed", int),
+                split=_get(cfg, "data.split", str),
             ),
             secagg=SecAggConfig(
                 enabled=_get(cfg, "secagg.enabled", bool),
@@ -315,6 +317,7 @@ class RunConfig:
         _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)
+        _choice("data.split", da.split, ("per-record", "stratified"))
         if da.test_fraction != 0.0:  # 0 = the task's default split
             _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)
 

@@ -9,6 +9,9 @@ import pandas as pd
 from .config import RunConfig
 from .partition import partition_frame
 from .tasks import DataError, SiteData, Task, get_task, prepare_site
+from .tasks.base import split_key_from_seed
+
+SPLITS = ("per-record", "stratified")  # run config data.split (simulation)
 
 
 def site_from_frame(
@@ -18,18 +21,20 @@ def site_from_frame(
     *,
     preprocessing: str,
     test_fraction: float,
-    seed: int,
+    split_key: bytes | None = None,
+    stratified_seed: int | None = None,
 ) -> SiteData:
     """Preprocess one hospital's raw frame (the task's features, then :func:`prepare_site`).
 
-    ``test_fraction`` 0 means the task's default split.
+    ``test_fraction`` 0 means the task's default split; ``split_key`` (each record assigned by
+    its keyed hash) or ``stratified_seed`` (benchmarks only) as in :func:`prepare_site`.
     """
     resolved = task.resolve_preprocessing(preprocessing)
     x, y = task.features(frame, resolved)
     return prepare_site(
         name, x, y,
         test_fraction=test_fraction or task.default_test_fraction,
-        seed=seed,
+        split_key=split_key, stratified_seed=stratified_seed,
         reference_scaling=task.scaling(resolved),
     )  # fmt: skip
 
@@ -76,12 +81,18 @@ def simulated_sites(
     seed: int,
     preprocessing: str,
     test_fraction: float,
+    split: str = "per-record",
 ) -> tuple[SiteData, ...]:
-    """All simulated hospitals, preprocessed (each with its own statistics). Cached per process.
+    """All simulated hospitals, preprocessed (each on its own). Cached per process.
 
     A task with its own ``simulated_sites`` hook (data with an official test split) builds them
-    itself; otherwise raw frames are partitioned and split by :func:`site_from_frame`.
+    itself; otherwise raw frames are partitioned and split by :func:`site_from_frame`:
+    ``split = "per-record"`` with the key :func:`~shared_models.tasks.base.split_key_from_seed`
+    of ``seed``, ``"stratified"`` with ``seed`` as the stratified split's seed (FLamby's
+    protocol; it does not preserve the unit of privacy, see :func:`prepare_site`).
     """
+    if split not in SPLITS:
+        raise ValueError(f"data.split {split!r}; choose one of {list(SPLITS)}")
     task = get_task(task_name)
     if task.simulated_sites is not None:
         return tuple(
@@ -94,10 +105,17 @@ def simulated_sites(
     frames = simulated_site_frames(
         task, data_dir=data_dir, num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed
     )
+    key = split_key_from_seed(seed) if split == "per-record" else None
     return tuple(
         site_from_frame(
-            task, name, frame, preprocessing=preprocessing, test_fraction=test_fraction, seed=seed
-        )
+            task,
+            name,
+            frame,
+            preprocessing=preprocessing,
+            test_fraction=test_fraction,
+            split_key=key,
+            stratified_seed=seed if key is None else None,
+        )  # fmt: skip
         for name, frame in frames
     )
 
@@ -106,7 +124,8 @@ def simulated_sites_for(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
     """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed).
 
     The partition and train/test splits use ``data.split-seed`` when it is set (>= 0), else
-    ``train.seed`` (benchmarks fix the split while the training seed varies, as FLamby does).
+    ``train.seed`` (benchmarks fix the split while the training seed varies, as FLamby does);
+    ``data.split`` chooses the per-record split (default) or FLamby's stratified one.
     """
     return simulated_sites(
         run.task.name,
@@ -117,4 +136,5 @@ def simulated_sites_for(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
         seed=run.data.split_seed if run.data.split_seed >= 0 else run.train.seed,
         preprocessing=run.task.preprocessing,
         test_fraction=run.data.test_fraction,
+        split=run.data.split,
     )

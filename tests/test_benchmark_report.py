@@ -86,9 +86,10 @@ def test_heart_disease_benchmark_split_is_flambys(heart_dir):
 
     bench = report.TASK_BENCHES["heart-disease"]
     assert bench.overrides["data.split-seed"] == 43
+    assert bench.overrides["data.split"] == "stratified"
     sites = simulated_sites(
         "heart-disease", data_dir=str(heart_dir), num_sites=4, scheme="iid", alpha=0.5,
-        seed=43, preprocessing="flamby", test_fraction=0.0,
+        seed=43, preprocessing="flamby", test_fraction=0.0, split="stratified",
     )  # fmt: skip
     assert [(s.name, s.n_train, s.n_test) for s in sites] == [
         ("cleveland", 199, 104),

@@ -23,6 +23,18 @@ def _task_identity():
 _context, _request = make_context, make_request
 
 
+def _site_data(ctx):  # type: ignore[no-untyped-def]
+    """The hospital's data as its ClientApp loads it (split, preprocessing)."""
+    from client.site import SiteSettings, load_site_data, run_config_of
+
+    return load_site_data(SiteSettings.from_node_config(ctx.node_config), run_config_of(ctx))
+
+
+def _steps(ctx) -> int:  # type: ignore[no-untyped-def]
+    """DP steps per round at this hospital (default batch size 32, one local epoch)."""
+    return math.ceil(_site_data(ctx).n_train / 32)
+
+
 def _record(ctx):
     """The run's record a hospital without a ledger keeps in its Context."""
     from client.ledger import RunRecord
@@ -43,7 +55,7 @@ def test_train_reports_cumulative_epsilon_and_keeps_accountant_state(sim_ctx):
         reply = client_app(_request("train", model, rnd), sim_ctx)
         assert not reply.has_error(), reply.error
         metrics = reply.content["metrics"]
-        assert metrics["num-examples"] == 133  # training examples, not batches
+        assert metrics["num-examples"] == _site_data(sim_ctx).n_train  # examples, not batches
         assert metrics["delta"] == pytest.approx(1e-5)
         assert reply.content["info"]["site"] == "hospital-2"
         eps.append(metrics["epsilon"])
@@ -65,7 +77,8 @@ def test_noise_is_calibrated_once_per_run_and_used_at_every_round(sim_ctx):
     plans = sim_ctx.state["fedcare.dp-plans"]  # kept in the hospital's Context by its SuperNode
     assert len(plans) == 1
     ((key, cached),) = plans.items()
-    fresh = plan_for_run(RunConfig.from_run_config(sim_ctx.run_config), n_train=133)
+    n_train = _site_data(sim_ctx).n_train
+    fresh = plan_for_run(RunConfig.from_run_config(sim_ctx.run_config), n_train=n_train)
     assert DPPlan(**json.loads(cached)) == fresh
     # the memo is what round 2 uses: the sigma the accountant records is the memo's
     plans[key] = json.dumps({**json.loads(cached), "noise_multiplier": 7.5})
@@ -76,7 +89,7 @@ def test_noise_is_calibrated_once_per_run_and_used_at_every_round(sim_ctx):
     assert (
         plan_for_run(
             RunConfig.from_run_config({**sim_ctx.run_config, "train.rounds": 4}),
-            n_train=133,
+            n_train=n_train,
             memo=plans,
         ).noise_multiplier
         > fresh.noise_multiplier  # more steps at the same epsilon need more noise
@@ -109,12 +122,12 @@ def test_evaluate_reports_metrics(sim_ctx):
     )
     scores = predict_proba(model, data.x_test)
     pred = (scores >= 0.5).astype(int)
-    assert metrics["num-examples"] == data.n_test == 57
+    assert metrics["num-examples"] == data.n_test
     assert metrics["auroc"] == pytest.approx(roc_auc_score(data.y_test, scores))
     assert metrics["accuracy"] == pytest.approx(accuracy_score(data.y_test, pred))
     assert metrics["sensitivity"] == pytest.approx(recall_score(data.y_test, pred))
     assert metrics["specificity"] == pytest.approx(recall_score(data.y_test, pred, pos_label=0))
-    assert sum(metrics["hist-neg"]) + sum(metrics["hist-pos"]) == 57  # exact counts
+    assert sum(metrics["hist-neg"]) + sum(metrics["hist-pos"]) == data.n_test  # exact counts
 
 
 def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_path):
@@ -174,7 +187,9 @@ def test_ledger_survives_a_daemon_restart(default_cfg, tmp_path):
     ]
     assert eps == pytest.approx(ref[1:], rel=1e-12)
     entry = json.loads((tmp_path / "ledger" / "runs" / "run-abc.json").read_text())
-    assert entry["train_steps"] == sum(h[2] for h in entry["accountant"]["history"]) == 3 * 5
+    steps = entry["train_steps"] // 3
+    assert entry["train_steps"] == sum(h[2] for h in entry["accountant"]["history"]) == 3 * steps
+    assert steps == _steps(first)
 
 
 def test_corrupted_ledger_is_refused_and_never_reset(default_cfg, tmp_path):
@@ -211,7 +226,7 @@ def test_a_repeated_request_is_answered_again_without_spending_budget(default_cf
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     entry = json.loads((tmp_path / "runs" / "run-r.json").read_text())
-    assert entry["train_steps"] == 5 and entry["updates"] == 1  # trained once
+    assert entry["train_steps"] == _steps(ctx) and entry["updates"] == 1  # trained once
     other = build_model("mlp", n_features=30, seed=1)  # different global weights: a new request
     assert (
         client_app(_request("train", other, 1), ctx).content["metrics"]["epsilon"]

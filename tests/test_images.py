@@ -244,7 +244,7 @@ def test_a_folder_of_hospital_folders_is_a_federation(tmp_path):
     assert [name for name, _ in task.load_sites(str(tmp_path))] == ["a", "b"]
     sites = _sites(tmp_path, num_sites=2)
     assert [(s.name, s.n_train + s.n_test) for s in sites] == [("a", 20), ("b", 30)]
-    assert sites[0].n_test == 4  # the task's default 20 % split
+    assert 1 <= sites[0].n_test <= 9  # the task's default 20 % share, record by record
     with pytest.raises(DataError, match="2 hospital folders"):
         _sites(tmp_path, num_sites=3)
 

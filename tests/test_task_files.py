@@ -16,6 +16,7 @@ import pytest
 from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab
 from shared_models.sites import simulated_sites, site_from_frame
 from shared_models.tasks import TASKS, TASKS_DIR, DataError, TaskFileError, get_task
+from shared_models.tasks.base import split_key_from_seed
 from shared_models.tasks.draft import draft_task_file
 from shared_models.tasks.table import read_csv_table
 from shared_models.tasks.tabular import (
@@ -29,6 +30,8 @@ from shared_models.tasks.taskfile import EMBEDDED, FORMATS, MODEL_NAMES, parse_t
 from simulations import cli
 from tests import gbsg2
 from tests.handlers import unpack_app
+
+KEY = split_key_from_seed(3)
 
 
 def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -93,9 +96,9 @@ def test_heart_disease_task_file_gives_flamby_arrays(heart_dir, preprocessing):
         from shared_models.tasks import prepare_site
 
         ours = site_from_frame(
-            task, site, frame, preprocessing=preprocessing, test_fraction=0, seed=3
+            task, site, frame, preprocessing=preprocessing, test_fraction=0, split_key=KEY
         )
-        ref = prepare_site(site, ref_x, ref_y, test_fraction=0.34, seed=3,
+        ref = prepare_site(site, ref_x, ref_y, test_fraction=0.34, split_key=KEY,
                            reference_scaling=(_HEART_CENTER, _HEART_SCALE))  # fmt: skip
         for a, b in zip(
             (ours.x_train, ours.y_train, ours.x_test, ours.y_test),
@@ -124,9 +127,9 @@ def test_breast_cancer_task_file_gives_the_published_range_scaling():
     np.testing.assert_array_equal(x, ref_x)
     np.testing.assert_array_equal(y, ref_y)
     assert sum(s.n_train + s.n_test for s in sites) == 569
-    ref = prepare_site("a", ref_x, ref_y, test_fraction=0.3, seed=0,
+    ref = prepare_site("a", ref_x, ref_y, test_fraction=0.3, split_key=KEY,
                        reference_scaling=(tuple(center), tuple(scale)))  # fmt: skip
-    ours = prepare_site("a", x, y, test_fraction=0.3, seed=0,
+    ours = prepare_site("a", x, y, test_fraction=0.3, split_key=KEY,
                         reference_scaling=task.reference_scaling)  # fmt: skip
     np.testing.assert_array_equal(ours.x_train, ref.x_train)
 

@@ -10,7 +10,10 @@ import pytest
 
 from shared_models.sites import simulated_site_frames, site_from_frame
 from shared_models.tasks import TASKS, DataError, get_task, prepare_site
+from shared_models.tasks.base import split_key_from_seed
 from shared_models.tasks.tabular import HEART_SITES, breast_cancer_frame, read_heart_disease_file
+
+KEY = split_key_from_seed(0)
 
 
 def read_breast_cancer_csv(path):
@@ -144,38 +147,52 @@ def test_prepare_site_scales_with_the_fixed_constants_only():
     x = rng.normal(5.0, 3.0, size=(200, 4)).astype(np.float32)
     y = (rng.random(200) > 0.5).astype(np.float32)
     center, scale = (5.0, 0.0, 1.0, 2.0), (3.0, 1.0, 2.0, 4.0)
-    site = prepare_site("a", x, y, test_fraction=0.25, seed=0, reference_scaling=(center, scale))
-    assert site.n_train == 150 and site.n_test == 50
+    site = prepare_site(
+        "a", x, y, test_fraction=0.25, split_key=KEY, reference_scaling=(center, scale)
+    )
+    assert site.n_train + site.n_test == 200 and 30 <= site.n_test <= 70  # binomial(200, 0.25)
     raw = np.concatenate([site.x_train, site.x_test]) * np.float32(scale) + np.float32(center)
     np.testing.assert_allclose(np.sort(raw, axis=0), np.sort(x, axis=0), rtol=1e-5)
     # no statistic of the site enters: the training split is NOT centred on its own mean
     assert np.abs(site.x_train.mean(axis=0)[1:]).max() > 0.5
-    unscaled = prepare_site("a", x, y, test_fraction=0.25, seed=0)
+    unscaled = prepare_site("a", x, y, test_fraction=0.25, split_key=KEY)
     np.testing.assert_allclose(
         np.sort(np.concatenate([unscaled.x_train, unscaled.x_test]), axis=0), np.sort(x, axis=0)
     )
 
 
-def test_prepare_site_imputes_with_site_training_median():
+def test_prepare_site_imputes_with_the_fixed_centre_not_a_site_statistic():
     values = [1.0, np.nan, 3.0, 5.0, 7.0, 9.0, np.nan, 11.0, 13.0, 15.0, 17.0, 19.0]
     x = np.array([[i, v] for i, v in enumerate(values)], dtype=np.float32)  # column 0: row id
     y = np.array([0, 1] * 6, dtype=np.float32)
-    site = prepare_site("a", x, y, test_fraction=0.25, seed=0)
-    train_median = np.nanmedian([values[int(i)] for i in site.x_train[:, 0]])
+    center, scale = (0.0, 8.0), (1.0, 2.0)
+    site = prepare_site(
+        "a", x, y, test_fraction=0.25, split_key=KEY, reference_scaling=(center, scale)
+    )
     for part in (site.x_train, site.x_test):
         for row_id, value in part:
             expected = values[int(row_id)]
-            assert value == (train_median if np.isnan(expected) else expected)
+            assert value == (0.0 if np.isnan(expected) else (expected - 8.0) / 2.0)
+    unscaled = prepare_site("a", x, y, test_fraction=0.25, split_key=KEY)
+    assert not np.isnan(unscaled.x_train).any() and 0.0 in unscaled.x_train[:, 1]
 
 
 def test_heart_site_from_file_is_reproducible(heart_dir):
     task = get_task("heart-disease")
     frame = read_heart_disease_file(heart_dir / "processed.cleveland.data")
-    a = site_from_frame(task, "cleveland", frame, preprocessing="default", test_fraction=0, seed=0)
-    b = site_from_frame(task, "cleveland", frame, preprocessing="flamby", test_fraction=0, seed=0)
+    a = site_from_frame(
+        task, "cleveland", frame, preprocessing="default", test_fraction=0, split_key=KEY
+    )
+    b = site_from_frame(
+        task, "cleveland", frame, preprocessing="flamby", test_fraction=0, split_key=KEY
+    )
     assert a.n_train + a.n_test == 303
-    assert a.n_test == 104  # FLamby's 34 % test split
+    assert 80 <= a.n_test <= 126  # the task's 34 % test share, record by record
     np.testing.assert_array_equal(a.x_test, b.x_test)
+    flamby = site_from_frame(
+        task, "cleveland", frame, preprocessing="flamby", test_fraction=0, stratified_seed=43
+    )
+    assert flamby.n_test == 104  # FLamby's own split (benchmarks): 34 %, stratified
 
 
 def test_partitions_are_disjoint_and_cover_the_data():
@@ -249,7 +266,7 @@ def test_breast_cancer_scaling_does_not_depend_on_the_site():
         x[rows_a],
         y[rows_a],
         test_fraction=0.25,
-        seed=0,
+        split_key=KEY,
         reference_scaling=task.reference_scaling,
     )
     b = prepare_site(
@@ -257,7 +274,7 @@ def test_breast_cancer_scaling_does_not_depend_on_the_site():
         x[rows_b],
         y[rows_b],
         test_fraction=0.25,
-        seed=0,
+        split_key=KEY,
         reference_scaling=task.reference_scaling,
     )
     center, scale = (np.asarray(v, dtype=np.float32) for v in task.reference_scaling)

@@ -1,5 +1,6 @@
 """What every task is made of: the :class:`Task` record, one hospital's :class:`SiteData`,
-the :class:`DataError` every loader raises, and :func:`prepare_site` (split and fixed scaling).
+the :class:`DataError` every loader raises, and :func:`prepare_site` (the per-record train/test
+split, fixed imputation and scaling).
 
 A task is what the coordinator and every hospital must agree on. Each hospital turns its own
 raw data into tensors with the task's fixed, data-independent constants: no preprocessing step
@@ -8,7 +9,7 @@ ever needs raw data -- or statistics -- of two hospitals.
 
 from __future__ import annotations
 
-import warnings
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,31 +216,92 @@ def require_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected a data file")
 
 
+SPLIT_KEY_BYTES = 32
+
+
+def split_key_from_seed(seed: int) -> bytes:
+    """A split key derived from a seed: simulated hospitals (``data.split-seed``, so that a
+    simulation's splits are reproducible) and deployed ones without a state folder (node config
+    ``split-seed``). A deployed hospital with a state folder uses a random key kept there
+    (:func:`client.site.site_split_key`)."""
+    return hashlib.sha256(f"fedcare train/test split {int(seed)}".encode()).digest()
+
+
+def assign_test_records(
+    x: np.ndarray, y: np.ndarray, *, test_fraction: float, key: bytes
+) -> np.ndarray:
+    """Which records are in the test split, each decided by that record alone.
+
+    Record ``i`` is a test record when the first 8 bytes of its keyed BLAKE2b hash (RFC 7693,
+    ``hashlib.blake2b(key=key)`` over the record's float32 features and its label), read as an
+    integer, are below ``test_fraction * 2**64``. Adding or removing a patient therefore changes
+    no other patient's assignment: neighbouring datasets differ in one training or one test
+    record, as DP's accounting assumes (a seeded permutation of the rows, as
+    ``train_test_split`` does, moves many records). Identical records share their assignment.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        ``[N, *input_shape]`` features (NaN where missing), before imputation and scaling.
+    y : np.ndarray
+        ``[N]`` labels.
+    test_fraction : float
+        Expected share of test records (the realised share varies, binomially).
+    key : bytes
+        The site's split key (:data:`SPLIT_KEY_BYTES` bytes).
+
+    Returns
+    -------
+    np.ndarray
+        ``[N] bool``, True for a test record.
+    """
+    if len(key) != SPLIT_KEY_BYTES:
+        raise ValueError(f"a split key has {SPLIT_KEY_BYTES} bytes, got {len(key)}")
+    threshold = int(test_fraction * 2**64)
+    rows = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+    labels = np.ascontiguousarray(np.asarray(y, dtype=np.float32))
+    out = np.empty(len(rows), dtype=bool)
+    for i in range(len(rows)):
+        digest = hashlib.blake2b(rows[i].tobytes(), key=key, digest_size=8)
+        digest.update(labels[i].tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little") < threshold
+    return out
+
+
 def prepare_site(
     name: str,
     x: np.ndarray,
     y: np.ndarray,
     *,
     test_fraction: float,
-    seed: int,
+    split_key: bytes | None = None,
+    stratified_seed: int | None = None,
     reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> SiteData:
-    """Split one site's examples into train/test and scale them without any other site's data.
+    """Split one site's examples into train/test and impute and scale each record on its own.
+
+    Nothing here uses another record's values: adding or removing one patient changes that
+    patient's example only (the unit of privacy DP-SGD and the evaluation releases account for).
 
     Parameters
     ----------
     name : str
         Site name.
     x : np.ndarray
-        ``[N, *input_shape] float32``; NaN marks a missing value (imputed with the site's own
-        training-split median, per feature).
+        ``[N, *input_shape] float32``; NaN marks a missing value. It takes the feature's fixed
+        centre (``reference_scaling``'s, i.e. 0 after scaling; 0 without a scaling): a constant
+        of the task, never a statistic of the site's records.
     y : np.ndarray
         ``[N]`` binary labels.
     test_fraction : float
-        Share of rows in the test split; stratified by label when both classes have >= 2 rows
-        (``sklearn.model_selection.train_test_split``).
-    seed : int
-        Split seed.
+        Expected share of test records.
+    split_key : bytes, optional
+        The site's split key: each record's assignment by :func:`assign_test_records`. The default.
+    stratified_seed : int, optional
+        Instead of ``split_key``: ``sklearn.model_selection.train_test_split`` stratified by
+        label with this seed (FLamby's benchmark protocol, simulation only). That split is a
+        permutation of all rows: one patient more or less moves others between the splits, so
+        it does NOT preserve the unit of privacy; it exists to reproduce published benchmarks.
     reference_scaling : (center, scale), optional
         Fixed, data-independent per-feature centre and scale, applied as ``(x - center) / scale``
         (tabular tasks); without it ``x`` is kept as the task's ``features`` made it.
@@ -247,32 +309,40 @@ def prepare_site(
     Raises
     ------
     DataError
-        Fewer than 4 examples.
+        Fewer than 4 examples, or no training example after the split.
+    ValueError
+        Both or neither of ``split_key`` and ``stratified_seed``.
     """
+    if (split_key is None) == (stratified_seed is None):
+        raise ValueError("prepare_site takes exactly one of split_key and stratified_seed")
     n = int(y.shape[0])
     if n < 4:
         raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
-    from sklearn.model_selection import train_test_split
+    if split_key is not None:
+        is_test = assign_test_records(x, y, test_fraction=test_fraction, key=split_key)
+        x_tr, x_te, y_tr, y_te = x[~is_test], x[is_test], y[~is_test], y[is_test]
+    else:
+        from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(y.astype(int), minlength=2)
-    stratify = y if counts.min() >= 2 else None
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
-    )
-    if np.isnan(x_tr).any():
-        with warnings.catch_warnings():  # an all-missing column has no median: use 0
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = np.nan_to_num(np.nanmedian(x_tr, axis=0), nan=0.0)
-        x_tr = np.where(np.isnan(x_tr), median, x_tr)
-        x_te = np.where(np.isnan(x_te), median, x_te)
+        counts = np.bincount(y.astype(int), minlength=2)
+        stratify = y if counts.min() >= 2 else None
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            x, y, test_size=test_fraction, random_state=stratified_seed, stratify=stratify
+        )
+    if len(y_tr) == 0:
+        raise DataError(f"site {name}: no training rows after the train/test split")
+    center = scale = None
     if reference_scaling is not None:
         center = np.asarray(reference_scaling[0], dtype=np.float32)
         scale = np.asarray(reference_scaling[1], dtype=np.float32)
+    fill = center if center is not None else np.float32(0.0)
+    x_tr, x_te = (np.where(np.isnan(part), fill, part) for part in (x_tr, x_te))
+    if center is not None and scale is not None:
         x_tr, x_te = (x_tr - center) / scale, (x_te - center) / scale
     return SiteData(
         name=name,
-        x_train=x_tr.astype(np.float32),
-        y_train=y_tr.astype(np.float32),
-        x_test=x_te.astype(np.float32),
-        y_test=y_te.astype(np.float32),
+        x_train=np.asarray(x_tr, dtype=np.float32),
+        y_train=np.asarray(y_tr, dtype=np.float32),
+        x_test=np.asarray(x_te, dtype=np.float32),
+        y_test=np.asarray(y_te, dtype=np.float32),
     )

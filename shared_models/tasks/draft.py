@@ -131,7 +131,7 @@ def draft_task_file(
             ignored.append((col, f"{len(values)} distinct texts: an identifier or free text?"))
             continue
         if missing[col].any():
-            entry.append('if-missing = "impute"  # site median + a missing-indicator column')
+            entry.append('if-missing = "impute"  # the fixed centre + a missing-indicator column')
         features.append(entry)
     if ignored:
         lines.append("ignore = [")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import LABEL, DataError, SiteData, Task, prepare_site
+from .base import LABEL, DataError, SiteData, Task, prepare_site, split_key_from_seed
 
 IMAGE_SIZES = (28, 64, 128, 224)  # MedMNIST v2's published sizes
 SCATTER = "scatter-28"  # 28x28 pixels, then a fixed scattering transform (see scattering)
@@ -553,7 +553,7 @@ def simulated_chest_sites(
                 name,
                 *image_features(frame, preprocessing),
                 test_fraction=test_fraction or CHEST_TEST_FRACTION,
-                seed=seed,
+                split_key=split_key_from_seed(seed),
             )  # fmt: skip
             for name, frame in sites
         ]

@@ -7,8 +7,8 @@
   Its :class:`TableReport` is what ``fedcare client check`` prints and what a refused file's
   error says.
 * :func:`encode_table` turns a checked table into model input ``x [N, F]`` and labels ``y [N]``
-  (one-hot levels, missing indicators, dropped rows); the fixed scaling and the median
-  imputation are :func:`~shared_models.tasks.base.prepare_site`'s.
+  (one-hot levels, missing indicators, dropped rows); the fixed scaling and the
+  imputation with the feature's fixed centre are :func:`~shared_models.tasks.base.prepare_site`'s.
 
 No message of this module contains a cell value: only file, column, counts and row numbers.
 """
@@ -416,12 +416,12 @@ def label_vector(spec: TaskSpec, frame: pd.DataFrame) -> np.ndarray:
 def encode_table(
     spec: TaskSpec, frame: pd.DataFrame, preprocessing: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Model input of a checked table, before the fixed scaling and the median imputation.
+    """Model input of a checked table, before the fixed scaling and the imputation.
 
     Per feature, in the task file's order: numeric -> its value; binary -> 0/1 (first / second
     level); categorical -> one 0/1 column per level (the first left out with ``drop-first``).
     A missing value is NaN in its columns (imputed later by
-    :func:`~shared_models.tasks.base.prepare_site` with the site's training median) and, with a
+    :func:`~shared_models.tasks.base.prepare_site` with the feature's fixed centre) and, with a
     missing indicator, 1 in the indicator column that follows; rows missing a ``drop-row``
     feature are removed.
 

@@ -4,7 +4,7 @@ A task file says what every hospital's table must look like and how it becomes m
 the label column and which of its values mean positive; per feature its type (numeric, binary,
 categorical with its levels), unit, valid range from the data dictionary (which is also the
 fixed, data-independent scaling), missing-value markers and what to do with a missing value
-(drop the row, or impute the site's own training median and add a missing-indicator column).
+(drop the row, or impute the feature's fixed centre and add a missing-indicator column).
 The files live in the app's ``tasks/`` folder, so they travel in the app bundle the hospitals
 approve and the bundle's hash covers the schema and the ranges.
 
@@ -90,8 +90,8 @@ class FeatureSpec:
     missing : tuple[str, ...]
         Cell texts meaning "missing" besides the empty cell.
     if_missing : str
-        ``drop-row`` (the row is not used) or ``impute`` (the site's own training-split median,
-        see :func:`~shared_models.tasks.base.prepare_site`).
+        ``drop-row`` (the row is not used) or ``impute`` (the feature's fixed centre, a constant of
+        the task; see :func:`~shared_models.tasks.base.prepare_site`).
     missing_indicator : bool
         ``impute`` only: add a 0/1 column that is 1 where the value was missing.
     """
