@@ -13,8 +13,10 @@ number of messages:
 - Evaluate: exact metrics (AUROC, accuracy, sensitivity, specificity, AUPRC, the operating
   point at sensitivity 0.8) only where the policy allows them; otherwise per-class score
   histograms with Gaussian noise, each release charged to the same accountant.
-- Refusals name the bound that refused; replies never carry data values or local paths (the
-  hospital's audit log keeps the details).
+- Refusals name the run-config key and the policy bound that refused, never a number or text
+  derived from the data (n, counts, the noise multiplier or ε the data would give, file names,
+  exception text): those stay in the hospital's log and audit log. An unexpected exception is
+  answered with its category only.
 """
 
 from __future__ import annotations
@@ -63,17 +65,19 @@ from client.training import (
     empty_accountant_state,
     plan_for_run,
     resolve_device,
+    steps_exceeded,
     train_round,
 )
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics, score_histograms
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
-from shared_models.tasks import DataError, SiteData
+from shared_models.tasks import DataError, SiteData, get_task
 
 _log = logging.getLogger("fedcare.hospital")
 
-# refusals whose text is built from the run config and public values only: sent as they are
+# refusals whose text is built from the run config, the policy's bounds and public values only:
+# sent as they are (their ``detail``, if any, with the site's numbers, is logged here)
 _PUBLIC = (PolicyRefusal, PrivacyBudgetError, ConfigError, SecAggProtocolError)
 # refusals whose text may name local paths or data values: the coordinator gets the category
 _PRIVATE = {
@@ -84,6 +88,7 @@ _PRIVATE = {
     OSError: "a local file could not be read or written",
 }
 _EXPECTED = (*_PUBLIC, *_PRIVATE)
+_UNEXPECTED = "an unexpected error at the site"  # any other exception: its category only
 
 
 def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -115,6 +120,9 @@ def _secagg_preflight_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     except SecAggProtocolError as exc:  # protocol parameters or clipping norm rejected
         return _refuse(msg, context, exc)
+    except Exception as exc:  # Flower's mods raise on malformed protocol messages: category only
+        _log.exception("unexpected error in the SecAgg+ protocol")
+        return _refuse(msg, context, exc)
 
 
 # outermost first: audit the protocol, refuse early, run SecAgg+, clip (client-level DP), handler
@@ -141,6 +149,11 @@ class _Site:
     def of(cls, context: Context) -> _Site:
         """Raises the expected errors (bad run config, node config, data, policy file)."""
         run = run_config_of(context)
+        try:  # names the coordinator sent, checked before any data is read
+            task = get_task(run.task.name)
+            task.resolve_model(run.model.name, task.resolve_preprocessing(run.task.preprocessing))
+        except ValueError as exc:  # an unknown task, preprocessing or model: names only
+            raise ConfigError(str(exc)) from None
         settings = SiteSettings.from_node_config(context.node_config)
         data = load_site_data(settings, run)
         folder = _ledger_dir(context, settings, data.name)
@@ -232,8 +245,12 @@ class _Site:
             except ValueError as exc:  # δ >= 1/n, or a budget that cannot be reached
                 raise ConfigError(str(exc)) from None
         y = self.data.y_train
+        preprocessing = get_task(self.run.task.name).resolve_preprocessing(
+            self.run.task.preprocessing
+        )
         self.policy.check_run(
-            task=self.run.task.name, plan=plan, n_train=self.data.n_train,
+            task=self.run.task.name, preprocessing=preprocessing, plan=plan,
+            n_train=self.data.n_train,
             class_counts=(int((y == 0).sum()), int((y == 1).sum())),
             client_level=self.run.dp.client_level, secure_aggregation=self.run.secagg.enabled,
         )  # fmt: skip
@@ -315,17 +332,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _audited(_evaluate, msg, context)
 
 
-def _refuse(msg: Message, context: Context, exc: Exception) -> Message:
+def _refuse(msg: Message, context: Context, exc: BaseException) -> Message:
     """An error reply naming this site and a reason safe to send: the text of a policy, budget
     or config refusal; for anything that may carry local paths or data values, only its
-    category (the full text goes to the hospital's log and audit log)."""
-    public = next((text for kind, text in _PRIVATE.items() if isinstance(exc, kind)), None)
-    reason = str(exc) if public is None else f"{public} (the hospital's log has the details)"
-    if public is not None:
-        _log.warning("refused %s: %s", msg.metadata.message_type, exc)
+    category. The full text (and a refusal's ``detail``) goes to the hospital's log and audit
+    log."""
+    if isinstance(exc, _PUBLIC):
+        reason, local = str(exc), getattr(exc, "detail", "")
+    else:
+        category = next((text for kind, text in _PRIVATE.items() if isinstance(exc, kind)), None)
+        reason = f"{category or _UNEXPECTED} (the hospital's log has the details)"
+        local = str(exc) if category else f"{type(exc).__name__}: {exc}"
+    if local:
+        _log.warning("refused %s: %s (%s)", msg.metadata.message_type, reason, local)
         target = _audit_target(context)
         if target is not None:
-            target[0].write({"direction": "local", "site": target[2], "detail": str(exc)})
+            target[0].write({"direction": "local", "site": target[2], "detail": local})
     return Message(
         Error(code=SITE_REFUSED, reason=refusal_reason(_site_name(context), reason)), reply_to=msg
     )
@@ -341,16 +363,26 @@ def _site_name(context: Context) -> str:
         return f"node {context.node_id}"
 
 
+def _answered(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
+    """``handler``'s reply; an exception it did not expect (a bug, an input no check foresaw)
+    becomes a refusal with its category only (Flower would send its text), logged here."""
+    try:
+        return handler(msg, context)
+    except Exception as exc:
+        _log.exception("unexpected error answering %s", msg.metadata.message_type)
+        return _refuse(msg, context, exc)
+
+
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
     """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
     target = _audit_target(context)
     if target is None:
-        return handler(msg, context)
+        return _answered(handler, msg, context)
     audit, run_id, site = target
     config = msg.content.config_records.get("config")
     server_round = config.get("server-round", 0) if config is not None else 0
     audit.message("received", msg, run_id=run_id, site=site, round=server_round)
-    reply = handler(msg, context)
+    reply = _answered(handler, msg, context)
     if reply.has_error():
         decision = "refused"
     elif msg.metadata.message_type.startswith("train"):
@@ -441,13 +473,10 @@ def _train_locally(
     steps = plan.steps_per_round if plan is not None else _steps(data.n_train, run)
     if plan is not None:
         if record.train_steps + steps > plan.total_steps:
-            raise PrivacyBudgetError(
-                f"this round's {steps} steps would exceed the {plan.total_steps} DP steps the "
-                f"run was calibrated for ({record.train_steps} already taken)"
-            )
+            raise steps_exceeded(record.train_steps, steps, plan.total_steps)
         site.check_release(
             _with(record.accountant, plan.noise_multiplier, plan.sample_rate, steps),
-            what=f"round {_round(msg)}'s {steps} DP-SGD steps",
+            what=f"round {_round(msg)}'s DP-SGD steps",
         )
     started = time.perf_counter()
     result = train_round(

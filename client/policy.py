@@ -11,7 +11,8 @@ that only raises the lifetime budget still requires DP. Example (``policy.toml``
     min-noise-multiplier = 0.5         # DP-SGD noise multiplier, at least
     min-eval-noise-multiplier = 2.0    # Gaussian noise on released evaluation counts, at least
     max-grad-norm = [0.01, 10.0]       # allowed clipping bound range
-    allowed-tasks = ["heart-disease"]  # default: every registered task
+    allowed-tasks = ["heart-disease"]  # default: every registered task; "TASK:PREPROCESSING"
+                                       # allows a task with that preprocessing only
     min-cohort = 10                    # patients per class, at least, behind any exact metric
     allow-non-dp = false               # true also admits client-level-only DP runs
     exact-metrics = false              # true: exact evaluation metrics and train loss leave the site
@@ -41,7 +42,16 @@ class PolicyError(ValueError):
 
 
 class PolicyRefusal(RuntimeError):
-    """A run's request falls outside the site policy; the message says which bound and why."""
+    """A run's request falls outside the site policy; the message says which bound and why.
+
+    The message reaches the coordinator: it names the run-config key and the policy's bound,
+    never a number derived from the site's data (n, counts, the noise multiplier or ε this site
+    would reach). ``detail``, with those numbers, stays in the hospital's log and audit log.
+    """
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,9 @@ class SitePolicy:
     max_grad_norm : (float, float)
         Allowed range of the DP-SGD clipping bound.
     allowed_tasks : tuple[str, ...] or None
-        None: every registered task.
+        None: every registered task. An entry ``"task:preprocessing"`` allows the task with that
+        (resolved) preprocessing only, e.g. ``"heart-disease:flamby"``: the training-set sizes
+        under two preprocessings that drop different records would tell how many were dropped.
     min_cohort : int
         Patients per class, at least, in the training split and behind any exact metric.
     allow_non_dp, exact_metrics, require_secure_aggregation : bool
@@ -132,6 +144,7 @@ class SitePolicy:
         self,
         *,
         task: str,
+        preprocessing: str = "",
         plan: DPPlan | None,
         n_train: int,
         class_counts: tuple[int, int],
@@ -142,6 +155,8 @@ class SitePolicy:
 
         Parameters
         ----------
+        task, preprocessing : str
+            The run's task and its resolved preprocessing (``allowed-tasks``).
         plan : DPPlan or None
             The run's DP plan at this site (None: the run trains without sample-level DP).
         n_train : int
@@ -156,11 +171,14 @@ class SitePolicy:
         Raises
         ------
         PolicyRefusal
-            Naming the bound, the requested value and the allowed value.
+            Naming the bound and the run-config key; never a number derived from the data.
         """
-        if self.allowed_tasks is not None and task not in self.allowed_tasks:
+        if self.allowed_tasks is not None and not (
+            task in self.allowed_tasks or f"{task}:{preprocessing}" in self.allowed_tasks
+        ):
             raise PolicyRefusal(
-                f"task {task!r} is not allowed by the policy (allowed: {list(self.allowed_tasks)})"
+                f"task {task!r} with preprocessing {preprocessing!r} is not allowed by the "
+                f"policy (task.name, task.preprocessing; allowed: {list(self.allowed_tasks)})"
             )
         if self.require_secure_aggregation and not secure_aggregation:
             raise PolicyRefusal(
@@ -183,14 +201,21 @@ class SitePolicy:
             return
         site_delta = self.site_delta(n_train)
         if plan.target_delta > site_delta:
+            bound = (
+                f"the policy's max-delta {self.max_delta:g}"
+                if self.max_delta is not None
+                else "this site's δ (min(1e-5, 1/(10 n_train)); the policy sets no max-delta)"
+            )
             raise PolicyRefusal(
-                f"the run asks for δ = {plan.target_delta:g} but this site's δ is at most "
-                f"{site_delta:g} (policy max-delta)"
+                f"dp.target-delta = {plan.target_delta:g} is above {bound}",
+                detail=f"site δ {site_delta:g} for {n_train} training records",
             )
         if plan.noise_multiplier < self.min_noise_multiplier:
             raise PolicyRefusal(
-                f"noise multiplier {plan.noise_multiplier:.3f} is below the policy's minimum "
-                f"{self.min_noise_multiplier:g}"
+                f"the noise multiplier this run gives at this site is below the policy's minimum "
+                f"{self.min_noise_multiplier:g} (lower dp.target-epsilon, or train fewer rounds "
+                "or epochs)",
+                detail=f"noise multiplier {plan.noise_multiplier:.4f}",
             )
         if plan.eval_releases and plan.eval_noise_multiplier < self.min_eval_noise_multiplier:
             raise PolicyRefusal(
@@ -207,8 +232,9 @@ class SitePolicy:
         planned = epsilon_spent(plan.planned_state(), delta=site_delta)
         if planned > self.max_epsilon_per_run:
             raise PolicyRefusal(
-                f"run would spend ε={planned:.2f} at δ={site_delta:g} but the policy allows "
-                f"{self.max_epsilon_per_run:g} per run"
+                f"the run's planned ε at this site's δ is above the policy's "
+                f"max-epsilon-per-run {self.max_epsilon_per_run:g} (dp.target-epsilon)",
+                detail=f"planned ε {planned:.3f} at δ {site_delta:g}",
             )
 
     def check_release(
@@ -242,14 +268,16 @@ class SitePolicy:
         run_eps = epsilon_spent(this_run, delta=delta)
         if run_eps > self.max_epsilon_per_run + 1e-9:
             raise PolicyRefusal(
-                f"{what} would bring the run's ε to {run_eps:.2f} at δ={delta:g} but the policy "
-                f"allows {self.max_epsilon_per_run:g} per run"
+                f"{what} would bring the run's ε above the policy's max-epsilon-per-run "
+                f"{self.max_epsilon_per_run:g}",
+                detail=f"run ε would be {run_eps:.3f} at δ {delta:g}",
             )
         total = lifetime_epsilon([*other_runs, this_run], delta=delta)
         if total > self.lifetime_epsilon + 1e-9:
             raise PolicyRefusal(
-                f"{what} would bring the site's lifetime ε to {total:.2f} at δ={delta:g} but the "
-                f"policy allows {self.lifetime_epsilon:g} in total"
+                f"{what} would bring the site's lifetime ε above the policy's lifetime-epsilon "
+                f"{self.lifetime_epsilon:g}",
+                detail=f"lifetime ε would be {total:.3f} at δ {delta:g}",
             )
         return run_eps, total
 

@@ -124,7 +124,9 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
         try:
             plan_for_run(run, n_train=site.n_train, private_evaluation=not policy.exact_metrics)
         except ValueError as exc:
-            raise UsageError(f"hospital {site.name}: {exc}") from None
+            raise UsageError(
+                f"hospital {site.name} ({site.n_train} training records): {exc}"
+            ) from None
     return run, sites
 
 

@@ -137,7 +137,7 @@ def test_a_changed_plan_under_the_same_run_id_is_refused_before_training(hospita
     assert after.epsilon(site_delta) <= DEFAULT_POLICY.max_epsilon_per_run
     # a sixth round under the old plan is refused as well: its steps exceed the plan
     reply = client_app(make_request("train", model, 6), hospital(**cfg))
-    assert "exceed the 25 DP steps" in reply.error.reason
+    assert "would exceed the steps the run was calibrated for" in reply.error.reason
 
 
 def test_fresh_run_ids_cannot_grow_the_lifetime_budget(hospital):
@@ -168,7 +168,7 @@ def test_a_larger_delta_than_the_site_allows_is_refused(hospital):
         hospital(**{"dp.target-delta": 2.4e-3}),
     )
     assert reply.error.code == SITE_REFUSED
-    assert "δ = 0.0024 but this site's δ is at most 1e-05" in reply.error.reason
+    assert "dp.target-delta = 0.0024 is above this site's δ" in reply.error.reason
 
 
 def test_threshold_model_evaluation_gets_only_noisy_counts_charged_to_the_ledger(hospital):

@@ -137,7 +137,7 @@ def test_ledger_and_policy_hold_across_two_simulations(tmp_path):
     refusals = json.loads((out / "summary.json").read_text())["failures"]
     assert {f["hospital"] for f in refusals} == {"hospital-1", "hospital-2"}
     assert all(
-        "lifetime ε" in f["reason"] and "allows 2.5 in total" in f["reason"] for f in refusals
+        "lifetime ε above the policy's lifetime-epsilon 2.5" in f["reason"] for f in refusals
     )
     entries = sorted((tmp_path / "ledgers" / "hospital-1" / "runs").glob("*.json"))
     assert len(entries) == 1  # the refused run left nothing in the ledger
