@@ -50,6 +50,21 @@ PINNED: dict[str, dict[str, str]] = {
         "flwr.superlink.grid.http_grid:HttpGrid.pull_messages": "67a5266a5a2ed515",
         "flwr.superlink.grid.http_grid:HttpGrid.send_and_receive": "699c9f048f3cff74",
     },
+    "client/secure_aggregation.py (the hospital's SecAgg+ checks, on Flower's client state)": {
+        # check_unmask reads SecAggPlusState as secaggplus_mod saves it (only after a stage
+        # succeeded), relies on check_stage / check_configs refusing out-of-order and malformed
+        # messages, on _share_keys / _collect_masked_vectors filling public_keys_dict and the
+        # share dicts, and documents what _unmask checks itself
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:SecAggPlusState": "16bb077a917408a0",
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:secaggplus_mod": "cc0e7d467b4de166",
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:check_stage": "100790f27e793e59",
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:check_configs": "d329ae3f62633817",
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:_share_keys": "0873eca66c3df037",
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:_collect_masked_vectors": (
+            "d638fe6563407bc1"
+        ),
+        "flwr.client.mod.secure_aggregation.secaggplus_mod:_unmask": "076374c55e664774",
+    },
     "server/secure_aggregation.py (SecAgg+ stages driven from the strategies)": {
         "flwr.server.workflow.secure_aggregation.secaggplus_workflow:SecAggPlusWorkflow": (
             "3ce26fbb0e619d7a"
