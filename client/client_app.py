@@ -52,6 +52,7 @@ from client.secure_aggregation import (
     secagg_stage,
     secure_aggregation_mod,
 )
+from client.secure_dp import check_private_mode
 from client.site import (
     SiteSettings,
     SiteSetupError,
@@ -478,6 +479,12 @@ def _train_locally(
             _with(record.accountant, plan.noise_multiplier, plan.sample_rate, steps),
             what=f"round {_round(msg)}'s DP-SGD steps",
         )
+    mode = grad_sample_mode_for(model, run.dp.grad_sample_mode)
+    if plan is not None:
+        try:
+            check_private_mode(mode)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     started = time.perf_counter()
     result = train_round(
         model,
@@ -492,7 +499,7 @@ def _train_locally(
         proximal_mu=float(msg.content.config_records["config"].get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         seed=run.train.seed * 100_003 + _round(msg),  # batch order of NON-private runs only
         device=device,
-        grad_sample_mode=grad_sample_mode_for(model, run.dp.grad_sample_mode),
+        grad_sample_mode=mode,
     )
     record.updates += 1
     if plan is not None and result.accountant_state is not None:

@@ -116,12 +116,13 @@ class ApprovedBundlePlugin(BaseExecPlugin):
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         """Launch ``flwr-clientapp`` for an approved bundle; answer any other with a refusal."""
         fab_hash = str(task.fab_hash)
-        try:
-            approved, why = self.approved.is_approved(fab_hash), ""
-        except ApprovalError as exc:  # fail closed: an unreadable list approves nothing
-            approved, why = False, f"cannot be checked ({exc})"
         entry = {"event": "bundle", "site": self.site, "flower_run_id": task.run_id,
                  "task_id": task.task_id, "fab_hash": fab_hash}  # fmt: skip
+        try:
+            approved, why = self.approved.is_approved(fab_hash), ""
+        except ApprovalError as exc:  # fail closed: an unreadable list approves nothing; the
+            approved, why = False, "cannot be checked (the approved-bundles list is unreadable)"
+            self.audit.write({**entry, "direction": "local", "detail": str(exc)})  # path stays here
         if approved:
             self.audit.write({**entry, "decision": "approved"})
             return super().launch_task(token, task)

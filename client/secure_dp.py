@@ -10,11 +10,14 @@ privacy bookkeeping; this module replaces only its two random draws, which Opacu
   :meth:`SecureRandom.bernoulli` instead of ``torch.rand(..., generator=...)``;
   :meth:`SecurePrivacyEngine._prepare_data_loader` builds Opacus' ``DPDataLoader`` around it
   (:class:`SecureDPDataLoader`: the same sample rate, empty batches included).
-- **Gaussian noise**: :class:`SecureDPOptimizer` (and its fast-gradient-clipping twin) override
-  ``add_noise``: one float64 draw of N(0, (sigma C)^2) for all parameters from
+- **Gaussian noise**: :class:`SecureDPOptimizer` overrides ``add_noise``: one float64 draw of N(0, (sigma C)^2) for all parameters from
   :meth:`SecureRandom.standard_normal`, added to the clipped sum in float64 and rounded once to
   the parameter's dtype. Everything after (``scale_grad``, the optimizer's update) is
   post-processing of that released sum.
+- **Non-finite example gradients**: before Opacus clips, an example whose gradient has a
+  non-finite entry contributes 0 instead of turning the whole update into NaN
+  (:meth:`_SecureNoise.clip_and_accumulate`); the ``ghost`` mode, which never has per-example
+  gradients to check, is refused for DP training (:func:`check_private_mode`).
 
 Floating-point attacks (Mironov, CCS 2012; Jin et al., IEEE S&P 2022, which recovered data from
 Opacus' float32 noise) exploit which floating-point values ``x + noise`` can take for different
@@ -28,7 +31,8 @@ README: the guarantee is that of an exact Gaussian up to the float64 approximati
 & Steinke 2020) would make it exact but cannot serve float gradients.
 
 Opacus' private methods that this module overrides or calls (``PrivacyEngine._prepare_optimizer``
-and ``_prepare_data_loader``, the optimizers' ``add_noise``, the sampler, the loader) are pinned
+and ``_prepare_data_loader``, the optimizer's ``add_noise`` and ``clip_and_accumulate``, the
+sampler, the loader) are pinned
 by the SHA-256 of their source in ``tests/test_secure_dp.py``: an Opacus upgrade that changes
 them fails that test until this module is re-checked.
 """
@@ -124,12 +128,41 @@ class SecureDPDataLoader(DataLoader):
 
 
 class _SecureNoise:
-    """``add_noise`` of Opacus' DP optimizers with the noise from ``self.randomness``."""
+    """Opacus' DP optimizer with the noise from ``self.randomness`` and every example's
+    gradient checked before it is clipped."""
 
     randomness: SecureRandom
     params: list[torch.nn.Parameter]
     noise_multiplier: float
     max_grad_norm: float
+    grad_samples: list[torch.Tensor]
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' per-example clipping, after every example whose gradient has a non-finite
+        entry (in any parameter) has its gradient set to 0.
+
+        Opacus scales each per-example gradient by ``min(1, C / norm)``; for a gradient with an
+        infinite entry that factor is 0 and ``0 * inf`` is NaN, which turns the whole sum, the
+        noise and the released weights into NaN. Global weights crafted so that one patient's
+        gradient overflows (GroupNorm on a constant group, a huge learning signal) would then
+        release "this patient was sampled" outside the noise. A zeroed example contributes 0,
+        inside the clipping ball: the sensitivity stays C and the accounting unchanged.
+        """
+        samples = self.grad_samples
+        if len(samples[0]):
+            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for g in samples:
+                bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+            if bool(bad.any()):
+                for p in self.params:
+                    gs = p.grad_sample
+                    flat = torch.cat(gs, dim=0) if isinstance(gs, list) else gs
+                    p.grad_sample = torch.where(
+                        bad.to(flat.device).view(-1, *[1] * (flat.dim() - 1)),
+                        torch.zeros((), dtype=flat.dtype, device=flat.device),
+                        flat,
+                    )
+        super().clip_and_accumulate()  # type: ignore[misc]
 
     def add_noise(self) -> None:
         """``p.grad = round(p.summed_grad + N(0, (sigma C)^2))`` for every parameter, the noise
@@ -165,19 +198,29 @@ class SecureDPOptimizer(_SecureNoise, DPOptimizer):
         self.randomness = randomness
 
 
-class SecureDPOptimizerFastGradientClipping(_SecureNoise, DPOptimizerFastGradientClipping):
-    """Opacus' ``DPOptimizerFastGradientClipping`` (ghost clipping) with :class:`SecureRandom`
-    noise."""
-
-    def __init__(self, *args: Any, randomness: SecureRandom, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.randomness = randomness
+SANITISED_MODES = ("hooks", "functorch")  # per-example gradients exist, and are checked
 
 
-_SECURE_OPTIMIZERS: dict[type, type] = {
-    DPOptimizer: SecureDPOptimizer,
-    DPOptimizerFastGradientClipping: SecureDPOptimizerFastGradientClipping,
-}
+def check_private_mode(grad_sample_mode: str) -> None:
+    """Refuse a per-sample gradient mode whose per-example gradients cannot be checked.
+
+    Opacus' ``ghost`` mode (fast gradient clipping) never materialises per-example gradients:
+    its second backward pass sums every example's clipped gradient at once, so a non-finite
+    gradient of one example (see :meth:`_SecureNoise.clip_and_accumulate`) cannot be removed
+    before it reaches the released update. ``hooks`` and ``functorch`` compute the same clipped
+    gradient with the check.
+
+    Raises
+    ------
+    ValueError
+        ``grad_sample_mode`` is not one of :data:`SANITISED_MODES`.
+    """
+    if grad_sample_mode not in SANITISED_MODES:
+        raise ValueError(
+            f"dp.grad-sample-mode = {grad_sample_mode!r} is not accepted for DP training here: "
+            "it sums the examples' gradients before each can be checked for non-finite values; "
+            f"choose one of {list(SANITISED_MODES)} (the same clipped gradient) or 'default'"
+        )
 
 
 class SecurePrivacyEngine(PrivacyEngine):
@@ -241,18 +284,25 @@ class SecurePrivacyEngine(PrivacyEngine):
     ) -> DPOptimizer:
         if noise_generator is not None:
             raise ValueError("the noise comes from the engine's SecureRandom, not a generator")
+        if noise_multiplier > 0:  # a DP release (noiseless baselines may use any mode)
+            check_private_mode(grad_sample_mode)
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         opacus_class = get_optimizer_class(
             clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
         )
-        secure_class = _SECURE_OPTIMIZERS.get(opacus_class)
-        if secure_class is None:
+        if opacus_class is DPOptimizerFastGradientClipping:  # noiseless only (checked above)
+            return opacus_class(
+                optimizer=optimizer, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                loss_reduction=loss_reduction, generator=None, secure_mode=False, **kwargs,
+            )  # fmt: skip
+        if opacus_class is not DPOptimizer:
             raise ValueError(
-                f"no secure-noise counterpart of Opacus' {opacus_class.__name__} (clipping "
+                f"no secure counterpart of Opacus' {opacus_class.__name__} (clipping "
                 f"{clipping!r}, distributed={distributed})"
             )
-        return secure_class(
+        return SecureDPOptimizer(
             optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
             generator=None, secure_mode=False, randomness=self.randomness, **kwargs,
@@ -260,9 +310,10 @@ class SecurePrivacyEngine(PrivacyEngine):
 
 
 __all__ = [
+    "SANITISED_MODES",
     "SecureDPDataLoader",
     "SecureDPOptimizer",
-    "SecureDPOptimizerFastGradientClipping",
+    "check_private_mode",
     "SecurePoissonSampler",
     "SecurePrivacyEngine",
 ]

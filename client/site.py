@@ -21,7 +21,7 @@ from shared_models.config import RunConfig
 from shared_models.files import fsync_folder
 from shared_models.sites import simulated_sites_for, site_from_frame
 from shared_models.tasks import DataError, SiteData, get_task
-from shared_models.tasks.base import SPLIT_KEY_BYTES, split_key_from_seed
+from shared_models.tasks.base import SPLIT_KEY_BYTES
 
 SPLIT_KEY_FILE = "split.key"  # in the hospital's state folder (node config ledger-dir)
 
@@ -74,10 +74,9 @@ class SiteSettings:
     test_fraction : float
         Share of the site's data held out for evaluation (0: the task's default). A hospital
         setting: the coordinator cannot choose which patients are tested.
-    split_seed : int
-        Only for a hospital without a state folder: the seed its split key is derived from.
     ledger_dir : str
-        The hospital's state folder (privacy ledger, audit log, split key); "" if none.
+        The hospital's state folder (privacy ledger, audit log, split key); required at a
+        deployed hospital, "" for a simulated one.
     """
 
     name: str
@@ -86,7 +85,6 @@ class SiteSettings:
     num_partitions: int
     device: str
     test_fraction: float = 0.0
-    split_seed: int = 0
     ledger_dir: str = ""
 
     @classmethod
@@ -96,21 +94,25 @@ class SiteSettings:
         Raises
         ------
         SiteSetupError
-            Neither ``data-path`` nor a simulation ``partition-id`` is set, or a value has the
-            wrong type.
+            Neither ``data-path`` nor a simulation ``partition-id`` is set, a deployed hospital
+            (``data-path``) has no ``ledger-dir``, or a value has the wrong type.
         """
         try:
             data_path = str(cfg.get("data-path", ""))
             partition_id = int(cfg.get("partition-id", -1))
             num_partitions = int(cfg.get("num-partitions", -1))
             test_fraction = float(cfg.get("test-fraction", 0.0))
-            split_seed = int(cfg.get("split-seed", 0))
         except (TypeError, ValueError) as exc:
             raise SiteSetupError(f"node config: {exc}") from None
         if not data_path and partition_id < 0:
             raise SiteSetupError(
                 "node config has no 'data-path': start the hospital with "
                 '--node-config \'data-path="/path/to/file" site="NAME"\''
+            )
+        if data_path and not cfg.get("ledger-dir"):  # no ledger: no lifetime cap, no replay
+            raise SiteSetupError(  # cache and no secret split key; never run without one
+                "node config has no 'ledger-dir': a deployed hospital keeps its privacy ledger, "
+                "audit log and split key there (fedcare client start sets it)"
             )
         if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
             raise SiteSetupError(f"node config test-fraction {test_fraction:g}: use 0.05 to 0.9")
@@ -122,7 +124,6 @@ class SiteSettings:
             num_partitions=num_partitions,
             device=str(cfg.get("device", "auto")),
             test_fraction=test_fraction,
-            split_seed=split_seed,
             ledger_dir=str(cfg.get("ledger-dir", "")),
         )
 
@@ -160,11 +161,10 @@ def site_split_key(site: SiteSettings) -> bytes:
     """The key of a deployed hospital's train/test split (see
     :func:`shared_models.tasks.base.assign_test_records`).
 
-    With a state folder (``ledger-dir``): 32 random bytes from the OS CSPRNG, written once to
-    ``<ledger-dir>/split.key`` (mode 0600, created atomically: a concurrent first load keeps
-    the first key) and read from there afterwards, so each patient stays in the same split for
-    the life of the hospital's data and nobody outside the hospital can tell which split a
-    known record is in. Without one: derived from node config ``split-seed``.
+    32 random bytes from the OS CSPRNG, written once to ``<ledger-dir>/split.key`` (mode 0600,
+    created atomically: a concurrent first load keeps the first key) and read from there
+    afterwards, so each patient stays in the same split for the life of the hospital's data and
+    nobody outside the hospital can tell which split a known record is in.
 
     Raises
     ------
@@ -172,7 +172,7 @@ def site_split_key(site: SiteSettings) -> bytes:
         The key file exists but does not hold a key (or cannot be read or written).
     """
     if not site.ledger_dir:
-        return split_key_from_seed(site.split_seed)
+        raise SiteSetupError("a deployed hospital needs node config 'ledger-dir' for its split key")
     folder = Path(site.ledger_dir)
     path = folder / SPLIT_KEY_FILE
     try:

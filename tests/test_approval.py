@@ -253,3 +253,25 @@ def test_the_launcher_stops_on_sigterm_while_its_supernode_is_gone(tmp_path):
         assert "launcher for site a: stopped" in log.read_text()
     finally:
         proc.kill()
+
+
+def test_an_unreadable_approval_list_refuses_without_sending_its_path(tmp_path, monkeypatch):
+    """The refusal's text reaches the coordinator: it names the category only; the exception
+    (with the ledger folder's path) goes to the hospital's audit log. The real transport of the
+    refusal is covered end to end in tests/test_e2e_deployment.py; here it is recorded."""
+    from types import SimpleNamespace
+
+    import client.launcher as launcher
+
+    ledger = tmp_path / "ward-7" / "ledger"
+    ledger.mkdir(parents=True)
+    (ledger / "approved.json").write_text('{"approved": [{"sha256": "x"}]}')  # a bad hand edit
+    sent: list[str] = []
+    monkeypatch.setattr(launcher, "refuse_task", lambda address, token, reason: sent.append(reason))
+    plugin = launcher.ApprovedBundlePlugin(
+        "127.0.0.1:1", ledger=ledger, site="a", executor=SimpleNamespace()
+    )
+    plugin.launch_task(token="t", task=SimpleNamespace(fab_hash="ab" * 32, run_id=1, task_id=2))
+    assert "cannot be checked (the approved-bundles list is unreadable)" in sent[0]
+    assert "ward-7" not in sent[0] and str(tmp_path) not in sent[0]
+    assert "ward-7" in (ledger / "audit.jsonl").read_text()  # the detail stays at the hospital

@@ -137,7 +137,10 @@ def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_pa
     path = tmp_path / "processed.positive.data"
     path.write_text("\n".join(positives[:40]) + "\n")
     default_cfg.update({"task.name": "heart-disease", "dp.enabled": False})
-    node = {"data-path": str(path), "site": "zurich", "policy-path": permissive_policy(tmp_path)}
+    node = {
+        "data-path": str(path), "site": "zurich", "policy-path": permissive_policy(tmp_path),
+        "ledger-dir": str(tmp_path / "ledger"),
+    }  # fmt: skip
     ctx = _context(default_cfg, node)
     task = get_task("heart-disease")
     model = build_model("mlp", input_shape=task.input_shape("flamby"))
@@ -154,7 +157,9 @@ def test_malformed_site_file_is_refused_with_a_clear_reason(default_cfg, tmp_pat
     path = tmp_path / "bad.data"
     path.write_text("1,2,3\n")
     default_cfg["task.name"] = "heart-disease"
-    ctx = _context(default_cfg, {"data-path": str(path), "site": "x"})
+    ctx = _context(
+        default_cfg, {"data-path": str(path), "site": "x", "ledger-dir": str(tmp_path / "l")}
+    )
     reply = client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
     assert reply.error.code == SITE_REFUSED
     assert reply.error.reason == (

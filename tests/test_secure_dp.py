@@ -206,6 +206,69 @@ def test_evaluation_releases_are_whole_numbers_with_the_planned_noise():
     )
 
 
+def _overflowing_patient_round(*, secure: bool, with_target: bool) -> torch.Tensor:
+    """One DP step at sample rate 1 on an MLP whose output weights are 1e6 (allowed), with or
+    without a patient whose (finite) value makes their gradient overflow float32: the returned
+    flat weights, from fedcare's engine (``secure``) or Opacus' own."""
+    from opacus import PrivacyEngine
+
+    from client.secure_dp import SecurePrivacyEngine
+
+    data = _patients(20)
+    x, y = data.tensors
+    if with_target:
+        x, y = x.clone(), y.clone()
+        x[0, 0], y[0] = 1e33, 0.0  # a finite value; times 1e6 in the backward pass: inf
+    model = build_model("mlp", n_features=N_FEATURES, hidden=HIDDEN, seed=0)
+    with torch.no_grad():
+        model.net[0].weight.fill_(0.01)  # every hidden unit passes the patient's value on
+        model.net[2].weight.fill_(1e6)
+    loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=len(x))
+    engine = (
+        SecurePrivacyEngine(accountant="rdp", randomness=SecureRandom())
+        if secure
+        else PrivacyEngine()
+    )
+    net, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+    )  # fmt: skip
+    optimizer.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+    optimizer.step()
+    net.cleanup()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_one_patients_overflowing_gradient_cannot_turn_the_update_into_nan():
+    """Crafted global weights (finite, below the 1e6 bound) make one patient's gradient
+    overflow. With Opacus' clipping the whole update becomes NaN exactly when that patient is
+    in the batch (the attack's precondition, shown on Opacus' own engine); fedcare's engine
+    zeroes that example's gradient, so the update is finite either way and the sensitivity
+    stays C."""
+    assert torch.isnan(_overflowing_patient_round(secure=False, with_target=True)).any()
+    assert torch.isfinite(_overflowing_patient_round(secure=False, with_target=False)).all()
+    for with_target in (True, False):
+        assert torch.isfinite(
+            _overflowing_patient_round(secure=True, with_target=with_target)
+        ).all()
+
+
+def test_ghost_clipping_is_refused_for_dp_training():
+    from client.secure_dp import check_private_mode
+
+    check_private_mode("hooks")
+    check_private_mode("functorch")
+    with pytest.raises(ValueError, match="sums the examples' gradients before each can be"):
+        check_private_mode("ghost")
+    plan = _plan()
+    with pytest.raises(ValueError, match="dp.grad-sample-mode = 'ghost' is not accepted"):
+        train_round(
+            _crafted_mlp(), _patients(), steps=1, batch_size=1, lr=LR, dp=plan,
+            grad_sample_mode="ghost",
+        )  # fmt: skip
+
+
 # Opacus' private code that client/secure_dp.py overrides, mirrors or calls, pinned by source:
 # an Opacus upgrade that changes one fails here; re-check client/secure_dp.py, then update.
 OPACUS_PINNED = {
@@ -218,6 +281,9 @@ OPACUS_PINNED = {
     "opacus.optimizers:get_optimizer_class": "dc115f8fdb9d40d2",
     "opacus.data_loader:DPDataLoader.__init__": "907c7d67b05d6bdb",
     "opacus.data_loader:DPDataLoader.from_data_loader": "2327af954ae7b49b",
+    "opacus.optimizers.optimizer:DPOptimizer.clip_and_accumulate": "28dc9fe15da665d3",
+    "opacus.optimizers.optimizer:DPOptimizer.grad_samples.fget": "6d410a4618184853",
+    "opacus.optimizers.optimizer:DPOptimizer._get_flat_grad_sample": "a9aed91bbcb2091a",
     "opacus.utils.uniform_sampler:UniformWithReplacementSampler.__iter__": "af6b9adbea9ec9a4",
 }
 

@@ -220,10 +220,9 @@ SPLIT_KEY_BYTES = 32
 
 
 def split_key_from_seed(seed: int) -> bytes:
-    """A split key derived from a seed: simulated hospitals (``data.split-seed``, so that a
-    simulation's splits are reproducible) and deployed ones without a state folder (node config
-    ``split-seed``). A deployed hospital with a state folder uses a random key kept there
-    (:func:`client.site.site_split_key`)."""
+    """The split key of simulated hospitals, derived from ``data.split-seed`` so that a
+    simulation's splits are reproducible. A deployed hospital uses a random key kept in its
+    ledger folder (:func:`client.site.site_split_key`)."""
     return hashlib.sha256(f"fedcare train/test split {int(seed)}".encode()).digest()
 
 
