@@ -88,7 +88,7 @@ _PRIVATE = {
     SiteSetupError: "its hospital settings are incomplete",
     OSError: "a local file could not be read or written",
 }
-_EXPECTED = (*_PUBLIC, *_PRIVATE)
+_EXPECTED: tuple[type[Exception], ...] = (*_PUBLIC, *_PRIVATE)
 _UNEXPECTED = "an unexpected error at the site"  # any other exception: its category only
 
 

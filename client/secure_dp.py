@@ -155,9 +155,9 @@ class _SecureNoise:
                 bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
             if bool(bad.any()):
                 for p in self.params:
-                    gs = p.grad_sample
+                    gs = p.grad_sample  # type: ignore[attr-defined]  # Opacus' attribute
                     flat = torch.cat(gs, dim=0) if isinstance(gs, list) else gs
-                    p.grad_sample = torch.where(
+                    p.grad_sample = torch.where(  # type: ignore[attr-defined]
                         bad.to(flat.device).view(-1, *[1] * (flat.dim() - 1)),
                         torch.zeros((), dtype=flat.dtype, device=flat.device),
                         flat,
@@ -173,7 +173,7 @@ class _SecureNoise:
         """
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = float(sigma) * float(self.max_grad_norm)
-        sums = [p.summed_grad for p in self.params]
+        sums = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
         for summed in sums:
             _check_processed_flag(summed)
         if std == 0.0:  # noiseless (non-private baselines): no draw
@@ -262,7 +262,7 @@ class SecurePrivacyEngine(PrivacyEngine):
             )  # fmt: skip
         if distributed or rand_on_empty:
             raise ValueError("secure Poisson sampling serves one device and empty batches")
-        if self.dataset is None:
+        if self.dataset is None:  # type: ignore[has-type]  # as Opacus' own method
             self.dataset = data_loader.dataset
         return SecureDPDataLoader.from_loader(
             data_loader, randomness=self.randomness, batch_first=batch_first

@@ -194,7 +194,7 @@ def start(
         sys.executable, "-m", "server.gateway", "--host", host, "--port", str(port),
         "--upstream", f"https://127.0.0.1:{internal_port}",
         "--ca-cert", str(keys.ca_cert.resolve()), "--certfile", str(keys.server_cert.resolve()),
-        "--keyfile", str(keys.server_key.resolve()),
+        "--keyfile", str(keys.server_key.resolve()), "--pki", str(keys.root.resolve()),
         "--rate", str(rate_limit), "--max-body-mb", str(max_body_mb),
     ]  # fmt: skip
     cli = FlowerCLI(home, f"127.0.0.1:{internal_port}", keys.ca_cert)

@@ -9,6 +9,7 @@ Every process is bounded in time and stopped by its PID (and process group) at t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -324,6 +325,177 @@ def test_a_stranger_at_the_public_address_is_refused_everything(federation, tmp_
         superlink_log.read_text().count(f"ControlServicer.{rpc}")
         for rpc in ("StartRun", "StopRun", "RegisterNode")
     ] == handled
+
+
+class Stranger:
+    """A network stranger at the coordinator's public address, in a thread of its own (asyncio),
+    until the ``with`` block ends: ``idle_tls`` TLS connections that never send a request and
+    ``idle_tcp`` TCP connections that never start the handshake, each opened again once the
+    gateway closes it, and ``bodies`` requests at a time with a body of ``body_bytes`` signed
+    by a self-made (never registered) key, each sent again a second after its answer.
+    Only the gateway's address is dialled; the gateway process's RSS is sampled every 0.1 s."""
+
+    def __init__(self, host: str, port: int, ca: Path, gateway: psutil.Process, *,
+                 idle_tls: int = 500, idle_tcp: int = 500, bodies: int = 50,
+                 body_bytes: int = 16 * 2**20) -> None:  # fmt: skip
+        import ssl
+        import threading
+        from collections import Counter
+
+        self.host, self.port, self.gateway = host, port, gateway
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.counts = {"tls": idle_tls, "tcp": idle_tcp, "bodies": bodies}
+        self.body_bytes = body_bytes
+        self.held = self.max_held = self.body_bytes_sent = 0
+        self.closed: Counter[str] = Counter()  # idle connections the gateway closed, per kind
+        self.answers: Counter[str] = Counter()  # status of each body request ("reset": none)
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Stranger:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = self.counts["tls"] + self.counts["tcp"] + self.counts["bodies"] + 512
+        if soft < need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    async def _main(self) -> None:
+        tasks = [asyncio.create_task(self._idle(kind))
+                 for kind in ("tls", "tcp") for _ in range(self.counts[kind])]  # fmt: skip
+        tasks += [asyncio.create_task(self._body()) for _ in range(self.counts["bodies"])]
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.rss.append(self.gateway.memory_info().rss)
+            await asyncio.sleep(0.1)
+        pending = set(tasks)
+        while pending:  # asyncio.wait_for (3.11) may swallow a cancellation: cancel again
+            for task in pending:
+                task.cancel()
+            pending = (await asyncio.wait(pending, timeout=0.5))[1]
+
+    async def _connect(self, tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.context if tls else None), 30
+        )
+
+    async def _idle(self, kind: str) -> None:
+        import ssl
+
+        while not self._stop.is_set():
+            try:
+                reader, writer = await self._connect(kind == "tls")
+            except (OSError, ssl.SSLError, TimeoutError):
+                await asyncio.sleep(1)
+                continue
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
+            try:
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await reader.read(1)  # nothing is sent to it: b"" once the gateway closes
+                self.closed[kind] += 1
+            finally:
+                self.held -= 1
+                writer.close()
+
+    async def _body(self) -> None:
+        import ssl
+        from base64 import b64encode
+
+        from flwr.supercore.date import now
+        from flwr.supercore.primitives.asymmetric import (
+            generate_key_pairs,
+            public_key_to_bytes,
+            sign_message,
+        )
+
+        private, public = generate_key_pairs()  # self-made: never registered
+        key = b64encode(public_key_to_bytes(public)).decode()
+        chunk = bytes(2**20)
+        while not self._stop.is_set():
+            stamp = now().isoformat()
+            signature = b64encode(sign_message(private, stamp.encode())).decode()
+            head = (f"POST /v1/fleet/push-object HTTP/1.1\r\nhost: {self.host}\r\n"
+                    f"content-type: application/protobuf\r\ncontent-length: {self.body_bytes}\r\n"
+                    f"flwr-public-key: {key}\r\nflwr-timestamp: {stamp}\r\n"
+                    f"flwr-signature: {signature}\r\n\r\n")  # fmt: skip
+            writer = answer = None
+            try:
+                reader, writer = await self._connect(True)
+                writer.write(head.encode())
+                answer = asyncio.ensure_future(reader.readline())
+                sent = 0
+                while sent < self.body_bytes and not answer.done():
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+                    self.body_bytes_sent += len(chunk)
+                status = (await asyncio.wait_for(answer, 30)).split(b" ")
+                self.answers[status[1].decode() if len(status) > 1 else "reset"] += 1
+            except (OSError, ssl.SSLError, TimeoutError):
+                self.answers["reset"] += 1
+            finally:
+                if answer is not None:
+                    answer.cancel()
+                if writer is not None:
+                    writer.close()
+            await asyncio.sleep(1)
+
+
+def test_a_stranger_flooding_the_public_address_does_not_stop_a_dp_round(federation):
+    """From 127.0.0.1 like the hospitals, a stranger holds 1,000 idle connections to the
+    gateway (half TLS without a request, half TCP without a handshake: uvicorn's
+    limit_concurrency of 256 once made every hospital's call 503) and keeps 50 requests with
+    16 MiB bodies signed by a self-made key going (24 once took the gateway to 1.6 GB): a
+    two-hospital DP round finishes meanwhile, the gateway stays under 300 MiB, closes the idle
+    connections and refuses every body unread; every hospital is still online afterwards."""
+    root = federation["root"]
+    gateway = next(p for p in psutil.Process(federation["server"].pid).children(recursive=True)
+                   if "server.gateway" in p.cmdline())  # fmt: skip
+    before = gateway.memory_info().rss
+    with Stranger(PUBLIC, federation["port"], root / "pki" / "ca.pem", gateway) as stranger:
+        deadline = time.monotonic() + 30
+        while stranger.max_held < 1000 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stranger.max_held >= 1000, stranger.max_held
+        started = time.monotonic()
+        run = _fedcare(
+            "server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
+            "--rounds", "1", "--epsilon", "2", "--out", str(root / "run-flood"),
+            "--app", str(federation["app"]), "--run-config",
+            'model.name="logreg" strategy.fraction-train=0.5 strategy.fraction-evaluate=0.5',
+            timeout=300,
+        )  # fmt: skip
+        round_s = time.monotonic() - started
+    time.sleep(1)
+    after = gateway.memory_info().rss
+    mib = 2**20
+    figures = (f"gateway RSS {before / mib:.0f} MiB before, peak {max(stranger.rss) / mib:.0f} "
+               f"during, {after / mib:.0f} after; round {round_s:.1f} s; stranger held "
+               f"{stranger.max_held} idle connections, the gateway closed {dict(stranger.closed)}; "
+               f"bodies {dict(stranger.answers)}, {stranger.body_bytes_sent / mib:.0f} MiB sent")  # fmt: skip
+    print(figures)
+    assert run.returncode == 0, run.stdout + run.stderr + figures
+    summary = json.loads((root / "run-flood" / "summary.json").read_text())
+    trained = [h for h in summary["hospitals"] if h["rounds_trained"] == 1]
+    assert len(trained) == 2 and all(0 < h["epsilon"] <= 2.0 for h in trained), summary
+    assert max(stranger.rss) < 300 * mib, figures
+    assert stranger.closed["tls"] > 0 and stranger.closed["tcp"] > 0, figures
+    assert sum(stranger.answers.values()) >= 50, figures
+    assert set(stranger.answers) <= {"401", "503", "reset"}, figures  # never read, never passed
+    gateway_log = (root / "coordinator" / "gateway.log").read_text()
+    assert "refused POST /v1/fleet/push-object from 127.0.0.1: 401 public key not registered" in (
+        gateway_log
+    )
+    nodes = federation["cli"].json("supernode", "list", CONNECTION)["nodes"]
+    assert sum(n["status"] == "online" for n in nodes) == len(HOSPITALS)
 
 
 def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federation, tmp_path):

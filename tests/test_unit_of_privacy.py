@@ -13,7 +13,6 @@ preprocessed values.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
