@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
@@ -138,31 +139,43 @@ class _SecureNoise:
     grad_samples: list[torch.Tensor]
 
     def clip_and_accumulate(self) -> None:
-        """Opacus' per-example clipping, after every example whose gradient has a non-finite
-        entry (in any parameter) has its gradient set to 0.
+        """Opacus' ``DPOptimizer.clip_and_accumulate`` (flat clipping: each example's gradient
+        scaled by ``min(1, C / (norm + 1e-6))`` and summed into ``p.summed_grad``), except that
+        an example whose gradient norm is not finite contributes 0.
 
-        Opacus scales each per-example gradient by ``min(1, C / norm)``; for a gradient with an
-        infinite entry that factor is 0 and ``0 * inf`` is NaN, which turns the whole sum, the
-        noise and the released weights into NaN. Global weights crafted so that one patient's
-        gradient overflows (GroupNorm on a constant group, a huge learning signal) would then
-        release "this patient was sampled" outside the noise. A zeroed example contributes 0,
-        inside the clipping ball: the sensitivity stays C and the accounting unchanged.
+        In Opacus such an example's factor is 0 (or NaN) and ``0 * inf`` is NaN, which turns the
+        whole sum, the noise and the released weights into NaN. Global weights crafted so that
+        one patient's gradient overflows (GroupNorm on a constant group, a huge learning signal)
+        would then release "this patient was sampled" outside the noise. A zeroed example lies
+        inside the clipping ball: the sensitivity stays C and the accounting unchanged. The norm
+        is non-finite exactly when an entry is (or when finite entries overflow it: zeroed too).
+        The usual case costs one check of B norms; the rows are rewritten only when one is bad.
         """
         samples = self.grad_samples
-        if len(samples[0]):
-            bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
-            for g in samples:
-                bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
-            if bool(bad.any()):
-                for p in self.params:
-                    gs = p.grad_sample  # type: ignore[attr-defined]  # Opacus' attribute
-                    flat = torch.cat(gs, dim=0) if isinstance(gs, list) else gs
-                    p.grad_sample = torch.where(  # type: ignore[attr-defined]
-                        bad.to(flat.device).view(-1, *[1] * (flat.dim() - 1)),
-                        torch.zeros((), dtype=flat.dtype, device=flat.device),
-                        flat,
-                    )
-        super().clip_and_accumulate()  # type: ignore[misc]
+        if len(samples[0]) == 0:  # an empty Poisson batch
+            super().clip_and_accumulate()  # type: ignore[misc]
+            return
+        device = samples[0].device
+        norms = torch.stack(
+            [g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in samples], dim=1
+        ).norm(2, dim=1)  # [B]
+        finite = torch.isfinite(norms)
+        factor = torch.where(
+            finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms)
+        )
+        all_finite = bool(finite.all())
+        for p, grad_sample in zip(self.params, samples, strict=True):
+            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+            g = grad_sample.to(p.dtype)
+            if not all_finite:  # 0 * inf is NaN: the bad rows become 0 before scaling
+                rows = finite.to(g.device).view(-1, *[1] * (g.dim() - 1))
+                g = torch.where(rows, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            grad = torch.einsum("i,i...", factor.to(g.device).to(p.dtype), g)
+            if p.summed_grad is not None:  # type: ignore[attr-defined]
+                p.summed_grad += grad  # type: ignore[attr-defined]
+            else:
+                p.summed_grad = grad  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
 
     def add_noise(self) -> None:
         """``p.grad = round(p.summed_grad + N(0, (sigma C)^2))`` for every parameter, the noise
@@ -177,16 +190,24 @@ class _SecureNoise:
         for summed in sums:
             _check_processed_flag(summed)
         if std == 0.0:  # noiseless (non-private baselines): no draw
-            noises: list[torch.Tensor | None] = [None] * len(sums)
-        else:
-            drawn = self.randomness.standard_normal(sum(s.numel() for s in sums)) * std
-            noises = list(torch.from_numpy(drawn).split([s.numel() for s in sums]))
-        for p, summed, z in zip(self.params, sums, noises, strict=True):
-            if z is None:
+            for p, summed in zip(self.params, sums, strict=True):
                 p.grad = summed.view_as(p)
-            else:  # float64 sum, one rounding to the parameter's dtype
-                z = z.to(summed.device).view_as(summed)
-                p.grad = (summed.double() + z).to(summed.dtype).view_as(p)
+                _mark_as_processed(summed)
+            return
+        sizes = [s.numel() for s in sums]
+        drawn = self.randomness.standard_normal(sum(sizes)) * std  # [P] float64
+        if all(s.device.type == "cpu" and s.dtype == sums[0].dtype for s in sums):
+            # one float64 sum and one rounding for all parameters, in numpy (the fewest calls:
+            # this runs at every step)
+            flat = np.concatenate([s.detach().numpy().ravel() for s in sums])
+            noisy = torch.from_numpy((flat + drawn).astype(flat.dtype)).split(sizes)
+        else:  # per parameter, on its device
+            noisy = tuple(
+                (s.double() + z.to(s.device).view_as(s)).to(s.dtype)
+                for s, z in zip(sums, torch.from_numpy(drawn).split(sizes), strict=True)
+            )
+        for p, summed, grad in zip(self.params, sums, noisy, strict=True):
+            p.grad = grad.view_as(p)
             _mark_as_processed(summed)
 
 

@@ -294,3 +294,31 @@ def test_the_opacus_code_secure_dp_relies_on_is_unchanged():
         f"Opacus' {', '.join(changed)} changed since client/secure_dp.py was written against "
         "opacus 1.6.0: re-check that module against the new source, then update the hash here"
     )
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_secure_clipping_equals_opacus_clipping_on_finite_gradients(mode):
+    """Without noise, fedcare's optimizer leaves exactly Opacus' clipped mean gradient."""
+    from opacus import PrivacyEngine
+
+    from client.secure_dp import SecurePrivacyEngine
+
+    x, y = _patients(40).tensors
+    grads = []
+    for engine in (
+        PrivacyEngine(),
+        SecurePrivacyEngine(accountant="rdp", randomness=SecureRandom()),
+    ):
+        model = build_model("mlp", n_features=N_FEATURES, hidden=HIDDEN, seed=4)
+        loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=len(x))
+        net, optimizer, _ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+            poisson_sampling=False, grad_sample_mode=mode,
+        )  # fmt: skip
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+        optimizer.pre_step()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        net.cleanup()
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(*grads, strict=True))
