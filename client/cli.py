@@ -462,7 +462,11 @@ def budget(
         return
     console.print(f"privacy ledger {ledger}")
     for r in records:
-        console.print(f"  run {r.run_id}  task {r.task}  updated {r.updated or '?'}")
+        flower = ", ".join(map(str, r.flower_run_ids)) or "?"
+        console.print(
+            f"  run {r.run_id}  task {r.task}  updated {r.updated or '?'}  (coordinator's Flower "
+            f"run id(s): {flower})"
+        )
         history = r.accountant["history"]
         sigmas = ", ".join(sorted({f"{s:.4g}" for s, q, _ in history if q < 1}))
         rates = ", ".join(sorted({f"{q:.4g}" for _, q, _ in history if q < 1}))

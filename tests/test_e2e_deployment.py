@@ -250,11 +250,24 @@ def test_two_rounds_with_dp(federation):
         HOSPITALS, "registered key"
     )
     assert summary["name_mismatches"] == []
+    # one run, two ids: fedcare's (hospitals' ledgers key on it) and the coordinator's Flower
+    # run id, which every hospital's ledger entry and audit line of the run names too
+    (flower_run_id,) = summary["flower_run_ids"]
+    runs = federation["cli"].json("ls", CONNECTION)["runs"]
+    assert str(flower_run_id) in {str(r["run-id"]) for r in runs} and len(summary["run_id"]) == 16
+    for h in HOSPITALS:
+        ledger = root / f"hospital-{h}" / "ledger"
+        entry = json.loads((ledger / "runs" / f"{summary['run_id']}.json").read_text())
+        assert entry["flower_run_ids"] == [flower_run_id]
+        audit = [json.loads(x) for x in (ledger / "audit.jsonl").open()]
+        ours = [a for a in audit if a.get("run_id") == summary["run_id"]]
+        assert ours and all(a["flower_run_id"] == flower_run_id for a in ours)
     status = _fedcare(
         "server", "status", "--superlink", federation["superlink"], "--pki", str(root / "pki")
     )
     assert status.returncode == 0 and "finished:completed" in status.stdout, status.stdout
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
+    assert "online: its daemon is connected" in status.stdout  # each state shown is explained
 
 
 def test_a_run_without_dp_is_refused_by_every_hospital(federation):
@@ -821,6 +834,11 @@ def test_coordinator_killed_after_round_one_resumes(federation):
         if h["name"] in ("a", "b"):
             assert h["rounds_trained"] == 3
             assert h["epsilon"] <= 2.0  # never double-spent, even for the repeated round 2
+    # one fedcare run id, two Flower run ids, on both sides
+    assert len(summary["flower_run_ids"]) == 2, summary["flower_run_ids"]
+    for h in ("a", "b"):
+        entry = root / f"hospital-{h}" / "ledger" / "runs" / f"{summary['run_id']}.json"
+        assert json.loads(entry.read_text())["flower_run_ids"] == summary["flower_run_ids"]
     first = load_file(str(run_dir / "checkpoints" / "round-001.safetensors"))
     final = load_file(str(run_dir / "model.safetensors"))
     assert any(not torch.equal(first[k], final[k]) for k in first)
