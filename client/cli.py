@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared_models.protocol import APP_DIR
@@ -369,7 +370,7 @@ def start(
     attempts = JoinAttempts(
         site=site, fingerprint=key_fingerprint, public_key_name=key.with_suffix(".pub").name,
         log_path=state / "supernode.log", ca=ca, backoff=backoff, join_timeout=join_timeout,
-        say=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
+        say=lambda text: console.print(f"[yellow]{escape(text)}[/]", highlight=False),
     )  # fmt: skip
     console.print(
         f"hospital {site}: connecting to {superlink} over TLS with key {key_fingerprint}; log "

@@ -644,13 +644,21 @@ def _start_refused(
 
 
 def test_unregistered_hospital_is_refused(federation, tmp_path):
-    """A key the coordinator never added: refused as not registered; with --join-timeout the
-    daemon gives up (without, it keeps trying: the fixture's hospitals), naming the command the
-    coordinator's operator must run."""
+    """A key the coordinator never added, two daemons at once: one keeps trying, saying each
+    time what the coordinator's operator must run, until SIGTERM stops it (exit 0); one with
+    --join-timeout gives up (exit 2) with the same instructions."""
+    root = federation["root"]
     keygen = _fedcare("client", "keygen", "--out", str(tmp_path / "keys"), "--name", "rogue")
     assert keygen.returncode == 0
-    _approved_state(federation, tmp_path / "rogue")
-    proc = _start_refused(federation, "rogue", tmp_path / "keys" / "rogue.key", tmp_path / "rogue")
+    key = tmp_path / "keys" / "rogue.key"
+    waiting = _spawn(
+        "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
+        "--key", str(key), "--site", "rogue", "--data", str(root / "data" / "hospital-1.csv"),
+        "--port", str(_free_port()), "--state", str(_approved_state(federation, tmp_path / "waiting")),
+        "--join-backoff", JOIN_BACKOFF, log=tmp_path / "waiting.log",
+    )  # fmt: skip
+    federation.setdefault("extra", []).append(waiting)
+    proc = _start_refused(federation, "rogue", key, _approved_state(federation, tmp_path / "rogue"))
     assert proc.returncode == 2
     # without --policy a daemon runs under fedcare's default policy, and says so first
     assert "site policy (fedcare's default" in proc.stdout and "allow-non-dp = false" in proc.stdout
@@ -659,6 +667,14 @@ def test_unregistered_hospital_is_refused(federation, tmp_path):
     assert "is still not registered there after" in stderr and "(--join-timeout 1)" in stderr
     assert "`fedcare server add-hospital rogue rogue.pub --pki PKI`" in stderr
     assert "Traceback" not in proc.stderr
+    log = tmp_path / "waiting.log"
+    _wait(lambda: NOT_YET in log.read_text(), 60, log)
+    assert waiting.poll() is None  # refused, and still trying
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=30) == 0
+    told = " ".join(log.read_text().split())
+    assert "`fedcare server add-hospital rogue rogue.pub --pki PKI`" in told
+    assert "Trying again in 1 s (attempt 2; Ctrl-C stops)" in told and "Traceback" not in told
 
 
 def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
