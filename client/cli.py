@@ -140,8 +140,9 @@ def keygen(
     console.print(
         f"send [bold]{pub_path.name}[/] to the coordinator (key fingerprint "
         f"{fingerprint(load_public_key(pub_path))}; compare it by phone or another channel). "
-        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name}`; then start "
-        f"this hospital with `fedcare client start --key {key_path} ...`"
+        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name} --pki PKI`; "
+        f"start this hospital with `fedcare client start --key {key_path} ...` (before or after: "
+        "it waits until the key is added)"
     )
 
 
