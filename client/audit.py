@@ -1,8 +1,11 @@
 """The hospital's audit log: one JSON line per message received and sent, in the ledger folder.
 
-Each line records the run id, round, message type, direction, the record keys and their byte sizes
-(what left the site and how much), ε after the round, and the policy decision. It never contains
-patient values: only record names, sizes, aggregate metrics and reasons.
+Each line records the run ids -- fedcare's (``run_id``, run-config ``run.id``, kept when the
+coordinator resumes a run) and the coordinator's Flower run id (``flower_run_id``, what its
+``summary.json`` lists under ``flower_run_ids``) -- round, message type, direction, the record
+keys and their byte sizes (what left the site and how much), ε after the round, and the policy
+decision. It never contains patient values: only record names, sizes, aggregate metrics and
+reasons.
 """
 
 from __future__ import annotations

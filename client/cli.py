@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared_models.protocol import APP_DIR
@@ -51,15 +52,6 @@ def _check_tls(superlink: str, ca: Path) -> None:
             f"[yellow]coordinator {superlink} not reachable yet ({exc}); the hospital daemon keeps "
             "retrying[/]"
         )
-
-
-_FLOWER_ERRORS = {
-    "[code: 2004]": "the coordinator refused this hospital: its public key is not registered there "
-    "(send your NAME.pub from `fedcare client keygen` to the coordinator, who runs "
-    "`fedcare server add-hospital NAME NAME.pub`)",
-    "[code: 2001]": "the coordinator requires hospital authentication: pass --key",
-    "CERTIFICATE_VERIFY_FAILED": "the coordinator's certificate could not be verified with {ca}",
-}
 
 
 def _require_approved_bundle(ledger_dir: Path) -> None:
@@ -148,8 +140,9 @@ def keygen(
     console.print(
         f"send [bold]{pub_path.name}[/] to the coordinator (key fingerprint "
         f"{fingerprint(load_public_key(pub_path))}; compare it by phone or another channel). "
-        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name}`; then start "
-        f"this hospital with `fedcare client start --key {key_path} ...`"
+        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name} --pki PKI`; "
+        f"start this hospital with `fedcare client start --key {key_path} ...` (before or after: "
+        "it waits until the key is added)"
     )
 
 
@@ -277,17 +270,32 @@ def start(
             "to start when it does not match (the report of `fedcare client check`)."
         ),
     ] = None,
+    join_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Give up when the coordinator still refuses this hospital's key as not "
+            "registered after this many seconds (default: keep trying, 5 s doubling to 60 s "
+            "between attempts, until stopped)."
+        ),
+    ] = None,
+    join_backoff: Annotated[
+        str, typer.Option(hidden=True, help="FIRST,CAP seconds between attempts to join.")
+    ] = "5,60",
 ) -> None:
     """Run this hospital's Flower SuperNode (always over TLS, authenticated with its key).
 
     Only app bundles approved with ``fedcare client approve`` run here: the SuperNode runs with
     ``--isolation process`` and fedcare's launcher (:mod:`client.launcher`) is its SuperExec.
     The SuperNode is Flower's, in fedcare's Fleet loop (:mod:`client.supernode`), which checks
-    for messages every ``--poll-interval`` seconds.
+    for messages every ``--poll-interval`` seconds. While the coordinator refuses the key as
+    not registered (yet), the SuperNode is started again with a backoff (:mod:`client.join`);
+    a key the coordinator removed stops the daemon.
     """
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+    from client.join import Backoff, JoinAttempts
     from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+    from shared_models.node_keys import fingerprint
 
     try:  # a broken policy stops the daemon here, naming the key, not at the first run
         effective = SitePolicy.load(policy) if policy is not None else DEFAULT_POLICY
@@ -301,11 +309,18 @@ def start(
     if not data.exists():  # a file (tabular tasks) or a folder (images, ICU records)
         raise HospitalSetupError(f"--data {data}: not found")
     try:
-        load_ssh_private_key(key.read_bytes(), None)
-    except (ValueError, TypeError):
+        public_key = load_ssh_private_key(key.read_bytes(), None).public_key()
+        key_fingerprint = fingerprint(public_key)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
         raise HospitalSetupError(
             f"--key {key}: not an OpenSSH private key (use NAME.key from `fedcare client keygen`)"
         ) from None
+    if join_timeout is not None and join_timeout < 0:
+        raise HospitalSetupError(f"--join-timeout {join_timeout:g}: use seconds >= 0")
+    try:
+        backoff = Backoff.parse(join_backoff)
+    except ValueError as exc:
+        raise HospitalSetupError(f"--join-backoff: {exc}") from None
     if task is not None:
         _report_table(task, data)
     if ":" not in superlink:
@@ -353,28 +368,22 @@ def start(
         "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid()),
         "--executor", executor,
     ]  # fmt: skip
-    problems: list[str] = []
-
-    def on_line(line: str) -> None:
-        for marker, message in _FLOWER_ERRORS.items():
-            if marker in line and not problems:
-                problems.append(message.format(site=site, ca=ca))
-        if line.startswith("[fedcare]") and "client.launcher" in line and not problems:
-            problems.append(
-                f"the task launcher exited with code {line.rsplit(' ', 1)[-1]}; "
-                f"see {state / 'launcher.log'}"
-            )
-
+    attempts = JoinAttempts(
+        site=site, fingerprint=key_fingerprint, public_key_name=key.with_suffix(".pub").name,
+        log_path=state / "supernode.log", ca=ca, backoff=backoff, join_timeout=join_timeout,
+        say=lambda text: console.print(f"[yellow]{escape(text)}[/]", highlight=False),
+    )  # fmt: skip
     console.print(
-        f"hospital {site}: connecting to {superlink} over TLS; log {state / 'supernode.log'}"
+        f"hospital {site}: connecting to {superlink} over TLS with key {key_fingerprint}; log "
+        f"{state / 'supernode.log'}"
     )
     code = run_foreground(
         cmd, env=child_env(FLWR_HOME=str((state / "flwr-home").resolve())),
-        log_path=state / "supernode.log", on_line=on_line,
-        companions=[(launcher, state / "launcher.log")],
+        log_path=state / "supernode.log", on_line=attempts.on_line,
+        companions=[(launcher, state / "launcher.log")], restart=attempts.after_exit,
     )  # fmt: skip
-    if problems:
-        raise HospitalSetupError(problems[0])
+    if attempts.problem is not None:
+        raise HospitalSetupError(attempts.problem)
     if code != 0:
         console.print(
             f"[red]the SuperNode exited with code {code}[/]; see {state / 'supernode.log'}"
@@ -455,7 +464,11 @@ def budget(
         return
     console.print(f"privacy ledger {ledger}")
     for r in records:
-        console.print(f"  run {r.run_id}  task {r.task}  updated {r.updated or '?'}")
+        flower = ", ".join(map(str, r.flower_run_ids)) or "?"
+        console.print(
+            f"  run {r.run_id}  task {r.task}  updated {r.updated or '?'}  (coordinator's Flower "
+            f"run id(s): {flower})"
+        )
         history = r.accountant["history"]
         sigmas = ", ".join(sorted({f"{s:.4g}" for s, q, _ in history if q < 1}))
         rates = ", ".join(sorted({f"{q:.4g}" for _, q, _ in history if q < 1}))

@@ -184,17 +184,19 @@ class _Site:
         found = self.ledger.load(self.run_key) if self.ledger is not None else None
         if found is None and self.ledger is None and _RECORD_KEY in self.context.state:
             found = RunRecord.from_json(str(self.context.state[_RECORD_KEY]["json"]))  # type: ignore[index]
-        if found is not None:
-            return found
-        return RunRecord(
-            run_id=self.run_key,
-            task=self.run.task.name,
-            delta=self.run.dp.target_delta,
-            site_delta=self.policy.site_delta(self.data.n_train),
-            plan=self.plan_signature(),
-            accountant=empty_accountant_state(self.run.dp.accountant),
-            sample_level_dp=self.run.dp.sample_level,
-        )
+        record = found
+        if record is None:
+            record = RunRecord(
+                run_id=self.run_key,
+                task=self.run.task.name,
+                delta=self.run.dp.target_delta,
+                site_delta=self.policy.site_delta(self.data.n_train),
+                plan=self.plan_signature(),
+                accountant=empty_accountant_state(self.run.dp.accountant),
+                sample_level_dp=self.run.dp.sample_level,
+            )
+        record.saw_flower_run(self.context.run_id)  # saved with the next release
+        return record
 
     def save(self, record: RunRecord) -> None:
         """Persist ``record`` (ledger: atomic and durable) BEFORE anything it covers leaves."""
@@ -348,7 +350,8 @@ def _refuse(msg: Message, context: Context, exc: BaseException) -> Message:
         _log.warning("refused %s: %s (%s)", msg.metadata.message_type, reason, local)
         target = _audit_target(context)
         if target is not None:
-            target[0].write({"direction": "local", "site": target[2], "detail": local})
+            target[0].write({"direction": "local", "site": target[2], "run_id": target[1],
+                             "flower_run_id": context.run_id, "detail": local})  # fmt: skip
     return Message(
         Error(code=SITE_REFUSED, reason=refusal_reason(_site_name(context), reason)), reply_to=msg
     )

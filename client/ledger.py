@@ -2,7 +2,9 @@
 
 A SuperNode's ``context.state`` lives in memory and is lost when the hospital daemon restarts;
 a coordinator that resumes a run starts a new Flower run. The ledger survives both: it is keyed
-by the fedcare run id (run-config ``run.id``), written atomically before every release leaves the
+by the fedcare run id (run-config ``run.id``; a resumed run keeps it under a new Flower run id,
+and the record lists every Flower run id it saw, so that it joins the coordinator's records:
+the run folder's ``summary.json`` has the same two), written atomically before every release leaves the
 site (temporary file, fsync, rename, fsync of the folder: a crash mid-write leaves the previous
 version), and never reset silently -- an unreadable ledger file is an error the hospital must
 resolve.
@@ -56,6 +58,10 @@ class RunRecord:
         False: the run released model updates without sample-level DP here (ε = ∞).
     train_steps, updates, eval_releases : int
         DP-SGD steps taken, model updates sent, evaluation results sent.
+    flower_run_ids : list of int
+        The coordinator's Flower run ids this run had when it reached this site (one; more after
+        the coordinator resumed it), in order: the ids the coordinator's ``summary.json``
+        (``flower_run_ids``) and this site's audit log (``flower_run_id``) show.
     """
 
     run_id: str
@@ -68,6 +74,7 @@ class RunRecord:
     train_steps: int = 0
     updates: int = 0
     eval_releases: int = 0
+    flower_run_ids: list[int] = field(default_factory=list)
     updated: str = ""
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -75,6 +82,11 @@ class RunRecord:
         if not self.sample_level_dp and self.updates:
             return math.inf
         return epsilon_spent(self.accountant, delta=self.delta if delta is None else delta)
+
+    def saw_flower_run(self, flower_run_id: int) -> None:
+        """Add the coordinator's Flower run id of a request of this run (once, in order)."""
+        if int(flower_run_id) not in self.flower_run_ids:
+            self.flower_run_ids.append(int(flower_run_id))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -101,6 +113,7 @@ def _record_from(entry: dict[str, Any]) -> RunRecord:
         train_steps=int(entry.get("train_steps", steps)),
         updates=int(entry.get("updates", 0)),
         eval_releases=int(entry.get("eval_releases", 0)),
+        flower_run_ids=[int(i) for i in entry.get("flower_run_ids", [])],
         updated=str(entry.get("updated", "")),
     )
 

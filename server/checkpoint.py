@@ -67,3 +67,51 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path, dict[str, Any]]:
             continue  # a checkpoint without a readable sidecar is incomplete: take the one before
         return int(sidecar["round"]), weights, sidecar
     raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+
+
+FLOWER_RUNS = "flower-runs.json"
+
+
+def record_flower_run(
+    run_dir: Path, *, run_id: str, flower_run_id: int, after_round: int
+) -> list[int]:
+    """Add a Flower run that works on ``run_dir`` to its ``flower-runs.json``; return the Flower
+    run ids of the fedcare run so far, in order.
+
+    A fedcare run keeps its id (run-config ``run.id``, the key of every hospital's ledger entry)
+    when the coordinator resumes it, under a new Flower run id each time. The file, written
+    atomically when each Flower run starts (before any message to a hospital), lists them all
+    -- also one that stopped before its first checkpoint -- so that the coordinator's records
+    join the hospitals' (their ledger entries' ``flower_run_ids``, their audit lines'
+    ``flower_run_id``)::
+
+        {"run_id": "31e990d3aaa9425c",
+         "flower_runs": [{"flower_run_id": 79788964876538431, "after_round": 0,
+                          "started_at": "2026-12-07T10:00:00+00:00"}, ...]}
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (created if needed).
+    run_id : str
+        The fedcare run id.
+    flower_run_id : int
+        The Flower run id of the ServerApp now starting (``context.run_id``).
+    after_round : int
+        Rounds already done (0; the checkpoint's round when resuming).
+    """
+    from datetime import UTC, datetime
+
+    path = run_dir / FLOWER_RUNS
+    runs = json.loads(path.read_text())["flower_runs"] if path.exists() else []
+    if all(r["flower_run_id"] != flower_run_id for r in runs):
+        runs.append(
+            {
+                "flower_run_id": int(flower_run_id),
+                "after_round": int(after_round),
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"run_id": run_id, "flower_runs": runs}, indent=1)
+    return [int(r["flower_run_id"]) for r in runs]

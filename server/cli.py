@@ -498,24 +498,23 @@ def status(
     pki: Annotated[Path, typer.Option(help="PKI folder (CA certificate, registered hospitals).")],
     superlink: SuperlinkOpt = DEFAULT_INTERNAL,
 ) -> None:
-    """List hospitals (online / offline) and runs."""
+    """List hospitals (online / offline / registered / key stored: each state is explained
+    below the table) and runs."""
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp))
         nodes = cli.json("supernode", "list", CONNECTION)["nodes"]
         runs = cli.json("ls", CONNECTION).get("runs", [])
-    from server.hospitals import HospitalRegistry
+    from server.hospitals import HOSPITAL_STATES, HospitalRegistry, hospital_rows
 
-    names = {v: k for k, v in HospitalRegistry(PKI(pki)).node_ids().items()}
+    rows = hospital_rows(nodes, HospitalRegistry(PKI(pki)).load())
     table = Table(title="hospitals")
     for col in ("hospital", "node id", "status", "since"):
         table.add_column(col, no_wrap=True)
-    for node in nodes:
-        if node["status"] == "unregistered":  # removed hospitals
-            continue
-        nid = int(node["node-id"])
-        since = node.get("online-at") if node["status"] == "online" else node.get("offline-at")
-        table.add_row(names.get(nid, "?"), str(nid), node["status"], str(since))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+    for state in dict.fromkeys(row[2] for row in rows):
+        console.print(f"  {state}: {HOSPITAL_STATES.get(state, 'a state of Flower 1.41')}")
     table = Table(title="runs")
     for col in ("run id", "status", "elapsed", "details"):
         table.add_column(col, no_wrap=col != "details")

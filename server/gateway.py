@@ -24,9 +24,10 @@ anything reaches Flower:
    ``flwr-timestamp``, ``flwr-signature``) with the public key of a hospital registered on the
    coordinator (:class:`RegisteredKeys`: the PKI folder that ``fedcare server add-hospital``
    keeps) -- else 401, or on ``activate-node`` Flower's own answer to an unregistered key (412,
-   code 2004, which fedcare's hospital daemon explains to its operator) -- and a valid
-   signature over a fresh timestamp, checked as Flower's ``NodeAuthMiddleware`` checks it --
-   else 401;
+   code 2004: fedcare's hospital daemon tells its operator and tries again later), with the
+   removal's time for a key the coordinator removed (``remove-hospital``; only with a valid
+   signature: that hospital's daemon stops) -- and a valid signature over a fresh timestamp,
+   checked as Flower's ``NodeAuthMiddleware`` checks it -- else 401;
 7. the body must fit in what the gateway holds for all requests together
    (``max_bytes_in_flight``: the declared length, or ``max_body_bytes`` when none is declared,
    is reserved before the body is read) -- else 503 with ``Retry-After``;
@@ -80,6 +81,7 @@ from typing import Any
 import h11
 import httpx
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.date import now
@@ -96,7 +98,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.hospitals import REGISTERED, HospitalRegistry
 from server.pki import PKI, PKIError
-from shared_models.node_keys import KeyFileError, load_public_key
+from shared_models.node_keys import KeyFileError, fingerprint, load_public_key
+from shared_models.protocol import KEY_REMOVED, removed_key_detail
 
 log = logging.getLogger("fedcare.gateway")
 LOG_PER_MINUTE = 100  # refusal lines per client address and minute
@@ -260,6 +263,7 @@ class RegisteredKeys:
     recheck: float = 1.0
     clock: Callable[[], float] = time.monotonic
     _keys: frozenset[bytes] = frozenset()
+    _removed: dict[str, str] = field(default_factory=dict)  # fingerprint -> removal time
     _stamp: tuple[tuple[int, int, int] | None, ...] = ()
     _checked: float = -math.inf
 
@@ -269,6 +273,25 @@ class RegisteredKeys:
             self._checked = t
             self._refresh()
         return public_key in self._keys
+
+    def removed_at(self, public_key: bytes) -> str | None:
+        """When the coordinator removed this key (``registered.json``'s ``removed_keys``, as
+        read by the last check of the files), else None.
+
+        Parameters
+        ----------
+        public_key : bytes
+            The PEM a SuperNode sends in ``flwr-public-key`` (base64-decoded).
+        """
+        if not self._removed:
+            return None
+        try:
+            key = bytes_to_public_key(public_key)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return None
+        return self._removed.get(fingerprint(key))
 
     def _files_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
         stamps: list[tuple[int, int, int] | None] = []
@@ -285,16 +308,24 @@ class RegisteredKeys:
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        self._keys = frozenset(self._load())
-        log.info("%d registered hospital keys (from %s)", len(self._keys), self.root)
+        keys, self._removed = self._load()
+        self._keys = frozenset(keys)
+        log.info("%d registered hospital keys, %d removed (from %s)", len(self._keys),
+                 len(self._removed), self.root)  # fmt: skip
 
-    def _load(self) -> list[bytes]:
+    def _load(self) -> tuple[list[bytes], dict[str, str]]:
         pki = PKI(self.root)
         try:
-            hospitals = HospitalRegistry(pki).load()["hospitals"]
+            data = HospitalRegistry(pki).load()
         except (PKIError, OSError) as exc:
             log.warning("registered keys unreadable, none accepted until it is fixed: %s", exc)
-            return []
+            return [], {}
+        hospitals = data["hospitals"]
+        removed = {
+            str(entry["fingerprint"]): str(entry.get("removed_at") or "?")
+            for entry in data["removed_keys"]
+            if isinstance(entry, dict) and entry.get("fingerprint")
+        }
         keys = []
         for name, entry in hospitals.items():
             if not isinstance(entry, dict) or entry.get("node_id") is None:
@@ -303,7 +334,7 @@ class RegisteredKeys:
                 keys.append(public_key_to_bytes(load_public_key(pki.hospital_pub(name))))
             except (KeyFileError, OSError) as exc:
                 log.warning("hospital %s: key not accepted: %s", printable(name), exc)
-        return keys
+        return keys, removed
 
 
 def printable(text: str, limit: int = LOGGED_CHARS) -> str:
@@ -539,26 +570,38 @@ class Gateway:
                 request, 413, f"body larger than {self.limits.max_body_bytes} bytes"
             )
         if problem is not None:
-            status, reason = problem
-            content = UNREGISTERED_ACTIVATION if status == 412 else None
+            status, reason, content = problem
             return self._refuse(request, status, reason, content=content)
         return None
 
-    def _authentication_problem(self, request: Request) -> tuple[int, str] | None:
+    def _authentication_problem(
+        self, request: Request
+    ) -> tuple[int, str, dict[str, Any] | None] | None:
         """Step 6: None for a registered key (any key without a PKI folder) with a valid
-        signature, else the refusal's status and reason. An unregistered key costs a set look-up,
-        no signature check."""
+        signature, else the refusal's status, reason and body (None: the reason as JSON). An
+        unregistered key costs a set look-up, no signature check; only the activation of a key
+        the coordinator removed, with a valid signature, gets the removal's time
+        (:func:`shared_models.protocol.removed_key_detail`, code 2004), so that its hospital's
+        daemon stops instead of waiting to be registered."""
         raw_key = request.headers.get(FLEET_HTTP_PUBLIC_KEY_HEADER)
         if self.registered is not None and raw_key:
             try:
-                known = b64decode(raw_key, validate=True) in self.registered
+                key = b64decode(raw_key, validate=True)
+                known = key in self.registered
             except (ValueError, binascii.Error):
-                return 401, "malformed SuperNode authentication headers"
+                return 401, "malformed SuperNode authentication headers", None
             if not known:
-                activation = request.scope["path"] == "/v1/fleet/activate-node"
-                return 412 if activation else 401, "public key not registered"
+                if request.scope["path"] != "/v1/fleet/activate-node":
+                    return 401, "public key not registered", None
+                removed_at = self.registered.removed_at(key)
+                if removed_at is not None and signature_problem(request.headers) is None:
+                    detail = removed_key_detail(removed_at)
+                    return 412, f"public key {KEY_REMOVED} {removed_at}", {
+                        "code": UNREGISTERED_ACTIVATION["code"], "detail": detail,
+                    }  # fmt: skip
+                return 412, "public key not registered", UNREGISTERED_ACTIVATION
         problem = signature_problem(request.headers)
-        return None if problem is None else (401, problem)
+        return None if problem is None else (401, problem, None)
 
     async def _read_body(self, request: Request) -> deque[bytes] | Response:
         """Step 8: the body, or the refusal that closes the connection."""

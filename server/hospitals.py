@@ -255,10 +255,70 @@ class HospitalRegistry:
         return registered, failed
 
 
+# every state `fedcare server status` shows for a hospital, and what it means (the README's
+# "Joining, and what `server status` shows" lists the same states; tests/test_pki.py ties them)
+HOSPITAL_STATES = {
+    "online": "its daemon is connected: heartbeats arrive (since: when it connected)",
+    "offline": "its daemon was connected and its heartbeats stopped: daemon stopped, machine or "
+    "network down (since: when the coordinator noticed)",
+    "registered": "its key is registered, its daemon has not connected yet: not started, or "
+    "started with another key (its log says) (since: when the key was registered)",
+    "key stored": "its key is in the PKI folder but not registered with the SuperLink: the "
+    "coordinator refused it or was not running when it was added; `fedcare server start` "
+    "registers it (or says why not)",
+}
+
+
+def hospital_rows(
+    nodes: list[dict[str, Any]], registry: dict[str, Any]
+) -> list[tuple[str, str, str, str]]:
+    """The rows of `fedcare server status`' hospital table: (name, node id, state, since).
+
+    Parameters
+    ----------
+    nodes : list of dict
+        ``flwr supernode list --format json``'s ``nodes`` (``node-id``, ``status``: Flower's
+        ``registered`` / ``online`` / ``offline`` / ``unregistered``, ``created-at``,
+        ``online-at``, ``offline-at``).
+    registry : dict
+        :meth:`HospitalRegistry.load`'s document.
+
+    Returns
+    -------
+    list of (str, str, str, str)
+        One row per node the SuperLink has not unregistered (removed hospitals are not shown),
+        named by the registry ("?" for a node registered by other means), then one per key
+        added but not registered (state ``key stored``). Every state is a key of
+        :data:`HOSPITAL_STATES`.
+    """
+    hospitals = registry["hospitals"]
+    names = {int(e["node_id"]): n for n, e in hospitals.items() if e.get("node_id") is not None}
+    since_key = {"online": "online-at", "offline": "offline-at", "registered": "created-at"}
+    rows = [
+        (names.get(int(node["node-id"]), "?"), str(node["node-id"]), node["status"],
+         str(node.get(since_key.get(node["status"], ""), None) or "-"))
+        for node in nodes
+        if node["status"] != "unregistered"
+    ]  # fmt: skip
+    rows += [
+        (name, "-", "key stored", "-")
+        for name, entry in sorted(hospitals.items())
+        if entry.get("node_id") is None
+    ]
+    return rows
+
+
 def _active_nodes(cli: FlowerCLI) -> set[int]:
     """Node ids the SuperLink has registered and not unregistered."""
     nodes = cli.json("supernode", "list", CONNECTION)["nodes"]
     return {int(n["node-id"]) for n in nodes if n.get("status") != "unregistered"}
 
 
-__all__ = ["FlowerCLIError", "HospitalRegistry", "KeyFileError", "superlink_reachable"]
+__all__ = [
+    "HOSPITAL_STATES",
+    "FlowerCLIError",
+    "HospitalRegistry",
+    "KeyFileError",
+    "hospital_rows",
+    "superlink_reachable",
+]

@@ -4,7 +4,10 @@ Per round: the strategy (chosen by name from ``flwr.serverapp.strategy``) sample
 aggregates, and runs federated evaluation; :class:`~server.history.RecordingGrid` records each
 hospital's reply; ``evaluate_fn`` (Flower's documented per-round hook) checkpoints the global
 model with a JSON sidecar and, in simulation, evaluates it on the pooled test splits. At the end:
-final model, model card, summary.json, metrics.csv, report.md, curves.png.
+final model, model card, summary.json, metrics.csv, report.md, curves.png. At the start, the
+Flower run id is added to the run folder's ``flower-runs.json`` (a resumed run keeps its fedcare
+run id under a new Flower run id); ``summary.json`` carries both (``run_id``,
+``flower_run_ids``), as every hospital's ledger entry and audit line does.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from server.checkpoint import (
     latest_checkpoint,
     load_weights,
     package_versions,
+    record_flower_run,
     save_weights,
     write_json_atomic,
 )
@@ -65,6 +69,11 @@ def main(grid: Grid, context: Context) -> None:
     if run.resume_from:
         done, weights, sidecar = latest_checkpoint(out)
         history = RunHistory.from_dict(sidecar["history"])
+    run_id = run.run_id or str(context.run_id)  # what hospitals key their ledgers on
+    flower_run_ids = record_flower_run(
+        out, run_id=run_id, flower_run_id=context.run_id, after_round=done
+    )
+    flwr_log(INFO, "[fedcare] run %s: Flower run id(s) %s", run_id, flower_run_ids)
     strategy = _strategy(run, grid, releases_done=_releases_before(history))
     if (
         run.resume_from
@@ -133,7 +142,11 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
-    summary = build_summary(run, history, wall_seconds=time.monotonic() - t_start)
+    summary = {  # the run ids first: they join this run folder to the hospitals' ledgers
+        "run_id": run_id,
+        "flower_run_ids": flower_run_ids,
+        **build_summary(run, history, wall_seconds=time.monotonic() - t_start),
+    }
     save_weights(out / "model.safetensors", final, _model_card(run, summary, model_info))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)

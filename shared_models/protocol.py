@@ -21,6 +21,10 @@ OBJECT_RETRY_CAP = 1.0
 # SuperNode for a task) wait `interval` seconds while messages flow; once idle, a tenth of the
 # time since the last message, up to a cap: see poll_wait
 IDLE_POLL_SHARE = 0.1
+# the coordinator's gateway refuses the activation of a key removed with `fedcare server
+# remove-hospital` with Flower's own refusal (code 2004) and this text, followed by the removal
+# time; the hospital's daemon recognises it and stops instead of waiting to be registered
+KEY_REMOVED = "removed by the coordinator on"
 
 
 def poll_wait(idle: float, interval: float, cap: float) -> float:
@@ -34,6 +38,19 @@ def poll_wait(idle: float, interval: float, cap: float) -> float:
     fixed 0.2 s).
     """
     return min(max(interval, IDLE_POLL_SHARE * idle), max(interval, cap))
+
+
+def removed_key_detail(removed_at: str) -> str:
+    """The text of the coordinator's refusal to activate a removed key (removed at ``removed_at``,
+    an ISO time)."""
+    return f"Failed to activate SuperNode: this hospital's key was {KEY_REMOVED} {removed_at}"
+
+
+def removed_key_time(text: str) -> str | None:
+    """The removal time in a line that carries :func:`removed_key_detail`, else None."""
+    _, sep, tail = text.partition(KEY_REMOVED + " ")
+    words = tail.split()
+    return words[0].rstrip(".") if sep and words else None
 
 
 def refusal_reason(site: str, reason: str) -> str:

@@ -95,6 +95,7 @@ def run_foreground(
     on_line: Callable[[str], None] | None = None,
     stop_timeout: float = 20.0,
     companions: Sequence[tuple[list[str], Path]] = (),
+    restart: Callable[[int], float | None] | None = None,
 ) -> int:
     """Run ``cmd`` until it exits, copying its output to ``log_path`` (and ``on_line``).
 
@@ -111,13 +112,15 @@ def run_foreground(
     guarantees (own process group, killed with this process, stopped with the child). A
     companion that exits on its own stops the child too: ``on_line`` receives
     ``"[fedcare] <command> exited with code N"`` and the return value is N (1 if N is 0).
+
+    ``restart``, when given, is called (in this thread) with the child's exit code each time the
+    child exits on its own -- not stopped here, no companion gone -- once its output has been
+    read and its process group killed. It returns the seconds to wait before ``cmd`` is started
+    again (the companions keep running meanwhile), or None to return the exit code. A stop
+    requested during the wait ends it at once (return value 0).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        start_new_session=True,  # its own process group: stopping it stops everything it started
-        preexec_fn=_die_with_parent,
-    )  # fmt: skip
+    proc, reader = _start_child(cmd, env, log_path, on_line)
     stopping = threading.Event()
     extra: list[subprocess.Popen[bytes]] = []
     try:
@@ -136,6 +139,64 @@ def run_foreground(
         stopping.set()  # the loop below stops the companions, then the child
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            while proc.poll() is None:
+                for ccmd, companion in zip([c for c, _ in companions], extra, strict=True):
+                    if not failed and not stopping.is_set() and companion.poll() is not None:
+                        failed.append(companion.returncode or 1)
+                        if on_line is not None:
+                            on_line(
+                                f"[fedcare] {' '.join(ccmd)} exited with code "
+                                f"{companion.returncode}"
+                            )
+                if stopping.is_set() or failed:
+                    for companion in extra:  # first: they hold connections the child waits for
+                        _stop_group(companion, stop_timeout)
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=stop_timeout)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                time.sleep(0.2)
+            reader.join(timeout=5)  # its last lines reach on_line before restart is asked
+            with contextlib.suppress(ProcessLookupError):  # e.g. ClientApp processes left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            if stopping.is_set() or failed or restart is None:
+                break
+            delay = restart(int(proc.returncode))
+            if delay is None:
+                break
+            resume_at = time.monotonic() + delay
+            while not stopping.is_set() and time.monotonic() < resume_at:
+                time.sleep(min(0.2, max(0.0, resume_at - time.monotonic())))
+            if stopping.is_set():
+                break
+            proc, reader = _start_child(cmd, env, log_path, on_line)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for companion in extra:
+            _stop_group(companion, stop_timeout)
+        with contextlib.suppress(ProcessLookupError):  # e.g. ClientApp processes left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=5)
+    if failed:
+        return failed[0]
+    return 0 if stopping.is_set() else int(proc.returncode or 0)
+
+
+def _start_child(
+    cmd: list[str], env: dict[str, str], log_path: Path, on_line: Callable[[str], None] | None
+) -> tuple[subprocess.Popen[str], threading.Thread]:
+    """Start ``cmd`` in a process group of its own, dying with us, and a thread that copies its
+    output to ``log_path`` (appended) and to ``on_line``."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,  # its own process group: stopping it stops everything it started
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
 
     def _pump() -> None:
         assert proc.stdout is not None
@@ -148,36 +209,7 @@ def run_foreground(
 
     reader = threading.Thread(target=_pump, daemon=True)
     reader.start()
-    try:
-        while proc.poll() is None:
-            for ccmd, companion in zip([c for c, _ in companions], extra, strict=True):
-                if not failed and not stopping.is_set() and companion.poll() is not None:
-                    failed.append(companion.returncode or 1)
-                    if on_line is not None:
-                        on_line(
-                            f"[fedcare] {' '.join(ccmd)} exited with code {companion.returncode}"
-                        )
-            if stopping.is_set() or failed:
-                for companion in extra:  # first: they hold connections the child waits for
-                    _stop_group(companion, stop_timeout)
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=stop_timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for companion in extra:
-            _stop_group(companion, stop_timeout)
-        with contextlib.suppress(ProcessLookupError):  # e.g. ClientApp processes left behind
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=5)
-    if failed:
-        return failed[0]
-    return 0 if stopping.is_set() else int(proc.returncode or 0)
+    return proc, reader
 
 
 def _spawn_companion(

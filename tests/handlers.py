@@ -14,11 +14,12 @@ def use_task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def make_context(run_config: dict, node_config: dict) -> Context:
-    """A hospital's Context (node 7) with a fresh, empty ``state``."""
+def make_context(run_config: dict, node_config: dict, run_id: int = 1) -> Context:
+    """A hospital's Context (node 7) in Flower run ``run_id``, with a fresh, empty ``state``."""
     return Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
-    )
+        run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(),
+        run_config=run_config,
+    )  # fmt: skip
 
 
 def make_request(kind: str, model, server_round: int = 1) -> Message:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 coordinator's gateway on 127.0.0.2 (the public address; Fleet API only) in front of the
 SuperLink on 127.0.0.1, three `fedcare client start` hospital daemons (Flower SuperNodes, TLS,
 node authentication) whose keys each hospital made itself and the coordinator added while
-running.
+running -- after the daemons had started, so that they join on their own once their key is in.
 
 Every process is bounded in time and stopped by its PID (and process group) at the end.
 """
@@ -35,6 +35,8 @@ pytestmark = pytest.mark.slow
 FEDCARE = [sys.executable, "-m", "simulations.cli"]
 HOSPITALS = ("a", "b", "c")
 PUBLIC = "127.0.0.2"  # the coordinator's public address (gateway); the SuperLink is on 127.0.0.1
+JOIN_BACKOFF = "1,2"  # seconds between a daemon's attempts to join (fedcare's default: 5 to 60)
+NOT_YET = "not registered there (yet)"  # a daemon's message each time its key is refused
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -94,7 +96,8 @@ def _start_hospital(
     return _spawn(
         "client", "start", "--superlink", f"{PUBLIC}:{port}", "--ca", str(root / "pki" / "ca.pem"),
         "--key", str(key), "--site", name, "--data", str(data), "--port", str(_free_port()),
-        "--state", str(state), "--policy", str(_test_policy(root)), log=log,
+        "--state", str(state), "--policy", str(_test_policy(root)), "--join-backoff", JOIN_BACKOFF,
+        log=log,
     )  # fmt: skip
 
 
@@ -141,18 +144,22 @@ def federation(tmp_path_factory):
         procs.append(server)
         cli = FlowerCLI(root / "flwr-home", f"127.0.0.1:{internal}", root / "pki" / "ca.pem")
         clients = {}
-        for i, name in enumerate(HOSPITALS, start=1):
+        for i, name in enumerate(HOSPITALS, start=1):  # each daemon starts BEFORE its key is added
+            keys = root / f"hospital-{name}" / "keys"
+            clients[name] = _start_hospital(
+                root, name, keys / f"{name}.key", root / "data" / f"hospital-{i}.csv",
+                root / f"hospital-{name}", port, root / f"client-{name}.log",
+            )  # fmt: skip
+            procs.append(clients[name])
+        for name in HOSPITALS:  # refused (not registered yet), it keeps trying; the key is added
+            log = root / f"client-{name}.log"
+            _wait(lambda log=log: NOT_YET in log.read_text(), 90, log)
             keys = root / f"hospital-{name}" / "keys"
             added = _fedcare("server", "add-hospital", name, str(keys / f"{name}.pub"),
                              "--pki", str(root / "pki"), "--superlink", f"127.0.0.1:{internal}")  # fmt: skip
             assert (
                 added.returncode == 0 and "registered with the running coordinator" in added.stdout
             ), added.stdout + added.stderr
-            clients[name] = _start_hospital(
-                root, name, keys / f"{name}.key", root / "data" / f"hospital-{i}.csv",
-                root / f"hospital-{name}", port, root / f"client-{name}.log",
-            )  # fmt: skip
-            procs.append(clients[name])
 
         def online() -> bool:  # the SuperLink's view, asked once each daemon says it connected
             if not all(_connected(root / f"hospital-{h}") for h in HOSPITALS):
@@ -193,6 +200,24 @@ def _wait(condition, timeout: float, log: Path) -> None:
     raise AssertionError(f"timed out; log:\n{log.read_text()[-3000:]}")
 
 
+def test_hospitals_started_before_their_keys_were_added_joined_on_their_own(federation):
+    """The fixture started each daemon before the coordinator added its key: each was refused,
+    said what the coordinator's operator must run, and joined once the key was in, without a
+    restart by hand (the same `client start` processes; one task launcher each, kept across
+    the SuperNode's attempts). test_two_rounds_with_dp then runs with them."""
+    root = federation["root"]
+    for name, daemon in federation["clients"].items():
+        assert daemon.poll() is None
+        log = (root / f"client-{name}.log").read_text()
+        assert (
+            NOT_YET in log and f"`fedcare server add-hospital {name} {name}.pub --pki PKI`" in log
+        )
+        launcher = (root / f"hospital-{name}" / "launcher.log").read_text()
+        assert launcher.count(f"launcher for site {name}: approved bundles") == 1
+        supernode = (root / f"hospital-{name}" / "supernode.log").read_text()
+        assert "[code: 2004]" in supernode and supernode.count("SuperNode ID:") == 1
+
+
 def test_every_process_runs_without_telemetry(federation):
     """fedcare sets FLWR_TELEMETRY_ENABLED=0 and FLWR_DISABLE_UPDATE_CHECK=1 for every child."""
     checked = 0
@@ -225,11 +250,24 @@ def test_two_rounds_with_dp(federation):
         HOSPITALS, "registered key"
     )
     assert summary["name_mismatches"] == []
+    # one run, two ids: fedcare's (hospitals' ledgers key on it) and the coordinator's Flower
+    # run id, which every hospital's ledger entry and audit line of the run names too
+    (flower_run_id,) = summary["flower_run_ids"]
+    runs = federation["cli"].json("ls", CONNECTION)["runs"]
+    assert str(flower_run_id) in {str(r["run-id"]) for r in runs} and len(summary["run_id"]) == 16
+    for h in HOSPITALS:
+        ledger = root / f"hospital-{h}" / "ledger"
+        entry = json.loads((ledger / "runs" / f"{summary['run_id']}.json").read_text())
+        assert entry["flower_run_ids"] == [flower_run_id]
+        audit = [json.loads(x) for x in (ledger / "audit.jsonl").open()]
+        ours = [a for a in audit if a.get("run_id") == summary["run_id"]]
+        assert ours and all(a["flower_run_id"] == flower_run_id for a in ours)
     status = _fedcare(
         "server", "status", "--superlink", federation["superlink"], "--pki", str(root / "pki")
     )
     assert status.returncode == 0 and "finished:completed" in status.stdout, status.stdout
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
+    assert "online: its daemon is connected" in status.stdout  # each state shown is explained
 
 
 def test_a_run_without_dp_is_refused_by_every_hospital(federation):
@@ -498,10 +536,11 @@ def test_a_stranger_flooding_the_public_address_does_not_stop_a_dp_round(federat
     assert sum(n["status"] == "online" for n in nodes) == len(HOSPITALS)
 
 
-def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federation, tmp_path):
-    """Hospital d makes its key, is refused, is added to the running coordinator (nothing
-    restarts), joins the next run; after `server remove-hospital` its daemon is cut off and a
-    new start is refused."""
+def test_a_hospital_added_while_running_joins_and_stops_once_removed(federation, tmp_path):
+    """Hospital d makes its key and starts its daemon, which is refused and keeps trying; it is
+    added to the running coordinator (nothing restarts) and joins the next run. After `server
+    remove-hospital` its daemon is cut off, tries once more and stops, saying that the
+    coordinator removed its key (not "not registered"); so does a new start with that key."""
     root, superlink, pki = (
         federation["root"],
         federation["superlink"],
@@ -510,10 +549,11 @@ def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federa
     keys = tmp_path / "hospital-d" / "keys"
     assert _fedcare("client", "keygen", "--out", str(keys), "--name", "d").returncode == 0
     state = _approved_state(federation, tmp_path / "hospital-d")
-    refused = _start_refused(
-        federation, "d", keys / "d.key", _approved_state(federation, tmp_path / "d-before")
-    )
-    assert refused.returncode == 2 and "its public key is not registered" in refused.stderr
+    log = tmp_path / "client-d.log"
+    daemon = _start_hospital(root, "d", keys / "d.key", root / "data" / "hospital-2.csv", state,
+                             federation["port"], log)  # fmt: skip
+    federation.setdefault("extra", []).append(daemon)
+    _wait(lambda: NOT_YET in log.read_text(), 90, log)
     server_pid = federation["server"].pid
     added = _fedcare(
         "server", "add-hospital", "d", str(keys / "d.pub"), "--pki", pki, "--superlink", superlink
@@ -521,13 +561,10 @@ def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federa
     assert added.returncode == 0 and "registered with the running coordinator" in added.stdout, (
         added.stdout + added.stderr
     )
-    daemon = _start_hospital(root, "d", keys / "d.key", root / "data" / "hospital-2.csv", state,
-                             federation["port"], tmp_path / "client-d.log")  # fmt: skip
-    federation.setdefault("extra", []).append(daemon)
     cli = federation["cli"]
-    _wait(lambda: _connected(state), 90, tmp_path / "client-d.log")
+    _wait(lambda: _connected(state), 90, log)
     _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) == 4,
-          90, tmp_path / "client-d.log")  # fmt: skip
+          90, log)  # fmt: skip
     run = _fedcare(
         "server", "run", "--superlink", superlink, "--pki", pki, "--rounds", "1",
         "--out", str(root / "run-d"), "--app", str(federation["app"]),
@@ -540,11 +577,19 @@ def test_a_hospital_added_while_running_joins_and_is_refused_once_removed(federa
     assert federation["server"].pid == server_pid and federation["server"].poll() is None
     removed = _fedcare("server", "remove-hospital", "d", "--pki", pki, "--superlink", superlink)
     assert removed.returncode == 0 and "unregistered, its requests are refused" in removed.stdout
-    daemon.wait(timeout=90)  # the SuperLink refuses its next heartbeat / pull: the daemon stops
+    removed_at = json.loads((root / "pki" / "registered.json").read_text())["removed_keys"][-1]
+    assert removed_at["name"] == "d"
+    # the SuperLink refuses its next heartbeat / pull; the next attempt is told of the removal
+    assert daemon.wait(timeout=90) == 2
+    told = " ".join(log.read_text().split())
+    assert "stopped after joining" in told, told[-3000:]
+    assert "the coordinator removed this hospital's key" in told
+    assert f"on {removed_at['removed_at']}" in told and "fedcare client keygen" in told
     again = _start_refused(
         federation, "d", keys / "d.key", _approved_state(federation, tmp_path / "d-after")
     )
-    assert again.returncode == 2 and "its public key is not registered" in again.stderr
+    assert again.returncode == 2 and "removed this hospital's key" in again.stderr, again.stderr
+    assert NOT_YET not in again.stdout
     assert (
         sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"])
         == 3
@@ -587,25 +632,49 @@ def _approved_state(federation, state: Path) -> Path:
 def _start_refused(
     federation, name: str, key: Path, state: Path
 ) -> subprocess.CompletedProcess[str]:
-    """`fedcare client start` at the public address, expected to end (refused)."""
+    """`fedcare client start` at the public address, expected to end (refused): with
+    --join-timeout 1 it gives up at its first refusal as not registered."""
     root = federation["root"]
     return _fedcare(
         "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
         "--key", str(key), "--site", name, "--data", str(root / "data" / "hospital-1.csv"),
-        "--port", str(_free_port()), "--state", str(state), timeout=120,
+        "--port", str(_free_port()), "--state", str(state), "--join-timeout", "1",
+        "--join-backoff", JOIN_BACKOFF, timeout=120,
     )  # fmt: skip
 
 
 def test_unregistered_hospital_is_refused(federation, tmp_path):
+    """A key the coordinator never added, two daemons at once: one keeps trying, saying each
+    time what the coordinator's operator must run, until SIGTERM stops it (exit 0); one with
+    --join-timeout gives up (exit 2) with the same instructions."""
+    root = federation["root"]
     keygen = _fedcare("client", "keygen", "--out", str(tmp_path / "keys"), "--name", "rogue")
     assert keygen.returncode == 0
-    _approved_state(federation, tmp_path / "rogue")
-    proc = _start_refused(federation, "rogue", tmp_path / "keys" / "rogue.key", tmp_path / "rogue")
+    key = tmp_path / "keys" / "rogue.key"
+    waiting = _spawn(
+        "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
+        "--key", str(key), "--site", "rogue", "--data", str(root / "data" / "hospital-1.csv"),
+        "--port", str(_free_port()), "--state", str(_approved_state(federation, tmp_path / "waiting")),
+        "--join-backoff", JOIN_BACKOFF, log=tmp_path / "waiting.log",
+    )  # fmt: skip
+    federation.setdefault("extra", []).append(waiting)
+    proc = _start_refused(federation, "rogue", key, _approved_state(federation, tmp_path / "rogue"))
     assert proc.returncode == 2
     # without --policy a daemon runs under fedcare's default policy, and says so first
     assert "site policy (fedcare's default" in proc.stdout and "allow-non-dp = false" in proc.stdout
-    assert "refused this hospital: its public key is not registered" in proc.stderr
+    stderr = " ".join(proc.stderr.split())
+    assert "refused this hospital: its public key (SHA256:" in stderr
+    assert "is still not registered there after" in stderr and "(--join-timeout 1)" in stderr
+    assert "`fedcare server add-hospital rogue rogue.pub --pki PKI`" in stderr
     assert "Traceback" not in proc.stderr
+    log = tmp_path / "waiting.log"
+    _wait(lambda: NOT_YET in log.read_text(), 60, log)
+    assert waiting.poll() is None  # refused, and still trying
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=30) == 0
+    told = " ".join(log.read_text().split())
+    assert "`fedcare server add-hospital rogue rogue.pub --pki PKI`" in told
+    assert "Trying again in 1 s (attempt 2; Ctrl-C stops)" in told and "Traceback" not in told
 
 
 def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
@@ -781,6 +850,11 @@ def test_coordinator_killed_after_round_one_resumes(federation):
         if h["name"] in ("a", "b"):
             assert h["rounds_trained"] == 3
             assert h["epsilon"] <= 2.0  # never double-spent, even for the repeated round 2
+    # one fedcare run id, two Flower run ids, on both sides
+    assert len(summary["flower_run_ids"]) == 2, summary["flower_run_ids"]
+    for h in ("a", "b"):
+        entry = root / f"hospital-{h}" / "ledger" / "runs" / f"{summary['run_id']}.json"
+        assert json.loads(entry.read_text())["flower_run_ids"] == summary["flower_run_ids"]
     first = load_file(str(run_dir / "checkpoints" / "round-001.safetensors"))
     final = load_file(str(run_dir / "model.safetensors"))
     assert any(not torch.equal(first[k], final[k]) for k in first)

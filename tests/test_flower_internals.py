@@ -26,6 +26,13 @@ PINNED: dict[str, dict[str, str]] = {
         "flwr.supernode.cli.flower_supernode:_start_supernode_http_api": "b2832210a0cad93a",
         "flwr.supercore.inflatable.inflatable_utils:pull_objects": "31bb2de46b450e6a",
     },
+    "client/join.py and server/gateway.py (a refused key: retried, or told it was removed)": {
+        # a refused activation ends the SuperNode through flwr_exit (not catchable: a force-exit
+        # timer), printing "[code: N] <detail>" from the refusal's JSON (FlowerError.from_json)
+        "flwr.supernode.fleet_http_connection:http_request_response": "b80ca36779c2657f",
+        "flwr.supercore.exit.exit:flwr_exit": "1445f36e9999abb4",
+        "flwr.supercore.error.base:FlowerError.from_json": "b50b62374038193d",
+    },
     "client/launcher.py (the SuperExec that launches approved bundles only)": {
         "flwr.supercore.superexec.run_superexec:run_superexec": "d11f4e7fbc8f0b12",
         "flwr.supernode.runtime.run_clientapp:pull_task_input": "5607a23e1673ee87",

@@ -91,3 +91,60 @@ def _alive_python_with(arg: str) -> bool:
         except OSError:
             continue
     return False
+
+
+# The child prints a line and exits with code 3; the companion records its pid and stays.
+RESTART_DRIVER = """
+import os, sys
+from pathlib import Path
+from shared_models.runtime import run_foreground
+mark, log, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
+codes = []
+def restart(code):
+    codes.append(code)
+    return wait if len(codes) < 3 else None
+child = [sys.executable, "-c", "import sys; print('attempt'); sys.exit(3)"]
+companion = [sys.executable, "-c",
+             f"import os, time; open({mark!r}, 'a').write(f'{{os.getpid()}}\\\\n'); time.sleep(120)"]
+code = run_foreground(child, env=dict(os.environ), log_path=Path(log), restart=restart,
+                      companions=[(companion, Path(log + ".c"))])
+print("exit", code, codes)
+"""
+
+
+def _restart_driver(tmp_path: Path, wait: float) -> subprocess.Popen[str]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(RESTART_DRIVER))
+    return subprocess.Popen(
+        [sys.executable, str(driver), str(tmp_path / "companion-pids"), str(tmp_path / "child.log"),
+         str(wait)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+
+
+def test_a_child_that_exits_is_restarted_while_its_companion_keeps_running(tmp_path: Path):
+    """``restart`` is asked after each exit of the child (with its code, its output already
+    read); the child is started again after the wait it returns, the companion is started once
+    and stopped at the end; None ends the loop with the child's code."""
+    out, _ = _restart_driver(tmp_path, 0.1).communicate(timeout=60)
+    assert out.strip() == "exit 3 [3, 3, 3]"
+    assert (tmp_path / "child.log").read_text() == "attempt\n" * 3
+    pids = (tmp_path / "companion-pids").read_text().split()
+    assert len(pids) == 1 and not Path(f"/proc/{pids[0]}").exists()
+
+
+def test_a_stop_during_the_wait_before_a_restart_ends_at_once(tmp_path: Path):
+    """SIGTERM while ``restart``'s wait (here 60 s) runs: the companion stops, exit code 0."""
+    driver = _restart_driver(tmp_path, 60.0)
+    deadline = time.monotonic() + 30
+    log = tmp_path / "child.log"
+    while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # restart has been asked
+    started = time.monotonic()
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=30)
+    assert out.strip() == "exit 0 [3]" and time.monotonic() - started < 10
+    assert log.read_text() == "attempt\n"
+    pids = (tmp_path / "companion-pids").read_text().split()
+    assert len(pids) == 1 and not Path(f"/proc/{pids[0]}").exists()

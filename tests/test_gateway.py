@@ -311,6 +311,40 @@ def test_an_unregistered_key_is_refused_before_its_body_is_read(superlink, tmp_p
     assert superlink.paths == ["/v1/fleet/get-run"]  # only the registered hospital's call
 
 
+def test_a_removed_key_is_told_it_was_removed(superlink, tmp_path):
+    """After `remove-hospital` (the registry's own code), the removed key's activation, signed
+    by its private key, gets Flower's refusal (412, code 2004) with the removal's time, which
+    the hospital's daemon reads (shared_models.protocol.removed_key_time); the same public key
+    signed by another key, and a never-registered key, get the plain refusal. Nothing reaches
+    Flower."""
+    from server.hospitals import HospitalRegistry
+    from server.pki import PKI
+    from shared_models.protocol import KEY_REMOVED, removed_key_time
+
+    removed, other, never = generate_key_pairs(), generate_key_pairs(), generate_key_pairs()
+    keys = _registry(tmp_path, {"gone": removed[1]})
+    HospitalRegistry(PKI(tmp_path)).remove("gone")
+    removed_at = json.loads((tmp_path / "registered.json").read_text())["removed_keys"][0]
+    gateway = Gateway("http://superlink", transport=httpx.ASGITransport(app=superlink),
+                      registered=keys)  # fmt: skip
+    forged = {**_signed(other[0], other[1]),
+              "flwr-public-key": _signed(*removed)["flwr-public-key"]}  # fmt: skip
+    answers = _call(gateway, [
+        ("POST", "/v1/fleet/activate-node", b"", _signed(*removed)),
+        ("POST", "/v1/fleet/activate-node", b"", forged),
+        ("POST", "/v1/fleet/activate-node", b"", _signed(*never)),
+        ("POST", "/v1/fleet/pull-messages", b"", _signed(*removed)),
+    ])  # fmt: skip
+    told = answers[0].json()
+    assert answers[0].status_code == 412 and told["code"] == 2004
+    assert f"{KEY_REMOVED} {removed_at['removed_at']}" in told["detail"]
+    assert removed_key_time(f"[code: 2004] {told['detail']}") == removed_at["removed_at"]
+    plain = {"code": 2004, "detail": "Failed to activate SuperNode."}
+    assert [a.status_code for a in answers[1:]] == [412, 412, 401]
+    assert answers[1].json() == answers[2].json() == plain
+    assert superlink.paths == []
+
+
 def test_registered_keys_follow_the_pki_folder(tmp_path):
     """A key is known at its hospital's first request after `add-hospital` (an unexpected 401
     stops Flower's SuperNode), and forgotten within a second of `remove-hospital`."""

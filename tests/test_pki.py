@@ -187,3 +187,36 @@ def test_start_refuses_a_public_port_on_the_superlinks_port_and_an_old_certifica
     assert "127.0.0.1" not in server_cert_sans(keys)
     with pytest.raises(PKIError, match="is not valid for 127.0.0.1"):
         keys.check_server_side()
+
+
+def test_status_names_every_state_it_shows_and_the_readme_explains_each():
+    """`server status` rows from Flower's `supernode list` JSON and the registry: removed
+    (unregistered) nodes are left out, keys not registered with the SuperLink are shown as
+    `key stored`; every state shown has a meaning printed under the table and in the README."""
+    from pathlib import Path
+
+    from server.hospitals import HOSPITAL_STATES, hospital_rows
+
+    nodes = [
+        {"node-id": "11", "status": "online", "created-at": "t0", "online-at": "t1",
+         "offline-at": ""},
+        {"node-id": "12", "status": "offline", "created-at": "t0", "online-at": "t1",
+         "offline-at": "t2"},
+        {"node-id": "13", "status": "registered", "created-at": "t3", "online-at": "",
+         "offline-at": ""},
+        {"node-id": "14", "status": "unregistered", "created-at": "t0", "online-at": "",
+         "offline-at": "t4"},
+        {"node-id": "15", "status": "online", "created-at": "t0", "online-at": "t5",
+         "offline-at": ""},
+    ]  # fmt: skip
+    registry = {"hospitals": {"a": {"node_id": 11}, "b": {"node_id": 12}, "c": {"node_id": 13},
+                              "e": {"node_id": None}}, "removed_keys": []}  # fmt: skip
+    rows = hospital_rows(nodes, registry)
+    assert rows == [("a", "11", "online", "t1"), ("b", "12", "offline", "t2"),
+                    ("c", "13", "registered", "t3"), ("?", "15", "online", "t5"),
+                    ("e", "-", "key stored", "-")]  # fmt: skip
+    assert {row[2] for row in rows} == set(HOSPITAL_STATES)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Joining, and what `server status` shows")[1].split("\n### ")[0]
+    for state in HOSPITAL_STATES:
+        assert f"| `{state}` |" in section, state

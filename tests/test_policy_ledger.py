@@ -194,6 +194,44 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     assert logged and not raw & logged
 
 
+def test_ledger_and_audit_name_the_coordinators_flower_run_ids(
+    default_cfg, site, tmp_path, monkeypatch, capsys
+):
+    """The coordinator resumed run "joined" under a new Flower run id (111, then 222): the
+    ledger entry lists both, in order; every audit line of the run (received, sent, the local
+    detail of a refusal under Flower run 333, which changes nothing in the ledger) names
+    fedcare's run id and its message's Flower run id -- the ids the coordinator's summary.json
+    lists (``run_id``, ``flower_run_ids``). The budget command shows them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.ledger import Ledger
+    from simulations import cli
+
+    node = site("")
+    default_cfg.update({"train.rounds": 2, "run.id": "joined"})
+    try:
+        for flower_run_id, rnd in ((111, 1), (222, 2), (333, 3)):
+            TaskIdentity.run_id = flower_run_id  # what Flower stamps on the request
+            ctx = make_context(default_cfg, node, run_id=flower_run_id)
+            reply = client_app(_msg("train", rnd), ctx)
+            assert reply.has_error() == (rnd == 3)  # round 3 is beyond the run's plan
+    finally:
+        use_task_identity()
+    assert Ledger(tmp_path / "ledger").load("joined").flower_run_ids == [111, 222]
+    audit = [json.loads(x) for x in (tmp_path / "ledger" / "audit.jsonl").read_text().splitlines()]
+    assert [(a["direction"], a["run_id"], a["flower_run_id"]) for a in audit] == [
+        ("received", "joined", 111), ("sent", "joined", 111),
+        ("received", "joined", 222), ("sent", "joined", 222),
+        ("received", "joined", 333), ("local", "joined", 333), ("sent", "joined", 333),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["fedcare", "client", "budget", "--ledger",
+                                      str(tmp_path / "ledger")])  # fmt: skip
+    cli.main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run joined task breast-cancer" in out
+    assert "(coordinator's Flower run id(s): 111, 222)" in out
+
+
 def test_policy_can_require_secure_aggregation(default_cfg, site, tmp_path):
     default_cfg.update({"run.id": "plain"})
     reply = client_app(

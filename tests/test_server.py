@@ -365,3 +365,20 @@ def test_without_registered_keys_names_are_self_reported(default_cfg):
     summary = build_summary(RunConfig.from_run_config(default_cfg), _history(), wall_seconds=1.0)
     assert {h["named_by"] for h in summary["hospitals"]} == {"self-reported"}
     assert summary["name_mismatches"] == []
+
+
+def test_each_flower_run_of_a_run_folder_is_recorded_once_in_order(tmp_path):
+    """flower-runs.json: the Flower run ids of one fedcare run (a resume adds one, also when the
+    resumed run stops before its first checkpoint), each once."""
+    from server.checkpoint import FLOWER_RUNS, record_flower_run
+
+    run_dir = tmp_path / "run"
+    assert record_flower_run(run_dir, run_id="r", flower_run_id=11, after_round=0) == [11]
+    assert record_flower_run(run_dir, run_id="r", flower_run_id=11, after_round=0) == [11]
+    assert record_flower_run(run_dir, run_id="r", flower_run_id=7, after_round=1) == [11, 7]
+    saved = json.loads((run_dir / FLOWER_RUNS).read_text())
+    assert saved["run_id"] == "r"
+    assert [(r["flower_run_id"], r["after_round"]) for r in saved["flower_runs"]] == [
+        (11, 0),
+        (7, 1),
+    ]
