@@ -441,14 +441,18 @@ def _resume_config(run_dir: Path, run_config: str | None) -> tuple[dict[str, Any
 
 
 def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
-    """Stream the run's logs; print fedcare's per-round progress lines."""
+    """Stream the run's logs; print fedcare's per-round progress lines (each round once)."""
     proc = cli.popen("log", str(run_id), CONNECTION, "--stream")
     deadline = time.monotonic() + timeout
+    printed: set[int] = set()
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
             if PROGRESS_MARK in line:
-                print_progress(json.loads(line.split(PROGRESS_MARK, 1)[1]))
+                info = json.loads(line.split(PROGRESS_MARK, 1)[1])
+                if info["round"] not in printed:  # each round once, whatever the log stream does
+                    printed.add(info["round"])
+                    print_progress(info)
             elif "ERROR" in line or "Exception" in line:
                 console.print(line.rstrip(), style="red", highlight=False)
             if time.monotonic() > deadline:
@@ -460,21 +464,31 @@ def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
 
 
 def print_progress(info: dict[str, Any]) -> None:
-    """One line per finished round (shared by simulation and deployment)."""
+    """One line per finished round (shared by simulation and deployment): AUROC where the round
+    evaluated, the largest ε after training and, with an evaluation release, after it (the ε of
+    the end-of-run table), then every hospital that missed the round and why."""
 
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    from rich.markup import escape
+
     failures = "".join(
-        f"\n    [yellow]{f['hospital']} ({f['kind']}): {f['reason']}[/]"
-        for f in info.get("failures", [])
+        f"\n    [yellow]{escape(m['hospital'])} ({m['kind']}, {m.get('cause', 'failed')}): "
+        f"{escape(str(m['reason']))}[/]"
+        for m in info.get("failures", [])
     )
     pooled = (
         f"pooled AUROC {f(info['pooled_auroc'])}  " if info.get("pooled_auroc") is not None else ""
     )
+    auroc = f"mean hospital AUROC {f(info['mean_auroc'])}  " if info.get("evaluated", True) else ""
+    epsilon = f"max ε {f(info['max_epsilon'])}"
+    if info.get("max_epsilon_evaluation") is not None:
+        epsilon += f" (training) → {f(info['max_epsilon_evaluation'])} with the evaluation release"
     console.print(
-        f"round {info['round']:>3}/{info['rounds']}  {pooled}mean hospital AUROC {f(info['mean_auroc'])}  "
-        f"max ε {f(info['max_epsilon'])}  [dim]{info['seconds']:.1f} s[/]{failures}"
+        f"round {info['round']:>3}/{info['rounds']}  {pooled}{auroc}{epsilon}  "
+        f"[dim]{info['seconds']:.1f} s[/]{failures}",
+        highlight=False,
     )
 
 

@@ -213,9 +213,14 @@ def test_two_rounds_with_dp(federation):
         timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "round   2/2" in run.stdout
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert sorted(h["name"] for h in summary["hospitals"]) == list(HOSPITALS)
+    # each round once (every Flower log line once reached the log stream twice), its ε the end
+    # table's: after training, then after the evaluation release
+    progress = [line for line in run.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"], run.stdout
+    final = max(h["epsilon"] for h in summary["hospitals"])
+    assert f"(training) → {final:.3f} with the evaluation release" in progress[-1], run.stdout
     for h in summary["hospitals"]:
         assert 0 < h["epsilon"] <= 2.0 and h["delta"] == 1e-5 and h["rounds_trained"] == 2
     for name in ("metrics.csv", "report.md", "curves.png", "model.safetensors", "model.json",
@@ -746,6 +751,11 @@ def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
     assert by_name["a"]["rounds_trained"] == 3 and by_name["c"]["rounds_trained"] <= 2
     dropped = [f for f in summary["failures"] if f["hospital"] == "c"]
     assert dropped and all(f["round"] >= 2 for f in dropped)
+    # every round c missed is named, with why (asked and lost, or no longer connected)
+    frame = pd.read_csv(root / "run-drop" / "metrics.csv")
+    trained = set(frame[(frame["hospital"] == "c") & frame["n_train"].notna()]["round"])
+    assert {f["round"] for f in dropped if f["kind"] == "train"} == {1, 2, 3} - trained, dropped
+    assert {f["cause"] for f in dropped} <= {"dropped", "timed out", "offline"}, dropped
     assert (
         "c" in (root / "run-drop" / "report.md").read_text().split("## Refusals and drop-outs")[1]
     )
