@@ -323,6 +323,20 @@ def run(
         Path | None,
         typer.Option(help="Continue an interrupted run from its last checkpoint (its run folder)."),
     ] = None,
+    min_hospitals: Annotated[
+        int | None,
+        typer.Option(
+            help="Start once this many registered hospitals are online (default: all of them)."
+        ),
+    ] = None,
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for hospitals: before the run, for --min-hospitals to be "
+            "online (then exit 1, naming who never came); during it, for a round that lacks "
+            "hospitals (then stop the run)."
+        ),
+    ] = 600,
     timeout: Annotated[
         float, typer.Option(help="Give up following the run after this many seconds.")
     ] = 86_400,
@@ -353,8 +367,13 @@ def run(
         fab = build_fab(app_dir)
     except ValueError as exc:
         raise UsageError(f"{app_dir}: not a valid Flower app ({exc})") from None
+    if wait_timeout < 0:
+        raise UsageError(f"--wait-timeout {wait_timeout:g}: use seconds, 0 or more")
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp) / "flwr-home")
+        need = _hospitals_needed(PKI(pki), cfg, min_hospitals)
+        if not _hospitals_online(cli, PKI(pki), need, wait_timeout):
+            raise typer.Exit(1)
         if (
             stale_run is not None
         ):  # the interrupted Flower run would otherwise show "running" forever
@@ -375,7 +394,15 @@ def run(
             f"submitted run {run_id}: task {parsed.task.name}, {parsed.strategy.name}, "
             f"{parsed.train.rounds} rounds, {dp}; run folder {run_dir}"
         )
-        _follow(cli, run_id, timeout)
+        stopped = _follow(cli, run_id, timeout, PKI(pki), wait_timeout)
+        if stopped is not None:
+            cli.run("stop", str(run_id), CONNECTION)
+            console.print(
+                f"[red]stopped run {run_id}:[/] {stopped}. Once the hospitals are back, continue "
+                f"with `fedcare server run --superlink {superlink} --pki {pki} --resume {run_dir}`",
+                highlight=False,
+            )
+            raise typer.Exit(1)
         try:
             status = _run_status(cli, run_id)
         except FlowerCLIError:
@@ -440,8 +467,71 @@ def _resume_config(run_dir: Path, run_config: str | None) -> tuple[dict[str, Any
     return cfg, run_dir, int(sidecar["run_id"])
 
 
-def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
-    """Stream the run's logs; print fedcare's per-round progress lines (each round once)."""
+def _hospitals_needed(keys: PKI, cfg: dict[str, Any], min_hospitals: int | None) -> int:
+    """How many registered hospitals must be online before the run is submitted: ``--min-hospitals``
+    (default: every registered hospital), at least what the strategy needs to sample.
+
+    Raises
+    ------
+    UsageError
+        No hospital registered, or more needed than are registered.
+    """
+    names = keys.hospitals()
+    if not names:
+        raise UsageError(
+            f"no hospital is registered in {keys.root}: add each with `fedcare server "
+            f"add-hospital NAME NAME.pub --pki {keys.root}`"
+        )
+    need = len(names) if min_hospitals is None else min_hospitals
+    if not 1 <= need <= len(names):
+        raise UsageError(
+            f"--min-hospitals {need}: {len(names)} hospital(s) are registered "
+            f"({', '.join(names)}); use 1 to {len(names)}"
+        )
+    for key in ("strategy.min-available-nodes", "strategy.min-train-nodes"):
+        if int(cfg[key]) > len(names):
+            raise UsageError(
+                f"{key} = {cfg[key]} but {len(names)} hospital(s) are registered "
+                f"({', '.join(names)}): the run could never start; lower it with --run-config"
+            )
+    return max(need, int(cfg["strategy.min-available-nodes"]), int(cfg["strategy.min-train-nodes"]))
+
+
+def _hospitals_online(cli: FlowerCLI, keys: PKI, need: int, wait_timeout: float) -> bool:
+    """Wait until ``need`` registered hospitals are online, saying who is awaited; False (with
+    the hospitals that never came named) after ``wait_timeout`` seconds."""
+    from server.presence import HospitalsMissingError, hospital_presence, wait_for_hospitals
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False)
+
+    try:
+        ready = wait_for_hospitals(
+            lambda: hospital_presence(cli, keys), need=need, timeout=wait_timeout, say=say
+        )
+    except HospitalsMissingError as exc:
+        console.print(
+            f"[red]no run started:[/] {exc}. Start the missing hospitals' daemons (`fedcare "
+            f"client start` at each hospital), or start with fewer (--min-hospitals)",
+            highlight=False,
+        )
+        return False
+    say(f"hospitals: {ready.describe()}")
+    return True
+
+
+def _follow(
+    cli: FlowerCLI, run_id: int, timeout: float, keys: PKI, wait_timeout: float
+) -> str | None:
+    """Stream the run's logs; print fedcare's per-round progress lines (each round once), its
+    errors, and who a round waits for. Returns why the run should be stopped (a round waited
+    ``wait_timeout`` seconds for hospitals), else None."""
+    from server.presence import RunWaitWatch, hospital_presence
+
+    watch = RunWaitWatch(
+        presence=lambda: hospital_presence(cli, keys), timeout=wait_timeout,
+        say=lambda text: console.print(text, highlight=False),
+    )  # fmt: skip
     proc = cli.popen("log", str(run_id), CONNECTION, "--stream")
     deadline = time.monotonic() + timeout
     printed: set[int] = set()
@@ -450,17 +540,20 @@ def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
         for line in proc.stdout:
             if PROGRESS_MARK in line:
                 info = json.loads(line.split(PROGRESS_MARK, 1)[1])
-                if info["round"] not in printed:  # each round once, whatever the log stream does
+                if info["round"] not in printed:
                     printed.add(info["round"])
                     print_progress(info)
             elif "ERROR" in line or "Exception" in line:
-                console.print(line.rstrip(), style="red", highlight=False)
+                console.print(line.rstrip(), style="red", highlight=False, markup=False)
+            elif (stop := watch.feed(line)) is not None:
+                return stop
             if time.monotonic() > deadline:
                 break
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
+    return None
 
 
 def print_progress(info: dict[str, Any]) -> None:

@@ -237,6 +237,45 @@ def test_two_rounds_with_dp(federation):
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
 
 
+def test_a_run_waits_for_a_registered_hospital_that_never_comes_and_names_it(federation, tmp_path):
+    """Hospital "late" is registered but its daemon never starts: `server run` says whom it
+    waits for while it waits and, after --wait-timeout, exits 1 naming it, without submitting
+    a run (a run needs every registered hospital unless --min-hospitals says fewer)."""
+    root, superlink, pki = (
+        federation["root"],
+        federation["superlink"],
+        str(federation["root"] / "pki"),
+    )
+    keys = tmp_path / "late"
+    assert _fedcare("client", "keygen", "--out", str(keys), "--name", "late").returncode == 0
+    added = _fedcare("server", "add-hospital", "late", str(keys / "late.pub"), "--pki", pki,
+                     "--superlink", superlink)  # fmt: skip
+    assert added.returncode == 0, added.stdout + added.stderr
+    runs = _superlink_state(federation)[0]
+    try:
+        started = time.monotonic()
+        run = _fedcare(
+            "server", "run", "--superlink", superlink, "--pki", pki, "--rounds", "1",
+            "--out", str(root / "run-late"), "--app", str(federation["app"]), "--wait-timeout", "8",
+            timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    finally:  # the other tests' runs need every registered hospital
+        removed = _fedcare(
+            "server", "remove-hospital", "late", "--pki", pki, "--superlink", superlink
+        )
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+    output = " ".join(run.stdout.split())
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "waiting for hospitals: 3 of 4 online (a, b, c; late offline)" in output
+    assert (
+        "no run started: after 8 s only 3 of 4 online (a, b, c; late offline), 4 needed; never "
+        "came online: late"
+    ) in output
+    assert took < 8 + 30, took  # the command's own start and the SuperLink's answers
+    assert _superlink_state(federation)[0] == runs and not (root / "run-late").exists()
+
+
 def test_a_run_without_dp_is_refused_by_every_hospital(federation):
     """The coordinator asks for a non-private run: every hospital (fedcare's default policy, one
     cap changed: see _test_policy) refuses before training, nothing enters a ledger, and `server
@@ -770,7 +809,7 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     code, output = _run_until_round_one(
         ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
          "--strategy", "fedadam", "--out", str(run_dir), "--app", str(federation["app"]),
-         "--run-config", settings],
+         "--run-config", settings, "--min-hospitals", "2"],  # c dropped out (test above)
         lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
     )  # fmt: skip
     assert code == 2 and "--resume" in output, output
@@ -781,7 +820,8 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
           120, root / "server2.log")  # fmt: skip
     resumed = _fedcare("server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
-                       "--resume", str(run_dir), "--app", str(federation["app"]), timeout=600)  # fmt: skip
+                       "--resume", str(run_dir), "--app", str(federation["app"]), "--min-hospitals", "2",
+                       timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
     metrics = pd.read_csv(run_dir / "metrics.csv")
