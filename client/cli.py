@@ -129,9 +129,18 @@ def keygen(
     name: Annotated[
         str, typer.Option(help="File name and key comment: OUT/NAME.key and OUT/NAME.pub.")
     ] = "hospital",
+    allow_in_repo: Annotated[
+        bool,
+        typer.Option(
+            "--allow-in-repo",
+            help="Write the private key inside a git work tree all the same (refused by "
+            "default: it could be committed by accident).",
+        ),
+    ] = False,
 ) -> None:
-    """Make this hospital's key pair: the private key (mode 0600) never leaves the hospital;
-    NAME.pub goes to the coordinator. Never overwrites an existing key."""
+    """Make this hospital's key pair: the private key (mode 0600, in a folder of mode 0700,
+    never inside a git work tree unless --allow-in-repo) never leaves the hospital; NAME.pub
+    goes to the coordinator. Never overwrites an existing key."""
     from shared_models.node_keys import (
         KeyFileError,
         fingerprint,
@@ -140,7 +149,7 @@ def keygen(
     )
 
     try:
-        key_path, pub_path = generate_key_pair(out, name)
+        key_path, pub_path = generate_key_pair(out, name, allow_in_repo=allow_in_repo)
     except KeyFileError as exc:
         raise HospitalSetupError(str(exc)) from None
     console.print(f"wrote {key_path} (private, mode 0600: keep it here, never send it)")

@@ -65,19 +65,31 @@ def init(
         Path | None,
         typer.Option(help="Where --demo-hospitals keys go (default: demo-hospitals beside OUT)."),
     ] = None,
+    allow_in_repo: Annotated[
+        bool,
+        typer.Option(
+            "--allow-in-repo",
+            help="Write private keys inside a git work tree all the same (refused by default: "
+            "they could be committed by accident).",
+        ),
+    ] = False,
 ) -> None:
     """Create the consortium CA and the coordinator's TLS certificate (hospitals make their own
-    keys: `fedcare client keygen`, then `fedcare server add-hospital`)."""
+    keys: `fedcare client keygen`, then `fedcare server add-hospital`). Private keys are written
+    with mode 0600 in folders of mode 0700, never inside a git work tree unless --allow-in-repo."""
     from server.hospitals import HospitalRegistry
     from server.pki import default_ca_dir
-    from shared_models.node_keys import check_site_name, generate_key_pair
+    from shared_models.node_keys import check_private_folder, check_site_name, generate_key_pair
 
     addresses = address or ["127.0.0.1", "localhost"]
     demo = _split_names(demo_hospitals)
     for name in demo:
         check_site_name(name)
     ca_dir = ca_dir or default_ca_dir(out)
-    written = init_pki(out, addresses=addresses, ca_dir=ca_dir)
+    demo_root = demo_dir or out.parent / "demo-hospitals"
+    if demo:  # refused before the CA is made
+        check_private_folder(demo_root, option="--demo-dir", allow_in_repo=allow_in_repo)
+    written = init_pki(out, addresses=addresses, ca_dir=ca_dir, allow_in_repo=allow_in_repo)
     for path in written:
         console.print(f"wrote {path}")
     if not written:
@@ -89,12 +101,13 @@ def init(
             "needs it; keep it offline (it is only needed to issue a new coordinator certificate)"
         )
     registry = HospitalRegistry(keys)
-    demo_root = demo_dir or out.parent / "demo-hospitals"
     for name in demo:
         if keys.hospital_pub(name).exists():
             console.print(f"hospital {name}: already added, no new key")
             continue
-        key_path, pub_path = generate_key_pair(demo_root / name, name)
+        key_path, pub_path = generate_key_pair(
+            demo_root / name, name, option="--demo-dir", allow_in_repo=allow_in_repo
+        )
         registry.add_key(name, pub_path)
         console.print(f"wrote {key_path} and {pub_path}; added hospital {name}")
     if demo:
