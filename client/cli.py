@@ -56,7 +56,7 @@ def _check_tls(superlink: str, ca: Path) -> None:
 _FLOWER_ERRORS = {
     "[code: 2004]": "the coordinator refused this hospital: its public key is not registered there "
     "(send your NAME.pub from `fedcare client keygen` to the coordinator, who runs "
-    "`fedcare server add-hospital NAME NAME.pub`)",
+    "`fedcare server add-hospital NAME NAME.pub --pki PKI_DIR`)",
     "[code: 2001]": "the coordinator requires hospital authentication: pass --key",
     "CERTIFICATE_VERIFY_FAILED": "the coordinator's certificate could not be verified with {ca}",
 }
@@ -157,7 +157,8 @@ def keygen(
     console.print(
         f"send [bold]{pub_path.name}[/] to the coordinator (key fingerprint "
         f"{fingerprint(load_public_key(pub_path))}; compare it by phone or another channel). "
-        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name}`; then start "
+        f"The coordinator runs `fedcare server add-hospital YOUR_NAME {pub_path.name} --pki "
+        f"PKI_DIR`; then start "
         f"this hospital with `fedcare client start --key {key_path} ...`"
     )
 
@@ -171,7 +172,12 @@ def approve(
             help="App folder or .fab file to approve (default: the installed fedcare app)."
         ),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", help="Approve without asking (scripts; without a terminal it is required)."
+        ),
+    ] = False,
     list_: Annotated[
         bool, typer.Option("--list", help="Show the approved bundles and exit.")
     ] = False,
@@ -179,7 +185,9 @@ def approve(
     """Review an app bundle (hash, files, tasks) and approve it to run at this hospital.
 
     The bundle is read, never executed. Its SHA-256 is what the hospital daemon compares with
-    the hash of every run's bundle; any other bundle is refused.
+    the hash of every run's bundle; any other bundle is refused. Without a terminal to ask on
+    (a script, a pipe), ``--yes`` approves; without it nothing is approved and the message says
+    how.
     """
     from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab
 
@@ -195,6 +203,7 @@ def approve(
                     f"{', '.join(e.get('tasks', [])) or '-'}  approved {e.get('approved_at', '?')}"
                 )
             return
+        shown = "" if bundle is None else f" {bundle}"
         if bundle is None:
             bundle = APP_DIR
         if not bundle.exists():
@@ -210,6 +219,11 @@ def approve(
     console.print(f"  files   {len(info.files)}:")
     for name in info.files:
         console.print(f"    {name}")
+    if not yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        raise HospitalSetupError(
+            f"not approved: there is no terminal to ask on; review the bundle above, then "
+            f"approve it with `fedcare client approve --ledger {ledger}{shown} --yes`"
+        )
     if not yes and not typer.confirm(f"approve this bundle for the hospital ledger {ledger}?"):
         console.print("not approved")
         raise typer.Exit(1)

@@ -228,8 +228,9 @@ def start(
             console.print("[red]the gateway did not open its port within 30 s[/]; see",
                           state / "gateway.log")  # fmt: skip
             return
+        to_internal = "" if internal_port == 9092 else f" --superlink 127.0.0.1:{internal_port}"
         hospitals = ", ".join(f"{n} ({i})" for n, i in sorted(registered.items())) or (
-            "none yet (`fedcare server add-hospital NAME NAME.pub`)"
+            f"none yet (`fedcare server add-hospital NAME NAME.pub --pki {pki}{to_internal}`)"
         )
         console.print(
             f"fedcare coordinator listening on https://{host}:{port} (gateway: Fleet API only)\n"
@@ -427,7 +428,8 @@ def run(
     if status.get("status") != "finished:completed":
         details = status.get("status-details") or status.get("status") or "unknown"
         console.print(
-            f"[red]run {run_id} did not complete:[/] {details} (see `fedcare server status`)"
+            f"[red]run {run_id} did not complete:[/] {details} (see `fedcare server status "
+            f"--superlink {superlink} --pki {pki}`)"
         )
         raise typer.Exit(1)
     summary_path = run_dir / "summary.json"
@@ -525,7 +527,7 @@ def _hospitals_online(cli: FlowerCLI, keys: PKI, need: int, wait_timeout: float)
     except HospitalsMissingError as exc:
         console.print(
             f"[red]no run started:[/] {exc}. Start the missing hospitals' daemons (`fedcare "
-            f"client start` at each hospital), or start with fewer (--min-hospitals)",
+            f"client start ...` at each hospital), or start with fewer (--min-hospitals)",
             highlight=False,
         )
         return False
