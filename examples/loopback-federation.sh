@@ -18,6 +18,10 @@ set -m  # each daemon in a process group of its own, stopped with everything it 
 
 ROUNDS=${ROUNDS:-2}
 HOSPITALS=(a b c)
+if ((BASH_VERSINFO[0] < 4)); then
+    echo "this script needs bash 4 or newer (found $BASH_VERSION)" >&2
+    exit 2
+fi
 if ! command -v fedcare >/dev/null; then
     echo "fedcare is not on PATH: activate the environment fedcare is installed in" >&2
     exit 2
@@ -29,6 +33,7 @@ if [[ $# -ge 1 ]]; then
         echo "$STATE is not empty: give a new or empty folder" >&2
         exit 2
     fi
+    STATE=$(cd "$STATE" && pwd)
 else
     STATE=$(mktemp -d "${TMPDIR:-/tmp}/fedcare-loopback.XXXXXX") KEEP=0
 fi
