@@ -256,7 +256,7 @@ def test_a_run_waits_for_a_registered_hospital_that_never_comes_and_names_it(fed
         started = time.monotonic()
         run = _fedcare(
             "server", "run", "--superlink", superlink, "--pki", pki, "--rounds", "1",
-            "--out", str(root / "run-late"), "--app", str(federation["app"]), "--wait-timeout", "8",
+            "--out", str(root / "run-late"), "--app", str(federation["app"]), "--wait-timeout", "5",
             timeout=120,
         )  # fmt: skip
         took = time.monotonic() - started
@@ -269,10 +269,10 @@ def test_a_run_waits_for_a_registered_hospital_that_never_comes_and_names_it(fed
     assert run.returncode == 1, run.stdout + run.stderr
     assert "waiting for hospitals: 3 of 4 online (a, b, c; late offline)" in output
     assert (
-        "no run started: after 8 s only 3 of 4 online (a, b, c; late offline), 4 needed; never "
+        "no run started: after 5 s only 3 of 4 online (a, b, c; late offline), 4 needed; never "
         "came online: late"
     ) in output
-    assert took < 8 + 30, took  # the command's own start and the SuperLink's answers
+    assert took < 5 + 30, took  # the command's own start and the SuperLink's answers
     assert _superlink_state(federation)[0] == runs and not (root / "run-late").exists()
 
 
