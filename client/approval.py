@@ -227,7 +227,8 @@ class ApprovedBundles:
             raise ApprovalError(
                 f"approved-bundles file {self.path} is unreadable ({type(exc).__name__}: {exc}); "
                 "it is never reset automatically -- restore it from a backup, or move it away and "
-                "approve the bundles again with `fedcare client approve`"
+                f"approve the bundles again with `fedcare client approve --ledger {self.path.parent} "
+                "APP_DIR_OR_FAB`"
             ) from None
 
     def is_approved(self, sha256: str) -> bool:

@@ -121,9 +121,18 @@ def keygen(
     name: Annotated[
         str, typer.Option(help="File name and key comment: OUT/NAME.key and OUT/NAME.pub.")
     ] = "hospital",
+    allow_in_repo: Annotated[
+        bool,
+        typer.Option(
+            "--allow-in-repo",
+            help="Write the private key inside a git work tree all the same (refused by "
+            "default: it could be committed by accident).",
+        ),
+    ] = False,
 ) -> None:
-    """Make this hospital's key pair: the private key (mode 0600) never leaves the hospital;
-    NAME.pub goes to the coordinator. Never overwrites an existing key."""
+    """Make this hospital's key pair: the private key (mode 0600, in a folder of mode 0700,
+    never inside a git work tree unless --allow-in-repo) never leaves the hospital; NAME.pub
+    goes to the coordinator. Never overwrites an existing key."""
     from shared_models.node_keys import (
         KeyFileError,
         fingerprint,
@@ -132,7 +141,7 @@ def keygen(
     )
 
     try:
-        key_path, pub_path = generate_key_pair(out, name)
+        key_path, pub_path = generate_key_pair(out, name, allow_in_repo=allow_in_repo)
     except KeyFileError as exc:
         raise HospitalSetupError(str(exc)) from None
     console.print(f"wrote {key_path} (private, mode 0600: keep it here, never send it)")
@@ -155,7 +164,12 @@ def approve(
             help="App folder or .fab file to approve (default: the installed fedcare app)."
         ),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", help="Approve without asking (scripts; without a terminal it is required)."
+        ),
+    ] = False,
     list_: Annotated[
         bool, typer.Option("--list", help="Show the approved bundles and exit.")
     ] = False,
@@ -163,7 +177,9 @@ def approve(
     """Review an app bundle (hash, files, tasks) and approve it to run at this hospital.
 
     The bundle is read, never executed. Its SHA-256 is what the hospital daemon compares with
-    the hash of every run's bundle; any other bundle is refused.
+    the hash of every run's bundle; any other bundle is refused. Without a terminal to ask on
+    (a script, a pipe), ``--yes`` approves; without it nothing is approved and the message says
+    how.
     """
     from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab
 
@@ -179,6 +195,7 @@ def approve(
                     f"{', '.join(e.get('tasks', [])) or '-'}  approved {e.get('approved_at', '?')}"
                 )
             return
+        shown = "" if bundle is None else f" {bundle}"
         if bundle is None:
             bundle = APP_DIR
         if not bundle.exists():
@@ -194,6 +211,11 @@ def approve(
     console.print(f"  files   {len(info.files)}:")
     for name in info.files:
         console.print(f"    {name}")
+    if not yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        raise HospitalSetupError(
+            f"not approved: there is no terminal to ask on; review the bundle above, then "
+            f"approve it with `fedcare client approve --ledger {ledger}{shown} --yes`"
+        )
     if not yes and not typer.confirm(f"approve this bundle for the hospital ledger {ledger}?"):
         console.print("not approved")
         raise typer.Exit(1)

@@ -238,6 +238,7 @@ def _load_file(
         if bad.any():
             raise DataError(
                 f"{path}: {int(bad.sum())} example(s) of the {split} split have a non-finite "
-                "value after preprocessing; run `fedcare client check` on the file"
+                f"value after preprocessing; run `fedcare client check --task {task_name} --data "
+                f"{path}`"
             )
     return data

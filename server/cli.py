@@ -65,19 +65,31 @@ def init(
         Path | None,
         typer.Option(help="Where --demo-hospitals keys go (default: demo-hospitals beside OUT)."),
     ] = None,
+    allow_in_repo: Annotated[
+        bool,
+        typer.Option(
+            "--allow-in-repo",
+            help="Write private keys inside a git work tree all the same (refused by default: "
+            "they could be committed by accident).",
+        ),
+    ] = False,
 ) -> None:
     """Create the consortium CA and the coordinator's TLS certificate (hospitals make their own
-    keys: `fedcare client keygen`, then `fedcare server add-hospital`)."""
+    keys: `fedcare client keygen`, then `fedcare server add-hospital`). Private keys are written
+    with mode 0600 in folders of mode 0700, never inside a git work tree unless --allow-in-repo."""
     from server.hospitals import HospitalRegistry
     from server.pki import default_ca_dir
-    from shared_models.node_keys import check_site_name, generate_key_pair
+    from shared_models.node_keys import check_private_folder, check_site_name, generate_key_pair
 
     addresses = address or ["127.0.0.1", "localhost"]
     demo = _split_names(demo_hospitals)
     for name in demo:
         check_site_name(name)
     ca_dir = ca_dir or default_ca_dir(out)
-    written = init_pki(out, addresses=addresses, ca_dir=ca_dir)
+    demo_root = demo_dir or out.parent / "demo-hospitals"
+    if demo:  # refused before the CA is made
+        check_private_folder(demo_root, option="--demo-dir", allow_in_repo=allow_in_repo)
+    written = init_pki(out, addresses=addresses, ca_dir=ca_dir, allow_in_repo=allow_in_repo)
     for path in written:
         console.print(f"wrote {path}")
     if not written:
@@ -89,12 +101,13 @@ def init(
             "needs it; keep it offline (it is only needed to issue a new coordinator certificate)"
         )
     registry = HospitalRegistry(keys)
-    demo_root = demo_dir or out.parent / "demo-hospitals"
     for name in demo:
         if keys.hospital_pub(name).exists():
             console.print(f"hospital {name}: already added, no new key")
             continue
-        key_path, pub_path = generate_key_pair(demo_root / name, name)
+        key_path, pub_path = generate_key_pair(
+            demo_root / name, name, option="--demo-dir", allow_in_repo=allow_in_repo
+        )
         registry.add_key(name, pub_path)
         console.print(f"wrote {key_path} and {pub_path}; added hospital {name}")
     if demo:
@@ -215,8 +228,9 @@ def start(
             console.print("[red]the gateway did not open its port within 30 s[/]; see",
                           state / "gateway.log")  # fmt: skip
             return
+        to_internal = "" if internal_port == 9092 else f" --superlink 127.0.0.1:{internal_port}"
         hospitals = ", ".join(f"{n} ({i})" for n, i in sorted(registered.items())) or (
-            "none yet (`fedcare server add-hospital NAME NAME.pub`)"
+            f"none yet (`fedcare server add-hospital NAME NAME.pub --pki {pki}{to_internal}`)"
         )
         console.print(
             f"fedcare coordinator listening on https://{host}:{port} (gateway: Fleet API only)\n"
@@ -323,6 +337,20 @@ def run(
         Path | None,
         typer.Option(help="Continue an interrupted run from its last checkpoint (its run folder)."),
     ] = None,
+    min_hospitals: Annotated[
+        int | None,
+        typer.Option(
+            help="Start once this many registered hospitals are online (default: all of them)."
+        ),
+    ] = None,
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for hospitals: before the run, for --min-hospitals to be "
+            "online (then exit 1, naming who never came); during it, for a round that lacks "
+            "hospitals (then stop the run)."
+        ),
+    ] = 600,
     timeout: Annotated[
         float, typer.Option(help="Give up following the run after this many seconds.")
     ] = 86_400,
@@ -353,8 +381,13 @@ def run(
         fab = build_fab(app_dir)
     except ValueError as exc:
         raise UsageError(f"{app_dir}: not a valid Flower app ({exc})") from None
+    if wait_timeout < 0:
+        raise UsageError(f"--wait-timeout {wait_timeout:g}: use seconds, 0 or more")
     with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
         cli = _cli_for(superlink, pki, Path(tmp) / "flwr-home")
+        need = _hospitals_needed(PKI(pki), cfg, min_hospitals)
+        if not _hospitals_online(cli, PKI(pki), need, wait_timeout):
+            raise typer.Exit(1)
         if (
             stale_run is not None
         ):  # the interrupted Flower run would otherwise show "running" forever
@@ -375,7 +408,15 @@ def run(
             f"submitted run {run_id}: task {parsed.task.name}, {parsed.strategy.name}, "
             f"{parsed.train.rounds} rounds, {dp}; run folder {run_dir}"
         )
-        _follow(cli, run_id, timeout)
+        stopped = _follow(cli, run_id, timeout, PKI(pki), wait_timeout)
+        if stopped is not None:
+            cli.run("stop", str(run_id), CONNECTION)
+            console.print(
+                f"[red]stopped run {run_id}:[/] {stopped}. Once the hospitals are back, continue "
+                f"with `fedcare server run --superlink {superlink} --pki {pki} --resume {run_dir}`",
+                highlight=False,
+            )
+            raise typer.Exit(1)
         try:
             status = _run_status(cli, run_id)
         except FlowerCLIError:
@@ -387,7 +428,8 @@ def run(
     if status.get("status") != "finished:completed":
         details = status.get("status-details") or status.get("status") or "unknown"
         console.print(
-            f"[red]run {run_id} did not complete:[/] {details} (see `fedcare server status`)"
+            f"[red]run {run_id} did not complete:[/] {details} (see `fedcare server status "
+            f"--superlink {superlink} --pki {pki}`)"
         )
         raise typer.Exit(1)
     summary_path = run_dir / "summary.json"
@@ -440,41 +482,121 @@ def _resume_config(run_dir: Path, run_config: str | None) -> tuple[dict[str, Any
     return cfg, run_dir, int(sidecar["run_id"])
 
 
-def _follow(cli: FlowerCLI, run_id: int, timeout: float) -> None:
-    """Stream the run's logs; print fedcare's per-round progress lines."""
+def _hospitals_needed(keys: PKI, cfg: dict[str, Any], min_hospitals: int | None) -> int:
+    """How many registered hospitals must be online before the run is submitted: ``--min-hospitals``
+    (default: every registered hospital), at least what the strategy needs to sample.
+
+    Raises
+    ------
+    UsageError
+        No hospital registered, or more needed than are registered.
+    """
+    names = keys.hospitals()
+    if not names:
+        raise UsageError(
+            f"no hospital is registered in {keys.root}: add each with `fedcare server "
+            f"add-hospital NAME NAME.pub --pki {keys.root}`"
+        )
+    need = len(names) if min_hospitals is None else min_hospitals
+    if not 1 <= need <= len(names):
+        raise UsageError(
+            f"--min-hospitals {need}: {len(names)} hospital(s) are registered "
+            f"({', '.join(names)}); use 1 to {len(names)}"
+        )
+    for key in ("strategy.min-available-nodes", "strategy.min-train-nodes"):
+        if int(cfg[key]) > len(names):
+            raise UsageError(
+                f"{key} = {cfg[key]} but {len(names)} hospital(s) are registered "
+                f"({', '.join(names)}): the run could never start; lower it with --run-config"
+            )
+    return max(need, int(cfg["strategy.min-available-nodes"]), int(cfg["strategy.min-train-nodes"]))
+
+
+def _hospitals_online(cli: FlowerCLI, keys: PKI, need: int, wait_timeout: float) -> bool:
+    """Wait until ``need`` registered hospitals are online, saying who is awaited; False (with
+    the hospitals that never came named) after ``wait_timeout`` seconds."""
+    from server.presence import HospitalsMissingError, hospital_presence, wait_for_hospitals
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False)
+
+    try:
+        ready = wait_for_hospitals(
+            lambda: hospital_presence(cli, keys), need=need, timeout=wait_timeout, say=say
+        )
+    except HospitalsMissingError as exc:
+        console.print(
+            f"[red]no run started:[/] {exc}. Start the missing hospitals' daemons (`fedcare "
+            f"client start ...` at each hospital), or start with fewer (--min-hospitals)",
+            highlight=False,
+        )
+        return False
+    say(f"hospitals: {ready.describe()}")
+    return True
+
+
+def _follow(
+    cli: FlowerCLI, run_id: int, timeout: float, keys: PKI, wait_timeout: float
+) -> str | None:
+    """Stream the run's logs; print fedcare's per-round progress lines (each round once), its
+    errors, and who a round waits for. Returns why the run should be stopped (a round waited
+    ``wait_timeout`` seconds for hospitals), else None."""
+    from server.presence import RunWaitWatch, hospital_presence
+
+    watch = RunWaitWatch(
+        presence=lambda: hospital_presence(cli, keys), timeout=wait_timeout,
+        say=lambda text: console.print(text, highlight=False),
+    )  # fmt: skip
     proc = cli.popen("log", str(run_id), CONNECTION, "--stream")
     deadline = time.monotonic() + timeout
+    printed: set[int] = set()
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
             if PROGRESS_MARK in line:
-                print_progress(json.loads(line.split(PROGRESS_MARK, 1)[1]))
+                info = json.loads(line.split(PROGRESS_MARK, 1)[1])
+                if info["round"] not in printed:
+                    printed.add(info["round"])
+                    print_progress(info)
             elif "ERROR" in line or "Exception" in line:
-                console.print(line.rstrip(), style="red", highlight=False)
+                console.print(line.rstrip(), style="red", highlight=False, markup=False)
+            elif (stop := watch.feed(line)) is not None:
+                return stop
             if time.monotonic() > deadline:
                 break
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
+    return None
 
 
 def print_progress(info: dict[str, Any]) -> None:
-    """One line per finished round (shared by simulation and deployment)."""
+    """One line per finished round (shared by simulation and deployment): AUROC where the round
+    evaluated, the largest ε after training and, with an evaluation release, after it (the ε of
+    the end-of-run table), then every hospital that missed the round and why."""
 
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    from rich.markup import escape
+
     failures = "".join(
-        f"\n    [yellow]{f['hospital']} ({f['kind']}): {f['reason']}[/]"
-        for f in info.get("failures", [])
+        f"\n    [yellow]{escape(m['hospital'])} ({m['kind']}, {m.get('cause', 'failed')}): "
+        f"{escape(str(m['reason']))}[/]"
+        for m in info.get("failures", [])
     )
     pooled = (
         f"pooled AUROC {f(info['pooled_auroc'])}  " if info.get("pooled_auroc") is not None else ""
     )
+    auroc = f"mean hospital AUROC {f(info['mean_auroc'])}  " if info.get("evaluated", True) else ""
+    epsilon = f"max ε {f(info['max_epsilon'])}"
+    if info.get("max_epsilon_evaluation") is not None:
+        epsilon += f" (training) → {f(info['max_epsilon_evaluation'])} with the evaluation release"
     console.print(
-        f"round {info['round']:>3}/{info['rounds']}  {pooled}mean hospital AUROC {f(info['mean_auroc'])}  "
-        f"max ε {f(info['max_epsilon'])}  [dim]{info['seconds']:.1f} s[/]{failures}"
+        f"round {info['round']:>3}/{info['rounds']}  {pooled}{auroc}{epsilon}  "
+        f"[dim]{info['seconds']:.1f} s[/]{failures}",
+        highlight=False,
     )
 
 

@@ -1,10 +1,12 @@
 """What happened in a run, per round and per hospital, as seen by the coordinator.
 
 :class:`RecordingGrid` wraps the Grid the ServerApp receives and records every reply (metrics,
-site name, error reason) and every hospital that was asked but did not answer. In a deployment a
-hospital is named by the key it authenticates with: ``fedcare server add-hospital`` registers each
-key under the hospital's name at the SuperLink, which the ServerApp reads back per node
-(``Grid.get_nodes``); the name a hospital reports about itself is kept beside it and a
+site name, error reason), every hospital that was asked but did not answer, and every hospital
+seen earlier in the run that was not connected when a round started (Flower's strategies sample
+only connected nodes and skip the others silently); each miss has a cause (:data:`CAUSES`). In a
+deployment a hospital is named by the key it authenticates with: ``fedcare server add-hospital``
+registers each key under the hospital's name at the SuperLink, which the ServerApp reads back
+per node (``Grid.get_nodes``); the name a hospital reports about itself is kept beside it and a
 difference is flagged in the report. It observes; it never changes a message, so any Flower
 strategy runs unmodified on top of it. With SecAgg+ on, train rounds go through
 :func:`server.secure_aggregation.run_secaggplus_round` instead.
@@ -18,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from server.grid_pull import send_and_receive_promptly
 from shared_models.metrics import histogram_metrics
-from shared_models.protocol import parse_refusal
+from shared_models.protocol import SITE_REFUSED, parse_refusal
 
 
 @dataclass
@@ -51,6 +54,8 @@ class SiteEvent:
     histograms : dict[str, list[float]]
         Noisy per-class score histograms (``hist-neg``, ``hist-pos``) a site without exact
         metrics released; its ``metrics`` are computed from them here.
+    cause : str or None
+        Why the hospital missed the message, with ``error``: one of :data:`CAUSES`.
     """
 
     round: int
@@ -62,6 +67,28 @@ class SiteEvent:
     error: str | None = None
     histograms: dict[str, list[float]] = field(default_factory=dict)
     host: str | None = None
+    cause: str | None = None
+
+
+# why a hospital missed a round's message (SiteEvent.cause; summary.json "failures")
+CAUSES = {
+    "refused": "the hospital refused the request (its policy, ledger or approved bundles)",
+    "failed": "the request failed at the hospital (an error while training or evaluating)",
+    "dropped": "the hospital stopped answering during the round (its connection was lost)",
+    "timed out": "no reply within train.round-timeout",
+    "offline": "not connected when the round started, so it was not asked",
+}
+
+
+def failure_cause(event: SiteEvent) -> str:
+    """The :data:`CAUSES` key of a failed event (histories written before causes were recorded:
+    inferred from the error text)."""
+    if event.cause is not None:
+        return event.cause
+    error = event.error or ""
+    if error.startswith("no reply"):
+        return "timed out"
+    return "refused" if parse_refusal(error) is not None else "failed"
 
 
 @dataclass
@@ -105,6 +132,22 @@ class RunHistory:
 
     def errors(self) -> list[SiteEvent]:
         return [ev for ev in self.events if ev.error is not None]
+
+    def missed(self, server_round: int | None = None) -> list[dict[str, Any]]:
+        """Every message a hospital missed (of one round, or all), by round, training first,
+        then hospital: ``round``, ``kind``, ``hospital``, ``cause`` (a :data:`CAUSES` key) and
+        ``reason`` (the hospital's own refusal text, or what the coordinator saw)."""
+        events = [ev for ev in self.errors() if server_round is None or ev.round == server_round]
+        events.sort(key=lambda ev: (ev.round, ev.kind != "train", ev.site))
+        return [
+            {"round": ev.round, "kind": ev.kind, "hospital": ev.site,
+             "cause": failure_cause(ev), "reason": ev.error}
+            for ev in events
+        ]  # fmt: skip
+
+    def node_ids(self) -> set[int]:
+        """Every hospital (node id) this run has seen: replied, was asked, or was online."""
+        return {ev.node_id for ev in self.events} | set(self.sites) | set(self.registered)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +241,10 @@ class RecordingGrid(DelegatingGrid):
         self._secure_aggregation = secure_aggregation
         self._current_round = 0
         self._names_asked: set[int] = set()
+        # the nodes the strategy last sampled from (Flower's sample_nodes asks get_node_ids), and
+        # every node seen in this run: a seen node missing from a round is named in the report
+        self._online: set[int] | None = None
+        self._seen: set[int] = history.node_ids()
 
     def _learn_registered_names(self, nodes: Iterable[int]) -> None:
         """The names the SuperLink holds for ``nodes`` (registered with their keys); asked once
@@ -209,12 +256,24 @@ class RecordingGrid(DelegatingGrid):
                 if info.name:
                     self.history.registered[int(info.node_id)] = str(info.name)
 
+    def get_node_ids(self) -> Iterable[int]:
+        """The connected nodes (what strategies sample from), remembered for the next round."""
+        nodes = list(self._inner.get_node_ids())
+        self._online = set(nodes)
+        self._seen |= self._online
+        return nodes
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         sent = list(messages)
-        self._learn_registered_names(m.metadata.dst_node_id for m in sent)
-        self._current_round = _round_of(sent[0]) if sent else self._current_round
+        online, self._online = self._online, None
+        if sent:
+            if online is None:  # not sampled through this Grid
+                online = set(self.get_node_ids())
+            self._learn_registered_names({m.metadata.dst_node_id for m in sent} | online)
+            self._current_round = _round_of(sent[0])
+            self._record_offline(sent, online)
         if (
             self._secure_aggregation is not None
             and sent
@@ -238,12 +297,32 @@ class RecordingGrid(DelegatingGrid):
                         kind=_kind(msg.metadata.message_type),
                         node_id=node,
                         site=self.history.site_name(node),
-                        error=f"no reply within {timeout:g} s (hospital dropped out)"
+                        error=f"no reply within {timeout:g} s (train.round-timeout)"
                         if timeout
-                        else "no reply (hospital dropped out)",
+                        else "no reply",
+                        cause="timed out",
                     )
                 )
         return replies
+
+    def _record_offline(self, sent: list[Message], online: set[int]) -> None:
+        """A hospital seen earlier in the run but not connected when this round's messages were
+        sampled was not asked: record it as missing the round (Flower's strategies skip it
+        silently)."""
+        kind = _kind(sent[0].metadata.message_type)
+        what = "training" if kind == "train" else "evaluation"
+        for node in sorted(self._seen - online - {m.metadata.dst_node_id for m in sent}):
+            self.history.events.append(
+                SiteEvent(
+                    round=self._current_round,
+                    kind=kind,
+                    node_id=node,
+                    site=self.history.site_name(node),
+                    error=f"offline: not connected when round {self._current_round}'s {what} "
+                    "started, so not asked",
+                    cause="offline",
+                )
+            )
 
     def _exchange(self, sent: list[Message], timeout: float | None) -> list[Message]:
         """Push ``sent`` and collect the replies (:func:`server.grid_pull.send_and_receive_promptly`)."""
@@ -264,6 +343,7 @@ class RecordingGrid(DelegatingGrid):
                     node_id=node,
                     site=self.history.site_name(node),
                     error=reply.error.reason,
+                    cause=_error_cause(reply.error.code, refused=refusal is not None),
                 )
             )
             return
@@ -301,6 +381,18 @@ class RecordingGrid(DelegatingGrid):
 
 
 HISTOGRAM_KEYS = ("hist-neg", "hist-pos")
+
+
+# the error replies the SuperLink writes itself for a node that stopped answering
+_LOST = (
+    ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE,
+)  # fmt: skip
+
+
+def _error_cause(code: int, *, refused: bool) -> str:
+    if refused or code == SITE_REFUSED:
+        return "refused"
+    return "dropped" if code in _LOST else "failed"
 
 
 def _round_of(msg: Message) -> int:

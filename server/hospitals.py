@@ -135,7 +135,7 @@ class HospitalRegistry:
             if fingerprint(load_public_key(stored)) != fp:
                 raise KeyFileError(
                     f"hospital {name!r} already has another key ({stored}); to replace it, "
-                    f"first `fedcare server remove-hospital {name}`"
+                    f"first `fedcare server remove-hospital {name} --pki {self.pki.root}`"
                 )
         else:
             write_public(stored, openssh_public_line(key, name))

@@ -11,6 +11,9 @@ Built with ``cryptography``. ``fedcare server init --out pki`` writes two folder
     pki-ca/ca.key              the CA's private key (mode 0600), apart from ``pki/``: needed only
                                to issue a new coordinator certificate; keep it offline
 
+Both folders hold a private key, so both are created with mode 0700, and neither may be inside
+a git work tree (``server init --allow-in-repo`` overrides that).
+
 Hospitals make their own key pairs (``fedcare client keygen``); the coordinator never holds a
 hospital's private key (``--demo-hospitals``, for a one-machine trial, is the exception and says
 so). Existing files are never overwritten: re-running ``init`` completes a folder and refuses to
@@ -30,7 +33,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared_models.node_keys import write_private, write_public
+from shared_models.node_keys import (
+    check_private_folder,
+    make_private_folder,
+    write_private,
+    write_public,
+)
 
 VALID_DAYS = 825
 LOOPBACK_SANS = ("127.0.0.1", "localhost")  # the SuperLink's loopback side and the gateway dial it
@@ -135,8 +143,13 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) -> list[Path]:
+def init_pki(
+    root: Path, *, addresses: list[str], ca_dir: Path | None = None, allow_in_repo: bool = False
+) -> list[Path]:
     """Create (or complete) a PKI folder and the CA key folder; return the files written.
+
+    Both folders hold a private key (mode 0600) and are created with mode 0700; neither may be
+    inside a git work tree unless ``allow_in_repo`` (checked before anything is written).
 
     Parameters
     ----------
@@ -148,6 +161,8 @@ def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) ->
     ca_dir : Path, optional
         Folder of the CA private key ``ca.key`` (default: :func:`default_ca_dir`). It must not be
         the PKI folder: ``server start`` reads that one and never needs the CA key.
+    allow_in_repo : bool
+        Write private keys into a git work tree all the same.
 
     Raises
     ------
@@ -155,6 +170,9 @@ def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) ->
         The CA key folder is the PKI folder; half a CA (certificate without key or the reverse);
         a server certificate without a CA; a missing server certificate while the CA key is not
         at hand. Nothing is replaced.
+    KeyFileError
+        A folder that would receive a private key is inside a git work tree or open to other
+        users (:func:`~shared_models.node_keys.check_private_folder`); nothing is written.
     """
     pki = PKI(root)
     ca_dir = ca_dir if ca_dir is not None else default_ca_dir(root)
@@ -164,6 +182,12 @@ def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) ->
             "`server start` reads; choose another folder"
         )
     ca_key_path = ca_dir / "ca.key"
+    new_ca, new_server = not pki.ca_cert.exists(), not pki.server_cert.exists()
+    folders = ([(root, "--out")] if new_ca or new_server else []) + (
+        [(ca_dir, "--ca-dir")] if new_ca else []
+    )
+    for folder, option in folders:  # all checked before the first key is written
+        check_private_folder(folder, option=option, allow_in_repo=allow_in_repo)
     written: list[Path] = []
     now = dt.datetime.now(dt.UTC)
     if not pki.ca_cert.exists():
@@ -199,7 +223,10 @@ def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) ->
             )  # fmt: skip
             .sign(ca_key, hashes.SHA256())
         )
-        write_private(ca_key_path, _pem_private(ca_key))
+        write_private(
+            ca_key_path, _pem_private(ca_key), option="--ca-dir", allow_in_repo=allow_in_repo
+        )
+        make_private_folder(root)
         write_public(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         written += [ca_key_path, pki.ca_cert]
     if pki.server_cert.exists():
@@ -232,7 +259,7 @@ def init_pki(root: Path, *, addresses: list[str], ca_dir: Path | None = None) ->
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key_loaded, hashes.SHA256())
     )
-    write_private(pki.server_key, _pem_private(server_key))
+    write_private(pki.server_key, _pem_private(server_key), allow_in_repo=allow_in_repo)
     write_public(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     return [*written, pki.server_key, pki.server_cert]
 

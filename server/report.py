@@ -68,10 +68,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         "wall_seconds": round(wall_seconds, 2),
         "hospitals": hospitals,
         "overall": overall,
-        "failures": [
-            {"round": e.round, "kind": e.kind, "hospital": e.site, "reason": e.error}
-            for e in history.errors()
-        ],
+        "failures": history.missed(),
         "ray_nodes": _ray_nodes(history),
         "name_mismatches": [
             {"hospital": name, "self_reported_site": site}
@@ -322,10 +319,9 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
             )
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
-        lines += [
-            f"- round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}"
-            for f in summary["failures"]
-        ]
+        lines += ["Every hospital that missed a round's message, and why (refused, failed, "
+                  "dropped, timed out, offline).", ""]  # fmt: skip
+        lines += [f"- {_missed_line(f)}" for f in summary["failures"]]
     if len(summary.get("ray_nodes", {})) > 1:
         lines += ["", "## Ray nodes (simulation on a cluster)", ""]
         lines += [f"- {node}: {', '.join(sites)}" for node, sites in summary["ray_nodes"].items()]
@@ -348,6 +344,16 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(_nan_none(row['epsilon']))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _missed_line(failure: dict[str, Any]) -> str:
+    """``round 2 train: c (timed out): no reply within 40 s ...`` (summaries without a cause:
+    written before causes were recorded)."""
+    cause = f" ({failure['cause']})" if failure.get("cause") else ""
+    return (
+        f"round {failure['round']} {failure['kind']}: {failure['hospital']}{cause}: "
+        f"{failure['reason']}"
+    )
 
 
 def _identity_lines(summary: dict[str, Any]) -> list[str]:
@@ -432,6 +438,7 @@ def nobody_trained(summary: dict[str, Any]) -> str | None:
 
 def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: float) -> None:
     """The end-of-run table: per-hospital ε, δ, AUROC, accuracy; overall; baselines; failures."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{summary['task']} · {summary['strategy']} · {summary['rounds']} rounds")
@@ -467,9 +474,7 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
             f"accuracy {_fmt(b['accuracy'])}"
         )
     for f in summary.get("failures", []):
-        console.print(
-            f"  [yellow]round {f['round']} {f['kind']}: {f['hospital']}: {f['reason']}[/]"
-        )
+        console.print(f"  [yellow]{escape(_missed_line(f))}[/]", highlight=False)
     if len(summary.get("ray_nodes", {})) > 1:
         for node, sites in summary["ray_nodes"].items():
             console.print(f"  Ray node {node[:12]}: trained {', '.join(sites)}")

@@ -53,6 +53,10 @@ from shared_models.sites import simulated_sites_for
 
 app = ServerApp()
 progress_log = logging.getLogger("fedcare.progress")
+# Opacus configures the root logger when it is imported (opacus/utils/module_utils.py calls
+# logging.basicConfig), so each line of Flower's logger, which has a handler of its own, reached
+# the run's log stream twice and `fedcare server run` printed every round twice
+logging.getLogger("flwr").propagate = False
 
 
 @app.main()
@@ -259,32 +263,38 @@ def _model_card(run: RunConfig, summary: dict, model_info: dict) -> dict:
 def _report_progress(
     run: RunConfig, history: RunHistory, server_round: int, seconds: float
 ) -> None:
+    """Log the round's progress record: mean hospital AUROC (when the round evaluated), the
+    largest ε after the round's training and, when the round made an evaluation release, after
+    it too (what the end-of-run table shows), and every hospital that missed the round."""
+
+    def max_epsilon(kind: str) -> float | None:
+        values = [
+            float(x)
+            for e in history.events
+            if e.round == server_round and e.kind == kind and not e.error
+            if (x := e.metrics.get("epsilon")) is not None
+        ]
+        return max(values) if values else None
+
     evaluated = [
         e
         for e in history.events
         if e.round == server_round and e.kind == "evaluate" and not e.error
     ]
     aurocs = [float(a) for e in evaluated if (a := e.metrics.get("auroc")) is not None]
-    eps = [
-        e.metrics.get("epsilon")
-        for e in history.events
-        if e.round == server_round and e.kind == "train" and not e.error
-    ]
-    eps_values = [float(x) for x in eps if x is not None]
+    train_eps, eval_eps = max_epsilon("train"), max_epsilon("evaluate")
     if server_round in history.central_privacy:  # client-level DP: one ε for the released model
-        eps_values = [history.central_privacy[server_round]["epsilon"]]
+        train_eps, eval_eps = history.central_privacy[server_round]["epsilon"], None
     info = {
         "round": server_round,
         "rounds": run.train.rounds,
         "seconds": seconds,
+        "evaluated": bool(evaluated),
         "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else None,
         "pooled_auroc": (history.centralized.get(server_round) or {}).get("auroc"),
-        "max_epsilon": max(eps_values) if eps_values else None,
-        "failures": [
-            {"hospital": e.site, "kind": e.kind, "reason": e.error}
-            for e in history.events
-            if e.round == server_round and e.error
-        ],
+        "max_epsilon": train_eps,
+        "max_epsilon_evaluation": eval_eps,
+        "failures": history.missed(server_round),
     }
     # in-process (simulation): a structured record; deployed: one log line `fedcare server run` parses
     progress_log.info("round %d done", server_round, extra={"fedcare_progress": info})

@@ -7,6 +7,10 @@ the public key and registers it (``fedcare server add-hospital``, which calls Fl
 reads on both sides (``serialization.load_ssh_private_key`` in the SuperNode,
 ``serialization.load_ssh_public_key`` in ``flwr supernode register``, which also requires a NIST
 curve). Built with ``cryptography``.
+
+Every private key fedcare writes (a hospital's, the consortium CA's, the coordinator's TLS key)
+is created with mode 0600 in a folder of mode 0700, and never inside a git work tree unless the
+command was given ``--allow-in-repo`` (:func:`check_private_folder`).
 """
 
 from __future__ import annotations
@@ -45,15 +49,89 @@ def check_site_name(name: str) -> str:
     return name
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 and write ``data``; never replaces an existing file.
+def git_work_tree(path: Path) -> Path | None:
+    """The git work tree ``path`` would be in: the nearest folder at or above it holding a
+    ``.git`` (a folder, or a file in a linked work tree or submodule), else None. Needs no
+    ``git`` program."""
+    path = path.resolve()
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def outside_work_tree(folder: Path, tree: Path) -> Path:
+    """A suggestion for ``folder`` (inside the work tree ``tree``) outside any work tree: the
+    same relative path under ``fedcare-private/`` beside the outermost enclosing checkout."""
+    base = tree.parent
+    while (outer := git_work_tree(base)) is not None and outer.parent != outer:
+        base = outer.parent
+    return base / "fedcare-private" / folder.resolve().relative_to(tree)
+
+
+def check_private_folder(folder: Path, *, option: str, allow_in_repo: bool = False) -> None:
+    """Refuse a folder for private keys where they could leak: inside a git work tree (a key
+    there can be committed by accident) unless ``allow_in_repo``, or an existing folder that
+    other users may enter (private keys live in folders of mode 0700).
+
+    Parameters
+    ----------
+    folder : Path
+        Where a private key would be written (need not exist).
+    option : str
+        The command-line option that chose it, named in the message (e.g. ``--out``).
+    allow_in_repo : bool
+        Accept a folder inside a git work tree (the command's ``--allow-in-repo``).
 
     Raises
     ------
+    KeyFileError
+        Naming the folder, why, and where it would be safe or what to change.
+    """
+    tree = git_work_tree(folder)
+    if tree is not None and not allow_in_repo:
+        raise KeyFileError(
+            f"{option} {folder}: inside the git work tree {tree}, where a private key can be "
+            f"committed by accident; write it outside the checkout (e.g. {option} "
+            f"{outside_work_tree(folder, tree)}), or pass --allow-in-repo to write it there anyway"
+        )
+    if os.name == "posix" and folder.is_dir():
+        mode = folder.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyFileError(
+                f"{option} {folder}: other users may open this folder (mode {mode:o}) and a "
+                f"private key goes only into a folder of mode 700: `chmod 700 {folder}`, or "
+                "choose a new folder"
+            )
+
+
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each with mode 0700."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # whatever the umask
+
+
+def write_private(
+    path: Path, data: bytes, *, option: str = "--out", allow_in_repo: bool = False
+) -> None:
+    """Create ``path`` with mode 0600 in a folder of mode 0700 and write ``data``; never
+    replaces an existing file.
+
+    Raises
+    ------
+    KeyFileError
+        The folder is inside a git work tree (without ``allow_in_repo``) or open to other users
+        (:func:`check_private_folder`; ``option`` names the option that chose it).
     FileExistsError
         ``path`` exists (key material is never overwritten).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_private_folder(path.parent, option=option, allow_in_repo=allow_in_repo)
+    make_private_folder(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -78,15 +156,21 @@ def openssh_public_line(key: ec.EllipticCurvePublicKey, name: str) -> bytes:
     return body + f" fedcare-{name}\n".encode()
 
 
-def generate_key_pair(out_dir: Path, name: str) -> tuple[Path, Path]:
+def generate_key_pair(
+    out_dir: Path, name: str, *, option: str = "--out", allow_in_repo: bool = False
+) -> tuple[Path, Path]:
     """Write a new EC P-256 key pair as ``out_dir/NAME.key`` (mode 0600) and ``NAME.pub``.
 
     Parameters
     ----------
     out_dir : Path
-        Folder to write into (created).
+        Folder to write into (created with mode 0700; see :func:`check_private_folder`).
     name : str
         Hospital name (file names and the public key's comment).
+    option : str
+        The command-line option that chose ``out_dir`` (named in refusals).
+    allow_in_repo : bool
+        Write into a git work tree all the same.
 
     Returns
     -------
@@ -96,7 +180,8 @@ def generate_key_pair(out_dir: Path, name: str) -> tuple[Path, Path]:
     Raises
     ------
     KeyFileError
-        Invalid name, or either file exists (nothing is written or replaced then).
+        Invalid name, either file exists, or a folder where a private key could leak
+        (:func:`check_private_folder`); nothing is written or replaced then.
     """
     check_site_name(name)
     key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
@@ -105,6 +190,7 @@ def generate_key_pair(out_dir: Path, name: str) -> tuple[Path, Path]:
             raise KeyFileError(
                 f"{path} exists; a key pair is never overwritten (use another --out or --name)"
             )
+    check_private_folder(out_dir, option=option, allow_in_repo=allow_in_repo)
     key = ec.generate_private_key(ec.SECP256R1())
     write_private(
         key_path,
@@ -113,6 +199,8 @@ def generate_key_pair(out_dir: Path, name: str) -> tuple[Path, Path]:
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         ),
+        option=option,
+        allow_in_repo=allow_in_repo,
     )
     write_public(pub_path, openssh_public_line(key.public_key(), name))
     return key_path, pub_path

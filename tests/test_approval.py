@@ -68,6 +68,26 @@ def test_approve_records_the_hash_and_is_idempotent(monkeypatch, capsys, tmp_pat
     assert code == 0 and expected in out
 
 
+def test_approve_without_a_terminal_needs_yes(monkeypatch, capsys, tmp_path, app_copy):
+    """In a script (stdin not a terminal), approve without --yes approves nothing and says how:
+    it once asked [y/N], read end-of-file, printed "aborted" and exited 130."""
+    import io
+
+    ledger = tmp_path / "ledger"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a pipe, even one that says y
+    code, out = _fedcare(
+        monkeypatch, capsys, "client", "approve", "--ledger", str(ledger), str(app_copy)
+    )
+    out = " ".join(out.split())
+    assert code == 2 and "not approved: there is no terminal to ask on" in out, out
+    assert f"`fedcare client approve --ledger {ledger} {app_copy} --yes`" in out
+    assert "sha256" in out and not (ledger / "approved.json").exists()
+    code, out = _fedcare(
+        monkeypatch, capsys, "client", "approve", "--ledger", str(ledger), str(app_copy), "--yes"
+    )
+    assert code == 0 and (ledger / "approved.json").exists(), out
+
+
 def test_a_copy_of_the_app_has_the_app_hash(app_copy):
     """The FAB is deterministic: the same files give the same hash (what `flwr run` submits)."""
     assert fab_bytes(app_copy) == fab_bytes(APP_DIR)

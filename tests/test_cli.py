@@ -76,10 +76,15 @@ def test_existing_run_folder_is_never_overwritten(monkeypatch, capsys, tmp_path)
 
 def test_a_command_ending_in_failure_exits_nonzero(monkeypatch, capsys, tmp_path):
     """A command that stops with typer.Exit(n) exits n (typer, run with standalone_mode=False,
-    returns n instead of raising it): here a declined approval, which records nothing."""
+    returns n instead of raising it): here an approval declined at a terminal, which records
+    nothing."""
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
     code, output = _run(
         monkeypatch, capsys, "client", "approve", "--ledger", str(tmp_path / "ledger")
     )

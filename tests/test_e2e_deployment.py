@@ -238,9 +238,14 @@ def test_two_rounds_with_dp(federation):
         timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "round   2/2" in run.stdout
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert sorted(h["name"] for h in summary["hospitals"]) == list(HOSPITALS)
+    # each round once (every Flower log line once reached the log stream twice), its ε the end
+    # table's: after training, then after the evaluation release
+    progress = [line for line in run.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"], run.stdout
+    final = max(h["epsilon"] for h in summary["hospitals"])
+    assert f"(training) → {final:.3f} with the evaluation release" in progress[-1], run.stdout
     for h in summary["hospitals"]:
         assert 0 < h["epsilon"] <= 2.0 and h["delta"] == 1e-5 and h["rounds_trained"] == 2
     for name in ("metrics.csv", "report.md", "curves.png", "model.safetensors", "model.json",
@@ -268,6 +273,45 @@ def test_two_rounds_with_dp(federation):
     assert status.returncode == 0 and "finished:completed" in status.stdout, status.stdout
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
     assert "online: its daemon is connected" in status.stdout  # each state shown is explained
+
+
+def test_a_run_waits_for_a_registered_hospital_that_never_comes_and_names_it(federation, tmp_path):
+    """Hospital "late" is registered but its daemon never starts: `server run` says whom it
+    waits for while it waits and, after --wait-timeout, exits 1 naming it, without submitting
+    a run (a run needs every registered hospital unless --min-hospitals says fewer)."""
+    root, superlink, pki = (
+        federation["root"],
+        federation["superlink"],
+        str(federation["root"] / "pki"),
+    )
+    keys = tmp_path / "late"
+    assert _fedcare("client", "keygen", "--out", str(keys), "--name", "late").returncode == 0
+    added = _fedcare("server", "add-hospital", "late", str(keys / "late.pub"), "--pki", pki,
+                     "--superlink", superlink)  # fmt: skip
+    assert added.returncode == 0, added.stdout + added.stderr
+    runs = _superlink_state(federation)[0]
+    try:
+        started = time.monotonic()
+        run = _fedcare(
+            "server", "run", "--superlink", superlink, "--pki", pki, "--rounds", "1",
+            "--out", str(root / "run-late"), "--app", str(federation["app"]), "--wait-timeout", "5",
+            timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    finally:  # the other tests' runs need every registered hospital
+        removed = _fedcare(
+            "server", "remove-hospital", "late", "--pki", pki, "--superlink", superlink
+        )
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+    output = " ".join(run.stdout.split())
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "waiting for hospitals: 3 of 4 online (a, b, c; late offline)" in output
+    assert (
+        "no run started: after 5 s only 3 of 4 online (a, b, c; late offline), 4 needed; never "
+        "came online: late"
+    ) in output
+    assert took < 5 + 30, took  # the command's own start and the SuperLink's answers
+    assert _superlink_state(federation)[0] == runs and not (root / "run-late").exists()
 
 
 def test_a_run_without_dp_is_refused_by_every_hospital(federation):
@@ -815,6 +859,11 @@ def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
     assert by_name["a"]["rounds_trained"] == 3 and by_name["c"]["rounds_trained"] <= 2
     dropped = [f for f in summary["failures"] if f["hospital"] == "c"]
     assert dropped and all(f["round"] >= 2 for f in dropped)
+    # every round c missed is named, with why (asked and lost, or no longer connected)
+    frame = pd.read_csv(root / "run-drop" / "metrics.csv")
+    trained = set(frame[(frame["hospital"] == "c") & frame["n_train"].notna()]["round"])
+    assert {f["round"] for f in dropped if f["kind"] == "train"} == {1, 2, 3} - trained, dropped
+    assert {f["cause"] for f in dropped} <= {"dropped", "timed out", "offline"}, dropped
     assert (
         "c" in (root / "run-drop" / "report.md").read_text().split("## Refusals and drop-outs")[1]
     )
@@ -829,7 +878,7 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     code, output = _run_until_round_one(
         ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
          "--strategy", "fedadam", "--out", str(run_dir), "--app", str(federation["app"]),
-         "--run-config", settings],
+         "--run-config", settings, "--min-hospitals", "2"],  # c dropped out (test above)
         lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
     )  # fmt: skip
     assert code == 2 and "--resume" in output, output
@@ -840,7 +889,8 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
           120, root / "server2.log")  # fmt: skip
     resumed = _fedcare("server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
-                       "--resume", str(run_dir), "--app", str(federation["app"]), timeout=600)  # fmt: skip
+                       "--resume", str(run_dir), "--app", str(federation["app"]), "--min-hospitals", "2",
+                       timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
     metrics = pd.read_csv(run_dir / "metrics.csv")

@@ -220,3 +220,92 @@ def test_status_names_every_state_it_shows_and_the_readme_explains_each():
     section = readme.split("### Joining, and what `server status` shows")[1].split("\n### ")[0]
     for state in HOSPITAL_STATES:
         assert f"| `{state}` |" in section, state
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_private_keys_are_0600_in_folders_of_0700(monkeypatch, capsys, tmp_path):
+    """`server init` (CA key, coordinator key, demo hospitals) and `client keygen`: every private
+    key 0600, every folder made for one 0700 (missing parents too); public files stay readable."""
+    code, out = _fedcare(monkeypatch, capsys, "server", "init", "--out", str(tmp_path / "coord" / "pki"),
+                         "--demo-hospitals", "a")  # fmt: skip
+    assert code == 0, out
+    coord = tmp_path / "coord"
+    for key in ("pki-ca/ca.key", "pki/server.key", "demo-hospitals/a/a.key"):
+        assert _mode(coord / key) == 0o600, key
+    for folder in ("", "pki", "pki-ca", "demo-hospitals", "demo-hospitals/a"):
+        assert _mode(coord / folder) == 0o700, folder
+    assert _mode(coord / "pki" / "ca.pem") & 0o600 == 0o600
+    code, out = _fedcare(monkeypatch, capsys, "client", "keygen", "--out",
+                         str(tmp_path / "hospital-a" / "keys"), "--name", "a")  # fmt: skip
+    assert code == 0, out
+    assert _mode(tmp_path / "hospital-a" / "keys" / "a.key") == 0o600
+    assert _mode(tmp_path / "hospital-a") == _mode(tmp_path / "hospital-a" / "keys") == 0o700
+    # a folder others may open is refused (nothing written), naming the fix
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    code, out = _fedcare(
+        monkeypatch, capsys, "client", "keygen", "--out", str(shared), "--name", "b"
+    )
+    assert code == 2 and f"--out {shared}: other users may open this folder (mode 755)" in out
+    assert f"`chmod 700 {shared}`" in out and list(shared.iterdir()) == []
+
+
+def test_a_private_key_inside_a_git_work_tree_is_refused_unless_allowed(
+    monkeypatch, capsys, tmp_path
+):
+    """In a checkout (`git init`), `server init` and `client keygen` write no private key: the
+    message names the work tree, a place outside it and --allow-in-repo; with the flag they do."""
+    import subprocess
+
+    repo = tmp_path / "checkout"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    code, out = _fedcare(monkeypatch, capsys, "server", "init", "--out", str(repo / "pki"))
+    assert code == 2 and f"--out {repo / 'pki'}: inside the git work tree {repo}" in out, out
+    assert f"(e.g. --out {tmp_path / 'fedcare-private' / 'pki'})" in out
+    assert "or pass --allow-in-repo to write it there anyway" in out and "Traceback" not in out
+    assert sorted(p.name for p in repo.iterdir()) == [".git"]  # not even the CA
+    outside = tmp_path / "pki"  # the CA key folder (default: beside --out) inside the checkout
+    code, out = _fedcare(monkeypatch, capsys, "server", "init", "--out", str(outside),
+                         "--ca-dir", str(repo / "ca"))  # fmt: skip
+    assert code == 2 and f"--ca-dir {repo / 'ca'}: inside the git work tree" in out
+    assert not outside.exists()
+    code, out = _fedcare(monkeypatch, capsys, "server", "init", "--out", str(outside),
+                         "--demo-hospitals", "a", "--demo-dir", str(repo / "demo"))  # fmt: skip
+    assert code == 2 and f"--demo-dir {repo / 'demo'}: inside the git work tree" in out
+    assert not outside.exists()
+    keys = repo / "hospital-a" / "keys"
+    code, out = _fedcare(monkeypatch, capsys, "client", "keygen", "--out", str(keys), "--name", "a")
+    assert code == 2 and f"--out {keys}: inside the git work tree {repo}" in out
+    assert f"(e.g. --out {tmp_path / 'fedcare-private' / 'hospital-a' / 'keys'})" in out
+    assert not (repo / "hospital-a").exists()
+    code, out = _fedcare(monkeypatch, capsys, "client", "keygen", "--out", str(keys), "--name", "a",
+                         "--allow-in-repo")  # fmt: skip
+    assert code == 0 and _mode(keys / "a.key") == 0o600, out
+    code, out = _fedcare(monkeypatch, capsys, "server", "init", "--out", str(repo / "pki"),
+                         "--allow-in-repo")  # fmt: skip
+    assert code == 0 and _mode(repo / "pki-ca" / "ca.key") == 0o600, out
+
+
+def test_the_repository_ignores_what_the_readme_flow_creates():
+    """Every folder the README's deployment commands write (and fedcare's default folders) is
+    ignored by the repository's .gitignore: keys, ledgers, exported data, coordinator state."""
+    import re
+    import subprocess
+
+    from shared_models.protocol import APP_DIR
+
+    if not (APP_DIR / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (APP_DIR / "README.md").read_text()
+    flow = readme.split("## A real federation")[1].split("```bash")[1].split("```")[0]
+    options = r"--(?:out|state|ledger|export-hospitals|ca-dir|demo-dir)"
+    folders = set(re.findall(rf"{options}[ =](\S+)", flow))
+    folders |= {"pki-ca", "demo-hospitals", "fedcare-hospital", "fedcare-state", "runs"}  # defaults
+    assert {"pki", "coordinator", "hospital-a/keys", "data", "runs/first"} <= folders, folders
+    for folder in sorted(folders):
+        probe = subprocess.run(["git", "check-ignore", "-q", f"{folder}/anything"], cwd=APP_DIR)
+        assert probe.returncode == 0, f"{folder}/ is not ignored by .gitignore"

@@ -138,6 +138,7 @@ def test_summary_schema_and_overall(default_cfg):
             "round": 2,
             "kind": "train",
             "hospital": "node 3",
+            "cause": "timed out",  # inferred: a history written before causes were recorded
             "reason": "no reply (hospital dropped out)",
         }
     ]
@@ -382,3 +383,102 @@ def test_each_flower_run_of_a_run_folder_is_recorded_once_in_order(tmp_path):
         (11, 0),
         (7, 1),
     ]
+
+
+class _FlakyGrid(_NamedNodesGrid):
+    """Nodes that come and go: ``online`` is what the SuperLink lists as connected, and
+    ``answers[node]`` what a node does with the next message: "ok", "refuse", "lost" (the
+    SuperLink's own error reply for a node whose heartbeat stopped) or "silent" (no reply)."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__(names, dict(names))
+        self.online = set(names)
+        self.answers = dict.fromkeys(names, "ok")
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]
+        return sorted(self.online)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        from shared_models.protocol import SITE_REFUSED, refusal_reason
+
+        messages = list(messages)
+        replies = list(super().send_and_receive(
+            [m for m in messages if self.answers[m.metadata.dst_node_id] == "ok"], timeout=timeout
+        ))  # fmt: skip
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.answers[node] == "refuse":
+                error = Error(SITE_REFUSED, refusal_reason(self.names[node], "ε above the cap"))
+                replies.append(Message(error, reply_to=msg))
+            elif self.answers[node] == "lost":
+                error = Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable")
+                replies.append(Message(error, reply_to=msg))
+        return replies
+
+
+def test_every_hospital_that_missed_a_round_is_named_with_its_cause(default_cfg, tmp_path):
+    """Three hospitals train round 1. Round 2: b refuses, c's connection is lost. Round 3: c is
+    no longer connected, so the strategy (which samples connected nodes only) does not ask it,
+    and b does not answer in time. The report names b and c for every round they missed, with
+    why; c, which trained 1 of 3 rounds, was once left out of the report."""
+    from flwr.app import ConfigRecord, Message
+
+    from server.history import RecordingGrid
+    from tests.handlers import use_task_identity
+
+    use_task_identity()
+    history = RunHistory()
+    fleet = _FlakyGrid({1: "a", 2: "b", 3: "c"})
+    grid = RecordingGrid(fleet, history)
+
+    def train_round(rnd: int) -> None:
+        nodes = grid.get_node_ids()  # what Flower's sample_nodes asks
+        sent = [Message(RecordDict({"config": ConfigRecord({"server-round": rnd})}), dst_node_id=n,
+                        message_type="train") for n in nodes]  # fmt: skip
+        grid.send_and_receive(sent, timeout=40)
+
+    train_round(1)
+    fleet.answers.update({2: "refuse", 3: "lost"})
+    train_round(2)
+    fleet.online.discard(3)
+    fleet.answers[2] = "silent"
+    train_round(3)
+    run = RunConfig.from_run_config(default_cfg)
+    summary = build_summary(run, history, wall_seconds=1.0)
+    missed = [(f["round"], f["hospital"], f["cause"]) for f in summary["failures"]]
+    assert missed == [
+        (2, "b", "refused"), (2, "c", "dropped"), (3, "b", "timed out"), (3, "c", "offline"),
+    ]  # fmt: skip
+    by_name = {h["name"]: h["rounds_trained"] for h in summary["hospitals"]}
+    assert by_name == {"a": 3, "b": 1, "c": 1}
+    assert summary["failures"][3]["reason"].startswith("offline: not connected when round 3's")
+    write_reports(tmp_path, run, history, summary)
+    report = (tmp_path / "report.md").read_text()
+    assert "- round 3 train: c (offline): offline: not connected" in report
+    assert "- round 3 train: b (timed out): no reply within 40 s" in report
+    restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # a resumed run
+    assert restored.missed() == history.missed() and restored.node_ids() == {1, 2, 3}
+
+
+def test_progress_shows_the_evaluation_release_and_who_missed_the_round(capsys):
+    """The last round's ε in the progress line is the ε of the end-of-run table: after training,
+    then after the evaluation release; a round without evaluation shows no AUROC."""
+    from server.cli import print_progress
+
+    common = {"rounds": 2, "seconds": 5.0, "pooled_auroc": None}
+    print_progress({**common, "round": 1, "evaluated": False, "mean_auroc": None,
+                    "max_epsilon": 1.393, "max_epsilon_evaluation": None, "failures": []})  # fmt: skip
+    missed = {"round": 2, "kind": "train", "hospital": "c", "cause": "offline",
+              "reason": "offline: not connected [code: 5]"}  # fmt: skip
+    print_progress({**common, "round": 2, "evaluated": True, "mean_auroc": 0.705,
+                    "max_epsilon": 1.8257, "max_epsilon_evaluation": 1.9996, "failures": [missed]})  # fmt: skip
+    first, second, third = capsys.readouterr().out.splitlines()
+    assert first.split() == ["round", "1/2", "max", "ε", "1.393", "5.0", "s"]
+    assert (
+        "mean hospital AUROC 0.705  max ε 1.826 (training) → 2.000 with the evaluation release"
+        in second
+    )
+    assert third.strip() == "c (train, offline): offline: not connected [code: 5]"
