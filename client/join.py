@@ -19,6 +19,9 @@ After each exit of the SuperNode, :class:`JoinAttempts` decides from the SuperNo
   accepted again, the hospital needs a new pair;
 - a problem that waiting cannot fix (no key sent, the coordinator's certificate not verified,
   the task launcher gone): stop, saying so;
+- the key is registered but its previous connection still counts as online (the daemon was
+  killed or lost the network without signing off; the SuperLink lets it time out after two
+  heartbeat intervals, 60 s with Flower's defaults): try again every 10 s at most, saying so;
 - the key is not registered (yet): try again after a backoff (:class:`Backoff`: 5 s, doubling
   up to 60 s), printing each time the command the coordinator's operator must run, until
   ``--join-timeout`` seconds have passed (default: never; Ctrl-C / SIGTERM stop at any time);
@@ -35,10 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared_models.protocol import removed_key_time
+from shared_models.protocol import STILL_ONLINE, removed_key_time
 
 JOINED = "SuperNode ID:"  # what Flower's (and fedcare's) SuperNode logs once its node is active
 NOT_REGISTERED = "[code: 2004]"  # Flower's refusal to activate the node (code 2004)
+# ... for a registered key whose node is still online at the SuperLink: its previous connection
+# ended without deactivating (crash, kill -9, network loss) and has not timed out yet (2 x the
+# 30 s heartbeat interval); the coordinator's gateway says so (Flower's answer does not)
+STILL_ONLINE_WAIT = 10.0  # seconds between attempts while the previous connection times out
 _FATAL = {
     "[code: 2001]": "the coordinator requires hospital authentication: pass --key",
     "CERTIFICATE_VERIFY_FAILED": "the coordinator's certificate could not be verified with {ca}",
@@ -130,6 +137,7 @@ class JoinAttempts:
     _refused: bool = False  # during the current attempt
     _removed_at: str | None = None
     _joined: bool = False
+    _still_online: bool = False
 
     def __post_init__(self) -> None:
         self._since = self.clock()
@@ -147,6 +155,8 @@ class JoinAttempts:
             self._removed_at = removed_at
         elif NOT_REGISTERED in line:
             self._refused = True
+        if STILL_ONLINE in line:
+            self._still_online = True
         for marker, message in _FATAL.items():
             if marker in line and self.problem is None:
                 self.problem = message.format(ca=self.ca)
@@ -160,6 +170,7 @@ class JoinAttempts:
         """Seconds to wait before the next attempt, or None to stop (:attr:`problem` says why,
         unless the SuperNode's exit code does)."""
         refused, removed_at, joined = self._refused, self._removed_at, self._joined
+        still_online, self._still_online = self._still_online, False
         self._refused, self._removed_at, self._joined = False, None, False
         now = self.clock()
         if removed_at is not None:
@@ -173,6 +184,15 @@ class JoinAttempts:
             return None
         if self.problem is not None:
             return None
+        if refused and still_online:  # registered; its last connection has not timed out
+            delay = min(self.backoff.wait(1), STILL_ONLINE_WAIT)
+            self.say(
+                "the coordinator still counts this hospital's previous connection as online: it "
+                "ended without signing off (a crash, a kill or a lost network) and times out "
+                "within two heartbeat intervals (60 s with Flower's defaults). Trying again in "
+                f"{delay:.0f} s (Ctrl-C stops)"
+            )
+            return delay
         if refused:
             self.refusals += 1
             waited = now - self._since

@@ -83,6 +83,7 @@ import httpx
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
+from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=E0611
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 from flwr.supercore.date import now
 from flwr.supercore.primitives.asymmetric import (
@@ -99,7 +100,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from server.hospitals import REGISTERED, HospitalRegistry
 from server.pki import PKI, PKIError
 from shared_models.node_keys import KeyFileError, fingerprint, load_public_key
-from shared_models.protocol import KEY_REMOVED, removed_key_detail
+from shared_models.protocol import KEY_REMOVED, removed_key_detail, still_online_detail
 
 log = logging.getLogger("fedcare.gateway")
 LOG_PER_MINUTE = 100  # refusal lines per client address and minute
@@ -262,7 +263,7 @@ class RegisteredKeys:
     root: Path
     recheck: float = 1.0
     clock: Callable[[], float] = time.monotonic
-    _keys: frozenset[bytes] = frozenset()
+    _keys: dict[bytes, int] = field(default_factory=dict)  # public key -> Flower node id
     _removed: dict[str, str] = field(default_factory=dict)  # fingerprint -> removal time
     _stamp: tuple[tuple[int, int, int] | None, ...] = ()
     _checked: float = -math.inf
@@ -273,6 +274,11 @@ class RegisteredKeys:
             self._checked = t
             self._refresh()
         return public_key in self._keys
+
+    def node_id(self, public_key: bytes) -> int | None:
+        """The Flower node id the coordinator registered this key under (as last read), or
+        None."""
+        return self._keys.get(public_key)
 
     def removed_at(self, public_key: bytes) -> str | None:
         """When the coordinator removed this key (``registered.json``'s ``removed_keys``, as
@@ -308,31 +314,32 @@ class RegisteredKeys:
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        keys, self._removed = self._load()
-        self._keys = frozenset(keys)
+        self._keys, self._removed = self._load()
         log.info("%d registered hospital keys, %d removed (from %s)", len(self._keys),
                  len(self._removed), self.root)  # fmt: skip
 
-    def _load(self) -> tuple[list[bytes], dict[str, str]]:
+    def _load(self) -> tuple[dict[bytes, int], dict[str, str]]:
         pki = PKI(self.root)
         try:
             data = HospitalRegistry(pki).load()
         except (PKIError, OSError) as exc:
             log.warning("registered keys unreadable, none accepted until it is fixed: %s", exc)
-            return [], {}
+            return {}, {}
         hospitals = data["hospitals"]
         removed = {
             str(entry["fingerprint"]): str(entry.get("removed_at") or "?")
             for entry in data["removed_keys"]
             if isinstance(entry, dict) and entry.get("fingerprint")
         }
-        keys = []
+        keys: dict[bytes, int] = {}
         for name, entry in hospitals.items():
             if not isinstance(entry, dict) or entry.get("node_id") is None:
                 continue
             try:
-                keys.append(public_key_to_bytes(load_public_key(pki.hospital_pub(name))))
-            except (KeyFileError, OSError) as exc:
+                keys[public_key_to_bytes(load_public_key(pki.hospital_pub(name)))] = int(
+                    entry["node_id"]
+                )
+            except (KeyFileError, OSError, ValueError, TypeError) as exc:
                 log.warning("hospital %s: key not accepted: %s", printable(name), exc)
         return keys, removed
 
@@ -629,11 +636,13 @@ class Gateway:
         path = request.scope["path"]
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         headers.append(("content-length", str(sum(map(len, body)))))
+        # an activation (a few bytes) is kept: it may be repeated (_activation_refused)
+        activation = b"".join(body) if path == "/v1/fleet/activate-node" else None
         client = self.client()
         try:
             upstream = await client.send(
                 client.build_request("POST", self.upstream + path, headers=headers,
-                                     content=_drain(body)),
+                                     content=activation if activation is not None else _drain(body)),
                 stream=True,
             )  # fmt: skip
         except httpx.TimeoutException:
@@ -641,6 +650,12 @@ class Gateway:
         except httpx.HTTPError:
             return self._refuse(request, 502, "the coordinator's SuperLink is not reachable")
         self.forwarded[path.rsplit("/", 1)[1]] += 1
+        if (
+            path == "/v1/fleet/activate-node"
+            and upstream.status_code == 412
+            and self.registered is not None
+        ):
+            return await self._activation_refused(request, upstream, headers, activation or b"")
         return StreamingResponse(
             upstream.aiter_raw(),
             status_code=upstream.status_code,
@@ -649,6 +664,68 @@ class Gateway:
             },
             background=BackgroundTask(upstream.aclose),
         )
+
+    async def _activation_refused(
+        self, request: Request, upstream: httpx.Response, headers: list[tuple[str, str]],
+        activation: bytes,
+    ) -> Response:  # fmt: skip
+        """Flower's refusal to activate a key that passed the registered-key check (step 6).
+
+        Flower answers every failed activation alike (code 2004, "Failed to activate
+        SuperNode."); for a registered key the cause is that its node still counts as online:
+        its previous connection ended without signing off (a daemon killed, a lost network) and
+        the SuperLink would let it time out only after two heartbeat intervals (60 s), refusing
+        the restarted daemon all that time. The hospital has just proved that it holds the key
+        (a fresh signature), so the gateway ends the stale connection for it -- Flower's own
+        ``deactivate-node`` for the node the coordinator registered this key under, with the
+        same authentication headers, which Flower checks against that node -- and activates
+        again. If that fails too, the hospital is told why
+        (:func:`shared_models.protocol.still_online_detail`), not "not registered". Any other
+        refusal passes unchanged."""
+        body = await upstream.aread()
+        await upstream.aclose()
+        try:
+            code = json.loads(body).get("code")
+        except (ValueError, AttributeError):
+            code = None
+        if code != UNREGISTERED_ACTIVATION["code"]:
+            kept = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            return Response(body, status_code=upstream.status_code, headers=kept)
+        node_id = None
+        raw_key = request.headers.get(FLEET_HTTP_PUBLIC_KEY_HEADER)
+        if self.registered is not None and raw_key:
+            with contextlib.suppress(ValueError, binascii.Error):
+                node_id = self.registered.node_id(b64decode(raw_key, validate=True))
+        if node_id is not None:
+            retried = await self._take_over(headers, node_id, activation)
+            if retried is not None:
+                return retried
+        return JSONResponse(
+            {**UNREGISTERED_ACTIVATION, "detail": still_online_detail()}, status_code=412
+        )
+
+    async def _take_over(
+        self, headers: list[tuple[str, str]], node_id: int, activation: bytes
+    ) -> Response | None:
+        """Deactivate ``node_id`` and repeat the activation; its answer if it succeeded."""
+        client = self.client()
+        base = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        stale = DeactivateNodeRequest(node_id=node_id).SerializeToString()
+        try:
+            await client.post(self.upstream + "/v1/fleet/deactivate-node", content=stale,
+                              headers=[*base, ("content-length", str(len(stale)))])  # fmt: skip
+            again = await client.post(
+                self.upstream + "/v1/fleet/activate-node", content=activation,
+                headers=[*base, ("content-length", str(len(activation)))],
+            )  # fmt: skip
+        except httpx.HTTPError:
+            return None
+        if again.status_code != 200:
+            return None
+        log.info("node %d: a previous connection still counted as online was ended for its "
+                 "restarted daemon", node_id)  # fmt: skip
+        kept = {k: v for k, v in again.headers.items() if k.lower() not in RESPONSE_HOP_BY_HOP}
+        return Response(again.content, status_code=200, headers=kept)
 
 
 def upstream_tls(ca_cert: str) -> ssl.SSLContext:

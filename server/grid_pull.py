@@ -102,7 +102,15 @@ def send_and_receive_promptly(
     ``push_messages`` / ``pull_messages``) polling every ``poll_interval`` seconds instead of
     Flower 1.41's fixed 3 s (``flwr/superlink/grid/http_grid.py``), which otherwise adds up to
     2 x 3 s to every round of a deployment; ``0`` is Flower's ``send_and_receive`` itself.
+
+    Each message lives ``timeout`` seconds (its Flower TTL, 12 h by default): the SuperLink
+    never hands a round's message to a hospital that comes back after the round gave up on it
+    (restarted after a crash, say), which would otherwise train, spend privacy budget and reply
+    to a round nobody waits for any more.
     """
+    if timeout is not None:
+        for message in sent:
+            message.metadata.ttl = float(timeout)
     if poll_interval <= 0:
         return list(grid.send_and_receive(sent, timeout=timeout))
     pending = set(grid.push_messages(sent))

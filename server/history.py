@@ -283,11 +283,15 @@ class RecordingGrid(DelegatingGrid):
         else:
             replies = self._exchange(sent, timeout)
         destinations = destinations_of(sent)
+        kinds = {m.metadata.message_id: _kind(m.metadata.message_type) for m in sent}
         answered = set()
         for reply in replies:
             node = replying_node(reply, destinations)
             answered.add(node)
-            self._record(reply, node)
+            # the kind of the message answered: the SuperLink's own error replies (an expired
+            # message, a lost node) have the system message type
+            kind = kinds.get(reply.metadata.reply_to_message_id, _kind(reply.metadata.message_type))
+            self._record(reply, node, kind, timeout)
         for msg in sent:
             node = msg.metadata.dst_node_id
             if node not in answered:
@@ -330,20 +334,26 @@ class RecordingGrid(DelegatingGrid):
             self._inner, sent, timeout=timeout, poll_interval=self.poll_interval
         )
 
-    def _record(self, reply: Message, node: int) -> None:
-        kind = _kind(reply.metadata.message_type)
+    def _record(self, reply: Message, node: int, kind: str, timeout: float | None) -> None:
         if reply.has_error():
             refusal = parse_refusal(reply.error.reason or "")
             if refusal is not None:
                 self.history.self_report(node, refusal[0])
+            expired = reply.error.code in _EXPIRED and refusal is None
             self.history.events.append(
                 SiteEvent(
                     round=self._current_round,
                     kind=kind,
                     node_id=node,
                     site=self.history.site_name(node),
-                    error=reply.error.reason,
-                    cause=_error_cause(reply.error.code, refused=refusal is not None),
+                    error=(
+                        f"no reply within {timeout:g} s (train.round-timeout; the message expired)"
+                        if expired and timeout
+                        else reply.error.reason
+                    ),
+                    cause="timed out"
+                    if expired
+                    else _error_cause(reply.error.code, refused=refusal is not None),
                 )
             )
             return
@@ -387,6 +397,10 @@ HISTOGRAM_KEYS = ("hist-neg", "hist-pos")
 _LOST = (
     ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE,
 )  # fmt: skip
+
+
+# a round's message or its reply expired (its TTL is the round's timeout): no reply in time
+_EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def _error_cause(code: int, *, refused: bool) -> str:

@@ -46,6 +46,18 @@ def removed_key_detail(removed_at: str) -> str:
     return f"Failed to activate SuperNode: this hospital's key was {KEY_REMOVED} {removed_at}"
 
 
+# the coordinator's gateway adds this to Flower's refusal to activate a REGISTERED key (Flower
+# answers every failed activation alike): its previous connection is still counted as online
+STILL_ONLINE = "this hospital's key is registered; its previous connection still counts as online"
+
+
+def still_online_detail() -> str:
+    """The text of the coordinator's refusal to activate a registered key whose node the
+    SuperLink still counts as online (it ended without signing off; it times out after two
+    heartbeat intervals)."""
+    return f"Failed to activate SuperNode: {STILL_ONLINE} until it times out"
+
+
 def removed_key_time(text: str) -> str | None:
     """The removal time in a line that carries :func:`removed_key_detail`, else None."""
     _, sep, tail = text.partition(KEY_REMOVED + " ")

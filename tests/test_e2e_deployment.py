@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -843,6 +845,96 @@ def _run_until_round_one(args: list[str], on_round_one) -> tuple[int, str]:  # t
     proc.wait(timeout=60)
     assert fired, "".join(lines)
     return proc.returncode, "".join(lines)
+
+
+def test_chaos_hospitals_killed_and_restarted_lose_no_release(federation):
+    """Eight DP rounds while a random hospital is killed with SIGKILL (its daemon and everything it
+    started) after rounds 1, 3 and 5 and started again a few seconds later with its own state:
+    the run finishes, each killed hospital rejoins and trains again, and every hospital's ledger
+    counts exactly the releases the coordinator received, plus at most one per time it was
+    killed (the ledger is written BEFORE a reply leaves: a kill between the write and the send
+    leaves a release counted that never left, never one that left uncounted), and nothing twice
+    (DP-SGD steps = updates x steps per round). A killed hospital still listed online is sent
+    the next round and waited for until train.round-timeout (12 s here); a reply that comes
+    after that is counted in the ledger (it left) and named in the report ("timed out"), and a
+    hospital that comes back after a round gave up is not handed its message (its TTL)."""
+    root = federation["root"]
+    rng = random.Random(11)
+    kills: dict[str, list[int]] = {h: [] for h in HOSPITALS}
+    restarts: list[threading.Thread] = []
+
+    def chaos(server_round: int) -> None:
+        name = rng.choice(HOSPITALS)
+        kills[name].append(server_round)
+        _kill_tree(federation["clients"][name].pid)
+        federation["clients"][name].wait(timeout=30)
+
+        def restart() -> None:
+            time.sleep(3)
+            i = HOSPITALS.index(name) + 1
+            federation["clients"][name] = _start_hospital(
+                root, name, root / f"hospital-{name}" / "keys" / f"{name}.key",
+                root / "data" / f"hospital-{i}.csv", root / f"hospital-{name}", federation["port"],
+                root / f"client-{name}-restart-{server_round}.log",
+            )  # fmt: skip
+
+        thread = threading.Thread(target=restart)
+        thread.start()
+        restarts.append(thread)
+
+    run_dir = root / "run-chaos"
+    proc = subprocess.Popen(
+        [*FEDCARE, "server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
+         "--rounds", "8", "--epsilon", "3", "--out", str(run_dir), "--app", str(federation["app"]),
+         "--run-config", "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 "
+         "strategy.min-available-nodes=2 train.round-timeout=12"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 480
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("round ") and line.split()[1].split("/")[0] in ("1", "3", "5"):
+            chaos(int(line.split()[1].split("/")[0]))
+        if time.monotonic() > deadline:
+            proc.kill()
+    proc.wait(timeout=60)
+    for thread in restarts:
+        thread.join(timeout=60)
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    for h in summary["hospitals"]:
+        name = h["name"]
+        record = json.loads(
+            (
+                root / f"hospital-{name}" / "ledger" / "runs" / f"{summary['run_id']}.json"
+            ).read_text()
+        )
+        received = h["rounds_trained"]
+        late = sum(  # replies that came after the round gave up (the ledger counts them: they left)
+            f["hospital"] == name and f["kind"] == "train" and f["cause"] == "timed out"
+            for f in summary["failures"]
+        )
+        assert received <= record["updates"] <= received + len(kills[name]) + late, (
+            name, kills, late, output,
+        )  # fmt: skip
+        steps_per_round = record["accountant"]["history"][0][2] // max(1, record["updates"])
+        assert record["train_steps"] == record["updates"] * steps_per_round  # nothing twice
+        assert h["epsilon"] <= 3.0
+        for killed in kills[name]:  # restarted with its own state, it trains again: the gateway
+            # ends the killed daemon's connection, which Flower would time out only after 60 s
+            trained = metrics[(metrics["hospital"] == name) & metrics["epsilon"].notna()]
+            assert (trained["round"] > killed + 1).any(), (name, kills, output)
+    assert sum(len(k) for k in kills.values()) == 3
+    cli = federation["cli"]  # every restarted daemon is back (Flower lets a killed node's last
+    _wait(  # connection time out after two 30 s heartbeat intervals; the daemon tries again)
+        lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"])
+        == len(HOSPITALS),
+        120, root / "server.log",
+    )  # fmt: skip
 
 
 def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):

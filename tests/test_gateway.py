@@ -611,3 +611,35 @@ def test_the_server_closes_idle_and_slow_connections(tmp_path):
     assert [line for line in out.splitlines() if "forged" in line] == [
         "INFO:fedcare.gateway:refused POST /v1/fleet/x\\nforged line\\r\\n from 127.0.0.1: 404 not found"
     ]
+
+
+def test_a_registered_key_that_flower_cannot_activate_is_told_it_is_still_online(
+    superlink, tmp_path
+):
+    """Flower refuses every failed activation alike (412, code 2004); a key the coordinator has
+    registered is refused only while its node still counts as online (a daemon killed without
+    signing off). The gateway then ends that connection for the hospital (Flower's
+    deactivate-node with the hospital's own authentication, for the node the key is registered
+    under) and activates again; when that fails too (here: Flower's app has no such node), the
+    hospital is told why, not "not registered" (client.join reads STILL_ONLINE). Every request
+    reaches Flower's real app; the successful take-over runs end to end in
+    tests/test_e2e_deployment.py (the chaos test)."""
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+
+    from shared_models.protocol import STILL_ONLINE
+
+    pair = generate_key_pairs()
+    keys = _registry(tmp_path, {"a": pair[1]})
+    gateway = Gateway("http://superlink", transport=httpx.ASGITransport(app=superlink),
+                      registered=keys)  # fmt: skip
+    request = ActivateNodeRequest(
+        public_key=public_key_to_bytes(pair[1]), heartbeat_interval=30
+    ).SerializeToString()
+    (answer,) = _call(gateway, [("POST", "/v1/fleet/activate-node", request, _signed(*pair))])
+    assert superlink.paths == [  # Flower decided each
+        "/v1/fleet/activate-node",
+        "/v1/fleet/deactivate-node",
+        "/v1/fleet/activate-node",
+    ]
+    assert answer.status_code == 412 and answer.json()["code"] == 2004
+    assert STILL_ONLINE in answer.json()["detail"]

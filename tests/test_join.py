@@ -102,3 +102,20 @@ def test_problems_no_wait_can_fix_stop_at_once():
         assert attempts.problem is not None and expected in attempts.problem
     attempts, _, _ = _attempts()
     assert _exit(attempts, ["Traceback ..."], code=1) is None and attempts.problem is None
+
+
+def test_a_registered_key_still_online_is_tried_again_soon_without_add_hospital_advice():
+    """A daemon restarted after a kill: the coordinator's gateway says its key is registered and
+    its previous connection still counts as online (Flower times it out after two heartbeat
+    intervals): the daemon tries again within 10 s, says why, and does not tell anyone to add a
+    key that is already added (nor count it towards --join-timeout's "not registered")."""
+    from shared_models.protocol import still_online_detail
+
+    attempts, said, t = _attempts(join_timeout=5.0)
+    lines = [*REFUSED[:2], f"[code: 2004] {still_online_detail()}"]
+    waits = []
+    for _ in range(4):
+        waits.append(_exit(attempts, lines))
+        t[0] += 10
+    assert waits == [5, 5, 5, 5] and attempts.problem is None and attempts.refusals == 0
+    assert "previous connection as online" in said[0] and "add-hospital" not in said[0]
