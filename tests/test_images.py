@@ -221,7 +221,9 @@ def test_an_image_below_the_task_size_is_refused_by_name(tmp_path):
         tmp_path, {"a.png": _IMG, "tiny.png": _IMG[:20, :24]}, [("a.png", 0), ("tiny.png", 1)]
     )
     frame = read_image_folder(folder)
-    with pytest.raises(DataError, match=r"^tiny.png: 24x20 pixels, smaller than the 28x28"):
+    with pytest.raises(
+        DataError, match=r"^hospital-b/tiny.png: 24x20 pixels, smaller than the 28x28"
+    ):
         image_features(frame, "size-28")
 
 
@@ -233,7 +235,7 @@ def test_folder_without_labels_file_or_header(tmp_path):
     (folder / "labels.csv").write_text("name,diagnosis\na.png,1\n")
     with pytest.raises(DataError, match="the header must name the columns 'file' and 'label'"):
         read_image_folder(folder)
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="labels.csv is a file; give the folder that holds it"):
         read_image_folder(folder / "labels.csv")
 
 

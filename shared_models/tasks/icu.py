@@ -210,15 +210,35 @@ def write_icu_data(frame: pd.DataFrame, path: Path) -> None:
     )  # fmt: skip
 
 
+def hospital_folders(folder: Path) -> list[Path]:
+    """The hospital sub-folders of a simulation's data folder: when ``folder`` holds no
+    outcomes file or archive itself, its sub-folders that hold an ``Outcomes*.txt`` each
+    (their record files next to it or one folder down, as ``fedcare client check`` reads a
+    hospital's folder), in name order; else ``[]`` (``folder`` is one source)."""
+    if not folder.is_dir() or any(folder.glob("Outcomes*.txt")):
+        return []
+    if any(folder.glob("*.tar.gz")) or any(folder.glob("*.tgz")):
+        return []
+    subs = sorted(
+        p for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(p.glob("Outcomes*.txt"))
+    )  # fmt: skip
+    return subs
+
+
 def _icu_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
-    """Simulation: the stays of a data folder grouped by ICU type (``ccu``, ``csru``, ``micu``,
-    ``sicu``), in ICUType order."""
+    """Simulation: one hospital per sub-folder of the data folder when it has several
+    (:func:`hospital_folders`), else the stays of the data folder, its one hospital folder or
+    the archive grouped by ICU type (``ccu``, ``csru``, ``micu``, ``sicu``), in ICUType order."""
     if not data_dir:
         raise DataError(
             "task icu-mortality needs --data-dir: the folder with the PhysioNet 2012 set-a.tar.gz "
-            "(or its unpacked set-a/ and Outcomes-a.txt)"
+            "(or its unpacked set-a/ and Outcomes-a.txt), or one such folder per hospital"
         )
-    frame = read_icu_data(Path(data_dir))
+    folders = hospital_folders(Path(data_dir))
+    if len(folders) > 1:  # a federation of real hospitals, one folder each
+        return [(p.name, read_icu_data(p)) for p in folders]
+    frame = read_icu_data(folders[0] if folders else Path(data_dir))
     unit = frame["ICUType"].to_numpy()
     unknown = ~np.isin(unit, list(ICU_UNITS))
     if unknown.any():

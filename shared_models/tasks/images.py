@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import csv
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..errors import examples, warn_data
 from .base import LABEL, DataError, SiteData, Task, prepare_site, split_key_from_seed
 
 IMAGE_SIZES = (28, 64, 128, 224)  # MedMNIST v2's published sizes
@@ -231,7 +234,16 @@ def read_image(path: Path, *, shown: str | None = None) -> tuple[np.ndarray, str
     return _read_pil(path, shown)
 
 
-def _read_labels(folder: Path) -> pd.DataFrame:
+def _read_labels(folder: Path, problems: list[str]) -> pd.DataFrame:
+    """``labels.csv`` as ``file``, ``label``, ``line``; a row's problem (a label other than
+    0/1, a path instead of a name, a file listed twice) is appended to ``problems`` and the row
+    left out, so that one check reports every problem.
+
+    Raises
+    ------
+    DataError
+        ``labels.csv`` missing, unreadable, without the header, or listing no image.
+    """
     path = folder / LABELS_FILE
     shown = f"{folder.name}/{LABELS_FILE}"
     if not path.is_file():
@@ -245,79 +257,130 @@ def _read_labels(folder: Path) -> pd.DataFrame:
     if "file" not in header or LABEL not in header:
         raise DataError(f"{shown}: the header must name the columns 'file' and 'label'")
     i_file, i_label = header.index("file"), header.index(LABEL)
-    files, labels, lines = [], [], []
+    files: list[str] = []
+    labels, lines = [], []
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) <= max(i_file, i_label):
-            raise DataError(f"{shown}, line {lineno}: expected the columns {', '.join(header)}")
+            problems.append(f"{shown}, line {lineno}: expected the columns {', '.join(header)}")
+            continue
         name, label = row[i_file].strip(), row[i_label].strip()
         if label not in ("0", "1", "0.0", "1.0"):
-            raise DataError(
+            problems.append(
                 f"{shown}, line {lineno} ({name}): the label is not 0 or 1; use 0 (normal) or "
                 "1 (pneumonia)"
             )
+            continue
         if not name or Path(name).name != name:
-            raise DataError(
+            problems.append(
                 f"{shown}, line {lineno}: the file name must be a name inside the folder"
             )
+            continue
+        if name in files:
+            problems.append(f"{shown}, line {lineno}: {name} is listed twice")
+            continue
         files.append(name)
         labels.append(float(label))
         lines.append(lineno)
-    if not files:
+    if not files and not problems:
         raise DataError(f"{shown}: lists no image; {_FOLDER_HELP}")
-    frame = pd.DataFrame({"file": files, LABEL: labels, "line": lines})
-    dup = frame["file"].duplicated()
-    if dup.any():
-        row = frame[dup].iloc[0]
-        raise DataError(f"{shown}, line {row['line']}: {row['file']} is listed twice")
-    return frame
+    return pd.DataFrame({"file": files, LABEL: labels, "line": lines})
+
+
+_MAX_PROBLEMS_SHOWN = 10
+
+
+def _raise_problems(folder: Path, problems: list[str]) -> None:
+    """One :class:`DataError` with every problem (one problem: its message alone)."""
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        more = len(problems) - _MAX_PROBLEMS_SHOWN
+        raise DataError(
+            f"{folder.name}: {len(problems)} problems: "
+            + "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
+            + (f"; and {more} more" if more > 0 else "")
+        )
+
+
+def _unlisted_images(folder: Path, listed: set[str]) -> list[str]:
+    """Files of ``folder`` that ``labels.csv`` does not list (hidden files and
+    ``labels.csv`` itself aside), sorted."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.name != LABELS_FILE and not p.name.startswith(".")
+        and p.name not in listed
+    )  # fmt: skip
 
 
 def read_image_folder(folder: Path) -> pd.DataFrame:
     """Read one hospital's image folder (``labels.csv`` + the images it lists).
+
+    Every problem of the folder is reported at once. Files in the folder that ``labels.csv``
+    does not list are not used: a :class:`~shared_models.errors.DataWarning` gives their count
+    and a few names.
 
     Returns
     -------
     pd.DataFrame
         One row per listed image: ``file``, ``label`` (0/1 float), ``image`` (``[h, w] uint8``
         gray levels, centre-cropped to a square, reduced to at most 224 px), ``format``,
-        ``height`` and ``width`` (of the file as stored).
+        ``height`` and ``width`` (of the file as stored); ``attrs["folder"]`` is the folder's
+        name.
 
     Raises
     ------
     DataError
-        Folder or ``labels.csv`` missing; a label other than 0/1; a listed file missing; a
-        damaged or unsupported image. The message names the file (relative to the folder) and
-        never a pixel value.
+        Folder or ``labels.csv`` missing; otherwise every problem in one message: labels other
+        than 0/1, listed files missing, damaged or unsupported images. Files are named
+        ``<folder name>/<file>`` (never the folder's location) and no pixel value is shown.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{folder.name} is a file; give the folder that holds it ({_FOLDER_HELP})")
     if not folder.is_dir():
         raise DataError(
-            f"{folder}: not a folder; task chest-xray reads a hospital's image folder "
+            f"{folder.name}: folder not found; task chest-xray reads a hospital's image folder "
             f"({_FOLDER_HELP})"
         )
-    frame = _read_labels(folder)
-    images, formats, heights, widths = [], [], [], []
+    problems: list[str] = []
+    frame = _read_labels(folder, problems)
+    images, formats, heights, widths, keep = [], [], [], [], []
     for name, line in zip(frame["file"], frame["line"], strict=True):
         shown = f"{folder.name}/{name}"
         path = folder / name
         if not path.is_file():
-            raise DataError(
+            problems.append(
                 f"{shown}: listed in {LABELS_FILE} (line {line}) but not found in the folder"
             )
-        gray, fmt = read_image(path, shown=shown)
+            continue
+        try:
+            gray, fmt = read_image(path, shown=shown)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
         h, w = gray.shape
         side = min(h, w)
         images.append(center_crop_resize(gray, min(side, MAX_STORED_SIZE)))
         formats.append(fmt)
         heights.append(h)
         widths.append(w)
-    frame = frame.drop(columns="line")
+        keep.append(name)
+    _raise_problems(folder, problems)
+    unlisted = _unlisted_images(folder, set(frame["file"]))
+    if unlisted:
+        warn_data(
+            f"{folder.name}: {len(unlisted)} file(s) not listed in {LABELS_FILE} are not used "
+            f"({examples(unlisted)}); list them with their label, or move them out of the folder"
+        )
+    frame = frame[frame["file"].isin(keep)].drop(columns="line").reset_index(drop=True)
     frame["image"] = images
     frame["format"] = formats
     frame["height"] = heights
     frame["width"] = widths
+    frame.attrs["folder"] = folder.name
     return frame
 
 
@@ -348,17 +411,22 @@ def image_features(frame: pd.DataFrame, preprocessing: str) -> tuple[np.ndarray,
     """
     size = image_size(preprocessing)
     out = np.empty((len(frame), size, size), dtype=np.uint8)
+    prefix = f"{frame.attrs['folder']}/" if frame.attrs.get("folder") else ""
+    small = []
     for i, img in enumerate(frame["image"]):
         if min(img.shape) < size:
             row = frame.iloc[i]
             name = row.get("file", f"image {i + 1}")
             w, h = row.get("width", img.shape[1]), row.get("height", img.shape[0])
-            raise DataError(
-                f"{name}: {w}x{h} pixels, smaller than the "
-                f"{size}x{size} of preprocessing size-{size}; use the original (larger) image "
-                "or a smaller size"
-            )
+            small.append(f"{prefix}{name}: {w}x{h} pixels")
+            continue
         out[i] = center_crop_resize(img, size)
+    if small:
+        what = small[0] if len(small) == 1 else f"{len(small)} images ({examples(small)})"
+        raise DataError(
+            f"{what}, smaller than the {size}x{size} of preprocessing size-{size}; use the "
+            "original (larger) images or a smaller size"
+        )
     return scattering(normalise(out), preprocessing), frame[LABEL].to_numpy(np.float32)
 
 
@@ -377,8 +445,11 @@ def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path.name}: not a readable .npz file ({type(exc).__name__})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(
+            f"{path}: not a readable .npz file ({type(exc).__name__}: truncated or damaged); "
+            "download or copy it again"
+        ) from None
     out = {}
     for split in SPLITS:
         for key in (f"{split}_images", f"{split}_labels"):
@@ -444,6 +515,11 @@ def _need_data(data_dir: str) -> Path:
             "pneumoniamnist/) or one image sub-folder per hospital"
         )
     folder = Path(data_dir)
+    if folder.is_file():
+        raise DataError(
+            f"{folder} is a file; give the folder that holds it: --data-dir takes a folder with "
+            f"one MedMNIST .npz file (e.g. pneumoniamnist/) or one image sub-folder per hospital"
+        )
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found")
     return folder

@@ -30,12 +30,13 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..errors import examples, warn_data
 from .base import DataError
 
 # The 37 time-series parameters of the challenge (36 + Weight), in the order of the channels.
@@ -49,7 +50,7 @@ DESCRIPTORS = ("Age", "Gender", "Height", "ICUType", "Weight")  # plus RecordID
 LABEL_COLUMN = "In-hospital_death"
 HEADER = "Time,Parameter,Value"
 WINDOW_MINUTES = 48 * 60  # observations after 48:00 are not used
-PARSER_VERSION = 1  # bump when the parse result changes: old cache files are then ignored
+PARSER_VERSION = 2  # bump when the parse result changes: old cache files are then ignored
 
 _VAR_INDEX = {name: i for i, name in enumerate(TIME_SERIES)}
 _DESC_INDEX = {name: i for i, name in enumerate(DESCRIPTORS)}
@@ -77,6 +78,8 @@ class Stays:
         ``[E] int8``: index into :data:`TIME_SERIES`.
     value : np.ndarray
         ``[E] float32``: the observed value in the challenge's units.
+    without_record : np.ndarray
+        ``[K] int64``: RecordIDs of outcomes rows that have no record file (not used).
     """
 
     record_id: np.ndarray
@@ -86,6 +89,7 @@ class Stays:
     minute: np.ndarray
     variable: np.ndarray
     value: np.ndarray
+    without_record: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.record_id.shape[0])
@@ -371,6 +375,7 @@ def _parse_source(source: _Source) -> Stays:
         minute=np.concatenate([p[2] for p in parsed]).astype(np.int16),
         variable=np.concatenate([p[3] for p in parsed]).astype(np.int8),
         value=np.concatenate([p[4] for p in parsed]).astype(np.float32),
+        without_record=np.array(sorted(set(labels) - set(record_file)), dtype=np.int64),
     )
 
 
@@ -393,7 +398,9 @@ def cache_dir() -> Path | None:
     return Path(base) / "fedcare"
 
 
-_FIELDS = ("record_id", "descriptors", "label", "offsets", "minute", "variable", "value")
+_FIELDS = (
+    "record_id", "descriptors", "label", "offsets", "minute", "variable", "value", "without_record",
+)  # fmt: skip
 
 
 def _load_cached(path: Path) -> Stays | None:
@@ -431,11 +438,18 @@ def read_source(path: Path) -> Stays:
     source = locate_source(Path(path))
     folder = cache_dir()
     cached = folder / "physionet2012" / f"{source.fingerprint()}.npz" if folder else None
-    if cached is not None and (stays := _load_cached(cached)) is not None:
-        return stays
-    stays = _parse_source(source)
-    if cached is not None:
-        _store_cached(cached, stays)
+    stays = _load_cached(cached) if cached is not None else None
+    if stays is None:
+        stays = _parse_source(source)
+        if cached is not None:
+            _store_cached(cached, stays)
+    if len(stays.without_record):
+        shown = Path(path).name or str(path)
+        warn_data(
+            f"{shown}: {len(stays.without_record)} row(s) of {', '.join(source.outcomes)} have no "
+            f"record file (RecordID {examples([str(r) for r in stays.without_record])}); those "
+            f"stays are not used ({len(stays)} are)"
+        )
     return stays
 
 
