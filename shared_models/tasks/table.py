@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .base import DataError, require_file
-from .taskfile import FeatureSpec, TaskSpec, Value
+from .taskfile import FeatureSpec, TaskSpec, Value, as_number
 
 _DELIMITERS = (",", ";", "\t")
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+([eE][+-]?\d+)?$")
@@ -135,13 +135,17 @@ class _Parsed:
     out_of_range: np.ndarray
 
 
-def _cells(series: pd.Series, markers: tuple[str, ...]) -> tuple[pd.Series, np.ndarray]:
-    """``(cells, missing mask)``: empty cells, NaN and the declared markers are missing. Text
-    cells come back stripped; numeric columns (embedded data) as they are."""
+def _cells(series: pd.Series, markers: tuple[Value, ...]) -> tuple[pd.Series, np.ndarray]:
+    """``(cells, missing mask)``: empty cells, NaN and the declared markers are missing, a
+    marker matching as :func:`match_values` matches (``"0"`` and ``0`` match a cell ``0.0``).
+    Text cells come back stripped; numeric columns (embedded data) as they are."""
     if pd.api.types.is_numeric_dtype(series):
-        return series, series.isna().to_numpy()
+        missing = series.isna().to_numpy()
+        return series, missing | (match_values(series, markers) >= 0) if markers else missing
     text = series.fillna("").astype(str).str.strip()
-    missing = (text == "").to_numpy() | text.isin(list(markers)).to_numpy()
+    missing = (text == "").to_numpy()
+    if markers:
+        missing |= match_values(text, markers) >= 0
     return text, missing
 
 
@@ -152,16 +156,19 @@ def _numbers(series: pd.Series) -> np.ndarray:
 
 
 def match_values(series: pd.Series, values: tuple[Value, ...]) -> np.ndarray:
-    """Index into ``values`` of each cell (``-1``: none). Numbers compare as numbers, strings
-    as stripped text."""
+    """Index into ``values`` of each cell (``-1``: none). Numbers, and text that reads as a
+    number (``"1"``), compare as numbers (``"1"`` matches ``1.0``); other text as stripped
+    text."""
     out = np.full(len(series), -1, dtype=np.int64)
     text = series.astype(str).str.strip() if not pd.api.types.is_numeric_dtype(series) else None
     numbers = _numbers(series)
     for i, v in enumerate(values):
-        if isinstance(v, str):
-            hit = (text == v).to_numpy() if text is not None else np.zeros(len(series), bool)
-        else:
-            hit = numbers == float(v)
+        hit = np.zeros(len(series), bool)
+        if isinstance(v, str) and text is not None:
+            hit |= (text == v).to_numpy()
+        number = as_number(v)
+        if number is not None:
+            hit |= numbers == number
         out[(out < 0) & hit] = i
     return out
 
@@ -213,6 +220,7 @@ class ColumnReport:
     out_of_range: int = 0
     first_bad_row: int | None = None
     detail: str = ""  # the declared range or levels, from the task file
+    markers: tuple[Value, ...] = ()  # the column's missing-value markers, from the task file
 
 
 @dataclass(frozen=True)
@@ -286,12 +294,12 @@ class TableReport:
                 )
                 out.append(
                     f"{where}: column '{c.column}': {c.wrong_type} row(s) {what}{at}; "
-                    f"the task declares {c.detail}"
+                    f"the task declares {c.detail}{_marker_hint(c)}"
                 )
             if c.out_of_range:
                 out.append(
                     f"{where}: column '{c.column}': {c.out_of_range} row(s) outside the valid "
-                    f"range {c.detail}{at}; correct them or mark them missing"
+                    f"range {c.detail}{at}; correct them or mark them missing{_marker_hint(c)}"
                 )
         if self.rows == 0:
             out.append(f"{where}: the file has a header but no data rows")
@@ -305,6 +313,15 @@ class TableReport:
     @property
     def ok(self) -> bool:
         return not self.problems()
+
+
+def _marker_hint(c: ColumnReport) -> str:
+    """How missing markers match, for a message about values that may be unmatched markers."""
+    how = "markers are compared as listed: text as written, numbers by value"
+    if not c.markers:
+        return f" (no missing marker is declared for it; {how})"
+    listed = ", ".join(f'"{m}"' if isinstance(m, str) else f"{m:g}" for m in c.markers)
+    return f" (its missing markers: {listed}; {how})"
 
 
 def _detail(f: FeatureSpec) -> str:
@@ -350,6 +367,7 @@ def check_table(spec: TaskSpec, frame: pd.DataFrame, source: str) -> TableReport
                 out_of_range=int(p.out_of_range.sum()),
                 first_bad_row=_first(p.invalid | p.out_of_range),
                 detail=_detail(f),
+                markers=f.missing,
             )
         )
         if f.if_missing == "drop-row":

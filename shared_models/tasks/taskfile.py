@@ -13,7 +13,7 @@ Example (``tasks/readmission.toml``)::
     [task]
     name = "readmission"
     description = "30-day readmission after discharge"
-    missing = ["NA"]                 # markers of a missing value in every column ("" always is)
+    missing = ["NA", -9]             # missing-value markers in every column ("" always is)
 
     [label]
     column = "readmitted"
@@ -87,8 +87,9 @@ class FeatureSpec:
         one-hot encoded in this order.
     drop_first : bool
         Categorical: leave out the first level's one-hot column (it is implied by the others).
-    missing : tuple[str, ...]
-        Cell texts meaning "missing" besides the empty cell.
+    missing : tuple[str | int | float, ...]
+        Markers meaning "missing" besides the empty cell: text matches a cell as text, a number
+        (or text that reads as one, ``"0"``) matches a cell of the same value (``0.0``).
     if_missing : str
         ``drop-row`` (the row is not used) or ``impute`` (the feature's fixed centre, a constant of
         the task; see :func:`~shared_models.tasks.base.prepare_site`).
@@ -106,7 +107,7 @@ class FeatureSpec:
     scale: float | None = None
     levels: tuple[Value, ...] = ()
     drop_first: bool = False
-    missing: tuple[str, ...] = ()
+    missing: tuple[Value, ...] = ()
     if_missing: str = "drop-row"
     missing_indicator: bool = True
 
@@ -156,7 +157,7 @@ class TaskSpec:
         In model-input order.
     ignore : tuple[str, ...]
         Columns present in the hospitals' files that the task does not use.
-    missing : tuple[str, ...]
+    missing : tuple[str | int | float, ...]
         The task's missing-value markers (``[task] missing``; a feature may have its own).
     model : str or None
         Default model (``model.name = "default"``).
@@ -181,7 +182,7 @@ class TaskSpec:
     label: LabelSpec
     features: tuple[FeatureSpec, ...]
     ignore: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
+    missing: tuple[Value, ...] = ()
     model: str | None = None
     test_fraction: float | None = None
     format: str = "csv"
@@ -315,6 +316,22 @@ class _Reader:
             out.append(v.strip() if isinstance(v, str) else v)
         return tuple(out)
 
+    def markers(self, key: str) -> tuple[Value, ...]:
+        """Missing-value markers: strings or numbers (``""``, always a marker, is dropped)."""
+        raw = self.get(key, list)
+        if raw is None:
+            return ()
+        out: list[Value] = []
+        for i, v in enumerate(raw):
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                raise self.error(f"{key}[{i}]", f"must be a string or a number, got {_kind(v)}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise self.error(f"{key}[{i}]", "must be a finite number")
+            v = v.strip() if isinstance(v, str) else v
+            if v != "" and not any(same_value(v, w) for w in out):
+                out.append(v)
+        return tuple(out)
+
     def strings(self, key: str) -> tuple[str, ...]:
         raw = self.get(key, list)
         if raw is None:
@@ -325,11 +342,26 @@ class _Reader:
         return tuple(v.strip() for v in raw)
 
 
+def as_number(value: Value) -> float | None:
+    """A declared value as a number: a number, or a string that reads as a finite number
+    (``"0"``, ``"-9"``, ``"1.0"``); ``None`` for other text. Cells are compared with it, so
+    ``"0"`` matches a cell ``0.0``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def same_value(a: Value, b: Value) -> bool:
-    """Whether two declared values denote the same cell (numbers compare as numbers)."""
-    if isinstance(a, str) or isinstance(b, str):
-        return str(a) == str(b) if isinstance(a, str) and isinstance(b, str) else False
-    return float(a) == float(b)
+    """Whether two declared values denote the same cell: numbers (and text that reads as a
+    number) compare as numbers, other text as text."""
+    x, y = as_number(a), as_number(b)
+    if x is not None and y is not None:
+        return x == y
+    return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
 
 
 def _kind(value: Any) -> str:
@@ -355,13 +387,27 @@ def parse_task_file(path: Path, *, source: str | None = None) -> TaskSpec:
     """
     path = Path(path)
     source = source or str(path)
+    return parse_task_text(read_task_file_text(path, source=source), source=source)
+
+
+def read_task_file_text(path: Path, *, source: str | None = None) -> str:
+    """A task file's text (a UTF-8 byte-order mark dropped); messages name it as ``source``.
+
+    Raises
+    ------
+    TaskFileError
+        The file is missing, a folder, or not UTF-8 text.
+    """
+    path = Path(path)
+    source = source or str(path)
+    if path.is_dir():
+        raise TaskFileError(f"{source}: is a folder; give the task file (*.toml) itself")
     if not path.is_file():
         raise TaskFileError(f"{source}: task file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise TaskFileError(f"{source}: not UTF-8 text; save the task file as UTF-8") from None
-    return parse_task_text(text, source=source)
 
 
 def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
@@ -400,7 +446,7 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
     preprocessing = task.get("preprocessing", str) or DEFAULT_PREPROCESSING
     if not _NAME.match(preprocessing):
         raise task.error("preprocessing", "must be lower-case letters, digits and '-'")
-    default_missing = task.strings("missing")
+    default_missing = task.markers("missing")
     default_if_missing = task.choice("if-missing", IF_MISSING, "drop-row")
     ignore = task.strings("ignore")
 
@@ -454,7 +500,7 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         label=label,
         features=features,
         ignore=ignore,
-        missing=tuple(m for m in default_missing if m),
+        missing=default_missing,
         model=model,
         test_fraction=test_fraction,
         format=task.choice("format", FORMATS, "csv"),
@@ -465,7 +511,7 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
     )
 
 
-def _parse_feature(r: _Reader, default_missing: tuple[str, ...], default_if: str) -> FeatureSpec:
+def _parse_feature(r: _Reader, default_missing: tuple[Value, ...], default_if: str) -> FeatureSpec:
     name = r.get("name", str, required=True).strip()
     r.where = f"feature '{name}'"  # from here on, errors name the feature
     r.unknown(_FEATURE_KEYS)
@@ -504,8 +550,8 @@ def _parse_feature(r: _Reader, default_missing: tuple[str, ...], default_if: str
     indicator = r.get("missing-indicator", bool)
     if indicator is not None and if_missing != "impute":
         raise r.error("missing-indicator", 'applies only with if-missing = "impute"')
-    missing = r.strings("missing") if "missing" in r.table else default_missing
-    clash = [m for m in missing if m and any(same_value(m, v) for v in levels)]
+    missing = r.markers("missing") if "missing" in r.table else default_missing
+    clash = [m for m in missing if any(same_value(m, v) for v in levels)]
     if clash:
         raise r.error("missing", f"marker {clash[0]!r} is also one of the levels")
     return FeatureSpec(
@@ -519,7 +565,7 @@ def _parse_feature(r: _Reader, default_missing: tuple[str, ...], default_if: str
         scale=scale,
         levels=levels,
         drop_first=bool(r.get("drop-first", bool)),
-        missing=tuple(m for m in missing if m),
+        missing=missing,
         if_missing=if_missing,
         missing_indicator=True if indicator is None else indicator,
     )
