@@ -379,6 +379,10 @@ def _answered(handler, msg: Message, context: Context) -> Message:  # type: igno
 
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
     """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
+    try:
+        _register_simulation_task(context)  # before anything reads the site's data
+    except ConfigError as exc:
+        return _refuse(msg, context, exc)
     target = _audit_target(context)
     if target is None:
         return _answered(handler, msg, context)
@@ -646,6 +650,28 @@ def _policy(context: Context, settings: SiteSettings) -> SitePolicy:
         return DEFAULT_POLICY
     sim_path = str(context.run_config.get("simulation.policy", ""))
     return SitePolicy.load(Path(sim_path)) if sim_path else SIMULATION_POLICY
+
+
+def _register_simulation_task(context: Context) -> None:
+    """Simulated hospitals only: register the task file text of run config
+    ``simulation.task-file`` (``fedcare simulate --task PATH``; see
+    :func:`shared_models.tasks.register_task_text`). A deployed hospital's tasks are the task
+    files of the bundle it approved: no run-config key adds one there.
+
+    Raises
+    ------
+    ConfigError
+        The text is not a valid task file.
+    """
+    text = str(context.run_config.get("simulation.task-file", ""))
+    if not text or context.node_config.get("data-path"):  # a deployed hospital: never
+        return
+    from shared_models.tasks import TaskFileError, register_task_text
+
+    try:
+        register_task_text(text, source="the simulation's task file")
+    except TaskFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _ledger_dir(context: Context, settings: SiteSettings, name: str) -> Path | None:

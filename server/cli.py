@@ -320,6 +320,33 @@ def _cli_for(superlink: str, pki: Path, home: Path) -> FlowerCLI:
     return FlowerCLI(home, superlink, keys.ca_cert)
 
 
+def bundle_task_name(task: str, app_dir: Path) -> str:
+    """``--task`` of a deployment: a task name, or the path of a task file that is in the
+    approved bundle (``app_dir/tasks/NAME.toml``), which is the task ``NAME``.
+
+    The hospitals run only the task files of the bundle they approved, so a task file anywhere
+    else cannot be deployed as it is.
+
+    Raises
+    ------
+    UsageError
+        A task file outside ``app_dir/tasks/`` (one line: where to copy it).
+    """
+    from shared_models.tasks import is_task_file_arg
+
+    if not is_task_file_arg(task):
+        return task
+    path = Path(task)
+    bundle = (Path(app_dir) / "tasks").resolve()
+    if path.resolve().parent == bundle and path.suffix == ".toml":
+        return path.stem
+    raise UsageError(
+        f"--task {task}: a deployment runs only the task files of the approved bundle; copy it "
+        f"to {bundle}/, have the hospitals approve the new bundle, then `fedcare server run "
+        f"--task NAME`"
+    )
+
+
 @app.command()
 def run(
     pki: Annotated[Path, typer.Option(help="PKI folder (for the CA certificate).")],
@@ -365,6 +392,7 @@ def run(
     if resume is not None:
         cfg, run_dir, stale_run = _resume_config(resume, run_config)
     else:
+        task = bundle_task_name(task, app_dir)
         options = opt.run_options(
             task=task, data_dir=None, partition=opt.Partition.iid, alpha=0.5, rounds=rounds,
             strategy=strategy, epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, run_config=run_config,

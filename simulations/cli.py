@@ -25,7 +25,14 @@ from rich.console import Console  # noqa: E402
 from client.cli import app as client_app  # noqa: E402
 from server import cli_options as opt  # noqa: E402
 from server.cli import app as server_app  # noqa: E402
-from simulations.harness import SimulationRequest, UsageError, export_hospitals, run_simulation_job  # noqa: E402
+from simulations.harness import (  # noqa: E402
+    SimulationRequest,
+    UsageError,
+    check_data_dir_argument,
+    export_hospitals,
+    run_simulation_job,
+    task_argument,
+)
 from simulations.task_cli import app as task_app  # noqa: E402
 
 
@@ -122,12 +129,53 @@ def simulate(
         ),
     ] = Backend.auto,
 ) -> str | None:
-    """Train one shared model across simulated hospitals with DP-SGD and write a report."""
+    """Train one shared model across simulated hospitals with DP-SGD and write a report.
+
+    --task takes a task name or the path of a task file (*.toml) anywhere on disk.
+    """
+    check_data_dir_argument(data_dir)  # before the heavy imports: a typo is refused at once
+    with task_argument(task) as (task_name, task_file):
+        return _simulate(
+            task=task_name, task_file=task_file, data_dir=data_dir, hospitals=hospitals,
+            partition=partition, alpha=alpha, rounds=rounds, strategy=strategy,
+            epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, out=out, run_config=run_config,
+            export_hospitals_to=export_hospitals_to, ledger_dir=ledger_dir, policy=policy,
+            verbose=verbose, gpus_per_hospital=gpus_per_hospital,
+            cpus_per_hospital=cpus_per_hospital, ray_address=ray_address, backend=backend,
+        )  # fmt: skip
+
+
+def _simulate(
+    *,
+    task: str,
+    task_file: str,
+    data_dir: Path | None,
+    hospitals: int | None,
+    partition: opt.Partition,
+    alpha: float,
+    rounds: int | None,
+    strategy: str | None,
+    epsilon: float | None,
+    no_dp: bool,
+    delta: float | None,
+    seed: int,
+    out: Path | None,
+    run_config: str | None,
+    export_hospitals_to: Path | None,
+    ledger_dir: Path | None,
+    policy: Path | None,
+    verbose: bool,
+    gpus_per_hospital: float,
+    cpus_per_hospital: float,
+    ray_address: str | None,
+    backend: Backend,
+) -> str | None:
     request = SimulationRequest(
         options=opt.run_options(
             task=task, data_dir=data_dir, partition=partition, alpha=alpha, rounds=rounds,
             strategy=strategy, epsilon=epsilon, no_dp=no_dp, delta=delta, seed=seed, run_config=run_config,
         ),
+        task_file=task_file,
         hospitals=hospitals,
         out=out or opt.default_out(),
         ledger_dir=ledger_dir,
@@ -173,6 +221,24 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+def _print_data_warnings() -> None:
+    """Show each :class:`~shared_models.errors.DataWarning` (data left out, with a count) as
+    one ``warning:`` line on stderr; other warnings as Python shows them."""
+    import warnings
+
+    from shared_models.errors import DataWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, DataWarning):
+            err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Console-script entry point: expected errors become one line and exit code 2."""
     import click
@@ -185,6 +251,7 @@ def main() -> None:
     from shared_models.node_keys import KeyFileError
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    _print_data_warnings()
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) is returned here, not raised
     except (

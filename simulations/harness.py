@@ -14,6 +14,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +40,61 @@ class SimulationRequest:
     cpus_per_hospital: float = 1.0  # Ray CPUs of each simulated hospital's actor
     ray_address: str | None = None  # an existing Ray cluster (else RAY_ADDRESS, else local)
     backend: str = "auto"  # "auto", "ray" or "in-process" (see uses_ray)
+    task_file: str = ""  # text of a task file given by path (--task PATH), see task_argument
 
 
 DEFAULT_HOSPITALS = 3
 # How long Ray's start waits for the checks: a mistake found this fast (an option out of range in
 # a process that has imported the libraries already) is reported without starting Ray.
 _QUICK_CHECK_SECONDS = 0.2
+
+
+@contextmanager
+def task_argument(task: str) -> Iterator[tuple[str, str]]:
+    """Check ``--task`` (a task name or a task file's path) before anything heavy is imported,
+    and yield ``(task name, task file text)`` for the duration of the command.
+
+    A name must be a registered task (the message suggests a close one). A path to a task file
+    of the app's own ``tasks/`` folder is that task's name. A path to a task file anywhere else
+    is registered for this simulation only (:func:`shared_models.tasks.simulation_task`), and
+    its text travels to the simulated hospitals in the run config key ``simulation.task-file``
+    (``""`` for a name). Imports pandas and the task registry, not torch, Flower or Ray.
+
+    Raises
+    ------
+    UsageError
+        Unknown task name.
+    shared_models.tasks.TaskFileError
+        The task file is missing or invalid, or names one of the app's tasks.
+    """
+    from shared_models.tasks import TASKS_DIR, get_task, is_task_file_arg, simulation_task
+
+    if not is_task_file_arg(task):
+        try:
+            get_task(task)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        yield task, ""
+        return
+    path = Path(task)
+    installed = TASKS_DIR / path.name
+    if installed.is_file() and path.is_file() and path.resolve() == installed.resolve():
+        yield path.stem, ""  # the app's own task file (checked by name later)
+        return
+    with simulation_task(path, shown=task) as (spec, text):
+        yield spec.name, text
+
+
+def check_data_dir_argument(data_dir: Path | None) -> None:
+    """``--data-dir`` must exist; the message shows the path as typed (no symlink resolved).
+
+    Raises
+    ------
+    UsageError
+        The path does not exist.
+    """
+    if data_dir is not None and not data_dir.exists():
+        raise UsageError(f"{data_dir}: data folder not found (--data-dir)")
 
 
 def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
@@ -72,6 +123,9 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
                 "(a CPU build of torch, or no driver); drop the option to train on the CPU"
             )
     cfg = req.options.build()
+    if req.options.data_dir:  # absolute for the hospitals, symlinks kept: messages show them
+        cfg["data.dir"] = str(Path(req.options.data_dir).absolute())
+    cfg["simulation.task-file"] = req.task_file  # only what task_argument registered
     cfg["output.dir"] = str(req.out.resolve())
     cfg["eval.centralized"] = True
     if req.ledger_dir is not None:

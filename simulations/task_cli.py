@@ -1,7 +1,8 @@
 """``fedcare task``: draft a task file from a local CSV, and check a task file.
 
 A task file (:mod:`shared_models.tasks.taskfile`) is what a consortium writes once for its own
-tabular task; it goes into the app's ``tasks/`` folder, so it travels in the bundle every
+tabular task. ``fedcare simulate`` and ``fedcare client check`` take it from wherever it lives;
+for a deployment it goes into the app's ``tasks/`` folder, so it travels in the bundle every
 hospital approves.
 """
 
@@ -104,7 +105,8 @@ def check(
     installed = TASKS_DIR / f"{spec.name}.toml"
     if task_file.resolve() != installed.resolve():
         console.print(
-            f"to use it: copy it to {installed} (the app bundle the hospitals approve), then "
-            f"`fedcare simulate --task {spec.name} --data-dir DIR`",
+            f"to simulate: `fedcare simulate --task {task_file} --data-dir DIR`; to deploy: copy "
+            f"it to {installed} (the app bundle the hospitals approve), then `fedcare server run "
+            f"--task {spec.name}`",
             highlight=False,
         )
