@@ -321,8 +321,11 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     ray = uses_ray(req)
     cfg, run, sites = _checked_while_ray_starts(req) if ray else _checked_request(req)
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
+    from shared_models.tasks import get_task
+
+    positive = get_task(run.task.name).positive_class_for(cfg["data.dir"])
     console.print(
-        f"fedcare simulate: task {run.task.name}, {len(sites)} hospitals "
+        f"fedcare simulate: task {run.task.name} (label 1 = {positive}), {len(sites)} hospitals "
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
@@ -355,6 +358,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     summary = json.loads(summary_path.read_text())
     history = RunHistory.from_dict(json.loads((req.out / "history.json").read_text()))
     summary["baselines"] = baselines.result()
+    summary["positive_class"] = positive  # what label 1 means, for every metric of the report
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     if (problem := nobody_trained(summary)) is not None:

@@ -120,7 +120,10 @@ class Task:
     preprocessings : tuple[str, ...]
         Allowed ``task.preprocessing`` values; the first is the default.
     positive_class : str
-        What label 1 means, for reports.
+        What label 1 means, for reports (see :meth:`positive_class_for`).
+    positive_class_of : Callable[[str], str] or None
+        What label 1 means for a given ``--data-dir`` where that depends on the data (a
+        MedMNIST file other than PneumoniaMNIST); None: always ``positive_class``.
     default_test_fraction : float
         Test share of each site when ``data.test-fraction`` is 0.
     reference_scaling : (center, scale) or None
@@ -165,6 +168,14 @@ class Task:
     scaling_for: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
     check_file: Callable[[Path], Any] | None = None
     preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    positive_class_of: Callable[[str], str] | None = None
+
+    def positive_class_for(self, data_dir: str = "") -> str:
+        """What label 1 means for the data at ``data_dir`` (``""``: the task's embedded or
+        documented data)."""
+        if self.positive_class_of is not None and data_dir:
+            return self.positive_class_of(data_dir)
+        return self.positive_class
 
     def scaling(self, preprocessing: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The fixed ``(center, scale)`` of a (resolved) preprocessing, or None."""

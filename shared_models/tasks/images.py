@@ -660,6 +660,19 @@ def simulated_chest_sites(
 
 CHEST_TEST_FRACTION = 0.2
 
+
+def chest_positive_class(data_dir: str) -> str:
+    """What label 1 means in a chest-xray data folder: ``pneumonia`` for hospital image folders
+    (their ``labels.csv`` contract) and for PneumoniaMNIST (``pneumoniamnist*.npz``; MedMNIST v2
+    documents its labels as 0 = normal, 1 = pneumonia); for another MedMNIST file, whose
+    ``.npz`` carries no class names, ``class 1 of FILE`` (see that dataset's documentation:
+    BreastMNIST's 1, for one, is normal/benign)."""
+    files = _npz_files(data_dir)
+    if len(files) != 1 or files[0].stem.lower().startswith("pneumoniamnist"):
+        return "pneumonia"
+    return f"class 1 of {files[0].name} (the file names no classes)"
+
+
 IMAGE_TASKS: dict[str, Task] = {
     "chest-xray": Task(
         name="chest-xray",
@@ -672,6 +685,7 @@ IMAGE_TASKS: dict[str, Task] = {
         natural_split=False,
         preprocessings=PREPROCESSINGS,
         positive_class="pneumonia",
+        positive_class_of=chest_positive_class,
         default_test_fraction=CHEST_TEST_FRACTION,
         models=("cnn", "scatter-linear"),
         preprocessing_models={SCATTER: ("scatter-linear",)},
