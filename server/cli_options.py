@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from server.run_config import RunOptions
+from server.run_config import APP_DIR, RunOptions
 
 
 class Partition(StrEnum):
@@ -20,7 +22,8 @@ Task = Annotated[
     str,
     typer.Option(
         help="Task: breast-cancer (embedded data), heart-disease, chest-xray, icu-mortality, "
-        "or the name of a task file in the app's tasks/ folder."
+        "the name of a task file in the app's tasks/ folder, or (simulate) the path of a task "
+        "file (*.toml) anywhere."
     ),
 ]
 DataDir = Annotated[
@@ -33,16 +36,49 @@ DataDir = Annotated[
 ]
 PartitionOpt = Annotated[Partition, typer.Option(help="Split of data without a natural split.")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more non-IID).")]
-Rounds = Annotated[int | None, typer.Option(help="Federated rounds.")]
-Strategy = Annotated[
-    str | None, typer.Option(help="Flower strategy (fedavg, fedprox, fedadam, ...).")
+
+
+@functools.cache
+def schema_default(key: str) -> Any:
+    """The default of run-config ``key`` in the app's ``pyproject.toml`` (the one schema), read
+    with :mod:`tomllib` (no Flower import), for help texts; ``"?"`` when it cannot be read."""
+    try:
+        doc = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
+        return doc["tool"]["flwr"]["app"]["config"][key]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "?"
+
+
+Rounds = Annotated[
+    int | None,
+    typer.Option(
+        help="Federated rounds (default: the task's recipe; "
+        f"train.rounds = {schema_default('train.rounds')} where the task has none)."
+    ),
 ]
-Epsilon = Annotated[float | None, typer.Option(help="Target ε per hospital for the whole run.")]
+Strategy = Annotated[
+    str | None,
+    typer.Option(
+        help="Flower strategy (fedavg, fedprox, fedadam, ...). "
+        f"(default: {schema_default('strategy.name')})"
+    ),
+]
+Epsilon = Annotated[
+    float | None,
+    typer.Option(
+        help="Target ε per hospital for the whole run. "
+        f"(default: {schema_default('dp.target-epsilon')})"
+    ),
+]
 NoDP = Annotated[
     bool, typer.Option("--no-dp", help="Train without differential privacy (baseline).")
 ]
 Delta = Annotated[
-    float | None, typer.Option(help="Target δ (must be below 1/n at every hospital).")
+    float | None,
+    typer.Option(
+        help="Target δ (must be below 1/n at every hospital). "
+        f"(default: {schema_default('dp.target-delta'):g})"
+    ),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for partitioning, splits, initial weights, noise.")]
 Out = Annotated[Path | None, typer.Option(help="Run folder (default runs/<timestamp>).")]

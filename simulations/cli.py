@@ -11,8 +11,10 @@ from shared_models.runtime import apply_offline_env
 
 apply_offline_env()  # before Flower, Ray or datasets are imported
 
+import inspect  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from enum import StrEnum  # noqa: E402
@@ -61,8 +63,44 @@ app.add_typer(
 )
 
 
+def plain_help(text: str) -> str:
+    """A docstring as command-line help: Sphinx roles (``:mod:`client.launcher```) and
+    double-backtick literals become their plain text, and the lines of a paragraph one line
+    (the terminal wraps it)."""
+    text = re.sub(r":(?:mod|func|class|meth|data|attr|exc|obj):`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"(?<!\n)\n(?!\n)", " ", text)
+
+
+def _plain_command_help(*typers: typer.Typer) -> None:
+    """Every command's help (its docstring unless given) through :func:`plain_help`."""
+    for t in typers:
+        for info in t.registered_commands:
+            doc = info.help if isinstance(info.help, str) else inspect.getdoc(info.callback)
+            if doc:
+                info.help = plain_help(doc)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"fedcare {version('fedcare')}", highlight=False)
+        except PackageNotFoundError:
+            console.print("fedcare (not installed: run `pip install -e .` in the checkout)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show fedcare's version and exit."
+        ),
+    ] = False,
+) -> None:
     """fedcare: federated learning for hospitals."""
 
 
@@ -197,6 +235,8 @@ def _simulate(
     print_summary(console, summary, request.out, time.monotonic() - t0)
     return RUN_FOLDER_COMPLETE
 
+
+_plain_command_help(app, server_app, client_app, task_app)
 
 # What ``simulate`` returns once its run folder is written and closed (typer hands a command's
 # return value to :func:`main`), which then exits without the interpreter's teardown.
