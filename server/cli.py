@@ -342,7 +342,7 @@ def bundle_task_name(task: str, app_dir: Path) -> str:
         return path.stem
     raise UsageError(
         f"--task {task}: a deployment runs only the task files of the approved bundle; copy it "
-        f"to {bundle}/, have the hospitals approve the new bundle, then `fedcare server run "
+        f"to {bundle}/, have the hospitals approve the new bundle, then `fedcare server run --pki DIR "
         f"--task NAME`"
     )
 

@@ -106,7 +106,7 @@ def check(
     if task_file.resolve() != installed.resolve():
         console.print(
             f"to simulate: `fedcare simulate --task {task_file} --data-dir DIR`; to deploy: copy "
-            f"it to {installed} (the app bundle the hospitals approve), then `fedcare server run "
+            f"it to {installed} (the app bundle the hospitals approve), then `fedcare server run --pki DIR "
             f"--task {spec.name}`",
             highlight=False,
         )

@@ -429,3 +429,78 @@ def test_a_wrong_data_dir_is_echoed_as_typed(monkeypatch, capsys, tmp_path):
     code, text = _fedcare(monkeypatch, capsys, "simulate", "--task", "heart-disease",
                           "--data-dir", str(link / "empty"), "--out", str(tmp_path / "run"))  # fmt: skip
     assert code == 2 and str(link / "empty") in text and str(real) not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. what label 1 means comes from the data
+# ----------------------------------------------------------------------------------------------
+def test_positive_class_names_what_label_1_means(tmp_path, pneumonia_dir):
+    chest = get_task("chest-xray")
+    assert chest.positive_class_for(str(pneumonia_dir)) == "pneumonia"
+    other = tmp_path / "breastmnist"
+    other.mkdir()
+    (other / "breastmnist.npz").write_bytes(b"")
+    assert chest.positive_class_for(str(other)) == (
+        "class 1 of breastmnist.npz (the file names no classes)"
+    )
+    assert chest.positive_class_for(str(tmp_path)) == "pneumonia"  # hospital image folders
+    breast = get_task("breast-cancer")
+    assert breast.positive_class_for("") == "malignant"
+    from sklearn.datasets import load_breast_cancer
+
+    ((_, frame),) = breast.load_sites("")
+    target = load_breast_cancer().target  # scikit-learn: 0 = malignant, 1 = benign
+    assert load_breast_cancer().target_names[0] == "malignant"
+    np.testing.assert_array_equal(frame["label"].to_numpy(), (target == 0).astype(float))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. help, defaults, version
+# ----------------------------------------------------------------------------------------------
+def _help(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, [*args, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_simulate_help_shows_the_defaults():
+    text = _help("simulate")
+    assert "Federated rounds (default: the task's recipe; train.rounds = 5 where the task" in text
+    assert "(default: fedavg)" in text
+    assert "Target ε per hospital for the whole run. (default: 2.0)" in text
+    assert "(default: 1e-05)" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("client", "start"), ("client", "check"), ("client",), ("server", "run"), ("task", "draft")],
+)
+def test_help_has_no_sphinx_markup(command):
+    text = _help(*command)
+    assert ":mod:" not in text and ":func:" not in text and "``" not in text
+    if command == ("client", "start"):
+        assert "fedcare's launcher (client.launcher) is its SuperExec" in text
+
+
+def test_version():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fedcare {version('fedcare')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. the README shows the fast suite next to the main test command
+# ----------------------------------------------------------------------------------------------
+def test_readme_shows_the_fast_suite_next_to_the_ci_commands():
+    """The Quick start's first two commands are what CI runs (.ci/run), unchanged; the third,
+    right after, is the fast suite."""
+    quick = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0].strip() for b in quick.split("```bash\n")[1:]]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "&&" in line]
+    assert blocks[:2] == ci
+    assert blocks[2] == '. .venv/bin/activate && python -m pytest -m "not slow"'
