@@ -325,8 +325,13 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
             for name, b in summary["baselines"].items()
             if b.get("auroc_method")
         ]
-    if summary.get("test_split_auroc"):
-        lines += _test_split_lines(summary["test_split_auroc"])
+    if (block := summary.get("test_split_auroc")) and block.get("skipped"):
+        lines += [
+            "",
+            f"- FLamby's local baseline (every model on every test split): {block['skipped']}",
+        ]
+    elif block:
+        lines += _test_split_lines(block)
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
         lines += ["Every hospital that missed a round's message, and why (refused, failed, "
@@ -607,8 +612,7 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
             f"  baseline {name}: AUROC {_fmt(b['auroc'])}{pooled}, AUPRC "
             f"{_fmt(b.get('auprc'))}, accuracy {_fmt(b['accuracy'])}"
         )
-    if summary.get("test_split_auroc"):
-        block = summary["test_split_auroc"]
+    if (block := summary.get("test_split_auroc")) and not block.get("skipped"):
         console.print(f"  {escape(_test_split_summary(block))}", highlight=False)
         for line in _undefined_split_lines(block):
             console.print(f"  [yellow]{escape(line)}[/]", highlight=False)

@@ -15,7 +15,12 @@ from server.report import print_summary, quality_warnings, render_markdown
 from shared_models.config import RunConfig
 from shared_models.metrics import evaluation_metrics
 from shared_models.sites import simulated_sites_for
-from simulations.baselines import LOCAL_POOLED, auroc_on_every_test_split, compute_baselines
+from simulations.baselines import (
+    LOCAL_POOLED,
+    MAX_MATRIX_HOSPITALS,
+    auroc_on_every_test_split,
+    compute_baselines,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +142,18 @@ def _empty_frame():  # noqa: ANN202
     import pandas as pd
 
     return pd.DataFrame()
+
+
+def test_above_the_matrix_limit_the_report_says_it_was_not_computed(dirichlet):
+    run, sites, baselines = dirichlet
+    many = [sites[0]] * (MAX_MATRIX_HOSPITALS + 1)
+    block = auroc_on_every_test_split(many, federated=None, baselines=baselines)
+    assert block == {
+        "skipped": f"not computed for {MAX_MATRIX_HOSPITALS + 1} hospitals (at most "
+        f"{MAX_MATRIX_HOSPITALS}: the matrix takes N x N AUROCs)"
+    }
+    summary = _summary(run, sites, [np.full(s.n_test, 0.7) for s in sites], block, baselines)
+    assert "FLamby's local baseline (every model on every test split): not computed for 51 " in (
+        render_markdown(run, summary, _empty_frame())
+    )
+    assert len(quality_warnings(run, summary)) == 1  # only the one-class check (all positive)
