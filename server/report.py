@@ -219,6 +219,7 @@ def write_reports(
 ) -> None:
     """Write summary.json, metrics.csv, report.md and curves.png into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    summary["quality_warnings"] = quality_warnings(run, summary)
     write_json_atomic(run_dir / "summary.json", summary)
     frame = metrics_frame(history)
     frame.to_csv(run_dir / "metrics.csv", index=False)
@@ -273,6 +274,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         lines.append("- privacy: **none** (dp.enabled = false: non-private baseline run)")
     if summary["secure_aggregation"]["enabled"]:
         lines.append(f"- secure aggregation: {summary['secure_aggregation']['protocol']}")
+    for warning in summary.get("quality_warnings", []):
+        lines += ["", f"**Warning: {warning}**"]
     lines += ["", "## Hospitals (final round)", ""]
     lines.append(
         "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity "
@@ -317,6 +320,18 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(b.get('mean_client_accuracy'))} | {_fmt(b.get('auprc'))} | "
                 f"{_operating_point(b)} | {b.get('privacy', 'none')} |"
             )
+        lines += [
+            f"\n- {name}: the AUROC is {b['auroc_method']}."
+            for name, b in summary["baselines"].items()
+            if b.get("auroc_method")
+        ]
+    if (block := summary.get("test_split_auroc")) and block.get("skipped"):
+        lines += [
+            "",
+            f"- FLamby's local baseline (every model on every test split): {block['skipped']}",
+        ]
+    elif block:
+        lines += _test_split_lines(block)
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
         lines += ["Every hospital that missed a round's message, and why (refused, failed, "
@@ -344,6 +359,129 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(_nan_none(row['epsilon']))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _test_split_lines(block: dict[str, Any]) -> list[str]:
+    """``report.md``'s section on FLamby's local baseline: every model on every test split."""
+    names = block["test_splits"]
+    n = block["n_splits"]
+    lines = [
+        "",
+        "## Local baselines as in FLamby: every model on every hospital's test split",
+        "",
+        f"AUROC of each model on each hospital's test split, and its mean over the {n} test "
+        f"split(s) with both classes ({block['method']}).",
+        "",
+        f"| model | trained on | {' | '.join(names)} | own test split | mean over {n} split(s) |",
+        "|---|---|" + "---|" * (len(names) + 2),
+    ]
+
+    def row(label: str, trained_on: str, entry: dict[str, Any], own: Any) -> str:
+        cells = [
+            "undefined" if name in block["undefined"] else _fmt(entry["per_test_split"][name])
+            for name in names
+        ]
+        return (
+            f"| {label} | {trained_on} | {' | '.join(cells)} | {own} | {_fmt(entry['average'])} |"
+        )
+
+    if block.get("federated"):
+        lines.append(row("federated (final model)", "all, federated", block["federated"], "-"))
+    lines.append(row("pooled (centralised, non-private)", "all, pooled", block["pooled"], "-"))
+    for e in block["local"]:
+        own = "undefined" if e["trained_on"] in block["undefined"] else _fmt(e["own"])
+        lines.append(row(e["model"], e["trained_on"], e, own))
+    lines += ["", f"- {_test_split_summary(block)}"]
+    lines += [f"- {line}" for line in _undefined_split_lines(block)]
+    return lines
+
+
+def _test_split_summary(block: dict[str, Any]) -> str:
+    """``local models (FLamby, mean over 2 test splits): mean 0.950, best 0.990 (Local h-1);
+    federated 0.970; pooled 0.980``."""
+    best = block.get("local_best") or {}
+    fed = block.get("federated") or {}
+    return (
+        f"local models (FLamby, AUROC averaged over {block['n_splits']} test split(s)): mean "
+        f"{_fmt(block.get('local_mean'))}, best {_fmt(best.get('average'))} "
+        f"({best.get('model', 'none')}); federated model {_fmt(fed.get('average'))}; pooled "
+        f"model {_fmt(block['pooled']['average'])}"
+    )
+
+
+def _undefined_split_lines(block: dict[str, Any]) -> list[str]:
+    """One line per hospital whose test split has no AUROC, with the reason."""
+    n = block["n_splits"]
+    return [
+        f"{name}'s test split has no AUROC: {reason}; the averages are over the other {n} "
+        f"test split(s)"
+        for name, reason in block["undefined"].items()
+    ]
+
+
+def quality_warnings(run: RunConfig, summary: dict[str, Any]) -> list[str]:
+    """One line per reason the final federated model is not useful, each saying which figure
+    triggered it and what to try; empty when there is none.
+
+    Two checks:
+
+    - the model predicts one class for every test patient: the ``overall`` block (the figures
+      the report shows for the federated model; in simulation the exact pooled test evaluation,
+      when deployed the hospitals' possibly noisy score histograms) has sensitivity 0 and
+      specificity 1, or the reverse, at the accuracy's threshold 0.5;
+    - its AUROC averaged over the hospitals' test splits is below the mean of the local models'
+      (both as in FLamby, ``test_split_auroc``, written by ``fedcare simulate``): the average
+      hospital would do better training alone, without DP.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run's settings (for what to try: rounds, ε, learning rate, epochs, the task).
+    summary : dict
+        The ``summary.json`` document (:func:`build_summary`, plus ``test_split_auroc``).
+    """
+    warnings = []
+    ov = summary.get("overall") or {}
+    sens, spec = ov.get("sensitivity"), ov.get("specificity")
+    one_class = "negative" if (sens, spec) == (0.0, 1.0) else None
+    one_class = "positive" if (sens, spec) == (1.0, 0.0) else one_class
+    if one_class is not None:
+        warnings.append(
+            f"the federated model predicts {one_class} for every test patient at threshold 0.5 "
+            f"(overall sensitivity {_fmt(sens)}, specificity {_fmt(spec)}; its accuracy "
+            f"{_fmt(ov.get('accuracy'))} is the share of {one_class} patients). "
+            f"{_what_to_try(run)}"
+        )
+    block = summary.get("test_split_auroc") or {}
+    fed = (block.get("federated") or {}).get("average")
+    local = block.get("local_mean")
+    if fed is not None and local is not None and fed < local:
+        warnings.append(
+            f"the federated model's AUROC averaged over the {block['n_splits']} hospitals' test "
+            f"splits, {fed:.3f}, is below the mean local non-private model's, {local:.3f} "
+            f"(FLamby's comparison): a hospital would do better alone. {_what_to_try(run)}"
+        )
+    return warnings
+
+
+def _what_to_try(run: RunConfig) -> str:
+    """``Try more rounds (--rounds N; this run 5), ...``: the options of ``fedcare simulate`` (and
+    the run-config keys a coordinator sets) that most often turn a useless model into a useful
+    one, with this run's values."""
+    from shared_models.protocol import APP_DIR
+
+    t = run.train
+    parts = [f"more rounds (--rounds; this run {t.rounds})"]
+    if run.dp.enabled:
+        parts.append(f"a larger ε (--epsilon; this run {run.dp.target_epsilon:g})")
+    parts.append(
+        f'another learning rate or more local epochs (--run-config "train.lr=... '
+        f'train.local-epochs=..."; this run {t.lr:g} and {t.local_epochs:g})'
+    )
+    preset = Path("presets") / f"{run.task.name}{'' if run.dp.enabled else '-no-dp'}.toml"
+    if (APP_DIR / preset).exists():
+        parts.append(f"the task's recipe (--run-config {preset})")
+    return "Try " + ", ".join(parts[:-1]) + f" or {parts[-1]}."
 
 
 def _missed_line(failure: dict[str, Any]) -> str:
@@ -469,10 +607,17 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         f"{_fmt(ov.get('accuracy'))}, mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
     )
     for name, b in summary.get("baselines", {}).items():
+        pooled = " (scores of the hospitals' own models pooled)" if b.get("auroc_method") else ""
         console.print(
-            f"  baseline {name}: AUROC {_fmt(b['auroc'])}, AUPRC {_fmt(b.get('auprc'))}, "
-            f"accuracy {_fmt(b['accuracy'])}"
+            f"  baseline {name}: AUROC {_fmt(b['auroc'])}{pooled}, AUPRC "
+            f"{_fmt(b.get('auprc'))}, accuracy {_fmt(b['accuracy'])}"
         )
+    if (block := summary.get("test_split_auroc")) and not block.get("skipped"):
+        console.print(f"  {escape(_test_split_summary(block))}", highlight=False)
+        for line in _undefined_split_lines(block):
+            console.print(f"  [yellow]{escape(line)}[/]", highlight=False)
+    for warning in summary.get("quality_warnings", []):
+        console.print(f"[bold yellow]warning: {escape(warning)}[/]", highlight=False)
     for f in summary.get("failures", []):
         console.print(f"  [yellow]{escape(_missed_line(f))}[/]", highlight=False)
     if len(summary.get("ray_nodes", {})) > 1:

@@ -332,7 +332,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
 
     from server.history import RunHistory
     from server.report import nobody_trained, write_reports
-    from simulations.baselines import compute_baselines
+    from simulations.baselines import auroc_on_every_test_split, compute_baselines
     from simulations.engine import run_federation
 
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
@@ -357,13 +357,32 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         raise RuntimeError(f"the ServerApp finished without writing {summary_path}")
     summary = json.loads(summary_path.read_text())
     history = RunHistory.from_dict(json.loads((req.out / "history.json").read_text()))
-    summary["baselines"] = baselines.result()
+    done = baselines.result()
+    summary["baselines"] = done.table
     summary["positive_class"] = positive  # what label 1 means, for every metric of the report
+    summary["test_split_auroc"] = auroc_on_every_test_split(
+        sites, federated=_final_model_scores(run, sites, req.out, device), baselines=done
+    )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[Any] | None:
+    """The final federated model (``model.safetensors``) on each hospital's test split: ``[n_test_j]``
+    probabilities of class 1 per hospital, exact (the simulation holds every test split, as for the
+    pooled evaluation); None when the run wrote no final model."""
+    from server.checkpoint import load_weights
+    from shared_models.models import model_for_run, predict_proba
+
+    path = out / "model.safetensors"
+    if not path.exists():
+        return None
+    model, _ = model_for_run(run)
+    model.load_state_dict(load_weights(path))
+    return [predict_proba(model, s.x_test, device=device) for s in sites]
 
 
 def _checked_while_ray_starts(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:

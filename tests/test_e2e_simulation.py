@@ -90,6 +90,34 @@ def test_two_hospitals_two_rounds_with_dp(tmp_path):
     assert "ε" in (out / "report.md").read_text() and (out / "curves.png").exists()
 
 
+def test_a_useless_model_is_said_and_one_class_test_splits_are_named(tmp_path):
+    """One round at the largest learning rate the schema allows diverges: the model predicts one
+    class. The console and report.md say so with what to try, and name the Dirichlet split's
+    hospitals whose test split has one class (seed 0: hospital-2 all positive, hospital-3 all
+    negative), the FLamby averages being over the other two."""
+    summary, output, out = _simulate(
+        tmp_path, "--partition", "dirichlet", "--hospitals", "4", "--no-dp", "--rounds", "1",
+        "--run-config", "train.lr=100",
+    )  # fmt: skip
+    report = (out / "report.md").read_text()
+    console = " ".join(output.split())  # rich wraps long lines
+    block = summary["test_split_auroc"]
+    assert set(block["undefined"]) == {"hospital-2", "hospital-3"} and block["n_splits"] == 2
+    for text in (console, report):
+        assert "hospital-2's test split has no AUROC: test split has only one class (" in text
+        assert "hospital-3's test split has no AUROC" in text
+        assert "the averages are over the other 2 test split(s)" in text
+    one_class, below = summary["quality_warnings"]
+    assert one_class.startswith("the federated model predicts ")
+    assert "for every test patient at threshold 0.5" in one_class
+    assert block["federated"]["average"] < block["local_mean"]
+    assert f"{block['federated']['average']:.3f}, is below the mean local" in below
+    for warning in (one_class, below):
+        assert "Try more rounds (--rounds; this run 1)" in warning and "train.lr" in warning
+        assert f"**Warning: {warning}**" in report
+        assert f"warning: {warning}" in console
+
+
 def test_heart_disease_real_hospitals_no_dp(tmp_path, heart_dir):
     """FLamby reports mean client accuracy 0.685 (FedAvg) and 0.735 (pooled)."""
     summary, _, _ = _simulate(tmp_path, "--task", "heart-disease", "--data-dir", str(heart_dir),
