@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.protocol import APP_DIR  # re-exported for the coordinator
+from shared_models.recipes import PAIRED_KEYS, RUN_CONFIG, SCHEMA, Sources, rule
 
 __all__ = ["APP_DIR", "RunOptions", "UsageError", "check_names", "default_run_config", "to_toml"]
 
@@ -95,8 +96,17 @@ class RunOptions:
             raise UsageError(f"--alpha must be positive (got {self.alpha:g})")
 
     def build(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults, then the task's recommended settings (``Task.run_defaults``), then
-        ``--run-config``, then the explicit options: the complete flat config.
+        """The complete flat config (:meth:`build_with_sources` without the sources)."""
+        return self.build_with_sources(defaults)[0]
+
+    def build_with_sources(
+        self, defaults: dict[str, Any] | None = None, *, n_train: list[int] | None = None
+    ) -> tuple[dict[str, Any], Sources]:
+        """The schema's defaults, then the task's recipe for the run's privacy setting (or,
+        where it has none, :func:`shared_models.recipes.rule` for hospitals of ``n_train``
+        training records), then ``--run-config``, then the explicit options: the complete flat
+        config, and per training setting the layer it came from (also in the config, as
+        ``run.settings-from``, for the report).
 
         Raises
         ------
@@ -105,15 +115,19 @@ class RunOptions:
         """
         self.validate()
         cfg = dict(defaults if defaults is not None else default_run_config())
-        cfg.update(_task_run_defaults(self.task, cfg))
-        if self.run_config:
-            extra = parse_run_config_arg(self.run_config)
-            unknown = sorted(set(extra) - set(cfg))
-            if unknown:
-                raise UsageError(
-                    f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
-                )
-            cfg.update(extra)
+        sources = Sources()
+        extra = parse_run_config_arg(self.run_config) if self.run_config else {}
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise UsageError(
+                f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
+            )
+        sample_dp = self.dp and extra.get("dp.level", cfg["dp.level"]) == "sample"
+        recipe, why = _task_recipe(self.task, cfg, dp=sample_dp, n_train=n_train)
+        if any(key in extra for key in PAIRED_KEYS):  # the user's model or preprocessing
+            recipe = {k: v for k, v in recipe.items() if k not in PAIRED_KEYS}
+        sources.set(cfg, recipe, why)
+        sources.set(cfg, extra, RUN_CONFIG)
         cfg["task.name"] = self.task
         cfg["data.dir"] = str(Path(self.data_dir).resolve()) if self.data_dir else ""
         cfg["data.partition"] = self.partition
@@ -121,7 +135,7 @@ class RunOptions:
         cfg["train.seed"] = int(self.seed)
         cfg["dp.enabled"] = bool(self.dp)
         if self.rounds is not None:
-            cfg["train.rounds"] = self.rounds
+            sources.set(cfg, {"train.rounds": self.rounds}, "--rounds")
         if self.strategy is not None:
             cfg["strategy.name"] = self.strategy
         if self.epsilon is not None:
@@ -129,21 +143,27 @@ class RunOptions:
         if self.delta is not None:
             cfg["dp.target-delta"] = float(self.delta)
         cfg["run.id"] = cfg["run.id"] or uuid.uuid4().hex[:16]  # hospitals' ledgers key on it
-        return cfg
+        cfg["run.settings-from"] = sources.to_json()
+        return cfg, sources
 
 
-def _task_run_defaults(task: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """The run settings task ``task`` recommends ({} for an unknown task: reported later by
-    :func:`check_names`)."""
+def _task_recipe(
+    task: str, schema: dict[str, Any], *, dp: bool, n_train: list[int] | None
+) -> tuple[dict[str, Any], str]:
+    """Task ``task``'s recipe for a run with or without sample-level DP, else the rule's; and
+    where it came from ({} for an unknown task: reported later by :func:`check_names`)."""
     from shared_models.tasks import TASKS
 
     spec = TASKS.get(task)
     if spec is None:
-        return {}
-    unknown = sorted(set(spec.run_defaults) - set(schema))
+        return {}, SCHEMA
+    recipe = spec.recipe(dp=dp)
+    unknown = sorted(set(recipe) - set(schema))
     if unknown:  # a task's own mistake, caught by the tests
         raise ValueError(f"task {task}: run_defaults has unknown key(s) {unknown}")
-    return dict(spec.run_defaults)
+    if recipe:
+        return recipe, f"task recipe ({task}, {'DP' if dp else 'no DP'})"
+    return rule(dp=dp, n_train=n_train)
 
 
 def check_names(cfg: dict[str, Any], *, app_dir: Path = APP_DIR) -> None:
@@ -168,3 +188,16 @@ def check_names(cfg: dict[str, Any], *, app_dir: Path = APP_DIR) -> None:
             raise UsageError(
                 f"unknown {kind} {cfg[key]!r}; known {kinds}: {', '.join(sorted(known))}{broken}"
             )
+
+
+def apply_rule_for_sizes(cfg: dict[str, Any], n_train: list[int]) -> None:
+    """Re-pick the settings the rule chose (``run.settings-from``) now that the hospitals'
+    training-set sizes are known (simulation: after the data are loaded)."""
+    sources = Sources.from_json(cfg.get("run.settings-from", ""))
+    keys = sources.from_rule()
+    if not keys:
+        return
+    sample_dp = bool(cfg["dp.enabled"]) and cfg["dp.level"] == "sample"
+    values, why = rule(dp=sample_dp, n_train=n_train)
+    sources.set(cfg, {k: values[k] for k in keys if k in values}, why)
+    cfg["run.settings-from"] = sources.to_json()

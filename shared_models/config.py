@@ -166,6 +166,7 @@ class RunConfig:
     run_id: str
     resume_from: str
     simulated_hospitals: int
+    settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -241,6 +242,7 @@ class RunConfig:
             run_id=_get(cfg, "run.id", str),
             resume_from=_get(cfg, "run.resume-from", str),
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
+            settings_from=str(cfg.get("run.settings-from", "")),
         )
         run._validate()
         return run
@@ -332,6 +334,21 @@ class RunConfig:
         """Number of rounds with a federated evaluation."""
         every, rounds = self.eval_every, self.train.rounds
         return rounds // every + (rounds % every != 0) if every > 0 else 1
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The training settings a recipe chooses (:data:`shared_models.recipes.RECIPE_KEYS`),
+        by run-config key."""
+        return {
+            "task.preprocessing": self.task.preprocessing,
+            "model.name": self.model.name,
+            "model.hidden": self.model.hidden,
+            "train.rounds": self.train.rounds,
+            "train.local-epochs": self.train.local_epochs,
+            "train.batch-size": self.train.batch_size,
+            "train.lr": self.train.lr,
+            "train.momentum": self.train.momentum,
+            "dp.max-grad-norm": self.dp.max_grad_norm,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain-dict view (for JSON sidecars and reports)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.run_config import RunOptions, UsageError, check_names
+from server.run_config import RunOptions, UsageError, apply_rule_for_sizes, check_names
 
 if TYPE_CHECKING:
     from shared_models.tasks import Task
@@ -167,6 +167,8 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sites = simulated_sites_for(run, hospitals)
+    apply_rule_for_sizes(cfg, [s.n_train for s in sites])  # the rule's settings for these sizes
+    run = RunConfig.from_run_config(cfg)
     if run.dp.sample_level:
         from client.policy import SIMULATION_POLICY, SitePolicy
 
@@ -329,6 +331,9 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
     )
+    from shared_models.recipes import settings_table, summary_line
+
+    console.print(summary_line(settings_table(run.recipe_values(), run.settings_from)))
 
     from server.history import RunHistory
     from server.report import nobody_trained, write_reports

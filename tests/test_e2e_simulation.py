@@ -135,10 +135,14 @@ def test_heart_disease_real_hospitals_no_dp(tmp_path, heart_dir):
 def test_heart_disease_epsilon_equals_the_accountant(tmp_path, heart_dir):
     summary, _, _ = _simulate(tmp_path, "--task", "heart-disease", "--data-dir", str(heart_dir),
                               "--epsilon", "1", "--rounds", "5", "--seed", "0")  # fmt: skip
+    settings = {k: row["value"] for k, row in summary["run_settings"].items()}
+    assert summary["run_settings"]["train.rounds"]["source"] == "--rounds"
+    assert summary["run_settings"]["train.batch-size"]["source"].startswith("rule for DP-SGD")
     for h in summary["hospitals"]:
         plan = plan_dp(
-            n_train=h["n_train"], batch_size=32, local_epochs=1.0, rounds=5,
-            target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0,
+            n_train=h["n_train"], batch_size=settings["train.batch-size"],
+            local_epochs=settings["train.local-epochs"], rounds=5,
+            target_epsilon=1.0, target_delta=1e-5, max_grad_norm=settings["dp.max-grad-norm"],
         )  # fmt: skip
         reference = RDPAccountant()
         for _ in range(h["rounds_trained"] * plan.steps_per_round):

@@ -121,7 +121,8 @@ def test_task_run_defaults_sit_between_schema_and_overrides():
     cfg = RunOptions(task="icu-mortality", run_config="train.rounds=7").build()
     assert cfg["train.rounds"] == 7  # --run-config wins
     assert RunOptions(task="icu-mortality", rounds=2).build()["train.rounds"] == 2  # so do options
-    assert RunOptions(task="breast-cancer").build()["train.rounds"] == 5  # the schema's
+    # a task without a recipe gets the rule's (tests/test_recipes.py), not the schema's 5
+    assert RunOptions(task="breast-cancer").build()["train.rounds"] == 10
 
 
 def test_default_run_config_parses(default_cfg):

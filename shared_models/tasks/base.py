@@ -114,9 +114,13 @@ class Task:
         partitioned into simulated ones (``data.partition`` ``iid`` / ``dirichlet``, i.e.
         ``fedcare simulate --hospitals N``); ``natural`` keeps the real hospitals.
     run_defaults : dict[str, bool | int | float | str]
-        Run settings (``[tool.flwr.app.config]`` keys) this task recommends in place of the
-        schema's defaults (e.g. more rounds for a larger model); ``--run-config`` and explicit
-        options still override them.
+        The task's recipe: run settings (:data:`shared_models.recipes.RECIPE_KEYS`) it
+        recommends in place of the schema's defaults (e.g. more rounds for a larger model),
+        with and without DP; ``--run-config`` and explicit options still override them.
+    run_defaults_dp, run_defaults_no_dp : dict[str, bool | int | float | str]
+        The recipe's settings for runs with sample-level DP / without DP only (they override
+        ``run_defaults``). A task with no recipe for a run's privacy setting gets
+        :func:`shared_models.recipes.rule`.
     preprocessings : tuple[str, ...]
         Allowed ``task.preprocessing`` values; the first is the default.
     positive_class : str
@@ -165,6 +169,12 @@ class Task:
     simulated_sites: SimulatedSites | None = None
     repartitionable: bool = False
     run_defaults: Mapping[str, bool | int | float | str] = field(default_factory=dict, hash=False)
+    run_defaults_dp: Mapping[str, bool | int | float | str] = field(
+        default_factory=dict, hash=False
+    )
+    run_defaults_no_dp: Mapping[str, bool | int | float | str] = field(
+        default_factory=dict, hash=False
+    )
     scaling_for: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
     check_file: Callable[[Path], Any] | None = None
     preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
@@ -182,6 +192,10 @@ class Task:
         if self.scaling_for is not None:
             return self.scaling_for(preprocessing)
         return self.reference_scaling
+
+    def recipe(self, *, dp: bool) -> dict[str, bool | int | float | str]:
+        """The task's recipe for a run with (``dp``) or without sample-level DP; {} = none."""
+        return {**self.run_defaults, **(self.run_defaults_dp if dp else self.run_defaults_no_dp)}
 
     def models_for(self, preprocessing: str = "default") -> tuple[str, ...]:
         """The models that take the examples of a preprocessing; the first is the default."""

@@ -690,5 +690,27 @@ IMAGE_TASKS: dict[str, Task] = {
         models=("cnn", "scatter-linear"),
         preprocessing_models={SCATTER: ("scatter-linear",)},
         simulated_sites=simulated_chest_sites,
+        # The recipes of presets/chest-xray.toml and presets/chest-xray-no-dp.toml (README,
+        # "Chest X-rays"; benchmarks/chest_xray_variants.py), measured on PneumoniaMNIST.
+        # Under DP: a linear model on fixed scattering coefficients (Tramer & Boneh, ICLR 2021),
+        # large expected batches, a large learning rate on clipped gradients, few epochs.
+        # Without: the CNN with small batches and momentum (lr 2 saturates its tanh units
+        # without clipping).
+        run_defaults_dp={
+            "task.preprocessing": SCATTER,
+            "model.name": "scatter-linear",
+            "train.rounds": 10,
+            "train.local-epochs": 1.0,
+            "train.batch-size": 256,
+            "train.lr": 2.0,
+            "dp.max-grad-norm": 1.0,
+        },
+        run_defaults_no_dp={
+            "train.rounds": 20,
+            "train.local-epochs": 1.0,
+            "train.batch-size": 64,
+            "train.lr": 0.05,
+            "train.momentum": 0.9,
+        },
     ),
 }

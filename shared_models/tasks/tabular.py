@@ -252,6 +252,9 @@ def task_from_spec(spec: TaskSpec) -> Task:
         scaling_for=lambda preprocessing: reference_scaling(spec, preprocessing),
         models=models or MODEL_NAMES,
         check_file=check_file,
+        run_defaults=dict(spec.run),
+        run_defaults_dp=dict(spec.run_dp),
+        run_defaults_no_dp=dict(spec.run_no_dp),
     )
 
 

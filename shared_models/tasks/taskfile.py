@@ -33,6 +33,12 @@ Example (``tasks/readmission.toml``)::
     type = "categorical"
     levels = ["elective", "emergency", "transfer"]
 
+    [run.dp]                         # optional: the consortium's run settings (its recipe)
+    "train.rounds" = 15              # ([run] for both privacy settings, [run.dp], [run.no-dp])
+    "train.lr" = 1.0
+
+Without a ``[run]`` table, :func:`shared_models.recipes.rule` picks the settings.
+
 Parsing is strict (:func:`parse_task_text`): an unknown key, a wrong type, empty levels,
 ``min >= max`` or a column named twice is one :class:`TaskFileError` naming the file and the key.
 This module only reads TOML; the tables themselves are checked by :mod:`.table`.
@@ -43,7 +49,8 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +182,10 @@ class TaskSpec:
         Other named handlings.
     source : str
         Where the spec was read from (for messages).
+    run, run_dp, run_no_dp : Mapping[str, Any]
+        The ``[run]`` table (the consortium's recipe for both privacy settings) and its
+        ``[run.dp]`` / ``[run.no-dp]`` tables: run-config keys of
+        :data:`shared_models.recipes.RECIPE_KEYS`.
     """
 
     name: str
@@ -190,6 +201,9 @@ class TaskSpec:
     preprocessing: str = DEFAULT_PREPROCESSING
     variants: tuple[Variant, ...] = ()
     source: str = ""
+    run: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    run_dp: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    run_no_dp: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -423,11 +437,11 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TaskFileError(f"{source}: not valid TOML ({exc})") from None
-    extra = sorted(set(doc) - {"task", "label", "feature", "preprocessing"})
+    extra = sorted(set(doc) - {"task", "label", "feature", "preprocessing", "run"})
     if extra:
         raise TaskFileError(
             f"{source}: '{extra[0]}' is not a task-file section; "
-            "use [task], [label], [[feature]] and [preprocessing.NAME]"
+            "use [task], [label], [[feature]], [preprocessing.NAME] and [run]"
         )
     if "task" not in doc:
         raise TaskFileError(f"{source}: the [task] section is missing")
@@ -494,6 +508,7 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
                 missing_indicator=True if indicator is None else indicator,
             )
         )
+    run, run_dp, run_no_dp = _parse_run(source, doc.get("run", {}))
     return TaskSpec(
         name=name,
         description=description,
@@ -508,7 +523,34 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         preprocessing=preprocessing,
         variants=tuple(variants),
         source=source,
+        run=run,
+        run_dp=run_dp,
+        run_no_dp=run_no_dp,
     )
+
+
+def _parse_run(source: str, raw: Any) -> tuple[dict, dict, dict]:
+    """The ``[run]`` table: the consortium's recipe (run settings for both privacy settings),
+    with ``[run.dp]`` and ``[run.no-dp]`` for one of them (see :mod:`shared_models.recipes`)."""
+    from shared_models.recipes import check_recipe
+
+    if not isinstance(raw, dict):
+        raise TaskFileError(f"{source}: 'run' must be a table [run]")
+    tables = {}
+    for name in ("dp", "no-dp"):
+        sub = raw.get(name, {})
+        if not isinstance(sub, dict):
+            raise TaskFileError(f"{source}: 'run.{name}' must be a table [run.{name}]")
+        tables[name] = sub
+    common = {k: v for k, v in raw.items() if k not in tables}
+    try:
+        return (
+            check_recipe(f"{source} [run]", common),
+            check_recipe(f"{source} [run.dp]", tables["dp"]),
+            check_recipe(f"{source} [run.no-dp]", tables["no-dp"]),
+        )
+    except ValueError as exc:
+        raise TaskFileError(str(exc)) from None
 
 
 def _parse_feature(r: _Reader, default_missing: tuple[Value, ...], default_if: str) -> FeatureSpec:
