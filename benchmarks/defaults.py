@@ -151,7 +151,7 @@ def main() -> None:
         for task in args.tasks:
             data_dir = _task_data(task, scratch)
             ref = statistics.mean(lr_reference(app, task, data_dir, s) for s in args.seeds)
-            cells, seconds, sources = [], [], ""
+            cells, seconds, sources = [], [], set()
             for setting in args.settings:
                 aurocs = []
                 for seed in args.seeds:
@@ -160,13 +160,13 @@ def main() -> None:
                     aurocs.append(summary["overall"]["auroc"])
                     seconds.append(summary["wall_seconds"])
                     settings = summary.get("run_settings", {})
-                    sources = ", ".join(sorted({v["source"] for v in settings.values()})) or sources
+                    sources |= {v["source"].split(" (")[0] for v in settings.values()}
                     print(f"  {task} {setting} seed {seed}: AUROC {aurocs[-1]:.3f} "
                           f"({summary['wall_seconds']:.1f} s)", flush=True)  # fmt: skip
                 cells.append(f"{statistics.mean(aurocs):.3f} ({min(aurocs):.3f}-{max(aurocs):.3f})")
             rows.append(
                 f"| {task} | {ref:.3f} | " + " | ".join(cells)
-                + f" | {statistics.mean(seconds):.1f} | {sources} |"
+                + f" | {statistics.mean(seconds):.1f} | {', '.join(sorted(sources))} |"
             )  # fmt: skip
         print("\n".join(rows))
 
