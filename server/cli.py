@@ -388,6 +388,7 @@ def run(
     """Submit a training run to the federation and follow it; exit code = the run's outcome."""
     from shared_models.config import RunConfig
     from shared_models.fab import build_fab, unpack_fab
+    from shared_models.recipes import settings_table, summary_line
 
     if resume is not None:
         cfg, run_dir, stale_run = _resume_config(resume, run_config)
@@ -436,6 +437,7 @@ def run(
             f"submitted run {run_id}: task {parsed.task.name}, {parsed.strategy.name}, "
             f"{parsed.train.rounds} rounds, {dp}; run folder {run_dir}"
         )
+        console.print(summary_line(settings_table(parsed.recipe_values(), parsed.settings_from)))
         stopped = _follow(cli, run_id, timeout, PKI(pki), wait_timeout)
         if stopped is not None:
             cli.run("stop", str(run_id), CONNECTION)
