@@ -53,3 +53,20 @@ def permissive_policy(folder: Path) -> str:
         "min-eval-noise-multiplier = 0.0\nmax-grad-norm = [0.0, 1000000.0]\n"
     )
     return str(path)
+
+
+def run_fedcare_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Run ``fedcare ARGS`` in this process (the console script's ``main``): (exit code, stdout
+    and stderr together)."""
+    import sys
+
+    from simulations import cli
+
+    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

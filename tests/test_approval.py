@@ -15,8 +15,7 @@ import pytest
 from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab, task_names
 from server.run_config import APP_DIR
 from shared_models.tasks import TASKS
-from simulations import cli
-from tests.handlers import unpack_app
+from tests.handlers import run_fedcare_main, unpack_app
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,7 @@ def app_copy(tmp_path_factory) -> Path:
 
 
 def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return run_fedcare_main(monkeypatch, capsys, *args)
 
 
 def _change_one_line(app: Path, dst: Path) -> Path:

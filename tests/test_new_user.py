@@ -22,20 +22,14 @@ from shared_models.tasks.tabular import task_from_spec
 from shared_models.tasks.taskfile import parse_task_text
 from simulations import cli
 from tests import gbsg2
-from tests.handlers import make_context, make_request, use_task_identity
+from tests.handlers import make_context, make_request, run_fedcare_main, use_task_identity
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, " ".join((captured.out + captured.err).split())
+    code, out = run_fedcare_main(monkeypatch, capsys, *args)
+    return code, " ".join(out.split())
 
 
 # ----------------------------------------------------------------------------------------------

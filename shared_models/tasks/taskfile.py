@@ -319,16 +319,21 @@ class _Reader:
             raise self.error(key, "must not be empty")
         out: list[Value] = []
         for i, v in enumerate(raw):
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
-                raise self.error(f"{key}[{i}]", f"must be a string or a number, got {_kind(v)}")
-            if isinstance(v, float) and not math.isfinite(v):
-                raise self.error(f"{key}[{i}]", "must be a finite number")
-            if isinstance(v, str) and not v.strip():
+            v = self._cell_value(key, i, v)
+            if v == "":
                 raise self.error(f"{key}[{i}]", "must not be empty")
             if any(same_value(v, w) for w in out):
                 raise self.error(key, f"lists {v!r} twice")
-            out.append(v.strip() if isinstance(v, str) else v)
+            out.append(v)
         return tuple(out)
+
+    def _cell_value(self, key: str, i: int, v: Any) -> Value:
+        """Item ``i`` of list ``key``: a string (stripped) or a finite number."""
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise self.error(f"{key}[{i}]", f"must be a string or a number, got {_kind(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise self.error(f"{key}[{i}]", "must be a finite number")
+        return v.strip() if isinstance(v, str) else v
 
     def markers(self, key: str) -> tuple[Value, ...]:
         """Missing-value markers: strings or numbers (``""``, always a marker, is dropped)."""
@@ -337,11 +342,7 @@ class _Reader:
             return ()
         out: list[Value] = []
         for i, v in enumerate(raw):
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
-                raise self.error(f"{key}[{i}]", f"must be a string or a number, got {_kind(v)}")
-            if isinstance(v, float) and not math.isfinite(v):
-                raise self.error(f"{key}[{i}]", "must be a finite number")
-            v = v.strip() if isinstance(v, str) else v
+            v = self._cell_value(key, i, v)
             if v != "" and not any(same_value(v, w) for w in out):
                 out.append(v)
         return tuple(out)
