@@ -365,8 +365,11 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     done = baselines.result()
     summary["baselines"] = done.table
     summary["positive_class"] = positive  # what label 1 means, for every metric of the report
+    trained = nobody_trained(summary) is None  # else the final model is the untrained one
     summary["test_split_auroc"] = auroc_on_every_test_split(
-        sites, federated=_final_model_scores(run, sites, req.out, device), baselines=done
+        sites,
+        federated=_final_model_scores(run, sites, req.out, device) if trained else None,
+        baselines=done,
     )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
