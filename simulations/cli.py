@@ -1,5 +1,5 @@
-"""The ``fedcare`` command: ``simulate`` (this module), ``server ...``, ``client ...`` and
-``task ...``.
+"""The ``fedcare`` command: ``simulate`` and ``evaluate`` (this module), ``server ...``,
+``client ...`` and ``task ...``.
 
 Expected mistakes (unknown task, missing or malformed data, out-of-range option, missing PKI
 file) print one message naming the problem and exit with code 2; no traceback.
@@ -234,6 +234,71 @@ def _simulate(
 
     print_summary(console, summary, request.out, time.monotonic() - t0)
     return RUN_FOLDER_COMPLETE
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder of `fedcare simulate` (model.safetensors + model.json) or a model "
+            "file (X.safetensors next to its card X.json)."
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(help="This site's data in the task's hospital format (file or folder)."),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(help="The task the data follow; must be the model's (default: the model's)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder (default <run>/evaluation, or evaluation/ next to a model file); "
+            "must not exist or be empty."
+        ),
+    ] = None,
+) -> None:
+    """External validation of a saved model on one site's data, offline: scores every record
+    and writes report.md, evaluation.json and figures (ROC, precision-recall, reliability,
+    decision curve): AUROC and AUPRC with bootstrap CIs, operating points with Wilson CIs,
+    calibration and net benefit. Nothing leaves the machine.
+    """
+    from simulations.external_validation import default_out, run_evaluation
+
+    target = out if out is not None else default_out(model)
+    result = run_evaluation(model=model, data=data, task=task, out=target)
+    disc, cal = result["discrimination"], result["calibration"]
+
+    def ci(d: dict) -> str:
+        if d["value"] is None:
+            return "undefined"
+        bounds = f" [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d["ci_low"] is not None else ""
+        return f"{d['value']:.3f}{bounds}"
+
+    slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
+    console.print(
+        f"{result['n']} records, prevalence {result['prevalence']:.1%} ({result['task']})",
+        highlight=False,
+    )
+    console.print(
+        f"AUROC {ci(disc['auroc'])}, AUPRC {ci(disc['auprc'])} (95 % CI, "
+        f"{disc['bootstrap']['method']} bootstrap, {disc['bootstrap']['resamples']} resamples)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"Brier {cal['brier']:.4f}, calibration slope {slope}, calibration-in-the-large "
+        f"{cal['calibration_in_the_large']:+.3f}",
+        highlight=False,
+    )
+    if result["prevalence_warning"]:
+        err_console.print(f"[yellow]warning:[/] {result['prevalence_warning']}", highlight=False)
+    elif result["prevalence_note"]:
+        console.print(f"prevalence shift: {result['prevalence_note']}", highlight=False)
+    console.print(f"report: {target / 'report.md'}", highlight=False)
 
 
 _plain_command_help(app, server_app, client_app, task_app)

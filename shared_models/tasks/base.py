@@ -355,18 +355,28 @@ def prepare_site(
         )
     if len(y_tr) == 0:
         raise DataError(f"site {name}: no training rows after the train/test split")
+    return SiteData(
+        name=name,
+        x_train=impute_and_scale(x_tr, reference_scaling),
+        y_train=np.asarray(y_tr, dtype=np.float32),
+        x_test=impute_and_scale(x_te, reference_scaling),
+        y_test=np.asarray(y_te, dtype=np.float32),
+    )
+
+
+def impute_and_scale(
+    x: np.ndarray, reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None
+) -> np.ndarray:
+    """Each record on its own: a missing value (NaN) takes the feature's fixed centre (0 without
+    a scaling), then ``(x - center) / scale``; ``x [N, *input_shape] -> [N, *input_shape]
+    float32``. The preprocessing of :func:`prepare_site`, also applied to data scored by a
+    trained model (``fedcare evaluate``)."""
     center = scale = None
     if reference_scaling is not None:
         center = np.asarray(reference_scaling[0], dtype=np.float32)
         scale = np.asarray(reference_scaling[1], dtype=np.float32)
     fill = center if center is not None else np.float32(0.0)
-    x_tr, x_te = (np.where(np.isnan(part), fill, part) for part in (x_tr, x_te))
+    x = np.where(np.isnan(x), fill, x)
     if center is not None and scale is not None:
-        x_tr, x_te = (x_tr - center) / scale, (x_te - center) / scale
-    return SiteData(
-        name=name,
-        x_train=np.asarray(x_tr, dtype=np.float32),
-        y_train=np.asarray(y_tr, dtype=np.float32),
-        x_test=np.asarray(x_te, dtype=np.float32),
-        y_test=np.asarray(y_te, dtype=np.float32),
-    )
+        x = (x - center) / scale
+    return np.asarray(x, dtype=np.float32)

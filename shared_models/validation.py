@@ -1,0 +1,319 @@
+"""External validation of a trained binary classifier on one site's records: discrimination with
+confidence intervals, operating points, calibration and clinical utility.
+
+Pure functions of labels ``y [N]`` in {0, 1} and predicted probabilities ``p [N]`` of class 1;
+``fedcare evaluate`` (:mod:`simulations.external_validation`) calls them and writes the report.
+What is computed follows the TRIPOD+AI items on model performance (Collins et al., BMJ
+2024;385:e078378): discrimination, calibration and clinical utility, each with its uncertainty.
+
+Methods and the library functions wrapped:
+
+- AUROC (``sklearn.metrics.roc_auc_score``; here its Mann-Whitney form, equal to it with ties
+  counted one half) and AUPRC (``sklearn.metrics.average_precision_score``), with 95 % bootstrap
+  confidence intervals: ``scipy.stats.bootstrap``, patients resampled with their label and score
+  (``paired=True``), :data:`BOOTSTRAP_RESAMPLES` resamples, bias-corrected and accelerated
+  (:data:`BOOTSTRAP_METHOD`; Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
+  ch. 14), seeded.
+- Sensitivity, specificity, PPV and NPV with Wilson score intervals (Wilson, JASA 1927;
+  ``scipy.stats.binomtest(...).proportion_ci(method="wilson")``).
+- Calibration: Brier score (``sklearn.metrics.brier_score_loss``), calibration-in-the-large
+  (mean predicted risk against the observed rate), calibration slope and intercept by logistic
+  recalibration, ``logit P(y=1) = a + b logit(p)`` fitted without penalty (Cox, Biometrika 1958;
+  ``sklearn.linear_model.LogisticRegression(C=inf)``), reliability diagram
+  (``sklearn.calibration.calibration_curve``).
+- Decision curve: net benefit ``TP/n - FP/n * pt / (1 - pt)`` at threshold probabilities ``pt``
+  against treating all and treating none (Vickers & Elkin, Med Decis Making 2006;26:565-574).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_METHOD = "BCa"
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+RELIABILITY_BINS = 10
+DECISION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)  # pt = 0.01 ... 0.99
+LOGIT_CLIP = 1e-6  # probabilities are clipped to [1e-6, 1 - 1e-6] before the logit
+
+
+def auroc(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    """AUROC as the Mann-Whitney statistic, vectorised over ``axis`` (for the bootstrap).
+
+    ``(sum of the positives' mid-ranks - n1 (n1 + 1) / 2) / (n1 n0)``: equal to
+    ``sklearn.metrics.roc_auc_score(y, p)`` (a tied positive/negative pair counts one half); NaN
+    where a sample has one class only.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        ``[..., N]`` labels in {0, 1}.
+    p : np.ndarray
+        ``[..., N]`` scores.
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(y, dtype=float)
+    ranks = rankdata(np.asarray(p, dtype=float), axis=axis)
+    n1 = y.sum(axis=axis)
+    n0 = y.shape[axis] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ((ranks * y).sum(axis=axis) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def _auprc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    if not (y == 1).any():
+        return math.nan
+    return float(average_precision_score(y, p))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its confidence interval (``None``: undefined, see ``note``)."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"value": self.value, "ci_low": self.low, "ci_high": self.high}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def bootstrap_ci(
+    y: np.ndarray,
+    p: np.ndarray,
+    statistic: str,
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    method: str = BOOTSTRAP_METHOD,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> Interval:
+    """AUROC or AUPRC with its bootstrap confidence interval (``scipy.stats.bootstrap``).
+
+    Patients are resampled with replacement together with their label (``paired=True``); a
+    resample with one class has no AUROC (NaN) and then the interval is undefined.
+
+    Parameters
+    ----------
+    y, p : np.ndarray
+        ``[N]`` labels in {0, 1} and predicted probabilities.
+    statistic : {"auroc", "auprc"}
+        The statistic.
+    n_resamples, method, seed, confidence
+        Passed to ``scipy.stats.bootstrap`` (``random_state=np.random.default_rng(seed)``).
+
+    Raises
+    ------
+    ValueError
+        Unknown statistic.
+
+    Source: Efron & Tibshirani (1993), through ``scipy.stats.bootstrap``.
+    """
+    from scipy.stats import bootstrap
+
+    y = np.asarray(y, dtype=float)
+    p = np.asarray(p, dtype=float)
+    if statistic == "auroc":
+        value = auroc(y, p)
+
+        def stat(yy: np.ndarray, pp: np.ndarray, axis: int = -1) -> np.ndarray:
+            return np.asarray(auroc(yy, pp, axis=axis))
+
+        vectorized = True
+    elif statistic == "auprc":
+        value = _auprc(y, p)
+
+        def stat(yy: np.ndarray, pp: np.ndarray) -> float:  # type: ignore[misc]
+            return _auprc(yy, pp)
+
+        vectorized = False
+    else:
+        raise ValueError(f"unknown statistic {statistic!r}; choose 'auroc' or 'auprc'")
+    if not np.isfinite(value):
+        return Interval(None, None, None, "undefined: the data have one class only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's degenerate-distribution notice: NaN below
+        res = bootstrap(
+            (y, p), stat, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+            confidence_level=confidence, method=method, random_state=np.random.default_rng(seed),
+        )  # fmt: skip
+    low, high = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
+    note = (
+        "" if low is not None and high is not None else "interval undefined (degenerate bootstrap)"
+    )
+    return Interval(float(value), low, high, note)
+
+
+def wilson_ci(k: int, n: int, *, confidence: float = CONFIDENCE) -> Interval:
+    """The proportion ``k / n`` with its Wilson score interval (Wilson, JASA 1927), through
+    ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``; undefined when ``n = 0``."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return Interval(None, None, None, "undefined: no patients in the denominator")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(k / n, float(ci.low), float(ci.high))
+
+
+def sensitivity_threshold(y: np.ndarray, p: np.ndarray, min_sensitivity: float) -> float:
+    """The threshold of the first ROC point whose sensitivity reaches ``min_sensitivity``
+    (``sklearn.metrics.roc_curve``, ``drop_intermediate=False``: the rule of
+    :func:`shared_models.metrics.operating_point_metrics`); predicting ``p >= threshold``
+    gives that point. Needs both classes in ``y``."""
+    from sklearn.metrics import roc_curve
+
+    _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    i = int(np.argmax(tpr >= min_sensitivity - 1e-12))
+    return float(min(thresholds[i], 1.0))
+
+
+def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Confusion matrix and sensitivity, specificity, PPV, NPV (each with its Wilson interval)
+    when predicting ``p >= threshold`` (``sklearn.metrics.confusion_matrix``)."""
+    from sklearn.metrics import confusion_matrix
+
+    y = np.asarray(y).astype(int)
+    pred = (np.asarray(p) >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return {
+        "threshold": float(threshold),
+        "confusion_matrix": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "sensitivity": wilson_ci(tp, tp + fn).as_dict(),
+        "specificity": wilson_ci(tn, tn + fp).as_dict(),
+        "ppv": wilson_ci(tp, tp + fp).as_dict(),
+        "npv": wilson_ci(tn, tn + fn).as_dict(),
+    }
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` of ``p`` clipped to ``[LOGIT_CLIP, 1 - LOGIT_CLIP]``."""
+    q = np.clip(np.asarray(p, dtype=float), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(q / (1 - q))
+
+
+def calibration(y: np.ndarray, p: np.ndarray, *, n_bins: int = RELIABILITY_BINS) -> dict[str, Any]:
+    """Brier score, calibration-in-the-large, calibration slope and intercept, reliability curve.
+
+    The slope ``b`` and intercept ``a`` come from the unpenalised logistic regression
+    ``logit P(y=1) = a + b logit(p)`` (Cox 1958): a well-calibrated model has ``b = 1`` and
+    ``a = 0``; ``b < 1`` means over-confident predictions (too extreme). They are undefined
+    (None) when the scores separate the classes perfectly (the fit has no finite optimum).
+
+    Returns
+    -------
+    dict
+        ``brier``, ``mean_predicted``, ``observed_rate``, ``calibration_in_the_large``
+        (observed rate minus mean predicted risk), ``slope``, ``intercept``, ``reliability``
+        (``{"bins", "strategy", "mean_predicted": [...], "observed": [...], "count": [...]}``,
+        empty bins left out).
+    """
+    from sklearn.calibration import calibration_curve
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import brier_score_loss
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    observed, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)  # calibration_curve's bins, assigned as it does
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    slope = intercept = None
+    note = ""
+    if auroc(y, p) >= 1.0:
+        note = "undefined: the scores separate the classes perfectly"
+    elif len(np.unique(y)) < 2:
+        note = "undefined: the data have one class only"
+    else:
+        fit = LogisticRegression(C=np.inf, max_iter=1000).fit(logit(p).reshape(-1, 1), y)
+        slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    out: dict[str, Any] = {
+        "brier": float(brier_score_loss(y, p)),
+        "mean_predicted": float(p.mean()),
+        "observed_rate": float(y.mean()),
+        "calibration_in_the_large": float(y.mean() - p.mean()),
+        "slope": slope,
+        "intercept": intercept,
+        "reliability": {
+            "bins": n_bins,
+            "strategy": "uniform",
+            "mean_predicted": [float(v) for v in mean_pred],
+            "observed": [float(v) for v in observed],
+            "count": [int(c) for c in counts if c > 0],
+        },
+    }
+    if note:
+        out["slope_note"] = note
+    return out
+
+
+def net_benefit(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Net benefit of treating patients with ``p >= pt``: ``TP/n - FP/n * pt / (1 - pt)`` for
+    each threshold probability ``pt`` in ``thresholds`` (``[T]``, inside (0, 1)) -> ``[T]``
+    (Vickers & Elkin 2006)."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=float)
+    pt = np.asarray(thresholds, dtype=float)
+    treated = p[None, :] >= pt[:, None]  # [T, N]
+    tp = (treated & y[None, :]).sum(axis=1)
+    fp = (treated & ~y[None, :]).sum(axis=1)
+    n = len(y)
+    return tp / n - fp / n * pt / (1 - pt)
+
+
+def decision_curve(
+    y: np.ndarray, p: np.ndarray, thresholds: np.ndarray = DECISION_THRESHOLDS
+) -> dict[str, list[float]]:
+    """Net benefit of the model, of treating all and of treating none at each threshold.
+
+    Treat-all is the net benefit of ``p = 1`` for everyone, ``prevalence - (1 - prevalence) *
+    pt / (1 - pt)``; treat-none is 0 (Vickers & Elkin 2006).
+    """
+    y = np.asarray(y).astype(int)
+    pt = np.asarray(thresholds, dtype=float)
+    prevalence = float(y.mean())
+    return {
+        "threshold": [float(t) for t in pt],
+        "model": [float(v) for v in net_benefit(y, p, pt)],
+        "treat_all": [float(v) for v in prevalence - (1 - prevalence) * pt / (1 - pt)],
+        "treat_none": [0.0] * len(pt),
+    }
+
+
+PREVALENCE_ODDS_RATIO_WARNING = 2.0
+
+
+def prevalence_shift(observed: float, training: float | None) -> str | None:
+    """A warning line when the data's prevalence differs strongly from the training prevalence:
+    odds ratio between them above :data:`PREVALENCE_ODDS_RATIO_WARNING` (or below its inverse).
+    None when they are close or the training prevalence is unknown (``None``)."""
+    if training is None:
+        return None
+
+    def odds(q: float) -> float:
+        q = min(max(q, 1e-9), 1 - 1e-9)
+        return q / (1 - q)
+
+    ratio = odds(observed) / odds(training)
+    if ratio > PREVALENCE_ODDS_RATIO_WARNING or ratio < 1 / PREVALENCE_ODDS_RATIO_WARNING:
+        return (
+            f"prevalence {observed:.1%} here against {training:.1%} in training (odds ratio "
+            f"{ratio:.2f}): expect calibration-in-the-large to be off; consider recalibrating"
+        )
+    return None

@@ -1,0 +1,429 @@
+"""``fedcare evaluate``: external validation of a saved federated model at one site, offline.
+
+Loads the final model of a run (``model.safetensors`` and its model card ``model.json``), reads
+the site's data with the task's own hospital loader (as ``fedcare client check`` does), scores
+every record (external validation: no train/test split) and writes ``report.md``,
+``evaluation.json`` and four figures into the output folder. Nothing leaves the machine. The
+metrics are those of :mod:`shared_models.validation`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared_models.files import write_json_atomic
+from simulations.harness import UsageError
+
+MODEL_FILE = "model.safetensors"
+EVALUATION_DIR = "evaluation"
+FIGURES = {
+    "roc": "roc.png",
+    "pr": "pr.png",
+    "calibration": "calibration.png",
+    "decision_curve": "decision-curve.png",
+}
+SENSITIVITY_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A final model and its card: ``weights`` (safetensors path), ``card`` (``model.json``)."""
+
+    weights: Path
+    card: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return str(self.card["task"])
+
+
+def locate_model(model: Path) -> SavedModel:
+    """The weights and model card of a run folder (``model.safetensors`` + ``model.json``) or of
+    a model file (``X.safetensors`` + ``X.json``).
+
+    Raises
+    ------
+    UsageError
+        The weights or the card are missing or the card is unreadable or lacks ``task`` and
+        ``model``.
+    """
+    weights = model / MODEL_FILE if model.is_dir() else model
+    if not weights.is_file():
+        where = f"{model} has no {MODEL_FILE}" if model.is_dir() else f"{model} does not exist"
+        raise UsageError(f"{where}; pass a run folder of `fedcare simulate` or its model file")
+    card_path = weights.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{card_path}: the model card next to {weights.name} is missing or unreadable ({exc})"
+        ) from None
+    missing = [k for k in ("task", "model", "preprocessing") if k not in card]
+    if missing:
+        raise UsageError(f"{card_path}: the model card lacks {', '.join(missing)}")
+    return SavedModel(weights, card)
+
+
+def default_out(model: Path) -> Path:
+    """``<run>/evaluation/`` for a run folder, ``evaluation/`` next to a model file."""
+    return (model if model.is_dir() else model.parent) / EVALUATION_DIR
+
+
+def load_model(saved: SavedModel) -> Any:
+    """The card's model (``shared_models.models.build_model``) with the saved weights.
+
+    Raises
+    ------
+    UsageError
+        The card names an unknown task, preprocessing or model, or the weights do not fit it.
+    """
+    from server.checkpoint import load_weights
+    from shared_models.models import build_model
+    from shared_models.tasks import get_task
+
+    info = saved.card["model"]
+    try:
+        task = get_task(saved.task)
+        preprocessing = task.resolve_preprocessing(saved.card["preprocessing"])
+        shape = tuple(task.input_shape(preprocessing))
+        if tuple(info["input_shape"]) != shape:
+            raise ValueError(
+                f"the card's input shape {info['input_shape']} is not the task's {list(shape)}"
+            )
+        model = build_model(info["name"], input_shape=shape, hidden=int(info["hidden"]))
+        model.load_state_dict(load_weights(saved.weights))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UsageError(f"{saved.weights}: cannot load the model of its card: {exc}") from None
+    return model
+
+
+def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every record of the site's data, preprocessed as in training: ``(x [N, *input_shape]
+    float32, y [N])``. Read with the task's hospital loader (``Task.read_file``, as ``fedcare
+    client check``), missing values imputed and features scaled with the task's fixed constants
+    (:func:`shared_models.tasks.base.impute_and_scale`).
+
+    Raises
+    ------
+    shared_models.errors.DataError
+        The loader rejects the data, a preprocessed value is not finite, or the data have one
+        class only.
+    """
+    from shared_models.errors import DataError
+    from shared_models.tasks import get_task
+    from shared_models.tasks.base import impute_and_scale
+
+    task = get_task(task_name)
+    resolved = task.resolve_preprocessing(preprocessing)
+    frame = task.read_file(data)  # raises DataError naming file, line and column
+    x, y = task.features(frame, resolved)
+    x = impute_and_scale(x, task.scaling(resolved))
+    y = np.asarray(y).astype(int)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{data}: {int(bad.sum())} record(s) have a non-finite value after preprocessing; run "
+            f"`fedcare client check --task {task_name} --data {data}`"
+        )
+    if len(np.unique(y)) < 2:
+        raise DataError(
+            f"{data}: all {len(y)} records have label {int(y[0]) if len(y) else '-'}; external "
+            "validation needs patients of both classes"
+        )
+    return x, y
+
+
+def evaluate_scores(
+    y: np.ndarray, p: np.ndarray, *, training_prevalence: float | None = None
+) -> dict[str, Any]:
+    """Every figure of the evaluation from labels ``y [N]`` and probabilities ``p [N]``.
+
+    Discrimination (AUROC and AUPRC with bootstrap CIs), the two operating points (0.5 and the
+    threshold reaching sensitivity 0.8, as :func:`shared_models.metrics.operating_point_metrics`
+    picks it), calibration and the decision curve (:mod:`shared_models.validation`).
+    """
+    from shared_models import validation as v
+    from shared_models.metrics import operating_point_metrics
+
+    points, _ = operating_point_metrics(y, p, min_sensitivity=SENSITIVITY_TARGET)
+    prevalence = float(np.mean(y))
+    return {
+        "n": int(len(y)),
+        "positives": int(np.sum(y)),
+        "prevalence": prevalence,
+        "training_prevalence": training_prevalence,
+        "prevalence_warning": v.prevalence_shift(prevalence, training_prevalence),
+        "prevalence_note": (
+            None if training_prevalence is not None else "training prevalence not recorded"
+        ),
+        "discrimination": {
+            "auroc": v.bootstrap_ci(y, p, "auroc").as_dict(),
+            "auprc": v.bootstrap_ci(y, p, "auprc").as_dict(),
+            "bootstrap": {
+                "method": v.BOOTSTRAP_METHOD,
+                "resamples": v.BOOTSTRAP_RESAMPLES,
+                "seed": v.BOOTSTRAP_SEED,
+                "confidence": v.CONFIDENCE,
+                "library": "scipy.stats.bootstrap (paired)",
+            },
+        },
+        "operating_points": {
+            "threshold_0.5": v.threshold_metrics(y, p, 0.5),
+            "sensitivity_0.8": v.threshold_metrics(
+                y, p, v.sensitivity_threshold(y, p, SENSITIVITY_TARGET)
+            ),
+        },
+        "operating_point_metrics": points,
+        "calibration": v.calibration(y, p),
+        "decision_curve": v.decision_curve(y, p),
+    }
+
+
+def training_prevalence(card: dict[str, Any]) -> float | None:
+    """The training prevalence the model card records (``training.prevalence``), or None."""
+    value = card.get("training", {}).get("prevalence")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def run_evaluation(
+    *, model: Path, data: Path, task: str | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """``fedcare evaluate``: check, load, score, and write the output folder; returns the
+    content of ``evaluation.json``.
+
+    Raises
+    ------
+    UsageError
+        No model or card at ``model``, ``task`` given and not the model's, or ``out`` exists
+        and is not empty (nothing is written then).
+    shared_models.errors.DataError
+        The task's loader rejects ``data``.
+    """
+    saved = locate_model(model)
+    if task is not None and task != saved.task:
+        raise UsageError(
+            f"--task {task}: the model at {model} was trained for task {saved.task} (its model "
+            f"card {saved.weights.with_suffix('.json').name}); evaluate it on {saved.task} data "
+            "or leave --task out"
+        )
+    out = out if out is not None else default_out(model)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: output folder exists and is not empty; choose another --out")
+    if not data.exists():
+        raise UsageError(f"--data {data} does not exist")
+    net = load_model(saved)
+    x, y = load_records(saved.task, saved.card["preprocessing"], data)
+    from shared_models.models import predict_proba
+
+    p = predict_proba(net, x)
+    result = {
+        "model": str(saved.weights),
+        "task": saved.task,
+        "preprocessing": saved.card["preprocessing"],
+        "data": str(data),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **evaluate_scores(y, p, training_prevalence=training_prevalence(saved.card)),
+    }
+    from shared_models.tasks import get_task
+
+    result["positive_class"] = get_task(saved.task).positive_class_for(str(data))
+    out.mkdir(parents=True, exist_ok=True)
+    result["figures"] = write_figures(out, y, p, result)
+    write_json_atomic(out / "evaluation.json", result, indent=1)
+    (out / "report.md").write_text(report_markdown(result, saved.card))
+    return result
+
+
+def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any]) -> list[str]:
+    """ROC, precision-recall, reliability diagram and decision curve as PNGs in ``out``
+    (matplotlib, Agg backend); returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    disc, cal, dca = result["discrimination"], result["calibration"], result["decision_curve"]
+
+    def ci(d: dict[str, Any]) -> str:
+        return f"{d['value']:.3f}" + (
+            f" [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d["ci_low"] is not None else ""
+        )
+
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f"model, AUROC {ci(disc['auroc'])}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, out / FIGURES["roc"])
+
+    precision, recall, _ = precision_recall_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.step(recall, precision, where="post", label=f"model, AUPRC {ci(disc['auprc'])}")
+    ax.axhline(result["prevalence"], ls="--", color="grey", label="prevalence (chance)")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, out / FIGURES["pr"])
+
+    rel = cal["reliability"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
+    ax.plot(rel["mean_predicted"], rel["observed"], "o-", label=f"model (slope {slope})")
+    ax.set(xlabel="mean predicted risk (bin)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"Reliability ({rel['bins']} equal-width bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, out / FIGURES["calibration"])
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(dca["threshold"], dca["model"], label="model")
+    ax.plot(dca["threshold"], dca["treat_all"], color="grey", label="treat all")
+    ax.plot(dca["threshold"], dca["treat_none"], "--", color="black", label="treat none")
+    prev = result["prevalence"]
+    ax.set(xlabel="threshold probability", ylabel="net benefit", xlim=(0, 1))
+    ax.set(ylim=(-0.05, max(prev, 0.01) * 1.1), title="Decision curve")
+    ax.legend(loc="upper right", fontsize=8)
+    _save(fig, out / FIGURES["decision_curve"])
+    return list(FIGURES.values())
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(d: dict[str, Any], pct: bool = False) -> str:
+    if d["value"] is None:
+        return d.get("note", "undefined")
+    f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")
+    ci = f" [{f(d['ci_low'])}, {f(d['ci_high'])}]" if d["ci_low"] is not None else ""
+    return f(d["value"]) + ci
+
+
+def _num(x: float | None, spec: str = ".3f") -> str:
+    return "undefined" if x is None else format(x, spec)
+
+
+def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
+    """``report.md``: the evaluation for a clinician and a reviewer, with the methods."""
+    disc, cal = result["discrimination"], result["calibration"]
+    boot = disc["bootstrap"]
+    dca = result["decision_curve"]
+    privacy = card.get("privacy", {}).get("guarantee", "not recorded")
+    lines = [
+        f"# External validation: {result['task']} model",
+        "",
+        f"- model: `{result['model']}` ({card['model'].get('name')}, preprocessing "
+        f"{result['preprocessing']}; trained with {card.get('training', {}).get('strategy', '?')}"
+        f" for {card.get('training', {}).get('rounds', '?')} rounds; privacy: {privacy})",
+        f"- data: `{result['data']}`, all {result['n']} records scored (no train/test split); "
+        f"{result['positives']} positive ({result['positive_class']}), prevalence "
+        f"{result['prevalence']:.1%}",
+        f"- evaluated {result['evaluated_at']}, offline: nothing left this machine",
+        "",
+    ]
+    if result["prevalence_warning"]:
+        lines += [f"> warning: {result['prevalence_warning']}", ""]
+    elif result["prevalence_note"]:
+        lines += [f"Prevalence shift: {result['prevalence_note']} in the model card.", ""]
+    lines += [
+        "## Discrimination",
+        "",
+        "| metric | value [95 % CI] |",
+        "|---|---|",
+        f"| AUROC | {_fmt(disc['auroc'])} |",
+        f"| AUPRC | {_fmt(disc['auprc'])} (chance: prevalence {result['prevalence']:.3f}) |",
+        "",
+        f"95 % confidence intervals: {boot['method']} bootstrap, {boot['resamples']} resamples of "
+        f"the patients (paired label and score, seed {boot['seed']}), `scipy.stats.bootstrap`.",
+        "",
+        "![ROC](roc.png) ![Precision-recall](pr.png)",
+        "",
+        "## Operating points",
+        "",
+        "| threshold | sensitivity | specificity | PPV | NPV | TP | FP | FN | TN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, op in result["operating_points"].items():
+        cm = op["confusion_matrix"]
+        label = "0.5" if name == "threshold_0.5" else f"{op['threshold']:.3f} (sensitivity >= 0.8)"
+        lines.append(
+            f"| {label} | {_fmt(op['sensitivity'], True)} | {_fmt(op['specificity'], True)} | "
+            f"{_fmt(op['ppv'], True)} | {_fmt(op['npv'], True)} | {cm['tp']} | {cm['fp']} | "
+            f"{cm['fn']} | {cm['tn']} |"
+        )
+    lines += [
+        "",
+        "A patient is predicted positive when the predicted risk is at least the threshold. The "
+        "second threshold is the first ROC point whose sensitivity reaches 0.8. Proportions with "
+        "95 % Wilson score intervals.",
+        "",
+        "## Calibration",
+        "",
+        "| measure | value | ideal |",
+        "|---|---|---|",
+        f"| Brier score | {cal['brier']:.4f} | 0 |",
+        f"| mean predicted risk / observed rate | {cal['mean_predicted']:.3f} / "
+        f"{cal['observed_rate']:.3f} | equal |",
+        f"| calibration-in-the-large (observed - predicted) | "
+        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {_num(cal['slope'])} | 1 |",
+        f"| calibration intercept | {_num(cal['intercept'])} | 0 |",
+        "",
+    ]
+    if "slope_note" in cal:
+        lines += [f"Slope and intercept {cal['slope_note']}.", ""]
+    lines += [
+        "Slope and intercept of the logistic recalibration `logit P(y=1) = a + b logit(p)` "
+        "(unpenalised). A slope below 1: predictions too extreme (over-confident); above 1: too "
+        "moderate. Nothing is recalibrated here.",
+        "",
+        "![Reliability diagram](calibration.png)",
+        "",
+        "## Clinical utility (decision curve)",
+        "",
+        "| threshold probability | net benefit: model | treat all | treat none |",
+        "|---|---|---|---|",
+    ]
+    for t in (0.05, 0.1, 0.2, 0.3, 0.5):
+        i = dca["threshold"].index(t)
+        lines.append(f"| {t:.2f} | {dca['model'][i]:.3f} | {dca['treat_all'][i]:.3f} | 0 |")
+    lines += [
+        "",
+        "Net benefit = TP/n - FP/n x pt/(1 - pt) when treating the patients whose predicted risk "
+        "is at least the threshold probability pt, against treating everyone and no one. The "
+        "model is useful at thresholds where its curve lies above both.",
+        "",
+        "![Decision curve](decision-curve.png)",
+        "",
+        "## Methods",
+        "",
+        "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) and "
+        "AUPRC (`sklearn.metrics.average_precision_score`); bias-corrected and accelerated (BCa) "
+        "bootstrap confidence intervals (Efron & Tibshirani, An Introduction to the Bootstrap, "
+        "1993) through `scipy.stats.bootstrap`.",
+        "- Wilson score intervals for proportions (Wilson, JASA 1927), "
+        "`scipy.stats.binomtest(...).proportion_ci(method='wilson')`.",
+        "- Brier score (`sklearn.metrics.brier_score_loss`); reliability diagram "
+        f"(`sklearn.calibration.calibration_curve`, {cal['reliability']['bins']} equal-width "
+        "bins); calibration slope and intercept by logistic recalibration (Cox, Biometrika 1958), "
+        "`sklearn.linear_model.LogisticRegression` without penalty on logit(p).",
+        "- Decision curve analysis (Vickers & Elkin, Med Decis Making 2006;26:565-574), "
+        "thresholds 0.01 to 0.99.",
+        "- Reported following TRIPOD+AI (Collins et al., BMJ 2024;385:e078378).",
+        "",
+        f"Reproduce: `fedcare evaluate --model {result['model']} --data {result['data']}`",
+        "",
+    ]
+    return "\n".join(lines)
