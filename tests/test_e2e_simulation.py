@@ -271,10 +271,11 @@ def test_chest_xray_on_hospital_image_folders(tmp_path):
     data = tmp_path / "data"
     write_hospital_folder(data / "hospital-a", 60, seed=0)
     write_hospital_folder(data / "hospital-b", 50, seed=1)
+    # the CNN, not the DP recipe's scattering model: naming the model drops the recipe's pair
     summary, output, out = _simulate(
         tmp_path, "--task", "chest-xray", "--data-dir", str(data), "--rounds", "3",
         "--epsilon", "8", "--run-config", "model.name='cnn' train.batch-size=16 train.lr=1.0",
-    )  # fmt: skip  (the CNN, not the DP recipe's scattering model: naming it drops the pair)
+    )  # fmt: skip
     assert "Traceback" not in output
     # the hospitals train in this process, beside the baselines' thread: no library notice
     # (Opacus' hooks, its RNG, RDP's optimal order) reaches the researcher's console
