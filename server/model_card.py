@@ -145,8 +145,7 @@ def _details(card: dict, summary: dict, parameters: int | None, date: str) -> li
     rows = [
         f"- **Task**: `{card.get('task') or summary.get('task')}`"
         + (f": {d}" if (d := _task_description(card.get("task") or "")) else ""),
-        "- **Label 1 means**: "
-        + (summary.get("positive_class") or "not recorded in this run folder (see the task)"),
+        "- **Label 1 means**: " + _positive_class(card, summary),
         f"- **Model**: `{model.get('name') or summary.get('model')}`"
         + (f" (hidden {model['hidden']})" if model.get("hidden") else ""),
         f"- **Input shape**: `{list(shape)}` per example" if shape else "- **Input shape**: n/a",
@@ -255,8 +254,12 @@ def _privacy(summary: dict, history: dict) -> list[str]:
         rows += [
             "- **Accountant**: RDP (Flower client-level DP)",
             f"- **Clipping norm**: {_v(dp.get('clipping_norm'))}",
-            f"- **Noise multiplier set**: {_v(dp.get('noise_multiplier_set'))} "
-            "(n/a: calibrated to the target ε)",
+            "- **Noise multiplier**: "
+            + (
+                _v(sigma)
+                if (sigma := dp.get("noise_multiplier_set"))
+                else "calibrated to the target ε"
+            ),
             f"- **ε spent** (released models): {_v(dp.get('epsilon'))} over "
             f"{dp.get('releases', 0)} release(s)",
         ]
@@ -367,6 +370,18 @@ def _parameter_count(weights: Path) -> int | None:
     with safe_open(str(weights), framework="pt") as f:
         names = f.keys()
         return sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+
+
+def _positive_class(card: dict, summary: dict) -> str:
+    """What label 1 means: the run's (``fedcare simulate`` records it) or the task's declaration."""
+    if summary.get("positive_class"):
+        return str(summary["positive_class"])
+    try:
+        from shared_models.tasks import get_task
+
+        return f"{get_task(card.get('task') or '').positive_class} (as the task declares it)"
+    except (ImportError, ValueError):
+        return "not recorded in this run folder"
 
 
 def _preprocessing(card: dict) -> str:

@@ -76,3 +76,33 @@ def test_model_card_says_none_without_dp(runs):
     privacy = text.split("## Privacy\n", 1)[1].split("\n## ", 1)[0]
     assert "**none: trained without DP**" in privacy
     assert "ε" not in privacy
+
+
+def test_model_card_of_a_deployed_client_level_run():
+    """A ``fedcare server run``-shaped summary (no ``positive_class``, client-level DP, noisy
+    per-hospital counts, a missed round) renders every section from what it holds."""
+    from server.model_card import render_model_card
+
+    card = {"task": "breast-cancer", "model": {"name": "mlp", "input_shape": [30]}}
+    summary = {
+        "task": "breast-cancer", "strategy": "fedavg", "model": "default", "rounds": 3,
+        "dp": {"enabled": True, "level": "client", "guarantee": "client-level (ε, δ)-DP",
+               "target_epsilon": 5.0, "delta": 1e-5, "clipping_norm": 1.0,
+               "noise_multiplier_set": None, "epsilon": 4.2, "releases": 3},
+        "hospitals": [
+            {"name": "a", "n_train": 80, "n_test": 40, "rounds_trained": 2,
+             "evaluation": "noisy counts (Gaussian, σ = 5 patients)", "metrics": {"auroc": 0.7}},
+        ],
+        "overall": {"auroc": 0.8, "method": "pooled test counts of 1 hospital(s)"},
+        "failures": [{"round": 2, "kind": "train", "hospital": "a", "cause": "timed out"}],
+        "quality_warnings": ["the federated model predicts negative for every test patient"],
+    }  # fmt: skip
+    text = render_model_card(card, summary, parameters=31)
+    assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SECTIONS)
+    assert "**Label 1 means**: malignant (as the task declares it)" in text
+    assert _row(text, "a", "Hospitals (training data)")[1:] == ["80", "40", "2 of 3", "2"]
+    assert "**ε spent** (released models): 4.2 over 3 release(s)" in text
+    assert "**Noise multiplier**: calibrated to the target ε" in text
+    assert "noisy counts (Gaussian, σ = 5 patients)" in text and "DP-noised" in text
+    assert "Quality warning: the federated model predicts negative" in text
+    assert "No command line or run config was recorded" in text
