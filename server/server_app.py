@@ -34,6 +34,7 @@ from server.checkpoint import (
     write_json_atomic,
 )
 from server.history import RecordingGrid, RunHistory
+from server.model_card import write_model_card
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
 from server.strategies import (
@@ -154,6 +155,7 @@ def main(grid: Grid, context: Context) -> None:
     save_weights(out / "model.safetensors", final, _model_card(run, summary, model_info))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
+    write_model_card(out)  # model.md next to model.safetensors + model.json
 
 
 def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:

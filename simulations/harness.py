@@ -336,6 +336,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     console.print(summary_line(settings_table(run.recipe_values(), run.settings_from)))
 
     from server.history import RunHistory
+    from server.model_card import write_model_card
     from server.report import nobody_trained, write_reports
     from simulations.baselines import auroc_on_every_test_split, compute_baselines
     from simulations.engine import run_federation
@@ -373,6 +374,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
+    write_model_card(req.out)  # again: with positive_class and the baselines' warnings
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
