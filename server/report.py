@@ -315,6 +315,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         f"reaching sensitivity 0.8: {_operating_point(ov)}",
         f"- mean client accuracy (unweighted, FLamby's metric): {_fmt(ov.get('mean_client_accuracy'))}",
     ]
+    if (validation := summary.get("validation")) is not None:
+        lines += _validation_lines(validation)
     if summary.get("baselines"):
         lines += ["", "## Baselines (same model, same test splits)", ""]
         lines += [
@@ -367,6 +369,63 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(_nan_none(row['epsilon']))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ci(d: dict[str, Any] | None, digits: int = 3) -> str:
+    """``value [low, high]`` of an interval dict (:class:`shared_models.validation.Interval`)."""
+    if not d or d.get("value") is None:
+        return "n/a" + (f" ({d['note']})" if d and d.get("note") else "")
+    if d.get("ci_low") is None or d.get("ci_high") is None:
+        return f"{d['value']:.{digits}f} [CI undefined]"
+    return f"{d['value']:.{digits}f} [{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]"
+
+
+def _validation_lines(block: dict[str, Any]) -> list[str]:
+    """``report.md``'s section on the final model's uncertainty and calibration (the
+    ``validation`` block of ``fedcare simulate``, :mod:`simulations.uncertainty`)."""
+    title = ["", "## Uncertainty and calibration (pooled test splits, final model)", ""]
+    if "skipped" in block:
+        return title + [f"Not computed: {block['skipped']}."]
+    cal, op, boot = block["calibration"], block["threshold_0.5"], block["bootstrap"]
+    lines = title + [
+        f"{block['n']} test patients of all hospitals ({block['positives']} positive), scored "
+        "exactly by the final federated model (`model.safetensors`).",
+        "",
+        "| measure | value [95 % CI] | ideal |",
+        "|---|---|---|",
+        f"| AUROC | {_ci(block['auroc'])} | 1 |",
+        f"| AUPRC | {_ci(block['auprc'])} | 1 (chance: {block['positives'] / block['n']:.3f}) |",
+        f"| sensitivity at 0.5 | {_ci(op['sensitivity'])} | 1 |",
+        f"| specificity at 0.5 | {_ci(op['specificity'])} | 1 |",
+        f"| Brier score | {cal['brier']:.4f} | 0 |",
+        f"| calibration-in-the-large (observed - mean predicted) | "
+        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {_fmt(cal['slope'])} | 1 |",
+        f"| calibration intercept | {_fmt(cal['intercept'])} | 0 |",
+        "",
+    ]
+    if "slope_note" in cal:
+        lines += [f"Calibration slope and intercept {cal['slope_note']}.", ""]
+    per = block.get("per_hospital_auroc") or {}
+    if "skipped" in per:
+        lines += [f"Per-hospital AUROC intervals: {per['skipped']}.", ""]
+    elif per:
+        lines += ["| hospital | AUROC [95 % CI], own test split |", "|---|---|"]
+        lines += [f"| {name} | {_ci(d)} |" for name, d in per.items()]
+        lines.append("")
+    lines += [
+        f"Methods: 95 % intervals for AUROC and AUPRC by the {boot['method']} bootstrap "
+        f"(bias-corrected and accelerated; Efron & Tibshirani 1993), {boot['resamples']} "
+        f"resamples of the patients with their label (seed {boot['seed']}, "
+        "`scipy.stats.bootstrap`); sensitivity and specificity with Wilson score intervals "
+        "(Wilson 1927); Brier score; calibration slope and intercept of the unpenalised logistic "
+        "recalibration `logit P(y=1) = a + b logit(p)` (Cox 1958; slope below 1: over-confident); "
+        f"reliability diagram in {cal['reliability']['bins']} equal-width bins. The pooled "
+        "figures mix hospitals: they are not a between-hospital analysis.",
+        "",
+        f"![Reliability diagram]({block['figure']})",
+    ]
+    return lines
 
 
 def _test_split_lines(block: dict[str, Any]) -> list[str]:
@@ -621,9 +680,15 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
             "secure aggregation: SecAgg+ (the coordinator received only the sum of the updates)"
         )
     ov = summary["overall"]
+    validation = summary.get("validation") or {}
+    auroc = _ci(validation["auroc"]) if "auroc" in validation else _fmt(ov.get("auroc"))
+    auprc = _ci(validation["auprc"]) if "auprc" in validation else _fmt(ov.get("auprc"))
     console.print(
-        f"overall AUROC {_fmt(ov.get('auroc'))}, AUPRC {_fmt(ov.get('auprc'))}, accuracy "
-        f"{_fmt(ov.get('accuracy'))}, mean client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
+        escape(
+            f"overall AUROC {auroc}, AUPRC {auprc}, accuracy {_fmt(ov.get('accuracy'))}, mean "
+            f"client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
+        ),
+        highlight=False,
     )
     for name, b in summary.get("baselines", {}).items():
         pooled = " (scores of the hospitals' own models pooled)" if b.get("auroc_method") else ""

@@ -27,7 +27,6 @@ Methods and the library functions wrapped:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +67,35 @@ def auroc(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray | float:
     return float(out) if np.ndim(out) == 0 else out
 
 
-def _auprc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
+def auprc(y: np.ndarray, p: np.ndarray, axis: int = -1) -> np.ndarray | float:
+    """AUPRC as average precision, vectorised over ``axis`` (for the bootstrap).
 
-    if not (y == 1).any():
-        return math.nan
-    return float(average_precision_score(y, p))
+    ``sum_k (R_k - R_(k-1)) P_k`` over the distinct thresholds in decreasing order, tied scores
+    entering together: equal to ``sklearn.metrics.average_precision_score(y, p)``; NaN where a
+    sample has no positive.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        ``[..., N]`` labels in {0, 1}.
+    p : np.ndarray
+        ``[..., N]`` scores.
+    """
+    y = np.moveaxis(np.asarray(y, dtype=float), axis, -1)
+    p = np.moveaxis(np.asarray(p, dtype=float), axis, -1)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ys = np.take_along_axis(y, order, axis=-1)  # [..., N] labels by decreasing score
+    ps = np.take_along_axis(p, order, axis=-1)
+    n = ys.shape[-1]
+    precision = np.cumsum(ys, axis=-1) / np.arange(1, n + 1)  # [..., N] at each cut
+    last = np.ones(ys.shape, dtype=bool)  # the last patient of each group of tied scores
+    last[..., :-1] = ps[..., :-1] != ps[..., 1:]
+    end = np.where(last, np.arange(n), n)
+    end = np.flip(np.minimum.accumulate(np.flip(end, axis=-1), axis=-1), axis=-1)
+    at_threshold = np.take_along_axis(precision, end, axis=-1)  # precision of each one's group
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (ys * at_threshold).sum(axis=-1) / ys.sum(axis=-1)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 @dataclass(frozen=True)
@@ -137,14 +159,12 @@ def bootstrap_ci(
         def stat(yy: np.ndarray, pp: np.ndarray, axis: int = -1) -> np.ndarray:
             return np.asarray(auroc(yy, pp, axis=axis))
 
-        vectorized = True
     elif statistic == "auprc":
-        value = _auprc(y, p)
+        value = auprc(y, p)
 
-        def stat(yy: np.ndarray, pp: np.ndarray) -> float:  # type: ignore[misc]
-            return _auprc(yy, pp)
+        def stat(yy: np.ndarray, pp: np.ndarray, axis: int = -1) -> np.ndarray:
+            return np.asarray(auprc(yy, pp, axis=axis))
 
-        vectorized = False
     else:
         raise ValueError(f"unknown statistic {statistic!r}; choose 'auroc' or 'auprc'")
     if not np.isfinite(value):
@@ -152,7 +172,7 @@ def bootstrap_ci(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's degenerate-distribution notice: NaN below
         res = bootstrap(
-            (y, p), stat, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+            (y, p), stat, paired=True, vectorized=True, n_resamples=n_resamples,
             confidence_level=confidence, method=method, random_state=np.random.default_rng(seed),
         )  # fmt: skip
     low, high = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)

@@ -273,15 +273,7 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     ax.legend(loc="lower left", fontsize=8)
     _save(fig, out / FIGURES["pr"])
 
-    rel = cal["reliability"]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
-    ax.plot(rel["mean_predicted"], rel["observed"], "o-", label=f"model (slope {slope})")
-    ax.set(xlabel="mean predicted risk (bin)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(f"Reliability ({rel['bins']} equal-width bins)")
-    ax.legend(loc="upper left", fontsize=8)
-    _save(fig, out / FIGURES["calibration"])
+    plot_reliability(out / FIGURES["calibration"], cal)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.plot(dca["threshold"], dca["model"], label="model")
@@ -293,6 +285,27 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     ax.legend(loc="upper right", fontsize=8)
     _save(fig, out / FIGURES["decision_curve"])
     return list(FIGURES.values())
+
+
+def plot_reliability(path: Path, cal: dict[str, Any], *, title: str = "Reliability") -> None:
+    """The reliability diagram of :func:`shared_models.validation.calibration`'s result ``cal``
+    (observed rate against mean predicted risk per equal-width bin, the calibration slope in the
+    legend) as a PNG at ``path`` (matplotlib, Agg backend). ``fedcare evaluate`` and
+    ``fedcare simulate`` (pooled test splits) both draw it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = cal["reliability"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
+    ax.plot(rel["mean_predicted"], rel["observed"], "o-", label=f"model (slope {slope})")
+    ax.set(xlabel="mean predicted risk (bin)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"{title} ({rel['bins']} equal-width bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> None:

@@ -340,6 +340,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     from server.report import nobody_trained, write_reports
     from simulations.baselines import auroc_on_every_test_split, compute_baselines
     from simulations.engine import run_federation
+    from simulations.uncertainty import final_model_validation, write_calibration_figure
 
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
     baselines = _Background(compute_baselines, run, sites, device=device)
@@ -366,12 +367,11 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     done = baselines.result()
     summary["baselines"] = done.table
     summary["positive_class"] = positive  # what label 1 means, for every metric of the report
-    trained = nobody_trained(summary) is None  # else the final model is the untrained one
-    summary["test_split_auroc"] = auroc_on_every_test_split(
-        sites,
-        federated=_final_model_scores(run, sites, req.out, device) if trained else None,
-        baselines=done,
-    )
+    not_trained = nobody_trained(summary)  # else the final model is the untrained one
+    scores = _final_model_scores(run, sites, req.out, device) if not_trained is None else None
+    summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
+    summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
+    write_calibration_figure(req.out, summary["validation"])
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     write_model_card(req.out)  # again: with positive_class and the baselines' warnings
