@@ -37,6 +37,19 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_METHOD = "BCa"
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
+
+
+def bootstrap_description() -> dict[str, object]:
+    """How the intervals of :func:`bootstrap_ci` are computed, for reports and JSON."""
+    return {
+        "method": BOOTSTRAP_METHOD,
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "seed": BOOTSTRAP_SEED,
+        "confidence": CONFIDENCE,
+        "library": "scipy.stats.bootstrap (paired)",
+    }
+
+
 RELIABILITY_BINS = 10
 DECISION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)  # pt = 0.01 ... 0.99
 LOGIT_CLIP = 1e-6  # probabilities are clipped to [1e-6, 1 - 1e-6] before the logit

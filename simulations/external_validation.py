@@ -165,13 +165,7 @@ def evaluate_scores(
         "discrimination": {
             "auroc": v.bootstrap_ci(y, p, "auroc").as_dict(),
             "auprc": v.bootstrap_ci(y, p, "auprc").as_dict(),
-            "bootstrap": {
-                "method": v.BOOTSTRAP_METHOD,
-                "resamples": v.BOOTSTRAP_RESAMPLES,
-                "seed": v.BOOTSTRAP_SEED,
-                "confidence": v.CONFIDENCE,
-                "library": "scipy.stats.bootstrap (paired)",
-            },
+            "bootstrap": v.bootstrap_description(),
         },
         "operating_points": {
             "threshold_0.5": v.threshold_metrics(y, p, 0.5),

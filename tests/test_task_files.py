@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +26,15 @@ from shared_models.tasks.tabular import (
     task_from_file,
 )
 from shared_models.tasks.taskfile import EMBEDDED, FORMATS, MODEL_NAMES, parse_task_text
-from simulations import cli
 from tests import gbsg2
-from tests.handlers import unpack_app
+from tests.handlers import run_fedcare_main, unpack_app
 
 KEY = split_key_from_seed(3)
 
 
 def _fedcare(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["fedcare", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, " ".join((captured.out + captured.err).split())
+    code, out = run_fedcare_main(monkeypatch, capsys, *args)
+    return code, " ".join(out.split())
 
 
 # ----------------------------------------------------------------------------------------------
