@@ -317,6 +317,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     ]
     if (validation := summary.get("validation")) is not None:
         lines += _validation_lines(validation)
+    if (external := summary.get("external_validation")) is not None:
+        lines += _external_validation_lines(external)
     if summary.get("baselines"):
         lines += ["", "## Baselines (same model, same test splits)", ""]
         lines += [
@@ -426,6 +428,59 @@ def _validation_lines(block: dict[str, Any]) -> list[str]:
         f"![Reliability diagram]({block['figure']})",
     ]
     return lines
+
+
+def _external_validation_lines(block: dict[str, Any]) -> list[str]:
+    """``report.md``'s section on the hospital left out of the federation (``fedcare simulate
+    --hold-out``; the ``external_validation`` block, :mod:`simulations.uncertainty`)."""
+    title = ["", "## External validation on the held-out hospital", ""]
+    if "skipped" in block:
+        return title + [f"{block['hospital']}: not computed: {block['skipped']}."]
+    cal, boot = block["calibration"], block["bootstrap"]
+    lines = title + [
+        f"Hospital {block['hospital']} took no part in the training (leave-one-hospital-out). "
+        f"The final federated model (`model.safetensors`) scored all its {block['n']} records "
+        f"(its train and test splits together), {block['positives']} positive "
+        f"(prevalence {block['prevalence']:.3f}).",
+        "",
+        "| measure | value [95 % CI] | ideal |",
+        "|---|---|---|",
+        f"| AUROC | {_ci(block['auroc'])} | 1 |",
+        f"| AUPRC | {_ci(block['auprc'])} | 1 (chance: {block['prevalence']:.3f}) |",
+        f"| Brier score | {cal['brier']:.4f} | 0 |",
+        f"| calibration-in-the-large (observed - mean predicted) | "
+        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {_fmt(cal['slope'])} | 1 |",
+        f"| calibration intercept | {_fmt(cal['intercept'])} | 0 |",
+        "",
+    ]
+    if "slope_note" in cal:
+        lines += [f"Calibration slope and intercept {cal['slope_note']}.", ""]
+    negatives = block["n"] - block["positives"]
+    for name in ("auroc", "auprc"):
+        if note := block[name].get("note"):
+            lines += [
+                f"{name.upper()}: {note} ({block['positives']} positive, {negatives} negative "
+                "records).",
+                "",
+            ]
+    return lines + [
+        f"Methods as above: {boot['method']} bootstrap, {boot['resamples']} resamples (seed "
+        f"{boot['seed']}); calibration by logistic recalibration (Cox 1958).",
+    ]
+
+
+def external_validation_line(block: dict[str, Any]) -> str:
+    """The console's one line on the held-out hospital (``fedcare simulate --hold-out``)."""
+    if "skipped" in block:
+        return f"held-out hospital {block['hospital']}: not validated ({block['skipped']})"
+    cal = block["calibration"]
+    return (
+        f"held-out hospital {block['hospital']} (n {block['n']}, prevalence "
+        f"{block['prevalence']:.2f}): AUROC {_ci(block['auroc'])}, AUPRC {_ci(block['auprc'])}, "
+        f"Brier {cal['brier']:.3f}, calibration slope {_fmt(cal['slope'], 2)}, intercept "
+        f"{_fmt(cal['intercept'], 2)}"
+    )
 
 
 def _test_split_lines(block: dict[str, Any]) -> list[str]:
@@ -690,6 +745,8 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         ),
         highlight=False,
     )
+    if (external := summary.get("external_validation")) is not None:
+        console.print(escape(external_validation_line(external)), highlight=False)
     for name, b in summary.get("baselines", {}).items():
         pooled = " (scores of the hospitals' own models pooled)" if b.get("auroc_method") else ""
         console.print(

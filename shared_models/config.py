@@ -167,6 +167,7 @@ class RunConfig:
     resume_from: str
     simulated_hospitals: int
     settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
+    simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -243,6 +244,7 @@ class RunConfig:
             resume_from=_get(cfg, "run.resume-from", str),
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
             settings_from=str(cfg.get("run.settings-from", "")),
+            simulated_hold_out=str(cfg.get("simulation.hold-out", "")),
         )
         run._validate()
         return run

@@ -121,12 +121,49 @@ def simulated_sites(
 
 
 def simulated_sites_for(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
-    """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed).
+    """:func:`simulated_sites` with the run's data settings (``task.*``, ``data.*``, seed): the
+    hospitals of the federation, in partition-id order.
 
     The partition and train/test splits use ``data.split-seed`` when it is set (>= 0), else
     ``train.seed`` (benchmarks fix the split while the training seed varies, as FLamby does);
     ``data.split`` chooses the per-record split (default) or FLamby's stratified one.
+
+    With ``simulation.hold-out`` set (``fedcare simulate --hold-out``), ``num_sites`` counts the
+    federation's hospitals: the data are split into ``num_sites + 1`` hospitals and the held-out
+    one is left out, so that the ServerApp and every ClientApp see the same reduced list.
+
+    Raises
+    ------
+    DataError
+        The held-out hospital is not one of the data's hospitals.
     """
+    if not run.simulated_hold_out:
+        return _all_simulated_sites(run, num_sites)
+    sites = _all_simulated_sites(run, num_sites + 1)
+    held_out_site(run, num_sites)  # checks the name
+    return tuple(s for s in sites if s.name != run.simulated_hold_out)
+
+
+def held_out_site(run: RunConfig, num_sites: int) -> SiteData:
+    """The hospital ``simulation.hold-out`` names, of the ``num_sites + 1`` hospitals of which the
+    federation (``num_sites``, :func:`simulated_sites_for`) leaves it out.
+
+    Raises
+    ------
+    DataError
+        No hold-out is set, or it is not one of the data's hospitals (the message lists them).
+    """
+    sites = _all_simulated_sites(run, num_sites + 1)
+    for s in sites:
+        if s.name == run.simulated_hold_out:
+            return s
+    raise DataError(
+        f"--hold-out {run.simulated_hold_out!r}: no such hospital; known hospitals: "
+        f"{', '.join(s.name for s in sites)}"
+    )
+
+
+def _all_simulated_sites(run: RunConfig, num_sites: int) -> tuple[SiteData, ...]:
     return simulated_sites(
         run.task.name,
         data_dir=run.data.dir,

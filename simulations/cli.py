@@ -166,6 +166,16 @@ def simulate(
             "in-process."
         ),
     ] = Backend.auto,
+    hold_out: Annotated[
+        str | None,
+        typer.Option(
+            "--hold-out",
+            metavar="HOSPITAL",
+            help="Leave-one-hospital-out: train on every hospital but HOSPITAL (a name of the "
+            "data's hospitals, e.g. switzerland, or hospital-2 of a partition), then validate "
+            "the final model on all of HOSPITAL's records.",
+        ),
+    ] = None,
 ) -> str | None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report.
 
@@ -180,6 +190,7 @@ def simulate(
             export_hospitals_to=export_hospitals_to, ledger_dir=ledger_dir, policy=policy,
             verbose=verbose, gpus_per_hospital=gpus_per_hospital,
             cpus_per_hospital=cpus_per_hospital, ray_address=ray_address, backend=backend,
+            hold_out=hold_out or "",
         )  # fmt: skip
 
 
@@ -207,6 +218,7 @@ def _simulate(
     cpus_per_hospital: float,
     ray_address: str | None,
     backend: Backend,
+    hold_out: str,
 ) -> str | None:
     request = SimulationRequest(
         options=opt.run_options(
@@ -223,6 +235,7 @@ def _simulate(
         cpus_per_hospital=cpus_per_hospital,
         ray_address=ray_address,
         backend=backend.value,
+        hold_out=hold_out,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):

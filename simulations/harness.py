@@ -41,9 +41,11 @@ class SimulationRequest:
     ray_address: str | None = None  # an existing Ray cluster (else RAY_ADDRESS, else local)
     backend: str = "auto"  # "auto", "ray" or "in-process" (see uses_ray)
     task_file: str = ""  # text of a task file given by path (--task PATH), see task_argument
+    hold_out: str = ""  # a hospital left out of the federation and validated on (--hold-out)
 
 
 DEFAULT_HOSPITALS = 3
+MIN_TRAINING_HOSPITALS = 1  # --hold-out: hospitals left to train (see _without_hold_out)
 # How long Ray's start waits for the checks: a mistake found this fast (an option out of range in
 # a process that has imported the libraries already) is reported without starting Ray.
 _QUICK_CHECK_SECONDS = 0.2
@@ -126,6 +128,7 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     if req.options.data_dir:  # absolute for the hospitals, symlinks kept: messages show them
         cfg["data.dir"] = str(Path(req.options.data_dir).absolute())
     cfg["simulation.task-file"] = req.task_file  # only what task_argument registered
+    cfg["simulation.hold-out"] = req.hold_out
     cfg["output.dir"] = str(req.out.resolve())
     cfg["eval.centralized"] = True
     if req.ledger_dir is not None:
@@ -156,6 +159,8 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     check_names(cfg)
     task = get_task(cfg["task.name"])
     hospitals = _hospital_count(task, cfg, req, hospitals)
+    if req.hold_out:
+        hospitals = _without_hold_out(cfg, hospitals, req.hold_out)
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         cfg[key] = min(int(cfg[key]), hospitals)
@@ -184,6 +189,36 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
                 f"hospital {site.name} ({site.n_train} training records): {exc}"
             ) from None
     return run, sites
+
+
+def _without_hold_out(cfg: dict[str, Any], hospitals: int, hold_out: str) -> int:
+    """The number of hospitals that train when ``hold_out`` (one of the ``hospitals`` hospitals
+    of the data, by name) is left out (:func:`shared_models.sites.simulated_sites_for`).
+
+    Raises
+    ------
+    UsageError
+        ``hold_out`` names no hospital of the data (the message lists them), or fewer than
+        :data:`MIN_TRAINING_HOSPITALS` hospitals would be left to train.
+    """
+    from shared_models.config import RunConfig
+    from shared_models.errors import DataError
+    from shared_models.sites import held_out_site
+
+    full = {**cfg, "simulation.hospitals": hospitals, "strategy.min-available-nodes": hospitals}
+    for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
+        full[key] = min(int(cfg[key]), hospitals)
+    try:
+        held_out_site(RunConfig.from_run_config(full), hospitals - 1)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    if hospitals - 1 < MIN_TRAINING_HOSPITALS:
+        raise UsageError(
+            f"--hold-out {hold_out}: the data have {hospitals} hospitals, so "
+            f"{hospitals - 1} would be left to train; a federation needs at least "
+            f"{MIN_TRAINING_HOSPITALS}"
+        )
+    return hospitals - 1
 
 
 def _hospital_count(task: Task, cfg: dict[str, Any], req: SimulationRequest, hospitals: int) -> int:
@@ -330,6 +365,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         f"fedcare simulate: task {run.task.name} (label 1 = {positive}), {len(sites)} hospitals "
         f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
+        + (f"; {run.simulated_hold_out} held out for external validation" if req.hold_out else "")
     )
     from shared_models.recipes import settings_table, summary_line
 
@@ -372,6 +408,10 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
     summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
     write_calibration_figure(req.out, summary["validation"])
+    if run.simulated_hold_out:
+        summary["external_validation"] = _external_validation(
+            run, len(sites), req.out, device, why_not=not_trained
+        )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     write_model_card(req.out)  # again: with positive_class and the baselines' warnings
@@ -384,6 +424,12 @@ def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[An
     """The final federated model (``model.safetensors``) on each hospital's test split: ``[n_test_j]``
     probabilities of class 1 per hospital, exact (the simulation holds every test split, as for the
     pooled evaluation); None when the run wrote no final model."""
+    return _final_model_on(run, [s.x_test for s in sites], out, device)
+
+
+def _final_model_on(run: Any, inputs: list[Any], out: Path, device: str) -> list[Any] | None:
+    """The final federated model's ``[n_k]`` probabilities of class 1 on each of ``inputs``
+    (``[n_k, ...]`` arrays); None when the run wrote no ``model.safetensors``."""
     from server.checkpoint import load_weights
     from shared_models.models import model_for_run, predict_proba
 
@@ -392,7 +438,23 @@ def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[An
         return None
     model, _ = model_for_run(run)
     model.load_state_dict(load_weights(path))
-    return [predict_proba(model, s.x_test, device=device) for s in sites]
+    return [predict_proba(model, x, device=device) for x in inputs]
+
+
+def _external_validation(
+    run: Any, n_sites: int, out: Path, device: str, *, why_not: str | None
+) -> dict[str, Any]:
+    """``--hold-out``: the final model on every record of the held-out hospital
+    (:func:`simulations.uncertainty.held_out_validation`)."""
+    from shared_models.sites import held_out_site
+    from simulations.uncertainty import held_out_records, held_out_validation
+
+    site = held_out_site(run, n_sites)
+    scores = None
+    if why_not is None:
+        found = _final_model_on(run, [held_out_records(site)], out, device)
+        scores = found[0] if found is not None else None
+    return held_out_validation(site, scores, why_not=why_not or "")
 
 
 def _checked_while_ray_starts(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:

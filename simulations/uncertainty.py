@@ -107,3 +107,62 @@ def write_calibration_figure(run_dir: Path, block: dict[str, Any]) -> Path | Non
     path = run_dir / block["figure"]
     plot_reliability(path, block["calibration"], title="Reliability, pooled test splits")
     return path
+
+
+def held_out_validation(
+    site: SiteData, scores: np.ndarray | None, *, why_not: str = ""
+) -> dict[str, Any]:
+    """``summary.json``'s ``external_validation`` block (``fedcare simulate --hold-out``): the
+    final federated model on ALL records of the hospital left out of the federation (its train
+    and test splits together: none of them was seen in training).
+
+    The figures and methods of :func:`final_model_validation` (:mod:`shared_models.validation`):
+    AUROC and AUPRC with BCa bootstrap intervals, Brier score, calibration-in-the-large,
+    calibration slope and intercept.
+
+    Parameters
+    ----------
+    site : SiteData
+        The held-out hospital; ``y_train [n_train]`` and ``y_test [n_test]`` labels in {0, 1}.
+    scores : np.ndarray or None
+        The final model's ``[n_train + n_test]`` probabilities of class 1, training records
+        first; None when there is no trained final model.
+    why_not : str
+        The reason written when ``scores`` is None.
+
+    Returns
+    -------
+    dict
+        ``hospital`` and, unless ``skipped`` (reason), ``n``, ``positives``, ``prevalence``,
+        ``auroc`` and ``auprc`` (``{"value", "ci_low", "ci_high"[, "note"]}``), ``bootstrap``
+        and ``calibration`` (:func:`shared_models.validation.calibration`).
+    """
+    from shared_models import validation as v
+
+    if scores is None:
+        return {"hospital": site.name, "skipped": why_not or "no final model"}
+    y = held_out_labels(site)  # [N]
+    p = np.asarray(scores, dtype=float)  # [N]
+    n1 = int(y.sum())
+    return {
+        "hospital": site.name,
+        "method": "the final federated model's exact scores on every record of the held-out "
+        "hospital (its train and test splits together; none was seen in training)",
+        "n": int(len(y)),
+        "positives": n1,
+        "prevalence": n1 / len(y),
+        "auroc": v.bootstrap_ci(y, p, "auroc").as_dict(),  # one class: undefined, with a note
+        "auprc": v.bootstrap_ci(y, p, "auprc").as_dict(),
+        "bootstrap": v.bootstrap_description(),
+        "calibration": v.calibration(y, p),
+    }
+
+
+def held_out_records(site: SiteData) -> np.ndarray:
+    """The held-out hospital's ``[n_train + n_test, ...]`` inputs, training records first."""
+    return np.concatenate([site.x_train, site.x_test])
+
+
+def held_out_labels(site: SiteData) -> np.ndarray:
+    """The held-out hospital's ``[n_train + n_test]`` labels, in :func:`held_out_records`' order."""
+    return np.concatenate([site.y_train, site.y_test]).astype(int)

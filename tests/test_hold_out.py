@@ -1,0 +1,125 @@
+"""``fedcare simulate --hold-out HOSPITAL``: leave-one-hospital-out external validation. A real
+in-process federation on heart-disease without Switzerland, its final model validated on all of
+Switzerland's records; and the mistakes refused before any federation starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from shared_models.config import RunConfig
+from shared_models.sites import held_out_site, simulated_sites_for
+from simulations import cli
+from tests.conftest import HEART_DIR
+
+SECTION = "## External validation on the held-out hospital"
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """(run folder, summary.json, held-out site, the scores the harness validated, console
+    output): 3 non-private rounds on cleveland, hungarian and va through the real ``fedcare
+    simulate`` (in this process), Switzerland held out."""
+    import simulations.uncertainty as uncertainty
+
+    if not (HEART_DIR / "processed.switzerland.data").exists():
+        pytest.skip(f"UCI heart-disease files not found in {HEART_DIR} (../shared/data is absent)")
+    heart_dir = HEART_DIR
+    seen = {}
+
+    def spy(site, scores, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(site=site, scores=scores)
+        return held_out(site, scores, **kwargs)
+
+    held_out = uncertainty.held_out_validation
+    run = tmp_path_factory.mktemp("hold_out") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uncertainty, "held_out_validation", spy)
+        mp.setattr(sys, "argv", ["fedcare"])
+        console = cli.console
+        with console.capture() as capture:
+            result = cli.app(
+                ["simulate", "--task", "heart-disease", "--data-dir", str(heart_dir),
+                 "--hold-out", "switzerland", "--no-dp", "--rounds", "3", "--out", str(run),
+                 "--backend", "in-process"], standalone_mode=False,
+            )  # fmt: skip
+    assert result == cli.RUN_FOLDER_COMPLETE
+    summary = json.loads((run / "summary.json").read_text())
+    return run, summary, seen["site"], seen["scores"], capture.get()
+
+
+def test_federation_trains_without_the_held_out_hospital(held_out_run):
+    _, summary, site, _, _ = held_out_run
+    assert [h["name"] for h in summary["hospitals"]] == ["cleveland", "hungarian", "va"]
+    assert site.name == "switzerland"
+    # the baselines train on the three training hospitals only: their test splits, no more
+    n_test = sum(h["n_test"] for h in summary["hospitals"])
+    assert summary["validation"]["n"] == n_test
+
+
+def test_external_validation_scores_every_record_of_the_held_out_hospital(held_out_run):
+    run, summary, site, scores, output = held_out_run
+    block = summary["external_validation"]
+    # Switzerland has 123 rows in the UCI file; the default preprocessing (FLamby's) keeps 46
+    assert block["hospital"] == "switzerland" and block["n"] == 46 == site.n_train + site.n_test
+    y = np.concatenate([site.y_train, site.y_test]).astype(int)
+    p = np.asarray(scores)
+    assert p.shape == (46,) and block["positives"] == int(y.sum())
+    assert block["prevalence"] == pytest.approx(y.mean())
+    assert block["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
+    assert block["auprc"]["value"] == pytest.approx(average_precision_score(y, p))
+    assert block["calibration"]["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    assert {"slope", "intercept"} <= set(block["calibration"])
+    report = (run / "report.md").read_text()
+    assert SECTION in report and "switzerland took no part in the training" in report
+    assert "held-out hospital switzerland (n 46" in output.replace("\n", " ")
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["fedcare", "simulate", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    captured = capsys.readouterr()
+    return int(exc.value.code), captured.out + captured.err
+
+
+def test_unknown_hospital_is_one_clear_error(monkeypatch, capsys, tmp_path, heart_dir):
+    code, output = _run(
+        monkeypatch, capsys, "--task", "heart-disease", "--data-dir", str(heart_dir),
+        "--hold-out", "zurich", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2, output
+    assert output.strip() == (
+        "error: --hold-out 'zurich': no such hospital; known hospitals: cleveland, hungarian, "
+        "switzerland, va"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_hospital_left_to_train_is_refused(monkeypatch, capsys, tmp_path):
+    code, output = _run(
+        monkeypatch, capsys, "--hospitals", "1", "--hold-out", "hospital-1",
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 2, output
+    assert "0 would be left to train; a federation needs at least 1" in output
+    assert len(output.strip().splitlines()) == 1
+
+
+def test_every_process_sees_the_same_partition_without_the_held_out_hospital(default_cfg):
+    """A partitioned split: ``--hospitals 3 --hold-out hospital-2`` trains hospital-1 and
+    hospital-3, exactly the records they hold in the 3-hospital partition."""
+    cfg = {**default_cfg, "simulation.hospitals": 2, "simulation.hold-out": "hospital-2"}
+    run = RunConfig.from_run_config(cfg)
+    full = simulated_sites_for(dataclasses.replace(run, simulated_hold_out=""), 3)
+    federation = simulated_sites_for(run, 2)
+    assert [s.name for s in federation] == ["hospital-1", "hospital-3"]
+    for got, want in zip(federation, (full[0], full[2]), strict=True):
+        np.testing.assert_array_equal(got.x_train, want.x_train)
+        np.testing.assert_array_equal(got.y_test, want.y_test)
+    assert held_out_site(run, 2).n_train == full[1].n_train
