@@ -382,6 +382,23 @@ def _ci(d: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{d['value']:.{digits}f} [{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]"
 
 
+def calibration_rows(cal: dict[str, Any]) -> list[str]:
+    """The calibration rows of a ``| measure | value | ideal |`` table (Brier score,
+    calibration-in-the-large, slope and intercept of the logistic recalibration), a blank line,
+    and the note on an undefined slope (``cal``: :func:`shared_models.validation.calibration`)."""
+    rows = [
+        f"| Brier score | {cal['brier']:.4f} | 0 |",
+        f"| calibration-in-the-large (observed - mean predicted) | "
+        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {_fmt(cal['slope'])} | 1 |",
+        f"| calibration intercept | {_fmt(cal['intercept'])} | 0 |",
+        "",
+    ]
+    if "slope_note" in cal:
+        rows += [f"Calibration slope and intercept {cal['slope_note']}.", ""]
+    return rows
+
+
 def _validation_lines(block: dict[str, Any]) -> list[str]:
     """``report.md``'s section on the final model's uncertainty and calibration (the
     ``validation`` block of ``fedcare simulate``, :mod:`simulations.uncertainty`)."""
@@ -399,15 +416,8 @@ def _validation_lines(block: dict[str, Any]) -> list[str]:
         f"| AUPRC | {_ci(block['auprc'])} | 1 (chance: {block['positives'] / block['n']:.3f}) |",
         f"| sensitivity at 0.5 | {_ci(op['sensitivity'])} | 1 |",
         f"| specificity at 0.5 | {_ci(op['specificity'])} | 1 |",
-        f"| Brier score | {cal['brier']:.4f} | 0 |",
-        f"| calibration-in-the-large (observed - mean predicted) | "
-        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
-        f"| calibration slope | {_fmt(cal['slope'])} | 1 |",
-        f"| calibration intercept | {_fmt(cal['intercept'])} | 0 |",
-        "",
+        *calibration_rows(cal),
     ]
-    if "slope_note" in cal:
-        lines += [f"Calibration slope and intercept {cal['slope_note']}.", ""]
     per = block.get("per_hospital_auroc") or {}
     if "skipped" in per:
         lines += [f"Per-hospital AUROC intervals: {per['skipped']}.", ""]
@@ -447,15 +457,8 @@ def _external_validation_lines(block: dict[str, Any]) -> list[str]:
         "|---|---|---|",
         f"| AUROC | {_ci(block['auroc'])} | 1 |",
         f"| AUPRC | {_ci(block['auprc'])} | 1 (chance: {block['prevalence']:.3f}) |",
-        f"| Brier score | {cal['brier']:.4f} | 0 |",
-        f"| calibration-in-the-large (observed - mean predicted) | "
-        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
-        f"| calibration slope | {_fmt(cal['slope'])} | 1 |",
-        f"| calibration intercept | {_fmt(cal['intercept'])} | 0 |",
-        "",
+        *calibration_rows(cal),
     ]
-    if "slope_note" in cal:
-        lines += [f"Calibration slope and intercept {cal['slope_note']}.", ""]
     negatives = block["n"] - block["positives"]
     for name in ("auroc", "auprc"):
         if note := block[name].get("note"):

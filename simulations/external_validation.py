@@ -318,12 +318,10 @@ def _fmt(d: dict[str, Any], pct: bool = False) -> str:
     return f(d["value"]) + ci
 
 
-def _num(x: float | None, spec: str = ".3f") -> str:
-    return "undefined" if x is None else format(x, spec)
-
-
 def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
     """``report.md``: the evaluation for a clinician and a reviewer, with the methods."""
+    from server.report import calibration_rows
+
     disc, cal = result["discrimination"], result["calibration"]
     boot = disc["bootstrap"]
     dca = result["decision_curve"]
@@ -380,17 +378,10 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "",
         "| measure | value | ideal |",
         "|---|---|---|",
-        f"| Brier score | {cal['brier']:.4f} | 0 |",
         f"| mean predicted risk / observed rate | {cal['mean_predicted']:.3f} / "
         f"{cal['observed_rate']:.3f} | equal |",
-        f"| calibration-in-the-large (observed - predicted) | "
-        f"{cal['calibration_in_the_large']:+.3f} | 0 |",
-        f"| calibration slope | {_num(cal['slope'])} | 1 |",
-        f"| calibration intercept | {_num(cal['intercept'])} | 0 |",
-        "",
+        *calibration_rows(cal),
     ]
-    if "slope_note" in cal:
-        lines += [f"Slope and intercept {cal['slope_note']}.", ""]
     lines += [
         "Slope and intercept of the logistic recalibration `logit P(y=1) = a + b logit(p)` "
         "(unpenalised). A slope below 1: predictions too extreme (over-confident); above 1: too "
