@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,21 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
-
-
-def machine() -> str:
-    """One line: host, CPUs, memory and the library versions."""
-    import flwr
-    import opacus
-    import sklearn
-    import torch
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{platform.node()} · {os.cpu_count()} CPUs · {mem:.0f} GiB · Python "
-        f"{platform.python_version()} · torch {torch.__version__} · flwr {flwr.__version__} · "
-        f"opacus {opacus.__version__} · scikit-learn {sklearn.__version__}"
-    )
 
 
 def _task_data(task: str, scratch: Path) -> str:
@@ -133,7 +117,9 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["no-dp", "3", "1"])
     p.add_argument("--run-config", default=None, help="extra --run-config for every run")
     args = p.parse_args()
-    print(machine(), flush=True)
+    from simulations.machine import machine_line
+
+    print(machine_line("torch", "flwr", "opacus", "sklearn"), flush=True)
     from tests import gbsg2
     from tests.handlers import unpack_app
 

@@ -23,4 +23,20 @@ def load_average() -> str:
     return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-__all__ = ["cpu_model", "load_average"]
+def machine_line(*libraries: str) -> str:
+    """One line for a benchmark's output: host, OS, CPUs and their model, memory, Python, the
+    versions of ``libraries`` (importable module names) and the load average now."""
+    import importlib
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = ", ".join(
+        f"{name} {getattr(importlib.import_module(name), '__version__', '?')}" for name in libraries
+    )
+    return (
+        f"machine: {platform.node()} {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs ({cpu_model()}), {mem:.0f} GiB; Python "
+        f"{platform.python_version()}, {versions}; load average {load_average()}"
+    )
+
+
+__all__ = ["cpu_model", "load_average", "machine_line"]
