@@ -100,11 +100,11 @@ class RunOptions:
         return self.build_with_sources(defaults)[0]
 
     def build_with_sources(
-        self, defaults: dict[str, Any] | None = None, *, n_train: list[int] | None = None
+        self, defaults: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], Sources]:
         """The schema's defaults, then the task's recipe for the run's privacy setting (or,
-        where it has none, :func:`shared_models.recipes.rule` for hospitals of ``n_train``
-        training records), then ``--run-config``, then the explicit options: the complete flat
+        where it has none, :func:`shared_models.recipes.rule` for hospitals of unknown size;
+        :func:`apply_rule_for_sizes` re-picks once they are known), then ``--run-config``, then the explicit options: the complete flat
         config, and per training setting the layer it came from (also in the config, as
         ``run.settings-from``, for the report).
 
@@ -123,7 +123,7 @@ class RunOptions:
                 f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
             )
         sample_dp = self.dp and extra.get("dp.level", cfg["dp.level"]) == "sample"
-        recipe, why = _task_recipe(self.task, cfg, dp=sample_dp, n_train=n_train)
+        recipe, why = _task_recipe(self.task, cfg, dp=sample_dp)
         if any(key in extra for key in PAIRED_KEYS):  # the user's model or preprocessing
             recipe = {k: v for k, v in recipe.items() if k not in PAIRED_KEYS}
         sources.set(cfg, recipe, why)
@@ -147,9 +147,7 @@ class RunOptions:
         return cfg, sources
 
 
-def _task_recipe(
-    task: str, schema: dict[str, Any], *, dp: bool, n_train: list[int] | None
-) -> tuple[dict[str, Any], str]:
+def _task_recipe(task: str, schema: dict[str, Any], *, dp: bool) -> tuple[dict[str, Any], str]:
     """Task ``task``'s recipe for a run with or without sample-level DP, else the rule's; and
     where it came from ({} for an unknown task: reported later by :func:`check_names`)."""
     from shared_models.tasks import TASKS
@@ -163,7 +161,7 @@ def _task_recipe(
         raise ValueError(f"task {task}: run_defaults has unknown key(s) {unknown}")
     if recipe:
         return recipe, f"task recipe ({task}, {'DP' if dp else 'no DP'})"
-    return rule(dp=dp, n_train=n_train)
+    return rule(dp=dp, n_train=None)  # sizes unknown here: apply_rule_for_sizes re-picks
 
 
 def check_names(cfg: dict[str, Any], *, app_dir: Path = APP_DIR) -> None:
