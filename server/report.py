@@ -14,7 +14,7 @@ import pandas as pd
 
 from shared_models.config import RunConfig
 from shared_models.metrics import ALL_METRIC_NAMES as METRIC_NAMES
-from shared_models.recipes import settings_table
+from shared_models.recipes import RUN_CONFIG, Sources, settings_table
 
 from .checkpoint import write_json_atomic
 from .history import RunHistory
@@ -615,8 +615,13 @@ def _what_to_try(run: RunConfig) -> str:
         f'train.local-epochs=..."; this run {t.lr:g} and {t.local_epochs:g})'
     )
     preset = Path("presets") / f"{run.task.name}{'' if run.dp.enabled else '-no-dp'}.toml"
-    if (APP_DIR / preset).exists():
-        parts.append(f"the task's recipe (--run-config {preset})")
+    # the task's recipe applies by itself (shared_models.recipes): worth naming only where the
+    # user's own settings replaced some of it (or a run that recorded no sources)
+    sources = set(Sources.from_json(run.settings_from).by_key.values())
+    overridden = sorted(sources & {RUN_CONFIG, "--rounds"})
+    if (APP_DIR / preset).exists() and (overridden or not run.settings_from):
+        without = f"leave out {' and '.join(overridden)}, or " if overridden else ""
+        parts.append(f"the task's recipe ({without}--run-config {preset})")
     return "Try " + ", ".join(parts[:-1]) + f" or {parts[-1]}."
 
 

@@ -122,3 +122,20 @@ def test_the_recipes_and_the_rule_name_schema_keys_only(default_cfg):
     for dp in (True, False):
         assert set(rule(dp=dp, n_train=[10])[0]) <= set(RECIPE_KEYS)
     json.loads(RunOptions().build()["run.settings-from"])
+
+
+def test_what_to_try_names_the_recipe_only_where_the_user_replaced_it():
+    from server.report import quality_warnings
+
+    constant = {"overall": {"sensitivity": 0.0, "specificity": 1.0, "accuracy": 0.7}}
+    plain = RunConfig.from_run_config(RunOptions(task="chest-xray").build())
+    [line] = quality_warnings(plain, constant)
+    assert "predicts negative for every test patient" in line and "presets/" not in line
+    mine = RunConfig.from_run_config(
+        RunOptions(task="chest-xray", run_config="train.lr=0.01").build()
+    )
+    [line] = quality_warnings(mine, constant)
+    assert (
+        "the task's recipe (leave out --run-config, or --run-config presets/chest-xray.toml)"
+        in line
+    )
