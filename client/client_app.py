@@ -664,8 +664,13 @@ def _register_simulation_task(context: Context) -> None:
         The text is not a valid task file.
     """
     text = str(context.run_config.get("simulation.task-file", ""))
-    if not text or context.node_config.get("data-path"):  # a deployed hospital: never
+    if not text:
         return
+    try:
+        if not SiteSettings.from_node_config(context.node_config).simulated:
+            return  # a deployed hospital: never
+    except SiteSetupError:
+        return  # the handler refuses the node config itself
     from shared_models.tasks import TaskFileError, register_task_text
 
     try:
