@@ -276,8 +276,8 @@ def evaluate(
 ) -> None:
     """External validation of a saved model on one site's data, offline: scores every record
     and writes report.md, evaluation.json and figures (ROC, precision-recall, reliability,
-    decision curve): AUROC and AUPRC with bootstrap CIs, operating points with Wilson CIs,
-    calibration and net benefit. Nothing leaves the machine.
+    decision curve): AUROC with DeLong and bootstrap CIs, AUPRC with a bootstrap CI, operating
+    points with Wilson CIs, calibration and net benefit. Nothing leaves the machine.
     """
     from simulations.external_validation import default_out, run_evaluation
 
@@ -297,8 +297,9 @@ def evaluate(
         highlight=False,
     )
     console.print(
-        f"AUROC {ci(disc['auroc'])}, AUPRC {ci(disc['auprc'])} (95 % CI, "
-        f"{disc['bootstrap']['method']} bootstrap, {disc['bootstrap']['resamples']} resamples)",
+        f"AUROC {ci(disc['auroc_delong'])} (95 % CI, DeLong); AUROC {ci(disc['auroc'])}, AUPRC "
+        f"{ci(disc['auprc'])} (95 % CI, {disc['bootstrap']['method']} bootstrap, "
+        f"{disc['bootstrap']['resamples']} resamples)",
         highlight=False,
         soft_wrap=True,
     )

@@ -144,7 +144,8 @@ def evaluate_scores(
 ) -> dict[str, Any]:
     """Every figure of the evaluation from labels ``y [N]`` and probabilities ``p [N]``.
 
-    Discrimination (AUROC and AUPRC with bootstrap CIs), the two operating points (0.5 and the
+    Discrimination (AUROC with DeLong's CI and with a bootstrap CI, AUPRC with a bootstrap CI),
+    the two operating points (0.5 and the
     threshold reaching sensitivity 0.8, as :func:`shared_models.metrics.operating_point_metrics`
     picks it), calibration and the decision curve (:mod:`shared_models.validation`).
     """
@@ -164,8 +165,10 @@ def evaluate_scores(
         ),
         "discrimination": {
             "auroc": v.bootstrap_ci(y, p, "auroc").as_dict(),
+            "auroc_delong": v.delong_ci(y, p).as_dict(),
             "auprc": v.bootstrap_ci(y, p, "auprc").as_dict(),
             "bootstrap": v.bootstrap_description(),
+            "delong": v.delong_description(),
         },
         "operating_points": {
             "threshold_0.5": v.threshold_metrics(y, p, 0.5),
@@ -252,7 +255,7 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
 
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, label=f"model, AUROC {ci(disc['auroc'])}")
+    ax.plot(fpr, tpr, label=f"model, AUROC {ci(disc['auroc_delong'])} (DeLong)")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
@@ -345,13 +348,19 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
     lines += [
         "## Discrimination",
         "",
-        "| metric | value [95 % CI] |",
-        "|---|---|",
-        f"| AUROC | {_fmt(disc['auroc'])} |",
-        f"| AUPRC | {_fmt(disc['auprc'])} (chance: prevalence {result['prevalence']:.3f}) |",
+        "| metric | value [95 % CI] | CI method |",
+        "|---|---|---|",
+        f"| AUROC | {_fmt(disc['auroc_delong'])} | DeLong |",
+        f"| AUROC | {_fmt(disc['auroc'])} | {boot['method']} bootstrap |",
+        f"| AUPRC | {_fmt(disc['auprc'])} (chance: prevalence {result['prevalence']:.3f}) | "
+        f"{boot['method']} bootstrap |",
         "",
-        f"95 % confidence intervals: {boot['method']} bootstrap, {boot['resamples']} resamples of "
-        f"the patients (paired label and score, seed {boot['seed']}), `scipy.stats.bootstrap`.",
+        "95 % confidence intervals. DeLong: the AUROC's asymptotic variance from its structural "
+        "components (DeLong, DeLong & Clarke-Pearson 1988; Sun & Xu's fast algorithm), as R's "
+        f"`pROC::ci.auc`. Bootstrap: {boot['method']}, {boot['resamples']} resamples of the "
+        f"patients (paired label and score, seed {boot['seed']}), `scipy.stats.bootstrap`. The "
+        "two should roughly agree; where they do not (small samples, AUROC near 1), prefer the "
+        "bootstrap.",
         "",
         "![ROC](roc.png) ![Precision-recall](pr.png)",
         "",
@@ -407,8 +416,9 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "",
         "## Methods",
         "",
-        "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) and "
-        "AUPRC (`sklearn.metrics.average_precision_score`); bias-corrected and accelerated (BCa) "
+        "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) with "
+        "DeLong's confidence interval (DeLong, DeLong & Clarke-Pearson, Biometrics 1988; Sun & "
+        "Xu, IEEE SPL 2014) and AUPRC (`sklearn.metrics.average_precision_score`); bias-corrected and accelerated (BCa) "
         "bootstrap confidence intervals (Efron & Tibshirani, An Introduction to the Bootstrap, "
         "1993) through `scipy.stats.bootstrap`.",
         "- Wilson score intervals for proportions (Wilson, JASA 1927), "
