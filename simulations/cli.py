@@ -273,6 +273,15 @@ def evaluate(
             "must not exist or be empty."
         ),
     ] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Also fit a site-local logistic recalibration (intercept and slope) and report "
+            "the calibration before and after it (cross-fitted); recorded in evaluation.json, "
+            "never applied to the model file.",
+        ),
+    ] = False,
 ) -> None:
     """External validation of a saved model on one site's data, offline: scores every record
     and writes report.md, evaluation.json and figures (ROC, precision-recall, reliability,
@@ -282,7 +291,7 @@ def evaluate(
     from simulations.external_validation import default_out, run_evaluation
 
     target = out if out is not None else default_out(model)
-    result = run_evaluation(model=model, data=data, task=task, out=target)
+    result = run_evaluation(model=model, data=data, task=task, out=target, recalibrate=recalibrate)
     disc, cal = result["discrimination"], result["calibration"]
 
     def ci(d: dict) -> str:
@@ -308,6 +317,20 @@ def evaluate(
         f"{cal['calibration_in_the_large']:+.3f}",
         highlight=False,
     )
+    if (recal := result["recalibration"]) is not None:
+        if recal["after"] is None:
+            console.print(f"recalibration: {recal.get('note', '')}", highlight=False)
+        else:
+            after = recal["after"]
+            console.print(
+                f"site-local recalibration logit p' = {recal['intercept']:.3f} + "
+                f"{recal['slope']:.3f} logit p (recorded, not applied to the model): Brier "
+                f"{cal['brier']:.4f} -> {after['brier']:.4f}, calibration-in-the-large "
+                f"{cal['calibration_in_the_large']:+.3f} -> "
+                f"{after['calibration_in_the_large']:+.3f} (cross-fitted)",
+                highlight=False,
+                soft_wrap=True,
+            )
     if result["prevalence_warning"]:
         err_console.print(f"[yellow]warning:[/] {result['prevalence_warning']}", highlight=False)
     elif result["prevalence_note"]:

@@ -28,6 +28,7 @@ FIGURES = {
     "calibration": "calibration.png",
     "decision_curve": "decision-curve.png",
 }
+RECALIBRATION_FIGURE = "recalibration.png"
 SENSITIVITY_TARGET = 0.8
 
 
@@ -140,14 +141,20 @@ def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.nda
 
 
 def evaluate_scores(
-    y: np.ndarray, p: np.ndarray, *, training_prevalence: float | None = None
+    y: np.ndarray,
+    p: np.ndarray,
+    *,
+    training_prevalence: float | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the evaluation from labels ``y [N]`` and probabilities ``p [N]``.
 
     Discrimination (AUROC with DeLong's CI and with a bootstrap CI, AUPRC with a bootstrap CI),
     the two operating points (0.5 and the
     threshold reaching sensitivity 0.8, as :func:`shared_models.metrics.operating_point_metrics`
-    picks it), calibration and the decision curve (:mod:`shared_models.validation`).
+    picks it), calibration and the decision curve (:mod:`shared_models.validation`); with
+    ``recalibrate``, a site-local logistic recalibration
+    (:func:`shared_models.validation.recalibration`), recorded and never applied to the model.
     """
     from shared_models import validation as v
     from shared_models.metrics import operating_point_metrics
@@ -179,6 +186,9 @@ def evaluate_scores(
         "operating_point_metrics": points,
         "calibration": v.calibration(y, p),
         "decision_curve": v.decision_curve(y, p),
+        "recalibration": (
+            {**v.recalibration(y, p), "applied_to_model": False} if recalibrate else None
+        ),
     }
 
 
@@ -189,10 +199,17 @@ def training_prevalence(card: dict[str, Any]) -> float | None:
 
 
 def run_evaluation(
-    *, model: Path, data: Path, task: str | None = None, out: Path | None = None
+    *,
+    model: Path,
+    data: Path,
+    task: str | None = None,
+    out: Path | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """``fedcare evaluate``: check, load, score, and write the output folder; returns the
-    content of ``evaluation.json``.
+    content of ``evaluation.json``. With ``recalibrate`` the site-local recalibration is fitted
+    and recorded (``evaluation.json`` ``recalibration``, the report, ``recalibration.png``); the
+    model file is only read.
 
     Raises
     ------
@@ -225,7 +242,9 @@ def run_evaluation(
         "preprocessing": saved.card["preprocessing"],
         "data": str(data),
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **evaluate_scores(y, p, training_prevalence=training_prevalence(saved.card)),
+        **evaluate_scores(
+            y, p, training_prevalence=training_prevalence(saved.card), recalibrate=recalibrate
+        ),
     }
     from shared_models.tasks import get_task
 
@@ -271,6 +290,13 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     _save(fig, out / FIGURES["pr"])
 
     plot_reliability(out / FIGURES["calibration"], cal)
+    written = list(FIGURES.values())
+    if (recal := result.get("recalibration")) and recal["after"] is not None:
+        plot_reliability(
+            out / RECALIBRATION_FIGURE, recal["before"], after=recal["after"],
+            title="Recalibration",
+        )  # fmt: skip
+        written.append(RECALIBRATION_FIGURE)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.plot(dca["threshold"], dca["model"], label="model")
@@ -281,14 +307,21 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     ax.set(ylim=(-0.05, max(prev, 0.01) * 1.1), title="Decision curve")
     ax.legend(loc="upper right", fontsize=8)
     _save(fig, out / FIGURES["decision_curve"])
-    return list(FIGURES.values())
+    return written
 
 
-def plot_reliability(path: Path, cal: dict[str, Any], *, title: str = "Reliability") -> None:
+def plot_reliability(
+    path: Path,
+    cal: dict[str, Any],
+    *,
+    title: str = "Reliability",
+    after: dict[str, Any] | None = None,
+) -> None:
     """The reliability diagram of :func:`shared_models.validation.calibration`'s result ``cal``
     (observed rate against mean predicted risk per equal-width bin, the calibration slope in the
     legend) as a PNG at ``path`` (matplotlib, Agg backend). ``fedcare evaluate`` and
-    ``fedcare simulate`` (pooled test splits) both draw it."""
+    ``fedcare simulate`` (pooled test splits) both draw it. ``after``: a second curve, the
+    calibration after ``--recalibrate`` (cross-fitted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,6 +332,13 @@ def plot_reliability(path: Path, cal: dict[str, Any], *, title: str = "Reliabili
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
     ax.plot(rel["mean_predicted"], rel["observed"], "o-", label=f"model (slope {slope})")
+    if after is not None:
+        rel2 = after["reliability"]
+        slope2 = "undefined" if after["slope"] is None else f"{after['slope']:.2f}"
+        ax.plot(
+            rel2["mean_predicted"], rel2["observed"], "s-",
+            label=f"recalibrated, cross-fitted (slope {slope2})",
+        )  # fmt: skip
     ax.set(xlabel="mean predicted risk (bin)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
     ax.set_title(f"{title} ({rel['bins']} equal-width bins)")
     ax.legend(loc="upper left", fontsize=8)
@@ -319,6 +359,49 @@ def _fmt(d: dict[str, Any], pct: bool = False) -> str:
     f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")
     ci = f" [{f(d['ci_low'])}, {f(d['ci_high'])}]" if d["ci_low"] is not None else ""
     return f(d["value"]) + ci
+
+
+def _recalibration_lines(recal: dict[str, Any] | None) -> list[str]:
+    """``report.md``'s section on ``--recalibrate`` (nothing without it)."""
+    if recal is None:
+        return []
+    lines = ["## Site-local recalibration (--recalibrate)", ""]
+    if recal["slope"] is None:
+        return [*lines, f"Not fitted: {recal.get('note', '')}.", ""]
+    lines += [
+        "Fitted on all of this site's records: "
+        f"`logit p' = {recal['intercept']:.3f} + {recal['slope']:.3f} logit p` "
+        f"({recal['formula']}). It is recorded here and in evaluation.json and NOT applied to "
+        "the model file; a site that adopts it applies it to the model's output itself.",
+        "",
+    ]
+    after = recal["after"]
+    if after is None:
+        return [*lines, f"{recal.get('note', '')}.", ""]
+
+    def f(v: float | None, d: int = 3) -> str:
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    before = recal["before"]
+    lines += [
+        f"| measure | before | after ({recal['folds']}-fold cross-fitted) | ideal |",
+        "|---|---|---|---|",
+        f"| calibration-in-the-large | {before['calibration_in_the_large']:+.3f} | "
+        f"{after['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {f(before['slope'], 2)} | {f(after['slope'], 2)} | 1 |",
+        f"| calibration intercept | {f(before['intercept'], 2)} | {f(after['intercept'], 2)} | 0 |",
+        f"| Brier score | {before['brier']:.4f} | {after['brier']:.4f} | lower |",
+        f"| AUROC | - | {f(recal['auroc_after'])} | unchanged within a fold |",
+        "",
+        f"The after-figures are cross-fitted: each of {recal['folds']} stratified folds is "
+        "recalibrated by the fit on the other folds, so they are not judged on the records they "
+        "were fitted to. Recalibration fixes calibration for this site only; it cannot improve "
+        "discrimination.",
+        "",
+        "![Reliability before and after recalibration](recalibration.png)",
+        "",
+    ]
+    return lines
 
 
 def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
@@ -394,10 +477,13 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
     lines += [
         "Slope and intercept of the logistic recalibration `logit P(y=1) = a + b logit(p)` "
         "(unpenalised). A slope below 1: predictions too extreme (over-confident); above 1: too "
-        "moderate. Nothing is recalibrated here.",
+        "moderate. Nothing is recalibrated here"
+        + ("" if result.get("recalibration") else " (`--recalibrate` fits a site-local one)")
+        + ".",
         "",
         "![Reliability diagram](calibration.png)",
         "",
+        *_recalibration_lines(result.get("recalibration")),
         "## Clinical utility (decision curve)",
         "",
         "| threshold probability | net benefit: model | treat all | treat none |",

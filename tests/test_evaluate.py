@@ -240,3 +240,72 @@ def test_delong_interval_is_undefined_without_two_patients_per_class():
     assert v.delong_ci(np.array([1, 1, 1]), np.array([0.1, 0.2, 0.3])).value is None
     one = v.delong_ci(np.array([1, 0, 0]), np.array([0.9, 0.2, 0.3]))
     assert one.value == 1.0 and one.low is None and "fewer than 2" in one.note
+
+
+# --- --recalibrate ---
+
+
+def test_recalibrate_is_recorded_and_the_model_file_untouched(
+    trained, tmp_path, monkeypatch, capsys
+):
+    import hashlib
+
+    run, data = trained
+    weights = run / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    out = tmp_path / "eval"
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(data),
+        "--out", str(out), "--recalibrate",
+    )  # fmt: skip
+    assert code == 0, text
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+    result = json.loads((out / "evaluation.json").read_text())
+    recal = result["recalibration"]
+    y, p = _scores(run, data)
+    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(v.logit(p).reshape(-1, 1), y)
+    assert recal["slope"] == pytest.approx(fit.coef_[0, 0], rel=1e-6)
+    assert recal["intercept"] == pytest.approx(fit.intercept_[0], rel=1e-6)
+    assert recal["applied_to_model"] is False
+    assert recal["before"] == result["calibration"]
+    assert recal["after"]["brier"] > 0 and (out / "recalibration.png").exists()
+    assert "recalibration.png" in result["figures"]
+    report = (out / "report.md").read_text()
+    assert "## Site-local recalibration (--recalibrate)" in report
+    assert "NOT applied to the model file" in report and "cross-fitted" in report
+    assert "site-local recalibration" in text and "not applied to the model" in text
+
+
+def test_evaluate_without_recalibrate_records_none(trained, tmp_path):
+    from simulations.external_validation import run_evaluation
+
+    run, data = trained
+    result = run_evaluation(model=run, data=data, out=tmp_path / "eval")
+    assert result["recalibration"] is None
+    assert not (tmp_path / "eval" / "recalibration.png").exists()
+    assert "`--recalibrate` fits a site-local one" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_recalibration_repairs_a_miscalibrated_model_out_of_sample():
+    # true risk sigmoid(z); the model reports sigmoid(2 z + 1): over-confident and too high
+    rng = np.random.default_rng(3)
+    z = rng.normal(-1.0, 1.2, 4000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    p = 1 / (1 + np.exp(-(2 * z + 1)))
+    recal = v.recalibration(y, p)
+    # logit p = 2 z + 1, so z = 0.5 logit p - 0.5: slope 0.5 and intercept -0.5
+    assert recal["slope"] == pytest.approx(0.5, abs=0.05)
+    assert recal["intercept"] == pytest.approx(-0.5, abs=0.1)
+    after = recal["after"]
+    assert after["slope"] == pytest.approx(1.0, abs=0.1)
+    assert abs(after["calibration_in_the_large"]) < 0.02
+    assert after["brier"] < recal["before"]["brier"]
+    assert recal["auroc_after"] == pytest.approx(v.auroc(y, p), abs=0.01)
+    back = v.apply_recalibration(p, intercept=recal["intercept"], slope=recal["slope"])
+    assert v.calibration(y, back)["slope"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_recalibration_of_perfectly_separating_scores_is_not_fitted():
+    recal = v.recalibration(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]))
+    assert recal["slope"] is None and recal["after"] is None
+    assert "separate the classes perfectly" in recal["note"]
