@@ -104,10 +104,13 @@ def load_model(saved: SavedModel) -> Any:
     return model
 
 
-def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_records(
+    task_name: str, preprocessing: str, data: Path, *, frame: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every record of the site's data, preprocessed as in training: ``(x [N, *input_shape]
     float32, y [N])``. Read with the task's hospital loader (``Task.read_file``, as ``fedcare
-    client check``), missing values imputed and features scaled with the task's fixed constants
+    client check``; ``frame``: its result when already read), missing values imputed and
+    features scaled with the task's fixed constants
     (:func:`shared_models.tasks.base.impute_and_scale`).
 
     Raises
@@ -118,11 +121,23 @@ def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.nda
     """
     from shared_models.errors import DataError
     from shared_models.tasks import get_task
-    from shared_models.tasks.base import impute_and_scale
 
     task = get_task(task_name)
-    resolved = task.resolve_preprocessing(preprocessing)
-    frame = task.read_file(data)  # raises DataError naming file, line and column
+    frame = task.read_file(data) if frame is None else frame  # DataError names file and line
+    x, y = _preprocess(task, task.resolve_preprocessing(preprocessing), frame, data)
+    if len(np.unique(y)) < 2:
+        raise DataError(
+            f"{data}: all {len(y)} records have label {int(y[0]) if len(y) else '-'}; external "
+            "validation needs patients of both classes"
+        )
+    return x, y
+
+
+def _preprocess(task: Any, resolved: str, frame: Any, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of a raw frame: the task's features, imputed and scaled as in training."""
+    from shared_models.errors import DataError
+    from shared_models.tasks.base import impute_and_scale
+
     x, y = task.features(frame, resolved)
     x = impute_and_scale(x, task.scaling(resolved))
     y = np.asarray(y).astype(int)
@@ -130,14 +145,60 @@ def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.nda
     if bad.any():
         raise DataError(
             f"{data}: {int(bad.sum())} record(s) have a non-finite value after preprocessing; run "
-            f"`fedcare client check --task {task_name} --data {data}`"
-        )
-    if len(np.unique(y)) < 2:
-        raise DataError(
-            f"{data}: all {len(y)} records have label {int(y[0]) if len(y) else '-'}; external "
-            "validation needs patients of both classes"
+            f"`fedcare client check --task {task.name} --data {data}`"
         )
     return x, y
+
+
+# A subgroup with fewer patients of either class gets no AUROC: its confidence interval would
+# span most of [0.5, 1] (with 10 events DeLong's half-width is typically about 0.15-0.2).
+MIN_SUBGROUP_CLASS = 10
+
+
+def subgroup_results(
+    net: Any, task: Any, preprocessing: str, frame: Any, data: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Per declared subgroup (``Task.subgroups``, e.g. sex and age bands) and group: ``n``,
+    ``positives``, ``prevalence`` and AUROC with DeLong's 95 % CI
+    (:func:`shared_models.validation.delong_ci`).
+
+    Each group's rows of the raw ``frame`` are preprocessed and scored like the whole data
+    (rows the task drops are dropped here too, so the groups' ``n`` add up to the evaluation's).
+    A group with fewer than :data:`MIN_SUBGROUP_CLASS` patients of either class has
+    ``auroc: None`` and a ``note`` saying it is too small.
+
+    Returns
+    -------
+    dict
+        ``{subgroup name: [{"group", "n", "positives", "prevalence", "auroc", "note"?}, ...]}``.
+    """
+    from shared_models import validation as v
+    from shared_models.models import predict_proba
+
+    resolved = task.resolve_preprocessing(preprocessing)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for subgroup in task.subgroups:
+        rows = []
+        for group, mask in subgroup.masks(frame).items():
+            part = frame[mask].reset_index(drop=True)
+            y = np.zeros(0, dtype=int)
+            if len(part):
+                x, y = _preprocess(task, resolved, part, data)
+            n, k = len(y), int(y.sum())
+            entry: dict[str, Any] = {
+                "group": group, "n": n, "positives": k, "prevalence": k / n if n else None,
+                "auroc": None,
+            }  # fmt: skip
+            if min(k, n - k) < MIN_SUBGROUP_CLASS:
+                entry["note"] = (
+                    f"too small for an AUROC: {k} positive and {n - k} negative patient(s); at "
+                    f"least {MIN_SUBGROUP_CLASS} of each needed"
+                )
+            else:
+                entry["auroc"] = v.delong_ci(y, predict_proba(net, x)).as_dict()
+            rows.append(entry)
+        out[subgroup.name] = rows
+    return out
 
 
 def evaluate_scores(
@@ -232,8 +293,12 @@ def run_evaluation(
     if not data.exists():
         raise UsageError(f"--data {data} does not exist")
     net = load_model(saved)
-    x, y = load_records(saved.task, saved.card["preprocessing"], data)
     from shared_models.models import predict_proba
+    from shared_models.tasks import get_task
+
+    task_def = get_task(saved.task)
+    frame = task_def.read_file(data)  # raises DataError naming file, line and column
+    x, y = load_records(saved.task, saved.card["preprocessing"], data, frame=frame)
 
     p = predict_proba(net, x)
     result = {
@@ -246,9 +311,8 @@ def run_evaluation(
             y, p, training_prevalence=training_prevalence(saved.card), recalibrate=recalibrate
         ),
     }
-    from shared_models.tasks import get_task
-
-    result["positive_class"] = get_task(saved.task).positive_class_for(str(data))
+    result["subgroups"] = subgroup_results(net, task_def, saved.card["preprocessing"], frame, data)
+    result["positive_class"] = task_def.positive_class_for(str(data))
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = write_figures(out, y, p, result)
     write_json_atomic(out / "evaluation.json", result, indent=1)
@@ -404,6 +468,33 @@ def _recalibration_lines(recal: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _subgroup_lines(subgroups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """``report.md``'s subgroup table (nothing when the task declares no subgroups)."""
+    if not subgroups:
+        return []
+    lines = [
+        "## Subgroups",
+        "",
+        "| subgroup | group | n | positive | prevalence | AUROC [95 % CI, DeLong] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in subgroups.items():
+        for r in rows:
+            prevalence = "n/a" if r["prevalence"] is None else f"{r['prevalence']:.1%}"
+            auroc = _fmt(r["auroc"]) if r["auroc"] is not None else r["note"]
+            lines.append(
+                f"| {name} | {r['group']} | {r['n']} | {r['positives']} | {prevalence} | {auroc} |"
+            )
+    lines += [
+        "",
+        "Subgroups as the task declares them. A group with fewer than "
+        f"{MIN_SUBGROUP_CLASS} patients of either class gets no AUROC. Differences between "
+        "groups within their intervals are not evidence of a difference.",
+        "",
+    ]
+    return lines
+
+
 def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
     """``report.md``: the evaluation for a clinician and a reviewer, with the methods."""
     from server.report import calibration_rows
@@ -484,6 +575,7 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "![Reliability diagram](calibration.png)",
         "",
         *_recalibration_lines(result.get("recalibration")),
+        *_subgroup_lines(result.get("subgroups") or {}),
         "## Clinical utility (decision curve)",
         "",
         "| threshold probability | net benefit: model | treat all | treat none |",

@@ -123,3 +123,57 @@ def test_every_process_sees_the_same_partition_without_the_held_out_hospital(def
         np.testing.assert_array_equal(got.x_train, want.x_train)
         np.testing.assert_array_equal(got.y_test, want.y_test)
     assert held_out_site(run, 2).n_train == full[1].n_train
+
+
+def test_evaluate_reports_the_declared_subgroups(held_out_run, tmp_path, monkeypatch, capsys):
+    """``fedcare evaluate`` on the held-out model: heart-disease's task file declares sex and age
+    bands; each group's n, prevalence and DeLong AUROC, and Switzerland's 'too small' groups."""
+    from shared_models import validation as v
+    from shared_models.tasks import get_task
+    from simulations.external_validation import MIN_SUBGROUP_CLASS, load_model, locate_model
+    from tests.handlers import run_fedcare_main
+
+    run = held_out_run[0]
+    data = HEART_DIR / "processed.cleveland.data"  # 303 rows, none dropped by FLamby's handling
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(data),
+        "--out", str(tmp_path / "cleveland"),
+    )  # fmt: skip
+    assert code == 0, text
+    result = json.loads((tmp_path / "cleveland" / "evaluation.json").read_text())
+    assert set(result["subgroups"]) == {"sex", "age"}
+    frame = get_task("heart-disease").read_file(data)
+    saved = locate_model(run)
+    from simulations.external_validation import load_records
+
+    x, y = load_records("heart-disease", saved.card["preprocessing"], data)
+    from shared_models.models import predict_proba
+
+    p = predict_proba(load_model(saved), x)
+    assert len(frame) == len(y) == result["n"] == 303
+    female = frame["sex"].astype(float).to_numpy() == 0
+    groups = {r["group"]: r for r in result["subgroups"]["sex"]}
+    assert set(groups) == {"female", "male"}
+    assert groups["female"]["n"] == int(female.sum())
+    assert groups["female"]["positives"] == int(y[female].sum())
+    assert groups["female"]["auroc"] == v.delong_ci(y[female], p[female]).as_dict()
+    assert groups["female"]["auroc"]["value"] == pytest.approx(roc_auc_score(y[female], p[female]))
+    ages = {r["group"]: r for r in result["subgroups"]["age"]}
+    assert list(ages) == ["< 50 years", "50 to < 60 years", ">= 60 years"]
+    assert sum(r["n"] for r in ages.values()) == 303
+    report = (tmp_path / "cleveland" / "report.md").read_text()
+    assert "## Subgroups" in report and "| sex | female |" in report
+
+    # Switzerland: 46 records kept of 123; few women, few negatives -> 'too small', no AUROC
+    swiss = HEART_DIR / "processed.switzerland.data"
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(swiss),
+        "--out", str(tmp_path / "swiss"),
+    )  # fmt: skip
+    assert code == 0, text
+    result = json.loads((tmp_path / "swiss" / "evaluation.json").read_text())
+    rows = result["subgroups"]["sex"]
+    assert sum(r["n"] for r in rows) == result["n"] == 46
+    small = [r for r in rows if min(r["positives"], r["n"] - r["positives"]) < MIN_SUBGROUP_CLASS]
+    assert small and all(r["auroc"] is None and "too small" in r["note"] for r in small)
+    assert "too small for an AUROC" in (tmp_path / "swiss" / "report.md").read_text()
