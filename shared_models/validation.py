@@ -473,3 +473,72 @@ def prevalence_shift(observed: float, training: float | None) -> str | None:
             f"{ratio:.2f}): expect calibration-in-the-large to be off; consider recalibrating"
         )
     return None
+
+
+# A feature's shift is reported when its mean moved by more than this many training standard
+# deviations (a standardised mean difference of 0.5: Cohen's "medium" effect) ...
+FEATURE_SMD_WARNING = 0.5
+# ... or when more than this share of the site's records lie outside the training range.
+FEATURE_OUTSIDE_WARNING = 0.05
+
+
+def feature_profile(x: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per model input: ``mean``, ``sd``, ``min``, ``max`` over the records ``x [N, F]`` (model
+    inputs after the task's fixed imputation and scaling), keyed by ``names`` ``[F]``; NaN
+    values are left out."""
+    x = np.asarray(x, dtype=float)
+    out: dict[str, dict[str, float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an all-NaN column gives NaN, dropped below
+        stats = {
+            "mean": np.nanmean(x, axis=0), "sd": np.nanstd(x, axis=0, ddof=1),
+            "min": np.nanmin(x, axis=0), "max": np.nanmax(x, axis=0),
+        }  # fmt: skip
+    for j, name in enumerate(names):
+        if all(np.isfinite(v[j]) for v in stats.values()):
+            out[name] = {k: float(v[j]) for k, v in stats.items()}
+    return out
+
+
+def feature_shift(
+    training: dict[str, dict[str, float]], x: np.ndarray, names: list[str]
+) -> list[str]:
+    """One warning per model input whose distribution at this site differs strongly from the
+    training profile (:func:`feature_profile`): the standardised mean difference
+    ``|mean_site - mean_train| / sd_train`` above :data:`FEATURE_SMD_WARNING`, or more than
+    :data:`FEATURE_OUTSIDE_WARNING` of the site's records outside the training ``[min, max]``.
+    Inputs the profile does not have are skipped.
+
+    Parameters
+    ----------
+    training : dict
+        The model card's profile, ``{name: {"mean", "sd", "min", "max"}}``.
+    x : np.ndarray
+        ``[N, F]`` this site's model inputs.
+    names : list[str]
+        ``[F]`` the inputs' names.
+    """
+    x = np.asarray(x, dtype=float)
+    out = []
+    for j, name in enumerate(names):
+        ref = training.get(name)
+        col = x[:, j][np.isfinite(x[:, j])]
+        if ref is None or not len(col):
+            continue
+        reasons = []
+        if ref["sd"] > 0:
+            smd = abs(float(col.mean()) - ref["mean"]) / ref["sd"]
+            if smd > FEATURE_SMD_WARNING:
+                reasons.append(
+                    f"mean {col.mean():.2f} here against {ref['mean']:.2f} in training "
+                    f"(standardised difference {smd:.2f})"
+                )
+        outside = float(np.mean((col < ref["min"]) | (col > ref["max"])))
+        if outside > FEATURE_OUTSIDE_WARNING:
+            reasons.append(
+                f"{outside:.0%} of the records outside the training range "
+                f"[{ref['min']:.2f}, {ref['max']:.2f}]"
+            )
+        if reasons:
+            out.append(f"feature {name!r}: {'; '.join(reasons)} (model-input units)")
+    return out

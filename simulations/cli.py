@@ -335,6 +335,8 @@ def evaluate(
         err_console.print(f"[yellow]warning:[/] {result['prevalence_warning']}", highlight=False)
     elif result["prevalence_note"]:
         console.print(f"prevalence shift: {result['prevalence_note']}", highlight=False)
+    for warning in result["shift"]["feature_warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"report: {target / 'report.md'}", highlight=False)
 
 

@@ -254,9 +254,77 @@ def evaluate_scores(
 
 
 def training_prevalence(card: dict[str, Any]) -> float | None:
-    """The training prevalence the model card records (``training.prevalence``), or None."""
-    value = card.get("training", {}).get("prevalence")
+    """The training prevalence the model card records (``training_data.prevalence``, exact in
+    simulation, from released histograms in a deployment), or None."""
+    value = (card.get("training_data") or {}).get("prevalence")
     return float(value) if isinstance(value, int | float) else None
+
+
+def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any]:
+    """This site's model inputs ``x [N, ...]`` against the model card's training profile:
+    ``{"provenance", "feature_warnings": [...], "note"?}`` (see
+    :func:`shared_models.validation.feature_shift`). No check where the card has no feature
+    profile (a deployment releases none) or the inputs are not one vector per record."""
+    from shared_models.validation import feature_shift
+
+    data = card.get("training_data") or {}
+    out: dict[str, Any] = {
+        "provenance": data.get("provenance", "not recorded in the model card"),
+        "feature_warnings": [],
+    }
+    if not data.get("features"):
+        out["note"] = "feature shift not checked: the model card records no feature distributions"
+    elif x.ndim != 2:
+        out["note"] = "feature shift not checked: the inputs are not one vector per record"
+    else:
+        names = task.input_names(task.resolve_preprocessing(card["preprocessing"]))
+        out["feature_warnings"] = feature_shift(data["features"], x, names)
+    return out
+
+
+def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> dict[str, Any]:
+    """``model.json`` ``training_data`` for ``fedcare simulate``: exact figures of the simulated
+    hospitals' training splits (the researcher holds all the data in a simulation, so nothing
+    here was released by anyone; marked ``exact``).
+
+    Parameters
+    ----------
+    task_name, preprocessing : str
+        The run's task and resolved preprocessing.
+    sites : Sequence[SiteData]
+        The hospitals that trained (a held-out hospital is not among them): ``x_train``
+        ``[n, ...]`` model inputs after the task's fixed imputation and scaling, ``y_train``.
+
+    Returns
+    -------
+    dict
+        ``provenance``, ``exact`` (True), ``prevalence`` (pooled over the training splits),
+        ``hospitals`` (``{name: {"n_train", "prevalence"}}``) and ``features``
+        (:func:`shared_models.validation.feature_profile` of the pooled training inputs; None for
+        inputs that are not one vector per record, e.g. time series and images).
+    """
+    from shared_models.tasks import get_task
+    from shared_models.validation import feature_profile
+
+    y = np.concatenate([np.asarray(s.y_train, dtype=float) for s in sites])
+    features = None
+    if all(np.ndim(s.x_train) == 2 for s in sites):
+        x = np.concatenate([s.x_train for s in sites])
+        task = get_task(task_name)
+        features = feature_profile(x, task.input_names(task.resolve_preprocessing(preprocessing)))
+    return {
+        "provenance": "exact: fedcare simulate holds every simulated hospital's records (a "
+        "deployment records only what the hospitals released)",
+        "exact": True,
+        "prevalence": float(y.mean()) if len(y) else None,
+        "hospitals": {
+            s.name: {"n_train": int(s.n_train), "prevalence": float(np.mean(s.y_train))}
+            for s in sites
+            if s.n_train
+        },
+        "features": features,
+        "feature_units": "model inputs after the task's fixed imputation and scaling",
+    }
 
 
 def run_evaluation(
@@ -311,6 +379,7 @@ def run_evaluation(
             y, p, training_prevalence=training_prevalence(saved.card), recalibrate=recalibrate
         ),
     }
+    result["shift"] = shift_check(saved.card, task_def, x)
     result["subgroups"] = subgroup_results(net, task_def, saved.card["preprocessing"], frame, data)
     result["positive_class"] = task_def.positive_class_for(str(data))
     out.mkdir(parents=True, exist_ok=True)
@@ -519,6 +588,22 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         lines += [f"> warning: {result['prevalence_warning']}", ""]
     elif result["prevalence_note"]:
         lines += [f"Prevalence shift: {result['prevalence_note']} in the model card.", ""]
+    shift = result.get("shift") or {}
+    for warning in shift.get("feature_warnings", []):
+        lines += [f"> warning: {warning}", ""]
+    if shift:
+        checked = (
+            shift["note"]
+            if shift.get("note")
+            else f"{len(shift['feature_warnings'])} feature(s) differ strongly"
+        )
+        lines += [
+            f"Shift against the training data ({shift['provenance']}): training prevalence "
+            f"{'n/a' if result['training_prevalence'] is None else format(result['training_prevalence'], '.1%')}; "
+            f"{checked}. A warning means the model is used outside what it saw in training: "
+            "check the data (units, coding) and read calibration with care.",
+            "",
+        ]
     lines += [
         "## Discrimination",
         "",

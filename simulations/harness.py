@@ -412,12 +412,28 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         summary["external_validation"] = _external_validation(
             run, len(sites), req.out, device, why_not=not_trained
         )
+    _record_training_data(run, sites, req.out)
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     write_model_card(req.out)  # again: with positive_class and the baselines' warnings
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+def _record_training_data(run: Any, sites: Any, out: Path) -> None:
+    """Replace ``model.json``'s ``training_data`` (what a deployment's hospitals released) with
+    the simulation's exact figures (:func:`simulations.external_validation.simulation_training_data`)
+    for ``fedcare evaluate``'s shift warnings; nothing when the run wrote no model."""
+    from shared_models.files import write_json_atomic
+    from simulations.external_validation import simulation_training_data
+
+    path = out / "model.json"
+    if not path.exists():
+        return
+    card = json.loads(path.read_text())
+    card["training_data"] = simulation_training_data(run.task.name, run.task.preprocessing, sites)
+    write_json_atomic(path, card)
 
 
 def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[Any] | None:

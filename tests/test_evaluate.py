@@ -58,7 +58,7 @@ def test_evaluate_writes_the_report_and_matches_sklearn(trained, tmp_path, monke
     assert code == 0, text
     assert {p.name for p in out.iterdir()} >= FILES
     assert "AUROC" in text and "calibration slope" in text and str(out / "report.md") in text
-    assert "training prevalence not recorded" in text
+    assert "training prevalence not recorded" not in text and "warning: feature" not in text
     result = json.loads((out / "evaluation.json").read_text())
     y, p = _scores(run, data)
     assert result["n"] == len(y) == 190
@@ -309,3 +309,60 @@ def test_recalibration_of_perfectly_separating_scores_is_not_fitted():
     recal = v.recalibration(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]))
     assert recal["slope"] is None and recal["after"] is None
     assert "separate the classes perfectly" in recal["note"]
+
+
+# --- shift against the model card's training data ---
+
+
+def test_the_card_records_the_exact_training_data_and_evaluate_warns_of_shift(
+    trained, tmp_path, monkeypatch, capsys
+):
+    import pandas as pd
+
+    from shared_models.config import RunConfig
+    from shared_models.sites import simulated_sites_for
+
+    run, data = trained
+    card = json.loads((run / "model.json").read_text())
+    block = card["training_data"]
+    assert block["exact"] is True and block["provenance"].startswith("exact: fedcare simulate")
+    recorded = json.loads(sorted((run / "checkpoints").glob("round-*.json"))[-1].read_text())
+    config = RunConfig.from_run_config(recorded["run_config"])
+    sites = simulated_sites_for(config, len(card["training"]["hospitals"]))
+    y = np.concatenate([s.y_train for s in sites])
+    assert block["prevalence"] == pytest.approx(y.mean())
+    assert set(block["hospitals"]) == {s.name for s in sites}
+    x = np.concatenate([s.x_train for s in sites])
+    assert block["features"]["mean texture"]["mean"] == pytest.approx(x[:, 1].mean(), rel=1e-6)
+
+    # the same hospital's file with 'mean texture' read in another unit (x 1.4, inside the task
+    # file's valid range): evaluate names that feature and no other
+    frame = pd.read_csv(data)
+    frame["mean texture"] = (frame["mean texture"] * 1.4).clip(upper=39.28)
+    shifted = tmp_path / "shifted.csv"
+    frame.to_csv(shifted, index=False)
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(shifted),
+        "--out", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert code == 0, text
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    warned = result["shift"]["feature_warnings"]
+    assert len(warned) == 1 and warned[0].startswith("feature 'mean texture'")
+    assert "warning: feature 'mean texture'" in text
+    assert result["training_prevalence"] == pytest.approx(y.mean())
+    assert "> warning: feature 'mean texture'" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_feature_shift_by_hand():
+    rng = np.random.default_rng(0)
+    train = rng.normal(0.0, 1.0, (1000, 2))
+    profile = v.feature_profile(train, ["a", "b"])
+    same = v.feature_shift(profile, rng.normal(0.0, 1.0, (300, 2)), ["a", "b"])
+    assert same == []
+    moved = np.column_stack([rng.normal(0.8, 1.0, 300), rng.normal(0.0, 1.0, 300)])
+    (warning,) = v.feature_shift(profile, moved, ["a", "b"])
+    assert warning.startswith("feature 'a': mean 0.") and "standardised difference" in warning
+    wide = np.column_stack([rng.normal(0.0, 1.0, 300), rng.normal(0.0, 4.0, 300)])
+    (warning,) = v.feature_shift(profile, wide, ["a", "b"])
+    assert warning.startswith("feature 'b':") and "outside the training range" in warning

@@ -225,6 +225,9 @@ class Task:
         (:func:`shared_models.tasks.table.check_table`), for ``fedcare client check``.
     subgroups : tuple[Subgroup, ...]
         Patient subgroups ``fedcare evaluate`` reports separately (sex, age bands); () = none.
+    feature_names : Callable[[str], list[str]] or None
+        Tabular tasks: the names of the ``F`` model inputs for a preprocessing (one-hot levels
+        and missing indicators included), for shift warnings; None: ``input j``.
     """
 
     name: str
@@ -254,6 +257,14 @@ class Task:
     preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     positive_class_of: Callable[[str], str] | None = None
     subgroups: tuple[Subgroup, ...] = ()
+    feature_names: Callable[[str], list[str]] | None = None
+
+    def input_names(self, preprocessing: str) -> list[str]:
+        """The names of a tabular example's ``F`` inputs for a (resolved) preprocessing
+        (``input 0`` ... where the task has none)."""
+        if self.feature_names is not None:
+            return list(self.feature_names(preprocessing))
+        return [f"input {j}" for j in range(int(np.prod(self.input_shape(preprocessing))))]
 
     def positive_class_for(self, data_dir: str = "") -> str:
         """What label 1 means for the data at ``data_dir`` (``""``: the task's embedded or

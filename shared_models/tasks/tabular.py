@@ -256,6 +256,7 @@ def task_from_spec(spec: TaskSpec) -> Task:
         run_defaults_dp=dict(spec.run_dp),
         run_defaults_no_dp=dict(spec.run_no_dp),
         subgroups=spec.subgroups,
+        feature_names=spec.output_columns,
     )
 
 
