@@ -344,6 +344,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         ]
     elif block:
         lines += _test_split_lines(block)
+    if summary.get("cross_site"):
+        lines += _cross_site_lines(summary["cross_site"])
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
         lines += ["Every hospital that missed a round's message, and why (refused, failed, "
@@ -518,6 +520,38 @@ def _test_split_lines(block: dict[str, Any]) -> list[str]:
         lines.append(row(e["model"], e["trained_on"], e, own))
     lines += ["", f"- {_test_split_summary(block)}"]
     lines += [f"- {line}" for line in _undefined_split_lines(block)]
+    return lines
+
+
+def _cross_site_lines(block: dict[str, Any]) -> list[str]:
+    """``report.md``'s cross-site matrix (``fedcare simulate --cross-site``)."""
+    lines = ["", "## Cross-site matrix (--cross-site)", ""]
+    if block.get("skipped"):
+        return [*lines, f"Cross-site matrix {block['skipped']}."]
+    splits = block["test_splits"]
+    names = [s["hospital"] for s in splits]
+    lines += [
+        "AUROC [95 % CI, DeLong] and accuracy at threshold 0.5 of each model (rows) on each "
+        "hospital's test split (columns). The diagonal of the local models is each hospital's "
+        "own model on its own patients; off the diagonal a model meets another hospital's.",
+        "",
+        "| model | "
+        + " | ".join(f"{s['hospital']} (n {s['n']}, {s['positives']} pos.)" for s in splits)
+        + " |",
+        "|---|" + "---|" * len(names),
+    ]
+
+    def cell(c: dict[str, Any]) -> str:
+        a = c["auroc"]
+        if a["value"] is None:
+            return "undefined (one class)"
+        ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["ci_low"] is not None else ""
+        return f"{a['value']:.3f}{ci}; acc {_fmt(c['accuracy'])}"
+
+    for row in block["rows"]:
+        label = f"**{row['model']}**" if row["trained_on"] == "all" else row["model"]
+        lines.append(f"| {label} | " + " | ".join(cell(row["cells"][n]) for n in names) + " |")
+    lines += ["", f"Method: {block['method']}."]
     return lines
 
 

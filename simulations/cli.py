@@ -176,6 +176,15 @@ def simulate(
             "the final model on all of HOSPITAL's records.",
         ),
     ] = None,
+    cross_site: Annotated[
+        bool,
+        typer.Option(
+            "--cross-site",
+            help="Add NVFlare's cross-site matrix to report.md and summary.json: the global "
+            "(federated) model and each hospital's local model, each on every hospital's test "
+            "split (AUROC with DeLong CI, accuracy).",
+        ),
+    ] = False,
 ) -> str | None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report.
 
@@ -190,7 +199,7 @@ def simulate(
             export_hospitals_to=export_hospitals_to, ledger_dir=ledger_dir, policy=policy,
             verbose=verbose, gpus_per_hospital=gpus_per_hospital,
             cpus_per_hospital=cpus_per_hospital, ray_address=ray_address, backend=backend,
-            hold_out=hold_out or "",
+            hold_out=hold_out or "", cross_site=cross_site,
         )  # fmt: skip
 
 
@@ -219,6 +228,7 @@ def _simulate(
     ray_address: str | None,
     backend: Backend,
     hold_out: str,
+    cross_site: bool = False,
 ) -> str | None:
     request = SimulationRequest(
         options=opt.run_options(
@@ -236,6 +246,7 @@ def _simulate(
         ray_address=ray_address,
         backend=backend.value,
         hold_out=hold_out,
+        cross_site=cross_site,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):

@@ -42,6 +42,7 @@ class SimulationRequest:
     backend: str = "auto"  # "auto", "ray" or "in-process" (see uses_ray)
     task_file: str = ""  # text of a task file given by path (--task PATH), see task_argument
     hold_out: str = ""  # a hospital left out of the federation and validated on (--hold-out)
+    cross_site: bool = False  # NVFlare's cross-site matrix in the report (--cross-site)
 
 
 DEFAULT_HOSPITALS = 3
@@ -374,7 +375,11 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     from server.history import RunHistory
     from server.model_card import write_model_card
     from server.report import nobody_trained, write_reports
-    from simulations.baselines import auroc_on_every_test_split, compute_baselines
+    from simulations.baselines import (
+        auroc_on_every_test_split,
+        compute_baselines,
+        cross_site_matrix,
+    )
     from simulations.engine import run_federation
     from simulations.uncertainty import final_model_validation, write_calibration_figure
 
@@ -406,6 +411,8 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     not_trained = nobody_trained(summary)  # else the final model is the untrained one
     scores = _final_model_scores(run, sites, req.out, device) if not_trained is None else None
     summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
+    if req.cross_site:
+        summary["cross_site"] = cross_site_matrix(sites, federated=scores, baselines=done)
     summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
     write_calibration_figure(req.out, summary["validation"])
     if run.simulated_hold_out:

@@ -24,7 +24,7 @@ SECTION = "## External validation on the held-out hospital"
 def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
     """(run folder, summary.json, held-out site, the scores the harness validated, console
     output): 3 non-private rounds on cleveland, hungarian and va through the real ``fedcare
-    simulate`` (in this process), Switzerland held out."""
+    simulate`` (in this process), Switzerland held out, with the cross-site matrix."""
     import simulations.uncertainty as uncertainty
 
     if not (HEART_DIR / "processed.switzerland.data").exists():
@@ -46,7 +46,7 @@ def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
             result = cli.app(
                 ["simulate", "--task", "heart-disease", "--data-dir", str(heart_dir),
                  "--hold-out", "switzerland", "--no-dp", "--rounds", "3", "--out", str(run),
-                 "--backend", "in-process"], standalone_mode=False,
+                 "--backend", "in-process", "--cross-site"], standalone_mode=False,
             )  # fmt: skip
     assert result == cli.RUN_FOLDER_COMPLETE
     summary = json.loads((run / "summary.json").read_text())
@@ -177,3 +177,43 @@ def test_evaluate_reports_the_declared_subgroups(held_out_run, tmp_path, monkeyp
     small = [r for r in rows if min(r["positives"], r["n"] - r["positives"]) < MIN_SUBGROUP_CLASS]
     assert small and all(r["auroc"] is None and "too small" in r["note"] for r in small)
     assert "too small for an AUROC" in (tmp_path / "swiss" / "report.md").read_text()
+
+
+def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
+    """``--cross-site``: the global model and each local model on each training hospital's test
+    split, AUROC with DeLong's CI; the same AUROCs as FLamby's block, the CI recomputed."""
+    from server.checkpoint import load_weights
+    from shared_models import validation as v
+    from shared_models.models import model_for_run, predict_proba
+
+    run_dir, summary, _, _, _ = held_out_run
+    block = summary["cross_site"]
+    names = ["cleveland", "hungarian", "va"]
+    assert [s["hospital"] for s in block["test_splits"]] == names
+    assert [r["model"] for r in block["rows"]] == ["global (federated)"] + [
+        f"local {n}" for n in names
+    ]
+    flamby = summary["test_split_auroc"]
+    rows = {r["model"]: r for r in block["rows"]}
+    for name in names:
+        assert rows["global (federated)"]["cells"][name]["auroc"]["value"] == pytest.approx(
+            flamby["federated"]["per_test_split"][name]
+        )
+        for local in flamby["local"]:
+            cell = rows[f"local {local['trained_on']}"]["cells"][name]["auroc"]
+            assert cell["value"] == pytest.approx(local["per_test_split"][name])
+            assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
+    recorded = json.loads(sorted((run_dir / "checkpoints").glob("round-*.json"))[-1].read_text())
+    config = RunConfig.from_run_config(recorded["run_config"])
+    sites = simulated_sites_for(config, 3)
+    model, _ = model_for_run(config)
+    model.load_state_dict(load_weights(run_dir / "model.safetensors"))
+    va = sites[2]
+    p = predict_proba(model, va.x_test)
+    assert rows["global (federated)"]["cells"]["va"]["auroc"] == v.delong_ci(va.y_test, p).as_dict()
+    assert block["test_splits"][2]["n"] == va.n_test
+    report = (run_dir / "report.md").read_text()
+    assert (
+        "## Cross-site matrix (--cross-site)" in report and "| **global (federated)** |" in report
+    )
+    assert "| local va |" in report
