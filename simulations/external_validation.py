@@ -273,7 +273,8 @@ def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any
         "feature_warnings": [],
     }
     if not data.get("features"):
-        out["note"] = "feature shift not checked: the model card records no feature distributions"
+        why = data.get("features_note") or "the model card records no feature distributions"
+        out["note"] = f"feature shift not checked: {why}"
     elif x.ndim != 2:
         out["note"] = "feature shift not checked: the inputs are not one vector per record"
     else:
@@ -324,6 +325,11 @@ def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> 
         },
         "features": features,
         "feature_units": "model inputs after the task's fixed imputation and scaling",
+        **(
+            {}
+            if features is not None
+            else {"features_note": "the task's inputs are not one vector per record"}
+        ),
     }
 
 
@@ -597,11 +603,16 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
             if shift.get("note")
             else f"{len(shift['feature_warnings'])} feature(s) differ strongly"
         )
+        trained = result["training_prevalence"]
         lines += [
             f"Shift against the training data ({shift['provenance']}): training prevalence "
-            f"{'n/a' if result['training_prevalence'] is None else format(result['training_prevalence'], '.1%')}; "
-            f"{checked}. A warning means the model is used outside what it saw in training: "
-            "check the data (units, coding) and read calibration with care.",
+            f"{'n/a' if trained is None else format(trained, '.1%')}; {checked}."
+            + (
+                " A warning means the model is used outside what it saw in training: check the "
+                "data (units, coding) and read calibration with care."
+                if shift["feature_warnings"] or result["prevalence_warning"]
+                else ""
+            ),
             "",
         ]
     lines += [
@@ -694,7 +705,9 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "thresholds 0.01 to 0.99.",
         "- Reported following TRIPOD+AI (Collins et al., BMJ 2024;385:e078378).",
         "",
-        f"Reproduce: `fedcare evaluate --model {result['model']} --data {result['data']}`",
+        f"Reproduce: `fedcare evaluate --model {result['model']} --data {result['data']}"
+        + (" --recalibrate" if result.get("recalibration") else "")
+        + "`",
         "",
     ]
     return "\n".join(lines)
