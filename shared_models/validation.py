@@ -501,7 +501,11 @@ def feature_profile(x: np.ndarray, names: list[str]) -> dict[str, dict[str, floa
 
 
 def feature_shift(
-    training: dict[str, dict[str, float]], x: np.ndarray, names: list[str]
+    training: dict[str, dict[str, float]],
+    x: np.ndarray,
+    names: list[str],
+    *,
+    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> list[str]:
     """One warning per model input whose distribution at this site differs strongly from the
     training profile (:func:`feature_profile`): the standardised mean difference
@@ -517,10 +521,20 @@ def feature_shift(
         ``[N, F]`` this site's model inputs.
     names : list[str]
         ``[F]`` the inputs' names.
+    scaling : (center, scale), optional
+        The task's fixed ``[F]`` scaling (``x = (raw - center) / scale``): the warnings then show
+        means and ranges in the task's units (``raw = x * scale + center``); else in model-input
+        units.
     """
     x = np.asarray(x, dtype=float)
+    center, scale = (np.zeros(len(names)), np.ones(len(names))) if scaling is None else scaling
+    units = "model-input units" if scaling is None else "the task's units"
     out = []
     for j, name in enumerate(names):
+
+        def raw(value: float, j: int = j) -> float:
+            return float(value) * float(scale[j]) + float(center[j])
+
         ref = training.get(name)
         col = x[:, j][np.isfinite(x[:, j])]
         if ref is None or not len(col):
@@ -530,15 +544,15 @@ def feature_shift(
             smd = abs(float(col.mean()) - ref["mean"]) / ref["sd"]
             if smd > FEATURE_SMD_WARNING:
                 reasons.append(
-                    f"mean {col.mean():.2f} here against {ref['mean']:.2f} in training "
+                    f"mean {raw(col.mean()):.4g} here against {raw(ref['mean']):.4g} in training "
                     f"(standardised difference {smd:.2f})"
                 )
         outside = float(np.mean((col < ref["min"]) | (col > ref["max"])))
         if outside > FEATURE_OUTSIDE_WARNING:
             reasons.append(
                 f"{outside:.0%} of the records outside the training range "
-                f"[{ref['min']:.2f}, {ref['max']:.2f}]"
+                f"[{raw(ref['min']):.4g}, {raw(ref['max']):.4g}]"
             )
         if reasons:
-            out.append(f"feature {name!r}: {'; '.join(reasons)} (model-input units)")
+            out.append(f"feature {name!r}: {'; '.join(reasons)} ({units})")
     return out

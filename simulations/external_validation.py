@@ -278,8 +278,10 @@ def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any
     elif x.ndim != 2:
         out["note"] = "feature shift not checked: the inputs are not one vector per record"
     else:
-        names = task.input_names(task.resolve_preprocessing(card["preprocessing"]))
-        out["feature_warnings"] = feature_shift(data["features"], x, names)
+        resolved = task.resolve_preprocessing(card["preprocessing"])
+        out["feature_warnings"] = feature_shift(
+            data["features"], x, task.input_names(resolved), scaling=task.scaling(resolved)
+        )
     return out
 
 

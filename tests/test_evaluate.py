@@ -95,6 +95,8 @@ def test_evaluate_writes_the_report_and_matches_sklearn(trained, tmp_path, monke
     assert sens["ci_low"] <= sens["value"] <= sens["ci_high"]
     report = (out / "report.md").read_text()
     assert "Bootstrap: BCa, 2000 resamples" in report and "Wilson" in report
+    assert result["recalibration"] is None and not (out / "recalibration.png").exists()
+    assert "`--recalibrate` fits a site-local one" in report
     assert (
         f"| AUROC | {delong['value']:.3f} [{delong['ci_low']:.3f}, {delong['ci_high']:.3f}] | DeLong |"
         in report
@@ -276,16 +278,6 @@ def test_recalibrate_is_recorded_and_the_model_file_untouched(
     assert "site-local recalibration" in text and "not applied to the model" in text
 
 
-def test_evaluate_without_recalibrate_records_none(trained, tmp_path):
-    from simulations.external_validation import run_evaluation
-
-    run, data = trained
-    result = run_evaluation(model=run, data=data, out=tmp_path / "eval")
-    assert result["recalibration"] is None
-    assert not (tmp_path / "eval" / "recalibration.png").exists()
-    assert "`--recalibrate` fits a site-local one" in (tmp_path / "eval" / "report.md").read_text()
-
-
 def test_recalibration_repairs_a_miscalibrated_model_out_of_sample():
     # true risk sigmoid(z); the model reports sigmoid(2 z + 1): over-confident and too high
     rng = np.random.default_rng(3)
@@ -363,6 +355,7 @@ def test_feature_shift_by_hand():
     moved = np.column_stack([rng.normal(0.8, 1.0, 300), rng.normal(0.0, 1.0, 300)])
     (warning,) = v.feature_shift(profile, moved, ["a", "b"])
     assert warning.startswith("feature 'a': mean 0.") and "standardised difference" in warning
+    assert warning.endswith("(model-input units)")
     wide = np.column_stack([rng.normal(0.0, 1.0, 300), rng.normal(0.0, 4.0, 300)])
     (warning,) = v.feature_shift(profile, wide, ["a", "b"])
     assert warning.startswith("feature 'b':") and "outside the training range" in warning

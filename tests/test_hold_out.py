@@ -177,6 +177,12 @@ def test_evaluate_reports_the_declared_subgroups(held_out_run, tmp_path, monkeyp
     small = [r for r in rows if min(r["positives"], r["n"] - r["positives"]) < MIN_SUBGROUP_CLASS]
     assert small and all(r["auroc"] is None and "too small" in r["note"] for r in small)
     assert "too small for an AUROC" in (tmp_path / "swiss" / "report.md").read_text()
+    # and the shift the model card reveals: 98 % prevalence against about half in training, and
+    # cholesterol recorded as 0 (not measured in Switzerland, kept by FLamby's handling)
+    assert result["prevalence_warning"] is not None
+    chol = [w for w in result["shift"]["feature_warnings"] if w.startswith("feature 'chol'")]
+    assert chol and "mean 0 here" in chol[0] and chol[0].endswith("(the task's units)")
+    assert "warning: feature 'chol'" in text
 
 
 def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
