@@ -221,7 +221,7 @@ def _training_data(card: dict) -> list[str]:
     features = len(data.get("features") or {})
     return [
         "",
-        f"Outcome prevalence: {'n/a' if pooled is None else format(pooled, '.1%')}"
+        f"Outcome prevalence in the training splits: {'n/a' if pooled is None else format(pooled, '.1%')}"
         + (f" ({parts})" if parts else "")
         + f". Source: {data['provenance']}."
         + (
