@@ -799,6 +799,12 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         console.print(f"  {escape(_test_split_summary(block))}", highlight=False)
         for line in _undefined_split_lines(block):
             console.print(f"  [yellow]{escape(line)}[/]", highlight=False)
+    if (matrix := summary.get("cross_site")) and not matrix.get("skipped"):
+        console.print(
+            f"  cross-site matrix: {len(matrix['rows'])} models x {len(matrix['test_splits'])} "
+            "test splits (AUROC [95 % CI, DeLong]) in report.md",
+            highlight=False,
+        )
     for warning in summary.get("quality_warnings", []):
         console.print(f"[bold yellow]warning: {escape(warning)}[/]", highlight=False)
     for f in summary.get("failures", []):

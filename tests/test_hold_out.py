@@ -223,3 +223,4 @@ def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
         "## Cross-site matrix (--cross-site)" in report and "| **global (federated)** |" in report
     )
     assert "| local va |" in report
+    assert "cross-site matrix: 4 models x 3 test splits" in held_out_run[4].replace("\n", " ")
