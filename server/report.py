@@ -533,24 +533,40 @@ def _cross_site_lines(block: dict[str, Any]) -> list[str]:
     lines += [
         "AUROC [95 % CI, DeLong] and accuracy at threshold 0.5 of each model (rows) on each "
         "hospital's test split (columns). The diagonal of the local models is each hospital's "
-        "own model on its own patients; off the diagonal a model meets another hospital's.",
+        "own model on its own patients; off the diagonal a model meets another hospital's"
+        + (
+            "; the held-out hospital's column (all its records) is one no model trained on."
+            if any(s.get("held_out") for s in splits)
+            else "."
+        ),
         "",
         "| model | "
-        + " | ".join(f"{s['hospital']} (n {s['n']}, {s['positives']} pos.)" for s in splits)
+        + " | ".join(
+            f"{s['hospital']} (n {s['n']}, {s['positives']} pos."
+            + ("; held out, all records" if s.get("held_out") else "")
+            + ")"
+            for s in splits
+        )
         + " |",
         "|---|" + "---|" * len(names),
     ]
 
-    def cell(c: dict[str, Any]) -> str:
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "n/a"
         a = c["auroc"]
         if a["value"] is None:
             return "undefined (one class)"
-        ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["ci_low"] is not None else ""
+        ci = (
+            f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+            if a["ci_low"] is not None
+            else f" ({a.get('note', 'no interval')})"
+        )
         return f"{a['value']:.3f}{ci}; acc {_fmt(c['accuracy'])}"
 
     for row in block["rows"]:
         label = f"**{row['model']}**" if row["trained_on"] == "all" else row["model"]
-        lines.append(f"| {label} | " + " | ".join(cell(row["cells"][n]) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(row["cells"].get(n)) for n in names) + " |")
     lines += ["", f"Method: {block['method']}."]
     return lines
 

@@ -384,7 +384,13 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     from simulations.uncertainty import final_model_validation, write_calibration_figure
 
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
-    baselines = _Background(compute_baselines, run, sites, device=device)
+    external = None
+    if req.cross_site and run.simulated_hold_out:  # the local models meet the held-out hospital
+        from shared_models.sites import held_out_site
+        from simulations.uncertainty import held_out_records
+
+        external = held_out_records(held_out_site(run, len(sites)))
+    baselines = _Background(compute_baselines, run, sites, device=device, external=external)
     handler = _ProgressHandler()
     progress_logger = logging.getLogger("fedcare.progress")
     progress_logger.addHandler(handler)
@@ -412,7 +418,10 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     scores = _final_model_scores(run, sites, req.out, device) if not_trained is None else None
     summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
     if req.cross_site:
-        summary["cross_site"] = cross_site_matrix(sites, federated=scores, baselines=done)
+        summary["cross_site"] = cross_site_matrix(
+            sites, federated=scores, baselines=done,
+            held_out=_held_out_column(run, len(sites), req.out, device, trained=scores is not None),
+        )  # fmt: skip
     summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
     write_calibration_figure(req.out, summary["validation"])
     if run.simulated_hold_out:
@@ -462,6 +471,22 @@ def _final_model_on(run: Any, inputs: list[Any], out: Path, device: str) -> list
     model, _ = model_for_run(run)
     model.load_state_dict(load_weights(path))
     return [predict_proba(model, x, device=device) for x in inputs]
+
+
+def _held_out_column(
+    run: Any, n_sites: int, out: Path, device: str, *, trained: bool
+) -> tuple[str, Any, Any] | None:
+    """``--hold-out`` with ``--cross-site``: the held-out hospital's name, labels of all its
+    records and the final model's scores on them (None without a final model), for
+    :func:`simulations.baselines.cross_site_matrix`; None without ``--hold-out``."""
+    if not run.simulated_hold_out:
+        return None
+    from shared_models.sites import held_out_site
+    from simulations.uncertainty import held_out_labels, held_out_records
+
+    site = held_out_site(run, n_sites)
+    found = _final_model_on(run, [held_out_records(site)], out, device) if trained else None
+    return site.name, held_out_labels(site), found[0] if found is not None else None
 
 
 def _external_validation(

@@ -187,7 +187,8 @@ def test_evaluate_reports_the_declared_subgroups(held_out_run, tmp_path, monkeyp
 
 def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
     """``--cross-site``: the global model and each local model on each training hospital's test
-    split, AUROC with DeLong's CI; the same AUROCs as FLamby's block, the CI recomputed."""
+    split, AUROC with DeLong's CI (the same AUROCs as FLamby's block, the CI recomputed), and
+    with ``--hold-out`` on all of the held-out hospital's records too."""
     from server.checkpoint import load_weights
     from shared_models import validation as v
     from shared_models.models import model_for_run, predict_proba
@@ -195,7 +196,9 @@ def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
     run_dir, summary, _, _, _ = held_out_run
     block = summary["cross_site"]
     names = ["cleveland", "hungarian", "va"]
-    assert [s["hospital"] for s in block["test_splits"]] == names
+    assert [s["hospital"] for s in block["test_splits"]] == [*names, "switzerland"]
+    assert block["test_splits"][3] == {"hospital": "switzerland", "n": 46, "positives": 45,
+                                       "held_out": True}  # fmt: skip
     assert [r["model"] for r in block["rows"]] == ["global (federated)"] + [
         f"local {n}" for n in names
     ]
@@ -223,4 +226,13 @@ def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
         "## Cross-site matrix (--cross-site)" in report and "| **global (federated)** |" in report
     )
     assert "| local va |" in report
-    assert "cross-site matrix: 4 models x 3 test splits" in held_out_run[4].replace("\n", " ")
+    assert "cross-site matrix: 4 models x 4 test splits" in held_out_run[4].replace("\n", " ")
+    # the held-out column: the global model's cell is the external validation's AUROC
+    external = summary["external_validation"]["auroc"]["value"]
+    swiss = rows["global (federated)"]["cells"]["switzerland"]["auroc"]
+    assert swiss["value"] == pytest.approx(external)
+    assert all("switzerland" in r["cells"] for r in block["rows"])
+    assert "held out, all records" in report
+    # 45 of Switzerland's 46 kept records are positive: no DeLong interval, and the report says why
+    assert swiss["ci_low"] is None and "fewer than 2 patients of a class" in swiss["note"]
+    assert f"{swiss['value']:.3f} (interval undefined: fewer than 2 patients of a class)" in report
