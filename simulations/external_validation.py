@@ -134,7 +134,8 @@ def load_records(
 
 
 def _preprocess(task: Any, resolved: str, frame: Any, data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of a raw frame: the task's features, imputed and scaled as in training."""
+    """``(x [N, *input_shape] float32, y [N] int)`` of a raw frame: the task's features, imputed
+    and scaled as in training. Raises ``DataError`` (naming ``data``) for a non-finite input."""
     from shared_models.errors import DataError
     from shared_models.tasks.base import impute_and_scale
 
@@ -167,10 +168,29 @@ def subgroup_results(
     A group with fewer than :data:`MIN_SUBGROUP_CLASS` patients of either class has
     ``auroc: None`` and a ``note`` saying it is too small.
 
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The loaded model.
+    task : Task
+        The model's task (its ``subgroups``, ``features`` and scaling).
+    preprocessing : str
+        The model card's preprocessing.
+    frame : pd.DataFrame
+        The site's raw records as ``task.read_file(data)`` returned them.
+    data : Path
+        Where they came from (for messages).
+
     Returns
     -------
     dict
         ``{subgroup name: [{"group", "n", "positives", "prevalence", "auroc", "note"?}, ...]}``.
+
+    Raises
+    ------
+    shared_models.errors.DataError
+        The data lack a subgroup's column, or a group's records are not finite after
+        preprocessing.
     """
     from shared_models import validation as v
     from shared_models.models import predict_proba
