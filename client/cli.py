@@ -546,7 +546,6 @@ def dashboard(
     """Serve this hospital's read-only privacy dashboard on loopback: the policy in force, the
     lifetime ε against its cap and ε per run (from the ledger), the approved bundles and the
     audit log (searchable). It never changes the ledger or the approvals."""
-    from client.dashboard import PolicyError, build_app
     from shared_models.dashboard import is_loopback, serve
 
     if not is_loopback(host) or host == "localhost":
@@ -560,6 +559,8 @@ def dashboard(
             f"{'--ledger' if ledger else '--state'} {ledger or state}: no ledger folder at "
             f"{folder} (the daemon creates it at its first run)"
         )
+    from client.dashboard import PolicyError, build_app
+
     try:
         app_, _ = build_app(folder.resolve(), policy=policy)
     except PolicyError as exc:

@@ -722,7 +722,6 @@ def dashboard(
     Bound to 127.0.0.1 by default. Any other address is served only over the consortium's TLS
     certificate (--pki: server.pem, server.key) and only to requests carrying --token.
     """
-    from server.dashboard import build_app
     from shared_models.dashboard import LOOPBACK_NAMES, is_loopback, serve
 
     if not runs.is_dir():
@@ -750,6 +749,8 @@ def dashboard(
         hosts = ("*",)  # the token guards every request; any name the certificate covers
     if state is not None and not state.is_dir():
         raise UsageError(f"--state {state}: folder not found")
+    from server.dashboard import build_app
+
     scheme = "https" if certfile else "http"
     console.print(
         f"coordinator dashboard: {scheme}://{host}:{port}/ (runs in {runs}; Ctrl-C stops)"

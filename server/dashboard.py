@@ -100,7 +100,8 @@ class RunView:
         )
 
     def hospitals(self) -> list[dict[str, Any]]:
-        """Per hospital: latest ε and δ, rounds trained, latest AUROC, last miss and its cause."""
+        """Per hospital: latest ε (cumulative, after its last release) and δ, rounds trained,
+        latest AUROC, its last miss and the reason."""
         rows: dict[str, dict[str, Any]] = {}
         for ev in self.history.events:
             row = rows.setdefault(
@@ -111,11 +112,12 @@ class RunView:
             if ev.error is not None:
                 row["problem"] = f"round {ev.round} {ev.kind}: {ev.error}"
                 continue
-            if ev.kind == "train":
-                row["rounds_trained"] += 1
-                if ev.metrics.get("epsilon") is not None:
-                    row["epsilon"], row["delta"] = ev.metrics["epsilon"], ev.metrics.get("delta")
-            elif ev.metrics.get("auroc") is not None:
+            row["rounds_trained"] += ev.kind == "train"
+            if (
+                ev.metrics.get("epsilon") is not None
+            ):  # cumulative: training and evaluation releases
+                row["epsilon"], row["delta"] = ev.metrics["epsilon"], ev.metrics.get("delta")
+            if ev.kind == "evaluate" and ev.metrics.get("auroc") is not None:
                 row["auroc"] = ev.metrics["auroc"]
         return [rows[name] for name in sorted(rows)]
 
@@ -127,13 +129,15 @@ class RunView:
                                    max((e.round for e in self.history.events), default=0)) + 1))  # fmt: skip
         index = {r: i for i, r in enumerate(rounds)}
         series: dict[str, dict[str, list[float | None]]] = {"epsilon": {}, "auroc": {}, "loss": {}}
-        keys = {"epsilon": ("train", "epsilon"), "auroc": ("evaluate", "auroc"),
-                "loss": ("train", "train-loss")}  # fmt: skip
+        # ε after each round: a hospital's cumulative ε after its last release of the round (its
+        # training, then a noisy evaluation release where it makes one)
+        keys = {"epsilon": (("train", "evaluate"), "epsilon"), "auroc": (("evaluate",), "auroc"),
+                "loss": (("train",), "train-loss")}  # fmt: skip
         for ev in self.history.events:
             if ev.error is not None or ev.round not in index:
                 continue
-            for name, (kind, key) in keys.items():
-                if ev.kind == kind and ev.metrics.get(key) is not None:
+            for name, (kinds, key) in keys.items():
+                if ev.kind in kinds and ev.metrics.get(key) is not None:
                     values = series[name].setdefault(ev.site, [None] * len(rounds))
                     values[index[ev.round]] = _finite(ev.metrics[key])
         pooled = [
