@@ -7,8 +7,9 @@ hospital training and evaluating every round (per-round ε, δ, loss, AUROC; the
 at random: this measures the page, not a model), then serves ``fedcare server dashboard``'s app
 with uvicorn on loopback and measures:
 
-    server    median time of one request (whole response read) over real HTTP: the page,
-              its live fragment (polled every second) and the curves' JSON
+    server    time of one request (whole response read) over real HTTP: the page, its live
+              fragment (polled every second) and the curves' JSON; the first request parses
+              the run folder (again after each change: each round), the others reuse it
     browser   headless Chromium (Selenium): navigation start to the load event, and to the
               three charts drawn with every hospital's curve (uPlot)
 
@@ -75,7 +76,8 @@ def write_run(folder: Path, *, hospitals: int, rounds: int, finished: bool) -> N
         (folder / "summary.json").write_text(json.dumps({"run_id": "bench", "wall_seconds": 60.0}))
 
 
-def _median_get(port: int, path: str, repeat: int) -> tuple[float, int]:
+def _median_get(port: int, path: str, repeat: int) -> tuple[float, float, int]:
+    """(first request's seconds, median of the others, bytes) of GET ``path``."""
     times, size = [], 0
     for _ in range(repeat):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -85,7 +87,7 @@ def _median_get(port: int, path: str, repeat: int) -> tuple[float, int]:
         times.append(time.perf_counter() - t0)
         size = len(body)
         conn.close()
-    return statistics.median(times), size
+    return times[0], statistics.median(times[1:]), size
 
 
 def _browser_load(port: int, repeat: int) -> tuple[float, float] | None:
@@ -154,8 +156,9 @@ def main() -> None:
             print(f"{state} run: {args.hospitals} hospitals x {args.rounds} rounds, last "
                   f"checkpoint sidecar {sidecar.stat().st_size / 2**20:.1f} MiB")  # fmt: skip
             for path in ("/", "/fragment", "/api/run/run"):
-                seconds, size = _median_get(port, path, args.repeat)
-                print(f"  server  GET {path:<14} {1000 * seconds:7.1f} ms  ({size / 1024:.0f} KiB)")
+                first, seconds, size = _median_get(port, path, args.repeat)
+                print(f"  server  GET {path:<14} first {1000 * first:7.1f} ms, then "
+                      f"{1000 * seconds:7.1f} ms  ({size / 1024:.0f} KiB)")  # fmt: skip
             browser = _browser_load(port, max(3, args.repeat // 4))
             if browser is None:
                 print("  browser: Chromium not installed (/usr/bin/chromium), not measured")

@@ -159,7 +159,7 @@ def build_app(
     effective = SitePolicy.load(policy) if policy is not None else DEFAULT_POLICY
     note = policy_note or (f"from {policy}" if policy else "fedcare's default (no --policy)")
 
-    async def page(request: Request) -> Response:
+    def page(request: Request) -> Response:
         runs = read_ledger(ledger)
         total, delta = lifetime(runs)
         approved, approved_problem = read_approved(ledger)

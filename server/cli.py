@@ -209,6 +209,7 @@ def start(
         "--ca-cert", str(keys.ca_cert.resolve()), "--certfile", str(keys.server_cert.resolve()),
         "--keyfile", str(keys.server_key.resolve()), "--pki", str(keys.root.resolve()),
         "--rate", str(rate_limit), "--max-body-mb", str(max_body_mb),
+        "--counters", str((state / "gateway-counters.json").resolve()),
     ]  # fmt: skip
     cli = FlowerCLI(home, f"127.0.0.1:{internal_port}", keys.ca_cert)
     log = state / "superlink.log"

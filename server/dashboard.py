@@ -162,7 +162,41 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _stamp(folder: Path) -> tuple[tuple[int, int] | None, ...]:
+    """What changes when the ServerApp writes to a run folder (every file is renamed into place,
+    which changes its folder's modification time)."""
+
+    def stat(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    return tuple(stat(folder / name) for name in ("checkpoints", "summary.json", "history.json"))
+
+
+_CACHE: dict[Path, tuple[tuple[tuple[int, int] | None, ...], RunView]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
 def read_run(folder: Path) -> RunView:
+    """The :class:`RunView` of one run folder, parsed again only when the folder changed (a
+    300-hospital run's sidecar is megabytes of JSON, and the page asks every second)."""
+    stamp = _stamp(folder)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(folder)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    view = _read_run(folder)
+    with _CACHE_LOCK:
+        if len(_CACHE) > 32:
+            _CACHE.clear()
+        _CACHE[folder] = (stamp, view)
+    return view
+
+
+def _read_run(folder: Path) -> RunView:
     """The :class:`RunView` of one run folder (never raises for a folder being written)."""
     view = RunView(name=folder.name, status="starting")
     flower = _read_json(folder / "flower-runs.json") or {}
@@ -303,13 +337,13 @@ def build_app(
             "causes": CAUSES,
         }  # fmt: skip
 
-    async def page(request: Request) -> Response:
+    def page(request: Request) -> Response:
         return render("coordinator.html", **context(request))
 
-    async def fragment(request: Request) -> Response:
+    def fragment(request: Request) -> Response:
         return render("coordinator_live.html", **context(request))
 
-    async def api_run(request: Request) -> Response:
+    def api_run(request: Request) -> Response:
         folder = run_folders(runs).get(request.path_params["name"])
         if folder is None:
             return PlainTextResponse("no such run", status_code=404)
@@ -324,7 +358,7 @@ def build_app(
             }  # fmt: skip
         )
 
-    async def artefact(request: Request) -> Response:
+    def artefact(request: Request) -> Response:
         folder = run_folders(runs).get(request.path_params["name"])
         file = request.path_params["file"]
         if folder is None or file not in ARTEFACTS or not (folder / file).is_file():

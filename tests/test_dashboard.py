@@ -37,13 +37,17 @@ HOSTILE = "<script>window.pwned=1</script>"
 HOSTILE_REASON = '<img src=x onerror="window.pwned=2">'
 
 
+NO_BROWSER = (
+    "Chromium not installed (/usr/bin/chromium, /usr/bin/chromedriver): "
+    "`apt-get install -y chromium chromium-driver` (.ci/run does it)"
+)
+
+
 def _browser():
-    """Headless Chromium through Selenium, with the system driver (no download)."""
+    """Headless Chromium through Selenium with the system driver (no download); None without
+    Chromium."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(
-            "Chromium not installed (/usr/bin/chromium, /usr/bin/chromedriver): "
-            "`apt-get install -y chromium chromium-driver` (.ci/run does it)"
-        )
+        return None
     webdriver = pytest.importorskip(
         "selenium.webdriver", reason="selenium not installed (dev extra)"
     )
@@ -109,60 +113,24 @@ def _simulate(out: Path, *args: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """A real simulation, watched live in Chromium on the coordinator's dashboard."""
-    from selenium.webdriver.common.by import By
-
-    from server.dashboard import build_app
-
+    """A real simulation, watched live in Chromium on the coordinator's dashboard (when Chromium
+    is installed), then a second one with the same ledgers that every hospital refuses."""
     tmp = tmp_path_factory.mktemp("federation")
-    runs, ledgers, policy = tmp / "runs", tmp / "ledgers", tmp / "policy.toml"
+    runs, ledgers, policy, shots = tmp / "runs", tmp / "ledgers", tmp / "policy.toml", tmp / "shots"
     runs.mkdir()
+    shots.mkdir()
     policy.write_text("lifetime-epsilon = 2.5\n")
     common = ["--hospitals", "3", "--epsilon", "2", "--ledger-dir", str(ledgers),
               "--policy", str(policy)]  # fmt: skip
+    live = [*common, "--rounds", str(RUNS), "--tracking", f"mlflow={tmp / 'mlruns'}"]
     browser = _browser()
-    seen: list[str] = []
     try:
-        with serving(build_app(runs)) as base:
-            browser.get(base + "/")
-            assert browser.find_elements(By.ID, "no-runs")  # nothing yet
-            proc = _simulate(runs / "live", *common, "--rounds", str(RUNS),
-                             "--tracking", f"mlflow={tmp / 'mlruns'}")  # fmt: skip
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                counters = browser.find_elements(By.ID, "round-counter")
-                if counters:
-                    with contextlib.suppress(Exception):  # replaced by the page's refresh
-                        text = counters[0].text
-                        if not seen or seen[-1] != text:
-                            seen.append(text)
-                status = browser.find_elements(By.ID, "run-status")
-                with contextlib.suppress(Exception):
-                    if proc.poll() is not None and status and status[0].text == "finished":
-                        break
-                time.sleep(0.1)
-            output = proc.communicate(timeout=60)[0]
+        if browser is None:
+            proc = _simulate(runs / "live", *live)
+            output, seen, page = proc.communicate(timeout=240)[0], [], None
             assert proc.returncode == 0, output
-            time.sleep(1.5)  # one more refresh of the page and its curves
-            shots = tmp / "screenshots"
-            shots.mkdir()
-            browser.save_screenshot(str(shots / "coordinator.png"))
-            page = SimpleNamespace(
-                counter=browser.find_element(By.ID, "round-counter").text,
-                hospitals=[
-                    row.find_elements(By.TAG_NAME, "td")[0].text
-                    for row in browser.find_elements(By.CSS_SELECTOR, "#run-hospitals tbody tr")
-                ],
-                epsilon_series=browser.find_element(By.ID, "chart-epsilon").get_attribute(
-                    "data-series"
-                ),
-                epsilon_points=browser.find_element(By.ID, "chart-epsilon").get_attribute(
-                    "data-points"
-                ),
-                canvases=len(browser.find_elements(By.CSS_SELECTOR, "#chart-epsilon canvas")),
-                error=browser.execute_script("return document.body.dataset.error || null"),
-            )
-        # the refused second run (same ledgers, lifetime cap 2.5 after ε = 2 spent)
+        else:
+            output, seen, page = _watch(browser, runs, live, shots)
         refused = _simulate(runs / "refused", *common, "--rounds", "2")
         refused_output = refused.communicate(timeout=240)[0]
         yield SimpleNamespace(
@@ -171,11 +139,55 @@ def federation(tmp_path_factory) -> Iterator[SimpleNamespace]:
             shots=shots, browser=browser,
         )  # fmt: skip
     finally:
-        browser.quit()
+        if browser is not None:
+            browser.quit()
+
+
+def _watch(browser, runs: Path, args: list[str], shots: Path):  # type: ignore[no-untyped-def]
+    """Run `fedcare simulate ARGS --out RUNS/live` while ``browser`` shows the coordinator's
+    page; return (output, round counter texts seen, what the page shows at the end)."""
+    from selenium.webdriver.common.by import By
+
+    from server.dashboard import build_app
+
+    seen: list[str] = []
+    with serving(build_app(runs)) as base:
+        browser.get(base + "/")
+        assert browser.find_elements(By.ID, "no-runs")  # nothing yet
+        proc = _simulate(runs / "live", *args)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # an element replaced by the page's refresh
+                counters = browser.find_elements(By.ID, "round-counter")
+                if counters and (not seen or seen[-1] != counters[0].text):
+                    seen.append(counters[0].text)
+                status = browser.find_elements(By.ID, "run-status")
+                if proc.poll() is not None and status and status[0].text == "finished":
+                    break
+            time.sleep(0.1)
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, output
+        time.sleep(1.5)  # one more refresh of the page and its curves
+        browser.save_screenshot(str(shots / "coordinator.png"))
+        chart = browser.find_element(By.ID, "chart-epsilon")
+        page = SimpleNamespace(
+            counter=browser.find_element(By.ID, "round-counter").text,
+            hospitals=[
+                row.find_elements(By.TAG_NAME, "td")[0].text
+                for row in browser.find_elements(By.CSS_SELECTOR, "#run-hospitals tbody tr")
+            ],
+            epsilon_series=chart.get_attribute("data-series"),
+            epsilon_points=chart.get_attribute("data-points"),
+            canvases=len(browser.find_elements(By.CSS_SELECTOR, "#chart-epsilon canvas")),
+            error=browser.execute_script("return document.body.dataset.error || null"),
+        )
+    return output, seen, page
 
 
 @pytest.mark.slow
-def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation):
+def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation, tmp_path):
+    if federation.browser is None:
+        pytest.skip(NO_BROWSER)
     page = federation.page
     assert page.counter == f"{RUNS} / {RUNS}", federation.seen
     # the counter only ever moved forward while the page polled the run folder
@@ -187,7 +199,8 @@ def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation
     assert page.canvases >= 1 and page.error is None
     summary = json.loads((federation.runs / "live" / "summary.json").read_text())
     assert all(0 < h["epsilon"] <= 2.0 for h in summary["hospitals"])
-    assert (federation.shots / "coordinator.png").stat().st_size > 10_000
+    shutil.copy(federation.shots / "coordinator.png", tmp_path / "coordinator.png")
+    assert (tmp_path / "coordinator.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -248,6 +261,8 @@ def test_mlflow_reads_back_the_run_params_and_per_round_metrics(federation):
 
 @pytest.mark.slow
 def test_hospital_page_shows_its_ledger_and_the_refusal(federation, tmp_path):
+    if federation.browser is None:
+        pytest.skip(NO_BROWSER)
     from selenium.webdriver.common.by import By
 
     from client.dashboard import build_app
@@ -292,6 +307,8 @@ def _digest(folder: Path) -> str:
 def test_run_config_values_and_hospital_texts_are_shown_as_text(federation, tmp_path):
     """A hostile run config and a hostile hospital's refusal text and site name: shown as text,
     never run as script, in the browser's DOM."""
+    if federation.browser is None:
+        pytest.skip(NO_BROWSER)
     from selenium.webdriver.common.by import By
 
     from server.dashboard import build_app
@@ -346,13 +363,11 @@ def test_hospital_page_shows_a_hostile_audit_line_as_text(tmp_path):
     assert "line 2 is not a JSON object" in body
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory) -> Path:
-    """A finished run folder of a real 2-round simulation, with a secret beside it."""
-    tmp = tmp_path_factory.mktemp("runs")
-    proc = _simulate(tmp / "runs" / "r1", "--hospitals", "2", "--rounds", "2")
-    output = proc.communicate(timeout=240)[0]
-    assert proc.returncode == 0, output
+@pytest.fixture
+def run_folder(federation, tmp_path) -> Path:
+    """The simulation's finished run folder, with a secret inside and one beside it."""
+    tmp = tmp_path
+    shutil.copytree(federation.runs / "live", tmp / "runs" / "r1")
     (tmp / "secret.txt").write_text("SECRET-OUTSIDE")
     (tmp / "runs" / "r1" / "secret.json").write_text('"SECRET-INSIDE"')
     return tmp / "runs"
@@ -458,3 +473,35 @@ def test_dashboards_are_read_only():
         for route in router.routes:
             methods = getattr(route, "methods", None)
             assert methods is None or methods <= {"GET", "HEAD"}, route
+
+
+def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
+    """Requests the gateway refused, counted per route in STATE/gateway-counters.json, shown."""
+    import asyncio
+
+    import httpx
+
+    from server.dashboard import build_app
+    from server.gateway import Gateway
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "runs").mkdir()
+    gateway = Gateway("http://superlink", counters=state / "gateway-counters.json")
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=gateway, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="https://coordinator") as c:
+            headers = {"content-type": "application/protobuf"}
+            statuses = [(await c.post("/v1/control/list-runs", headers=headers)).status_code]
+            statuses.append((await c.post("/v1/fleet/pull-messages", headers=headers)).status_code)
+        return statuses
+
+    assert all(code >= 400 for code in asyncio.run(go()))
+    gateway.write_counters(force=True)
+    counters = json.loads((state / "gateway-counters.json").read_text())
+    assert counters["refused"] == {"other": 1, "pull-messages": 1} and counters["forwarded"] == {}
+    with serving(build_app(tmp_path / "runs", state=state)) as base:
+        status, body = _get(base, "/fragment")
+    assert status == 200
+    assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")

@@ -73,10 +73,12 @@ async function fedcareRefresh(url) {
 function fedcareCoordinator() {
   const chosen = new URLSearchParams(location.search).get("run");
   const query = chosen ? "?run=" + encodeURIComponent(chosen) : "";
+  let first = true;  // the page came with its fragment: draw the curves at once
   async function tick() {
     let delay = 1000;
     try {
-      await fedcareRefresh("/fragment" + query);
+      if (!first) await fedcareRefresh("/fragment" + query);
+      first = false;
       const root = document.getElementById("live-root");
       if (root && root.dataset.run) {
         const r = await fetch("/api/run/" + encodeURIComponent(root.dataset.run),
