@@ -505,3 +505,47 @@ def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
         status, body = _get(base, "/fragment")
     assert status == 200
     assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")
+
+
+def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
+    """`fedcare server dashboard --host 0.0.0.0 --token T --pki P`: HTTPS with the consortium's
+    certificate; 401 without the token; the registered hospitals listed (no SuperLink running)."""
+    from server.hospitals import HospitalRegistry
+    from server.pki import PKI, init_pki
+    from shared_models.node_keys import generate_key_pair
+
+    init_pki(tmp_path / "pki", addresses=["127.0.0.1"])
+    pki = PKI(tmp_path / "pki")
+    key_dir = tmp_path / "keys"
+    generate_key_pair(key_dir, "st-mary")
+    HospitalRegistry(pki).add_key("st-mary", key_dir / "st-mary.pub")
+    (tmp_path / "runs").mkdir()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "server", "dashboard", "--runs",
+         str(tmp_path / "runs"), "--pki", str(pki.root), "--host", "0.0.0.0", "--port", str(port),
+         "--superlink", f"127.0.0.1:{_free_port()}"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "FEDCARE_DASHBOARD_TOKEN": TOKEN},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    tls = ssl.create_default_context(cafile=str(pki.ca_cert))
+    base = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                status, _ = _get(base, "/", context=tls)
+                break
+            except (OSError, http.client.HTTPException):
+                assert time.monotonic() < deadline, "the dashboard did not open its port"
+                time.sleep(0.2)
+        assert status == 401
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        status, body = _get(base, "/", context=tls, headers=good)
+        assert status == 200
+        assert '<td>st-mary</td><td>-</td><td class="state-key-stored">key stored</td>' in body
+        assert "not reachable: registry only" in body
+    finally:
+        proc.terminate()
+        proc.wait(10)
