@@ -94,9 +94,10 @@ class RunView:
         if not c.get("dp.enabled", True):
             return "off"
         level = c.get("dp.level", "sample")
+        clipping = c.get("dp.client-clipping-norm" if level == "client" else "dp.max-grad-norm")
         return (
             f"{level}-level, target ε = {c.get('dp.target-epsilon')}, "
-            f"δ = {c.get('dp.target-delta')}, clipping {c.get('dp.max-grad-norm')}"
+            f"δ = {c.get('dp.target-delta')}, clipping {clipping}"
         )
 
     def hospitals(self) -> list[dict[str, Any]]:
@@ -125,8 +126,8 @@ class RunView:
         """Per-round series for the charts: ``rounds`` [R]; ``epsilon``, ``auroc``, ``loss``:
         hospital -> [R] (None where it did not report that round); ``pooled_auroc`` [R];
         ``target_epsilon``."""
-        rounds = list(range(1, max(self.round, self.rounds if self.status == "finished" else 0,
-                                   max((e.round for e in self.history.events), default=0)) + 1))  # fmt: skip
+        last = max([self.round, *(e.round for e in self.history.events)])
+        rounds = list(range(1, last + 1))
         index = {r: i for i, r in enumerate(rounds)}
         series: dict[str, dict[str, list[float | None]]] = {"epsilon": {}, "auroc": {}, "loss": {}}
         # ε after each round: a hospital's cumulative ε after its last release of the round (its
