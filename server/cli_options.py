@@ -87,8 +87,8 @@ Tracking = Annotated[
     typer.Option(
         metavar="mlflow[=URI]",
         help="Log the run (config, per-round pooled and per-hospital metrics and ε, artefacts) "
-        "to MLflow: `mlflow` = a local ./mlruns file store, or mlflow=URI. Needs the tracking "
-        'extra (pip install -e ".[tracking]").',
+        "to MLflow: `mlflow` = a local ./mlruns file store, or mlflow=URI. Needs MLflow: "
+        "fedcare's `tracking` extra, or pip install mlflow-skinny.",
     ),
 ]
 RunConfigOpt = Annotated[

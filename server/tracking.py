@@ -57,8 +57,8 @@ def parse_tracking(value: str | None, *, cwd: Path | None = None) -> str | None:
         import mlflow  # noqa: F401
     except ImportError:
         raise UsageError(
-            "--tracking mlflow: MLflow is not installed; install it with "
-            '`pip install -e ".[tracking]"` (or pip install mlflow-skinny)'
+            "--tracking mlflow: MLflow is not installed; install fedcare's tracking extra or "
+            "`pip install mlflow-skinny`"
         ) from None
     if not uri:
         uri = str((cwd or Path.cwd()) / "mlruns")
