@@ -60,9 +60,9 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -507,6 +507,18 @@ def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
     assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")
 
 
+def _first_answer(base: str, tls: ssl.SSLContext, proc: subprocess.Popen) -> int | None:
+    """The status of GET / once the dashboard answers; None if its process exited."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        try:
+            return _get(base, "/", context=tls)[0]
+        except (OSError, http.client.HTTPException):
+            assert time.monotonic() < deadline, "the dashboard did not open its port"
+            time.sleep(0.2)
+    return None
+
+
 def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
     """`fedcare server dashboard --host 0.0.0.0 --token T --pki P`: HTTPS with the consortium's
     certificate; 401 without the token; the registered hospitals listed (no SuperLink running)."""
@@ -520,26 +532,23 @@ def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
     generate_key_pair(key_dir, "st-mary")
     HospitalRegistry(pki).add_key("st-mary", key_dir / "st-mary.pub")
     (tmp_path / "runs").mkdir()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "server", "dashboard", "--runs",
-         str(tmp_path / "runs"), "--pki", str(pki.root), "--host", "0.0.0.0", "--port", str(port),
-         "--superlink", f"127.0.0.1:{_free_port()}"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "FEDCARE_DASHBOARD_TOKEN": TOKEN},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     tls = ssl.create_default_context(cafile=str(pki.ca_cert))
-    base = f"https://127.0.0.1:{port}"
+    for _attempt in range(3):  # another process may take the free port first: try another
+        port = _free_port("0.0.0.0")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "simulations.cli", "server", "dashboard", "--runs",
+             str(tmp_path / "runs"), "--pki", str(pki.root), "--host", "0.0.0.0", "--port",
+             str(port), "--superlink", f"127.0.0.1:{_free_port()}"],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "FEDCARE_DASHBOARD_TOKEN": TOKEN},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        base = f"https://127.0.0.1:{port}"
+        status = _first_answer(base, tls, proc)
+        if status is not None:
+            break
+        output = proc.communicate()[0]
+        assert "address already in use" in output, output
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                status, _ = _get(base, "/", context=tls)
-                break
-            except (OSError, http.client.HTTPException):
-                assert time.monotonic() < deadline, "the dashboard did not open its port"
-                time.sleep(0.2)
         assert status == 401
         good = {"Authorization": f"Bearer {TOKEN}"}
         status, body = _get(base, "/", context=tls, headers=good)
@@ -549,3 +558,10 @@ def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_unknown_tracker_is_one_clear_message(tmp_path):
+    proc = _cli("simulate", "--tracking", "wandb", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert "--tracking 'wandb': use mlflow or mlflow=URI" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
