@@ -10,8 +10,8 @@ only what the coordinator already has and never writes:
 - with ``--pki``, the hospital registry (``registered.json``) and, when the SuperLink answers on
   ``--superlink``, its node list (``flwr supernode list``, every 5 s): online / offline and since
   when;
-- with ``--pki``, the gateway's counters (``STATE/gateway-counters.json``, see
-  :mod:`server.gateway`) when ``--state`` names the coordinator's state folder.
+- with ``--state`` (the coordinator's state folder), the gateway's counters of requests
+  forwarded and refused per route (``STATE/gateway-counters.json``, see :mod:`server.gateway`).
 
 Everything shown of a run is what the coordinator's own report shows: per-hospital metrics and ε
 that hospitals released, refusals with the public reason a hospital sent.
