@@ -189,6 +189,7 @@ def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation
     if federation.browser is None:
         pytest.skip(NO_BROWSER)
     page = federation.page
+    print("round counter as the browser saw it:", federation.seen)
     assert page.counter == f"{RUNS} / {RUNS}", federation.seen
     # the counter only ever moved forward while the page polled the run folder
     rounds = [int(text.split(" / ")[0]) for text in federation.seen]
