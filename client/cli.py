@@ -521,3 +521,49 @@ def budget(
             f"lifetime: ε = ∞ -- {exposed} run(s) released model updates without sample-level DP "
             "(allowed by this site's policy, allow-non-dp)"
         )
+
+
+@app.command()
+def dashboard(
+    state: Annotated[
+        Path, typer.Option(help="The daemon's state folder (`client start --state`).")
+    ] = Path("fedcare-hospital"),
+    ledger: Annotated[
+        Path | None,
+        typer.Option(
+            help="Privacy ledger folder (default STATE/ledger; simulation: DIR/<hospital>)."
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="The site policy file the daemon runs with (`client start --policy`)."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Loopback address to listen on (127.0.0.1 or ::1; nothing else).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8051,
+) -> None:
+    """Serve this hospital's read-only privacy dashboard on loopback: the policy in force, the
+    lifetime ε against its cap and ε per run (from the ledger), the approved bundles and the
+    audit log (searchable). It never changes the ledger or the approvals."""
+    from shared_models.dashboard import is_loopback, serve
+
+    if not is_loopback(host) or host == "localhost":
+        raise HospitalSetupError(
+            f"--host {host}: the hospital dashboard listens on loopback only (127.0.0.1 or ::1); "
+            "reach it from another machine through an SSH tunnel"
+        )
+    folder = ledger or state / "ledger"
+    if not folder.is_dir():
+        raise HospitalSetupError(
+            f"{'--ledger' if ledger else '--state'} {ledger or state}: no ledger folder at "
+            f"{folder} (the daemon creates it at its first run)"
+        )
+    from client.dashboard import PolicyError, build_app
+
+    try:
+        app_, _ = build_app(folder.resolve(), policy=policy)
+    except PolicyError as exc:
+        raise HospitalSetupError(str(exc)) from None
+    console.print(f"hospital dashboard: http://{host}:{port}/ (ledger {folder}; Ctrl-C stops)")
+    serve(app_, host=host, port=port)

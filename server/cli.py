@@ -209,6 +209,7 @@ def start(
         "--ca-cert", str(keys.ca_cert.resolve()), "--certfile", str(keys.server_cert.resolve()),
         "--keyfile", str(keys.server_key.resolve()), "--pki", str(keys.root.resolve()),
         "--rate", str(rate_limit), "--max-body-mb", str(max_body_mb),
+        "--counters", str((state / "gateway-counters.json").resolve()),
     ]  # fmt: skip
     cli = FlowerCLI(home, f"127.0.0.1:{internal_port}", keys.ca_cert)
     log = state / "superlink.log"
@@ -360,6 +361,7 @@ def run(
     seed: opt.Seed = 0,
     out: opt.Out = None,
     run_config: opt.RunConfigOpt = None,
+    tracking: opt.Tracking = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue an interrupted run from its last checkpoint (its run folder)."),
@@ -386,10 +388,12 @@ def run(
     ] = APP_DIR,
 ) -> None:
     """Submit a training run to the federation and follow it; exit code = the run's outcome."""
+    from server.tracking import parse_tracking
     from shared_models.config import RunConfig
     from shared_models.fab import build_fab, unpack_fab
     from shared_models.recipes import settings_table, summary_line
 
+    tracking_uri = parse_tracking(tracking)
     if resume is not None:
         cfg, run_dir, stale_run = _resume_config(resume, run_config)
     else:
@@ -472,6 +476,10 @@ def run(
 
     summary = json.loads(summary_path.read_text())
     print_summary(console, summary, run_dir, status_seconds(status))
+    if tracking_uri is not None:
+        from server.tracking import log_run
+
+        console.print(f"tracking: MLflow run {log_run(run_dir, tracking_uri)} in {tracking_uri}")
     if (problem := nobody_trained(summary)) is not None:
         console.print(f"[red]run {run_id} trained nothing:[/] {problem}")
         raise typer.Exit(1)
@@ -676,3 +684,80 @@ def status(
             str(r.get("status-details") or ""),
         )  # fmt: skip
     console.print(table)
+
+
+@app.command()
+def dashboard(
+    runs: Annotated[
+        Path, typer.Option(help="Folder of run folders (`server run --out`, `simulate --out`).")
+    ] = Path("runs"),
+    pki: Annotated[
+        Path | None,
+        typer.Option(
+            help="PKI folder: registered hospitals, and the TLS certificate off loopback."
+        ),
+    ] = None,
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="The coordinator's state folder (`server start --state`): gateway counters."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; off loopback it needs --token and --pki.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8050,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FEDCARE_DASHBOARD_TOKEN",
+            help="Every request must carry it (Bearer header, or open /?token=TOKEN once); "
+            "required off loopback.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the coordinator's read-only dashboard: hospitals, runs, per-round curves (AUROC,
+    loss, ε per hospital against its target), refusals and drop-outs, the gateway's counters.
+
+    Bound to 127.0.0.1 by default. Any other address is served only over the consortium's TLS
+    certificate (--pki: server.pem, server.key) and only to requests carrying --token.
+    """
+    from shared_models.dashboard import LOOPBACK_NAMES, is_loopback, serve
+
+    if not runs.is_dir():
+        raise UsageError(f"--runs {runs}: folder not found (run folders are written there)")
+    if token is not None and len(token) < 16:
+        raise UsageError("--token: use at least 16 characters (e.g. `openssl rand -hex 16`)")
+    certfile = keyfile = None
+    hosts: tuple[str, ...] = LOOPBACK_NAMES
+    if not is_loopback(host):
+        if token is None:
+            raise UsageError(
+                f"--host {host}: off loopback the dashboard needs --token (or "
+                "FEDCARE_DASHBOARD_TOKEN); refusing to start"
+            )
+        if pki is None:
+            raise UsageError(
+                f"--host {host}: off loopback the dashboard is served over the consortium's TLS "
+                "certificate: give --pki (the folder of `fedcare server init`)"
+            )
+        try:
+            PKI(pki).check_server_side()
+        except PKIError as exc:
+            raise UsageError(str(exc)) from None
+        certfile, keyfile = PKI(pki).server_cert, PKI(pki).server_key
+        hosts = ("*",)  # the token guards every request; any name the certificate covers
+    if state is not None and not state.is_dir():
+        raise UsageError(f"--state {state}: folder not found")
+    from server.dashboard import build_app
+
+    scheme = "https" if certfile else "http"
+    console.print(
+        f"coordinator dashboard: {scheme}://{host}:{port}/ (runs in {runs}; Ctrl-C stops)"
+    )
+    app_ = build_app(
+        runs.resolve(), pki=pki, superlink=superlink, state=state, hosts=hosts, token=token,
+        tls=certfile is not None,
+    )  # fmt: skip
+    serve(app_, host=host, port=port, certfile=certfile, keyfile=keyfile)

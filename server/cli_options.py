@@ -82,6 +82,15 @@ Delta = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Seed for partitioning, splits, initial weights, noise.")]
 Out = Annotated[Path | None, typer.Option(help="Run folder (default runs/<timestamp>).")]
+Tracking = Annotated[
+    str | None,
+    typer.Option(
+        metavar="mlflow[=URI]",
+        help="Log the run (config, per-round pooled and per-hospital metrics and ε, artefacts) "
+        "to MLflow: `mlflow` = a local ./mlruns file store, or mlflow=URI. Needs MLflow: "
+        "fedcare's `tracking` extra, or pip install mlflow-skinny.",
+    ),
+]
 RunConfigOpt = Annotated[
     str | None,
     typer.Option("--run-config", help='Extra settings, "key=value ..." or a .toml file.'),

@@ -99,6 +99,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.hospitals import REGISTERED, HospitalRegistry
 from server.pki import PKI, PKIError
+from shared_models.files import write_json_atomic
 from shared_models.node_keys import KeyFileError, fingerprint, load_public_key
 from shared_models.protocol import KEY_REMOVED, removed_key_detail, still_online_detail
 
@@ -407,6 +408,11 @@ class Gateway:
         step 6 (see the module docstring).
     transport : httpx.AsyncBaseTransport, optional
         Transport to the SuperLink (tests pass ``httpx.ASGITransport`` over Flower's app).
+    counters : Path, optional
+        A JSON file the counters are written to (atomically, at most once a second, and at
+        shutdown) for the coordinator's dashboard: ``{"updated", "forwarded": {route: n},
+        "refused": {route: n}}``, routes named by their last segment (``pull-messages``), any
+        path outside :data:`FLEET_ROUTES` counted as ``other``.
     """
 
     def __init__(
@@ -417,6 +423,7 @@ class Gateway:
         limits: GatewayLimits | None = None,
         registered: RegisteredKeys | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        counters: Path | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
         self.limits = limits or GatewayLimits()
@@ -431,6 +438,8 @@ class Gateway:
         self._logged_all = (0.0, 0)  # (minute start, refusal lines), all addresses
         self.forwarded: Counter[str] = Counter()  # route -> requests forwarded since the start
         self.refused = 0
+        self.refused_routes: Counter[str] = Counter()  # route (or "other") -> requests refused
+        self.counters, self._counters_at = counters, -math.inf
 
     def client(self) -> httpx.AsyncClient:
         """The pooled HTTPS client to the SuperLink (keep-alive; created on first use)."""
@@ -459,6 +468,20 @@ class Gateway:
             await response(scope, receive, send)
         finally:
             self.active -= 1
+            self.write_counters()
+
+    def write_counters(self, *, force: bool = False) -> None:
+        """Write the counters file (see the class docstring), at most once a second."""
+        t = time.monotonic()
+        if self.counters is None or (not force and t - self._counters_at < 1.0):
+            return
+        self._counters_at = t
+        document = {
+            "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "forwarded": dict(self.forwarded), "refused": dict(self.refused_routes),
+        }  # fmt: skip
+        with contextlib.suppress(OSError):  # a full disk must not stop the gateway
+            write_json_atomic(self.counters, document)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -470,6 +493,7 @@ class Gateway:
                     "stopping: %d requests forwarded, %d refused; forwarded per route: %s",
                     sum(self.forwarded.values()), self.refused, json.dumps(dict(self.forwarded)),
                 )  # fmt: skip
+                self.write_counters(force=True)
                 if self._client is not None:
                     await self._client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -489,6 +513,8 @@ class Gateway:
         :data:`LOG_PER_MINUTE` lines per client address and :data:`LOG_PER_MINUTE_ALL` in all
         per minute, so that a flood does not fill the disk, with what the client sent escaped."""
         self.refused += 1
+        path = request.scope["path"]
+        self.refused_routes[path.rsplit("/", 1)[1] if path in FLEET_ROUTES else "other"] += 1
         if retry_after is not None:
             headers["retry-after"] = str(max(1, math.ceil(retry_after)))
         self._log_refusal(request, status, reason)
@@ -842,6 +868,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key-rate", type=float, default=defaults.key_rate,
                         help="requests/s per registered hospital key")  # fmt: skip
     parser.add_argument("--key-burst", type=int, default=defaults.key_burst)
+    parser.add_argument("--counters", type=Path,
+                        help="JSON file of forwarded / refused counts per route (dashboard)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per forwarded request otherwise
@@ -853,7 +881,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     registered = RegisteredKeys(args.pki.resolve()) if args.pki is not None else None
     app = Gateway(args.upstream, verify=upstream_tls(args.ca_cert), limits=limits,
-                  registered=registered)  # fmt: skip
+                  registered=registered, counters=args.counters)  # fmt: skip
     log.info(
         "fedcare gateway on https://%s:%d -> %s: Fleet API only (%d routes), %s, body <= %d "
         "bytes, <= %d bytes in flight, %g requests/s per address (burst %d)", args.host,

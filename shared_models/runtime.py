@@ -28,6 +28,8 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # `--tracking mlflow`: MLflow's usage telemetry
+    "DO_NOT_TRACK": "true",
 }
 
 

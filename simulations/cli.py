@@ -125,6 +125,7 @@ def simulate(
     seed: opt.Seed = 0,
     out: opt.Out = None,
     run_config: opt.RunConfigOpt = None,
+    tracking: opt.Tracking = None,
     export_hospitals_to: Annotated[
         Path | None,
         typer.Option(
@@ -191,6 +192,9 @@ def simulate(
     --task takes a task name or the path of a task file (*.toml) anywhere on disk.
     """
     check_data_dir_argument(data_dir)  # before the heavy imports: a typo is refused at once
+    from server.tracking import parse_tracking
+
+    tracking_uri = parse_tracking(tracking)  # an unknown tracker or no MLflow: refused at once
     with task_argument(task) as (task_name, task_file):
         return _simulate(
             task=task_name, task_file=task_file, data_dir=data_dir, hospitals=hospitals,
@@ -199,7 +203,7 @@ def simulate(
             export_hospitals_to=export_hospitals_to, ledger_dir=ledger_dir, policy=policy,
             verbose=verbose, gpus_per_hospital=gpus_per_hospital,
             cpus_per_hospital=cpus_per_hospital, ray_address=ray_address, backend=backend,
-            hold_out=hold_out or "", cross_site=cross_site,
+            hold_out=hold_out or "", cross_site=cross_site, tracking_uri=tracking_uri,
         )  # fmt: skip
 
 
@@ -229,6 +233,7 @@ def _simulate(
     backend: Backend,
     hold_out: str,
     cross_site: bool = False,
+    tracking_uri: str | None = None,
 ) -> str | None:
     request = SimulationRequest(
         options=opt.run_options(
@@ -257,6 +262,11 @@ def _simulate(
     from server.report import print_summary
 
     print_summary(console, summary, request.out, time.monotonic() - t0)
+    if tracking_uri is not None:
+        from server.tracking import log_run
+
+        mlflow_run = log_run(request.out, tracking_uri)
+        console.print(f"tracking: MLflow run {mlflow_run} in {tracking_uri}")
     return RUN_FOLDER_COMPLETE
 
 
