@@ -147,15 +147,68 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    explanations = (
+        _request_explanations(grid, ArrayRecord(final), run) if run.explain.enabled else None
+    )
     summary = {  # the run ids first: they join this run folder to the hospitals' ledgers
         "run_id": run_id,
         "flower_run_ids": flower_run_ids,
         **build_summary(run, history, wall_seconds=time.monotonic() - t_start),
     }
+    if explanations is not None:
+        summary["explanations"] = explanations
+        for h in summary["hospitals"]:  # the run's ε at each hospital now includes the release
+            released = next((r for r in explanations["hospitals"] if r["site"] == h["name"]), None)
+            if released is not None and released.get("epsilon") is not None:
+                h["epsilon"] = released["epsilon"]
     save_weights(out / "model.safetensors", final, _model_card(run, summary, model_info))
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
     write_model_card(out)  # model.md next to model.safetensors + model.json
+
+
+def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> dict:
+    """After the last round: ask every connected hospital once for its DP explanation release
+    of the final model (message ``query.explain``) and pool the replies
+    (:func:`server.explanations.aggregate_explanations`); a hospital that refuses is named."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    from server.explanations import aggregate_explanations
+    from shared_models.protocol import EXPLAIN_ACTION, parse_refusal
+    from shared_models.tasks import get_task
+
+    features = list(get_task(run.task.name).explained_features(run.task.preprocessing))
+    config = ConfigRecord({"server-round": run.train.rounds})
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.{EXPLAIN_ACTION}",
+        )
+        for node in grid.get_node_ids()
+    ]
+    releases, refused = [], []
+    for reply in grid.send_and_receive(messages, timeout=run.train.round_timeout):
+        if reply.has_error():
+            site, reason = parse_refusal(reply.error.reason) or (
+                f"node {reply.metadata.src_node_id}",
+                reply.error.reason,
+            )
+            refused.append({"site": site, "reason": reason})
+            continue
+        m = reply.content.metric_records["metrics"]
+        releases.append({
+            "site": str(reply.content.config_records["info"]["site"]),
+            "n": int(m["num-examples"]),  # type: ignore[arg-type]
+            "signed": list(m["attr-sum"]), "absolute": list(m["attr-abs-sum"]),  # type: ignore[arg-type]
+            "noise_multiplier": float(m["explain-noise-multiplier"]),  # type: ignore[arg-type]
+            "clip": float(m["explain-clip"]),  # type: ignore[arg-type]
+            "epsilon_release": float(m["explain-epsilon"]),  # type: ignore[arg-type]
+            "epsilon": float(m["epsilon"]) if "epsilon" in m else None,  # type: ignore[arg-type]
+        })  # fmt: skip
+    releases.sort(key=lambda r: r["site"])
+    flwr_log(INFO, "[fedcare] explanations: %d released, %d refused", len(releases), len(refused))
+    return aggregate_explanations(releases, refused, features)
 
 
 def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:

@@ -128,6 +128,15 @@ class Task:
     positive_class_of : Callable[[str], str] or None
         What label 1 means for a given ``--data-dir`` where that depends on the data (a
         MedMNIST file other than PneumoniaMNIST); None: always ``positive_class``.
+    feature_names : Callable[[str], tuple[str, ...]] or None
+        The names of the features explanations are reported by, for a (resolved)
+        preprocessing: one per index of ``attribution_axis`` of an example. None: "feature 1",
+        "feature 2", ... (:meth:`explained_features`).
+    attribution_axis : int or None
+        The axis of one example (``input_shape``) that indexes the reported features; an
+        attribution is summed over the other axes (ICU: ``[T, V, 3]`` -> per variable ``V``,
+        axis 1). None: the task has no per-feature explanation (images: see
+        :mod:`shared_models.attributions`).
     default_test_fraction : float
         Test share of each site when ``data.test-fraction`` is 0.
     reference_scaling : (center, scale) or None
@@ -179,6 +188,24 @@ class Task:
     check_file: Callable[[Path], Any] | None = None
     preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     positive_class_of: Callable[[str], str] | None = None
+    feature_names: Callable[[str], tuple[str, ...]] | None = None
+    attribution_axis: int | None = 0
+
+    def explained_features(self, preprocessing: str) -> tuple[str, ...]:
+        """The names explanations are reported by (see ``feature_names``).
+
+        Raises
+        ------
+        ValueError
+            The task has no per-feature explanation (``attribution_axis`` None).
+        """
+        if self.attribution_axis is None:
+            raise ValueError(f"task '{self.name}' has no per-feature explanation")
+        preprocessing = self.resolve_preprocessing(preprocessing)
+        if self.feature_names is not None:
+            return tuple(self.feature_names(preprocessing))
+        size = self.input_shape(preprocessing)[self.attribution_axis]
+        return tuple(f"feature {i + 1}" for i in range(size))
 
     def positive_class_for(self, data_dir: str = "") -> str:
         """What label 1 means for the data at ``data_dir`` (``""``: the task's embedded or

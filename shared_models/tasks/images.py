@@ -676,6 +676,7 @@ def chest_positive_class(data_dir: str) -> str:
 IMAGE_TASKS: dict[str, Task] = {
     "chest-xray": Task(
         name="chest-xray",
+        attribution_axis=None,  # no per-feature explanation: a class-conditional map (not built yet)
         read_file=read_image_folder,
         load_sites=_image_sites,
         write_file=write_image_folder,
