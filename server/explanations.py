@@ -154,7 +154,9 @@ def plot_importance(path: Path, block: dict[str, Any], *, title: str = "") -> bo
     err = 1.96 * block["standard_error"][0]
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(order) + 1.2))
     ax.barh(names, values, xerr=err, color=colours, capsize=3)
-    ax.set_xlabel("mean |attribution| (logit), bars ± 1.96 noise SE\nred: raises the risk on average, blue: lowers it")
+    ax.set_xlabel(
+        "mean |attribution| (logit), bars ± 1.96 noise SE\nred: raises the risk on average, blue: lowers it"
+    )
     ax.set_title(title or "Feature importance, released under DP")
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
