@@ -1,0 +1,290 @@
+"""DP explanation releases (issue #26): the mechanism, the hospital's handler and ledger, the
+policy, a hostile coordinator asking again, and the coordinator's pooling and report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.client_app import SITE_REFUSED
+from client.client_app import app as client_app
+from client.explanations import (
+    clip_rows,
+    noise_for_epsilon,
+    release_attributions,
+    release_epsilon,
+)
+from client.secure_random import SecureRandom
+from server.explanations import aggregate_explanations, explanation_lines
+from shared_models.attributions import attributions, per_feature
+from shared_models.models import LogisticRegression, build_model
+from tests.handlers import make_context, make_request, use_task_identity
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    use_task_identity()
+
+
+# ------------------------------------------------------------------------------------------
+# the mechanism
+# ------------------------------------------------------------------------------------------
+def test_noise_multiplier_for_epsilon_one_is_pinned():
+    """Gaussian mechanism, one release, RDP at δ = 1e-5 (Opacus' orders): σ ≈ 4.05 for ε = 1;
+    the schema's default 4.1 gives ε = 0.985."""
+    sigma = noise_for_epsilon(1.0, delta=1e-5)
+    assert sigma == pytest.approx(4.045, abs=0.01)
+    assert release_epsilon(sigma, delta=1e-5) <= 1.0
+    assert release_epsilon(4.1, delta=1e-5) == pytest.approx(0.9854, abs=1e-3)
+
+
+def test_release_adds_noise_of_sigma_times_clip_on_every_coordinate():
+    """Zero attributions: the released sums are the noise alone, with standard deviation
+    σ·C (a band: silently dropped or mis-scaled noise fails)."""
+    zeros = np.zeros((10, 2000))
+    signed, absolute = release_attributions(zeros, clip=0.5, noise_multiplier=3.0)
+    noise = np.array(signed + absolute)
+    assert noise.std() == pytest.approx(1.5, rel=0.05)
+    assert abs(noise.mean()) < 0.1
+    # released values are multiples of GRID * C: nothing of the float's low bits leaves
+    assert np.allclose(np.rint(noise / 5e-4) * 5e-4, noise, atol=1e-9)
+
+
+def test_one_patient_moves_the_clipped_sums_by_at_most_the_clip_bound():
+    """The sensitivity the accountant assumes: [a, |a|] of any one patient, however large, adds
+    at most C in L2 to the pre-noise sums."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 8))
+    outlier = np.full((1, 8), 1e6)
+    before = clip_rows(np.concatenate([a, np.abs(a)], axis=1), 0.7).sum(axis=0)
+    with_one = np.concatenate([a, outlier])
+    after = clip_rows(np.concatenate([with_one, np.abs(with_one)], axis=1), 0.7).sum(axis=0)
+    assert np.linalg.norm(after - before) <= 0.7 + 1e-9
+
+
+def test_non_finite_attributions_count_as_zero_instead_of_refusing():
+    """Weights that overflow for some patients only must not make the release fail (a refusal
+    would reveal that such a patient exists): that patient counts as zeros."""
+    a = np.ones((3, 4))
+    a[1, 2] = np.inf
+    key = b"k" * 32
+    got = release_attributions(a, clip=1.0, noise_multiplier=1.0, randomness=SecureRandom(key))
+    clean = np.delete(a, 1, axis=0)
+    want = release_attributions(clean, clip=1.0, noise_multiplier=1.0, randomness=SecureRandom(key))
+    assert got == want
+
+
+def test_release_refuses_noiseless_settings():
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        release_attributions(np.ones((2, 2)), clip=1.0, noise_multiplier=0.0)
+
+
+def test_exact_logistic_attributions_equal_captums_integrated_gradients():
+    """For logistic regression, w_j x_j is Integrated Gradients from the zero baseline; for an
+    MLP, Captum's attributions add up to logit(x) - logit(0) (completeness)."""
+    x = np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32)
+    logreg = build_model("logreg", n_features=6, seed=3)
+    exact = attributions(logreg, x, method="exact")
+    ig = attributions(logreg, x, method="integrated-gradients", steps=16)
+    assert np.allclose(exact, ig, atol=1e-5)
+    mlp = build_model("mlp", n_features=6, seed=3)
+    ig = attributions(mlp, x, steps=64)
+    with torch.no_grad():
+        gap = mlp(torch.from_numpy(x)) - mlp(torch.zeros(1, 6))
+    assert np.allclose(ig.sum(axis=1), gap.numpy(), atol=0.02)
+
+
+def test_icu_attributions_are_summed_per_variable():
+    """[N, T, V, 3] -> [N, V]: one importance per ICU variable, completeness kept."""
+    attr = np.random.default_rng(2).normal(size=(4, 48, 46, 3))
+    per_var = per_feature(attr, axis=1)
+    assert per_var.shape == (4, 46)
+    assert np.allclose(per_var.sum(axis=1), attr.sum(axis=(1, 2, 3)))
+
+
+def test_exact_method_refuses_a_non_linear_model():
+    with pytest.raises(ValueError, match="needs a logistic regression"):
+        attributions(build_model("mlp", n_features=3), np.zeros((1, 3), np.float32), method="exact")
+
+
+# ------------------------------------------------------------------------------------------
+# acceptance 1: a synthetic task, 20 features of which 3 informative, 3 hospitals x 500
+# ------------------------------------------------------------------------------------------
+def _fitted_logreg(x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+    """A logistic regression fitted by full-batch gradient descent (plain torch)."""
+    model = LogisticRegression(x.shape[1])
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=100)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def closure():  # type: ignore[no-untyped-def]
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xt), yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+def test_released_importance_ranks_the_informative_features_on_top_at_epsilon_one():
+    sigma = noise_for_epsilon(1.0, delta=1e-5)
+    informative = {4, 11, 17}
+    hits = 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        sites = []
+        for _ in range(3):  # 3 hospitals of 500 patients
+            x = rng.normal(size=(500, 20)).astype(np.float32)
+            logit = 1.5 * x[:, 4] - 1.2 * x[:, 11] + 1.0 * x[:, 17]
+            y = (rng.random(500) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+            sites.append((x[:350], y[:350], x[350:]))  # train / evaluation split
+        model = _fitted_logreg(np.concatenate([s[0] for s in sites]), np.concatenate([s[1] for s in sites]))  # fmt: skip
+        releases = []
+        for h, (_, _, x_eval) in enumerate(sites):
+            signed, absolute = release_attributions(
+                attributions(model, x_eval), clip=1.0, noise_multiplier=sigma
+            )
+            releases.append({"site": f"h{h}", "n": len(x_eval), "signed": signed,
+                             "absolute": absolute, "noise_multiplier": sigma, "clip": 1.0,
+                             "epsilon_release": 1.0, "epsilon": None})  # fmt: skip
+        pooled = aggregate_explanations(releases, [], [f"x{j}" for j in range(20)])
+        hits += set(pooled["ranking"][:3]) == informative
+    assert hits >= 9
+
+
+# ------------------------------------------------------------------------------------------
+# the hospital's handler, ledger and policy
+# ------------------------------------------------------------------------------------------
+def _explain_request(model, server_round: int = 3):  # type: ignore[no-untyped-def]
+    return make_request("query.explain", model, server_round)
+
+
+@pytest.fixture
+def deployed(tmp_path, default_cfg):
+    """A hospital with a ledger and a policy file (simulated data, partition 0 of 3)."""
+
+    def make(policy: str = "", **cfg):  # type: ignore[no-untyped-def]
+        (tmp_path / "policy.toml").write_text(policy)
+        run = {**default_cfg, "run.id": "exp-run", "explain.enabled": True, **cfg}
+        node = {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger"),
+                "policy-path": str(tmp_path / "policy.toml")}  # fmt: skip
+        return make_context(run, node)
+
+    return make
+
+
+def _ledger(tmp_path):  # type: ignore[no-untyped-def]
+    from client.ledger import Ledger
+
+    return Ledger(tmp_path / "ledger").load("exp-run")
+
+
+def test_release_is_its_own_ledger_entry_and_composes_into_the_runs_epsilon(deployed, tmp_path):
+    ctx = deployed()
+    model = build_model("mlp", n_features=30, seed=1)
+    reply = client_app(_explain_request(model), ctx)
+    assert not reply.has_error(), reply.error
+    m = reply.content["metrics"]
+    assert len(m["attr-sum"]) == len(m["attr-abs-sum"]) == 30
+    record = _ledger(tmp_path)
+    assert record.explanations == [4.1]
+    assert record.accountant["history"] == [[4.1, 1.0, 1]]
+    assert record.epsilon() == pytest.approx(release_epsilon(4.1, delta=1e-5))
+    assert m["epsilon"] == pytest.approx(record.epsilon())
+    # after training, the run's ε composes both (RDP), more than either alone
+    ctx2 = deployed(**{"run.id": "exp-run-2"})
+    client_app(make_request("train", model, 1), ctx2)
+    from client.ledger import Ledger
+
+    trained = Ledger(tmp_path / "ledger").load("exp-run-2")
+    before = trained.epsilon()
+    reply = client_app(_explain_request(model, 5), ctx2)
+    assert not reply.has_error(), reply.error
+    after = Ledger(tmp_path / "ledger").load("exp-run-2").epsilon()
+    assert before < after < before + release_epsilon(4.1, delta=1e-5)
+
+
+def test_hostile_coordinator_asking_again_gets_the_same_release_or_a_refusal(deployed, tmp_path):
+    ctx = deployed()
+    model = build_model("mlp", n_features=30, seed=1)
+    first = client_app(_explain_request(model), ctx)
+    # the identical request: the same release again (post-processing), no new noise, no charge
+    again = client_app(_explain_request(model), ctx)
+    assert again.content["metrics"]["attr-sum"] == first.content["metrics"]["attr-sum"]
+    assert again.content["info"]["replayed"] is True
+    assert _ledger(tmp_path).accountant["history"] == [[4.1, 1.0, 1]]
+    # other weights (or another round): refused, nothing charged
+    other = client_app(_explain_request(build_model("mlp", n_features=30, seed=2)), ctx)
+    assert other.has_error() and other.error.code == SITE_REFUSED
+    assert "already received its explanation release" in other.error.reason
+    assert _ledger(tmp_path).explanations == [4.1]
+
+
+def test_a_site_without_a_ledger_also_refuses_a_second_release(default_cfg):
+    ctx = make_context(
+        {**default_cfg, "explain.enabled": True}, {"partition-id": 0, "num-partitions": 3}
+    )
+    client_app(_explain_request(build_model("mlp", n_features=30, seed=1)), ctx)
+    second = client_app(_explain_request(build_model("mlp", n_features=30, seed=1)), ctx)
+    assert second.has_error() and "already received" in second.error.reason
+
+
+@pytest.mark.parametrize(
+    ("policy", "cfg", "reason"),
+    [
+        ("allow-explanations = false\n", {}, "forbids explanation releases"),
+        ("max-explanation-epsilon = 0.5\n", {}, "max-explanation-epsilon 0.5"),
+        ("", {"explain.enabled": False}, "does not ask for explanations"),
+        ("", {"explain.method": "exact"}, "needs a logistic regression"),
+    ],
+)
+def test_refusals_charge_nothing(deployed, tmp_path, policy, cfg, reason):
+    reply = client_app(_explain_request(build_model("mlp", n_features=30)), deployed(policy, **cfg))
+    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert reason in reply.error.reason
+    record = _ledger(tmp_path)
+    assert record is None or not record.explanations
+
+
+def test_lifetime_cap_refuses_the_release(deployed, tmp_path):
+    reply = client_app(
+        _explain_request(build_model("mlp", n_features=30)), deployed("lifetime-epsilon = 0.5\n")
+    )
+    assert reply.has_error() and "lifetime-epsilon 0.5" in reply.error.reason
+
+
+def test_budget_shows_the_explanation_release(deployed, tmp_path):
+    from typer.testing import CliRunner
+
+    from client.cli import app as client_cli
+
+    client_app(_explain_request(build_model("mlp", n_features=30)), deployed())
+    out = CliRunner().invoke(client_cli, ["budget", "--ledger", str(tmp_path / "ledger")]).output
+    assert "explanation release(s) 1: noise multiplier 4.1, ε alone = 0.985" in out
+    assert "lifetime: ε = 0.985" in out
+
+
+# ------------------------------------------------------------------------------------------
+# the coordinator
+# ------------------------------------------------------------------------------------------
+def test_pooling_divides_by_the_public_counts_and_gives_the_noise_standard_error():
+    releases = [
+        {"site": "a", "n": 100, "signed": [10.0, -20.0], "absolute": [30.0, 40.0],
+         "noise_multiplier": 3.0, "clip": 1.0, "epsilon_release": 1.5, "epsilon": 2.0},
+        {"site": "b", "n": 300, "signed": [30.0, 0.0], "absolute": [50.0, 0.0],
+         "noise_multiplier": 4.0, "clip": 1.0, "epsilon_release": 1.0, "epsilon": None},
+    ]  # fmt: skip
+    block = aggregate_explanations(releases, [{"site": "c", "reason": "no"}], ["age", "bp"])
+    assert block["mean_abs"] == pytest.approx([0.2, 0.1])
+    assert block["mean_signed"] == pytest.approx([0.1, -0.05])
+    assert block["standard_error"] == pytest.approx([5.0 / 400] * 2)
+    assert block["ranking"] == [0, 1] and block["n"] == 400
+    text = "\n".join(explanation_lines(block, "importance.png", "disease"))
+    assert (
+        "1. **age**" in text
+        and "c refused" in text
+        and "| a | 100 | 3 | 1 | 1.500 | 2.000 |" in text
+    )
+    with pytest.raises(ValueError, match="released 3 attributions; the task has 2"):
+        aggregate_explanations([{**releases[0], "signed": [1.0] * 3}], [], ["age", "bp"])
