@@ -288,3 +288,39 @@ def test_pooling_divides_by_the_public_counts_and_gives_the_noise_standard_error
     )
     with pytest.raises(ValueError, match="released 3 attributions; the task has 2"):
         aggregate_explanations([{**releases[0], "signed": [1.0] * 3}], [], ["age", "bp"])
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: `fedcare simulate` through Flower's Simulation Engine
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_simulation_releases_explanations_after_the_last_round(tmp_path):
+    """Two simulated hospitals, two rounds: each releases once (its ledger's own entry, in the
+    run's ε the summary shows), and report.md / model.md carry the chart and the top features."""
+    import json
+    import subprocess
+    import sys
+
+    from client.ledger import Ledger
+
+    out, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--hospitals", "2", "--rounds", "2",
+         "--out", str(out), "--ledger-dir", str(ledgers), "--run-config", "explain.enabled=true"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    block = summary["explanations"]
+    assert [h["site"] for h in block["hospitals"]] == ["hospital-1", "hospital-2"]
+    assert block["refused"] == [] and len(block["mean_abs"]) == 30
+    assert block["features"][:2] == ["mean radius", "mean texture"]
+    for h in summary["hospitals"]:
+        record = Ledger(ledgers / h["name"]).records()[0]
+        assert record.explanations == [4.1]
+        assert h["epsilon"] == pytest.approx(record.epsilon())  # the release is in the run's ε
+    assert (out / "importance.png").stat().st_size > 1000
+    for name in ("report.md", "model.md"):
+        text = (out / name).read_text()
+        assert "## Explanations (released under DP)" in text
+        assert "![Feature importance](importance.png)" in text and "1. **" in text
