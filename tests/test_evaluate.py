@@ -170,3 +170,26 @@ def test_wilson_interval_by_hand():
     half = z / (10 + z**2) * np.sqrt(8 * 2 / 10 + z**2 / 4)
     assert (ci.low, ci.high) == pytest.approx((centre - half, centre + half))
     assert v.wilson_ci(0, 0).value is None
+
+
+def test_evaluate_shows_the_sites_own_attributions(trained, tmp_path, monkeypatch, capsys):
+    """The non-private attributions (issue #26) are in the site's own report and JSON only, equal
+    to Integrated Gradients recomputed here."""
+    from shared_models.attributions import feature_attributions
+
+    run, data = trained
+    out = tmp_path / "eval"
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(data), "--out", str(out)
+    )
+    assert code == 0, text
+    block = json.loads((out / "evaluation.json").read_text())["attributions"]
+    saved = locate_model(run)
+    x, _ = load_records(saved.task, saved.card["preprocessing"], data)
+    mine = np.abs(feature_attributions(load_model(saved), x, axis=0)).mean(axis=0)
+    assert block["mean_abs"] == pytest.approx(mine.tolist(), rel=1e-6)
+    assert block["features"][0] == "mean radius" and block["n"] == 190
+    assert (out / "importance.png").exists()
+    report = (out / "report.md").read_text()
+    assert "non-private: these never leave this machine" in report
+    assert f"| {block['features'][block['ranking'][0]]} | {max(mine):.3f} |" in report
