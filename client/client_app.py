@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp
 from client.audit import AuditLog
 from client.dp_modes import grad_sample_mode_for
 from client.evaluation import release_histograms
-from client.explanations import release_attributions, release_epsilon
+from client.explanations import release_attributions, release_epsilon, release_saliency
 from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
 from client.policy import (
     DEFAULT_POLICY,
@@ -657,8 +657,8 @@ def _explain(msg: Message, context: Context) -> Message:
         if not site.run.explain.enabled:
             raise ConfigError("the run's config does not ask for explanations (explain.enabled)")
         task = get_task(site.run.task.name)
-        if task.attribution_axis is None:
-            raise ConfigError(f"task {site.run.task.name!r} has no per-feature explanation")
+        if task.attribution_axis is None and not task.saliency_grid:
+            raise ConfigError(f"task {site.run.task.name!r} has no explanation release")
         model, device = site.model(msg)
         arrays = msg.content.array_records["arrays"]
         request = fingerprint("explain", _round(msg), {k: a.data for k, a in arrays.items()})
@@ -679,8 +679,6 @@ def _explain(msg: Message, context: Context) -> Message:
 
 def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]:
     """Check the release against the policy and the ledger, compute it, record it, return it."""
-    from shared_models.attributions import feature_attributions
-
     ex = site.run.explain
     record = site.record()
     plan = site.check_policy(record)
@@ -693,23 +691,12 @@ def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]
     charged = _with(record.accountant, ex.noise_multiplier, 1.0, 1)
     if plan is not None:
         site.check_release(charged, what="the explanation release")
-    task = get_task(site.run.task.name)
-    try:
-        per_example = feature_attributions(
-            model, site.data.x_test, axis=task.attribution_axis or 0, method=ex.method,
-            steps=ex.ig_steps, device=device,
-        )  # fmt: skip
-    except ValueError as exc:  # explain.method 'exact' for a model that is not linear
-        raise ConfigError(str(exc)) from None
-    signed, absolute = release_attributions(
-        per_example, clip=ex.clip, noise_multiplier=ex.noise_multiplier
-    )
+    released = _explanation_sums(site, model, device)
     record.accountant = charged
     record.explanations.append(ex.noise_multiplier)
     site.save(record)  # recorded BEFORE the sums leave the hospital
     metrics: dict[str, Any] = {
-        "attr-sum": signed,
-        "attr-abs-sum": absolute,
+        **released,
         "explain-noise-multiplier": ex.noise_multiplier,
         "explain-clip": ex.clip,
         # ε of this release alone at the run's δ (the policy's cap is checked at the site's)
@@ -719,6 +706,37 @@ def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]
         metrics["epsilon"] = record.epsilon()
         metrics["delta"] = plan.target_delta
     return metrics
+
+
+def _explanation_sums(site: _Site, model: Any, device: str) -> dict[str, Any]:
+    """The noisy sums: per feature (``attr-sum``, ``attr-abs-sum``), or for an image task per
+    class (``saliency-c``, ``image-c``, ``count-c``: :func:`client.explanations.release_saliency`)."""
+    from shared_models.attributions import feature_attributions, spatial_saliency
+
+    ex, x = site.run.explain, site.data.x_test
+    task = get_task(site.run.task.name)
+    try:
+        if task.attribution_axis is None:
+            saliency, images = spatial_saliency(
+                model, x, grid=task.saliency_grid, method=ex.method, steps=ex.ig_steps,
+                device=device,
+            )  # fmt: skip
+            image_clip = float(images.shape[1])  # pixels in [-1, 1]: no image is clipped
+            released: dict[str, Any] = release_saliency(
+                saliency, images, site.data.y_test, clip=ex.clip, image_clip=image_clip,
+                noise_multiplier=ex.noise_multiplier,
+            )  # fmt: skip
+            return {**released, "explain-image-clip": image_clip}
+        per_example = feature_attributions(
+            model, x, axis=task.attribution_axis, method=ex.method, steps=ex.ig_steps,
+            device=device,
+        )  # fmt: skip
+    except ValueError as exc:  # explain.method 'exact' for a model that is not linear
+        raise ConfigError(str(exc)) from None
+    signed, absolute = release_attributions(
+        per_example, clip=ex.clip, noise_multiplier=ex.noise_multiplier
+    )
+    return {"attr-sum": signed, "attr-abs-sum": absolute}
 
 
 def _policy(context: Context, settings: SiteSettings) -> SitePolicy:

@@ -92,6 +92,74 @@ def release_attributions(
     return noisy[:features].tolist(), noisy[features:].tolist()
 
 
+def release_saliency(
+    saliency: np.ndarray,
+    images: np.ndarray,
+    y: np.ndarray,
+    *,
+    clip: float,
+    image_clip: float,
+    noise_multiplier: float,
+    randomness: SecureRandom | None = None,
+) -> dict[str, list[float]]:
+    """Class-conditional sums of clipped saliency maps and images, and class counts, noised.
+
+    Per test image ``i`` of class ``y_i``: ``s_i`` (``[G*G]`` saliency) clipped to L2 norm
+    ``clip``, ``x_i`` (``[G*G]`` image) clipped to ``image_clip``, and a count of 1 go into the
+    sums of class ``y_i`` only. Scaled to unit bounds, one patient changes the whole released
+    vector (both classes) by at most ``sqrt(3)`` in L2, so Gaussian noise of standard deviation
+    ``noise_multiplier * sqrt(3)`` on that scale (``* clip`` on saliency sums, ``* image_clip``
+    on image sums, ``* 1`` on counts) is one Gaussian mechanism of noise multiplier
+    ``noise_multiplier``, charged like :func:`release_attributions`.
+
+    Parameters
+    ----------
+    saliency, images : np.ndarray
+        ``[N, G, G]`` (:func:`shared_models.attributions.spatial_saliency`).
+    y : np.ndarray
+        ``[N]`` labels in {0, 1}.
+    clip, image_clip : float
+        L2 bounds of one patient's saliency map and image.
+    noise_multiplier : float
+        See above.
+    randomness : SecureRandom, optional
+        The noise's source; default a new one under a key from the OS CSPRNG.
+
+    Returns
+    -------
+    dict
+        ``saliency-0``, ``saliency-1``, ``image-0``, ``image-1`` (``[G*G]`` noisy sums) and
+        ``count-0``, ``count-1`` (one noisy count each), rounded as in
+        :func:`release_attributions`.
+
+    Raises
+    ------
+    ValueError
+        A bound or the noise multiplier not positive and finite.
+    """
+    for name, value in (("clip", clip), ("image_clip", image_clip), ("noise_multiplier", noise_multiplier)):  # fmt: skip
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    n = len(y)
+    s = np.asarray(saliency, dtype=np.float64).reshape(n, -1)
+    s = np.where(np.isfinite(s).all(axis=1, keepdims=True), s, 0.0)  # as release_attributions
+    x = np.asarray(images, dtype=np.float64).reshape(n, -1)
+    unit = np.concatenate([clip_rows(s, clip) / clip, clip_rows(x, image_clip) / image_clip,
+                           np.ones((n, 1))], axis=1)  # fmt: skip
+    cells = s.shape[1]
+    rng = randomness or SecureRandom()
+    scale = np.concatenate([np.full(cells, clip), np.full(cells, image_clip), [1.0]])
+    out: dict[str, list[float]] = {}
+    for c in (0, 1):
+        total = unit[np.asarray(y) == c].sum(axis=0)
+        noisy = total + rng.standard_normal(len(total)) * noise_multiplier * math.sqrt(3.0)
+        noisy = np.rint(noisy / GRID) * GRID * scale
+        out[f"saliency-{c}"] = noisy[:cells].tolist()
+        out[f"image-{c}"] = noisy[cells : 2 * cells].tolist()
+        out[f"count-{c}"] = [float(noisy[-1])]
+    return out
+
+
 def release_epsilon(noise_multiplier: float, *, delta: float) -> float:
     """ε at ``delta`` of one release alone (the Gaussian mechanism, RDP accounting as the
     ledger does: :func:`client.training.epsilon_spent`)."""
@@ -120,4 +188,11 @@ def noise_for_epsilon(epsilon: float, *, delta: float) -> float:
     return hi
 
 
-__all__ = ["GRID", "clip_rows", "noise_for_epsilon", "release_attributions", "release_epsilon"]
+__all__ = [
+    "GRID",
+    "clip_rows",
+    "noise_for_epsilon",
+    "release_attributions",
+    "release_epsilon",
+    "release_saliency",
+]

@@ -83,6 +83,108 @@ def aggregate_explanations(
     return out
 
 
+SALIENCY_CHART = "saliency.png"  # chest X-rays: class-conditional mean image and saliency
+
+
+def aggregate_saliency(
+    releases: list[dict[str, Any]], refused: list[dict[str, str]]
+) -> dict[str, Any]:
+    """Pool the hospitals' class-conditional sums (:func:`client.explanations.release_saliency`)
+    into each class's mean image and mean saliency map, with the noise's standard errors.
+
+    Parameters
+    ----------
+    releases : list of dict
+        Per hospital: ``site``, ``n``, ``saliency-c``, ``image-c`` (``[G*G]``), ``count-c``
+        (``[1]``) for c in {0, 1}, ``noise_multiplier``, ``clip``, ``image_clip``,
+        ``epsilon_release``, ``epsilon``.
+    refused : list of dict
+        ``{"site", "reason"}`` of every hospital that refused.
+
+    Returns
+    -------
+    dict
+        ``kind`` = ``"saliency"``, ``grid``, ``classes`` (per class: ``label``, ``count`` (the
+        pooled noisy count), ``mean_saliency`` and ``mean_image`` (``[G*G]``), their noise
+        standard errors ``saliency_se`` and ``image_se``), ``hospitals``, ``refused``; no
+        ``classes`` when nobody released.
+    """
+    keys = [f"{k}-{c}" for c in (0, 1) for k in ("saliency", "image", "count")]
+    hospitals = [{k: v for k, v in r.items() if k not in keys} for r in releases]
+    out: dict[str, Any] = {"kind": "saliency", "hospitals": hospitals, "refused": refused,
+                           "classes": [], "grid": 0}  # fmt: skip
+    if not releases:
+        return out
+    cells = len(releases[0]["saliency-0"])
+    out["grid"] = int(round(math.sqrt(cells)))
+    noise = math.sqrt(3.0)  # the release's sensitivity on its unit scale
+    for c in (0, 1):
+        count = sum(float(r[f"count-{c}"][0]) for r in releases)
+        n = max(count, 1.0)  # a noisy count may come out below 1
+        sal = np.sum([r[f"saliency-{c}"] for r in releases], axis=0) / n
+        img = np.sum([r[f"image-{c}"] for r in releases], axis=0) / n
+        sal_se = math.sqrt(sum((noise * r["noise_multiplier"] * r["clip"]) ** 2 for r in releases)) / n  # fmt: skip
+        img_se = math.sqrt(sum((noise * r["noise_multiplier"] * r["image_clip"]) ** 2 for r in releases)) / n  # fmt: skip
+        out["classes"].append({
+            "label": c, "count": count, "mean_saliency": sal.tolist(), "mean_image": img.tolist(),
+            "saliency_se": sal_se, "image_se": img_se,
+        })  # fmt: skip
+    return out
+
+
+def plot_saliency(path: Path, block: dict[str, Any], class_names: tuple[str, str]) -> bool:
+    """Per class, the DP mean image next to the DP mean saliency map (red: evidence for the
+    positive class). False (nothing written) without a release."""
+    if not block.get("classes"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = block["grid"]
+    fig, axes = plt.subplots(2, 2, figsize=(6, 6))
+    limit = max(max(abs(v) for v in c["mean_saliency"]) for c in block["classes"]) or 1.0
+    for row, c in zip(axes, block["classes"], strict=True):
+        name = class_names[c["label"]]
+        row[0].imshow(np.reshape(c["mean_image"], (g, g)), cmap="gray", vmin=-1, vmax=1)
+        row[0].set_title(f"{name}: mean image (± {1.96 * c['image_se']:.2f})", fontsize=8)
+        im = row[1].imshow(np.reshape(c["mean_saliency"], (g, g)), cmap="RdBu_r", vmin=-limit, vmax=limit)  # fmt: skip
+        row[1].set_title(f"{name}: mean saliency (± {1.96 * c['saliency_se']:.3f})", fontsize=8)
+        fig.colorbar(im, ax=row[1], fraction=0.046)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Released under DP (± 1.96 noise SE per cell)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _saliency_lines(block: dict[str, Any], positive_class: str) -> list[str]:
+    lines = [
+        "Integrated Gradients of the final model on each hospital's test images (reference: a "
+        f"blank image), summed over {block['grid']} x {block['grid']} cells, clipped per image, "
+        "summed per class with the class's images and counts, and released under DP by each "
+        "hospital (charged to its ledger); pooled here. Nothing finer than these class means "
+        "leaves a hospital.",
+        "",
+    ]
+    if not block["classes"]:
+        return [*lines, "No hospital released explanations."]
+    lines += [f"![Class-conditional mean saliency]({SALIENCY_CHART})", ""]
+    for c in block["classes"]:
+        name = positive_class if c["label"] == 1 else f"not {positive_class}"
+        lines.append(
+            f"- {name}: {c['count']:.0f} images (noisy count); noise standard error per cell "
+            f"{c['image_se']:.3f} on the mean image (gray levels in [-1, 1]), "
+            f"{c['saliency_se']:.4f} logit on the mean saliency."
+        )
+    return lines
+
+
 def top_features_text(block: dict[str, Any], positive_class: str = "the outcome") -> list[str]:
     """The top features in words, one sentence each (empty without a release)."""
     if block.get("mean_abs") is None:
@@ -103,6 +205,8 @@ def top_features_text(block: dict[str, Any], positive_class: str = "the outcome"
 
 def explanation_lines(block: dict[str, Any], chart: str | None, positive_class: str) -> list[str]:
     """The Markdown of the explanations section of ``report.md`` and ``model.md``."""
+    if block.get("kind") == "saliency":
+        return [*_saliency_lines(block, positive_class), *_hospital_lines(block)]
     lines = [
         "Feature attributions of the final model on each hospital's test patients (exact "
         "w_j·x_j for logistic regression, Integrated Gradients otherwise; reference patient: "
@@ -123,6 +227,12 @@ def explanation_lines(block: dict[str, Any], chart: str | None, positive_class: 
             "",
             *top_features_text(block, positive_class),
         ]
+    return [*lines, *_hospital_lines(block)]
+
+
+def _hospital_lines(block: dict[str, Any]) -> list[str]:
+    """ε per hospital of the release, and every hospital that refused."""
+    lines: list[str] = []
     if block["hospitals"]:
         lines += ["", "| hospital | test patients | noise multiplier | clip C | ε of the release | ε of the run after it |", "|---|---|---|---|---|---|"]  # fmt: skip
         for h in block["hospitals"]:
@@ -166,9 +276,21 @@ def plot_importance(path: Path, block: dict[str, Any], *, title: str = "") -> bo
     return True
 
 
+def plot_explanations(run_dir: Path, block: dict[str, Any], positive_class: str) -> None:
+    """The run folder's chart of ``block``: :data:`IMPORTANCE_CHART` or :data:`SALIENCY_CHART`."""
+    if block.get("kind") == "saliency":
+        plot_saliency(run_dir / SALIENCY_CHART, block, (f"not {positive_class}", positive_class))
+    else:
+        plot_importance(run_dir / IMPORTANCE_CHART, block)
+
+
 __all__ = [
     "CHART_FEATURES",
     "IMPORTANCE_CHART",
+    "SALIENCY_CHART",
+    "aggregate_saliency",
+    "plot_explanations",
+    "plot_saliency",
     "TOP_FEATURES",
     "aggregate_explanations",
     "explanation_lines",

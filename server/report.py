@@ -230,10 +230,10 @@ def write_reports(
         run_dir / "curves.png", frame, history, dp=run.dp.sample_level,
         dp_target=run.dp.target_epsilon if run.dp.sample_level else None,
     )  # fmt: skip
-    if summary.get("explanations"):
-        from server.explanations import IMPORTANCE_CHART, plot_importance
+    if block := summary.get("explanations"):
+        from server.explanations import plot_explanations
 
-        plot_importance(run_dir / IMPORTANCE_CHART, summary["explanations"])
+        plot_explanations(run_dir, block, summary.get("positive_class") or _positive_class_of(run))
 
 
 def _positive_class_of(run: RunConfig) -> str:

@@ -173,11 +173,16 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
     (:func:`server.explanations.aggregate_explanations`); a hospital that refuses is named."""
     from flwr.app import Message, MessageType, RecordDict
 
-    from server.explanations import aggregate_explanations
+    from server.explanations import aggregate_explanations, aggregate_saliency
     from shared_models.protocol import EXPLAIN_ACTION, parse_refusal
     from shared_models.tasks import get_task
 
-    features = list(get_task(run.task.name).explained_features(run.task.preprocessing))
+    task = get_task(run.task.name)
+    features = (
+        []
+        if task.attribution_axis is None
+        else list(task.explained_features(run.task.preprocessing))
+    )
     config = ConfigRecord({"server-round": run.train.rounds})
     messages = [
         Message(
@@ -197,10 +202,14 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
             refused.append({"site": site, "reason": reason})
             continue
         m = reply.content.metric_records["metrics"]
+        sums = {k: list(v) for k, v in m.items() if isinstance(v, list)}  # type: ignore[arg-type]
+        if "attr-sum" in sums:
+            sums["signed"], sums["absolute"] = sums.pop("attr-sum"), sums.pop("attr-abs-sum")
         releases.append({
             "site": str(reply.content.config_records["info"]["site"]),
             "n": int(m["num-examples"]),  # type: ignore[arg-type]
-            "signed": list(m["attr-sum"]), "absolute": list(m["attr-abs-sum"]),  # type: ignore[arg-type]
+            **sums,
+            "image_clip": float(m.get("explain-image-clip", 0.0)),  # type: ignore[arg-type]
             "noise_multiplier": float(m["explain-noise-multiplier"]),  # type: ignore[arg-type]
             "clip": float(m["explain-clip"]),  # type: ignore[arg-type]
             "epsilon_release": float(m["explain-epsilon"]),  # type: ignore[arg-type]
@@ -208,6 +217,8 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
         })  # fmt: skip
     releases.sort(key=lambda r: r["site"])
     flwr_log(INFO, "[fedcare] explanations: %d released, %d refused", len(releases), len(refused))
+    if task.attribution_axis is None:
+        return aggregate_saliency(releases, refused)
     return aggregate_explanations(releases, refused, features)
 
 

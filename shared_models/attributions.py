@@ -3,9 +3,12 @@
 Two methods, both relative to the all-zeros input as the baseline (for tabular tasks the
 task's fixed centre of every feature, for ICU stays "never observed, normal value"):
 
-- ``exact`` (logistic regression only): the contribution ``w_j * x_j`` of each input to the
-  logit ``w . x + b``. It is what Integrated Gradients gives for a linear model, without the
-  path integral's approximation error.
+- ``exact`` (linear heads only): the contribution ``w_j * x_j`` of each input to the logit
+  ``w . x + b`` of logistic regression, what Integrated Gradients gives for a linear model,
+  without the path integral's approximation error; for the chest X-ray ``scatter-linear``
+  model, ``w_j * GN(x)_j``, the contribution of each group-normalised scattering coefficient.
+  (Its group normalisation is scale-invariant, so Integrated Gradients from the zero image
+  would put the whole path integral at the baseline, where quadrature cannot resolve it.)
 - ``integrated-gradients``: Integrated Gradients of the logit (Sundararajan, Taly & Yan,
   "Axiomatic attribution for deep networks", ICML 2017), computed with
   ``captum.attr.IntegratedGradients`` (Gauss-Legendre quadrature, ``steps`` points). Its
@@ -40,16 +43,18 @@ def resolve_method(method: str, model: nn.Module) -> str:
         Unknown method (the message lists :data:`METHODS`), or ``exact`` for a model that is
         not a logistic regression.
     """
+    from shared_models.image_models import ScatterLinear
     from shared_models.models import LogisticRegression
 
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {list(METHODS)}")
-    linear = isinstance(model, LogisticRegression)
+    linear = isinstance(model, LogisticRegression | ScatterLinear)
     if method == "auto":
         return "exact" if linear else "integrated-gradients"
     if method == "exact" and not linear:
         raise ValueError(
-            f"attribution method 'exact' needs a logistic regression, not {type(model).__name__}; "
+            f"attribution method 'exact' needs a linear model (logreg, scatter-linear), not "
+            f"{type(model).__name__}; "
             "use 'integrated-gradients' or 'auto'"
         )
     return method
@@ -97,8 +102,13 @@ def attributions(
     if len(x) == 0:
         return np.zeros(x.shape, dtype=np.float64)
     if chosen == "exact":
-        weight = model.linear.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
-        return x.astype(np.float64) * weight[None]
+        if hasattr(model, "linear"):  # logistic regression
+            weight = model.linear.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
+            return x.astype(np.float64) * weight[None]
+        weight = model.head.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
+        with torch.no_grad():  # scatter-linear: w * GN(x)
+            normed = model.norm(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        return normed.double().cpu().numpy() * weight[None]
     from captum.attr import IntegratedGradients
 
     ig = IntegratedGradients(model)
@@ -133,6 +143,50 @@ def feature_attributions(
     return per_feature(attributions(model, x, method=method, steps=steps, device=device), axis)
 
 
+def saliency_cells(size: int, grid: int) -> int:
+    """The lattice side for images of side ``size``: the first of ``grid .. 2 grid`` that
+    divides it (28 and 224 -> 7, 64 and 128 -> 8 for ``grid`` 7), else ``size`` itself."""
+    return next((g for g in range(grid, 2 * grid + 1) if size % g == 0), size)
+
+
+def spatial_saliency(
+    model: nn.Module,
+    x: np.ndarray,
+    *,
+    grid: int,
+    method: str = "auto",
+    steps: int = 32,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image saliency and image on a coarse ``grid x grid`` lattice (chest X-rays).
+
+    The attribution ``[N, C, H, W]`` (:func:`attributions`; C = 1 for pixels, 81 scattering
+    channels for ``scatter-28``) is summed over the channels and over each of the ``grid x grid``
+    cells (sum pooling keeps completeness: a cell's value is its share of the logit's change);
+    the image is channel 0 (the pixels, or the scattering transform's low-pass average of them)
+    averaged over each cell.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        ``[N, g, g]`` saliency (logit units) and ``[N, g, g]`` image, ``g`` =
+        :func:`saliency_cells` ``(H, grid)``.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not ``[N, C, S, S]``.
+    """
+    if x.ndim != 4 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"saliency needs square images [N, C, H, W], got {x.shape}")
+    grid = saliency_cells(x.shape[2], grid)
+    n, _, h, w = x.shape
+    attr = attributions(model, x, method=method, steps=steps, device=device).sum(axis=1)
+    cells = attr.reshape(n, grid, h // grid, grid, w // grid)
+    image = x[:, 0].astype(np.float64).reshape(n, grid, h // grid, grid, w // grid)
+    return cells.sum(axis=(2, 4)), image.mean(axis=(2, 4))
+
+
 def importance(per_example: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Non-private mean ``|attribution|`` and mean signed attribution per feature.
 
@@ -151,4 +205,6 @@ __all__ = [
     "importance",
     "per_feature",
     "resolve_method",
+    "saliency_cells",
+    "spatial_saliency",
 ]

@@ -104,7 +104,7 @@ def test_icu_attributions_are_summed_per_variable():
 
 
 def test_exact_method_refuses_a_non_linear_model():
-    with pytest.raises(ValueError, match="needs a logistic regression"):
+    with pytest.raises(ValueError, match="needs a linear model"):
         attributions(build_model("mlp", n_features=3), np.zeros((1, 3), np.float32), method="exact")
 
 
@@ -236,7 +236,7 @@ def test_a_site_without_a_ledger_also_refuses_a_second_release(default_cfg):
         ("allow-explanations = false\n", {}, "forbids explanation releases"),
         ("max-explanation-epsilon = 0.5\n", {}, "max-explanation-epsilon 0.5"),
         ("", {"explain.enabled": False}, "does not ask for explanations"),
-        ("", {"explain.method": "exact"}, "needs a logistic regression"),
+        ("", {"explain.method": "exact"}, "needs a linear model"),
     ],
 )
 def test_refusals_charge_nothing(deployed, tmp_path, policy, cfg, reason):
@@ -324,3 +324,64 @@ def test_simulation_releases_explanations_after_the_last_round(tmp_path):
         text = (out / name).read_text()
         assert "## Explanations (released under DP)" in text
         assert "![Feature importance](importance.png)" in text and "1. **" in text
+
+
+# ------------------------------------------------------------------------------------------
+# chest X-rays: class-conditional mean saliency maps
+# ------------------------------------------------------------------------------------------
+def test_saliency_cells_keep_completeness_and_the_image_is_channel_zero():
+    from shared_models.attributions import saliency_cells, spatial_saliency
+
+    assert [saliency_cells(s, 7) for s in (28, 64, 128, 224)] == [7, 8, 8, 7]
+    x = np.random.default_rng(3).uniform(-1, 1, size=(3, 81, 7, 7)).astype(np.float32)
+    model = build_model("scatter-linear", input_shape=(81, 7, 7), seed=0)
+    saliency, image = spatial_saliency(model, x, grid=7)  # exact: w * GN(x)
+    assert saliency.shape == image.shape == (3, 7, 7)
+    with torch.no_grad():
+        gap = model(torch.from_numpy(x)) - model.head.bias
+    assert np.allclose(saliency.sum(axis=(1, 2)), gap.numpy(), atol=1e-4)
+    cnn = build_model("cnn", input_shape=(1, 28, 28), seed=0)  # Integrated Gradients
+    pixels = x[:, :1].repeat(4, axis=2).repeat(4, axis=3)  # [3, 1, 28, 28]
+    saliency, image = spatial_saliency(cnn, pixels, grid=7, steps=64)
+    with torch.no_grad():
+        gap = cnn(torch.from_numpy(pixels)) - cnn(torch.zeros(1, 1, 28, 28))
+    assert np.allclose(saliency.sum(axis=(1, 2)), gap.numpy(), atol=0.02)
+    assert np.allclose(image, x[:, 0])
+
+
+def test_saliency_release_noises_every_class_sum_and_count_at_sigma_sqrt3():
+    """Zero maps and images: the released sums are the noise alone, std σ·√3 × the bound
+    (saliency: C, image: the image bound, counts: 1); one patient's class gets its count."""
+    from client.explanations import release_saliency
+
+    n, g = 40, 30
+    y = np.array([0] * 10 + [1] * 30)
+    zeros = np.zeros((n, g, g))
+    out = release_saliency(zeros, zeros, y, clip=0.5, image_clip=2.0, noise_multiplier=2.0)
+    sal = np.array(out["saliency-0"] + out["saliency-1"])
+    img = np.array(out["image-0"] + out["image-1"])
+    assert sal.std() == pytest.approx(2.0 * np.sqrt(3) * 0.5, rel=0.08)
+    assert img.std() == pytest.approx(2.0 * np.sqrt(3) * 2.0, rel=0.08)
+    # counts: 10 and 30 plus noise of std 2√3 (a wide band: one draw each)
+    assert abs(out["count-0"][0] - 10) < 6 * 2 * np.sqrt(3)
+    assert abs(out["count-1"][0] - 30) < 6 * 2 * np.sqrt(3)
+
+
+def test_saliency_pooling_and_chart(tmp_path):
+    from server.explanations import aggregate_saliency, explanation_lines, plot_saliency
+
+    def release(site: str, count0: float, count1: float) -> dict:
+        return {"site": site, "n": 10, "saliency-0": [1.0] * 4, "image-0": [2.0] * 4,
+                "count-0": [count0], "saliency-1": [3.0] * 4, "image-1": [-1.0] * 4,
+                "count-1": [count1], "noise_multiplier": 2.0, "clip": 1.0, "image_clip": 2.0,
+                "epsilon_release": 1.0, "epsilon": 1.5}  # fmt: skip
+
+    block = aggregate_saliency([release("a", 4.0, 6.0), release("b", 4.0, 2.0)], [])
+    assert block["grid"] == 2
+    normal, pneumonia = block["classes"]
+    assert normal["mean_saliency"] == pytest.approx([0.25] * 4)
+    assert pneumonia["mean_image"] == pytest.approx([-0.25] * 4)
+    assert normal["saliency_se"] == pytest.approx(np.sqrt(2) * np.sqrt(3) * 2.0 / 8)
+    assert plot_saliency(tmp_path / "s.png", block, ("normal", "pneumonia"))
+    text = "\n".join(explanation_lines(block, "", "pneumonia"))
+    assert "![Class-conditional mean saliency](saliency.png)" in text and "| a | 10 |" in text

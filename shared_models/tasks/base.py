@@ -135,8 +135,11 @@ class Task:
     attribution_axis : int or None
         The axis of one example (``input_shape``) that indexes the reported features; an
         attribution is summed over the other axes (ICU: ``[T, V, 3]`` -> per variable ``V``,
-        axis 1). None: the task has no per-feature explanation (images: see
-        :mod:`shared_models.attributions`).
+        axis 1). None: the task has no per-feature explanation.
+    saliency_grid : int
+        Image tasks: explanations are class-conditional mean saliency maps on a
+        ``saliency_grid x saliency_grid`` lattice
+        (:func:`shared_models.attributions.spatial_saliency`); 0: none.
     default_test_fraction : float
         Test share of each site when ``data.test-fraction`` is 0.
     reference_scaling : (center, scale) or None
@@ -190,6 +193,7 @@ class Task:
     positive_class_of: Callable[[str], str] | None = None
     feature_names: Callable[[str], tuple[str, ...]] | None = None
     attribution_axis: int | None = 0
+    saliency_grid: int = 0
 
     def explained_features(self, preprocessing: str) -> tuple[str, ...]:
         """The names explanations are reported by (see ``feature_names``).
