@@ -103,6 +103,22 @@ def test_icu_attributions_are_summed_per_variable():
     assert np.allclose(per_var.sum(axis=1), attr.sum(axis=(1, 2, 3)))
 
 
+def test_icu_models_get_one_attribution_per_variable():
+    """The ClientApp's path for ICU stays: Integrated Gradients over [T, V, 3], per variable."""
+    from shared_models.attributions import feature_attributions
+    from shared_models.tasks import get_task
+
+    task = get_task("icu-mortality")
+    shape = task.input_shape("hourly")
+    x = np.random.default_rng(4).normal(size=(2, *shape)).astype(np.float32)
+    x[..., 1] = x[..., 1] > 0  # observed-in-this-bin masks
+    model = build_model("icu-logreg", input_shape=shape, seed=0)
+    per_var = feature_attributions(model, x, axis=task.attribution_axis, steps=8)
+    assert per_var.shape == (2, 46) and np.isfinite(per_var).all()
+    assert task.explained_features("hourly")[:2] == ("ALP", "ALT")
+    assert len(task.explained_features("hourly")) == 46
+
+
 def test_exact_method_refuses_a_non_linear_model():
     with pytest.raises(ValueError, match="needs a linear model"):
         attributions(build_model("mlp", n_features=3), np.zeros((1, 3), np.float32), method="exact")
