@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -192,13 +193,12 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
         )
         for node in grid.get_node_ids()
     ]
-    releases, refused = [], []
+    releases: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
     for reply in grid.send_and_receive(messages, timeout=run.train.round_timeout):
         if reply.has_error():
-            site, reason = parse_refusal(reply.error.reason) or (
-                f"node {reply.metadata.src_node_id}",
-                reply.error.reason,
-            )
+            text = str(reply.error.reason)
+            site, reason = parse_refusal(text) or (f"node {reply.metadata.src_node_id}", text)
             refused.append({"site": site, "reason": reason})
             continue
         m = reply.content.metric_records["metrics"]
@@ -215,7 +215,7 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
             "epsilon_release": float(m["explain-epsilon"]),  # type: ignore[arg-type]
             "epsilon": float(m["epsilon"]) if "epsilon" in m else None,  # type: ignore[arg-type]
         })  # fmt: skip
-    releases.sort(key=lambda r: r["site"])
+    releases.sort(key=lambda r: str(r["site"]))
     flwr_log(INFO, "[fedcare] explanations: %d released, %d refused", len(releases), len(refused))
     if task.attribution_axis is None:
         return aggregate_saliency(releases, refused)

@@ -102,13 +102,7 @@ def attributions(
     if len(x) == 0:
         return np.zeros(x.shape, dtype=np.float64)
     if chosen == "exact":
-        if hasattr(model, "linear"):  # logistic regression
-            weight = model.linear.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
-            return x.astype(np.float64) * weight[None]
-        weight = model.head.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
-        with torch.no_grad():  # scatter-linear: w * GN(x)
-            normed = model.norm(torch.from_numpy(np.ascontiguousarray(x)).to(device))
-        return normed.double().cpu().numpy() * weight[None]
+        return _exact(model, x, device)
     from captum.attr import IntegratedGradients
 
     ig = IntegratedGradients(model)
@@ -118,6 +112,21 @@ def attributions(
         attr = ig.attribute(batch, baselines=torch.zeros_like(batch), n_steps=steps)
         out.append(attr.detach().double().cpu().numpy())
     return np.concatenate(out)
+
+
+def _exact(model: nn.Module, x: np.ndarray, device: str) -> np.ndarray:
+    """``w * x`` (logistic regression) or ``w * GN(x)`` (scatter-linear): ``[N, *shape]``."""
+    from shared_models.image_models import ScatterLinear
+    from shared_models.models import LogisticRegression
+
+    if isinstance(model, LogisticRegression):
+        weight = model.linear.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
+        return x.astype(np.float64) * weight[None]
+    assert isinstance(model, ScatterLinear)  # resolve_method admits no other model
+    weight = model.head.weight.detach().double().cpu().numpy().reshape(x.shape[1:])
+    with torch.no_grad():
+        normed = model.norm(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+    return normed.double().cpu().numpy() * weight[None]
 
 
 def per_feature(attr: np.ndarray, axis: int) -> np.ndarray:
