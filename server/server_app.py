@@ -158,6 +158,11 @@ def main(grid: Grid, context: Context) -> None:
     }
     if explanations is not None:
         summary["explanations"] = explanations
+        if run.dp.sample_level and explanations["hospitals"]:
+            summary["dp"]["guarantee"] += (
+                "; the ε of each hospital that released explanations includes that release "
+                "(its own ledger entry)"
+            )
         for h in summary["hospitals"]:  # the run's ε at each hospital now includes the release
             released = next((r for r in explanations["hospitals"] if r["site"] == h["name"]), None)
             if released is not None and released.get("epsilon") is not None:
