@@ -169,6 +169,36 @@ def test_released_importance_ranks_the_informative_features_on_top_at_epsilon_on
     assert hits >= 9
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("explain.clip", 0.0, "'explain.clip' = 0.0 is outside (0.0"),
+        ("explain.noise-multiplier", -1.0, "'explain.noise-multiplier' = -1.0 is outside"),
+        ("explain.method", "shap", "'explain.method' = 'shap'; choose one of"),
+        ("explain.ig-steps", 1, "'explain.ig-steps' = 1 is outside [2, 1024]"),
+        ("explain.enabled", "yes", "'explain.enabled' must be bool"),
+    ],
+)
+def test_explain_settings_are_range_checked(default_cfg, key, value, message):
+    from shared_models.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({**default_cfg, key: value})
+    assert message in str(err.value)
+
+
+def test_policy_keys_are_strictly_typed(tmp_path):
+    from client.policy import PolicyError, SitePolicy
+
+    path = tmp_path / "p.toml"
+    path.write_text('allow-explanations = "no"\n')
+    with pytest.raises(PolicyError, match="allow-explanations must be true or false"):
+        SitePolicy.load(path)
+    path.write_text("allow-explanations = false\nmax-explanation-epsilon = 0.5\n")
+    policy = SitePolicy.load(path)
+    assert not policy.allow_explanations and policy.max_explanation_epsilon == 0.5
+
+
 # ------------------------------------------------------------------------------------------
 # the hospital's handler, ledger and policy
 # ------------------------------------------------------------------------------------------
@@ -335,6 +365,7 @@ def test_simulation_releases_explanations_after_the_last_round(tmp_path):
         record = Ledger(ledgers / h["name"]).records()[0]
         assert record.explanations == [4.1]
         assert h["epsilon"] == pytest.approx(record.epsilon())  # the release is in the run's ε
+    assert "includes that release" in summary["dp"]["guarantee"]
     assert (out / "importance.png").stat().st_size > 1000
     for name in ("report.md", "model.md"):
         text = (out / name).read_text()
