@@ -187,7 +187,7 @@ def spatial_saliency(
         ``x`` is not ``[N, C, S, S]``.
     """
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
-        raise ValueError(f"saliency needs square images [N, C, H, W], got {x.shape}")
+        raise ValueError(f"saliency needs square images [C, S, S], got {tuple(x.shape[1:])}")
     grid = saliency_cells(x.shape[2], grid)
     n, _, h, w = x.shape
     attr = attributions(model, x, method=method, steps=steps, device=device).sum(axis=1)
