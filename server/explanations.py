@@ -179,7 +179,8 @@ def _saliency_lines(block: dict[str, Any], positive_class: str) -> list[str]:
         name = positive_class if c["label"] == 1 else f"not {positive_class}"
         lines.append(
             f"- {name}: {c['count']:.0f} images (noisy count); noise standard error per cell "
-            f"{c['image_se']:.3f} on the mean image (gray levels in [-1, 1]), "
+            f"{c['image_se']:.3f} on the mean image (channel 0: pixels in [-1, 1], or the "
+            "scattering transform's low-pass), "
             f"{c['saliency_se']:.4f} logit on the mean saliency."
         )
     return lines
