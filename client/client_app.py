@@ -689,8 +689,7 @@ def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]
         )
     site.policy.check_explanation(noise_multiplier=ex.noise_multiplier, n_train=site.data.n_train)
     charged = _with(record.accountant, ex.noise_multiplier, 1.0, 1)
-    if plan is not None:
-        site.check_release(charged, what="the explanation release")
+    site.check_release(charged, what="the explanation release")  # also in runs without DP-SGD
     released = _explanation_sums(site, model, device)
     record.accountant = charged
     record.explanations.append(ex.noise_multiplier)

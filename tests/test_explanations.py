@@ -267,6 +267,27 @@ def test_hostile_coordinator_asking_again_gets_the_same_release_or_a_refusal(dep
     assert _ledger(tmp_path).explanations == [4.1]
 
 
+def test_asking_under_new_run_ids_is_charged_every_time_until_the_lifetime_cap(deployed, tmp_path):
+    """A coordinator that invents a run id per request gets a release each time, each charged:
+    the lifetime ε composes them (RDP) and the policy's lifetime cap ends it (a new run is also
+    refused once its planned training would not fit next to the releases already made)."""
+    from client.ledger import Ledger, lifetime_epsilon
+
+    model = build_model("mlp", n_features=30, seed=1)
+    replies = [
+        client_app(_explain_request(model), deployed("lifetime-epsilon = 3.0\n", **{"run.id": f"probe-{i}"}))
+        for i in range(6)
+    ]  # fmt: skip
+    ok = [not r.has_error() for r in replies]
+    released = ok.index(False)
+    assert released >= 1 and not any(ok[released:])  # releases, then refusals only
+    assert all("lifetime-epsilon 3" in r.error.reason for r in replies[released:])
+    records = Ledger(tmp_path / "ledger").records()
+    assert [r.explanations for r in records] == [[4.1]] * released
+    total = lifetime_epsilon([r.accountant for r in records], delta=1e-5)
+    assert release_epsilon(4.1, delta=1e-5) < total <= 3.0
+
+
 def test_a_site_without_a_ledger_also_refuses_a_second_release(default_cfg):
     ctx = make_context(
         {**default_cfg, "explain.enabled": True}, {"partition-id": 0, "num-partitions": 3}
