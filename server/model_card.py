@@ -127,7 +127,7 @@ def render_model_card(
         ("Model details", _details(card, summary, parameters, date)),
         ("Intended use", _intended_use(card, summary)),
         ("Out-of-scope uses", _out_of_scope()),
-        ("Hospitals (training data)", _hospitals(summary)),
+        ("Hospitals (training data)", [*_hospitals(summary), *_training_data(card)]),
         ("Training", _training(card, summary)),
         ("Privacy", _privacy(summary, history)),
         ("Performance", _performance(summary)),
@@ -212,6 +212,29 @@ def _hospitals(summary: dict) -> list[str]:
             f"{', '.join(map(str, missed)) if missed else 'none'} |"
         )
     return rows
+
+
+def _training_data(card: dict) -> list[str]:
+    """The outcome prevalence the card records (``training_data``), marked exact (simulation)
+    or released (deployment), for ``fedcare evaluate``'s shift warnings."""
+    data = card.get("training_data")
+    if not data:
+        return []
+    per = data.get("hospitals") or {}
+    parts = ", ".join(f"{name} {h['prevalence']:.1%}" for name, h in per.items())
+    pooled = data.get("prevalence")
+    features = len(data.get("features") or {})
+    return [
+        "",
+        f"Outcome prevalence in the training splits: {'n/a' if pooled is None else format(pooled, '.1%')}"
+        + (f" ({parts})" if parts else "")
+        + f". Source: {data['provenance']}."
+        + (
+            f" Distributions of {features} model inputs (mean, sd, range) are in `model.json`."
+            if features
+            else ""
+        ),
+    ]
 
 
 def _training(card: dict, summary: dict) -> list[str]:

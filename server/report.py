@@ -358,6 +358,8 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         ]
     elif block:
         lines += _test_split_lines(block)
+    if summary.get("cross_site"):
+        lines += _cross_site_lines(summary["cross_site"])
     if summary["failures"]:
         lines += ["", "## Refusals and drop-outs", ""]
         lines += ["Every hospital that missed a round's message, and why (refused, failed, "
@@ -538,6 +540,54 @@ def _test_split_lines(block: dict[str, Any]) -> list[str]:
         lines.append(row(e["model"], e["trained_on"], e, own))
     lines += ["", f"- {_test_split_summary(block)}"]
     lines += [f"- {line}" for line in _undefined_split_lines(block)]
+    return lines
+
+
+def _cross_site_lines(block: dict[str, Any]) -> list[str]:
+    """``report.md``'s cross-site matrix (``fedcare simulate --cross-site``)."""
+    lines = ["", "## Cross-site matrix (--cross-site)", ""]
+    if block.get("skipped"):
+        return [*lines, f"Cross-site matrix {block['skipped']}."]
+    splits = block["test_splits"]
+    names = [s["hospital"] for s in splits]
+    lines += [
+        "AUROC [95 % CI, DeLong] and accuracy at threshold 0.5 of each model (rows) on each "
+        "hospital's test split (columns). The diagonal of the local models is each hospital's "
+        "own model on its own patients; off the diagonal a model meets another hospital's"
+        + (
+            "; the held-out hospital's column (all its records) is one no model trained on."
+            if any(s.get("held_out") for s in splits)
+            else "."
+        ),
+        "",
+        "| model | "
+        + " | ".join(
+            f"{s['hospital']} (n {s['n']}, {s['positives']} pos."
+            + ("; held out, all records" if s.get("held_out") else "")
+            + ")"
+            for s in splits
+        )
+        + " |",
+        "|---|" + "---|" * len(names),
+    ]
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "n/a"
+        a = c["auroc"]
+        if a["value"] is None:
+            return "undefined (one class)"
+        ci = (
+            f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+            if a["ci_low"] is not None
+            else f" ({a.get('note', 'no interval')})"
+        )
+        return f"{a['value']:.3f}{ci}; acc {_fmt(c['accuracy'])}"
+
+    for row in block["rows"]:
+        label = f"**{row['model']}**" if row["trained_on"] == "all" else row["model"]
+        lines.append(f"| {label} | " + " | ".join(cell(row["cells"].get(n)) for n in names) + " |")
+    lines += ["", f"Method: {block['method']}."]
     return lines
 
 
@@ -785,6 +835,12 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         console.print(f"  {escape(_test_split_summary(block))}", highlight=False)
         for line in _undefined_split_lines(block):
             console.print(f"  [yellow]{escape(line)}[/]", highlight=False)
+    if (matrix := summary.get("cross_site")) and not matrix.get("skipped"):
+        console.print(
+            f"  cross-site matrix: {len(matrix['rows'])} models x {len(matrix['test_splits'])} "
+            "test splits (AUROC [95 % CI, DeLong]) in report.md",
+            highlight=False,
+        )
     for warning in summary.get("quality_warnings", []):
         console.print(f"[bold yellow]warning: {escape(warning)}[/]", highlight=False)
     for f in summary.get("failures", []):

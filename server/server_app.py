@@ -167,7 +167,9 @@ def main(grid: Grid, context: Context) -> None:
             released = next((r for r in explanations["hospitals"] if r["site"] == h["name"]), None)
             if released is not None and released.get("epsilon") is not None:
                 h["epsilon"] = released["epsilon"]
-    save_weights(out / "model.safetensors", final, _model_card(run, summary, model_info))
+    card = _model_card(run, summary, model_info)
+    card["training_data"] = released_training_data(history)
+    save_weights(out / "model.safetensors", final, card)
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
     write_model_card(out)  # model.md next to model.safetensors + model.json
@@ -299,6 +301,37 @@ def _sidecar(run: RunConfig, history: RunHistory, server_round: int, context: Co
         "versions": package_versions(),
         "privacy": _privacy(history),
         "history": history.to_dict(),
+    }
+
+
+def released_training_data(history: RunHistory) -> dict:
+    """``model.json`` ``training_data`` in a deployment: only what the hospitals released.
+
+    The prevalence is that of the hospitals' test splits, read from the score histograms of
+    their latest evaluation (noisy where they released DP-noised counts, charged to their
+    ledgers then); feature distributions are never released, so ``features`` is None and
+    ``fedcare evaluate`` checks no feature shift against this card. A simulation replaces this
+    block with exact figures (:func:`simulations.external_validation.simulation_training_data`).
+    """
+    per: dict[str, dict] = {}
+    for name, ev in sorted(history.latest("evaluate").items()):
+        if ev is None or not ev.histograms:
+            continue
+        pos = sum(max(0.0, v) for v in ev.histograms["hist-pos"])
+        neg = sum(max(0.0, v) for v in ev.histograms["hist-neg"])
+        noisy = ev.metrics.get("eval-noise-multiplier") is not None
+        if pos + neg > 0:
+            per[name] = {"prevalence": pos / (pos + neg), "noisy": noisy}
+    pos_all = [p["prevalence"] for p in per.values()]
+    return {
+        "provenance": "released: test-split prevalence from the score histograms the hospitals "
+        "released at their latest evaluation (DP-noised where marked noisy); no feature "
+        "distributions are released in a deployment",
+        "exact": False,
+        "prevalence": sum(pos_all) / len(pos_all) if pos_all else None,
+        "prevalence_method": "unweighted mean of the hospitals' released test-split prevalences",
+        "hospitals": per,
+        "features": None,
     }
 
 

@@ -14,6 +14,10 @@ Methods and the library functions wrapped:
   (``paired=True``), :data:`BOOTSTRAP_RESAMPLES` resamples, bias-corrected and accelerated
   (:data:`BOOTSTRAP_METHOD`; Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
   ch. 14), seeded.
+- AUROC with DeLong's asymptotic 95 % confidence interval (DeLong, DeLong & Clarke-Pearson,
+  Biometrics 1988;44:837-845), its variance computed from mid-ranks by the fast algorithm of Sun
+  & Xu (IEEE Signal Processing Letters 2014;21:1389-1393), as R's ``pROC::ci.auc`` does by
+  default.
 - Sensitivity, specificity, PPV and NPV with Wilson score intervals (Wilson, JASA 1927;
   ``scipy.stats.binomtest(...).proportion_ci(method="wilson")``).
 - Calibration: Brier score (``sklearn.metrics.brier_score_loss``), calibration-in-the-large
@@ -195,6 +199,59 @@ def bootstrap_ci(
     return Interval(float(value), low, high, note)
 
 
+def delong_ci(y: np.ndarray, p: np.ndarray, *, confidence: float = CONFIDENCE) -> Interval:
+    """AUROC with DeLong's asymptotic confidence interval.
+
+    The AUROC's variance is DeLong's (DeLong, DeLong & Clarke-Pearson, Biometrics 1988), from the
+    structural components ``V10`` (one per positive) and ``V01`` (one per negative), computed with
+    mid-ranks as in Sun & Xu's fast algorithm (IEEE SPL 2014): with ``m`` positives and ``n``
+    negatives, ``V10_i = (R_i - R^pos_i) / n`` (``R``: rank among all scores, ``R^pos``: among
+    the positives) and ``V01_j = 1 - (R_(m+j) - R^neg_j) / m``; ``var = s2(V10) / m + s2(V01) / n``
+    (sample variances). The interval is ``AUROC -/+ z_(1-alpha/2) sqrt(var)``, clipped to
+    [0, 1]: the same as R's ``pROC::ci.auc(method = "delong")``. Ties count one half.
+
+    Parameters
+    ----------
+    y, p : np.ndarray
+        ``[N]`` labels in {0, 1} and scores (higher: more likely 1).
+    confidence : float
+        Confidence level, e.g. 0.95.
+
+    Returns
+    -------
+    Interval
+        Undefined (``None``, with a note) when ``y`` has one class only or one patient of a
+        class (no sample variance).
+    """
+    from scipy.stats import norm, rankdata
+
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=float)
+    pos, neg = p[y], p[~y]
+    m, n = len(pos), len(neg)
+    if m == 0 or n == 0:
+        return Interval(None, None, None, "undefined: the data have one class only")
+    ranks = rankdata(np.concatenate([pos, neg]))  # [m + n] mid-ranks among all scores
+    v10 = (ranks[:m] - rankdata(pos)) / n  # [m] share of negatives below each positive
+    v01 = 1.0 - (ranks[m:] - rankdata(neg)) / m  # [n] share of positives above each negative
+    value = float(v10.mean())
+    if m < 2 or n < 2:
+        return Interval(value, None, None, "interval undefined: fewer than 2 patients of a class")
+    se = float(np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
+    z = float(norm.ppf(0.5 + confidence / 2))
+    return Interval(value, max(0.0, value - z * se), min(1.0, value + z * se))
+
+
+def delong_description() -> dict[str, object]:
+    """How :func:`delong_ci`'s interval is computed, for reports and JSON."""
+    return {
+        "method": "DeLong",
+        "confidence": CONFIDENCE,
+        "source": "DeLong, DeLong & Clarke-Pearson, Biometrics 1988; fast algorithm of Sun & Xu, "
+        "IEEE SPL 2014 (as R pROC::ci.auc)",
+    }
+
+
 def wilson_ci(k: int, n: int, *, confidence: float = CONFIDENCE) -> Interval:
     """The proportion ``k / n`` with its Wilson score interval (Wilson, JASA 1927), through
     ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``; undefined when ``n = 0``."""
@@ -296,6 +353,72 @@ def calibration(y: np.ndarray, p: np.ndarray, *, n_bins: int = RELIABILITY_BINS)
     return out
 
 
+RECALIBRATION_FOLDS = 5
+
+
+def apply_recalibration(p: np.ndarray, *, intercept: float, slope: float) -> np.ndarray:
+    """``sigmoid(intercept + slope * logit(p))``: the probabilities ``p [N]`` after a logistic
+    recalibration (Cox 1958) -> ``[N]``."""
+    return 1.0 / (1.0 + np.exp(-(intercept + slope * logit(p))))
+
+
+def recalibration(
+    y: np.ndarray, p: np.ndarray, *, folds: int = RECALIBRATION_FOLDS, seed: int = 0
+) -> dict[str, Any]:
+    """A site-local logistic recalibration of the probabilities ``p [N]`` on labels ``y [N]``.
+
+    The intercept ``a`` and slope ``b`` of ``logit P(y=1) = a + b logit(p)`` are fitted on all
+    the site's records (they equal :func:`calibration`'s slope and intercept); the recalibrated
+    risk is :func:`apply_recalibration`. The figures *after* recalibration are cross-fitted, so
+    that they are not judged on the records they were fitted to: the records are split into
+    ``folds`` stratified folds (``sklearn.model_selection.StratifiedKFold``, shuffled with
+    ``seed``), each fold's probabilities recalibrated by the fit on the other folds, and
+    :func:`calibration` and the AUROC computed on the result. (In-sample, the slope and intercept
+    after recalibration would be 1 and 0 by construction.)
+
+    Returns
+    -------
+    dict
+        ``intercept``, ``slope`` (None when undefined, see ``note``), ``formula``, ``folds``,
+        ``before`` and ``after`` (:func:`calibration` of ``p`` and of the cross-fitted
+        recalibrated risks), ``auroc_after`` (the cross-fitted risks' AUROC: a recalibration
+        with a positive slope keeps the ranking within a fold, not across folds).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    before = calibration(y, p)
+    out: dict[str, Any] = {
+        "intercept": before["intercept"],
+        "slope": before["slope"],
+        "formula": "p_recalibrated = 1 / (1 + exp(-(intercept + slope * logit(p))))",
+        "folds": folds,
+        "before": before,
+        "after": None,
+        "auroc_after": None,
+    }
+    if before["slope"] is None:
+        out["note"] = f"not fitted: slope and intercept {before['slope_note']}"
+        return out
+    if np.bincount(y, minlength=2).min() < folds:
+        out["note"] = f"after-figures not computed: fewer than {folds} patients of a class"
+        return out
+    cross = np.empty_like(p)
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(p.reshape(-1, 1), y)
+    for fit_on, apply_to in splits:
+        part = calibration(y[fit_on], p[fit_on])
+        if part["slope"] is None:  # a fold whose fit has no finite optimum: left as it was
+            cross[apply_to] = p[apply_to]
+            continue
+        cross[apply_to] = apply_recalibration(
+            p[apply_to], intercept=part["intercept"], slope=part["slope"]
+        )
+    out["after"] = calibration(y, cross)
+    out["auroc_after"] = float(auroc(y, cross))
+    return out
+
+
 def net_benefit(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Net benefit of treating patients with ``p >= pt``: ``TP/n - FP/n * pt / (1 - pt)`` for
     each threshold probability ``pt`` in ``thresholds`` (``[T]``, inside (0, 1)) -> ``[T]``
@@ -350,3 +473,86 @@ def prevalence_shift(observed: float, training: float | None) -> str | None:
             f"{ratio:.2f}): expect calibration-in-the-large to be off; consider recalibrating"
         )
     return None
+
+
+# A feature's shift is reported when its mean moved by more than this many training standard
+# deviations (a standardised mean difference of 0.5: Cohen's "medium" effect) ...
+FEATURE_SMD_WARNING = 0.5
+# ... or when more than this share of the site's records lie outside the training range.
+FEATURE_OUTSIDE_WARNING = 0.05
+
+
+def feature_profile(x: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per model input: ``mean``, ``sd``, ``min``, ``max`` over the records ``x [N, F]`` (model
+    inputs after the task's fixed imputation and scaling), keyed by ``names`` ``[F]``; NaN
+    values are left out."""
+    x = np.asarray(x, dtype=float)
+    out: dict[str, dict[str, float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an all-NaN column gives NaN, dropped below
+        stats = {
+            "mean": np.nanmean(x, axis=0), "sd": np.nanstd(x, axis=0, ddof=1),
+            "min": np.nanmin(x, axis=0), "max": np.nanmax(x, axis=0),
+        }  # fmt: skip
+    for j, name in enumerate(names):
+        if all(np.isfinite(v[j]) for v in stats.values()):
+            out[name] = {k: float(v[j]) for k, v in stats.items()}
+    return out
+
+
+def feature_shift(
+    training: dict[str, dict[str, float]],
+    x: np.ndarray,
+    names: list[str],
+    *,
+    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> list[str]:
+    """One warning per model input whose distribution at this site differs strongly from the
+    training profile (:func:`feature_profile`): the standardised mean difference
+    ``|mean_site - mean_train| / sd_train`` above :data:`FEATURE_SMD_WARNING`, or more than
+    :data:`FEATURE_OUTSIDE_WARNING` of the site's records outside the training ``[min, max]``.
+    Inputs the profile does not have are skipped.
+
+    Parameters
+    ----------
+    training : dict
+        The model card's profile, ``{name: {"mean", "sd", "min", "max"}}``.
+    x : np.ndarray
+        ``[N, F]`` this site's model inputs.
+    names : list[str]
+        ``[F]`` the inputs' names.
+    scaling : (center, scale), optional
+        The task's fixed ``[F]`` scaling (``x = (raw - center) / scale``): the warnings then show
+        means and ranges in the task's units (``raw = x * scale + center``); else in model-input
+        units.
+    """
+    x = np.asarray(x, dtype=float)
+    center, scale = (np.zeros(len(names)), np.ones(len(names))) if scaling is None else scaling
+    units = "model-input units" if scaling is None else "the task's units"
+    out = []
+    for j, name in enumerate(names):
+
+        def raw(value: float, j: int = j) -> float:
+            return float(value) * float(scale[j]) + float(center[j])
+
+        ref = training.get(name)
+        col = x[:, j][np.isfinite(x[:, j])]
+        if ref is None or not len(col):
+            continue
+        reasons = []
+        if ref["sd"] > 0:
+            smd = abs(float(col.mean()) - ref["mean"]) / ref["sd"]
+            if smd > FEATURE_SMD_WARNING:
+                reasons.append(
+                    f"mean {raw(col.mean()):.4g} here against {raw(ref['mean']):.4g} in training "
+                    f"(standardised difference {smd:.2f})"
+                )
+        outside = float(np.mean((col < ref["min"]) | (col > ref["max"])))
+        if outside > FEATURE_OUTSIDE_WARNING:
+            reasons.append(
+                f"{outside:.0%} of the records outside the training range "
+                f"[{raw(ref['min']):.4g}, {raw(ref['max']):.4g}]"
+            )
+        if reasons:
+            out.append(f"feature {name!r}: {'; '.join(reasons)} ({units})")
+    return out

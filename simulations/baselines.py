@@ -81,15 +81,23 @@ class Baselines:
     local_scores : list[list[np.ndarray]]
         ``local_scores[i][j]``: model "Local i" (trained on hospital i alone) on hospital j's test
         split, ``[n_test_j]`` probabilities of class 1.
+    local_external : list[np.ndarray] or None
+        ``local_external[i]``: Local i on the ``external`` records of :func:`compute_baselines`
+        (a held-out hospital's), ``[n_external]``; None when none were given.
     """
 
     table: dict[str, dict[str, Any]]
     pooled_scores: list[np.ndarray]
     local_scores: list[list[np.ndarray]]
+    local_external: list[np.ndarray] | None = None
 
 
 def compute_baselines(
-    run: RunConfig, sites: tuple[SiteData, ...], *, device: str = "cpu"
+    run: RunConfig,
+    sites: tuple[SiteData, ...],
+    *,
+    device: str = "cpu",
+    external: np.ndarray | None = None,
 ) -> Baselines:
     """Train the pooled and the local non-private baselines and score them on every test split.
 
@@ -106,6 +114,10 @@ def compute_baselines(
         The simulated hospitals, in the federation's order.
     device : str
         Where the baselines train (``"cpu"``, ``"cuda"``).
+    external : np.ndarray, optional
+        ``[n_external, ...]`` records of a hospital that took no part (``--hold-out``): each
+        local model is scored on them too (``Baselines.local_external``, for the cross-site
+        matrix).
     """
     y_test = np.concatenate([s.y_test for s in sites])
 
@@ -130,7 +142,13 @@ def compute_baselines(
             **operating_point_metrics(y_test, np.concatenate(pooled_scores))[0],
         }
     }
-    local_scores = [on_every_split(_fit(run, s.train_set(), device)) for s in sites]
+    local_models = [_fit(run, s.train_set(), device) for s in sites]
+    local_scores = [on_every_split(m) for m in local_models]
+    local_external = (
+        None
+        if external is None
+        else [predict_proba(m, external, device=device) for m in local_models]
+    )
     own = [local_scores[i][i] for i in range(len(sites))]  # Local i on hospital i's test split
     local_acc = [binary_metrics(s.y_test, p).accuracy for s, p in zip(sites, own, strict=True)]
     local = binary_metrics(y_test, np.concatenate(own))
@@ -145,7 +163,10 @@ def compute_baselines(
         "report.md's next section)",
         **operating_point_metrics(y_test, np.concatenate(own))[0],
     }
-    return Baselines(table=table, pooled_scores=pooled_scores, local_scores=local_scores)
+    return Baselines(
+        table=table, pooled_scores=pooled_scores, local_scores=local_scores,
+        local_external=local_external,
+    )  # fmt: skip
 
 
 LOCAL_POOLED = "local (each hospital alone, non-private)"
@@ -235,3 +256,85 @@ def auroc_on_every_test_split(
         "local_mean": float(np.mean([a for a, _ in averages])) if averages else None,
         "local_best": {"model": best[1], "average": best[0]} if best else None,
     }
+
+
+CROSS_SITE_METHOD = (
+    "NVFlare's cross-site validation (nvflare.app_common.workflows.cross_site_model_eval): "
+    "every model evaluated on every hospital's test split; here the global model is the final "
+    "federated model and each local model is FLamby's Local i (trained on hospital i's "
+    "training split alone, non-private). AUROC with DeLong's 95 % CI, accuracy at threshold 0.5"
+)
+
+
+def cross_site_matrix(
+    sites: Sequence[SiteData],
+    *,
+    federated: Sequence[np.ndarray] | None,
+    baselines: Baselines,
+    held_out: tuple[str, np.ndarray, np.ndarray | None] | None = None,
+) -> dict[str, Any]:
+    """The cross-site matrix (``fedcare simulate --cross-site``): the global model and each local
+    model, each scored on each hospital's test split.
+
+    Parameters
+    ----------
+    sites : Sequence[SiteData]
+        The hospitals; their test splits ``y_test [n_test_j]``.
+    federated : Sequence[np.ndarray] or None
+        The final federated model's ``[n_test_j]`` probabilities on each test split (None: no
+        final model; its row is left out).
+    baselines : Baselines
+        ``local_scores[i][j]``: Local i on hospital j's test split (:func:`compute_baselines`);
+        with ``held_out``, ``local_external[i]``: Local i on the held-out hospital's records.
+    held_out : (name, y, federated scores), optional
+        ``--hold-out``: the held-out hospital's name, ``[n]`` labels of all its records and the
+        final federated model's ``[n]`` scores on them (None: no final model). It becomes the
+        last column, marked ``held_out``.
+
+    Returns
+    -------
+    dict
+        ``method``; ``test_splits`` (``[{"hospital", "n", "positives", "held_out"?}]``; the
+        held-out hospital's column has all its records); ``rows``: one per
+        model, ``{"model", "trained_on", "cells": {hospital: {"auroc": {"value", "ci_low",
+        "ci_high", "note"?}, "accuracy"}}}``, the global model first. Above
+        :data:`MAX_MATRIX_HOSPITALS` hospitals only ``{"skipped": reason}``.
+    """
+    from shared_models.validation import delong_ci
+
+    if len(sites) > MAX_MATRIX_HOSPITALS:
+        return {
+            "skipped": f"not computed for {len(sites)} hospitals (at most {MAX_MATRIX_HOSPITALS})"
+        }
+
+    columns = [(s.name, np.asarray(s.y_test).astype(int)) for s in sites]
+    if held_out is not None:
+        columns.append((held_out[0], np.asarray(held_out[1]).astype(int)))
+
+    def cells(scores: Sequence[np.ndarray | None]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for (name, y), p in zip(columns, scores, strict=True):
+            if p is None:
+                continue
+            p = np.asarray(p, dtype=float)
+            out[name] = {
+                "auroc": delong_ci(y, p).as_dict(),
+                "accuracy": float(np.mean((p >= 0.5) == y)) if len(y) else None,
+            }
+        return out
+
+    extra = held_out is not None
+    rows = []
+    if federated is not None:
+        scores = [*federated, *([held_out[2]] if held_out is not None else [])]
+        rows.append({"model": "global (federated)", "trained_on": "all", "cells": cells(scores)})
+    external = baselines.local_external if extra else None
+    for i, (s, scores) in enumerate(zip(sites, baselines.local_scores, strict=True)):
+        row = [*scores, *([external[i] if external is not None else None] if extra else [])]
+        rows.append({"model": f"local {s.name}", "trained_on": s.name, "cells": cells(row)})
+    splits: list[dict[str, Any]] = [
+        {"hospital": name, "n": len(y), "positives": int(y.sum())} for name, y in columns
+    ]
+    if extra:
+        splits[-1]["held_out"] = True
+    return {"method": CROSS_SITE_METHOD, "test_splits": splits, "rows": rows}

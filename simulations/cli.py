@@ -176,6 +176,15 @@ def simulate(
             "the final model on all of HOSPITAL's records.",
         ),
     ] = None,
+    cross_site: Annotated[
+        bool,
+        typer.Option(
+            "--cross-site",
+            help="Add NVFlare's cross-site matrix to report.md and summary.json: the global "
+            "(federated) model and each hospital's local model, each on every hospital's test "
+            "split (AUROC with DeLong CI, accuracy).",
+        ),
+    ] = False,
 ) -> str | None:
     """Train one shared model across simulated hospitals with DP-SGD and write a report.
 
@@ -190,7 +199,7 @@ def simulate(
             export_hospitals_to=export_hospitals_to, ledger_dir=ledger_dir, policy=policy,
             verbose=verbose, gpus_per_hospital=gpus_per_hospital,
             cpus_per_hospital=cpus_per_hospital, ray_address=ray_address, backend=backend,
-            hold_out=hold_out or "",
+            hold_out=hold_out or "", cross_site=cross_site,
         )  # fmt: skip
 
 
@@ -219,6 +228,7 @@ def _simulate(
     ray_address: str | None,
     backend: Backend,
     hold_out: str,
+    cross_site: bool = False,
 ) -> str | None:
     request = SimulationRequest(
         options=opt.run_options(
@@ -236,6 +246,7 @@ def _simulate(
         ray_address=ray_address,
         backend=backend.value,
         hold_out=hold_out,
+        cross_site=cross_site,
     )  # fmt: skip
     if export_hospitals_to is not None:
         for path, rows in export_hospitals(request, export_hospitals_to):
@@ -273,16 +284,25 @@ def evaluate(
             "must not exist or be empty."
         ),
     ] = None,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Also fit a site-local logistic recalibration (intercept and slope) and report "
+            "the calibration before and after it (cross-fitted); recorded in evaluation.json, "
+            "never applied to the model file.",
+        ),
+    ] = False,
 ) -> None:
     """External validation of a saved model on one site's data, offline: scores every record
     and writes report.md, evaluation.json and figures (ROC, precision-recall, reliability,
-    decision curve): AUROC and AUPRC with bootstrap CIs, operating points with Wilson CIs,
-    calibration and net benefit. Nothing leaves the machine.
+    decision curve): AUROC with DeLong and bootstrap CIs, AUPRC with a bootstrap CI, operating
+    points with Wilson CIs, calibration and net benefit. Nothing leaves the machine.
     """
     from simulations.external_validation import default_out, run_evaluation
 
     target = out if out is not None else default_out(model)
-    result = run_evaluation(model=model, data=data, task=task, out=target)
+    result = run_evaluation(model=model, data=data, task=task, out=target, recalibrate=recalibrate)
     disc, cal = result["discrimination"], result["calibration"]
 
     def ci(d: dict) -> str:
@@ -297,8 +317,9 @@ def evaluate(
         highlight=False,
     )
     console.print(
-        f"AUROC {ci(disc['auroc'])}, AUPRC {ci(disc['auprc'])} (95 % CI, "
-        f"{disc['bootstrap']['method']} bootstrap, {disc['bootstrap']['resamples']} resamples)",
+        f"AUROC {ci(disc['auroc_delong'])} (95 % CI, DeLong); AUROC {ci(disc['auroc'])}, AUPRC "
+        f"{ci(disc['auprc'])} (95 % CI, {disc['bootstrap']['method']} bootstrap, "
+        f"{disc['bootstrap']['resamples']} resamples)",
         highlight=False,
         soft_wrap=True,
     )
@@ -307,10 +328,26 @@ def evaluate(
         f"{cal['calibration_in_the_large']:+.3f}",
         highlight=False,
     )
+    if (recal := result["recalibration"]) is not None:
+        if recal["after"] is None:
+            console.print(f"recalibration: {recal.get('note', '')}", highlight=False)
+        else:
+            after = recal["after"]
+            console.print(
+                f"site-local recalibration logit p' = {recal['intercept']:.3f} + "
+                f"{recal['slope']:.3f} logit p (recorded, not applied to the model): Brier "
+                f"{cal['brier']:.4f} -> {after['brier']:.4f}, calibration-in-the-large "
+                f"{cal['calibration_in_the_large']:+.3f} -> "
+                f"{after['calibration_in_the_large']:+.3f} (cross-fitted)",
+                highlight=False,
+                soft_wrap=True,
+            )
     if result["prevalence_warning"]:
         err_console.print(f"[yellow]warning:[/] {result['prevalence_warning']}", highlight=False)
     elif result["prevalence_note"]:
         console.print(f"prevalence shift: {result['prevalence_note']}", highlight=False)
+    for warning in result["shift"]["feature_warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"report: {target / 'report.md'}", highlight=False)
 
 

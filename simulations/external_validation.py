@@ -28,6 +28,7 @@ FIGURES = {
     "calibration": "calibration.png",
     "decision_curve": "decision-curve.png",
 }
+RECALIBRATION_FIGURE = "recalibration.png"
 SENSITIVITY_TARGET = 0.8
 
 
@@ -103,10 +104,13 @@ def load_model(saved: SavedModel) -> Any:
     return model
 
 
-def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_records(
+    task_name: str, preprocessing: str, data: Path, *, frame: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every record of the site's data, preprocessed as in training: ``(x [N, *input_shape]
     float32, y [N])``. Read with the task's hospital loader (``Task.read_file``, as ``fedcare
-    client check``), missing values imputed and features scaled with the task's fixed constants
+    client check``; ``frame``: its result when already read), missing values imputed and
+    features scaled with the task's fixed constants
     (:func:`shared_models.tasks.base.impute_and_scale`).
 
     Raises
@@ -117,20 +121,10 @@ def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.nda
     """
     from shared_models.errors import DataError
     from shared_models.tasks import get_task
-    from shared_models.tasks.base import impute_and_scale
 
     task = get_task(task_name)
-    resolved = task.resolve_preprocessing(preprocessing)
-    frame = task.read_file(data)  # raises DataError naming file, line and column
-    x, y = task.features(frame, resolved)
-    x = impute_and_scale(x, task.scaling(resolved))
-    y = np.asarray(y).astype(int)
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        raise DataError(
-            f"{data}: {int(bad.sum())} record(s) have a non-finite value after preprocessing; run "
-            f"`fedcare client check --task {task_name} --data {data}`"
-        )
+    frame = task.read_file(data) if frame is None else frame  # DataError names file and line
+    x, y = _preprocess(task, task.resolve_preprocessing(preprocessing), frame, data)
     if len(np.unique(y)) < 2:
         raise DataError(
             f"{data}: all {len(y)} records have label {int(y[0]) if len(y) else '-'}; external "
@@ -139,14 +133,109 @@ def load_records(task_name: str, preprocessing: str, data: Path) -> tuple[np.nda
     return x, y
 
 
+def _preprocess(task: Any, resolved: str, frame: Any, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x [N, *input_shape] float32, y [N] int)`` of a raw frame: the task's features, imputed
+    and scaled as in training. Raises ``DataError`` (naming ``data``) for a non-finite input."""
+    from shared_models.errors import DataError
+    from shared_models.tasks.base import impute_and_scale
+
+    x, y = task.features(frame, resolved)
+    x = impute_and_scale(x, task.scaling(resolved))
+    y = np.asarray(y).astype(int)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{data}: {int(bad.sum())} record(s) have a non-finite value after preprocessing; run "
+            f"`fedcare client check --task {task.name} --data {data}`"
+        )
+    return x, y
+
+
+# A subgroup with fewer patients of either class gets no AUROC: its confidence interval would
+# span most of [0.5, 1] (with 10 events DeLong's half-width is typically about 0.15-0.2).
+MIN_SUBGROUP_CLASS = 10
+
+
+def subgroup_results(
+    net: Any, task: Any, preprocessing: str, frame: Any, data: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Per declared subgroup (``Task.subgroups``, e.g. sex and age bands) and group: ``n``,
+    ``positives``, ``prevalence`` and AUROC with DeLong's 95 % CI
+    (:func:`shared_models.validation.delong_ci`).
+
+    Each group's rows of the raw ``frame`` are preprocessed and scored like the whole data
+    (rows the task drops are dropped here too, so the groups' ``n`` add up to the evaluation's).
+    A group with fewer than :data:`MIN_SUBGROUP_CLASS` patients of either class has
+    ``auroc: None`` and a ``note`` saying it is too small.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The loaded model.
+    task : Task
+        The model's task (its ``subgroups``, ``features`` and scaling).
+    preprocessing : str
+        The model card's preprocessing.
+    frame : pd.DataFrame
+        The site's raw records as ``task.read_file(data)`` returned them.
+    data : Path
+        Where they came from (for messages).
+
+    Returns
+    -------
+    dict
+        ``{subgroup name: [{"group", "n", "positives", "prevalence", "auroc", "note"?}, ...]}``.
+
+    Raises
+    ------
+    shared_models.errors.DataError
+        The data lack a subgroup's column, or a group's records are not finite after
+        preprocessing.
+    """
+    from shared_models import validation as v
+    from shared_models.models import predict_proba
+
+    resolved = task.resolve_preprocessing(preprocessing)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for subgroup in task.subgroups:
+        rows = []
+        for group, mask in subgroup.masks(frame).items():
+            part = frame[mask].reset_index(drop=True)
+            y = np.zeros(0, dtype=int)
+            if len(part):
+                x, y = _preprocess(task, resolved, part, data)
+            n, k = len(y), int(y.sum())
+            entry: dict[str, Any] = {
+                "group": group, "n": n, "positives": k, "prevalence": k / n if n else None,
+                "auroc": None,
+            }  # fmt: skip
+            if min(k, n - k) < MIN_SUBGROUP_CLASS:
+                entry["note"] = (
+                    f"too small for an AUROC: {k} positive and {n - k} negative patient(s); at "
+                    f"least {MIN_SUBGROUP_CLASS} of each needed"
+                )
+            else:
+                entry["auroc"] = v.delong_ci(y, predict_proba(net, x)).as_dict()
+            rows.append(entry)
+        out[subgroup.name] = rows
+    return out
+
+
 def evaluate_scores(
-    y: np.ndarray, p: np.ndarray, *, training_prevalence: float | None = None
+    y: np.ndarray,
+    p: np.ndarray,
+    *,
+    training_prevalence: float | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the evaluation from labels ``y [N]`` and probabilities ``p [N]``.
 
-    Discrimination (AUROC and AUPRC with bootstrap CIs), the two operating points (0.5 and the
+    Discrimination (AUROC with DeLong's CI and with a bootstrap CI, AUPRC with a bootstrap CI),
+    the two operating points (0.5 and the
     threshold reaching sensitivity 0.8, as :func:`shared_models.metrics.operating_point_metrics`
-    picks it), calibration and the decision curve (:mod:`shared_models.validation`).
+    picks it), calibration and the decision curve (:mod:`shared_models.validation`); with
+    ``recalibrate``, a site-local logistic recalibration
+    (:func:`shared_models.validation.recalibration`), recorded and never applied to the model.
     """
     from shared_models import validation as v
     from shared_models.metrics import operating_point_metrics
@@ -164,8 +253,10 @@ def evaluate_scores(
         ),
         "discrimination": {
             "auroc": v.bootstrap_ci(y, p, "auroc").as_dict(),
+            "auroc_delong": v.delong_ci(y, p).as_dict(),
             "auprc": v.bootstrap_ci(y, p, "auprc").as_dict(),
             "bootstrap": v.bootstrap_description(),
+            "delong": v.delong_description(),
         },
         "operating_points": {
             "threshold_0.5": v.threshold_metrics(y, p, 0.5),
@@ -176,20 +267,106 @@ def evaluate_scores(
         "operating_point_metrics": points,
         "calibration": v.calibration(y, p),
         "decision_curve": v.decision_curve(y, p),
+        "recalibration": (
+            {**v.recalibration(y, p), "applied_to_model": False} if recalibrate else None
+        ),
     }
 
 
 def training_prevalence(card: dict[str, Any]) -> float | None:
-    """The training prevalence the model card records (``training.prevalence``), or None."""
-    value = card.get("training", {}).get("prevalence")
+    """The training prevalence the model card records (``training_data.prevalence``, exact in
+    simulation, from released histograms in a deployment), or None."""
+    value = (card.get("training_data") or {}).get("prevalence")
     return float(value) if isinstance(value, int | float) else None
 
 
+def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any]:
+    """This site's model inputs ``x [N, ...]`` against the model card's training profile:
+    ``{"provenance", "feature_warnings": [...], "note"?}`` (see
+    :func:`shared_models.validation.feature_shift`). No check where the card has no feature
+    profile (a deployment releases none) or the inputs are not one vector per record."""
+    from shared_models.validation import feature_shift
+
+    data = card.get("training_data") or {}
+    out: dict[str, Any] = {
+        "provenance": data.get("provenance", "not recorded in the model card"),
+        "feature_warnings": [],
+    }
+    if not data.get("features"):
+        why = data.get("features_note") or "the model card records no feature distributions"
+        out["note"] = f"feature shift not checked: {why}"
+    elif x.ndim != 2:
+        out["note"] = "feature shift not checked: the inputs are not one vector per record"
+    else:
+        resolved = task.resolve_preprocessing(card["preprocessing"])
+        out["feature_warnings"] = feature_shift(
+            data["features"], x, task.input_names(resolved), scaling=task.scaling(resolved)
+        )
+    return out
+
+
+def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> dict[str, Any]:
+    """``model.json`` ``training_data`` for ``fedcare simulate``: exact figures of the simulated
+    hospitals' training splits (the researcher holds all the data in a simulation, so nothing
+    here was released by anyone; marked ``exact``).
+
+    Parameters
+    ----------
+    task_name, preprocessing : str
+        The run's task and resolved preprocessing.
+    sites : Sequence[SiteData]
+        The hospitals that trained (a held-out hospital is not among them): ``x_train``
+        ``[n, ...]`` model inputs after the task's fixed imputation and scaling, ``y_train``.
+
+    Returns
+    -------
+    dict
+        ``provenance``, ``exact`` (True), ``prevalence`` (pooled over the training splits),
+        ``hospitals`` (``{name: {"n_train", "prevalence"}}``) and ``features``
+        (:func:`shared_models.validation.feature_profile` of the pooled training inputs; None for
+        inputs that are not one vector per record, e.g. time series and images).
+    """
+    from shared_models.tasks import get_task
+    from shared_models.validation import feature_profile
+
+    y = np.concatenate([np.asarray(s.y_train, dtype=float) for s in sites])
+    features = None
+    if all(np.ndim(s.x_train) == 2 for s in sites):
+        x = np.concatenate([s.x_train for s in sites])
+        task = get_task(task_name)
+        features = feature_profile(x, task.input_names(task.resolve_preprocessing(preprocessing)))
+    return {
+        "provenance": "exact: fedcare simulate holds every simulated hospital's records (a "
+        "deployment records only what the hospitals released)",
+        "exact": True,
+        "prevalence": float(y.mean()) if len(y) else None,
+        "hospitals": {
+            s.name: {"n_train": int(s.n_train), "prevalence": float(np.mean(s.y_train))}
+            for s in sites
+            if s.n_train
+        },
+        "features": features,
+        "feature_units": "model inputs after the task's fixed imputation and scaling",
+        **(
+            {}
+            if features is not None
+            else {"features_note": "the task's inputs are not one vector per record"}
+        ),
+    }
+
+
 def run_evaluation(
-    *, model: Path, data: Path, task: str | None = None, out: Path | None = None
+    *,
+    model: Path,
+    data: Path,
+    task: str | None = None,
+    out: Path | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """``fedcare evaluate``: check, load, score, and write the output folder; returns the
-    content of ``evaluation.json``.
+    content of ``evaluation.json``. With ``recalibrate`` the site-local recalibration is fitted
+    and recorded (``evaluation.json`` ``recalibration``, the report, ``recalibration.png``); the
+    model file is only read.
 
     Raises
     ------
@@ -212,8 +389,12 @@ def run_evaluation(
     if not data.exists():
         raise UsageError(f"--data {data} does not exist")
     net = load_model(saved)
-    x, y = load_records(saved.task, saved.card["preprocessing"], data)
     from shared_models.models import predict_proba
+    from shared_models.tasks import get_task
+
+    task_def = get_task(saved.task)
+    frame = task_def.read_file(data)  # raises DataError naming file, line and column
+    x, y = load_records(saved.task, saved.card["preprocessing"], data, frame=frame)
 
     p = predict_proba(net, x)
     result = {
@@ -222,11 +403,13 @@ def run_evaluation(
         "preprocessing": saved.card["preprocessing"],
         "data": str(data),
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **evaluate_scores(y, p, training_prevalence=training_prevalence(saved.card)),
+        **evaluate_scores(
+            y, p, training_prevalence=training_prevalence(saved.card), recalibrate=recalibrate
+        ),
     }
-    from shared_models.tasks import get_task
-
-    result["positive_class"] = get_task(saved.task).positive_class_for(str(data))
+    result["shift"] = shift_check(saved.card, task_def, x)
+    result["subgroups"] = subgroup_results(net, task_def, saved.card["preprocessing"], frame, data)
+    result["positive_class"] = task_def.positive_class_for(str(data))
     result["attributions"] = local_attributions(net, x, saved)
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = write_figures(out, y, p, result)
@@ -311,7 +494,7 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
 
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, label=f"model, AUROC {ci(disc['auroc'])}")
+    ax.plot(fpr, tpr, label=f"model, AUROC {ci(disc['auroc_delong'])} (DeLong)")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
@@ -327,6 +510,13 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     _save(fig, out / FIGURES["pr"])
 
     plot_reliability(out / FIGURES["calibration"], cal)
+    written = list(FIGURES.values())
+    if (recal := result.get("recalibration")) and recal["after"] is not None:
+        plot_reliability(
+            out / RECALIBRATION_FIGURE, recal["before"], after=recal["after"],
+            title="Recalibration",
+        )  # fmt: skip
+        written.append(RECALIBRATION_FIGURE)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.plot(dca["threshold"], dca["model"], label="model")
@@ -337,14 +527,21 @@ def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any
     ax.set(ylim=(-0.05, max(prev, 0.01) * 1.1), title="Decision curve")
     ax.legend(loc="upper right", fontsize=8)
     _save(fig, out / FIGURES["decision_curve"])
-    return list(FIGURES.values())
+    return written
 
 
-def plot_reliability(path: Path, cal: dict[str, Any], *, title: str = "Reliability") -> None:
+def plot_reliability(
+    path: Path,
+    cal: dict[str, Any],
+    *,
+    title: str = "Reliability",
+    after: dict[str, Any] | None = None,
+) -> None:
     """The reliability diagram of :func:`shared_models.validation.calibration`'s result ``cal``
     (observed rate against mean predicted risk per equal-width bin, the calibration slope in the
     legend) as a PNG at ``path`` (matplotlib, Agg backend). ``fedcare evaluate`` and
-    ``fedcare simulate`` (pooled test splits) both draw it."""
+    ``fedcare simulate`` (pooled test splits) both draw it. ``after``: a second curve, the
+    calibration after ``--recalibrate`` (cross-fitted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,6 +552,13 @@ def plot_reliability(path: Path, cal: dict[str, Any], *, title: str = "Reliabili
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     slope = "undefined" if cal["slope"] is None else f"{cal['slope']:.2f}"
     ax.plot(rel["mean_predicted"], rel["observed"], "o-", label=f"model (slope {slope})")
+    if after is not None:
+        rel2 = after["reliability"]
+        slope2 = "undefined" if after["slope"] is None else f"{after['slope']:.2f}"
+        ax.plot(
+            rel2["mean_predicted"], rel2["observed"], "s-",
+            label=f"recalibrated, cross-fitted (slope {slope2})",
+        )  # fmt: skip
     ax.set(xlabel="mean predicted risk (bin)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1))
     ax.set_title(f"{title} ({rel['bins']} equal-width bins)")
     ax.legend(loc="upper left", fontsize=8)
@@ -375,6 +579,76 @@ def _fmt(d: dict[str, Any], pct: bool = False) -> str:
     f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")
     ci = f" [{f(d['ci_low'])}, {f(d['ci_high'])}]" if d["ci_low"] is not None else ""
     return f(d["value"]) + ci
+
+
+def _recalibration_lines(recal: dict[str, Any] | None) -> list[str]:
+    """``report.md``'s section on ``--recalibrate`` (nothing without it)."""
+    if recal is None:
+        return []
+    lines = ["## Site-local recalibration (--recalibrate)", ""]
+    if recal["slope"] is None:
+        return [*lines, f"Not fitted: {recal.get('note', '')}.", ""]
+    lines += [
+        "Fitted on all of this site's records: "
+        f"`logit p' = {recal['intercept']:.3f} + {recal['slope']:.3f} logit p` "
+        f"({recal['formula']}). It is recorded here and in evaluation.json and NOT applied to "
+        "the model file; a site that adopts it applies it to the model's output itself.",
+        "",
+    ]
+    after = recal["after"]
+    if after is None:
+        return [*lines, f"{recal.get('note', '')}.", ""]
+
+    def f(v: float | None, d: int = 3) -> str:
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    before = recal["before"]
+    lines += [
+        f"| measure | before | after ({recal['folds']}-fold cross-fitted) | ideal |",
+        "|---|---|---|---|",
+        f"| calibration-in-the-large | {before['calibration_in_the_large']:+.3f} | "
+        f"{after['calibration_in_the_large']:+.3f} | 0 |",
+        f"| calibration slope | {f(before['slope'], 2)} | {f(after['slope'], 2)} | 1 |",
+        f"| calibration intercept | {f(before['intercept'], 2)} | {f(after['intercept'], 2)} | 0 |",
+        f"| Brier score | {before['brier']:.4f} | {after['brier']:.4f} | lower |",
+        f"| AUROC | - | {f(recal['auroc_after'])} | unchanged within a fold |",
+        "",
+        f"The after-figures are cross-fitted: each of {recal['folds']} stratified folds is "
+        "recalibrated by the fit on the other folds, so they are not judged on the records they "
+        "were fitted to. Recalibration fixes calibration for this site only; it cannot improve "
+        "discrimination.",
+        "",
+        "![Reliability before and after recalibration](recalibration.png)",
+        "",
+    ]
+    return lines
+
+
+def _subgroup_lines(subgroups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """``report.md``'s subgroup table (nothing when the task declares no subgroups)."""
+    if not subgroups:
+        return []
+    lines = [
+        "## Subgroups",
+        "",
+        "| subgroup | group | n | positive | prevalence | AUROC [95 % CI, DeLong] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in subgroups.items():
+        for r in rows:
+            prevalence = "n/a" if r["prevalence"] is None else f"{r['prevalence']:.1%}"
+            auroc = _fmt(r["auroc"]) if r["auroc"] is not None else r["note"]
+            lines.append(
+                f"| {name} | {r['group']} | {r['n']} | {r['positives']} | {prevalence} | {auroc} |"
+            )
+    lines += [
+        "",
+        "Subgroups as the task declares them. A group with fewer than "
+        f"{MIN_SUBGROUP_CLASS} patients of either class gets no AUROC. Differences between "
+        "groups within their intervals are not evidence of a difference.",
+        "",
+    ]
+    return lines
 
 
 def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
@@ -401,16 +675,43 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         lines += [f"> warning: {result['prevalence_warning']}", ""]
     elif result["prevalence_note"]:
         lines += [f"Prevalence shift: {result['prevalence_note']} in the model card.", ""]
+    shift = result.get("shift") or {}
+    for warning in shift.get("feature_warnings", []):
+        lines += [f"> warning: {warning}", ""]
+    if shift:
+        checked = (
+            shift["note"]
+            if shift.get("note")
+            else f"{len(shift['feature_warnings'])} feature(s) differ strongly"
+        )
+        trained = result["training_prevalence"]
+        lines += [
+            f"Shift against the training data ({shift['provenance']}): training prevalence "
+            f"{'n/a' if trained is None else format(trained, '.1%')}; {checked}."
+            + (
+                " A warning means the model is used outside what it saw in training: check the "
+                "data (units, coding) and read calibration with care."
+                if shift["feature_warnings"] or result["prevalence_warning"]
+                else ""
+            ),
+            "",
+        ]
     lines += [
         "## Discrimination",
         "",
-        "| metric | value [95 % CI] |",
-        "|---|---|",
-        f"| AUROC | {_fmt(disc['auroc'])} |",
-        f"| AUPRC | {_fmt(disc['auprc'])} (chance: prevalence {result['prevalence']:.3f}) |",
+        "| metric | value [95 % CI] | CI method |",
+        "|---|---|---|",
+        f"| AUROC | {_fmt(disc['auroc_delong'])} | DeLong |",
+        f"| AUROC | {_fmt(disc['auroc'])} | {boot['method']} bootstrap |",
+        f"| AUPRC | {_fmt(disc['auprc'])} (chance: prevalence {result['prevalence']:.3f}) | "
+        f"{boot['method']} bootstrap |",
         "",
-        f"95 % confidence intervals: {boot['method']} bootstrap, {boot['resamples']} resamples of "
-        f"the patients (paired label and score, seed {boot['seed']}), `scipy.stats.bootstrap`.",
+        "95 % confidence intervals. DeLong: the AUROC's asymptotic variance from its structural "
+        "components (DeLong, DeLong & Clarke-Pearson 1988; Sun & Xu's fast algorithm), as R's "
+        f"`pROC::ci.auc`. Bootstrap: {boot['method']}, {boot['resamples']} resamples of the "
+        f"patients (paired label and score, seed {boot['seed']}), `scipy.stats.bootstrap`. The "
+        "two should roughly agree; where they do not (small samples, AUROC near 1), prefer the "
+        "bootstrap.",
         "",
         "![ROC](roc.png) ![Precision-recall](pr.png)",
         "",
@@ -444,10 +745,14 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
     lines += [
         "Slope and intercept of the logistic recalibration `logit P(y=1) = a + b logit(p)` "
         "(unpenalised). A slope below 1: predictions too extreme (over-confident); above 1: too "
-        "moderate. Nothing is recalibrated here.",
+        "moderate. Nothing is recalibrated here"
+        + ("" if result.get("recalibration") else " (`--recalibrate` fits a site-local one)")
+        + ".",
         "",
         "![Reliability diagram](calibration.png)",
         "",
+        *_recalibration_lines(result.get("recalibration")),
+        *_subgroup_lines(result.get("subgroups") or {}),
         "## Clinical utility (decision curve)",
         "",
         "| threshold probability | net benefit: model | treat all | treat none |",
@@ -467,8 +772,9 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         *_attribution_lines(result.get("attributions"), result["positive_class"]),
         "## Methods",
         "",
-        "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) and "
-        "AUPRC (`sklearn.metrics.average_precision_score`); bias-corrected and accelerated (BCa) "
+        "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) with "
+        "DeLong's confidence interval (DeLong, DeLong & Clarke-Pearson, Biometrics 1988; Sun & "
+        "Xu, IEEE SPL 2014) and AUPRC (`sklearn.metrics.average_precision_score`); bias-corrected and accelerated (BCa) "
         "bootstrap confidence intervals (Efron & Tibshirani, An Introduction to the Bootstrap, "
         "1993) through `scipy.stats.bootstrap`.",
         "- Wilson score intervals for proportions (Wilson, JASA 1927), "
@@ -481,7 +787,9 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "thresholds 0.01 to 0.99.",
         "- Reported following TRIPOD+AI (Collins et al., BMJ 2024;385:e078378).",
         "",
-        f"Reproduce: `fedcare evaluate --model {result['model']} --data {result['data']}`",
+        f"Reproduce: `fedcare evaluate --model {result['model']} --data {result['data']}"
+        + (" --recalibrate" if result.get("recalibration") else "")
+        + "`",
         "",
     ]
     return "\n".join(lines)

@@ -42,6 +42,7 @@ class SimulationRequest:
     backend: str = "auto"  # "auto", "ray" or "in-process" (see uses_ray)
     task_file: str = ""  # text of a task file given by path (--task PATH), see task_argument
     hold_out: str = ""  # a hospital left out of the federation and validated on (--hold-out)
+    cross_site: bool = False  # NVFlare's cross-site matrix in the report (--cross-site)
 
 
 DEFAULT_HOSPITALS = 3
@@ -374,12 +375,22 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     from server.history import RunHistory
     from server.model_card import write_model_card
     from server.report import nobody_trained, write_reports
-    from simulations.baselines import auroc_on_every_test_split, compute_baselines
+    from simulations.baselines import (
+        auroc_on_every_test_split,
+        compute_baselines,
+        cross_site_matrix,
+    )
     from simulations.engine import run_federation
     from simulations.uncertainty import final_model_validation, write_calibration_figure
 
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
-    baselines = _Background(compute_baselines, run, sites, device=device)
+    external = None
+    if req.cross_site and run.simulated_hold_out:  # the local models meet the held-out hospital
+        from shared_models.sites import held_out_site
+        from simulations.uncertainty import held_out_records
+
+        external = held_out_records(held_out_site(run, len(sites)))
+    baselines = _Background(compute_baselines, run, sites, device=device, external=external)
     handler = _ProgressHandler()
     progress_logger = logging.getLogger("fedcare.progress")
     progress_logger.addHandler(handler)
@@ -406,18 +417,39 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     not_trained = nobody_trained(summary)  # else the final model is the untrained one
     scores = _final_model_scores(run, sites, req.out, device) if not_trained is None else None
     summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
+    if req.cross_site:
+        summary["cross_site"] = cross_site_matrix(
+            sites, federated=scores, baselines=done,
+            held_out=_held_out_column(run, len(sites), req.out, device, trained=scores is not None),
+        )  # fmt: skip
     summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
     write_calibration_figure(req.out, summary["validation"])
     if run.simulated_hold_out:
         summary["external_validation"] = _external_validation(
             run, len(sites), req.out, device, why_not=not_trained
         )
+    _record_training_data(run, sites, req.out)
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     write_model_card(req.out)  # again: with positive_class and the baselines' warnings
     if (problem := nobody_trained(summary)) is not None:
         raise UsageError(f"{problem}. Reports are in {req.out}")
     return summary
+
+
+def _record_training_data(run: Any, sites: Any, out: Path) -> None:
+    """Replace ``model.json``'s ``training_data`` (what a deployment's hospitals released) with
+    the simulation's exact figures (:func:`simulations.external_validation.simulation_training_data`)
+    for ``fedcare evaluate``'s shift warnings; nothing when the run wrote no model."""
+    from shared_models.files import write_json_atomic
+    from simulations.external_validation import simulation_training_data
+
+    path = out / "model.json"
+    if not path.exists():
+        return
+    card = json.loads(path.read_text())
+    card["training_data"] = simulation_training_data(run.task.name, run.task.preprocessing, sites)
+    write_json_atomic(path, card)
 
 
 def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[Any] | None:
@@ -439,6 +471,22 @@ def _final_model_on(run: Any, inputs: list[Any], out: Path, device: str) -> list
     model, _ = model_for_run(run)
     model.load_state_dict(load_weights(path))
     return [predict_proba(model, x, device=device) for x in inputs]
+
+
+def _held_out_column(
+    run: Any, n_sites: int, out: Path, device: str, *, trained: bool
+) -> tuple[str, Any, Any] | None:
+    """``--hold-out`` with ``--cross-site``: the held-out hospital's name, labels of all its
+    records and the final model's scores on them (None without a final model), for
+    :func:`simulations.baselines.cross_site_matrix`; None without ``--hold-out``."""
+    if not run.simulated_hold_out:
+        return None
+    from shared_models.sites import held_out_site
+    from simulations.uncertainty import held_out_labels, held_out_records
+
+    site = held_out_site(run, n_sites)
+    found = _final_model_on(run, [held_out_records(site)], out, device) if trained else None
+    return site.name, held_out_labels(site), found[0] if found is not None else None
 
 
 def _external_validation(

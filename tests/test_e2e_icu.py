@@ -10,7 +10,7 @@ from tests.test_e2e_simulation import _simulate
 pytestmark = pytest.mark.slow
 
 
-def test_four_icu_units_with_dp(tmp_path, physionet_dir, monkeypatch):
+def test_four_icu_units_with_dp(tmp_path, physionet_dir, monkeypatch, capsys):
     monkeypatch.setenv("FEDCARE_CACHE_DIR", str(tmp_path / "cache"))
     summary, output, out = _simulate(
         tmp_path, "--task", "icu-mortality", "--data-dir", str(physionet_dir),
@@ -42,3 +42,33 @@ def test_four_icu_units_with_dp(tmp_path, physionet_dir, monkeypatch):
     report = (out / "report.md").read_text()
     assert "AUPRC" in report and "| sicu |" in report
     assert list((tmp_path / "cache" / "physionet2012").glob("*.npz"))  # parsed once, cached
+
+    # fedcare evaluate on one ICU unit's records in the upstream PhysioNet format (the coronary
+    # care unit's 577 stays, written back as record files + Outcomes): the report has DeLong's
+    # and the bootstrap CI, calibration, the decision curve and the sex and age subgroups
+    import json
+
+    from shared_models.tasks.icu import read_icu_data, write_icu_data
+    from tests.handlers import run_fedcare_main
+
+    frame = read_icu_data(physionet_dir / "set-a.tar.gz")
+    ccu = tmp_path / "ccu"
+    write_icu_data(frame[frame["ICUType"] == 1].reset_index(drop=True), ccu)
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(out), "--data", str(ccu),
+        "--out", str(tmp_path / "eval"), "--recalibrate",
+    )  # fmt: skip
+    assert code == 0, text
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert result["n"] == 577 and result["task"] == "icu-mortality"
+    delong = result["discrimination"]["auroc_delong"]
+    assert 0.6 < delong["value"] < 0.95 and delong["ci_low"] < delong["value"] < delong["ci_high"]
+    assert result["calibration"]["slope"] is not None and result["recalibration"]["after"]
+    assert sum(r["n"] for r in result["subgroups"]["sex"]) == 577
+    assert [r["group"] for r in result["subgroups"]["age"]][:4] == [
+        "< 50 years", "50 to < 65 years", "65 to < 80 years", ">= 80 years",
+    ]  # fmt: skip
+    report = (tmp_path / "eval" / "report.md").read_text()
+    for section in ("## Discrimination", "## Calibration", "## Clinical utility (decision curve)",
+                    "## Subgroups", "| DeLong |", "| BCa bootstrap |"):  # fmt: skip
+        assert section in report

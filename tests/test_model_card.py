@@ -106,3 +106,29 @@ def test_model_card_of_a_deployed_client_level_run():
     assert "noisy counts (Gaussian, σ = 5 patients)" in text and "DP-noised" in text
     assert "Quality warning: the federated model predicts negative" in text
     assert "No command line or run config was recorded" in text
+
+
+def test_a_deployment_card_records_only_the_released_prevalence():
+    """``model.json`` ``training_data`` in a deployment: the test-split prevalence from the score
+    histograms the hospitals released (noisy ones marked), no feature distributions."""
+    from server.history import RunHistory, SiteEvent
+    from server.server_app import released_training_data
+
+    history = RunHistory()
+    history.events += [
+        SiteEvent(round=3, kind="evaluate", node_id=1, site="a",
+                  histograms={"hist-neg": [6.0, 2.0, 0.0], "hist-pos": [0.0, 1.0, 1.0]},
+                  metrics={"eval-noise-multiplier": 5.0}),
+        # a negative noisy count counts as 0
+        SiteEvent(round=3, kind="evaluate", node_id=2, site="b",
+                  histograms={"hist-neg": [3.0, -1.0, 0.0], "hist-pos": [0.0, 0.0, 1.0]}),
+        SiteEvent(round=3, kind="evaluate", node_id=3, site="c", error="refused"),
+    ]  # fmt: skip
+    block = released_training_data(history)
+    assert block["exact"] is False and block["features"] is None
+    assert block["hospitals"] == {
+        "a": {"prevalence": pytest.approx(0.2), "noisy": True},
+        "b": {"prevalence": pytest.approx(0.25), "noisy": False},
+    }
+    assert block["prevalence"] == pytest.approx(0.225)
+    assert "released" in block["provenance"]

@@ -201,6 +201,50 @@ def test_invalid_task_file_is_one_error_naming_file_and_key(tmp_path, old, new, 
     assert message in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    ("subgroup", "message"),
+    [
+        ('column = "ward"\nlevels = [1, 2]', "'subgroup[0].column' is 'ward', not a feature or ignored column"),
+        ('column = "age"', "'subgroup[0]' needs either 'levels' (categories) or 'bands'"),
+        ('column = "age"\nbands = [65, 50]', "'subgroup[0].bands' must increase"),
+        ('column = "age"\nbands = ["old"]', "'subgroup[0].bands' must be a non-empty list of numbers"),
+        ('column = "admission"\nlevels = ["elective"]\nlabels = ["a", "b"]',
+         "'subgroup[0].labels' has 2 names for 1 levels"),
+        ('column = "age"\nbands = [65]\nsize = 3', "'subgroup[0].size' is not a task-file key here"),
+    ],
+)  # fmt: skip
+def test_invalid_subgroup_is_one_error_naming_the_key(tmp_path, subgroup, message):
+    path = tmp_path / "readmission.toml"
+    path.write_text(f"{BASE}\n[[subgroup]]\n{subgroup}\n")
+    with pytest.raises(TaskFileError) as exc:
+        task_from_file(path)
+    assert str(exc.value).startswith(f"{path}:") and message in str(exc.value)
+
+
+def test_declared_subgroups_split_the_rows():
+    text = (
+        f'{BASE}\n[[subgroup]]\ncolumn = "age"\nbands = [50, 65]\nunit = "years"\n'
+        '\n[[subgroup]]\nname = "route"\ncolumn = "admission"\nlevels = ["elective"]\n'
+    )
+    age, route = parse_task_text(text).subgroups
+    frame = pd.DataFrame({"age": ["30", "50", "64.9", "80", "NA"],
+                          "admission": ["elective", "emergency", "elective", "", "elective"]})  # fmt: skip
+    masks = {k: v.tolist() for k, v in age.masks(frame).items()}
+    assert masks == {
+        "< 50 years": [True, False, False, False, False],
+        "50 to < 65 years": [False, True, True, False, False],
+        ">= 65 years": [False, False, False, True, False],
+        "missing or other": [False, False, False, False, True],
+    }
+    assert route.name == "route"
+    assert {k: v.tolist() for k, v in route.masks(frame).items()} == {
+        "elective": [True, False, True, False, True],
+        "missing or other": [False, True, False, True, False],
+    }
+    assert [g.name for g in get_task("heart-disease").subgroups] == ["sex", "age"]
+    assert [g.name for g in get_task("icu-mortality").subgroups] == ["sex", "age"]
+
+
 def test_task_check_command(monkeypatch, capsys, tmp_path):
     path = tmp_path / "readmission.toml"
     path.write_text(BASE)

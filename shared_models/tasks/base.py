@@ -27,6 +27,78 @@ LABEL = "label"
 
 
 @dataclass(frozen=True)
+class Subgroup:
+    """A patient subgroup a task declares for subgroup reports (TRIPOD+AI item 23a: performance
+    in key subgroups such as sex and age bands), defined on one column of the raw frame that
+    ``Task.read_file`` returns.
+
+    Attributes
+    ----------
+    name : str
+        How reports name it (``"sex"``, ``"age"``).
+    column : str
+        The raw frame's column.
+    levels : tuple
+        Categorical: the values of the column, one group each (numbers and text that reads as a
+        number compare as numbers), named by ``labels`` (default: the values).
+    labels : tuple[str, ...]
+        One name per level.
+    bands : tuple[float, ...]
+        Numeric: increasing cut points ``c1 < c2 < ...``, groups ``< c1``, ``c1 to < c2``, ...,
+        ``>= ck``. Exactly one of ``levels`` and ``bands`` is set.
+    unit : str
+        The column's unit, for band names (``years``).
+    """
+
+    name: str
+    column: str
+    levels: tuple[Any, ...] = ()
+    labels: tuple[str, ...] = ()
+    bands: tuple[float, ...] = ()
+    unit: str = ""
+
+    def masks(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """``{group name: [N] bool}`` for the rows of ``frame``; rows in no group (missing or
+        another value) under ``"missing or other"`` when there are any.
+
+        Raises
+        ------
+        DataError
+            ``frame`` has no column ``column``.
+        """
+        from shared_models.tasks.table import match_values
+
+        if self.column not in frame.columns:
+            raise DataError(
+                f"subgroup {self.name!r}: the data have no column {self.column!r}; the task "
+                "declares this subgroup on it"
+            )
+        series = frame[self.column]
+        out: dict[str, np.ndarray] = {}
+        if self.bands:
+            values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+            unit = f" {self.unit}" if self.unit else ""
+            edges = [-np.inf, *self.bands, np.inf]
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+                if lo == -np.inf:
+                    label = f"< {hi:g}{unit}"
+                elif hi == np.inf:
+                    label = f">= {lo:g}{unit}"
+                else:
+                    label = f"{lo:g} to < {hi:g}{unit}"
+                out[label] = (values >= lo) & (values < hi)
+        else:
+            index = match_values(series, self.levels)
+            labels = self.labels or tuple(str(v) for v in self.levels)
+            for i, label in enumerate(labels):
+                out[label] = index == i
+        rest = ~np.logical_or.reduce(list(out.values())) if out else np.ones(len(frame), bool)
+        if rest.any():
+            out["missing or other"] = rest
+        return out
+
+
+@dataclass(frozen=True)
 class SiteData:
     """One hospital's preprocessed data.
 
@@ -128,10 +200,10 @@ class Task:
     positive_class_of : Callable[[str], str] or None
         What label 1 means for a given ``--data-dir`` where that depends on the data (a
         MedMNIST file other than PneumoniaMNIST); None: always ``positive_class``.
-    feature_names : Callable[[str], tuple[str, ...]] or None
-        The names of the features explanations are reported by, for a (resolved)
-        preprocessing: one per index of ``attribution_axis`` of an example. None: "feature 1",
-        "feature 2", ... (:meth:`explained_features`).
+    attribution_names : Callable[[str], tuple[str, ...]] or None
+        The names explanations are reported by, for a (resolved) preprocessing, where they are
+        not the inputs' names: one per index of ``attribution_axis`` of an example (ICU: the
+        variables). See :meth:`explained_features`.
     attribution_axis : int or None
         The axis of one example (``input_shape``) that indexes the reported features; an
         attribution is summed over the other axes (ICU: ``[T, V, 3]`` -> per variable ``V``,
@@ -163,6 +235,11 @@ class Task:
     check_file : Callable[[Path], TableReport] or None
         Tabular tasks from a task file: the per-column report of one hospital file
         (:func:`shared_models.tasks.table.check_table`), for ``fedcare client check``.
+    subgroups : tuple[Subgroup, ...]
+        Patient subgroups ``fedcare evaluate`` reports separately (sex, age bands); () = none.
+    feature_names : Callable[[str], list[str]] or None
+        Tabular tasks: the names of the ``F`` model inputs for a preprocessing (one-hot levels
+        and missing indicators included), for shift warnings; None: ``input j``.
     """
 
     name: str
@@ -191,12 +268,22 @@ class Task:
     check_file: Callable[[Path], Any] | None = None
     preprocessing_models: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     positive_class_of: Callable[[str], str] | None = None
-    feature_names: Callable[[str], tuple[str, ...]] | None = None
+    subgroups: tuple[Subgroup, ...] = ()
+    feature_names: Callable[[str], list[str]] | None = None
+    attribution_names: Callable[[str], tuple[str, ...]] | None = None
     attribution_axis: int | None = 0
     saliency_grid: int = 0
 
+    def input_names(self, preprocessing: str) -> list[str]:
+        """The names of a tabular example's ``F`` inputs for a (resolved) preprocessing
+        (``input 0`` ... where the task has none)."""
+        if self.feature_names is not None:
+            return list(self.feature_names(preprocessing))
+        return [f"input {j}" for j in range(int(np.prod(self.input_shape(preprocessing))))]
+
     def explained_features(self, preprocessing: str) -> tuple[str, ...]:
-        """The names explanations are reported by (see ``feature_names``).
+        """The names explanations are reported by: ``attribution_names``, else (tabular) the
+        input names (:meth:`input_names`), else "feature 1", "feature 2", ...
 
         Raises
         ------
@@ -206,10 +293,12 @@ class Task:
         if self.attribution_axis is None:
             raise ValueError(f"task '{self.name}' has no per-feature explanation")
         preprocessing = self.resolve_preprocessing(preprocessing)
-        if self.feature_names is not None:
+        if self.attribution_names is not None:
+            return tuple(self.attribution_names(preprocessing))
+        shape = self.input_shape(preprocessing)
+        if self.feature_names is not None and len(shape) == 1:
             return tuple(self.feature_names(preprocessing))
-        size = self.input_shape(preprocessing)[self.attribution_axis]
-        return tuple(f"feature {i + 1}" for i in range(size))
+        return tuple(f"feature {i + 1}" for i in range(shape[self.attribution_axis]))
 
     def positive_class_for(self, data_dir: str = "") -> str:
         """What label 1 means for the data at ``data_dir`` (``""``: the task's embedded or

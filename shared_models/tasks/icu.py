@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import LABEL, DataError, Task
+from .base import LABEL, DataError, Subgroup, Task
 from .physionet2012 import (
     DESCRIPTORS,
     TIME_SERIES,
@@ -370,10 +370,15 @@ ICU_TASKS: dict[str, Task] = {
         default_test_fraction=0.2,
         models=("icu-logreg", "icu-gru", "icu-tcn"),
         repartitionable=True,
-        feature_names=lambda preprocessing: (*TIME_SERIES, *STATIC_CHANNELS),
+        attribution_names=lambda preprocessing: (*TIME_SERIES, *STATIC_CHANNELS),
         attribution_axis=1,  # [T, V, 3]: one importance per variable (channel)
         # chosen with benchmarks/icu_models.py (README, "ICU mortality"): 60 rounds of one local
         # epoch at expected batch 64 and learning rate 0.25
         run_defaults={"train.rounds": 60, "train.batch-size": 64, "train.lr": 0.25},
+        # PhysioNet 2012's descriptors: Gender 0 = female, 1 = male (-1 = missing); Age in years
+        subgroups=(
+            Subgroup("sex", "Gender", levels=(0, 1), labels=("female", "male")),
+            Subgroup("age", "Age", bands=(50, 65, 80), unit="years"),
+        ),
     ),
 }

@@ -255,7 +255,8 @@ def task_from_spec(spec: TaskSpec) -> Task:
         run_defaults=dict(spec.run),
         run_defaults_dp=dict(spec.run_dp),
         run_defaults_no_dp=dict(spec.run_no_dp),
-        feature_names=lambda preprocessing: tuple(spec.output_columns(preprocessing)),
+        subgroups=spec.subgroups,
+        feature_names=spec.output_columns,
     )
 
 

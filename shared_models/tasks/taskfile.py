@@ -33,6 +33,15 @@ Example (``tasks/readmission.toml``)::
     type = "categorical"
     levels = ["elective", "emergency", "transfer"]
 
+    [[subgroup]]                     # optional: reported separately by `fedcare evaluate`
+    column = "age"
+    bands = [50, 65, 80]             # < 50, 50 to < 65, 65 to < 80, >= 80 (numeric columns)
+
+    [[subgroup]]
+    column = "sex"
+    levels = [0, 1]                  # one group per value (categorical columns)
+    labels = ["female", "male"]
+
     [run.dp]                         # optional: the consortium's run settings (its recipe)
     "train.rounds" = 15              # ([run] for both privacy settings, [run.dp], [run.no-dp])
     "train.lr" = 1.0
@@ -54,7 +63,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .base import DataError
+from .base import DataError, Subgroup
 
 FEATURE_TYPES = ("numeric", "binary", "categorical")
 IF_MISSING = ("drop-row", "impute")
@@ -186,6 +195,8 @@ class TaskSpec:
         The ``[run]`` table (the consortium's recipe for both privacy settings) and its
         ``[run.dp]`` / ``[run.no-dp]`` tables: run-config keys of
         :data:`shared_models.recipes.RECIPE_KEYS`.
+    subgroups : tuple[Subgroup, ...]
+        The ``[[subgroup]]`` tables: patient subgroups ``fedcare evaluate`` reports separately.
     """
 
     name: str
@@ -204,6 +215,7 @@ class TaskSpec:
     run: Mapping[str, Any] = field(default_factory=dict, hash=False)
     run_dp: Mapping[str, Any] = field(default_factory=dict, hash=False)
     run_no_dp: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    subgroups: tuple[Subgroup, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -255,6 +267,7 @@ _ONLY_FOR = {  # keys that make sense for one feature type only
     "scale": ("numeric",), "levels": ("binary", "categorical"), "drop-first": ("categorical",),
 }  # fmt: skip
 _VARIANT_KEYS = {"if-missing", "missing-indicator"}
+_SUBGROUP_KEYS = {"name", "column", "levels", "labels", "bands", "unit"}
 # the names tabular.TABLE_FORMATS and tabular.EMBEDDED_DATA register (a test checks they agree)
 FORMATS = ("csv", "uci-heart-disease")
 EMBEDDED = ("sklearn-breast-cancer",)
@@ -438,11 +451,11 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TaskFileError(f"{source}: not valid TOML ({exc})") from None
-    extra = sorted(set(doc) - {"task", "label", "feature", "preprocessing", "run"})
+    extra = sorted(set(doc) - {"task", "label", "feature", "preprocessing", "run", "subgroup"})
     if extra:
         raise TaskFileError(
             f"{source}: '{extra[0]}' is not a task-file section; "
-            "use [task], [label], [[feature]], [preprocessing.NAME] and [run]"
+            "use [task], [label], [[feature]], [preprocessing.NAME], [[subgroup]] and [run]"
         )
     if "task" not in doc:
         raise TaskFileError(f"{source}: the [task] section is missing")
@@ -510,6 +523,9 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
             )
         )
     run, run_dp, run_no_dp = _parse_run(source, doc.get("run", {}))
+    subgroups = _parse_subgroups(
+        source, doc.get("subgroup", []), {*(f.name for f in features), *ignore}
+    )
     return TaskSpec(
         name=name,
         description=description,
@@ -527,7 +543,46 @@ def parse_task_text(text: str, *, source: str = "<task file>") -> TaskSpec:
         run=run,
         run_dp=run_dp,
         run_no_dp=run_no_dp,
+        subgroups=subgroups,
     )
+
+
+def _parse_subgroups(source: str, raw: Any, columns: set[str]) -> tuple[Subgroup, ...]:
+    """The ``[[subgroup]]`` tables: each on a feature or ignored column, with ``levels`` (and
+    optional ``labels``) or increasing ``bands``, not both."""
+    if not isinstance(raw, list):
+        raise TaskFileError(f"{source}: 'subgroup' must be tables [[subgroup]]")
+    out: list[Subgroup] = []
+    for i, table in enumerate(raw):
+        r = _Reader(source, f"subgroup[{i}]", table)
+        r.unknown(_SUBGROUP_KEYS)
+        column = r.get("column", str, required=True).strip()
+        if column not in columns:
+            raise r.error("column", f"is {column!r}, not a feature or ignored column of the task")
+        levels = r.values("levels")
+        labels = r.strings("labels")
+        raw_bands = r.get("bands", list)
+        if bool(levels) == (raw_bands is not None):
+            raise r.error("", "needs either 'levels' (categories) or 'bands' (cut points)")
+        if labels and len(labels) != len(levels):
+            raise r.error("labels", f"has {len(labels)} names for {len(levels)} levels")
+        bands: tuple[float, ...] = ()
+        if raw_bands is not None:
+            if not raw_bands or any(
+                isinstance(b, bool) or not isinstance(b, int | float) for b in raw_bands
+            ):
+                raise r.error("bands", "must be a non-empty list of numbers (cut points)")
+            bands = tuple(float(b) for b in raw_bands)
+            if any(b >= c for b, c in zip(bands[:-1], bands[1:], strict=True)):
+                raise r.error("bands", "must increase")
+        name = (r.get("name", str) or column).strip()
+        if any(g.name == name for g in out):
+            raise r.error("name", f"{name!r} names a second subgroup; give each its own name")
+        out.append(
+            Subgroup(name, column, levels=levels, labels=labels, bands=bands,
+                     unit=(r.get("unit", str) or "").strip())
+        )  # fmt: skip
+    return tuple(out)
 
 
 def _parse_run(source: str, raw: Any) -> tuple[dict, dict, dict]:
