@@ -506,6 +506,16 @@ def budget(
             f"at δ = {r.delta:g} (the run's), {r.epsilon(r.site_delta):.3f} at the site's "
             f"δ = {r.site_delta:g}"
         )
+        if r.explanations:
+            from client.explanations import release_epsilon
+
+            alone = [release_epsilon(s, delta=r.site_delta) for s in r.explanations]
+            console.print(
+                f"      explanation release(s) {len(r.explanations)}: noise multiplier "
+                f"{', '.join(f'{s:.4g}' for s in r.explanations)}, ε alone = "
+                f"{', '.join(f'{e:.3f}' for e in alone)} at the site's δ (composed in the run's "
+                "ε above)"
+            )
     private = [r for r in records if r.sample_level_dp]
     exposed = len(records) - len(private)
     if private:

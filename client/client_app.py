@@ -13,6 +13,12 @@ number of messages:
 - Evaluate: exact metrics (AUROC, accuracy, sensitivity, specificity, AUPRC, the operating
   point at sensitivity 0.8) only where the policy allows them; otherwise per-class score
   histograms with Gaussian noise, each release charged to the same accountant.
+- Explain (``query.explain``, once per run, after the last round): the global model's
+  per-feature attributions on the test split, clipped per patient, summed and noised
+  (:mod:`client.explanations`), only where the run asks for it (``explain.enabled``) and the
+  policy allows it (``allow-explanations``, ``max-explanation-epsilon``, the ε caps); charged to
+  the run's accountant as its own ledger entry before it leaves. An identical repeated request
+  gets the same release again; any other second request is refused.
 - Refusals name the run-config key and the policy bound that refused, never a number or text
   derived from the data (n, counts, the noise multiplier or ε the data would give, file names,
   exception text): those stay in the hospital's log and audit log. An unexpected exception is
@@ -37,6 +43,7 @@ from flwr.clientapp import ClientApp
 from client.audit import AuditLog
 from client.dp_modes import grad_sample_mode_for
 from client.evaluation import release_histograms
+from client.explanations import release_attributions, release_epsilon, release_saliency
 from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
 from client.policy import (
     DEFAULT_POLICY,
@@ -72,7 +79,7 @@ from client.training import (
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics, score_histograms
 from shared_models.models import model_for_run, predict_proba
-from shared_models.protocol import SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
+from shared_models.protocol import EXPLAIN_ACTION, SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
 from shared_models.tasks import DataError, SiteData, get_task
 
 _log = logging.getLogger("fedcare.hospital")
@@ -335,6 +342,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _audited(_evaluate, msg, context)
 
 
+@app.query(EXPLAIN_ACTION)
+def explain(msg: Message, context: Context) -> Message:
+    """Release DP feature attributions of the global model (audited likewise)."""
+    return _audited(_explain, msg, context)
+
+
 def _refuse(msg: Message, context: Context, exc: BaseException) -> Message:
     """An error reply naming this site and a reason safe to send: the text of a policy, budget
     or config refusal; for anything that may carry local paths or data values, only its
@@ -395,6 +408,8 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
         decision = "refused"
     elif msg.metadata.message_type.startswith("train"):
         decision = "replayed" if reply.content.config_records["info"].get("replayed") else "trained"
+    elif msg.metadata.message_type.startswith("query"):
+        decision = "explained"
     else:
         decision = "evaluated"
     epsilon = None if reply.has_error() else reply.content.metric_records["metrics"].get("epsilon")
@@ -633,6 +648,96 @@ def _release_privately(
     return metrics
 
 
+def _explain(msg: Message, context: Context) -> Message:
+    """Release the noisy sums of clipped per-feature attributions of the global model on this
+    hospital's test split (:mod:`client.explanations`), once per run; an identical repeated
+    request is answered with the same release again."""
+    try:
+        site = _Site.of(context)
+        if not site.run.explain.enabled:
+            raise ConfigError("the run's config does not ask for explanations (explain.enabled)")
+        task = get_task(site.run.task.name)
+        if task.attribution_axis is None and not task.saliency_grid:
+            raise ConfigError(f"task {site.run.task.name!r} has no explanation release")
+        model, device = site.model(msg)
+        arrays = msg.content.array_records["arrays"]
+        request = fingerprint("explain", _round(msg), {k: a.data for k, a in arrays.items()})
+        cache = ReplayCache(site.ledger, "explain") if site.ledger is not None else None
+        replay = cache.get(site.run_key, request) if cache is not None else None
+        metrics = replay[1] if replay is not None else _release_explanation(site, model, device)
+        if cache is not None and replay is None:
+            cache.put(site.run_key, request, {}, metrics)
+    except _EXPECTED as exc:
+        return _refuse(msg, context, exc)
+    metrics["num-examples"] = float(site.data.n_test)
+    info = ConfigRecord({"site": site.data.name, "replayed": replay is not None})
+    return Message(
+        content=RecordDict({"metrics": MetricRecord(metrics), "info": info}),  # type: ignore[arg-type]
+        reply_to=msg,
+    )
+
+
+def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]:
+    """Check the release against the policy and the ledger, compute it, record it, return it."""
+    ex = site.run.explain
+    record = site.record()
+    plan = site.check_policy(record)
+    if record.explanations:
+        raise PrivacyBudgetError(
+            "this run already received its explanation release from this site; a second one "
+            "would spend privacy budget again (one release per run, explain.enabled)"
+        )
+    site.policy.check_explanation(noise_multiplier=ex.noise_multiplier, n_train=site.data.n_train)
+    charged = _with(record.accountant, ex.noise_multiplier, 1.0, 1)
+    site.check_release(charged, what="the explanation release")  # also in runs without DP-SGD
+    released = _explanation_sums(site, model, device)
+    record.accountant = charged
+    record.explanations.append(ex.noise_multiplier)
+    site.save(record)  # recorded BEFORE the sums leave the hospital
+    metrics: dict[str, Any] = {
+        **released,
+        "explain-noise-multiplier": ex.noise_multiplier,
+        "explain-clip": ex.clip,
+        # ε of this release alone at the run's δ (the policy's cap is checked at the site's)
+        "explain-epsilon": release_epsilon(ex.noise_multiplier, delta=site.run.dp.target_delta),
+    }
+    if plan is not None:
+        metrics["epsilon"] = record.epsilon()
+        metrics["delta"] = plan.target_delta
+    return metrics
+
+
+def _explanation_sums(site: _Site, model: Any, device: str) -> dict[str, Any]:
+    """The noisy sums: per feature (``attr-sum``, ``attr-abs-sum``), or for an image task per
+    class (``saliency-c``, ``image-c``, ``count-c``: :func:`client.explanations.release_saliency`)."""
+    from shared_models.attributions import feature_attributions, spatial_saliency
+
+    ex, x = site.run.explain, site.data.x_test
+    task = get_task(site.run.task.name)
+    try:
+        if task.attribution_axis is None:
+            saliency, images = spatial_saliency(
+                model, x, grid=task.saliency_grid, method=ex.method, steps=ex.ig_steps,
+                device=device,
+            )  # fmt: skip
+            image_clip = float(images.shape[1])  # pixels in [-1, 1]: no image is clipped
+            released: dict[str, Any] = release_saliency(
+                saliency, images, site.data.y_test, clip=ex.clip, image_clip=image_clip,
+                noise_multiplier=ex.noise_multiplier,
+            )  # fmt: skip
+            return {**released, "explain-image-clip": image_clip}
+        per_example = feature_attributions(
+            model, x, axis=task.attribution_axis, method=ex.method, steps=ex.ig_steps,
+            device=device,
+        )  # fmt: skip
+    except ValueError as exc:  # explain.method 'exact' for a model that is not linear
+        raise ConfigError(str(exc)) from None
+    signed, absolute = release_attributions(
+        per_example, clip=ex.clip, noise_multiplier=ex.noise_multiplier
+    )
+    return {"attr-sum": signed, "attr-abs-sum": absolute}
+
+
 def _policy(context: Context, settings: SiteSettings) -> SitePolicy:
     """The hospital's site policy. Deployed: node config ``policy-path``, else
     :data:`~client.policy.DEFAULT_POLICY`. Simulated hospitals only (the researcher holds all
@@ -691,4 +796,4 @@ def _ledger_dir(context: Context, settings: SiteSettings, name: str) -> Path | N
     return Path(root) / name
 
 
-__all__ = ["SITE_REFUSED", "app"]
+__all__ = ["EXPLAIN_ACTION", "SITE_REFUSED", "app"]

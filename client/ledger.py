@@ -12,7 +12,9 @@ resolve.
 Layout: ``<ledger>/runs/<run-id>.json`` holds one :class:`RunRecord`: the run's plan (what the
 run's settings were when it first reached this site), the Opacus accountant state of every DP
 release (DP-SGD steps ``[sigma, q, steps]`` and evaluation releases ``[sigma, 1, 1]``), the
-counts of DP-SGD steps, model updates and evaluation releases, and whether the run had
+counts of DP-SGD steps, model updates and evaluation releases, the explanation releases (their
+own entry, ``explanations``: the noise multiplier of each; their ``[sigma, 1, 1]`` is in the
+accountant history too, so the run's and the lifetime ε compose them), and whether the run had
 sample-level DP at all (a run without it is recorded with ε = ∞).
 """
 
@@ -58,6 +60,9 @@ class RunRecord:
         False: the run released model updates without sample-level DP here (ε = ∞).
     train_steps, updates, eval_releases : int
         DP-SGD steps taken, model updates sent, evaluation results sent.
+    explanations : list of float
+        The noise multiplier of every DP explanation release of the run
+        (:mod:`client.explanations`; each is also a ``[sigma, 1, 1]`` accountant entry).
     flower_run_ids : list of int
         The coordinator's Flower run ids this run had when it reached this site (one; more after
         the coordinator resumed it), in order: the ids the coordinator's ``summary.json``
@@ -76,6 +81,7 @@ class RunRecord:
     eval_releases: int = 0
     flower_run_ids: list[int] = field(default_factory=list)
     updated: str = ""
+    explanations: list[float] = field(default_factory=list)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε of every release recorded, at ``delta`` (default: the run's δ); ∞ without DP."""
@@ -115,6 +121,7 @@ def _record_from(entry: dict[str, Any]) -> RunRecord:
         eval_releases=int(entry.get("eval_releases", 0)),
         flower_run_ids=[int(i) for i in entry.get("flower_run_ids", [])],
         updated=str(entry.get("updated", "")),
+        explanations=[float(s) for s in entry.get("explanations", [])],
     )
 
 
@@ -180,7 +187,7 @@ def fingerprint(kind: str, server_round: int, arrays: dict[str, bytes]) -> str:
 
 
 class ReplayCache:
-    """The last reply of each kind (``train``, ``evaluate``) this hospital sent in a run, kept so
+    """The last reply of each kind (``train``, ``evaluate``, ``explain``) this hospital sent in a run, kept so
     a repeated request is answered again without a new release.
 
     When a coordinator crashes after a hospital answered round k but before it checkpointed

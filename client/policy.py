@@ -17,6 +17,8 @@ that only raises the lifetime budget still requires DP. Example (``policy.toml``
     allow-non-dp = false               # true also admits client-level-only DP runs
     exact-metrics = false              # true: exact evaluation metrics and train loss leave the site
     require-secure-aggregation = false # true: only runs with SecAgg+ (secagg.enabled)
+    allow-explanations = true          # false: refuse every DP explanation release (explain.*)
+    max-explanation-epsilon = 1.0      # ε of the one explanation release alone, at max-delta
 
 Values are strictly typed: a string where a boolean belongs, a NaN, an infinity or a negative
 number is an error naming the key, and the hospital daemon refuses to start on it.
@@ -76,6 +78,11 @@ class SitePolicy:
         Patients per class, at least, in the training split and behind any exact metric.
     allow_non_dp, exact_metrics, require_secure_aggregation : bool
         See the module docstring.
+    allow_explanations : bool
+        False: the hospital refuses the DP explanation release (:mod:`client.explanations`).
+    max_explanation_epsilon : float
+        Cap on the ε of the explanation release alone, at :meth:`site_delta` (the run's and
+        the lifetime caps apply to it as well).
     """
 
     max_epsilon_per_run: float = 3.0
@@ -89,6 +96,8 @@ class SitePolicy:
     allow_non_dp: bool = False
     exact_metrics: bool = False
     require_secure_aggregation: bool = False
+    allow_explanations: bool = True
+    max_explanation_epsilon: float = 1.0
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -281,6 +290,39 @@ class SitePolicy:
             )
         return run_eps, total
 
+    def check_explanation(self, *, noise_multiplier: float, n_train: int) -> float:
+        """Refuse an explanation release the policy forbids or whose ε alone is above
+        ``max-explanation-epsilon`` (the caps of :meth:`check_release` are checked apart).
+
+        Returns
+        -------
+        float
+            ε of the release alone at :meth:`site_delta`.
+
+        Raises
+        ------
+        PolicyRefusal
+            ``allow-explanations`` is false, or the release's ε exceeds the cap (the message
+            names ``explain.noise-multiplier``, a run setting, never a data-derived number).
+        """
+        from client.explanations import release_epsilon
+
+        if not self.allow_explanations:
+            raise PolicyRefusal(
+                "the site policy forbids explanation releases (allow-explanations = false); "
+                "run without explain.enabled"
+            )
+        delta = self.site_delta(n_train)
+        epsilon = release_epsilon(noise_multiplier, delta=delta)
+        if epsilon > self.max_explanation_epsilon + 1e-9:
+            raise PolicyRefusal(
+                f"explain.noise-multiplier = {noise_multiplier:g} gives an explanation release "
+                f"above the policy's max-explanation-epsilon {self.max_explanation_epsilon:g}: "
+                "raise explain.noise-multiplier",
+                detail=f"release ε {epsilon:.3f} at δ {delta:g}",
+            )
+        return epsilon
+
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
@@ -298,7 +340,7 @@ def _number(key: str, value: Any, *, integer: bool = False) -> float:
 
 def _parse(key: str, value: Any) -> Any:
     """One policy value, strictly typed (see the module docstring)."""
-    if key in ("allow-non-dp", "exact-metrics", "require-secure-aggregation"):
+    if key in ("allow-non-dp", "exact-metrics", "require-secure-aggregation", "allow-explanations"):
         if not isinstance(value, bool):
             raise PolicyError(f"{key} must be true or false (unquoted), got {value!r}")
         return value
@@ -335,6 +377,7 @@ SIMULATION_POLICY = SitePolicy(
     min_cohort=0,
     allow_non_dp=True,
     exact_metrics=True,
+    max_explanation_epsilon=math.inf,
 )
 """Simulated hospitals without ``--policy``: the researcher holds all the data, so exact metrics and
 non-DP runs are allowed and nothing is capped (δ still has to be below 1/n)."""

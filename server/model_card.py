@@ -131,6 +131,11 @@ def render_model_card(
         ("Training", _training(card, summary)),
         ("Privacy", _privacy(summary, history)),
         ("Performance", _performance(summary)),
+        *(
+            [("Explanations (released under DP)", _explanations(card, summary))]
+            if summary.get("explanations")
+            else []
+        ),
         ("Known limitations", _limitations(summary)),
         ("How to reproduce", _reproduce(summary, run_config)),
     ):
@@ -320,6 +325,15 @@ def _performance(summary: dict) -> list[str]:
             "(column *evaluation*): on small test splits they can be far from the exact values.",
         ]
     return rows
+
+
+def _explanations(card: dict, summary: dict) -> list[str]:
+    """The DP feature importance (chart, top features in words, ε per hospital)."""
+    from server.explanations import IMPORTANCE_CHART, explanation_lines
+
+    return explanation_lines(
+        summary["explanations"], IMPORTANCE_CHART, _positive_class(card, summary)
+    )
 
 
 def _limitations(summary: dict) -> list[str]:

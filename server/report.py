@@ -230,6 +230,20 @@ def write_reports(
         run_dir / "curves.png", frame, history, dp=run.dp.sample_level,
         dp_target=run.dp.target_epsilon if run.dp.sample_level else None,
     )  # fmt: skip
+    if block := summary.get("explanations"):
+        from server.explanations import plot_explanations
+
+        plot_explanations(run_dir, block, summary.get("positive_class") or _positive_class_of(run))
+
+
+def _positive_class_of(run: RunConfig) -> str:
+    """What label 1 means for the run's task (its data folder), else "the outcome"."""
+    from shared_models.tasks import get_task
+
+    try:
+        return get_task(run.task.name).positive_class_for(run.data.dir)
+    except (ValueError, OSError):
+        return "the outcome"
 
 
 def _operating_point(m: dict[str, Any]) -> str:
@@ -354,6 +368,12 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     if len(summary.get("ray_nodes", {})) > 1:
         lines += ["", "## Ray nodes (simulation on a cluster)", ""]
         lines += [f"- {node}: {', '.join(sites)}" for node, sites in summary["ray_nodes"].items()]
+    if block := summary.get("explanations"):
+        from server.explanations import IMPORTANCE_CHART, explanation_lines
+
+        lines += ["", "## Explanations (released under DP)", ""]
+        positive = summary.get("positive_class") or _positive_class_of(run)
+        lines += explanation_lines(block, IMPORTANCE_CHART, positive)
     lines += [
         "",
         "## Per round",

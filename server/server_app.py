@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -147,17 +148,85 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    explanations = (
+        _request_explanations(grid, ArrayRecord(final), run) if run.explain.enabled else None
+    )
     summary = {  # the run ids first: they join this run folder to the hospitals' ledgers
         "run_id": run_id,
         "flower_run_ids": flower_run_ids,
         **build_summary(run, history, wall_seconds=time.monotonic() - t_start),
     }
+    if explanations is not None:
+        summary["explanations"] = explanations
+        if run.dp.sample_level and explanations["hospitals"]:
+            summary["dp"]["guarantee"] += (
+                "; the ε of each hospital that released explanations includes that release "
+                "(its own ledger entry)"
+            )
+        for h in summary["hospitals"]:  # the run's ε at each hospital now includes the release
+            released = next((r for r in explanations["hospitals"] if r["site"] == h["name"]), None)
+            if released is not None and released.get("epsilon") is not None:
+                h["epsilon"] = released["epsilon"]
     card = _model_card(run, summary, model_info)
     card["training_data"] = released_training_data(history)
     save_weights(out / "model.safetensors", final, card)
     write_json_atomic(out / "history.json", history.to_dict())
     write_reports(out, run, history, summary)
     write_model_card(out)  # model.md next to model.safetensors + model.json
+
+
+def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> dict:
+    """After the last round: ask every connected hospital once for its DP explanation release
+    of the final model (message ``query.explain``) and pool the replies
+    (:func:`server.explanations.aggregate_explanations`); a hospital that refuses is named."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    from server.explanations import aggregate_explanations, aggregate_saliency
+    from shared_models.protocol import EXPLAIN_ACTION, parse_refusal
+    from shared_models.tasks import get_task
+
+    task = get_task(run.task.name)
+    features = (
+        []
+        if task.attribution_axis is None
+        else list(task.explained_features(run.task.preprocessing))
+    )
+    config = ConfigRecord({"server-round": run.train.rounds})
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.{EXPLAIN_ACTION}",
+        )
+        for node in grid.get_node_ids()
+    ]
+    releases: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
+    for reply in grid.send_and_receive(messages, timeout=run.train.round_timeout):
+        if reply.has_error():
+            text = str(reply.error.reason)
+            site, reason = parse_refusal(text) or (f"node {reply.metadata.src_node_id}", text)
+            refused.append({"site": site, "reason": reason})
+            continue
+        m = reply.content.metric_records["metrics"]
+        sums = {k: list(v) for k, v in m.items() if isinstance(v, list)}  # type: ignore[arg-type]
+        if "attr-sum" in sums:
+            sums["signed"], sums["absolute"] = sums.pop("attr-sum"), sums.pop("attr-abs-sum")
+        releases.append({
+            "site": str(reply.content.config_records["info"]["site"]),
+            "n": int(m["num-examples"]),  # type: ignore[arg-type]
+            **sums,
+            "image_clip": float(m.get("explain-image-clip", 0.0)),  # type: ignore[arg-type]
+            "noise_multiplier": float(m["explain-noise-multiplier"]),  # type: ignore[arg-type]
+            "clip": float(m["explain-clip"]),  # type: ignore[arg-type]
+            "epsilon_release": float(m["explain-epsilon"]),  # type: ignore[arg-type]
+            "epsilon": float(m["epsilon"]) if "epsilon" in m else None,  # type: ignore[arg-type]
+        })  # fmt: skip
+    releases.sort(key=lambda r: str(r["site"]))
+    flwr_log(INFO, "[fedcare] explanations: %d released, %d refused", len(releases), len(refused))
+    if task.attribution_axis is None:
+        return aggregate_saliency(releases, refused)
+    return aggregate_explanations(releases, refused, features)
 
 
 def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:

@@ -136,6 +136,24 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    """The DP release of feature attributions after the last round (:mod:`client.explanations`).
+
+    Each hospital clips every test example's ``[attribution, |attribution|]`` to L2 norm
+    ``clip`` (logit units), sums, and adds Gaussian noise of standard deviation
+    ``noise_multiplier * clip``: one Gaussian mechanism charged to its ledger, once per run.
+    ``method``: ``auto`` (exact ``w_j x_j`` for logistic regression, Integrated Gradients
+    otherwise), ``exact`` or ``integrated-gradients`` (``ig_steps`` quadrature points).
+    """
+
+    enabled: bool = False
+    method: str = "auto"
+    clip: float = 1.0
+    noise_multiplier: float = 4.1
+    ig_steps: int = 32
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dir: str
     partition: str
@@ -168,6 +186,7 @@ class RunConfig:
     simulated_hospitals: int
     settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
     simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
+    explain: ExplainConfig = ExplainConfig()
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -245,6 +264,13 @@ class RunConfig:
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
             settings_from=str(cfg.get("run.settings-from", "")),
             simulated_hold_out=str(cfg.get("simulation.hold-out", "")),
+            explain=ExplainConfig(
+                enabled=_get(cfg, "explain.enabled", bool),
+                method=_get(cfg, "explain.method", str),
+                clip=_get(cfg, "explain.clip", float),
+                noise_multiplier=_get(cfg, "explain.noise-multiplier", float),
+                ig_steps=_get(cfg, "explain.ig-steps", int),
+            ),
         )
         run._validate()
         return run
@@ -318,6 +344,11 @@ class RunConfig:
             _in_range("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
         _in_range("dp.eval-noise-multiplier", dp.eval_noise_multiplier, 0.0, 1e6, lo_open=True)
         _in_range("eval.every", self.eval_every, 0, 100_000)
+        ex = self.explain
+        _choice("explain.method", ex.method, ("auto", "exact", "integrated-gradients"))
+        _in_range("explain.clip", ex.clip, 0.0, 1e6, lo_open=True)
+        _in_range("explain.noise-multiplier", ex.noise_multiplier, 0.0, 1e6, lo_open=True)
+        _in_range("explain.ig-steps", ex.ig_steps, 2, 1024)
         _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)

@@ -11,6 +11,8 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 SITE_REFUSED = 4001  # error code of a reply refused by the site: "site NAME refused: <reason>"
 SECAGG_FAILED = 4002  # error code when the coordinator could not unmask a SecAgg+ round's sum
+# the ClientApp's query action for the DP explanation release (message type "query.explain")
+EXPLAIN_ACTION = "explain"
 # under client-level DP every hospital weighs the same (Flower's accountant requires equal weights)
 UNIT_WEIGHT_KEY = "unit-weight"
 # retrying an object (model weights) that is announced but still being uploaded, on either side:

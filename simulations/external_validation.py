@@ -410,11 +410,70 @@ def run_evaluation(
     result["shift"] = shift_check(saved.card, task_def, x)
     result["subgroups"] = subgroup_results(net, task_def, saved.card["preprocessing"], frame, data)
     result["positive_class"] = task_def.positive_class_for(str(data))
+    result["attributions"] = local_attributions(net, x, saved)
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = write_figures(out, y, p, result)
+    if result["attributions"] is not None:
+        from server.explanations import IMPORTANCE_CHART, plot_importance
+
+        title = "Feature importance at this site (non-private, stays here)"
+        if plot_importance(out / IMPORTANCE_CHART, result["attributions"], title=title):
+            result["figures"].append(IMPORTANCE_CHART)
     write_json_atomic(out / "evaluation.json", result, indent=1)
     (out / "report.md").write_text(report_markdown(result, saved.card))
     return result
+
+
+def local_attributions(net: Any, x: np.ndarray, saved: SavedModel) -> dict[str, Any] | None:
+    """The site's own, non-private feature attributions of the model (exact ``w_j x_j`` for
+    logistic regression, Integrated Gradients otherwise: :mod:`shared_models.attributions`),
+    pooled over every record: mean |attribution| and signed mean per feature. They never leave
+    the machine; the federation sees only the DP release (``explain.enabled``). None for a
+    task without per-feature explanations (images)."""
+    from shared_models.attributions import feature_attributions, importance, resolve_method
+    from shared_models.tasks import get_task
+
+    task = get_task(saved.task)
+    if task.attribution_axis is None:
+        return None
+    per_example = feature_attributions(net, x, axis=task.attribution_axis)
+    mean_abs, mean_signed = importance(per_example)
+    return {
+        "method": resolve_method("auto", net),
+        "features": list(task.explained_features(saved.card["preprocessing"])),
+        "mean_abs": mean_abs.tolist(),
+        "mean_signed": mean_signed.tolist(),
+        "standard_error": [0.0] * len(mean_abs),  # no noise: nothing is released
+        "ranking": [int(i) for i in np.argsort(-mean_abs, kind="stable")],
+        "n": len(x),
+    }
+
+
+def _attribution_lines(block: dict[str, Any] | None, positive_class: str) -> list[str]:
+    """The report's section on the site's own attributions (empty without them)."""
+    if block is None:
+        return []
+    lines = [
+        "## What drives the predictions here (non-private: these never leave this machine)",
+        "",
+        f"Mean attribution of each feature to the model's logit over all {block['n']} records "
+        f"({block['method']}; reference patient: every input at the task's fixed centre), the "
+        "most important first. The federation's report shows the same quantity pooled over the "
+        "hospitals' DP releases.",
+        "",
+        "![Feature importance at this site](importance.png)",
+        "",
+        "| feature | mean \\|attribution\\| (logit) | signed mean | effect on the risk of "
+        f"{positive_class} |",
+        "|---|---|---|---|",
+    ]
+    for j in block["ranking"][:15]:
+        signed = block["mean_signed"][j]
+        lines.append(
+            f"| {block['features'][j]} | {block['mean_abs'][j]:.3f} | {signed:+.3f} | "
+            f"{'raises' if signed > 0 else 'lowers'} it on average |"
+        )
+    return [*lines, ""]
 
 
 def write_figures(out: Path, y: np.ndarray, p: np.ndarray, result: dict[str, Any]) -> list[str]:
@@ -710,6 +769,7 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "",
         "![Decision curve](decision-curve.png)",
         "",
+        *_attribution_lines(result.get("attributions"), result["positive_class"]),
         "## Methods",
         "",
         "- AUROC (`sklearn.metrics.roc_auc_score`, computed as the Mann-Whitney statistic) with "

@@ -359,3 +359,26 @@ def test_feature_shift_by_hand():
     wide = np.column_stack([rng.normal(0.0, 1.0, 300), rng.normal(0.0, 4.0, 300)])
     (warning,) = v.feature_shift(profile, wide, ["a", "b"])
     assert warning.startswith("feature 'b':") and "outside the training range" in warning
+
+
+def test_evaluate_shows_the_sites_own_attributions(trained, tmp_path, monkeypatch, capsys):
+    """The non-private attributions (issue #26) are in the site's own report and JSON only, equal
+    to Integrated Gradients recomputed here."""
+    from shared_models.attributions import feature_attributions
+
+    run, data = trained
+    out = tmp_path / "eval"
+    code, text = run_fedcare_main(
+        monkeypatch, capsys, "evaluate", "--model", str(run), "--data", str(data), "--out", str(out)
+    )
+    assert code == 0, text
+    block = json.loads((out / "evaluation.json").read_text())["attributions"]
+    saved = locate_model(run)
+    x, _ = load_records(saved.task, saved.card["preprocessing"], data)
+    mine = np.abs(feature_attributions(load_model(saved), x, axis=0)).mean(axis=0)
+    assert block["mean_abs"] == pytest.approx(mine.tolist(), rel=1e-6)
+    assert block["features"][0] == "mean radius" and block["n"] == 190
+    assert (out / "importance.png").exists()
+    report = (out / "report.md").read_text()
+    assert "non-private: these never leave this machine" in report
+    assert f"| {block['features'][block['ranking'][0]]} | {max(mine):.3f} |" in report

@@ -200,6 +200,18 @@ class Task:
     positive_class_of : Callable[[str], str] or None
         What label 1 means for a given ``--data-dir`` where that depends on the data (a
         MedMNIST file other than PneumoniaMNIST); None: always ``positive_class``.
+    attribution_names : Callable[[str], tuple[str, ...]] or None
+        The names explanations are reported by, for a (resolved) preprocessing, where they are
+        not the inputs' names: one per index of ``attribution_axis`` of an example (ICU: the
+        variables). See :meth:`explained_features`.
+    attribution_axis : int or None
+        The axis of one example (``input_shape``) that indexes the reported features; an
+        attribution is summed over the other axes (ICU: ``[T, V, 3]`` -> per variable ``V``,
+        axis 1). None: the task has no per-feature explanation.
+    saliency_grid : int
+        Image tasks: explanations are class-conditional mean saliency maps on a
+        ``saliency_grid x saliency_grid`` lattice
+        (:func:`shared_models.attributions.spatial_saliency`); 0: none.
     default_test_fraction : float
         Test share of each site when ``data.test-fraction`` is 0.
     reference_scaling : (center, scale) or None
@@ -258,6 +270,9 @@ class Task:
     positive_class_of: Callable[[str], str] | None = None
     subgroups: tuple[Subgroup, ...] = ()
     feature_names: Callable[[str], list[str]] | None = None
+    attribution_names: Callable[[str], tuple[str, ...]] | None = None
+    attribution_axis: int | None = 0
+    saliency_grid: int = 0
 
     def input_names(self, preprocessing: str) -> list[str]:
         """The names of a tabular example's ``F`` inputs for a (resolved) preprocessing
@@ -265,6 +280,25 @@ class Task:
         if self.feature_names is not None:
             return list(self.feature_names(preprocessing))
         return [f"input {j}" for j in range(int(np.prod(self.input_shape(preprocessing))))]
+
+    def explained_features(self, preprocessing: str) -> tuple[str, ...]:
+        """The names explanations are reported by: ``attribution_names``, else (tabular) the
+        input names (:meth:`input_names`), else "feature 1", "feature 2", ...
+
+        Raises
+        ------
+        ValueError
+            The task has no per-feature explanation (``attribution_axis`` None).
+        """
+        if self.attribution_axis is None:
+            raise ValueError(f"task '{self.name}' has no per-feature explanation")
+        preprocessing = self.resolve_preprocessing(preprocessing)
+        if self.attribution_names is not None:
+            return tuple(self.attribution_names(preprocessing))
+        shape = self.input_shape(preprocessing)
+        if self.feature_names is not None and len(shape) == 1:
+            return tuple(self.feature_names(preprocessing))
+        return tuple(f"feature {i + 1}" for i in range(shape[self.attribution_axis]))
 
     def positive_class_for(self, data_dir: str = "") -> str:
         """What label 1 means for the data at ``data_dir`` (``""``: the task's embedded or

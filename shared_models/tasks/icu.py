@@ -370,6 +370,8 @@ ICU_TASKS: dict[str, Task] = {
         default_test_fraction=0.2,
         models=("icu-logreg", "icu-gru", "icu-tcn"),
         repartitionable=True,
+        attribution_names=lambda preprocessing: (*TIME_SERIES, *STATIC_CHANNELS),
+        attribution_axis=1,  # [T, V, 3]: one importance per variable (channel)
         # chosen with benchmarks/icu_models.py (README, "ICU mortality"): 60 rounds of one local
         # epoch at expected batch 64 and learning rate 0.25
         run_defaults={"train.rounds": 60, "train.batch-size": 64, "train.lr": 0.25},

@@ -676,6 +676,8 @@ def chest_positive_class(data_dir: str) -> str:
 IMAGE_TASKS: dict[str, Task] = {
     "chest-xray": Task(
         name="chest-xray",
+        attribution_axis=None,  # explained by class-conditional mean saliency maps instead
+        saliency_grid=7,  # 7 x 7 cells: the scattering transform's own lattice at 28 x 28
         read_file=read_image_folder,
         load_sites=_image_sites,
         write_file=write_image_folder,
