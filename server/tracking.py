@@ -22,10 +22,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.history import RunHistory
 from server.run_config import UsageError
+
+if TYPE_CHECKING:  # server.history imports Flower: not before a mistake is refused
+    from server.history import RunHistory
 
 EXPERIMENT = "fedcare"
 ARTEFACTS = (
@@ -122,6 +124,7 @@ def log_run(run_dir: Path, uri: str, *, run_name: str | None = None) -> str:
     import mlflow
 
     from server.checkpoint import latest_checkpoint
+    from server.history import RunHistory
 
     history = RunHistory.from_dict(json.loads((run_dir / "history.json").read_text()))
     _, _, sidecar = latest_checkpoint(run_dir)
