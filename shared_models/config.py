@@ -168,6 +168,8 @@ class RunConfig:
     simulated_hospitals: int
     settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
     simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
+    eval_model: str = ""  # evaluation-only run: the model file on the coordinator (server evaluate)
+    eval_hospitals: str = ""  # evaluation-only run: registered names to ask, comma-separated
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -245,6 +247,8 @@ class RunConfig:
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
             settings_from=str(cfg.get("run.settings-from", "")),
             simulated_hold_out=str(cfg.get("simulation.hold-out", "")),
+            eval_model=str(cfg.get("eval.model", "")),
+            eval_hospitals=str(cfg.get("eval.hospitals", "")),
         )
         run._validate()
         return run
@@ -330,6 +334,12 @@ class RunConfig:
         k-th round and the last; 0: the last round only)."""
         every = self.eval_every
         return server_round == self.train.rounds or (every > 0 and server_round % every == 0)
+
+    @property
+    def evaluation_only(self) -> bool:
+        """An evaluation-only run (``eval.model`` set, `fedcare server evaluate`): hospitals
+        train nothing and make one noisy evaluation release each."""
+        return bool(self.eval_model)
 
     @property
     def evaluation_rounds_count(self) -> int:
