@@ -1,0 +1,202 @@
+"""Evaluation-only runs (`fedcare server evaluate`, run config ``eval.model``) at a deployed
+hospital, against a hostile coordinator: the real ClientApp called as Flower calls it. Each
+attack test fails if the attack works: a release without a ledger charge, a second release in
+the same run, a training step or model update, or a policy bypassed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.client_app import SITE_REFUSED
+from client.client_app import app as client_app
+from client.ledger import Ledger, lifetime_epsilon
+from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+from client.training import epsilon_spent
+from server.federated_evaluation import build_evaluation, render_markdown
+from server.history import RunHistory, SiteEvent
+from shared_models.config import RunConfig
+from shared_models.models import build_model
+from shared_models.sites import simulated_site_frames
+from shared_models.tasks import get_task
+from tests.handlers import make_context, make_request, use_task_identity
+
+SIGMA = 5.0
+# epsilon of one Gaussian release of sensitivity 1 at sigma 5, delta 1e-5 (Opacus RDP accountant)
+EPSILON_ONE_RELEASE = epsilon_spent({"mechanism": "rdp", "history": [[SIGMA, 1.0, 1]]}, delta=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    use_task_identity()
+
+
+@pytest.fixture
+def hospital(tmp_path, default_cfg):
+    """A deployed breast-cancer hospital (its own CSV, a ledger, optional policy file):
+    ``hospital(policy=TEXT, **run_config_overrides)`` -> a fresh Context per message."""
+    task = get_task("breast-cancer")
+    frame = simulated_site_frames(task, data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0)
+    path = tmp_path / "site.csv"
+    task.write_file(frame[0][1], path)
+
+    def make(policy: str | None = None, **overrides):  # type: ignore[no-untyped-def]
+        node = {"data-path": str(path), "site": "a", "ledger-dir": str(tmp_path / "ledger")}
+        if policy is not None:
+            (tmp_path / "policy.toml").write_text(policy)
+            node["policy-path"] = str(tmp_path / "policy.toml")
+        cfg = {**default_cfg, "run.id": "ev1", "model.name": "logreg", "train.rounds": 1,
+               "eval.model": "/coordinator/model.safetensors", **overrides}  # fmt: skip
+        return make_context(cfg, node)
+
+    make.ledger = Ledger(tmp_path / "ledger")  # type: ignore[attr-defined]
+    return make
+
+
+def _model(seed: int = 0):  # type: ignore[no-untyped-def]
+    return build_model("logreg", n_features=30, seed=seed)
+
+
+def test_the_release_is_noisy_and_charged_to_the_ledger_before_it_leaves(hospital):
+    reply = client_app(make_request("evaluate", _model(), 1), hospital())
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    assert not {"auroc", "accuracy", "sensitivity", "specificity", "auprc"} & set(metrics)
+    assert metrics["eval-noise-multiplier"] == SIGMA
+    assert metrics["epsilon"] == pytest.approx(EPSILON_ONE_RELEASE) and metrics["delta"] == 1e-5
+    assert 0.79 < EPSILON_ONE_RELEASE < 0.80  # pinned: silently dropped noise fails
+    record = hospital.ledger.load("ev1")
+    assert record.eval_releases == 1 and record.updates == 0 and record.train_steps == 0
+    assert record.accountant["history"] == [[SIGMA, 1.0, 1]]
+    assert record.plan["evaluation-only"] is True and record.sample_level_dp
+
+
+def test_a_hospital_that_allows_exact_metrics_still_releases_only_noisy_counts(hospital):
+    policy = "exact-metrics = true\n"
+    reply = client_app(make_request("evaluate", _model(), 1), hospital(policy=policy))
+    metrics = dict(reply.content["metrics"])
+    assert "auroc" not in metrics and metrics["eval-noise-multiplier"] == SIGMA
+    assert hospital.ledger.load("ev1").eval_releases == 1
+
+
+def test_re_asking_with_other_weights_or_another_round_is_refused(hospital):
+    """A second release in the same run would be a fresh noisy look at the same patients:
+    refused, whatever train.rounds and eval.every claim; the ledger holds one release."""
+    cfg = {"train.rounds": 50, "eval.every": 1}  # a training run's plan would allow 50
+    first = client_app(make_request("evaluate", _model(0), 1), hospital(**cfg))
+    assert not first.has_error()
+    for msg in (make_request("evaluate", _model(1), 1), make_request("evaluate", _model(0), 2)):
+        reply = client_app(msg, hospital(**cfg))
+        assert (
+            reply.error.code == SITE_REFUSED
+            and "an evaluation-only run has one" in reply.error.reason
+        )
+    record = hospital.ledger.load("ev1")
+    assert record.eval_releases == 1 and record.accountant["history"] == [[SIGMA, 1.0, 1]]
+
+
+def test_a_replayed_request_gets_the_same_counts_at_no_cost(hospital):
+    """The identical request again: the recorded release is sent again (no fresh noise to
+    average away), and nothing more is charged."""
+    first = client_app(make_request("evaluate", _model(), 1), hospital())
+    again = client_app(make_request("evaluate", _model(), 1), hospital())
+    for key in ("hist-neg", "hist-pos"):
+        assert list(again.content["metrics"][key]) == list(first.content["metrics"][key])
+    assert hospital.ledger.load("ev1").eval_releases == 1
+
+
+def test_nothing_is_trained_and_no_update_leaves_in_an_evaluation_run(hospital):
+    reply = client_app(make_request("train", _model(), 1), hospital())
+    assert reply.error.code == SITE_REFUSED and "evaluation-only run" in reply.error.reason
+    assert hospital.ledger.records() == []
+
+
+def test_a_training_run_id_cannot_be_reused_for_an_evaluation_release(hospital):
+    """The coordinator trains under run id r, then asks an evaluation-only release under r to
+    dodge the plan's evaluation count: the recorded plan differs, so it is refused."""
+    cfg = {"eval.model": "", "train.rounds": 1}
+    trained = client_app(make_request("train", _model(), 1), hospital(**cfg))
+    assert not trained.has_error(), trained.error
+    before = hospital.ledger.load("ev1")
+    reply = client_app(make_request("evaluate", _model(), 1), hospital())
+    assert reply.error.code == SITE_REFUSED and "other settings" in reply.error.reason
+    assert hospital.ledger.load("ev1").accountant == before.accountant
+
+
+def test_evaluation_runs_without_dp_settings_still_count_against_the_lifetime_cap(hospital):
+    """dp.enabled = false on every evaluation run, hoping the ledger leaves them out of the
+    lifetime composition (which counts sample-level DP runs): each release is a DP release
+    whatever dp.* says, so the series stops at the lifetime cap."""
+    refused = None
+    for i in range(200):
+        reply = client_app(
+            make_request("evaluate", _model(), 1),
+            hospital(**{"run.id": f"ev-{i}", "dp.enabled": False}),
+        )
+        if reply.has_error():
+            refused = reply.error.reason
+            break
+    assert refused is not None and "lifetime ε" in refused
+    records = hospital.ledger.records()
+    assert all(r.sample_level_dp for r in records)
+    total = lifetime_epsilon([r.accountant for r in records], delta=DEFAULT_POLICY.site_delta(133))
+    assert DEFAULT_POLICY.lifetime_epsilon - 1.0 < total <= DEFAULT_POLICY.lifetime_epsilon
+
+
+def test_a_policy_that_forbids_evaluation_runs_refuses_before_any_release(hospital):
+    reply = client_app(
+        make_request("evaluate", _model(), 1), hospital(policy="allow-evaluation-runs = false\n")
+    )
+    assert reply.error.code == SITE_REFUSED
+    assert "allow-evaluation-runs = false" in reply.error.reason
+    assert hospital.ledger.records() == []
+
+
+def test_less_noise_than_the_policy_allows_and_a_larger_delta_are_refused(hospital):
+    low = client_app(
+        make_request("evaluate", _model(), 1), hospital(**{"dp.eval-noise-multiplier": 0.5})
+    )
+    assert "below the policy's minimum 2" in low.error.reason
+    wide = client_app(make_request("evaluate", _model(), 1), hospital(**{"dp.target-delta": 1e-3}))
+    assert "dp.target-delta = 0.001 is above this site's δ" in wide.error.reason
+    assert hospital.ledger.records() == []
+
+
+def test_the_policy_key_is_strictly_typed(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('allow-evaluation-runs = "no"\n')
+    with pytest.raises(PolicyError, match="allow-evaluation-runs must be true or false"):
+        SitePolicy.load(path)
+    assert DEFAULT_POLICY.allow_evaluation_runs
+
+
+def _event(site: str, neg: list[float], pos: list[float], *, epsilon: float = 1.1) -> SiteEvent:
+    return SiteEvent(
+        round=1, kind="evaluate", node_id=hash(site) % 1000, site=site,
+        metrics={"eval-noise-multiplier": SIGMA, "epsilon": epsilon, "delta": 1e-5},
+        histograms={"hist-neg": neg, "hist-pos": pos},
+    )  # fmt: skip
+
+
+def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_cfg):
+    run = RunConfig.from_run_config({**default_cfg, "eval.model": "/m/model.safetensors"})
+    rng = np.random.default_rng(0)
+    history = RunHistory()
+    for site, n in (("north", 400), ("south", 600), ("west", 500)):
+        neg = np.rint(np.array([40, 30, 20, 10, 5, 3, 2, 1, 0, 0]) * n / 111 + rng.normal(0, 5, 10))
+        pos = np.rint(np.array([0, 1, 1, 2, 3, 5, 8, 10, 15, 20]) * n / 300 + rng.normal(0, 5, 10))
+        history.events.append(_event(site, neg.tolist(), pos.tolist()))
+    history.events.append(
+        SiteEvent(round=1, kind="evaluate", node_id=9, site="east", cause="refused",
+                  error="site east refused: evaluation-only runs ... (allow-evaluation-runs = false)")
+    )  # fmt: skip
+    evaluation = build_evaluation(run, history, run_id="r", flower_run_id=3)
+    assert [h["hospital"] for h in evaluation["hospitals"]] == ["north", "south", "west"]
+    assert evaluation["not_evaluated"][0]["hospital"] == "east"
+    het = evaluation["heterogeneity"]
+    assert het["k"] == 3 and het["ci"][0] < het["auroc"] < het["ci"][1]
+    assert het["prediction"][0] <= het["ci"][0] and 0 <= het["i2"] <= 1
+    report = render_markdown(evaluation)
+    for text in ("## Per hospital", "| north |", "random-effects pooled AUROC", "I²",
+                 "prediction interval", "### Calibration", "east", "allow-evaluation-runs"):  # fmt: skip
+        assert text in report, text
