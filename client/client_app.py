@@ -656,7 +656,9 @@ def _release_privately(
         site.check_release(
             _with(record.accountant, sigma, 1.0, 1), what=f"round {_round(msg)}'s evaluation"
         )
-    negatives, positives = release_histograms(site.data.y_test, scores, noise_multiplier=sigma)
+    negatives, positives = release_histograms(
+        site.data.y_test, scores, noise_multiplier=sigma, bins=site.run.eval_histogram_bins
+    )
     record.accountant = _with(record.accountant, sigma, 1.0, 1)
     record.eval_releases += 1
     site.save(record)  # recorded BEFORE the counts leave the hospital

@@ -532,6 +532,13 @@ def evaluate(
             "default 5): more noise, less ε per release, wider intervals."
         ),
     ] = None,
+    bins: Annotated[
+        int | None,
+        typer.Option(
+            help="Bins of each released histogram (eval.histogram-bins; even, default 10): "
+            "fewer bins, less noise in n, sensitivity and specificity, coarser AUROC."
+        ),
+    ] = None,
     delta: opt.Delta = None,
     wait_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the hospitals to be online.")
@@ -567,6 +574,8 @@ def evaluate(
         cfg["model.hidden"] = int(card["model"]["hidden"])
     if noise is not None:
         cfg["dp.eval-noise-multiplier"] = float(noise)
+    if bins is not None:
+        cfg["eval.histogram-bins"] = int(bins)
     keys = PKI(pki)
     registered = keys.hospitals()
     wanted = _split_names(hospitals)
@@ -621,12 +630,16 @@ def evaluate(
             f"run {run_id} completed; its report {report_dir} is on the coordinator's machine"
         )
         return
-    _print_evaluation(json.loads(path.read_text()), report_dir)
+    evaluation = json.loads(path.read_text())
+    _print_evaluation(evaluation, report_dir)
+    if not evaluation["hospitals"]:
+        console.print(f"[red]evaluation run {run_id} evaluated nothing:[/] no hospital released")
+        raise typer.Exit(1)
 
 
 def _print_evaluation(evaluation: dict[str, Any], report_dir: Path) -> None:
     """The per-hospital table, the heterogeneity line and who did not answer."""
-    from shared_models.noisy_metrics import readable_text
+    from shared_models.noisy_metrics import READABLE_WIDTH, readable_text
 
     table = Table(title="federated external validation")
     for col in ("hospital", "n (± noise)", "AUROC (95 % CI)", "ε (δ)"):
@@ -641,11 +654,11 @@ def _print_evaluation(evaluation: dict[str, Any], report_dir: Path) -> None:
         console.print(het["note"])
     else:
         pi = het["prediction"]
+        lo, hi = het["ci"]
+        value = "too noisy to read" if hi - lo > READABLE_WIDTH else f"{het['auroc']:.3f}"
         console.print(
-            f"random-effects pooled AUROC {het['auroc']:.3f} (95 % CI {het['ci'][0]:.3f}-"
-            f"{het['ci'][1]:.3f}; prediction interval "
-            + (f"{pi[0]:.3f}-{pi[1]:.3f}" if pi else "n/a")
-            + f"), I² {100 * het['i2']:.0f} %",
+            f"random-effects pooled AUROC {value} (95 % CI {lo:.3f}-{hi:.3f}; prediction "
+            f"interval {f'{pi[0]:.3f}-{pi[1]:.3f}' if pi else 'n/a'}), I² {100 * het['i2']:.0f} %",
             highlight=False,
         )
     for m in evaluation["not_evaluated"]:

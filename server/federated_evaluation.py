@@ -33,6 +33,7 @@ from shared_models.config import RunConfig
 from shared_models.files import write_json_atomic
 from shared_models.meta_analysis import pooled_auroc
 from shared_models.noisy_metrics import (
+    READABLE_WIDTH,
     bootstrap_description,
     histogram_calibration,
     histogram_intervals,
@@ -101,7 +102,9 @@ def build_evaluation(
         The coordinator's Flower run id.
     """
     released = [ev for ev in history.events if ev.kind == "evaluate" and ev.error is None]
-    hospitals = [_hospital_entry(ev) for ev in released if ev.histograms]
+    hospitals = sorted(
+        (_hospital_entry(ev) for ev in released if ev.histograms), key=lambda h: h["hospital"]
+    )
     missing = [
         {"hospital": ev.site, "cause": failure_cause(ev), "reason": ev.error}
         for ev in history.events
@@ -127,10 +130,10 @@ def build_evaluation(
         "model": run.eval_model,
         "task": run.task.name,
         "preprocessing": run.task.preprocessing,
-        "release": "per-class score histograms, "
-        f"{len(hospitals[0]['histograms']['negatives']) if hospitals else 10} bins over [0, 1], "
-        "Gaussian noise on every count (sensitivity 1), charged to each hospital's ledger",
-        "intervals": bootstrap_description(),
+        "release": f"per-class score histograms, {run.eval_histogram_bins} bins over [0, 1], "
+        f"Gaussian noise of σ = {run.dp.eval_noise_multiplier:g} patients on every count "
+        "(sensitivity 1), charged to each hospital's ledger",
+        "intervals": bootstrap_description(run.dp.eval_noise_multiplier),
         "hospitals": hospitals,
         "not_evaluated": missing,
         "pooled": pooled,
@@ -234,10 +237,15 @@ def render_markdown(evaluation: dict[str, Any]) -> str:
             if het["prediction"] is not None
             else "n/a (needs 3 hospitals or more)"
         )
+        pooled_text = f"{het['auroc']:.3f}"
+        if het["ci"][1] - het["ci"][0] > READABLE_WIDTH:
+            pooled_text = (
+                f"too noisy to read: its 95 % interval spans more than {READABLE_WIDTH:g} of [0, 1]"
+            )
         lines += [
             "| measure | value |",
             "|---|---|",
-            f"| random-effects pooled AUROC | {het['auroc']:.3f} |",
+            f"| random-effects pooled AUROC | {pooled_text} |",
             f"| its 95 % confidence interval | {_interval(het['ci'])} |",
             f"| 95 % prediction interval (a new hospital) | {prediction} |",
             f"| I² | {100 * het['i2']:.0f} % |",

@@ -168,6 +168,7 @@ class RunConfig:
     simulated_hospitals: int
     settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
     simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
+    eval_histogram_bins: int = 10  # bins of the released score histograms (even)
     eval_model: str = ""  # evaluation-only run: the model file on the coordinator (server evaluate)
     eval_hospitals: str = ""  # evaluation-only run: registered names to ask, comma-separated
 
@@ -247,6 +248,7 @@ class RunConfig:
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
             settings_from=str(cfg.get("run.settings-from", "")),
             simulated_hold_out=str(cfg.get("simulation.hold-out", "")),
+            eval_histogram_bins=int(cfg.get("eval.histogram-bins", 10)),
             eval_model=str(cfg.get("eval.model", "")),
             eval_hospitals=str(cfg.get("eval.hospitals", "")),
         )
@@ -322,6 +324,12 @@ class RunConfig:
             _in_range("dp.max-grad-norm", dp.max_grad_norm, 0.0, 1e6, lo_open=True)
         _in_range("dp.eval-noise-multiplier", dp.eval_noise_multiplier, 0.0, 1e6, lo_open=True)
         _in_range("eval.every", self.eval_every, 0, 100_000)
+        _in_range("eval.histogram-bins", self.eval_histogram_bins, 2, 100)
+        if self.eval_histogram_bins % 2:
+            raise ConfigError(
+                f"run config key 'eval.histogram-bins' = {self.eval_histogram_bins}: use an even "
+                "number (the threshold 0.5 must be a bin edge)"
+            )
         _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)

@@ -127,7 +127,8 @@ def histogram_intervals(
 def bootstrap_description(noise_multiplier: float | None = None) -> str:
     """One sentence on how :func:`histogram_intervals` computes its intervals (for reports)."""
     noise = (
-        f"fresh Gaussian noise of the release's σ = {noise_multiplier:g} added to every count"
+        f"fresh Gaussian noise of each release's σ (here {noise_multiplier:g} per hospital) "
+        "added to every count and rounded"
         if noise_multiplier
         else "no noise (exact counts)"
     )
