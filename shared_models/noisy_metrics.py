@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_models.metrics import METRIC_NAMES, metrics_from_histograms
+from shared_models.metrics import ALL_METRIC_NAMES, histogram_metrics
 
 BOOTSTRAP_DRAWS = 1000
 BOOTSTRAP_SEED = 0
@@ -61,7 +61,8 @@ def histogram_intervals(
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = BOOTSTRAP_SEED,
 ) -> dict[str, dict[str, Any]]:
-    """95 % intervals of AUROC, accuracy, sensitivity and specificity from released histograms.
+    """95 % intervals of every test metric (AUROC, accuracy, sensitivity, specificity, AUPRC, the
+    operating point at sensitivity 0.8) from released histograms.
 
     Parameters
     ----------
@@ -78,8 +79,8 @@ def histogram_intervals(
     -------
     dict
         ``{metric: {"value", "ci": [lo, hi] or None, "se", "readable": bool, "note"}}`` for
-        :data:`shared_models.metrics.METRIC_NAMES`; ``value`` is the point estimate of
-        :func:`~shared_models.metrics.metrics_from_histograms` (None when undefined), ``note``
+        :data:`shared_models.metrics.ALL_METRIC_NAMES`; ``value`` is the point estimate of
+        :func:`~shared_models.metrics.histogram_metrics` (None when undefined), ``note``
         says why a figure is unreadable. The method is :func:`bootstrap_description`.
 
     Raises
@@ -93,20 +94,20 @@ def histogram_intervals(
         raise ValueError(f"histograms of shapes {neg.shape} and {pos.shape}: need two [bins]")
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    point = metrics_from_histograms(neg, pos).as_dict()
+    point, _ = histogram_metrics(neg, pos)
     rng = np.random.default_rng(seed)
     plug_neg, plug_pos = np.clip(neg, 0.0, None), np.clip(pos, 0.0, None)
     boot_neg = _release_like(plug_neg, draws, noise_multiplier, rng)
     boot_pos = _release_like(plug_pos, draws, noise_multiplier, rng)
-    values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    values: dict[str, list[float]] = {name: [] for name in ALL_METRIC_NAMES}
     for i in range(draws):
-        metrics = metrics_from_histograms(boot_neg[i], boot_pos[i]).as_dict()
-        for name in METRIC_NAMES:
+        metrics, _ = histogram_metrics(boot_neg[i], boot_pos[i])
+        for name in ALL_METRIC_NAMES:
             if metrics[name] is not None:
                 values[name].append(float(metrics[name]))  # type: ignore[arg-type]
     out: dict[str, dict[str, Any]] = {}
     tail = 100 * (1 - CONFIDENCE) / 2
-    for name in METRIC_NAMES:
+    for name in ALL_METRIC_NAMES:
         got = np.asarray(values[name])
         entry: dict[str, Any] = {"value": point[name], "ci": None, "se": None, "readable": False}
         if point[name] is None or len(got) < (1 - MAX_UNDEFINED_SHARE) * draws:

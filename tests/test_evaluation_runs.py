@@ -200,3 +200,64 @@ def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_c
     for text in ("## Per hospital", "| north |", "random-effects pooled AUROC", "I²",
                  "prediction interval", "### Calibration", "east", "allow-evaluation-runs"):  # fmt: skip
         assert text in report, text
+
+
+def test_the_training_report_shows_noisy_figures_with_intervals_or_says_too_noisy(default_cfg):
+    """The issue's case: a deployed run whose hospitals released noisy counts (σ = 5). A small
+    hospital's AUROC is not printed as a number (too noisy to read), a large one's carries its
+    interval; the pooled figures too."""
+    from server.report import build_summary, metrics_frame
+    from server.report import render_markdown as render_run
+    from shared_models.metrics import score_histograms
+
+    run = RunConfig.from_run_config(default_cfg)
+    rng = np.random.default_rng(1)
+    history = RunHistory()
+    for site, n in (("small", 57), ("large", 4000)):
+        y = (rng.random(n) < 0.35).astype(int)
+        p = 1 / (1 + np.exp(-(3.0 * (2 * y - 1) + rng.normal(0, 1.5, n))))
+        neg, pos = (np.rint(h + rng.normal(0, SIGMA, len(h))) for h in score_histograms(y, p))
+        history.events.append(_event(site, neg.tolist(), pos.tolist()))
+    summary = build_summary(run, history, wall_seconds=1.0)
+    by_name = {h["name"]: h for h in summary["hospitals"]}
+    assert not by_name["small"]["intervals"]["auroc"]["readable"]
+    large = by_name["large"]["intervals"]["auroc"]
+    assert large["readable"] and large["ci"][0] <= large["value"] <= large["ci"][1]
+    report = render_run(run, summary, metrics_frame(history))
+    small_row = next(line for line in report.splitlines() if line.startswith("| small |"))
+    assert small_row.split(" | ")[5].startswith("too noisy to read")  # the AUROC cell
+    large_row = next(line for line in report.splitlines() if line.startswith("| large |"))
+    lo, hi = large["ci"]
+    assert f"{large['value']:.3f} ({lo:.3f}-{hi:.3f})" in large_row
+    assert "parametric bootstrap" in report and summary["overall"]["intervals"]["auroc"]["ci"]
+
+
+def test_curves_show_chance_level_distinct_hospitals_baselines_and_whole_rounds():
+    """curves.png of a run whose AUROCs are all near 0.99 and whose hospitals share one ε
+    curve: the AUROC axis still reaches down to 0.5, each hospital has its own marker and line
+    style (the largest marker drawn first, so identical ε curves stay visible), the baseline is
+    a line, and the round ticks are whole numbers."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from server.report import curves_figure
+
+    rows = [{"round": r, "hospital": h, "auroc": 0.985 + 0.002 * r, "epsilon": 0.4 * r}
+            for r in (1, 2, 3) for h in ("a", "b", "c")]  # fmt: skip
+    fig = curves_figure(
+        pd.DataFrame(rows), RunHistory(), dp=True, dp_target=2.0,
+        baselines={"centralized": {"auroc": 0.97}},
+    )  # fmt: skip
+    try:
+        auroc_ax, eps_ax = fig.axes
+        assert auroc_ax.get_ylim()[0] <= 0.5 and auroc_ax.get_ylim()[1] >= 1.0
+        styles = {(ln.get_marker(), ln.get_linestyle()) for ln in eps_ax.lines[:3]}
+        assert len(styles) == 3
+        sizes = [ln.get_markersize() for ln in eps_ax.lines[:3]]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+        assert any(ln.get_label() == "baseline: centralized" for ln in auroc_ax.lines)
+        fig.canvas.draw()
+        ticks = [t for t in auroc_ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    finally:
+        plt.close(fig)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from shared_models.meta_analysis import pooled_auroc, random_effects
-from shared_models.metrics import HISTOGRAM_BINS, score_histograms
+from shared_models.metrics import HISTOGRAM_BINS, operating_point_metrics, score_histograms
 from shared_models.noisy_metrics import (
     READABLE_WIDTH,
     histogram_calibration,
@@ -95,7 +95,10 @@ def test_histogram_figures_equal_exact_ones_on_bin_rounded_scores():
         "accuracy": float(np.mean(pred == y)),
         "sensitivity": float(pred[y == 1].mean()),
         "specificity": float((~pred)[y == 0].mean()),
+        "auprc": average_precision_score(y, p),
+        **operating_point_metrics(y, p)[0],
     }
+    assert set(exact) == set(out)
     for name, value in exact.items():
         assert out[name]["value"] == pytest.approx(value, abs=1e-12), name
         lo, hi = out[name]["ci"]
