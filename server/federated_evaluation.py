@@ -54,6 +54,9 @@ def _hospital_entry(event: Any) -> dict[str, Any]:
         "hospital": event.site,
         "n": n_neg + n_pos,
         "n_positive": n_pos,
+        # the hospital's reply also carries its test-split size (public, README "What leaves a
+        # hospital"): shown beside the noisy total
+        "n_reported": event.metrics.get("num-examples"),
         # each class total sums len(bins) noisy counts: its noise sd is σ sqrt(bins)
         "n_noise_sd": sigma * math.sqrt(len(neg) + len(pos)),
         "prevalence": n_pos / (n_neg + n_pos) if n_neg + n_pos >= 1 and n_pos >= 0 else None,
@@ -142,7 +145,10 @@ def build_evaluation(
 
 
 def _n_text(h: dict[str, Any]) -> str:
-    return f"{h['n']:.0f} ± {h['n_noise_sd']:.0f}" if h["n_noise_sd"] else f"{h['n']:.0f}"
+    text = f"{h['n']:.0f} ± {h['n_noise_sd']:.0f}" if h["n_noise_sd"] else f"{h['n']:.0f}"
+    if h.get("n_reported") is not None:
+        text += f" (reported n_test {h['n_reported']:.0f})"
+    return text
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
