@@ -593,7 +593,7 @@ def evaluate(
             f"{report_dir}: report folder exists and is not empty; choose another --out"
         )
     cfg["output.dir"] = str(report_dir)
-    RunConfig.from_run_config(cfg)
+    _check_model_fits(weights, RunConfig.from_run_config(cfg))
     try:
         fab = build_fab(app_dir)
     except ValueError as exc:
@@ -635,6 +635,29 @@ def evaluate(
     if not evaluation["hospitals"]:
         console.print(f"[red]evaluation run {run_id} evaluated nothing:[/] no hospital released")
         raise typer.Exit(1)
+
+
+def _check_model_fits(weights: Path, run: Any) -> None:
+    """The saved weights load into the model the run config describes (task, preprocessing,
+    model from the card), as the ServerApp will load them.
+
+    Raises
+    ------
+    UsageError
+        Unreadable weights, or other parameter names or shapes than the card's model.
+    """
+    from server.checkpoint import load_weights
+    from shared_models.models import model_for_run
+
+    try:
+        model, _ = model_for_run(run)
+        model.load_state_dict(load_weights(weights))
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{weights}: the weights do not load into model {run.model.name!r} of task "
+            f"{run.task.name!r} named by its model card ({first})"
+        ) from None
 
 
 def _print_evaluation(evaluation: dict[str, Any], report_dir: Path) -> None:

@@ -261,3 +261,43 @@ def test_curves_show_chance_level_distinct_hospitals_baselines_and_whole_rounds(
         assert ticks and all(float(t).is_integer() for t in ticks)
     finally:
         plt.close(fig)
+
+
+def test_server_evaluate_explains_a_missing_model_card_or_an_unknown_hospital(
+    monkeypatch, capsys, tmp_path
+):
+    """Bad input: one message naming the file or the option, no traceback, nothing submitted."""
+    from safetensors.torch import save_file
+
+    from tests.handlers import run_fedcare_main
+
+    code, out = run_fedcare_main(
+        monkeypatch, capsys, "server", "evaluate", "--model", str(tmp_path / "nowhere"),
+        "--pki", str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "no model file there" in out and "Traceback" not in out
+    model = tmp_path / "run" / "model.safetensors"
+    model.parent.mkdir()
+    save_file(_model().state_dict(), str(model))
+    code, out = run_fedcare_main(
+        monkeypatch, capsys, "server", "evaluate", "--model", str(model.parent), "--pki",
+        str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "model.json" in out and "missing or unreadable" in out
+    model.with_suffix(".json").write_text(
+        '{"task": "breast-cancer", "preprocessing": "default", "model": {"name": "logreg"}}'
+    )
+    code, out = run_fedcare_main(
+        monkeypatch, capsys, "server", "evaluate", "--model", str(model.parent), "--pki",
+        str(tmp_path), "--hospitals", "nobody",
+    )  # fmt: skip
+    assert code != 0 and "--hospitals: nobody not registered" in " ".join(out.split())
+    model.with_suffix(".json").write_text(
+        '{"task": "breast-cancer", "preprocessing": "default", "model": {"name": "mlp"}}'
+    )
+    code, out = run_fedcare_main(
+        monkeypatch, capsys, "server", "evaluate", "--model", str(model.parent), "--pki",
+        str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "the weights do not load into model 'mlp'" in " ".join(out.split())
+    assert not (model.parent / "federated-evaluation").exists()
