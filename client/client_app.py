@@ -579,8 +579,9 @@ def _evaluate(msg: Message, context: Context) -> Message:
         site = _Site.of(context)
         model, device = site.model(msg)
         started = time.perf_counter()
-        if site.run.evaluation_only:  # no training plan: the one release is checked on its own
-            plan = site.check_evaluation_run(site.record())
+        plan = None  # an evaluation-only run has no training plan: its one release is checked
+        if site.run.evaluation_only:
+            site.check_evaluation_run(site.record())
         else:
             plan = site.check_policy(site.record())
         scores = predict_proba(model, site.data.x_test, device=device)
