@@ -616,7 +616,7 @@ def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], Con
             metrics[name] = math.nan
             info[f"undefined.{name}"] = "withheld: a test class has fewer patients than min-cohort"
     else:  # the exact counts too, so the coordinator can pool them across hospitals
-        negatives, positives = score_histograms(y, scores)
+        negatives, positives = score_histograms(y, scores, bins=site.run.eval_histogram_bins)
         metrics["hist-neg"], metrics["hist-pos"] = negatives.tolist(), positives.tolist()
     for name in ALL_METRIC_NAMES:
         if name in undefined and f"undefined.{name}" not in info:

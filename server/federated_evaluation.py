@@ -105,14 +105,24 @@ def build_evaluation(
         The coordinator's Flower run id.
     """
     released = [ev for ev in history.events if ev.kind == "evaluate" and ev.error is None]
+    bins = run.eval_histogram_bins
+
+    def fits(ev: Any) -> bool:  # a reply with other histograms cannot be summed with the rest
+        h = ev.histograms
+        return len(h.get("hist-neg", [])) == len(h.get("hist-pos", [])) == bins
+
     hospitals = sorted(
-        (_hospital_entry(ev) for ev in released if ev.histograms), key=lambda h: h["hospital"]
+        (_hospital_entry(ev) for ev in released if fits(ev)), key=lambda h: h["hospital"]
     )
     missing = [
         {"hospital": ev.site, "cause": failure_cause(ev), "reason": ev.error}
         for ev in history.events
         if ev.kind == "evaluate" and ev.error is not None
-    ]
+    ] + [
+        {"hospital": ev.site, "cause": "failed",
+         "reason": f"its reply had no score histograms of the run's {bins} bins"}
+        for ev in released if not fits(ev)
+    ]  # fmt: skip
     pooled: dict[str, Any] = {"hospitals": [h["hospital"] for h in hospitals]}
     if hospitals:
         neg, pos, sigma = pooled_histograms(

@@ -130,6 +130,15 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     from shared_models.metrics import histogram_metrics
 
     events = [ev for ev in evaluated if ev.histograms]
+    if events:  # histograms of the most common length (a reply with other bins is left out)
+        from collections import Counter
+
+        sizes = Counter(len(ev.histograms.get("hist-neg", [])) for ev in events)
+        size = sizes.most_common(1)[0][0]
+        events = [
+            ev for ev in events
+            if len(ev.histograms.get("hist-neg", [])) == len(ev.histograms.get("hist-pos", [])) == size
+        ]  # fmt: skip
     if not events:
         return {m: None for m in METRIC_NAMES} | {
             "method": "no hospital released test counts (metrics withheld or not evaluated)"

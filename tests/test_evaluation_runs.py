@@ -301,3 +301,29 @@ def test_server_evaluate_explains_a_missing_model_card_or_an_unknown_hospital(
     )  # fmt: skip
     assert code != 0 and "the weights do not load into model 'mlp'" in " ".join(out.split())
     assert not (model.parent / "federated-evaluation").exists()
+
+
+def test_every_release_of_a_run_has_the_run_s_bins_and_other_replies_are_left_out(
+    hospital, default_cfg
+):
+    """eval.histogram-bins = 4: a site with exact metrics and a noisy site both send 4 bins (so
+    the coordinator can sum them); a reply with other bins is named, not summed."""
+    exact = client_app(
+        make_request("evaluate", _model(), 1),
+        hospital(policy="exact-metrics = true\n", **{"eval.model": "", "run.id": "t1",
+                                                      "eval.histogram-bins": 4}),
+    )  # fmt: skip
+    assert not exact.has_error(), exact.error
+    assert len(exact.content["metrics"]["hist-neg"]) == 4 and "auroc" in exact.content["metrics"]
+    noisy = client_app(
+        make_request("evaluate", _model(), 1), hospital(**{"eval.histogram-bins": 4})
+    )
+    assert len(noisy.content["metrics"]["hist-pos"]) == 4
+    run = RunConfig.from_run_config({**default_cfg, "eval.model": "m", "eval.histogram-bins": 4})
+    history = RunHistory()
+    history.events += [_event("x", [5, 5, 5, 5], [1, 2, 3, 4]), _event("y", [1] * 10, [1] * 10)]
+    evaluation = build_evaluation(run, history, run_id="r", flower_run_id=1)
+    assert [h["hospital"] for h in evaluation["hospitals"]] == ["x"]
+    assert evaluation["not_evaluated"][0]["hospital"] == "y"
+    with pytest.raises(Exception, match="even number"):
+        RunConfig.from_run_config({**default_cfg, "eval.histogram-bins": 5})
