@@ -244,6 +244,7 @@ def render_markdown(evaluation: dict[str, Any]) -> str:
             "",
         ]
     het = evaluation["heterogeneity"]
+    lines += [f"![AUROC by hospital and pooled calibration]({FIGURE})", ""]
     lines += ["## Heterogeneity between hospitals", ""]
     if "note" in het:
         lines += [het["note"] + ".", ""]
@@ -276,11 +277,58 @@ def render_markdown(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FIGURE = "federated-evaluation.png"
+
+
+def plot_evaluation(path: Path, evaluation: dict[str, Any]) -> None:
+    """``federated-evaluation.png``: a forest plot (each hospital's AUROC with its 95 % interval,
+    a hollow marker where too noisy to read; the random-effects AUROC with its CI and, dashed,
+    its prediction interval) and the reliability diagram of the pooled histograms (marker area
+    proportional to the bin's noisy n)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (forest, reliability) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [h for h in evaluation["hospitals"] if h["metrics"]["auroc"]["ci"] is not None]
+    for y, h in enumerate(reversed(rows), start=1):
+        a = h["metrics"]["auroc"]
+        forest.plot(a["ci"], [y, y], color="C0")
+        forest.plot([a["value"]], [y], "s", color="C0",
+                    markerfacecolor="C0" if a["readable"] else "none")  # fmt: skip
+    labels = [h["hospital"] for h in reversed(rows)]
+    het = evaluation["heterogeneity"]
+    if "auroc" in het:
+        if het["prediction"] is not None:
+            forest.plot(het["prediction"], [0, 0], "k--", lw=1)
+        forest.plot(het["ci"], [0, 0], "k-", lw=3)
+        forest.plot([het["auroc"]], [0], "kD")
+        labels = ["random effects", *labels]
+        ticks = list(range(len(labels)))
+    else:
+        ticks = list(range(1, len(labels) + 1))
+    forest.set_yticks(ticks, labels)
+    forest.axvline(0.5, color="grey", lw=0.8, ls=":")
+    forest.set(xlim=(0, 1), xlabel="AUROC (95 % interval)", title="AUROC by hospital")
+    cal = evaluation["pooled"].get("calibration")
+    reliability.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    if cal:
+        shown = [b for b in cal["bins"] if b["observed"] is not None]
+        reliability.scatter([b["predicted"] for b in shown], [b["observed"] for b in shown],
+                            s=[10 + 2 * b["n"] for b in shown], color="C1")  # fmt: skip
+    reliability.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted risk (bin midpoint)",
+                    ylabel="observed rate", title="Calibration (pooled histograms)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_evaluation(
     out: Path, run: RunConfig, history: RunHistory, *, run_id: str, flower_run_id: int
 ) -> dict[str, Any]:
-    """Write ``evaluation.json``, ``report.md`` and ``history.json`` into ``out``; returns the
-    evaluation."""
+    """Write ``evaluation.json``, ``report.md``, :data:`FIGURE` and ``history.json`` into
+    ``out``; returns the evaluation."""
     evaluation = build_evaluation(run, history, run_id=run_id, flower_run_id=flower_run_id)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "evaluation.json", evaluation)
@@ -288,4 +336,5 @@ def write_evaluation(
     tmp = out / ".report.md.tmp"
     tmp.write_text(render_markdown(evaluation))
     tmp.replace(out / "report.md")
+    plot_evaluation(out / FIGURE, evaluation)
     return evaluation

@@ -1056,6 +1056,7 @@ def test_federated_external_validation_charges_every_ledger_and_a_forbidding_pol
                  "95 % prediction interval", "I²", "### Calibration"):  # fmt: skip
         assert text in report, text
     assert "random-effects pooled AUROC" in run.stdout
+    assert (root / "evaluation" / "federated-evaluation.png").stat().st_size > 10_000
     run_id = evaluation["run_id"]
     for h in HOSPITALS:
         entry = json.loads(

@@ -13,7 +13,12 @@ from client.client_app import app as client_app
 from client.ledger import Ledger, lifetime_epsilon
 from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
 from client.training import epsilon_spent
-from server.federated_evaluation import build_evaluation, render_markdown
+from server.federated_evaluation import (
+    FIGURE,
+    build_evaluation,
+    render_markdown,
+    write_evaluation,
+)
 from server.history import RunHistory, SiteEvent
 from shared_models.config import RunConfig
 from shared_models.models import build_model
@@ -178,7 +183,7 @@ def _event(site: str, neg: list[float], pos: list[float], *, epsilon: float = 1.
     )  # fmt: skip
 
 
-def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_cfg):
+def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_cfg, tmp_path):
     run = RunConfig.from_run_config({**default_cfg, "eval.model": "/m/model.safetensors"})
     rng = np.random.default_rng(0)
     history = RunHistory()
@@ -196,7 +201,13 @@ def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_c
     het = evaluation["heterogeneity"]
     assert het["k"] == 3 and het["ci"][0] < het["auroc"] < het["ci"][1]
     assert het["prediction"][0] <= het["ci"][0] and 0 <= het["i2"] <= 1
-    report = render_markdown(evaluation)
+    written = write_evaluation(tmp_path, run, history, run_id="r", flower_run_id=3)
+    assert written["heterogeneity"]["auroc"] == pytest.approx(het["auroc"])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "evaluation.json", "report.md", "history.json", FIGURE,
+    }  # fmt: skip
+    report = (tmp_path / "report.md").read_text()
+    assert report == render_markdown(written) and f"]({FIGURE})" in report
     for text in ("## Per hospital", "| north |", "random-effects pooled AUROC", "I²",
                  "prediction interval", "### Calibration", "east", "allow-evaluation-runs"):  # fmt: skip
         assert text in report, text
