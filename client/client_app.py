@@ -177,8 +177,9 @@ class _Site:
 
     @property
     def private_evaluation(self) -> bool:
-        """Evaluation leaves this site only as noisy counts (the policy forbids exact metrics)."""
-        return not self.policy.exact_metrics
+        """Evaluation leaves this site only as noisy counts: the policy forbids exact metrics, or
+        the run is an evaluation-only run (which releases nothing else, whatever the policy)."""
+        return not self.policy.exact_metrics or self.run.evaluation_only
 
     def record(self) -> RunRecord:
         """This run's record: from the ledger (or, without one, this node's Context), else new.
@@ -200,7 +201,9 @@ class _Site:
                 site_delta=self.policy.site_delta(self.data.n_train),
                 plan=self.plan_signature(),
                 accountant=empty_accountant_state(self.run.dp.accountant),
-                sample_level_dp=self.run.dp.sample_level,
+                # an evaluation-only run's release is DP whatever dp.* says: it composes with
+                # every other DP run of the site (the lifetime cap counts sample-level records)
+                sample_level_dp=self.run.dp.sample_level or self.run.evaluation_only,
             )
         record.saw_flower_run(self.context.run_id)  # saved with the next release
         return record
@@ -225,7 +228,7 @@ class _Site:
             "dp.eval-noise-multiplier": run.dp.eval_noise_multiplier,
             "eval.every": run.eval_every, "n-train": self.data.n_train,
             "private-evaluation": self.private_evaluation,
-        }  # fmt: skip
+        } | ({"evaluation-only": True} if run.evaluation_only else {})  # fmt: skip
 
     def check_policy(self, record: RunRecord) -> DPPlan | None:
         """The run's DP plan here, after checking the run against the site policy and the plan
@@ -267,6 +270,30 @@ class _Site:
         if plan is not None:  # a run that could not finish within the lifetime cap never starts
             self.check_release(plan.planned_state(), what="the run")
         return plan
+
+    def check_evaluation_run(self, record: RunRecord) -> None:
+        """An evaluation-only run (``eval.model``): the policy allows it
+        (``allow-evaluation-runs``, ``allowed-tasks``, the site's δ) and the run id was first
+        recorded with the same settings. Returns None: such a run has no DP-SGD plan.
+
+        Raises
+        ------
+        PolicyRefusal
+            Named by the policy key, as :meth:`check_policy`.
+        """
+        if record.plan is not None and record.plan != self.plan_signature():
+            raise PolicyRefusal(
+                f"run {self.run_key} was recorded here with other settings; a changed run needs "
+                "a new run id, and spends its own budget"
+            )
+        self.policy.check_evaluation_run(
+            task=self.run.task.name,
+            preprocessing=get_task(self.run.task.name).resolve_preprocessing(
+                self.run.task.preprocessing
+            ),
+            delta=self.run.dp.target_delta,
+            n_train=self.data.n_train,
+        )
 
     def check_release(self, state: dict[str, Any], what: str) -> None:
         """Refuse a release that would bring this run's or the site's lifetime ε over the caps.
@@ -449,6 +476,11 @@ def _train(msg: Message, context: Context) -> Message:
     an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
         site = _Site.of(context)
+        if site.run.evaluation_only:
+            raise PolicyRefusal(
+                "this is an evaluation-only run (eval.model): a hospital trains nothing in it and "
+                "sends no model update"
+            )
         if site.run.secagg.enabled and not handing_to_secagg():
             raise PolicyRefusal(
                 "the run's config requires secure aggregation but this train request came "
@@ -562,7 +594,11 @@ def _evaluate(msg: Message, context: Context) -> Message:
         site = _Site.of(context)
         model, device = site.model(msg)
         started = time.perf_counter()
-        plan = site.check_policy(site.record())
+        plan = None  # an evaluation-only run has no training plan: its one release is checked
+        if site.run.evaluation_only:
+            site.check_evaluation_run(site.record())
+        else:
+            plan = site.check_policy(site.record())
         scores = predict_proba(model, site.data.x_test, device=device)
         if site.private_evaluation:
             metrics = _release_privately(msg, site, plan, scores)
@@ -595,7 +631,7 @@ def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], Con
             metrics[name] = math.nan
             info[f"undefined.{name}"] = "withheld: a test class has fewer patients than min-cohort"
     else:  # the exact counts too, so the coordinator can pool them across hospitals
-        negatives, positives = score_histograms(y, scores)
+        negatives, positives = score_histograms(y, scores, bins=site.run.eval_histogram_bins)
         metrics["hist-neg"], metrics["hist-pos"] = negatives.tolist(), positives.tolist()
     for name in ALL_METRIC_NAMES:
         if name in undefined and f"undefined.{name}" not in info:
@@ -621,17 +657,24 @@ def _release_privately(
             f"evaluation noise multiplier {sigma:g} is below the policy's minimum "
             f"{site.policy.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
         )
-    allowed = plan.eval_releases if plan is not None else site.run.evaluation_rounds_count
+    evaluation_only = site.run.evaluation_only  # one release, whatever train.* and eval.every say
+    if evaluation_only:
+        allowed = 1
+    else:
+        allowed = plan.eval_releases if plan is not None else site.run.evaluation_rounds_count
     if record.eval_releases >= allowed:
         raise PrivacyBudgetError(
             f"this run already received its {allowed} planned evaluation(s) from this site "
-            "(eval.every); each further one would spend privacy budget"
+            "(eval.every; an evaluation-only run has one); each further one would spend privacy "
+            "budget"
         )
-    if plan is not None:
+    if plan is not None or evaluation_only:
         site.check_release(
             _with(record.accountant, sigma, 1.0, 1), what=f"round {_round(msg)}'s evaluation"
         )
-    negatives, positives = release_histograms(site.data.y_test, scores, noise_multiplier=sigma)
+    negatives, positives = release_histograms(
+        site.data.y_test, scores, noise_multiplier=sigma, bins=site.run.eval_histogram_bins
+    )
     record.accountant = _with(record.accountant, sigma, 1.0, 1)
     record.eval_releases += 1
     site.save(record)  # recorded BEFORE the counts leave the hospital
@@ -640,9 +683,9 @@ def _release_privately(
         "hist-pos": positives,
         "eval-noise-multiplier": sigma,
     }
-    if plan is not None:
+    if plan is not None or evaluation_only:
         metrics["epsilon"] = record.epsilon()
-        metrics["delta"] = plan.target_delta
+        metrics["delta"] = site.run.dp.target_delta
     if cache is not None:
         cache.put(site.run_key, request, {}, metrics)
     return metrics

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from client.secure_random import SecureRandom
-from shared_models.metrics import score_histograms
+from shared_models.metrics import HISTOGRAM_BINS, score_histograms
 
 
 def release_histograms(
@@ -31,6 +31,7 @@ def release_histograms(
     scores: np.ndarray,
     *,
     noise_multiplier: float,
+    bins: int = HISTOGRAM_BINS,
     randomness: SecureRandom | None = None,
 ) -> tuple[list[float], list[float]]:
     """Per-class score histograms with Gaussian noise N(0, noise_multiplier^2) on every count,
@@ -44,6 +45,10 @@ def release_histograms(
         ``[N]`` predicted probabilities of class 1.
     noise_multiplier : float
         Standard deviation of the noise, in patients (the sensitivity is 1).
+    bins : int
+        Equal-width bins over [0, 1] per class (run config ``eval.histogram-bins``; any number
+        keeps the sensitivity at 1). Fewer bins: less noise in every sum of counts (n, the
+        rates at 0.5, the AUROC), at a coarser score resolution.
     randomness : SecureRandom, optional
         The noise's source; default a new one under a key from the OS CSPRNG.
 
@@ -59,7 +64,7 @@ def release_histograms(
     """
     if not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
-    neg, pos = score_histograms(y_true, scores)
+    neg, pos = score_histograms(y_true, scores, bins=bins)
     counts = np.concatenate([neg, pos]).astype(np.float64)
     noise = (randomness or SecureRandom()).standard_normal(len(counts)) * noise_multiplier
     noisy = np.rint(counts + noise)

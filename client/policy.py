@@ -19,6 +19,7 @@ that only raises the lifetime budget still requires DP. Example (``policy.toml``
     require-secure-aggregation = false # true: only runs with SecAgg+ (secagg.enabled)
     allow-explanations = true          # false: refuse every DP explanation release (explain.*)
     max-explanation-epsilon = 1.0      # ε of the one explanation release alone, at max-delta
+    allow-evaluation-runs = true       # false: refuse evaluation-only runs (`fedcare server evaluate`)
 
 Values are strictly typed: a string where a boolean belongs, a NaN, an infinity or a negative
 number is an error naming the key, and the hospital daemon refuses to start on it.
@@ -83,6 +84,11 @@ class SitePolicy:
     max_explanation_epsilon : float
         Cap on the ε of the explanation release alone, at :meth:`site_delta` (the run's and
         the lifetime caps apply to it as well).
+    allow_evaluation_runs : bool
+        Evaluation-only runs (``fedcare server evaluate``: one noisy score-histogram release of
+        a finished model on the test split, charged to the ledger within the ε caps) may run
+        here. True by default: such a run releases what the last evaluation of a training run
+        releases, under the same caps; a hospital that reviews every model it sees sets false.
     """
 
     max_epsilon_per_run: float = 3.0
@@ -98,6 +104,7 @@ class SitePolicy:
     require_secure_aggregation: bool = False
     allow_explanations: bool = True
     max_explanation_epsilon: float = 1.0
+    allow_evaluation_runs: bool = True
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -246,6 +253,45 @@ class SitePolicy:
                 detail=f"planned ε {planned:.3f} at δ {site_delta:g}",
             )
 
+    def check_evaluation_run(
+        self, *, task: str, preprocessing: str, delta: float, n_train: int
+    ) -> None:
+        """Refuse an evaluation-only run (``eval.model``) that the policy does not allow.
+
+        Parameters
+        ----------
+        task, preprocessing : str
+            The run's task and its resolved preprocessing (``allowed-tasks``).
+        delta : float
+            The run's δ (``dp.target-delta``), at which the release's ε is reported.
+        n_train : int
+            Training examples at this site (for the site's default δ).
+
+        Raises
+        ------
+        PolicyRefusal
+            ``allow-evaluation-runs`` is false, the task is not allowed, or δ is above the
+            site's; naming the key, never a number derived from the data.
+        """
+        if not self.allow_evaluation_runs:
+            raise PolicyRefusal(
+                "evaluation-only runs (eval.model, `fedcare server evaluate`) are not allowed by "
+                "the policy (allow-evaluation-runs = false)"
+            )
+        if self.allowed_tasks is not None and not (
+            task in self.allowed_tasks or f"{task}:{preprocessing}" in self.allowed_tasks
+        ):
+            raise PolicyRefusal(
+                f"task {task!r} with preprocessing {preprocessing!r} is not allowed by the "
+                f"policy (task.name, task.preprocessing; allowed: {list(self.allowed_tasks)})"
+            )
+        if delta > self.site_delta(n_train):
+            raise PolicyRefusal(
+                f"dp.target-delta = {delta:g} is above this site's δ (the policy's max-delta, "
+                "else min(1e-5, 1/(10 n_train)))",
+                detail=f"site δ {self.site_delta(n_train):g}",
+            )
+
     def check_release(
         self,
         *,
@@ -340,7 +386,10 @@ def _number(key: str, value: Any, *, integer: bool = False) -> float:
 
 def _parse(key: str, value: Any) -> Any:
     """One policy value, strictly typed (see the module docstring)."""
-    if key in ("allow-non-dp", "exact-metrics", "require-secure-aggregation", "allow-explanations"):
+    if key in (
+        "allow-non-dp", "exact-metrics", "require-secure-aggregation", "allow-explanations",
+        "allow-evaluation-runs",
+    ):  # fmt: skip
         if not isinstance(value, bool):
             raise PolicyError(f"{key} must be true or false (unquoted), got {value!r}")
         return value

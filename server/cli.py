@@ -485,6 +485,218 @@ def run(
         raise typer.Exit(1)
 
 
+def _model_card(model: Path) -> tuple[Path, dict[str, Any]]:
+    """The weights and model card of a run folder (``model.safetensors`` + ``model.json``) or of
+    a model file (``X.safetensors`` + ``X.json``).
+
+    Raises
+    ------
+    UsageError
+        The weights or the card are missing, unreadable, or the card lacks ``task``, ``model``
+        or ``preprocessing``.
+    """
+    weights = model / "model.safetensors" if model.is_dir() else model
+    if not weights.is_file():
+        raise UsageError(
+            f"--model {model}: no model file there; pass the run folder of `fedcare server run` "
+            "or `fedcare simulate`, or its model.safetensors"
+        )
+    card_path = weights.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{card_path}: the model card next to {weights.name} is missing or unreadable ({exc})"
+        ) from None
+    missing = [k for k in ("task", "model", "preprocessing") if k not in card]
+    if missing or not isinstance(card.get("model"), dict) or "name" not in card["model"]:
+        raise UsageError(
+            f"{card_path}: the model card lacks {', '.join(missing) or 'model.name'}; it was not "
+            "written by fedcare"
+        )
+    return weights.resolve(), card
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        Path,
+        typer.Option(help="Run folder of a finished run (its model.safetensors) or a model file."),
+    ],
+    pki: Annotated[Path, typer.Option(help="PKI folder (for the CA certificate).")],
+    superlink: SuperlinkOpt = DEFAULT_INTERNAL,
+    hospitals: Annotated[
+        list[str] | None,
+        typer.Option(help="Registered hospitals to ask (NAME,NAME ...; default: all of them)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder (default: federated-evaluation/ beside the model)."),
+    ] = None,
+    noise: Annotated[
+        float | None,
+        typer.Option(
+            help="σ of the Gaussian noise on each released count (dp.eval-noise-multiplier; "
+            "default 5): more noise, less ε per release, wider intervals."
+        ),
+    ] = None,
+    bins: Annotated[
+        int | None,
+        typer.Option(
+            help="Bins of each released histogram (eval.histogram-bins; even, default 10): "
+            "fewer bins, less noise in n, sensitivity and specificity, coarser AUROC."
+        ),
+    ] = None,
+    delta: opt.Delta = None,
+    wait_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the hospitals to be online.")
+    ] = 600,
+    timeout: Annotated[
+        float, typer.Option(help="Give up following the run after this many seconds.")
+    ] = 3600,
+    app_dir: Annotated[
+        Path, typer.Option("--app", hidden=True, help="App folder to submit (tests).")
+    ] = APP_DIR,
+) -> None:
+    """Federated external validation: an evaluation-only run of a saved model at the hospitals.
+    Nothing is trained and no model update leaves a hospital; each hospital releases DP-noised
+    score histograms of its test split, charged to its privacy ledger, or refuses (its policy's
+    allow-evaluation-runs). The report (report.md, evaluation.json) has each hospital's figures
+    with intervals that include the noise, the pooled figures and calibration, and the
+    between-hospital heterogeneity (random-effects pooled AUROC, prediction interval, I²)."""
+    from shared_models.config import RunConfig
+    from shared_models.fab import build_fab, unpack_fab
+
+    weights, card = _model_card(model)
+    task = str(card["task"])
+    options = opt.run_options(
+        task=task, data_dir=None, partition=opt.Partition.iid, alpha=0.5, rounds=1,
+        strategy=None, epsilon=None, no_dp=False, delta=delta, seed=0, run_config=None,
+    )  # fmt: skip
+    cfg = options.build()
+    cfg.update({
+        "task.preprocessing": str(card["preprocessing"]), "model.name": str(card["model"]["name"]),
+        "eval.model": str(weights), "eval.centralized": False,
+    })  # fmt: skip
+    if "hidden" in card["model"]:
+        cfg["model.hidden"] = int(card["model"]["hidden"])
+    if noise is not None:
+        cfg["dp.eval-noise-multiplier"] = float(noise)
+    if bins is not None:
+        cfg["eval.histogram-bins"] = int(bins)
+    keys = PKI(pki)
+    registered = keys.hospitals()
+    wanted = _split_names(hospitals)
+    unknown = sorted(set(wanted) - set(registered))
+    if unknown:
+        raise UsageError(
+            f"--hospitals: {', '.join(unknown)} not registered (registered: "
+            f"{', '.join(registered) or 'none'}); add each with `fedcare server add-hospital`"
+        )
+    cfg["eval.hospitals"] = ",".join(wanted)
+    check_names(cfg, app_dir=app_dir)
+    report_dir = (out or weights.parent / "federated-evaluation").resolve()
+    if report_dir.exists() and any(report_dir.iterdir()):
+        raise UsageError(
+            f"{report_dir}: report folder exists and is not empty; choose another --out"
+        )
+    cfg["output.dir"] = str(report_dir)
+    _check_model_fits(weights, RunConfig.from_run_config(cfg))
+    try:
+        fab = build_fab(app_dir)
+    except ValueError as exc:
+        raise UsageError(f"{app_dir}: not a valid Flower app ({exc})") from None
+    if not registered:
+        raise UsageError(
+            f"no hospital is registered in {keys.root}: add each with `fedcare server "
+            f"add-hospital NAME NAME.pub --pki {keys.root}`"
+        )
+    with tempfile.TemporaryDirectory(prefix="fedcare-") as tmp:
+        cli = _cli_for(superlink, pki, Path(tmp) / "flwr-home")
+        if not _hospitals_online(cli, keys, len(wanted) or len(registered), wait_timeout):
+            raise typer.Exit(1)
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text(to_toml(cfg))
+        staged = unpack_fab(fab, Path(tmp) / "fedcare")
+        submitted = cli.json("run", str(staged), CONNECTION, "--run-config", str(overrides))
+        run_id = int(submitted["run-id"])
+        console.print(
+            f"submitted evaluation-only run {run_id}: model {weights} (task {task}), hospitals "
+            f"{', '.join(wanted) or 'all connected'}, noise σ = {cfg['dp.eval-noise-multiplier']:g} "
+            f"per count; report folder {report_dir}",
+            highlight=False,
+        )
+        _follow(cli, run_id, timeout, keys, wait_timeout)
+        status = _run_status(cli, run_id)
+    if status.get("status") != "finished:completed":
+        details = status.get("status-details") or status.get("status") or "unknown"
+        console.print(f"[red]evaluation run {run_id} did not complete:[/] {details}")
+        raise typer.Exit(1)
+    path = report_dir / "evaluation.json"
+    if not path.exists():
+        console.print(
+            f"run {run_id} completed; its report {report_dir} is on the coordinator's machine"
+        )
+        return
+    evaluation = json.loads(path.read_text())
+    _print_evaluation(evaluation, report_dir)
+    if not evaluation["hospitals"]:
+        console.print(f"[red]evaluation run {run_id} evaluated nothing:[/] no hospital released")
+        raise typer.Exit(1)
+
+
+def _check_model_fits(weights: Path, run: Any) -> None:
+    """The saved weights load into the model the run config describes (task, preprocessing,
+    model from the card), as the ServerApp will load them.
+
+    Raises
+    ------
+    UsageError
+        Unreadable weights, or other parameter names or shapes than the card's model.
+    """
+    from server.checkpoint import load_weights
+    from shared_models.models import model_for_run
+
+    try:
+        model, _ = model_for_run(run)
+        model.load_state_dict(load_weights(weights))
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{weights}: the weights do not load into model {run.model.name!r} of task "
+            f"{run.task.name!r} named by its model card ({first})"
+        ) from None
+
+
+def _print_evaluation(evaluation: dict[str, Any], report_dir: Path) -> None:
+    """The per-hospital table, the heterogeneity line and who did not answer."""
+    from shared_models.noisy_metrics import READABLE_WIDTH, readable_text
+
+    table = Table(title="federated external validation")
+    for col in ("hospital", "n (± noise)", "AUROC (95 % CI)", "ε (δ)"):
+        table.add_column(col)
+    for h in evaluation["hospitals"]:
+        eps = "n/a" if h["epsilon"] is None else f"{h['epsilon']:.3f} ({h['delta']:g})"
+        table.add_row(h["hospital"], f"{h['n']:.0f} ± {h['n_noise_sd']:.0f}",
+                      readable_text(h["metrics"]["auroc"]), eps)  # fmt: skip
+    console.print(table)
+    het = evaluation["heterogeneity"]
+    if "note" in het:
+        console.print(het["note"])
+    else:
+        pi = het["prediction"]
+        lo, hi = het["ci"]
+        value = "too noisy to read" if hi - lo > READABLE_WIDTH else f"{het['auroc']:.3f}"
+        console.print(
+            f"random-effects pooled AUROC {value} (95 % CI {lo:.3f}-{hi:.3f}; prediction "
+            f"interval {f'{pi[0]:.3f}-{pi[1]:.3f}' if pi else 'n/a'}), I² {100 * het['i2']:.0f} %",
+            highlight=False,
+        )
+    for m in evaluation["not_evaluated"]:
+        console.print(f"[yellow]{m['hospital']} ({m['cause']}):[/] {m['reason']}", highlight=False)
+    console.print(f"report: {report_dir / 'report.md'}")
+
+
 # settings that may change when resuming (they do not change what a hospital computes)
 RESUME_OVERRIDABLE = frozenset(
     {"strategy.min-train-nodes", "strategy.min-evaluate-nodes", "strategy.min-available-nodes",

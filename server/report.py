@@ -7,6 +7,7 @@ otherwise test-size-weighted means of the hospitals' metrics (which equals poole
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 ),
                 "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
                 "undefined": dict(ev.undefined) if ev else {},
+                "intervals": _noise_intervals(ev),
                 "named_by": "registered key" if name in registered else "self-reported",
                 "self_reported_site": mismatches.get(name),
             }
@@ -106,6 +108,19 @@ def _evaluation_kind(ev: Any) -> str | None:
     return "exact" if ev.histograms else "exact (withheld or without counts)"
 
 
+def _noise_intervals(ev: Any) -> dict[str, Any] | None:
+    """A noisy release's figures with 95 % intervals that include the noise and the sampling of
+    patients (:func:`shared_models.noisy_metrics.histogram_intervals`); None for exact metrics."""
+    if ev is None or not ev.histograms or ev.metrics.get("eval-noise-multiplier") is None:
+        return None
+    from shared_models.noisy_metrics import histogram_intervals
+
+    return histogram_intervals(
+        ev.histograms["hist-neg"], ev.histograms["hist-pos"],
+        noise_multiplier=float(ev.metrics["eval-noise-multiplier"]),
+    )  # fmt: skip
+
+
 def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     """Overall metrics from the hospitals' summed score histograms: pooled sensitivity,
     specificity and accuracy at 0.5 from pooled counts, pooled AUROC at the histograms' bin
@@ -115,6 +130,15 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     from shared_models.metrics import histogram_metrics
 
     events = [ev for ev in evaluated if ev.histograms]
+    if events:  # histograms of the most common length (a reply with other bins is left out)
+        from collections import Counter
+
+        sizes = Counter(len(ev.histograms.get("hist-neg", [])) for ev in events)
+        size = sizes.most_common(1)[0][0]
+        events = [
+            ev for ev in events
+            if len(ev.histograms.get("hist-neg", [])) == len(ev.histograms.get("hist-pos", [])) == size
+        ]  # fmt: skip
     if not events:
         return {m: None for m in METRIC_NAMES} | {
             "method": "no hospital released test counts (metrics withheld or not evaluated)"
@@ -123,13 +147,21 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     pos = np.sum([ev.histograms["hist-pos"] for ev in events], axis=0)
     pooled, _ = histogram_metrics(neg, pos)
     noisy = [ev.site for ev in events if ev.metrics.get("eval-noise-multiplier") is not None]
+    intervals = None
+    if noisy:  # independent Gaussian noise of each release: the sum's σ adds in quadrature
+        from shared_models.noisy_metrics import histogram_intervals
+
+        sigma = math.sqrt(
+            sum(float(ev.metrics.get("eval-noise-multiplier") or 0) ** 2 for ev in events)
+        )
+        intervals = histogram_intervals(neg, pos, noise_multiplier=sigma)
     method = (
         f"pooled test counts of {len(events)} hospital(s) (score histograms summed; AUROC at "
         f"{len(neg)}-bin resolution"
         + (f"; noisy counts from {', '.join(noisy)}" if noisy else "")
         + ")"
     )
-    return {**pooled, "method": method}
+    return {**pooled, "method": method} | ({"intervals": intervals} if intervals else {})
 
 
 def _dp_summary(run: RunConfig, history: RunHistory) -> dict[str, Any]:
@@ -229,6 +261,7 @@ def write_reports(
     plot_curves(
         run_dir / "curves.png", frame, history, dp=run.dp.sample_level,
         dp_target=run.dp.target_epsilon if run.dp.sample_level else None,
+        baselines=summary.get("baselines"),
     )  # fmt: skip
     if block := summary.get("explanations"):
         from server.explanations import plot_explanations
@@ -305,28 +338,38 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for h in summary["hospitals"]:
-        m = h["metrics"]
+        cell = _cells(h["metrics"], h.get("intervals"))
         lines.append(
             f"| {h['name']} | {_fmt(h['n_train'])} | {_fmt(h['n_test'])} | {_fmt(h['epsilon'], 4)} | "
-            f"{format(h['delta'], 'g') if h['delta'] is not None else 'n/a'} | {_fmt(m['auroc'])} | "
-            f"{_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
-            f"{_fmt(m.get('auprc'))} | {_operating_point(m)} | {h.get('evaluation') or 'n/a'} |"
+            f"{format(h['delta'], 'g') if h['delta'] is not None else 'n/a'} | {cell('auroc')} | "
+            f"{cell('accuracy')} | {cell('sensitivity')} | {cell('specificity')} | "
+            f"{cell('auprc')} | {cell('sensitivity@sens0.8')} / {cell('specificity@sens0.8')} | "
+            f"{h.get('evaluation') or 'n/a'} |"
         )
+    if any(h.get("intervals") for h in summary["hospitals"]):
+        from shared_models.noisy_metrics import bootstrap_description
+
+        lines += [
+            "",
+            "Figures from noisy counts carry a 95 % interval: "
+            + bootstrap_description()
+            + " A figure whose interval is too wide says *too noisy to read* instead of a number.",
+        ]
     lines += _identity_lines(summary)
     undefined = [(h["name"], k, r) for h in summary["hospitals"] for k, r in h["undefined"].items()]
     if undefined:
         lines += ["", "Undefined metrics (reported as n/a, never imputed):", ""]
         lines += [f"- {name}: {metric}: {reason}" for name, metric, reason in undefined]
     ov = summary["overall"]
+    cell = _cells(ov, ov.get("intervals"))
     lines += [
         "",
         "## Overall",
         "",
-        f"- AUROC {_fmt(ov.get('auroc'))}, accuracy {_fmt(ov.get('accuracy'))} "
-        f"({ov.get('method')})",
-        f"- AUPRC {_fmt(ov.get('auprc'))}; sensitivity / specificity at 0.5: "
-        f"{_fmt(ov.get('sensitivity'))} / {_fmt(ov.get('specificity'))}, at the threshold "
-        f"reaching sensitivity 0.8: {_operating_point(ov)}",
+        f"- AUROC {cell('auroc')}, accuracy {cell('accuracy')} ({ov.get('method')})",
+        f"- AUPRC {cell('auprc')}; sensitivity / specificity at 0.5: "
+        f"{cell('sensitivity')} / {cell('specificity')}, at the threshold "
+        f"reaching sensitivity 0.8: {cell('sensitivity@sens0.8')} / {cell('specificity@sens0.8')}",
         f"- mean client accuracy (unweighted, FLamby's metric): {_fmt(ov.get('mean_client_accuracy'))}",
     ]
     if (validation := summary.get("validation")) is not None:
@@ -393,6 +436,19 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
                 f"{_fmt(_nan_none(row['epsilon']))} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _cells(metrics: dict[str, Any], intervals: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+    """``cell(name)``: the figure as text; from noisy counts with its 95 % interval, or *too
+    noisy to read* (:func:`shared_models.noisy_metrics.readable_text`)."""
+    from shared_models.noisy_metrics import readable_text
+
+    def cell(name: str) -> str:
+        if intervals and name in intervals:
+            return readable_text(intervals[name])
+        return _fmt(metrics.get(name))
+
+    return cell
 
 
 def _ci(d: dict[str, Any] | None, digits: int = 3) -> str:
@@ -725,6 +781,10 @@ def _identity_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def plot_curves(
     path: Path,
     frame: pd.DataFrame,
@@ -732,26 +792,64 @@ def plot_curves(
     *,
     dp: bool,
     dp_target: float | None = None,
+    baselines: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """AUROC by round (per hospital and pooled) and cumulative ε by round (per hospital)."""
+    """Write ``curves.png`` (:func:`curves_figure`) to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(frame, history, dp=dp, dp_target=dp_target, baselines=baselines)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(
+    frame: pd.DataFrame,
+    history: RunHistory,
+    *,
+    dp: bool,
+    dp_target: float | None = None,
+    baselines: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """The matplotlib figure of ``curves.png``: AUROC by round (per hospital, pooled and, where present, each baseline as a horizontal
+    line) and cumulative ε by round (per hospital). The AUROC axis runs from at most 0.5 (chance)
+    to 1; hospitals differ by marker and line style, drawn largest first, so that hospitals on
+    the same ε curve stay visible; rounds are integer ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def style(i: int, count: int) -> dict[str, Any]:
+        return {
+            "marker": MARKERS[i % len(MARKERS)], "ls": LINESTYLES[i % len(LINESTYLES)],
+            "markersize": 4 + 2 * (count - 1 - i), "markerfacecolor": "none" if i else None,
+        }  # fmt: skip
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for site, grp in frame.groupby("hospital"):
+    sites = list(frame.groupby("hospital")) if not frame.empty else []
+    lowest = [0.5]
+    for i, (site, grp) in enumerate(sites):
         grp = grp.dropna(subset=["auroc"]) if "auroc" in grp else grp
-        axes[0].plot(grp["round"], grp["auroc"], marker="o", label=str(site))
+        axes[0].plot(grp["round"], grp["auroc"], label=str(site), **style(i, len(sites)))
+        if "auroc" in grp and len(grp):
+            lowest.append(float(grp["auroc"].min()))
     central = sorted((r, m.get("auroc")) for r, m in history.centralized.items() if r > 0)
     if central:
         axes[0].plot([r for r, _ in central], [a for _, a in central], "k--", lw=2, label="pooled")
+        lowest += [float(a) for _, a in central if a is not None]
+    for j, (name, b) in enumerate((baselines or {}).items()):
+        if b.get("auroc") is not None:
+            axes[0].axhline(float(b["auroc"]), color=f"C{(len(sites) + j) % 10}", ls=":", lw=1.5,
+                            label=f"baseline: {name}")  # fmt: skip
+            lowest.append(float(b["auroc"]))
+    axes[0].set_ylim(max(0.0, min(lowest) - 0.05), 1.01)
     axes[0].set(title="Test AUROC by round", xlabel="round", ylabel="AUROC")
     axes[0].legend(fontsize=7)
     if dp:
-        for site, grp in frame.groupby("hospital"):
+        for i, (site, grp) in enumerate(sites):
             grp = grp.dropna(subset=["epsilon"])
-            axes[1].plot(grp["round"], grp["epsilon"], marker="o", label=str(site))
+            axes[1].plot(grp["round"], grp["epsilon"], label=str(site), **style(i, len(sites)))
         if dp_target is not None and frame["epsilon"].notna().any():
             axes[1].axhline(dp_target, color="k", ls="--", lw=1, label=f"target ε = {dp_target:g}")
         axes[1].set(title="Cumulative ε by round (per hospital)", xlabel="round", ylabel="ε")
@@ -759,13 +857,10 @@ def plot_curves(
     else:
         axes[1].text(0.5, 0.5, "no DP (non-private run)", ha="center", va="center")
         axes[1].set_axis_off()
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _int(v: Any) -> int | None:

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log as flwr_log
 
@@ -34,7 +42,7 @@ from server.checkpoint import (
     save_weights,
     write_json_atomic,
 )
-from server.history import RecordingGrid, RunHistory
+from server.history import RecordingGrid, RunHistory, SiteEvent
 from server.model_card import write_model_card
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
@@ -66,6 +74,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation for ``train.rounds`` rounds (or the rest of a resumed run) and write the
     run folder."""
     run = RunConfig.from_run_config(context.run_config)
+    if run.evaluation_only:
+        _evaluation_run(grid, context, run)
+        return
     out = Path(
         run.resume_from or run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
@@ -227,6 +238,59 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
     if task.attribution_axis is None:
         return aggregate_saliency(releases, refused)
     return aggregate_explanations(releases, refused, features)
+
+
+def _evaluation_run(grid: Grid, context: Context, run: RunConfig) -> None:
+    """An evaluation-only run (``eval.model``, `fedcare server evaluate`): one ``evaluate``
+    message with the saved model to every connected hospital (or those ``eval.hospitals``
+    names), nothing trained; the replies (noisy histograms or refusals) become the report of
+    :mod:`server.federated_evaluation` in ``output.dir``.
+
+    Raises
+    ------
+    ConfigError
+        The model file is unreadable or does not fit the run's task and model.
+    """
+    from server.federated_evaluation import write_evaluation
+
+    model, _ = model_for_run(run)
+    try:
+        model.load_state_dict(load_weights(Path(run.eval_model)))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"eval.model {run.eval_model}: not a model of this run ({exc})") from None
+    run_id = run.run_id or str(context.run_id)
+    history = RunHistory()
+    recording = RecordingGrid(grid, history, poll_interval=run.train.poll_interval)
+    nodes = list(recording.get_node_ids())
+    wanted = [n.strip() for n in run.eval_hospitals.split(",") if n.strip()]
+    if wanted:
+        names = {int(info.node_id): str(info.name) for info in grid.get_nodes()}
+        nodes = [n for n in nodes if names.get(n) in wanted]
+        for name in sorted(set(wanted) - {names.get(n) for n in nodes}):
+            history.events.append(
+                SiteEvent(
+                    round=1,
+                    kind="evaluate",
+                    node_id=-1,
+                    site=name,
+                    cause="offline",
+                    error="offline: not connected when the evaluation started, so not asked",
+                )  # fmt: skip
+            )
+    flwr_log(INFO, "[fedcare] evaluation-only run %s: asking %d hospital(s)", run_id, len(nodes))
+    arrays = ArrayRecord(model.state_dict())
+    messages = [
+        Message(
+            content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )  # fmt: skip
+        for node in nodes
+    ]
+    recording.send_and_receive(messages, timeout=run.train.round_timeout)
+    out = Path(run.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    write_evaluation(out, run, history, run_id=run_id, flower_run_id=context.run_id)
+    flwr_log(INFO, "[fedcare] evaluation report written to %s", out / "report.md")
 
 
 def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:

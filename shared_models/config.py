@@ -187,6 +187,9 @@ class RunConfig:
     settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
     simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
     explain: ExplainConfig = ExplainConfig()
+    eval_histogram_bins: int = 10  # bins of the released score histograms (even)
+    eval_model: str = ""  # evaluation-only run: the model file on the coordinator (server evaluate)
+    eval_hospitals: str = ""  # evaluation-only run: registered names to ask, comma-separated
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -271,6 +274,9 @@ class RunConfig:
                 noise_multiplier=_get(cfg, "explain.noise-multiplier", float),
                 ig_steps=_get(cfg, "explain.ig-steps", int),
             ),
+            eval_histogram_bins=int(cfg.get("eval.histogram-bins", 10)),
+            eval_model=str(cfg.get("eval.model", "")),
+            eval_hospitals=str(cfg.get("eval.hospitals", "")),
         )
         run._validate()
         return run
@@ -349,6 +355,12 @@ class RunConfig:
         _in_range("explain.clip", ex.clip, 0.0, 1e6, lo_open=True)
         _in_range("explain.noise-multiplier", ex.noise_multiplier, 0.0, 1e6, lo_open=True)
         _in_range("explain.ig-steps", ex.ig_steps, 2, 1024)
+        _in_range("eval.histogram-bins", self.eval_histogram_bins, 2, 100)
+        if self.eval_histogram_bins % 2:
+            raise ConfigError(
+                f"run config key 'eval.histogram-bins' = {self.eval_histogram_bins}: use an even "
+                "number (the threshold 0.5 must be a bin edge)"
+            )
         _choice("data.partition", da.partition, ("iid", "dirichlet", "natural"))
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)
@@ -361,6 +373,12 @@ class RunConfig:
         k-th round and the last; 0: the last round only)."""
         every = self.eval_every
         return server_round == self.train.rounds or (every > 0 and server_round % every == 0)
+
+    @property
+    def evaluation_only(self) -> bool:
+        """An evaluation-only run (``eval.model`` set, `fedcare server evaluate`): hospitals
+        train nothing and make one noisy evaluation release each."""
+        return bool(self.eval_model)
 
     @property
     def evaluation_rounds_count(self) -> int:

@@ -1004,3 +1004,88 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     # that the resumed rounds start from the checkpoint (and not afresh) is pinned where runs are
     # reproducible, without DP: tests/test_e2e_simulation.py (a deployed DP run's noise is drawn
     # from the operating system's CSPRNG at each hospital, so no two runs end at the same weights)
+
+
+def _a_trained_model(federation) -> Path:
+    """The final model of test_two_rounds_with_dp's run, else of a one-round run made here."""
+    root = federation["root"]
+    if (root / "run" / "model.safetensors").exists():
+        return root / "run"
+    run = _fedcare(
+        "server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
+        "--rounds", "1", "--out", str(root / "run-for-evaluation"), "--app", str(federation["app"]),
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return root / "run-for-evaluation"
+
+
+def test_federated_external_validation_charges_every_ledger_and_a_forbidding_policy_refuses(
+    federation,
+):
+    """`fedcare server evaluate`: an evaluation-only run of a finished model at the three
+    hospitals, with the noise and bins that make 40-70 test patients readable (σ = 2, 4 bins:
+    ε 2.17 each). Each releases one noisy histogram pair, charged to its ledger (no training
+    step, no update); the report has the per-hospital table, the pooled figures and heterogeneity.
+    Then hospital b's policy forbids evaluation runs (`allow-evaluation-runs = false`; the
+    daemon reads its policy file at every request): b refuses, its ledger unchanged, and the
+    report names the refusal."""
+    root, superlink, pki = (
+        federation["root"],
+        federation["superlink"],
+        str(federation["root"] / "pki"),
+    )
+    model = _a_trained_model(federation)
+    run = _fedcare(
+        "server", "evaluate", "--model", str(model), "--superlink", superlink, "--pki", pki,
+        "--out", str(root / "evaluation"), "--app", str(federation["app"]),
+        "--noise", "2", "--bins", "4", timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    evaluation = json.loads((root / "evaluation" / "evaluation.json").read_text())
+    assert [h["hospital"] for h in evaluation["hospitals"]] == list(HOSPITALS)
+    assert evaluation["not_evaluated"] == []
+    for h in evaluation["hospitals"]:
+        assert h["noise_multiplier"] == 2.0 and 2.16 < h["epsilon"] < 2.17 and h["delta"] == 1e-5
+        assert len(h["histograms"]["negatives"]) == 4
+        auroc = h["metrics"]["auroc"]
+        assert auroc["readable"] is False or auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
+    assert evaluation["heterogeneity"].get("k") == 3, evaluation["heterogeneity"]
+    report = (root / "evaluation" / "report.md").read_text()
+    for text in ("## Per hospital", "| a |", "| b |", "| c |", "random-effects pooled AUROC",
+                 "95 % prediction interval", "I²", "### Calibration"):  # fmt: skip
+        assert text in report, text
+    assert "random-effects pooled AUROC" in run.stdout
+    assert (root / "evaluation" / "federated-evaluation.png").stat().st_size > 10_000
+    run_id = evaluation["run_id"]
+    for h in HOSPITALS:
+        entry = json.loads(
+            (root / f"hospital-{h}" / "ledger" / "runs" / f"{run_id}.json").read_text()
+        )
+        assert entry["eval_releases"] == 1 and entry["updates"] == 0 and entry["train_steps"] == 0
+        assert entry["accountant"]["history"] == [[2.0, 1.0, 1]]
+        audit = [json.loads(x) for x in (root / f"hospital-{h}" / "ledger" / "audit.jsonl").open()]
+        sent = [a for a in audit if a.get("run_id") == run_id and a.get("direction") == "sent"]
+        assert [a["decision"] for a in sent] == ["evaluated"], sent
+    policy = _test_policy(root)
+    original = policy.read_text()
+    policy.write_text(original + "allow-evaluation-runs = false\n")
+    try:
+        refused = _fedcare(
+            "server", "evaluate", "--model", str(model), "--superlink", superlink, "--pki", pki,
+            "--hospitals", "b", "--out", str(root / "evaluation-refused"),
+            "--app", str(federation["app"]), timeout=600,
+        )  # fmt: skip
+    finally:
+        policy.write_text(original)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    output = " ".join(refused.stdout.split())
+    assert "allow-evaluation-runs = false" in output and "evaluated nothing" in output
+    denied = json.loads((root / "evaluation-refused" / "evaluation.json").read_text())
+    assert denied["hospitals"] == [] and [m["hospital"] for m in denied["not_evaluated"]] == ["b"]
+    assert denied["not_evaluated"][0]["cause"] == "refused"
+    assert (
+        "allow-evaluation-runs = false" in (root / "evaluation-refused" / "report.md").read_text()
+    )
+    assert not (root / "hospital-b" / "ledger" / "runs" / f"{denied['run_id']}.json").exists()
+    assert not (root / "hospital-a" / "ledger" / "runs" / f"{denied['run_id']}.json").exists()
