@@ -303,15 +303,20 @@ def base_config(bench: TaskBench, data_dir: str, *, method: str, epsilon: float 
 
 
 def plan_cells(
-    tasks: list[str], seeds: int, data_dirs: dict[str, str], methods: tuple[str, ...] = METHODS
+    tasks: list[str],
+    seeds: int,
+    data_dirs: dict[str, str],
+    methods: tuple[str, ...] = METHODS,
+    epsilons: tuple[float | None, ...] = EPSILONS,
 ) -> list[Cell]:
-    """Every cell of ``methods``, seed-major (seed 0 of every task and method first)."""
+    """Every cell of ``methods`` x ``epsilons``, seed-major (seed 0 of every task and method
+    first)."""
     cells = []
     for seed in range(seeds):
         for task in tasks:
             bench = TASK_BENCHES[task]
             for method in methods:
-                for eps in EPSILONS:
+                for eps in epsilons:
                     cfg = base_config(bench, data_dirs[task], method=method, epsilon=eps, seed=seed)
                     key = cell_key(task, method, eps, seed, cfg)
                     cells.append(Cell(task, method, eps, seed, cfg, key))
@@ -663,9 +668,16 @@ def _eps_label(eps: float | None) -> str:
 
 
 def render(
-    tasks: list[str], cells: list[Cell], *, wall_seconds: float, command: str, seeds: int
+    tasks: list[str],
+    cells: list[Cell],
+    *,
+    wall_seconds: float,
+    command: str,
+    seeds: int,
+    plot_suffix: str = "",
 ) -> str:
-    """RESULTS.md from the cached results of ``cells`` (plots written beside it)."""
+    """RESULTS.md from the cached results of ``cells`` (plots written beside it, named
+    ``results/<task><plot_suffix>.png``)."""
     results: dict[tuple[str, str, float | None], list[dict[str, Any]]] = {}
     for cell in cells:
         path = CACHE / cell.key
@@ -778,7 +790,7 @@ def render(
                 f"Wall time of one federated cell (Ray instance already up): median "
                 f"{sorted(fed_seconds)[len(fed_seconds) // 2]:.1f} s over {len(fed_seconds)} cells.",
             ]
-        plot = _plot(bench, results)
+        plot = _plot(bench, results, suffix=plot_suffix)
         if plot is not None:
             lines += ["", f"![{task}](results/{plot.name})"]
         lines.append("")
@@ -848,7 +860,7 @@ def _local_k_table(results: dict, task: str, published: dict[str, float]) -> lis
     return lines
 
 
-def _plot(bench: TaskBench, results: dict) -> Path | None:
+def _plot(bench: TaskBench, results: dict, *, suffix: str = "") -> Path | None:
     """Headline metric against privacy, one line per method (mean ± sd), references dashed."""
     import matplotlib
 
@@ -888,11 +900,16 @@ def _plot(bench: TaskBench, results: dict) -> Path | None:
     ax.set_title(f"{bench.name}: {len(next(iter(results.values())))} seed(s) per point at most")
     ax.legend(fontsize=8, loc="best", framealpha=0.6)
     PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / f"{bench.name}.png"
+    path = PLOTS / f"{bench.name}{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _eps_arg(epsilon: float | None) -> str:
+    """``--epsilons`` spelling of a privacy level: ``none`` or the number (``8``, ``3``, ``1``)."""
+    return "none" if epsilon is None else f"{epsilon:g}"
 
 
 def _personal_table(results: dict, task: str, bench: TaskBench) -> list[str]:
@@ -944,6 +961,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Methods to plan (default: all); the others show as not run.",
     )  # fmt: skip
     parser.add_argument(
+        "--epsilons", nargs="+", default=[_eps_arg(e) for e in EPSILONS],
+        choices=[_eps_arg(e) for e in EPSILONS],
+        help="Privacy levels to plan (none = no DP; default: all); the others show as not run.",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=RESULTS_MD, help="Markdown to write (default RESULTS.md)."
     )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -957,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dirs = {t: prepare_data(t) for t in args.tasks}
     # gbsg2's task is not built in: its cells are planned (run config) inside its app copy
     apps = {t: app_dir_for(t) for t in args.tasks}
-    cells = _plan_in_apps(args.tasks, args.seeds, data_dirs, apps, tuple(args.methods))
+    epsilons = tuple(e for e in EPSILONS if _eps_arg(e) in args.epsilons)
+    cells = _plan_in_apps(args.tasks, args.seeds, data_dirs, apps, tuple(args.methods), epsilons)
     todo = [c for c in cells if not (CACHE / c.key).exists()]
     print(
         f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to compute", flush=True
@@ -978,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--tasks", *args.tasks, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
          "--budget-minutes", f"{args.budget_minutes:g}"]
         + (["--methods", *args.methods] if tuple(args.methods) != METHODS else [])
+        + (["--epsilons", *args.epsilons] if len(args.epsilons) != len(EPSILONS) else [])
         + (["--out", str(args.out)] if args.out != RESULTS_MD else [])
     )  # fmt: skip
     computed = sum(1 for c in todo if (CACHE / c.key).exists())
@@ -990,23 +1014,28 @@ def main(argv: list[str] | None = None) -> int:
             }) + "\n")  # fmt: skip
     args.out.write_text(
         render(
-            args.tasks, cells, wall_seconds=time.monotonic() - t0, command=command, seeds=args.seeds
-        )
+            args.tasks,
+            cells,
+            wall_seconds=time.monotonic() - t0,
+            command=command,
+            seeds=args.seeds,
+            plot_suffix="" if args.out == RESULTS_MD else f"-{args.out.stem}",
+        )  # fmt: skip
     )
     print(f"wrote {args.out} in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     return 0
 
 
-def _plan_in_apps(tasks, seeds, data_dirs, apps, methods=METHODS) -> list[Cell]:  # type: ignore[no-untyped-def]
+def _plan_in_apps(tasks, seeds, data_dirs, apps, methods=METHODS, epsilons=EPSILONS) -> list[Cell]:  # type: ignore[no-untyped-def]
     """Plan cells; a task whose app is a copy is planned by a worker process inside it."""
-    cells = plan_cells([t for t in tasks if apps[t] == ROOT], seeds, data_dirs, methods)
+    cells = plan_cells([t for t in tasks if apps[t] == ROOT], seeds, data_dirs, methods, epsilons)
     for task in [t for t in tasks if apps[t] != ROOT]:
         code = (
             "import json, sys; sys.argv = ['x'];"
             f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
             "import report, dataclasses;"
             f"cs = report.plan_cells([{task!r}], {seeds}, {{{task!r}: {data_dirs[task]!r}}}, "
-            f"{tuple(methods)!r});"
+            f"{tuple(methods)!r}, {tuple(epsilons)!r});"
             "print(json.dumps([dataclasses.asdict(c) for c in cs]))"
         )
         out = subprocess.run(

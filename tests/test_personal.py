@@ -191,3 +191,4 @@ def test_no_reply_of_a_real_simulation_carries_personal_weights(tmp_path, monkey
     rows = summary["hospitals"]
     assert all(h["personal_metrics"]["auroc"] is not None for h in rows)
     assert "## Personal models (personal.method = ditto)" in (out / "report.md").read_text()
+    assert "**Personalisation**: `ditto`" in (out / "model.md").read_text()
