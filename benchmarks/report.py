@@ -69,8 +69,11 @@ RUNS_LOG = CACHE / "runs.jsonl"  # one line per computing run of this script
 PLOTS = ROOT / "benchmarks" / "results"
 PROTOCOL_VERSION = 1  # bump when the evaluation below changes: every cell is recomputed
 
-METHODS = ("pooled", "local", "fedavg", "fedprox", "fedyogi")
+METHODS = ("pooled", "local", "fedavg", "fedprox", "fedyogi", "fedavg+finetune", "fedavg+ditto")
 FEDERATED = ("fedavg", "fedprox", "fedyogi")
+# personalised FL on FedAvg (run config personal.method): the metric is each hospital's personal
+# model on its own test split (client.personal; the personal models never leave the hospitals)
+PERSONAL = {"fedavg+finetune": "finetune", "fedavg+ditto": "ditto"}
 EPSILONS: tuple[float | None, ...] = (None, 8.0, 3.0, 1.0)  # None: no DP
 VOLATILE_KEYS = ("run.id", "output.dir")
 
@@ -283,7 +286,7 @@ def base_config(bench: TaskBench, data_dir: str, *, method: str, epsilon: float 
     opts = RunOptions(
         task=bench.name,
         data_dir=data_dir,
-        strategy=method if method in FEDERATED else None,
+        strategy=method if method in FEDERATED else "fedavg" if method in PERSONAL else None,
         epsilon=epsilon,
         dp=epsilon is not None,
         seed=seed,
@@ -294,17 +297,26 @@ def base_config(bench: TaskBench, data_dir: str, *, method: str, epsilon: float 
         raise UsageError(f"task bench {bench.name}: unknown run config key(s) {unknown}")
     cfg.update(bench.overrides)
     cfg["eval.centralized"] = False  # the final model is evaluated here, exactly
+    if method in PERSONAL:
+        cfg["personal.method"] = PERSONAL[method]
     return cfg
 
 
-def plan_cells(tasks: list[str], seeds: int, data_dirs: dict[str, str]) -> list[Cell]:
-    """Every cell, seed-major (seed 0 of every task and method first)."""
+def plan_cells(
+    tasks: list[str],
+    seeds: int,
+    data_dirs: dict[str, str],
+    methods: tuple[str, ...] = METHODS,
+    epsilons: tuple[float | None, ...] = EPSILONS,
+) -> list[Cell]:
+    """Every cell of ``methods`` x ``epsilons``, seed-major (seed 0 of every task and method
+    first)."""
     cells = []
     for seed in range(seeds):
         for task in tasks:
             bench = TASK_BENCHES[task]
-            for method in METHODS:
-                for eps in EPSILONS:
+            for method in methods:
+                for eps in epsilons:
                     cfg = base_config(bench, data_dirs[task], method=method, epsilon=eps, seed=seed)
                     key = cell_key(task, method, eps, seed, cfg)
                     cells.append(Cell(task, method, eps, seed, cfg, key))
@@ -382,6 +394,9 @@ def _metrics(sites, scores: list) -> dict[str, Any]:  # type: ignore[no-untyped-
     return {
         "mean_client_accuracy": flamby,
         "client_accuracy": dict(zip([s.name for s in sites], accs, strict=True)),
+        "client_auroc": {
+            s.name: binary_metrics(s.y_test, p).auroc for s, p in zip(sites, scores, strict=True)
+        },
         "auroc": pooled.auroc,
         "accuracy": pooled.accuracy,
     }
@@ -475,6 +490,8 @@ def _federated_cell(cell: Cell, bench: TaskBench, ray_address: str) -> dict[str,
         out = Path(tmp) / "run"
         cfg = dict(cell.config)
         cfg["output.dir"] = str(out)
+        if cell.method in PERSONAL:  # each hospital's state folder, where its personal model is
+            cfg["simulation.ledger-dir"] = str(Path(tmp) / "hospitals")
         req = SimulationRequest(
             options=RunOptions(task=cell.task), hospitals=bench.hospitals, out=out
         )
@@ -488,10 +505,25 @@ def _federated_cell(cell: Cell, bench: TaskBench, ray_address: str) -> dict[str,
         summary = json.loads((out / "summary.json").read_text())
         model, _ = model_for_run(run)
         model.load_state_dict(load_weights(out / "model.safetensors"))
+        metrics = _evaluate(model, sites)
+        if cell.method in PERSONAL:  # each hospital's personal model on its own test split
+            from shared_models.models import predict_proba
+
+            scores = []
+            for site in sites:
+                own, _ = model_for_run(run)
+                own.load_state_dict(
+                    load_weights(
+                        Path(tmp) / "hospitals" / site.name / "personal"
+                        / f"{cfg['run.id']}.safetensors"
+                    )
+                )  # fmt: skip
+                scores.append(predict_proba(own, site.x_test))
+            metrics = {**_metrics(sites, scores), "global": metrics}
     eps = [h["epsilon"] for h in summary["hospitals"] if h["epsilon"] is not None]
     trained = [h["rounds_trained"] for h in summary["hospitals"]]
     return {
-        **_evaluate(model, sites),
+        **metrics,
         "epsilon": max(eps) if eps else None,
         "rounds_trained": trained,
         "failures": len(summary["failures"]),
@@ -541,7 +573,7 @@ def run_worker(cells_file: Path) -> None:
                 continue
             bench = TASK_BENCHES[cell.task]
             t0 = time.monotonic()
-            if cell.method in FEDERATED:
+            if cell.method in FEDERATED or cell.method in PERSONAL:
                 if ray_proc is None:
                     ray_proc, address = _start_ray()
                 result = _federated_cell(cell, bench, address)
@@ -636,9 +668,16 @@ def _eps_label(eps: float | None) -> str:
 
 
 def render(
-    tasks: list[str], cells: list[Cell], *, wall_seconds: float, command: str, seeds: int
+    tasks: list[str],
+    cells: list[Cell],
+    *,
+    wall_seconds: float,
+    command: str,
+    seeds: int,
+    plot_suffix: str = "",
 ) -> str:
-    """RESULTS.md from the cached results of ``cells`` (plots written beside it)."""
+    """RESULTS.md from the cached results of ``cells`` (plots written beside it, named
+    ``results/<task><plot_suffix>.png``)."""
     results: dict[tuple[str, str, float | None], list[dict[str, Any]]] = {}
     for cell in cells:
         path = CACHE / cell.key
@@ -738,6 +777,7 @@ def render(
             lines.append("| " + " | ".join(row) + " |")
         if bench.protocol == "flamby":
             lines += _local_k_table(results, task, bench.local_references)
+        lines += _personal_table(results, task, bench)
         fed_seconds = [
             r["seconds"]
             for (t, m, _), rs in results.items()
@@ -750,7 +790,7 @@ def render(
                 f"Wall time of one federated cell (Ray instance already up): median "
                 f"{sorted(fed_seconds)[len(fed_seconds) // 2]:.1f} s over {len(fed_seconds)} cells.",
             ]
-        plot = _plot(bench, results)
+        plot = _plot(bench, results, suffix=plot_suffix)
         if plot is not None:
             lines += ["", f"![{task}](results/{plot.name})"]
         lines.append("")
@@ -820,7 +860,7 @@ def _local_k_table(results: dict, task: str, published: dict[str, float]) -> lis
     return lines
 
 
-def _plot(bench: TaskBench, results: dict) -> Path | None:
+def _plot(bench: TaskBench, results: dict, *, suffix: str = "") -> Path | None:
     """Headline metric against privacy, one line per method (mean ± sd), references dashed."""
     import matplotlib
 
@@ -860,11 +900,49 @@ def _plot(bench: TaskBench, results: dict) -> Path | None:
     ax.set_title(f"{bench.name}: {len(next(iter(results.values())))} seed(s) per point at most")
     ax.legend(fontsize=8, loc="best", framealpha=0.6)
     PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / f"{bench.name}.png"
+    path = PLOTS / f"{bench.name}{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _eps_arg(epsilon: float | None) -> str:
+    """``--epsilons`` spelling of a privacy level: ``none`` or the number (``8``, ``3``, ``1``)."""
+    return "none" if epsilon is None else f"{epsilon:g}"
+
+
+def _personal_table(results: dict, task: str, bench: TaskBench) -> list[str]:
+    """Per hospital, the global FedAvg model against each hospital's personal model (mean over
+    seeds): accuracy under FLamby's protocol, else AUROC, each on the hospital's own test split."""
+    personal = [m for m in PERSONAL if any(results.get((task, m, e)) for e in EPSILONS)]
+    if not personal:
+        return []
+    key = "client_accuracy" if bench.protocol == "flamby" else "client_auroc"
+    sites = sorted({s for rs in results.values() for r in rs if r.get("task") == task
+                    for s in r.get(key, {})})  # fmt: skip
+    lines = [
+        "",
+        f"Personalised FL, per hospital ({'accuracy' if key == 'client_accuracy' else 'AUROC'} "
+        "on the hospital's own test split, mean over seeds; `fedavg+X`: each hospital's "
+        "personal model, trained at the hospital and never sent):",
+        "",
+        "| method | ε | " + " | ".join(sites) + " | seeds |",
+        "|---" * (len(sites) + 3) + "|",
+    ]
+    for method in ("fedavg", *personal):
+        for eps in EPSILONS:
+            rs = results.get((task, method, eps), [])
+            if not rs:
+                continue
+            cells = []
+            for site in sites:
+                vals = [v for r in rs if (v := r.get(key, {}).get(site)) is not None]
+                cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "n/a")
+            lines.append(
+                f"| {method} | {_eps_label(eps)} | " + " | ".join(cells) + f" | {len(rs)} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -878,6 +956,18 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=3, help="Worker processes side by side (each its own Ray)."
     )
     parser.add_argument("--report-only", action="store_true", help="Only render the cache.")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+        help="Methods to plan (default: all); the others show as not run.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--epsilons", nargs="+", default=[_eps_arg(e) for e in EPSILONS],
+        choices=[_eps_arg(e) for e in EPSILONS],
+        help="Privacy levels to plan (none = no DP; default: all); the others show as not run.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_MD, help="Markdown to write (default RESULTS.md)."
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -889,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dirs = {t: prepare_data(t) for t in args.tasks}
     # gbsg2's task is not built in: its cells are planned (run config) inside its app copy
     apps = {t: app_dir_for(t) for t in args.tasks}
-    cells = _plan_in_apps(args.tasks, args.seeds, data_dirs, apps)
+    epsilons = tuple(e for e in EPSILONS if _eps_arg(e) in args.epsilons)
+    cells = _plan_in_apps(args.tasks, args.seeds, data_dirs, apps, tuple(args.methods), epsilons)
     todo = [c for c in cells if not (CACHE / c.key).exists()]
     print(
         f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to compute", flush=True
@@ -909,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/report.py " + " ".join(
         ["--tasks", *args.tasks, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
          "--budget-minutes", f"{args.budget_minutes:g}"]
+        + (["--methods", *args.methods] if tuple(args.methods) != METHODS else [])
+        + (["--epsilons", *args.epsilons] if len(args.epsilons) != len(EPSILONS) else [])
+        + (["--out", str(args.out)] if args.out != RESULTS_MD else [])
     )  # fmt: skip
     computed = sum(1 for c in todo if (CACHE / c.key).exists())
     if not args.report_only:
@@ -918,24 +1012,30 @@ def main(argv: list[str] | None = None) -> int:
                 "minutes": round((time.monotonic() - t0) / 60, 1), "command": command,
                 "computed": computed, "load": [round(v, 1) for v in os.getloadavg()],
             }) + "\n")  # fmt: skip
-    RESULTS_MD.write_text(
+    args.out.write_text(
         render(
-            args.tasks, cells, wall_seconds=time.monotonic() - t0, command=command, seeds=args.seeds
-        )
+            args.tasks,
+            cells,
+            wall_seconds=time.monotonic() - t0,
+            command=command,
+            seeds=args.seeds,
+            plot_suffix="" if args.out == RESULTS_MD else f"-{args.out.stem}",
+        )  # fmt: skip
     )
-    print(f"wrote {RESULTS_MD} in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
+    print(f"wrote {args.out} in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     return 0
 
 
-def _plan_in_apps(tasks, seeds, data_dirs, apps) -> list[Cell]:  # type: ignore[no-untyped-def]
+def _plan_in_apps(tasks, seeds, data_dirs, apps, methods=METHODS, epsilons=EPSILONS) -> list[Cell]:  # type: ignore[no-untyped-def]
     """Plan cells; a task whose app is a copy is planned by a worker process inside it."""
-    cells = [c for c in plan_cells([t for t in tasks if apps[t] == ROOT], seeds, data_dirs)]
+    cells = plan_cells([t for t in tasks if apps[t] == ROOT], seeds, data_dirs, methods, epsilons)
     for task in [t for t in tasks if apps[t] != ROOT]:
         code = (
             "import json, sys; sys.argv = ['x'];"
             f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
             "import report, dataclasses;"
-            f"cs = report.plan_cells([{task!r}], {seeds}, {{{task!r}: {data_dirs[task]!r}}});"
+            f"cs = report.plan_cells([{task!r}], {seeds}, {{{task!r}: {data_dirs[task]!r}}}, "
+            f"{tuple(methods)!r}, {tuple(epsilons)!r});"
             "print(json.dumps([dataclasses.asdict(c) for c in cs]))"
         )
         out = subprocess.run(

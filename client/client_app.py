@@ -45,6 +45,7 @@ from client.dp_modes import grad_sample_mode_for
 from client.evaluation import release_histograms
 from client.explanations import release_attributions, release_epsilon, release_saliency
 from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
+from client.personal import load_personal, save_personal, train_personal
 from client.policy import (
     DEFAULT_POLICY,
     SIMULATION_POLICY,
@@ -79,7 +80,13 @@ from client.training import (
 from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics, score_histograms
 from shared_models.models import model_for_run, predict_proba
-from shared_models.protocol import EXPLAIN_ACTION, SITE_REFUSED, UNIT_WEIGHT_KEY, refusal_reason
+from shared_models.protocol import (
+    EXPLAIN_ACTION,
+    PERSONAL_PREFIX,
+    SITE_REFUSED,
+    UNIT_WEIGHT_KEY,
+    refusal_reason,
+)
 from shared_models.tasks import DataError, SiteData, get_task
 
 _log = logging.getLogger("fedcare.hospital")
@@ -218,7 +225,7 @@ class _Site:
     def plan_signature(self) -> dict[str, Any]:
         """The run settings this site's privacy depends on; a run id keeps them for its life."""
         run = self.run
-        return {
+        signature = {
             "task": run.task.name, "preprocessing": run.task.preprocessing,
             "model": run.model.name, "rounds": run.train.rounds,
             "local-epochs": run.train.local_epochs, "batch-size": run.train.batch_size,
@@ -228,7 +235,12 @@ class _Site:
             "dp.eval-noise-multiplier": run.dp.eval_noise_multiplier,
             "eval.every": run.eval_every, "n-train": self.data.n_train,
             "private-evaluation": self.private_evaluation,
-        } | ({"evaluation-only": True} if run.evaluation_only else {})  # fmt: skip
+        }  # fmt: skip
+        if run.evaluation_only:
+            signature["evaluation-only"] = True
+        if run.personal.enabled:  # one more evaluation release per evaluation round
+            signature["personal.method"] = run.personal.method
+        return signature
 
     def check_policy(self, record: RunRecord) -> DPPlan | None:
         """The run's DP plan here, after checking the run against the site policy and the plan
@@ -503,6 +515,8 @@ def _train(msg: Message, context: Context) -> Message:
             state_dict, metrics = _train_locally(msg, site, model, device)
             if cache is not None:
                 cache.put(site.run_key, request, state_dict, metrics)
+            if site.run.personal.method == "ditto":  # after the update is recorded; stays here
+                _ditto_step(msg, site, device)
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
     info = {"site": site.data.name, "device": device, "replayed": replay is not None}
@@ -576,6 +590,34 @@ def _train_locally(
     return model.state_dict(), metrics
 
 
+def _ditto_step(msg: Message, site: _Site, device: str) -> None:
+    """Ditto: this hospital's personal model (from its state folder; the global model the first
+    time) trained one round towards the round's global weights, and stored again. Nothing of it
+    is returned (see :mod:`client.personal`)."""
+    personal, _ = site.model(msg)
+    anchor = {k: v.detach().clone() for k, v in personal.state_dict().items()}
+    load_personal(personal, site.ledger, site.context, site.run_key)
+    train_personal(
+        personal, site.data.train_set(), site.data.n_train, config=site.run.personal,
+        global_weights=anchor, seed=site.run.train.seed * 100_003 + _round(msg), device=device,
+    )  # fmt: skip
+    save_personal(personal, site.ledger, site.context, site.run_key)
+
+
+def _personal_scores(msg: Message, site: _Site, device: str) -> np.ndarray:
+    """Test-split scores ``[n_test]`` of this hospital's personal model: ``finetune`` (or a Ditto
+    hospital that has none yet) fine-tunes the message's global model here first and stores it."""
+    personal, _ = site.model(msg)
+    method = site.run.personal.method
+    if method == "finetune" or not load_personal(personal, site.ledger, site.context, site.run_key):
+        train_personal(
+            personal, site.data.train_set(), site.data.n_train, config=site.run.personal,
+            global_weights=None, seed=site.run.train.seed * 100_003 + _round(msg), device=device,
+        )  # fmt: skip
+        save_personal(personal, site.ledger, site.context, site.run_key)
+    return predict_proba(personal, site.data.x_test, device=device)
+
+
 def _steps(n_train: int, run: RunConfig) -> int:
     from client.training import steps_per_round
 
@@ -600,11 +642,22 @@ def _evaluate(msg: Message, context: Context) -> Message:
         else:
             plan = site.check_policy(site.record())
         scores = predict_proba(model, site.data.x_test, device=device)
+        personal = (
+            _personal_scores(msg, site, device)
+            if site.run.personal.enabled and not site.run.evaluation_only
+            else None
+        )
         if site.private_evaluation:
-            metrics = _release_privately(msg, site, plan, scores)
+            metrics = _release_privately(msg, site, plan, scores, personal)
             info = ConfigRecord({"site": site.data.name})
         else:
             metrics, info = _exact_metrics(site, scores)
+            if personal is not None:
+                extra, extra_info = _exact_metrics(site, personal)
+                metrics.update({f"{PERSONAL_PREFIX}{k}": v for k, v in extra.items()})
+                for key, why in extra_info.items():
+                    if key.startswith("undefined."):
+                        info[f"undefined.{PERSONAL_PREFIX}{key.removeprefix('undefined.')}"] = why
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
     metrics["num-examples"] = float(site.data.n_test)
@@ -640,10 +693,16 @@ def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], Con
 
 
 def _release_privately(
-    msg: Message, site: _Site, plan: DPPlan | None, scores: np.ndarray
+    msg: Message,
+    site: _Site,
+    plan: DPPlan | None,
+    scores: np.ndarray,
+    personal: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-class score histograms with Gaussian noise, charged to the run's accountant and
-    recorded before they leave; an identical repeated request gets the same release again."""
+    recorded before they leave; an identical repeated request gets the same release again.
+    With ``personal`` (the personal model's scores), a second release of its histograms, charged
+    as one more Gaussian release."""
     arrays = msg.content.array_records["arrays"]
     request = fingerprint("evaluate", _round(msg), {k: a.data for k, a in arrays.items()})
     cache = ReplayCache(site.ledger, "evaluate") if site.ledger is not None else None
@@ -658,31 +717,42 @@ def _release_privately(
             f"{site.policy.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
         )
     evaluation_only = site.run.evaluation_only  # one release, whatever train.* and eval.every say
+    count = 1 if personal is None else 2
     if evaluation_only:
         allowed = 1
     else:
-        allowed = plan.eval_releases if plan is not None else site.run.evaluation_rounds_count
-    if record.eval_releases >= allowed:
+        allowed = (
+            plan.eval_releases
+            if plan is not None
+            else site.run.evaluation_rounds_count * site.run.releases_per_evaluation
+        )
+    if record.eval_releases + count > allowed:
         raise PrivacyBudgetError(
-            f"this run already received its {allowed} planned evaluation(s) from this site "
-            "(eval.every; an evaluation-only run has one); each further one would spend privacy "
-            "budget"
+            f"this run already received its {allowed} planned evaluation release(s) from this "
+            "site (eval.every, personal.method; an evaluation-only run has one); each further one "
+            "would spend privacy budget"
         )
     if plan is not None or evaluation_only:
         site.check_release(
-            _with(record.accountant, sigma, 1.0, 1), what=f"round {_round(msg)}'s evaluation"
+            _with(record.accountant, sigma, 1.0, count), what=f"round {_round(msg)}'s evaluation"
         )
+    bins = site.run.eval_histogram_bins
     negatives, positives = release_histograms(
-        site.data.y_test, scores, noise_multiplier=sigma, bins=site.run.eval_histogram_bins
+        site.data.y_test, scores, noise_multiplier=sigma, bins=bins
     )
-    record.accountant = _with(record.accountant, sigma, 1.0, 1)
-    record.eval_releases += 1
-    site.save(record)  # recorded BEFORE the counts leave the hospital
     metrics: dict[str, Any] = {
         "hist-neg": negatives,
         "hist-pos": positives,
         "eval-noise-multiplier": sigma,
     }
+    if personal is not None:
+        p_neg, p_pos = release_histograms(
+            site.data.y_test, personal, noise_multiplier=sigma, bins=bins
+        )
+        metrics[f"{PERSONAL_PREFIX}hist-neg"], metrics[f"{PERSONAL_PREFIX}hist-pos"] = p_neg, p_pos
+    record.accountant = _with(record.accountant, sigma, 1.0, count)
+    record.eval_releases += count
+    site.save(record)  # recorded BEFORE the counts leave the hospital
     if plan is not None or evaluation_only:
         metrics["epsilon"] = record.epsilon()
         metrics["delta"] = site.run.dp.target_delta

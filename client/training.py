@@ -14,7 +14,7 @@ import functools
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -276,7 +276,9 @@ def plan_for_run(
         "max_grad_norm": run.dp.max_grad_norm,
         "accountant": run.dp.accountant,
         "eval_noise_multiplier": run.dp.eval_noise_multiplier,
-        "eval_releases": run.evaluation_rounds_count if private_evaluation else 0,
+        "eval_releases": (
+            run.evaluation_rounds_count * run.releases_per_evaluation if private_evaluation else 0
+        ),
     }
     key = json.dumps(inputs, sort_keys=True)
     if memo is not None and isinstance(cached := memo.get(key), str):
@@ -337,9 +339,22 @@ def _history(state: AccountantState) -> list[tuple[float, float, int]]:
     return [(float(s), float(q), int(k)) for s, q, k in state["history"]]
 
 
-def _proximal_step(model: nn.Module, *, lr: float, mu: float) -> Callable[[], None]:
-    """FedProx as post-processing: ``w -= lr * mu * (w - w_global)`` after each optimizer step."""
-    anchor = [p.detach().clone() for p in model.parameters()]
+def _proximal_step(
+    model: nn.Module,
+    *,
+    lr: float,
+    mu: float,
+    anchor_state: Mapping[str, torch.Tensor] | None = None,
+) -> Callable[[], None]:
+    """FedProx as post-processing: ``w -= lr * mu * (w - w_global)`` after each optimizer step;
+    ``w_global`` is the model's starting point, or ``anchor_state`` (Ditto's global weights)."""
+    if anchor_state is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
+    else:
+        anchor = [
+            anchor_state[name].detach().to(p.device, p.dtype).clone()
+            for name, p in model.named_parameters()
+        ]
 
     @torch.no_grad()
     def step() -> None:
@@ -420,6 +435,7 @@ def train_round(
     dp: DPPlan | None,
     accountant_state: AccountantState | None = None,
     proximal_mu: float = 0.0,
+    proximal_anchor: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     steps_taken: int | None = None,
     device: str = "cpu",
@@ -451,6 +467,9 @@ def train_round(
         FedProx proximal coefficient (Li et al. 2020, arXiv:1812.06127). Applied as a
         data-independent step ``w -= lr * mu * (w - w_global)`` after each (private) optimizer
         step, so it is post-processing and does not change the DP guarantee.
+    proximal_anchor : mapping of str to Tensor, optional
+        ``w_global`` of the proximal step, by parameter name; default the model's weights at
+        the start (FedProx). Ditto's personal model passes the round's global weights.
     seed : int
         Batch order (and image augmentation) of NON-private training only. Nothing seeds DP
         training: its Poisson sampling, Gaussian noise and augmentation draw from
@@ -538,7 +557,11 @@ def train_round(
     try:
         losses = _run_steps(
             net, optimizer, loader, steps=steps, device=device, criterion=criterion,
-            after_step=_proximal_step(model, lr=lr, mu=proximal_mu) if proximal_mu > 0 else None,
+            after_step=(
+                _proximal_step(model, lr=lr, mu=proximal_mu, anchor_state=proximal_anchor)
+                if proximal_mu > 0
+                else None
+            ),
             clip_norm=clip_batch_norm if dp is None else None,
         )  # fmt: skip
     finally:

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from server.grid_pull import send_and_receive_promptly
 from shared_models.metrics import histogram_metrics
-from shared_models.protocol import SITE_REFUSED, parse_refusal
+from shared_models.protocol import PERSONAL_PREFIX, SITE_REFUSED, parse_refusal
 
 
 @dataclass
@@ -376,6 +376,13 @@ class RecordingGrid(DelegatingGrid):
             released, why = histogram_metrics(histograms["hist-neg"], histograms["hist-pos"])
             values.update(released)
             undefined.update(why)
+        personal = [f"{PERSONAL_PREFIX}{k}" for k in HISTOGRAM_KEYS]
+        if all(k in metrics for k in personal) and f"{PERSONAL_PREFIX}auroc" not in values:
+            # the personal model's noisy release (personal.method at a site without exact metrics)
+            neg, pos = ([float(x) for x in metrics[k]] for k in personal)  # type: ignore[union-attr]
+            released, why = histogram_metrics(neg, pos)
+            values.update({f"{PERSONAL_PREFIX}{k}": v for k, v in released.items()})
+            undefined.update({f"{PERSONAL_PREFIX}{k}": v for k, v in why.items()})
         self.history.events.append(
             SiteEvent(
                 round=self._current_round,

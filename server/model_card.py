@@ -252,6 +252,14 @@ def _training(card: dict, summary: dict) -> list[str]:
     sa = summary.get("secure_aggregation") or {}
     if sa.get("enabled"):
         rows += ["", f"- **Secure aggregation**: {sa.get('protocol')}"]
+    if pe := summary.get("personalization"):
+        rows += [
+            "",
+            f"- **Personalisation**: `{pe['method']}` ({pe['epochs']:g} local epoch(s), lr "
+            f"{pe['lr']:g}" + (f", λ {pe['lam']:g}" if pe["method"] == "ditto" else "") + "). "
+            "This card's model is the global one; each hospital's personal model stayed at the "
+            "hospital (see report.md, 'Personal models').",
+        ]
     return rows
 
 

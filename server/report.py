@@ -8,6 +8,7 @@ otherwise test-size-weighted means of the hospitals' metrics (which equals poole
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pandas as pd
 
 from shared_models.config import RunConfig
 from shared_models.metrics import ALL_METRIC_NAMES as METRIC_NAMES
+from shared_models.protocol import PERSONAL_PREFIX
 from shared_models.recipes import RUN_CONFIG, Sources, settings_table
 
 from .checkpoint import write_json_atomic
@@ -47,6 +49,16 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                     if e.kind == "train" and e.site == name and not e.error
                 ),
                 "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
+                **(
+                    {
+                        "personal_metrics": {
+                            m: ev.metrics.get(PERSONAL_PREFIX + m) if ev else None
+                            for m in METRIC_NAMES
+                        }
+                    }
+                    if run.personal.enabled
+                    else {}
+                ),
                 "undefined": dict(ev.undefined) if ev else {},
                 "intervals": _noise_intervals(ev),
                 "named_by": "registered key" if name in registered else "self-reported",
@@ -55,6 +67,11 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         )
     accs = [h["metrics"]["accuracy"] for h in hospitals if h["metrics"]["accuracy"] is not None]
     overall: dict[str, Any] = {"mean_client_accuracy": sum(accs) / len(accs) if accs else None}
+    if run.personal.enabled:
+        own = [
+            a for h in hospitals if (a := h["personal_metrics"]["accuracy"]) is not None
+        ]  # each hospital's personal model on its own test split
+        overall["mean_client_accuracy_personal"] = sum(own) / len(own) if own else None
     final_round = max(history.centralized) if history.centralized else None
     if final_round is not None and final_round > 0:
         overall.update(history.centralized[final_round])
@@ -79,6 +96,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
             for name, site in sorted(mismatches.items())
         ],
         "baselines": {},
+        "personalization": asdict(run.personal) if run.personal.enabled else None,
     }
 
 
@@ -331,6 +349,7 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         lines += ["", "## Run settings and where each came from", ""]
         lines += ["| setting | value | from |", "|---|---|---|"]
         lines += [f"| {k} | {row['value']} | {row['source']} |" for k, row in settings.items()]
+    lines += _personal_lines(summary)
     lines += ["", "## Hospitals (final round)", ""]
     lines.append(
         "| hospital | n_train | n_test | ε spent | δ | AUROC | accuracy | sensitivity | specificity "
@@ -449,6 +468,33 @@ def _cells(metrics: dict[str, Any], intervals: dict[str, Any] | None):  # type: 
         return _fmt(metrics.get(name))
 
     return cell
+
+
+def _personal_lines(summary: dict[str, Any]) -> list[str]:
+    """The global model next to each hospital's personal model, on that hospital's test split."""
+    pe = summary.get("personalization")
+    if not pe:
+        return []
+    lines = [
+        "", f"## Personal models (personal.method = {pe['method']})", "",
+        "Each hospital's personal model stays at the hospital (its state folder); only its "
+        "evaluation on the hospital's own test split leaves, as the global model's does.", "",
+        "| hospital | AUROC global | AUROC personal | accuracy global | accuracy personal |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for h in summary["hospitals"]:
+        m, p = h["metrics"], h.get("personal_metrics") or {}
+        lines.append(
+            f"| {h['name']} | {_fmt(m['auroc'])} | {_fmt(p.get('auroc'))} | "
+            f"{_fmt(m['accuracy'])} | {_fmt(p.get('accuracy'))} |"
+        )
+    ov = summary["overall"]
+    lines += [
+        "",
+        f"Mean client accuracy: global {_fmt(ov.get('mean_client_accuracy'))}, personal "
+        f"{_fmt(ov.get('mean_client_accuracy_personal'))}.",
+    ]
+    return lines
 
 
 def _ci(d: dict[str, Any] | None, digits: int = 3) -> str:

@@ -164,6 +164,32 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PersonalConfig:
+    """Personalised federated learning: a model of each hospital's own, kept at the hospital.
+
+    ``method``: ``none``; ``finetune`` (the global model fine-tuned on the hospital's training
+    split at each evaluation; Wang et al. 2019, arXiv:1910.10252; Yu, Bagdasaryan & Shmatikov
+    2020, arXiv:2002.04758); ``ditto`` (a personal model trained each round towards the global
+    one, loss + lambda/2 ||v - w_global||^2; Li, Hu, Beirami & Smith, ICML 2021,
+    arXiv:2012.04221). The personal model never leaves the hospital and trains without DP; only
+    its evaluation leaves, as a release like the global model's (exact where the site policy
+    allows, else noisy counts charged to the ledger). ``epochs`` are local epochs of personal
+    training (per evaluation for ``finetune``, per round for ``ditto``), ``lam`` Ditto's lambda,
+    ``lr`` and ``batch_size`` its SGD settings.
+    """
+
+    method: str = "none"
+    epochs: float = 5.0
+    lam: float = 0.1
+    lr: float = 0.1
+    batch_size: int = 32
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """All run-wide settings (identical at every hospital), parsed from ``context.run_config``.
 
@@ -190,6 +216,7 @@ class RunConfig:
     eval_histogram_bins: int = 10  # bins of the released score histograms (even)
     eval_model: str = ""  # evaluation-only run: the model file on the coordinator (server evaluate)
     eval_hospitals: str = ""  # evaluation-only run: registered names to ask, comma-separated
+    personal: PersonalConfig = PersonalConfig()
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -277,6 +304,13 @@ class RunConfig:
             eval_histogram_bins=int(cfg.get("eval.histogram-bins", 10)),
             eval_model=str(cfg.get("eval.model", "")),
             eval_hospitals=str(cfg.get("eval.hospitals", "")),
+            personal=PersonalConfig(
+                method=_get(cfg, "personal.method", str),
+                epochs=_get(cfg, "personal.epochs", float),
+                lam=_get(cfg, "personal.lambda", float),
+                lr=_get(cfg, "personal.lr", float),
+                batch_size=_get(cfg, "personal.batch-size", int),
+            ),
         )
         run._validate()
         return run
@@ -365,6 +399,12 @@ class RunConfig:
         _in_range("data.alpha", da.alpha, 0.0, 1e6, lo_open=True)
         _in_range("data.split-seed", da.split_seed, -1, 2**32 - 1)
         _choice("data.split", da.split, ("per-record", "stratified"))
+        pe = self.personal
+        _choice("personal.method", pe.method, ("none", "finetune", "ditto"))
+        _in_range("personal.epochs", pe.epochs, 0.0, 1000.0, lo_open=True)
+        _in_range("personal.lambda", pe.lam, 0.0, 1e4)
+        _in_range("personal.lr", pe.lr, 0.0, 100.0, lo_open=True)
+        _in_range("personal.batch-size", pe.batch_size, 1, 1_000_000)
         if da.test_fraction != 0.0:  # 0 = the task's default split
             _in_range("data.test-fraction", da.test_fraction, 0.05, 0.9)
 
@@ -385,6 +425,12 @@ class RunConfig:
         """Number of rounds with a federated evaluation."""
         every, rounds = self.eval_every, self.train.rounds
         return rounds // every + (rounds % every != 0) if every > 0 else 1
+
+    @property
+    def releases_per_evaluation(self) -> int:
+        """Evaluation releases of a hospital per evaluation round: the global model's, and the
+        personal model's when the run personalises."""
+        return 2 if self.personal.enabled else 1
 
     def recipe_values(self) -> dict[str, Any]:
         """The training settings a recipe chooses (:data:`shared_models.recipes.RECIPE_KEYS`),

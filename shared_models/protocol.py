@@ -78,3 +78,8 @@ def parse_refusal(text: str) -> tuple[str, str] | None:
     if not sep or not head.startswith("site ") or " " in head[5:]:
         return None
     return head[5:], reason
+
+
+# prefix of the metrics of a hospital's personal model in its evaluate reply (personal.method):
+# "personal-auroc", or "personal-hist-neg" / "personal-hist-pos" where the release is noisy
+PERSONAL_PREFIX = "personal-"
