@@ -31,7 +31,7 @@ from typing import Any
 from server.history import RunHistory, failure_cause
 from shared_models.config import RunConfig
 from shared_models.files import write_json_atomic
-from shared_models.meta_analysis import pooled_auroc
+from shared_models.meta_analysis import heterogeneity_lines, pooled_auroc
 from shared_models.noisy_metrics import (
     READABLE_WIDTH,
     bootstrap_description,
@@ -246,34 +246,12 @@ def render_markdown(evaluation: dict[str, Any]) -> str:
     het = evaluation["heterogeneity"]
     lines += [f"![AUROC by hospital and pooled calibration]({FIGURE})", ""]
     lines += ["## Heterogeneity between hospitals", ""]
-    if "note" in het:
-        lines += [het["note"] + ".", ""]
-    else:
-        prediction = (
-            _interval(het["prediction"])
-            if het["prediction"] is not None
-            else "n/a (needs 3 hospitals or more)"
-        )
-        pooled_text = f"{het['auroc']:.3f}"
-        if het["ci"][1] - het["ci"][0] > READABLE_WIDTH:
-            pooled_text = (
-                f"too noisy to read: its 95 % interval spans more than {READABLE_WIDTH:g} of [0, 1]"
-            )
-        lines += [
-            "| measure | value |",
-            "|---|---|",
-            f"| random-effects pooled AUROC | {pooled_text} |",
-            f"| its 95 % confidence interval | {_interval(het['ci'])} |",
-            f"| 95 % prediction interval (a new hospital) | {prediction} |",
-            f"| I² | {100 * het['i2']:.0f} % |",
-            f"| τ² (logit scale) | {het['tau2']:.4f} |",
-            f"| Cochran's Q (p) | {het['q']:.2f} ({het['q_p']:.3g}) |",
-            "",
-            f"{het['method']}; on the {het['scale']}; hospitals: {', '.join(het['hospitals'])}. "
-            "Within-hospital variances are the bootstrap variances above, so the noise of "
-            "each release widens them.",
-            "",
-        ]
+    lines += heterogeneity_lines(
+        het,
+        within="Within-hospital variances are the bootstrap variances above, so the noise of "
+        "each release widens them.",
+        readable_width=READABLE_WIDTH,
+    )
     return "\n".join(lines)
 
 

@@ -311,9 +311,22 @@ def _performance(summary: dict) -> list[str]:
         "",
         f"Method: {ov.get('method', 'n/a')}.",
         "",
-        "No confidence intervals or calibration are reported here yet: validate externally with "
-        "`fedcare evaluate` before any use.",
     ]
+    validation = summary.get("validation")
+    if validation and "skipped" not in validation:
+        from server.report import validation_lines
+
+        rows += [
+            line.replace("## Uncertainty", "### Uncertainty")
+            for line in validation_lines(validation)
+        ]
+        rows += ["", "Validate on your own patients with `fedcare evaluate` before any use."]
+    else:
+        rows.append(
+            "No confidence intervals or calibration were computed for this run (a deployment's "
+            "figures come from the hospitals' releases): validate externally with "
+            "`fedcare evaluate` before any use."
+        )
     hospitals = summary.get("hospitals") or []
     if any(h.get("metrics") for h in hospitals):
         rows += [

@@ -392,7 +392,7 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         f"- mean client accuracy (unweighted, FLamby's metric): {_fmt(ov.get('mean_client_accuracy'))}",
     ]
     if (validation := summary.get("validation")) is not None:
-        lines += _validation_lines(validation)
+        lines += validation_lines(validation)
     if (external := summary.get("external_validation")) is not None:
         lines += _external_validation_lines(external)
     if summary.get("baselines"):
@@ -523,7 +523,7 @@ def calibration_rows(cal: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _validation_lines(block: dict[str, Any]) -> list[str]:
+def validation_lines(block: dict[str, Any]) -> list[str]:
     """``report.md``'s section on the final model's uncertainty and calibration (the
     ``validation`` block of ``fedcare simulate``, :mod:`simulations.uncertainty`)."""
     title = ["", "## Uncertainty and calibration (pooled test splits, final model)", ""]
@@ -549,6 +549,13 @@ def _validation_lines(block: dict[str, Any]) -> list[str]:
         lines += ["| hospital | AUROC [95 % CI], own test split |", "|---|---|"]
         lines += [f"| {name} | {_ci(d)} |" for name, d in per.items()]
         lines.append("")
+    if het := block.get("heterogeneity"):
+        from shared_models.meta_analysis import heterogeneity_lines
+
+        lines += ["Between hospitals (each hospital's own test split):", ""]
+        lines += heterogeneity_lines(
+            het, within="Within-hospital variances: DeLong's (DeLong et al. 1988)."
+        )
     lines += [
         f"Methods: 95 % intervals for AUROC and AUPRC by the {boot['method']} bootstrap "
         f"(bias-corrected and accelerated; Efron & Tibshirani 1993), {boot['resamples']} "

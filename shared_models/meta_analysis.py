@@ -155,3 +155,43 @@ def pooled_auroc(aurocs: Any, standard_errors: Any) -> dict[str, Any]:
         "method": "DerSimonian-Laird random effects; prediction interval of Higgins, Thompson & "
         "Spiegelhalter 2009 (t, k - 2 df)",
     }  # fmt: skip
+
+
+def heterogeneity_lines(
+    het: dict[str, Any], *, within: str, readable_width: float = 1.0
+) -> list[str]:
+    """Markdown rows of a :func:`pooled_auroc` result (or its ``{"note": ...}``): the
+    random-effects pooled AUROC, its CI, the prediction interval for a new hospital, I², τ² and
+    Cochran's Q, then one line on the method; ``within`` says where the within-hospital variances
+    come from. A pooled AUROC whose CI is wider than ``readable_width`` reads "too noisy to
+    read" instead of a number."""
+    if "note" in het:
+        return [het["note"] + ".", ""]
+
+    def interval(pair: Any) -> str:
+        return "n/a" if pair is None else f"{pair[0]:.3f}-{pair[1]:.3f}"
+
+    prediction = (
+        interval(het["prediction"])
+        if het["prediction"] is not None
+        else "n/a (needs 3 hospitals or more)"
+    )
+    pooled = f"{het['auroc']:.3f}"
+    if het["ci"][1] - het["ci"][0] > readable_width:
+        pooled = (
+            f"too noisy to read: its 95 % interval spans more than {readable_width:g} of [0, 1]"
+        )
+    return [
+        "| measure | value |",
+        "|---|---|",
+        f"| random-effects pooled AUROC | {pooled} |",
+        f"| its 95 % confidence interval | {interval(het['ci'])} |",
+        f"| 95 % prediction interval (a new hospital) | {prediction} |",
+        f"| I² | {100 * het['i2']:.0f} % |",
+        f"| τ² (logit scale) | {het['tau2']:.4f} |",
+        f"| Cochran's Q (p) | {het['q']:.2f} ({het['q_p']:.3g}) |",
+        "",
+        f"{het['method']}; on the {het['scale']}; hospitals: {', '.join(het['hospitals'])}. "
+        + within,
+        "",
+    ]

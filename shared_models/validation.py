@@ -223,23 +223,45 @@ def delong_ci(y: np.ndarray, p: np.ndarray, *, confidence: float = CONFIDENCE) -
         Undefined (``None``, with a note) when ``y`` has one class only or one patient of a
         class (no sample variance).
     """
-    from scipy.stats import norm, rankdata
+    from scipy.stats import norm
+
+    value, se = delong_auroc_se(y, p)
+    if value is None:
+        return Interval(None, None, None, "undefined: the data have one class only")
+    if se is None:
+        return Interval(value, None, None, "interval undefined: fewer than 2 patients of a class")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    return Interval(value, max(0.0, value - z * se), min(1.0, value + z * se))
+
+
+def delong_auroc_se(y: np.ndarray, p: np.ndarray) -> tuple[float | None, float | None]:
+    """AUROC and DeLong's standard error (the method of :func:`delong_ci`).
+
+    Parameters
+    ----------
+    y, p : np.ndarray
+        ``[N]`` labels in {0, 1} and scores.
+
+    Returns
+    -------
+    (float or None, float or None)
+        AUROC (None with one class only) and its SE (None with fewer than 2 patients of a class).
+    """
+    from scipy.stats import rankdata
 
     y = np.asarray(y).astype(bool)
     p = np.asarray(p, dtype=float)
     pos, neg = p[y], p[~y]
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
-        return Interval(None, None, None, "undefined: the data have one class only")
+        return None, None
     ranks = rankdata(np.concatenate([pos, neg]))  # [m + n] mid-ranks among all scores
     v10 = (ranks[:m] - rankdata(pos)) / n  # [m] share of negatives below each positive
     v01 = 1.0 - (ranks[m:] - rankdata(neg)) / m  # [n] share of positives above each negative
     value = float(v10.mean())
     if m < 2 or n < 2:
-        return Interval(value, None, None, "interval undefined: fewer than 2 patients of a class")
-    se = float(np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
-    z = float(norm.ppf(0.5 + confidence / 2))
-    return Interval(value, max(0.0, value - z * se), min(1.0, value + z * se))
+        return value, None
+    return value, float(np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
 
 
 def delong_description() -> dict[str, object]:

@@ -92,8 +92,32 @@ def final_model_validation(
         "threshold_0.5": v.threshold_metrics(y, p, 0.5),
         "calibration": v.calibration(y, p),
         "per_hospital_auroc": per_hospital,
+        "heterogeneity": between_hospitals(sites, federated),
         "figure": FIGURE,
     }
+
+
+def between_hospitals(sites: Sequence[SiteData], scores: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Between-hospital heterogeneity of the final model's AUROC (TRIPOD-Cluster): the
+    DerSimonian-Laird random-effects pooled AUROC of the hospitals' own test splits with its CI,
+    the prediction interval for a new hospital and I² (:func:`shared_models.meta_analysis.
+    pooled_auroc`), each hospital's AUROC with DeLong's standard error
+    (:func:`shared_models.validation.delong_auroc_se`); a note where fewer than 2 hospitals have
+    both."""
+    from shared_models.meta_analysis import pooled_auroc
+    from shared_models.validation import delong_auroc_se
+
+    rows = [(s.name, *delong_auroc_se(s.y_test, q)) for s, q in zip(sites, scores, strict=True)]
+    usable = [(name, a, se) for name, a, se in rows if a is not None and se]
+    if len(usable) < 2:
+        return {
+            "note": f"{len(usable)} hospital(s) with a defined AUROC and standard error: a "
+            "random-effects meta-analysis needs at least 2"
+        }
+    result = pooled_auroc([a for _, a, _ in usable], [se for _, _, se in usable])
+    result["hospitals"] = [name for name, _, _ in usable]
+    result["within_hospital_se"] = "DeLong standard error of each hospital's AUROC"
+    return result
 
 
 def write_calibration_figure(run_dir: Path, block: dict[str, Any]) -> Path | None:

@@ -120,3 +120,25 @@ def _frame():  # type: ignore[no-untyped-def]
     import pandas as pd
 
     return pd.DataFrame()
+
+
+def test_between_hospital_heterogeneity_from_each_hospitals_delong_se(simulated):
+    """TRIPOD-Cluster: the random-effects pooled AUROC over the hospitals' own test splits, from
+    each hospital's AUROC and DeLong SE, in summary.json, report.md and the model card."""
+    from shared_models.meta_analysis import pooled_auroc
+
+    run, summary, sites, scores = simulated
+    het = summary["validation"]["heterogeneity"]
+    own = [v.delong_auroc_se(s.y_test, q) for s, q in zip(sites, scores, strict=True)]
+    assert [a for a, _ in own] == pytest.approx(
+        [roc_auc_score(s.y_test, q) for s, q in zip(sites, scores, strict=True)]
+    )
+    expected = pooled_auroc([a for a, _ in own], [se for _, se in own])
+    assert het["hospitals"] == [s.name for s in sites]
+    assert het["auroc"] == pytest.approx(expected["auroc"]) and het["i2"] == pytest.approx(
+        expected["i2"]
+    )
+    assert min(a for a, _ in own) <= het["auroc"] <= max(a for a, _ in own)
+    line = f"| random-effects pooled AUROC | {het['auroc']:.3f} |"
+    assert line in (run / "report.md").read_text() and line in (run / "model.md").read_text()
+    assert "No confidence intervals" not in (run / "model.md").read_text()
