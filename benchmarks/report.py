@@ -781,7 +781,7 @@ def render(
         fed_seconds = [
             r["seconds"]
             for (t, m, _), rs in results.items()
-            if t == task and m in FEDERATED
+            if t == task and (m in FEDERATED or m in PERSONAL)
             for r in rs
         ]
         if fed_seconds:
