@@ -486,35 +486,12 @@ def run(
 
 
 def _model_card(model: Path) -> tuple[Path, dict[str, Any]]:
-    """The weights and model card of a run folder (``model.safetensors`` + ``model.json``) or of
-    a model file (``X.safetensors`` + ``X.json``).
+    """The weights and model card of a run folder or a model file
+    (:func:`simulations.external_validation.locate_model`, which raises the expected errors)."""
+    from simulations.external_validation import locate_model
 
-    Raises
-    ------
-    UsageError
-        The weights or the card are missing, unreadable, or the card lacks ``task``, ``model``
-        or ``preprocessing``.
-    """
-    weights = model / "model.safetensors" if model.is_dir() else model
-    if not weights.is_file():
-        raise UsageError(
-            f"--model {model}: no model file there; pass the run folder of `fedcare server run` "
-            "or `fedcare simulate`, or its model.safetensors"
-        )
-    card_path = weights.with_suffix(".json")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"{card_path}: the model card next to {weights.name} is missing or unreadable ({exc})"
-        ) from None
-    missing = [k for k in ("task", "model", "preprocessing") if k not in card]
-    if missing or not isinstance(card.get("model"), dict) or "name" not in card["model"]:
-        raise UsageError(
-            f"{card_path}: the model card lacks {', '.join(missing) or 'model.name'}; it was not "
-            "written by fedcare"
-        )
-    return weights.resolve(), card
+    saved = locate_model(model)
+    return saved.weights.resolve(), saved.card
 
 
 @app.command()

@@ -51,13 +51,15 @@ def locate_model(model: Path) -> SavedModel:
     Raises
     ------
     UsageError
-        The weights or the card are missing or the card is unreadable or lacks ``task`` and
-        ``model``.
+        The weights or the card are missing, unreadable, or the card lacks ``task``, ``model``
+        (with its ``name``) or ``preprocessing``.
     """
     weights = model / MODEL_FILE if model.is_dir() else model
     if not weights.is_file():
-        where = f"{model} has no {MODEL_FILE}" if model.is_dir() else f"{model} does not exist"
-        raise UsageError(f"{where}; pass a run folder of `fedcare simulate` or its model file")
+        raise UsageError(
+            f"--model {model}: no model file there; pass the run folder of `fedcare simulate` or "
+            f"`fedcare server run`, or its {MODEL_FILE}"
+        )
     card_path = weights.with_suffix(".json")
     try:
         card = json.loads(card_path.read_text())
@@ -66,8 +68,11 @@ def locate_model(model: Path) -> SavedModel:
             f"{card_path}: the model card next to {weights.name} is missing or unreadable ({exc})"
         ) from None
     missing = [k for k in ("task", "model", "preprocessing") if k not in card]
-    if missing:
-        raise UsageError(f"{card_path}: the model card lacks {', '.join(missing)}")
+    if missing or not isinstance(card.get("model"), dict) or "name" not in card["model"]:
+        raise UsageError(
+            f"{card_path}: the model card lacks {', '.join(missing) or 'model.name'}; it was not "
+            "written by fedcare"
+        )
     return SavedModel(weights, card)
 
 
