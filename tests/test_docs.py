@@ -74,6 +74,19 @@ def test_every_command_and_option_of_fedcare_help_is_in_the_docs():
     assert not missing, "not in docs/*.md: " + ", ".join(missing)
 
 
-def test_the_readme_is_at_most_200_lines():
-    lines = (REPO / "README.md").read_text().splitlines()
+def test_the_readme_is_at_most_200_lines_and_its_links_resolve():
+    """``wc -l README.md`` <= 200, and every relative link (a docs page, a file, a page's
+    heading) points at something that exists: GitHub shows the README, not the built site."""
+    readme = (REPO / "README.md").read_text()
+    lines = readme.splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
+    links = re.findall(r"\]\(([^)#]+)(?:#([^)]+))?\)", readme)
+    assert len(links) >= 10
+    for target, anchor in links:
+        if target.startswith(("http://", "https://")):
+            continue
+        assert (REPO / target).exists(), f"README links {target}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (REPO / target).read_text(), re.MULTILINE)
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"README links {target}#{anchor}: no such heading"
