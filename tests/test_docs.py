@@ -51,6 +51,8 @@ def test_the_site_builds_strictly_offline(tmp_path):
     assert "benchmark-results/RESULTS/index.html" in pages
     reference = (site / "run-settings" / "index.html").read_text()
     assert "dp.target-epsilon" in reference and "must be below 1/n_train" in reference
+    api = (site / "api" / "privacy" / "index.html").read_text()  # mkdocstrings, numpy style
+    assert 'id="client.secure_random.SecureRandom"' in api
     for html in site.rglob("*.html"):  # theme.font: false
         assert "fonts.googleapis.com" not in html.read_text(), html
 
