@@ -25,8 +25,8 @@ Opacus' float32 noise) exploit which floating-point values ``x + noise`` can tak
 float32, whose grid is 2**29 times coarser: every float32 output near ``x`` is reached from both
 neighbouring datasets, with probabilities that differ from the ideal Gaussian's only in the
 float64 rounding. This is Opacus' ``secure_mode`` idea (noise finer than the output grid;
-Holohan & Braghin 2021, section 5.1) at a quarter of its draws. The residual risk, stated in the
-README: the guarantee is that of an exact Gaussian up to the float64 approximation (tails cut at
+Holohan & Braghin 2021, section 5.1) at a quarter of its draws. The residual risk, stated in
+``docs/privacy.md``: the guarantee is that of an exact Gaussian up to the float64 approximation (tails cut at
 8.57 sigma, density on float64's grid), argued, not proven; a discrete Gaussian (Canonne, Kamath
 & Steinke 2020) would make it exact but cannot serve float gradients.
 

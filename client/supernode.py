@@ -25,8 +25,8 @@ not configurable and that made up most of a deployed round's overhead (issue #3,
 3. Flower checks for the ClientApp's reply every 0.5 s; here every 0.02 s, a lookup in memory.
 
 Only ``--isolation process`` is supported: fedcare's launcher (:mod:`client.launcher`) is the
-SuperExec. ``--trusted-entities`` is refused, as by ``fedcare client start`` (see README,
-"Approved code"). These are private functions of Flower 1.41; the project pins ``flwr==1.41.0``,
+SuperExec. ``--trusted-entities`` is refused, as by ``fedcare client start`` (see
+``docs/approved-code.md``). These are private functions of Flower 1.41; the project pins ``flwr==1.41.0``,
 and ``tests/test_flower_internals.py`` fails, naming this module, if the source of any of them
 changes.
 """
@@ -226,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "client.supernode runs with --isolation process (fedcare's launcher is the SuperExec)"
         )
     if config.trusted_entities:
-        sys.exit(
-            "client.supernode does not verify --trusted-entities (see README, 'Approved code')"
-        )
+        sys.exit("client.supernode does not verify --trusted-entities (see docs/approved-code.md)")
     if config.insecure or config.authentication_keys is None:
         sys.exit(
             "client.supernode runs only over TLS with a hospital key "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A three-hospital fedcare federation on this machine, as README.md's "A real federation" runs
+# A three-hospital fedcare federation on this machine, as docs/deployment.md's "A real federation" runs
 # it: the consortium's PKI, the coordinator, three hospitals that each make their own key pair,
 # are added to the running coordinator, approve the app bundle and start their daemon; then one
 # short DP run, and everything stops. Loopback addresses and free ports only.

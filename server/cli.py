@@ -33,7 +33,7 @@ SuperlinkOpt = Annotated[
     str,
     typer.Option(
         help="The SuperLink's loopback address HOST:PORT (`server start --internal-port`); from "
-        "another machine, through an SSH tunnel (see README)."
+        "another machine, through an SSH tunnel (see docs/deployment.md)."
     ),
 ]
 

@@ -255,8 +255,8 @@ class HospitalRegistry:
         return registered, failed
 
 
-# every state `fedcare server status` shows for a hospital, and what it means (the README's
-# "Joining, and what `server status` shows" lists the same states; tests/test_pki.py ties them)
+# every state `fedcare server status` shows for a hospital, and what it means (docs/deployment.md,
+# "Joining, and what `server status` shows", lists the same states; tests/test_pki.py ties them)
 HOSPITAL_STATES = {
     "online": "its daemon is connected: heartbeats arrive (since: when it connected)",
     "offline": "its daemon was connected and its heartbeats stopped: daemon stopped, machine or "

@@ -74,7 +74,7 @@ class ChestCNN(nn.Module):
     grows with the dimension (Tramer & Boneh, ICLR 2021, "Differentially private learning needs
     better features": small end-to-end CNNs with normalisation are strong baselines); large
     expected batches and few epochs (same sources). The variant here was chosen by measurement
-    on PneumoniaMNIST (README, "Chest X-rays"), which also records what did not help.
+    on PneumoniaMNIST (``docs/chest-xray.md``; what did not help: ``benchmarks/notes/``).
 
     Parameters
     ----------
@@ -91,7 +91,7 @@ class ChestCNN(nn.Module):
     rotation, scale, shift : float
         Training-time augmentation (:class:`RandomAffine`): rotation in degrees, relative
         zoom, translation in pixels; all 0 = none. The defaults (15 degrees, 0.15, 2 pixels)
-        were chosen by measurement (README, "Chest X-rays"): under DP at epsilon = 3 they added
+        were chosen by measurement (docs/chest-xray.md): under DP at epsilon = 3 they added
         0.002-0.006 test AUROC on PneumoniaMNIST's official test split; at epsilon = 1 and
         without DP the effect was within the seed-to-seed spread.
     input_norm : bool
@@ -151,7 +151,7 @@ class ScatterLinear(nn.Module):
     Source: Tramèr & Boneh, ICLR 2021, "Differentially private learning needs better features
     (or much more data)": ScatterNet + linear, with group normalisation of the scattering
     coefficients, outperforms end-to-end CNNs under DP-SGD at small ε. On PneumoniaMNIST with
-    3 hospitals (README, "Chest X-rays") it beats :class:`ChestCNN` at ε = 1 and 3.
+    3 hospitals (docs/chest-xray.md) it beats :class:`ChestCNN` at ε = 1 and 3.
 
     Raises
     ------

@@ -329,7 +329,7 @@ def uses_ray(req: SimulationRequest) -> bool:
     ``--backend auto`` picks Ray when an option only Ray serves is set (``--ray-address`` or
     ``$RAY_ADDRESS``, a ``--gpus-per-hospital`` share, ``--cpus-per-hospital`` other than 1),
     else this process: starting Ray and actors that import torch again costs more than a small
-    federation's training on a 2-core machine (README, "Main job wall time"). An explicit
+    federation's training on a 2-core machine (docs/benchmarks.md, "Main job wall time"). An explicit
     ``--backend in-process`` ignores an inherited ``$RAY_ADDRESS``.
 
     Raises

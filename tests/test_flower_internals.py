@@ -1,7 +1,7 @@
 """The Flower 1.41 private code fedcare copies from or calls, pinned by the SHA-256 of its source.
 
 Where Flower 1.41 has no public hook, one fedcare module per concern copies or calls its private
-code (README, "Speed"; the project pins ``flwr==1.41.0``). Each entry below is a function or class
+code (docs/flower-internals.md; the project pins ``flwr==1.41.0``). Each entry below is a function or class
 that module copied a loop from or calls directly. When a Flower upgrade changes one of them, this
 test fails and names the fedcare module to re-check against the new source; after re-checking,
 update the hash here.

@@ -1,5 +1,5 @@
-"""examples/loopback-federation.sh: the README's deployment flow as one script. Its commands are
-the README's (same commands, same options, same order), and it runs end to end: a coordinator
+"""examples/loopback-federation.sh: the deployment flow of docs/deployment.md as one script. Its commands are
+that page's (same commands, same options, same order), and it runs end to end: a coordinator
 and three hospital daemons on loopback, one DP run, every process stopped at the end."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def fedcare_commands(text: str) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def test_the_readme_flow_and_the_script_run_the_same_commands():
-    readme = (APP_DIR / "README.md").read_text()
+    readme = (APP_DIR / "docs" / "deployment.md").read_text()  # the README links this page
     assert "`examples/loopback-federation.sh`" in readme
     flow = readme.split("## A real federation")[1].split("```bash")[1].split("```")[0]
     commands = fedcare_commands(flow)

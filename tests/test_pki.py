@@ -192,7 +192,7 @@ def test_start_refuses_a_public_port_on_the_superlinks_port_and_an_old_certifica
 def test_status_names_every_state_it_shows_and_the_readme_explains_each():
     """`server status` rows from Flower's `supernode list` JSON and the registry: removed
     (unregistered) nodes are left out, keys not registered with the SuperLink are shown as
-    `key stored`; every state shown has a meaning printed under the table and in the README."""
+    `key stored`; every state shown has a meaning printed under the table and in docs/deployment.md."""
     from pathlib import Path
 
     from server.hospitals import HOSPITAL_STATES, hospital_rows
@@ -216,7 +216,7 @@ def test_status_names_every_state_it_shows_and_the_readme_explains_each():
                     ("c", "13", "registered", "t3"), ("?", "15", "online", "t5"),
                     ("e", "-", "key stored", "-")]  # fmt: skip
     assert {row[2] for row in rows} == set(HOSPITAL_STATES)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
     section = readme.split("### Joining, and what `server status` shows")[1].split("\n### ")[0]
     for state in HOSPITAL_STATES:
         assert f"| `{state}` |" in section, state
@@ -291,7 +291,7 @@ def test_a_private_key_inside_a_git_work_tree_is_refused_unless_allowed(
 
 
 def test_the_repository_ignores_what_the_readme_flow_creates():
-    """Every folder the README's deployment commands write (and fedcare's default folders) is
+    """Every folder the deployment commands of docs/deployment.md write (and fedcare's default folders) is
     ignored by the repository's .gitignore: keys, ledgers, exported data, coordinator state."""
     import re
     import subprocess
@@ -300,7 +300,7 @@ def test_the_repository_ignores_what_the_readme_flow_creates():
 
     if not (APP_DIR / ".git").exists():
         pytest.skip("not a git checkout")
-    readme = (APP_DIR / "README.md").read_text()
+    readme = (APP_DIR / "docs" / "deployment.md").read_text()
     flow = readme.split("## A real federation")[1].split("```bash")[1].split("```")[0]
     options = r"--(?:out|state|ledger|export-hospitals|ca-dir|demo-dir)"
     folders = set(re.findall(rf"{options}[ =](\S+)", flow))

@@ -527,10 +527,10 @@ def test_unknown_task_names_a_broken_task_file(monkeypatch, capsys, tmp_path):
 def test_the_readme_example_is_a_valid_task_file():
     from server.run_config import APP_DIR
 
-    readme = (APP_DIR / "README.md").read_text()
-    section = readme.split("## Your own task", 1)[1]
+    readme = (APP_DIR / "docs" / "own-task.md").read_text()
+    section = readme.split("# Your own task", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
-    spec = parse_task_text(example, source="README.md")
+    spec = parse_task_text(example, source="docs/own-task.md")
     assert spec.name == "readmission" and spec.preprocessings == ("declared", "impute")
     assert spec.output_columns("declared") == [
         "age", "age missing", "creatinine", "sex",

@@ -372,7 +372,7 @@ ICU_TASKS: dict[str, Task] = {
         repartitionable=True,
         attribution_names=lambda preprocessing: (*TIME_SERIES, *STATIC_CHANNELS),
         attribution_axis=1,  # [T, V, 3]: one importance per variable (channel)
-        # chosen with benchmarks/icu_models.py (README, "ICU mortality"): 60 rounds of one local
+        # chosen with benchmarks/icu_models.py (docs/icu.md): 60 rounds of one local
         # epoch at expected batch 64 and learning rate 0.25
         run_defaults={"train.rounds": 60, "train.batch-size": 64, "train.lr": 0.25},
         # PhysioNet 2012's descriptors: Gender 0 = female, 1 = male (-1 = missing); Age in years

@@ -90,7 +90,7 @@ def scattering(x: np.ndarray, preprocessing: str) -> np.ndarray:
     nothing learned from data, so it is a fixed constant of the task like the pixel scaling and
     needs no statistics of any site. Tramèr & Boneh (ICLR 2021, "Differentially private learning
     needs better features") showed that linear models on these features beat end-to-end CNNs
-    under DP-SGD on small images; on PneumoniaMNIST too (README, "Chest X-rays").
+    under DP-SGD on small images; on PneumoniaMNIST too (docs/chest-xray.md).
 
     kymatio 0.3's ``kymatio.torch`` also imports its 3D transform, which needs a function recent
     SciPy removed; the 2D frontend is imported directly.
@@ -692,8 +692,8 @@ IMAGE_TASKS: dict[str, Task] = {
         models=("cnn", "scatter-linear"),
         preprocessing_models={SCATTER: ("scatter-linear",)},
         simulated_sites=simulated_chest_sites,
-        # The recipes of presets/chest-xray.toml and presets/chest-xray-no-dp.toml (README,
-        # "Chest X-rays"; benchmarks/chest_xray_variants.py), measured on PneumoniaMNIST.
+        # The recipes of presets/chest-xray.toml and presets/chest-xray-no-dp.toml (docs/chest-xray.md;
+        # benchmarks/chest_xray_variants.py), measured on PneumoniaMNIST.
         # Under DP: a linear model on fixed scattering coefficients (Tramer & Boneh, ICLR 2021),
         # large expected batches, a large learning rate on clipped gradients, few epochs.
         # Without: the CNN with small batches and momentum (lr 2 saturates its tanh units
