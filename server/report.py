@@ -470,6 +470,19 @@ def _cells(metrics: dict[str, Any], intervals: dict[str, Any] | None):  # type: 
     return cell
 
 
+def _console_cells(metrics: dict[str, Any], intervals: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+    """As :func:`_cells` for the console's table: a noisy figure with its interval, or "too
+    noisy" (never the bare point estimate the report withholds)."""
+    full = _cells(metrics, intervals)
+
+    def cell(name: str) -> str:
+        if intervals and name in intervals and not intervals[name].get("readable"):
+            return "too noisy"
+        return full(name)
+
+    return cell
+
+
 def _personal_lines(summary: dict[str, Any]) -> list[str]:
     """The global model next to each hospital's personal model, on that hospital's test split."""
     pe = summary.get("personalization")
@@ -942,10 +955,10 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
     for col in ("hospital", "n_train", "n_test", "ε", "δ", "AUROC", "accuracy"):
         table.add_column(col, justify="right" if col != "hospital" else "left")
     for h in summary["hospitals"]:
+        cell = _console_cells(h["metrics"], h.get("intervals"))
         table.add_row(
             h["name"], _fmt(h["n_train"]), _fmt(h["n_test"]), _fmt(h["epsilon"]),
-            "n/a" if h["delta"] is None else f"{h['delta']:g}",
-            _fmt(h["metrics"]["auroc"]), _fmt(h["metrics"]["accuracy"]),
+            "n/a" if h["delta"] is None else f"{h['delta']:g}", cell("auroc"), cell("accuracy"),
         )  # fmt: skip
     console.print(table)
     dp = summary["dp"]
@@ -962,15 +975,23 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
         )
     ov = summary["overall"]
     validation = summary.get("validation") or {}
-    auroc = _ci(validation["auroc"]) if "auroc" in validation else _fmt(ov.get("auroc"))
-    auprc = _ci(validation["auprc"]) if "auprc" in validation else _fmt(ov.get("auprc"))
+    pooled = _console_cells(ov, ov.get("intervals"))
+    auroc = _ci(validation["auroc"]) if "auroc" in validation else pooled("auroc")
+    auprc = _ci(validation["auprc"]) if "auprc" in validation else pooled("auprc")
+    noisy = bool(ov.get("intervals")) or any(h.get("intervals") for h in summary["hospitals"])
+    mean = "n/a (noisy releases)" if noisy else _fmt(ov.get("mean_client_accuracy"))
     console.print(
         escape(
-            f"overall AUROC {auroc}, AUPRC {auprc}, accuracy {_fmt(ov.get('accuracy'))}, mean "
-            f"client accuracy {_fmt(ov.get('mean_client_accuracy'))}"
+            f"overall AUROC {auroc}, AUPRC {auprc}, accuracy {pooled('accuracy')}, mean "
+            f"client accuracy {mean}"
         ),
         highlight=False,
     )
+    if noisy:
+        console.print(
+            "  figures from noisy counts show their 95 % interval (noise and patients); "
+            "'too noisy' where it spans more than half of [0, 1] (report.md says why)"
+        )
     if (external := summary.get("external_validation")) is not None:
         console.print(escape(external_validation_line(external)), highlight=False)
     for name, b in summary.get("baselines", {}).items():

@@ -5,6 +5,8 @@ the same run, a training step or model update, or a policy bypassed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -241,6 +243,23 @@ def test_the_training_report_shows_noisy_figures_with_intervals_or_says_too_nois
     lo, hi = large["ci"]
     assert f"{large['value']:.3f} ({lo:.3f}-{hi:.3f})" in large_row
     assert "parametric bootstrap" in report and summary["overall"]["intervals"]["auroc"]["ci"]
+    # the console's end-of-run table withholds the same point estimate as the report
+    import io
+
+    from rich.console import Console
+
+    from server.report import print_summary
+
+    buffer = io.StringIO()
+    print_summary(Console(file=buffer, width=200), summary, Path("run"), 1.0)
+    printed = buffer.getvalue()
+    small_line = next(line for line in printed.splitlines() if "small" in line)
+    assert (
+        "too noisy" in small_line
+        and f"{by_name['small']['intervals']['auroc']['value']:.3f}" not in small_line
+    )
+    assert f"{large['value']:.3f} ({lo:.3f}-{hi:.3f})" in printed
+    assert "mean client accuracy n/a (noisy releases)" in printed
 
 
 def test_curves_show_chance_level_distinct_hospitals_baselines_and_whole_rounds():
