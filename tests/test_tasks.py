@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from shared_models.sites import simulated_site_frames, site_from_frame
-from shared_models.tasks import TASKS, DataError, get_task, prepare_site
+from shared_models.tasks import LABEL, TASKS, DataError, get_task, prepare_site
 from shared_models.tasks.base import split_key_from_seed
 from shared_models.tasks.tabular import HEART_SITES, breast_cancer_frame, read_heart_disease_file
 
@@ -221,7 +221,7 @@ def test_the_partition_cache_gives_the_same_hospitals_and_survives_a_bad_entry(
     from shared_models.runtime import PARTITION_CACHE_ENV
 
     frame = get_task("breast-cancer").load_sites("")[0][1]
-    kwargs = dict(num_partitions=4, scheme=scheme, alpha=0.5, seed=3)
+    kwargs = dict(label=LABEL, num_partitions=4, scheme=scheme, alpha=0.5, seed=3)
     monkeypatch.delenv(PARTITION_CACHE_ENV, raising=False)
     expected = partition.partition_frame(frame, **kwargs)
     monkeypatch.setenv(PARTITION_CACHE_ENV, str(tmp_path))
