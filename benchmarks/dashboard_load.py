@@ -137,9 +137,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import uvicorn
+    from machine import machine_line
 
     from server.dashboard import build_app
-    from simulations.machine import machine_line
 
     print(machine_line("starlette", "jinja2", "uvicorn"))
     with tempfile.TemporaryDirectory(prefix="fedcare-dashboard-bench-") as tmp:

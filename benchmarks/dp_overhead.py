@@ -57,8 +57,7 @@ from shared_models.tasks import TASKS  # noqa: E402
 def machine(devices: list[str]) -> str:
     """One paragraph about where this ran (CPU model, cores, load, versions, GPU)."""
     import opacus
-
-    from simulations.machine import cpu_model, load_average
+    from machine import cpu_model, load_average
 
     cpu = cpu_model()
     load = load_average()

@@ -606,8 +606,7 @@ def machine_lines() -> list[str]:
     import opacus
     import psutil
     import torch
-
-    from simulations.machine import cpu_model, load_average
+    from machine import cpu_model, load_average
 
     cpu = cpu_model()
     try:

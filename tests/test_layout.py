@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,8 +85,11 @@ def _module_level_imports(path: Path) -> Iterator[ast.Import | ast.ImportFrom]:
     yield from walk(ast.parse(path.read_text(), filename=str(path)).body)
 
 
-def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
-    """Module -> our modules whose code runs when it is imported (module-level imports only).
+def import_graph(
+    root: Path = ROOT, packages: tuple[str, ...] = PACKAGES, *, lazy: bool = False
+) -> dict[str, set[str]]:
+    """Module -> our modules whose code runs when it is imported (module-level imports only;
+    with ``lazy``, also the imports inside functions: every module it may use).
 
     ``from a.b import c`` runs ``a.b`` and, when ``c`` is a module, ``a.b.c``; importing
     ``a.b.c`` also runs the packages ``a`` and ``a.b`` first, unless the importer is inside them
@@ -96,7 +101,12 @@ def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dic
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
         targets: set[str] = set()
-        for node in _module_level_imports(path):
+        if lazy:
+            tree = ast.parse(path.read_text(), filename=str(path))
+            nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        else:
+            nodes = list(_module_level_imports(path))
+        for node in nodes:
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
@@ -163,3 +173,38 @@ def test_the_cycle_check_follows_relative_imports_and_packages(tmp_path):
         "pkg.tasks.images",
         "pkg.partition",
     ]
+
+
+def _entry_points() -> set[str]:
+    """The modules fedcare starts: its console script, Flower's app components, and the
+    modules shipped code runs with ``python -m``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    targets = [
+        *project["project"]["scripts"].values(),
+        *project["tool"]["flwr"]["app"]["components"].values(),
+    ]
+    started = {
+        match
+        for pkg in PACKAGES
+        for path in (ROOT / pkg).rglob("*.py")
+        for match in re.findall(r'"-m",\s*"([\w.]+)"', path.read_text())
+    }
+    return {target.partition(":")[0] for target in targets} | started
+
+
+def test_every_shipped_module_is_used_by_fedcare():
+    """No module of the packages is there only for benchmarks or tests: each one is reached
+    from an entry point through imports (lazy ones included; a package's ``__init__`` runs
+    before its modules). Code only benchmarks use lives in benchmarks/, tests' in tests/."""
+    graph = import_graph(lazy=True)
+    entry = _entry_points()
+    assert entry <= set(graph), f"entry points not found: {entry - set(graph)}"
+    reached, todo = set(), list(entry)
+    while todo:
+        module = todo.pop()
+        if module in reached:
+            continue
+        reached.add(module)
+        parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+        todo += [*graph[module], *(parents & set(graph))]
+    assert sorted(set(graph) - reached) == []
