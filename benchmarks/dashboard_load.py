@@ -1,8 +1,8 @@
 """Page load time of the coordinator dashboard with a 300-hospital run's history.
 
 Writes a run folder as the ServerApp writes it (``flower-runs.json``, ``checkpoints/round-NNN``
-weights + sidecar with the :class:`server.history.RunHistory` so far; with ``--finished`` also
-``history.json`` and ``summary.json``) for HOSPITALS simulated hospitals over ROUNDS rounds, each
+weights + sidecar with that round's replies, ``history.json`` with the
+:class:`server.history.RunHistory` so far; with ``--finished`` also ``summary.json``) for HOSPITALS simulated hospitals over ROUNDS rounds, each
 hospital training and evaluating every round (per-round ε, δ, loss, AUROC; the values are drawn
 at random: this measures the page, not a model), then serves ``fedcare server dashboard``'s app
 with uvicorn on loopback and measures:
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +68,13 @@ def write_run(folder: Path, *, hospitals: int, rounds: int, finished: bool) -> N
                 metrics={"num-examples": 40.0, "auroc": 0.8 + 0.15 * rng.random()},
             ))  # fmt: skip
         history.centralized[r] = {"auroc": 0.9 + 0.005 * r}
-        sidecar = {"round": r, "run_id": 1, "run_config": config, "history": history.to_dict(),
+        (folder / "history.json").write_text(json.dumps(history.to_dict()))
+        events = [asdict(ev) for ev in history.events if ev.round == r]
+        sidecar = {"round": r, "run_id": 1, "run_config": config, "events": events,
                    "elapsed_seconds": 3.0 * r}  # fmt: skip
         save_weights(folder / "checkpoints" / f"round-{r:03d}.safetensors",
                      {"w": torch.zeros(4)}, sidecar)  # fmt: skip
     if finished:
-        (folder / "history.json").write_text(json.dumps(history.to_dict()))
         (folder / "summary.json").write_text(json.dumps({"run_id": "bench", "wall_seconds": 60.0}))
 
 
@@ -135,16 +137,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import uvicorn
+    from machine import machine_line
 
     from server.dashboard import build_app
-    from simulations.machine import machine_line
 
     print(machine_line("starlette", "jinja2", "uvicorn"))
     with tempfile.TemporaryDirectory(prefix="fedcare-dashboard-bench-") as tmp:
         for finished in (False, True):
             runs = Path(tmp) / ("finished" if finished else "running")
             write_run(runs / "run", hospitals=args.hospitals, rounds=args.rounds, finished=finished)
-            sidecar = runs / "run" / "checkpoints" / f"round-{args.rounds:03d}.json"
+            history = runs / "run" / "history.json"
             server = uvicorn.Server(uvicorn.Config(build_app(runs), host="127.0.0.1", port=0,
                                                    log_level="warning"))  # fmt: skip
             thread = threading.Thread(target=server.run, daemon=True)
@@ -154,7 +156,7 @@ def main() -> None:
             port = server.servers[0].sockets[0].getsockname()[1]
             state = "finished" if finished else "running"
             print(f"{state} run: {args.hospitals} hospitals x {args.rounds} rounds, last "
-                  f"checkpoint sidecar {sidecar.stat().st_size / 2**20:.1f} MiB")  # fmt: skip
+                  f"history.json {history.stat().st_size / 2**20:.1f} MiB")  # fmt: skip
             for path in ("/", "/fragment", "/api/run/run"):
                 first, seconds, size = _median_get(port, path, args.repeat)
                 print(f"  server  GET {path:<14} first {1000 * first:7.1f} ms, then "

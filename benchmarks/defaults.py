@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["no-dp", "3", "1"])
     p.add_argument("--run-config", default=None, help="extra --run-config for every run")
     args = p.parse_args()
-    from simulations.machine import machine_line
+    from machine import machine_line
 
     print(machine_line("torch", "flwr", "opacus", "sklearn"), flush=True)
     from tests import gbsg2

@@ -47,18 +47,18 @@ import torch  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from torch import nn  # noqa: E402
 
-from client.dp_modes import GRAD_SAMPLE_MODES, clipped_gradient, make_private_fixed  # noqa: E402
+from client.dp_modes import GRAD_SAMPLE_MODES  # noqa: E402
 from client.secure_dp import SecurePrivacyEngine  # noqa: E402
 from client.secure_random import SecureRandom  # noqa: E402
 from shared_models.models import build_model  # noqa: E402
 from shared_models.tasks import TASKS  # noqa: E402
+from tests.dp_gradients import clipped_gradient, make_private_fixed  # noqa: E402
 
 
 def machine(devices: list[str]) -> str:
     """One paragraph about where this ran (CPU model, cores, load, versions, GPU)."""
     import opacus
-
-    from simulations.machine import cpu_model, load_average
+    from machine import cpu_model, load_average
 
     cpu = cpu_model()
     load = load_average()

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 cell = _cell(run_dir, args.epsilons)
                 cells.append({"seed": seed, "train_seconds": train_seconds, **cell})
             results[task] = {"cells": cells, "summary": _summary(cells, args.epsilons)}
-    from simulations.machine import machine_line
+    from machine import machine_line
 
     results["machine"] = machine_line("torch", "captum", "opacus", "flwr")
     args.out.parent.mkdir(parents=True, exist_ok=True)

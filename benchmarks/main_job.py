@@ -40,8 +40,7 @@ def machine() -> str:
     import flwr
     import ray
     import torch
-
-    from simulations.machine import cpu_model
+    from machine import cpu_model
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (

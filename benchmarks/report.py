@@ -402,6 +402,47 @@ def _metrics(sites, scores: list) -> dict[str, Any]:  # type: ignore[no-untyped-
     }
 
 
+def train_batch_clipped(
+    model: torch.nn.Module,  # noqa: F821  (torch is imported when training)
+    data: torch.utils.data.Dataset,  # noqa: F821
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    seed: int,
+    clip_norm: float,
+) -> None:
+    """Non-private training of ``model`` in place, with each batch's gradient clipped to L2 norm
+    ``clip_norm`` (``torch.nn.utils.clip_grad_norm_``), so that a learning rate tuned for
+    clipped DP gradients does not diverge without DP (the report's pooled and local cells,
+    which are cached: the batch order and steps are those of
+    :func:`client.training.train_round` without DP and ``seed``)."""
+    import torch
+
+    from shared_models.image_models import seed_augmentation
+
+    model.train()
+    seed_augmentation(model, seed)
+    sampler = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=sampler
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    criterion = torch.nn.BCEWithLogitsLoss()
+    batches = iter(())
+    for _ in range(steps):
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            xb, yb = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(xb), yb).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+
+
 def _train_central(run, data, epsilon: float | None):  # type: ignore[no-untyped-def]
     """One model trained on ``data`` for the run's rounds × local epochs; DP-SGD when
     ``epsilon``. Returns ``(model, ε spent or None)``."""
@@ -412,16 +453,15 @@ def _train_central(run, data, epsilon: float | None):  # type: ignore[no-untyped
     n = len(data)
     if epsilon is None:
         epochs = run.train.rounds * run.train.local_epochs
-        train_round(
+        train_batch_clipped(
             model,
             data,
             steps=steps_per_round(n, run.train.batch_size, epochs),
             batch_size=run.train.batch_size,
             lr=run.train.lr,
             momentum=run.train.momentum,
-            dp=None,
             seed=run.train.seed,
-            clip_batch_norm=run.dp.max_grad_norm,
+            clip_norm=run.dp.max_grad_norm,
         )  # fmt: skip  (batch clipping: these cells are cached)
         return model, None
     plan = plan_for_run(run, n_train=n)
@@ -606,8 +646,7 @@ def machine_lines() -> list[str]:
     import opacus
     import psutil
     import torch
-
-    from simulations.machine import cpu_model, load_average
+    from machine import cpu_model, load_average
 
     cpu = cpu_model()
     try:

@@ -264,8 +264,7 @@ def machine() -> list[str]:
     import psutil
     import ray
     import torch
-
-    from simulations.machine import cpu_model, load_average
+    from machine import cpu_model, load_average
 
     cpu = cpu_model()
     load = load_average()

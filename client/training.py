@@ -373,7 +373,6 @@ def _run_steps(
     device: str,
     after_step: Callable[[], None] | None,
     criterion: Callable[[torch.Tensor, torch.Tensor], Any],
-    clip_norm: float | None = None,
 ) -> list[float]:
     """Take ``steps`` optimizer steps (cycling over ``loader``); return the non-empty batch losses.
 
@@ -387,8 +386,6 @@ def _run_steps(
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(net(xb), yb)  # an empty Poisson batch: nan loss, Opacus adds noise only
         loss.backward()
-        if clip_norm is not None:  # non-private only: DP clips per sample in the optimizer
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
         optimizer.step()
         if len(yb):
             losses.append(loss.detach())
@@ -440,7 +437,6 @@ def train_round(
     steps_taken: int | None = None,
     device: str = "cpu",
     grad_sample_mode: str = "hooks",
-    clip_batch_norm: float | None = None,
     clip_per_sample: float | None = None,
     randomness: SecureRandom | None = None,
 ) -> TrainResult:
@@ -485,10 +481,6 @@ def train_round(
         without per-sample gradients, a second backward pass with the clipping coefficients;
         needs the criterion wrapped by ``make_private``). The same clipped gradient and
         guarantee in every mode; see :func:`client.dp_modes.grad_sample_mode_for`.
-    clip_batch_norm : float, optional
-        Non-private training only: clip the batch gradient's L2 norm to this value
-        (``torch.nn.utils.clip_grad_norm_``), so that a learning rate tuned for clipped DP
-        gradients does not diverge without DP (the benchmark report's pooled/local cells).
     clip_per_sample : float, optional
         Non-private training only: DP-SGD's update without its noise -- each example's gradient
         clipped to this L2 norm, then averaged (Opacus ``make_private`` with
@@ -562,7 +554,6 @@ def train_round(
                 if proximal_mu > 0
                 else None
             ),
-            clip_norm=clip_batch_norm if dp is None else None,
         )  # fmt: skip
     finally:
         if isinstance(net, AbstractGradSampleModule):  # detach Opacus hooks (``model`` holds

@@ -3,10 +3,10 @@
 ``fedcare server dashboard --runs DIR [--pki DIR]`` serves it (see :func:`build_app`). It reads
 only what the coordinator already has and never writes:
 
-- the run folders under ``--runs`` (:mod:`server.server_app` writes them): while a run goes on,
-  the sidecar of its last complete checkpoint (``checkpoints/round-NNN.json``: run config,
-  round, elapsed seconds, the :class:`~server.history.RunHistory` so far); once it has ended,
-  ``history.json`` and ``summary.json``;
+- the run folders under ``--runs`` (:mod:`server.server_app` writes them): the sidecar of the
+  last complete checkpoint (``checkpoints/round-NNN.json``: run config, round, elapsed seconds),
+  ``history.json`` (the :class:`~server.history.RunHistory` so far, rewritten every round) and,
+  once the run has ended, ``summary.json``;
 - with ``--pki``, the hospital registry (``registered.json``) and, when the SuperLink answers on
   ``--superlink``, its node list (``flwr supernode list``, every 5 s): online / offline and since
   when;
@@ -183,7 +183,7 @@ _CACHE_LOCK = threading.Lock()
 
 def read_run(folder: Path) -> RunView:
     """The :class:`RunView` of one run folder, parsed again only when the folder changed (a
-    300-hospital run's sidecar is megabytes of JSON, and the page asks every second)."""
+    300-hospital run's history is megabytes of JSON, and the page asks every second)."""
     stamp = _stamp(folder)
     with _CACHE_LOCK:
         cached = _CACHE.get(folder)
@@ -210,12 +210,14 @@ def _read_run(folder: Path) -> RunView:
         view.status, view.round = "running", done
         view.config = dict(sidecar.get("run_config") or {})
         view.elapsed = _finite(sidecar.get("elapsed_seconds"))
+        # a run folder from before history.json was rewritten every round kept it in the sidecar
         view.history = RunHistory.from_dict(sidecar.get("history") or {})
     summary = _read_json(folder / "summary.json")
-    history = _read_json(folder / "history.json")
+    history = _read_json(folder / "history.json")  # rewritten every round
+    if isinstance(history, dict):
+        view.history = RunHistory.from_dict(history)
     if isinstance(summary, dict) and isinstance(history, dict):
         view.status = "finished"
-        view.history = RunHistory.from_dict(history)
         view.elapsed = _finite(summary.get("wall_seconds"))
         view.run_id = str(summary.get("run_id", view.run_id))
     view.rounds = int(view.config.get("train.rounds", 0) or 0)

@@ -14,9 +14,11 @@ strategy runs unmodified on top of it. With SecAgg+ on, train rounds go through
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
@@ -149,6 +151,20 @@ class RunHistory:
         """Every hospital (node id) this run has seen: replied, was asked, or was online."""
         return {ev.node_id for ev in self.events} | set(self.sites) | set(self.registered)
 
+    def up_to(self, server_round: int) -> RunHistory:
+        """This history as it stood after round ``server_round``: events and per-round entries
+        of later rounds left out (a resume repeats the rounds after its checkpoint), the
+        hospitals' names kept."""
+        return replace(
+            self,
+            events=[ev for ev in self.events if ev.round <= server_round],
+            centralized={r: m for r, m in self.centralized.items() if r <= server_round},
+            central_privacy={r: p for r, p in self.central_privacy.items() if r <= server_round},
+            sites=dict(self.sites),
+            registered=dict(self.registered),
+            misreported=dict(self.misreported),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "events": [asdict(ev) for ev in self.events],
@@ -169,6 +185,25 @@ class RunHistory:
             misreported={int(k): v for k, v in data.get("misreported", {}).items()},
             central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
         )
+
+
+def read_history(run_dir: Path, sidecar: Mapping[str, Any]) -> RunHistory:
+    """The history of a run folder: its ``history.json``, which the ServerApp rewrites
+    (atomically) every round before that round's checkpoint, so it holds at least the rounds of
+    the last complete checkpoint (maybe the round after: see :meth:`RunHistory.up_to`).
+
+    A run folder written before ``history.json`` was kept every round has the history in its
+    checkpoint ``sidecar`` (key ``"history"``) instead.
+
+    Raises
+    ------
+    ValueError
+        ``history.json`` is not JSON.
+    """
+    path = run_dir / "history.json"
+    if path.exists():
+        return RunHistory.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    return RunHistory.from_dict(sidecar.get("history") or {})
 
 
 def _clean(value: Any) -> float | None:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
@@ -42,7 +43,7 @@ from server.checkpoint import (
     save_weights,
     write_json_atomic,
 )
-from server.history import RecordingGrid, RunHistory, SiteEvent
+from server.history import RecordingGrid, RunHistory, SiteEvent, read_history
 from server.model_card import write_model_card
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
@@ -85,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(model.state_dict())
     if run.resume_from:
         done, weights, sidecar = latest_checkpoint(out)
-        history = RunHistory.from_dict(sidecar["history"])
+        history = read_history(out, sidecar).up_to(done)
     run_id = run.run_id or str(context.run_id)  # what hospitals key their ledgers on
     flower_run_ids = record_flower_run(
         out, run_id=run_id, flower_run_id=context.run_id, after_round=done
@@ -128,6 +129,8 @@ def main(grid: Grid, context: Context) -> None:
         if extra:  # written before the weights: a checkpoint is complete once its sidecar exists
             save_weights(path.with_name(path.stem + ".strategy.safetensors"),
                          {k: torch.from_numpy(v) for k, v in extra.items()}, {"round": server_round})  # fmt: skip
+        # history first: a complete checkpoint's round is in history.json (resume reads it)
+        write_json_atomic(out / "history.json", history.to_dict())
         sidecar = _sidecar(run, history, server_round, context)
         sidecar["elapsed_seconds"] = time.monotonic() - t_start  # since this (resumed) run began
         save_weights(path, state, sidecar)
@@ -303,8 +306,8 @@ def _wait_for_hospitals(grid: Grid, count: int, timeout: float = 120.0) -> None:
 
 
 def _releases_before(history: RunHistory) -> int:
-    """Client-level DP releases a resumed run already made: those its last checkpoint's
-    ``history`` recorded, plus one, since the coordinator may have sent the next round's noisy
+    """Client-level DP releases a resumed run already made: those the history recorded up to its
+    last checkpoint, plus one, since the coordinator may have sent the next round's noisy
     model to the hospitals for evaluation before it stopped (never undercounting: ε may be
     overstated by one release). 0 for a fresh run (empty history)."""
     central = history.central_privacy
@@ -364,7 +367,8 @@ def _sidecar(run: RunConfig, history: RunHistory, server_round: int, context: Co
         "run_config": dict(context.run_config),
         "versions": package_versions(),
         "privacy": _privacy(history),
-        "history": history.to_dict(),
+        # this round's replies only: the run's history is history.json (one copy, not one a round)
+        "events": [asdict(ev) for ev in history.events if ev.round == server_round],
     }
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import DataError
 from .files import write_json_atomic
 from .runtime import PARTITION_CACHE_ENV
-from .tasks import LABEL, DataError
 
 MIN_PARTITION_SIZE = 10
 
@@ -37,6 +37,7 @@ MIN_PARTITION_SIZE = 10
 def partition_frame(
     frame: pd.DataFrame,
     *,
+    label: str,
     num_partitions: int,
     scheme: str,
     alpha: float,
@@ -47,7 +48,10 @@ def partition_frame(
     Parameters
     ----------
     frame : pd.DataFrame
-        Raw rows with a binary ``label`` column.
+        Raw rows with a binary label column.
+    label : str
+        The label column's name (the tasks' ``shared_models.tasks.LABEL``; passed in so that
+        this module does not import the tasks package, which imports it).
     num_partitions : int
         Number of simulated hospitals.
     scheme : str
@@ -73,7 +77,7 @@ def partition_frame(
         )
     if scheme not in ("iid", "dirichlet"):
         raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'dirichlet'")
-    labels = frame[LABEL].astype(int).to_numpy()
+    labels = frame[label].astype(int).to_numpy()
     settings = {"num_partitions": num_partitions, "scheme": scheme, "alpha": alpha, "seed": seed}
     cache = _cache_path(labels, settings)
     parts = _read_cached(cache, n, num_partitions) if cache is not None else None
@@ -93,7 +97,7 @@ def _partition_rows(
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     n = len(labels)
-    table = pd.DataFrame({"row": np.arange(n), LABEL: labels})
+    table = pd.DataFrame({"row": np.arange(n), "label": labels})
     dataset = Dataset.from_pandas(table, preserve_index=False)
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -102,7 +106,7 @@ def _partition_rows(
     elif scheme == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
-            partition_by=LABEL,
+            partition_by="label",
             alpha=alpha,
             min_partition_size=MIN_PARTITION_SIZE,
             self_balancing=True,

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .config import RunConfig
 from .partition import partition_frame
-from .tasks import DataError, SiteData, Task, get_task, prepare_site
+from .tasks import LABEL, DataError, SiteData, Task, get_task, prepare_site
 from .tasks.base import split_key_from_seed
 
 SPLITS = ("per-record", "stratified")  # run config data.split (simulation)
@@ -66,7 +66,9 @@ def simulated_site_frames(
             )
         return sites
     frame = sites[0][1] if len(sites) == 1 else pd.concat([f for _, f in sites], ignore_index=True)
-    parts = partition_frame(frame, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed)
+    parts = partition_frame(
+        frame, label=LABEL, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed
+    )
     return [(f"hospital-{i + 1}", part) for i, part in enumerate(parts)]
 
 

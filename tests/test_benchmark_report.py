@@ -3,6 +3,7 @@ heart-disease benchmark's split is FLamby's own (no training, no Flower)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from collections import Counter
@@ -128,6 +129,37 @@ def test_split_seed_fixes_the_split_while_the_training_seed_varies(heart_dir):
     assert not all(
         np.array_equal(a, b) for a, b in zip(test_rows(0, -1), test_rows(1, -1), strict=True)
     )
+
+
+@pytest.mark.parametrize("name", ["logreg", "cnn"])
+def test_the_batch_clipped_cells_train_as_fedcare_does_without_dp(name):
+    """The report's non-private cells (cached) train with fedcare's non-private batch order and
+    augmentation seed: unclipped, train_batch_clipped ends at train_round's weights exactly;
+    clipped, each step moves the weights by at most lr x clip_norm."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from client.training import train_round
+    from shared_models.models import build_model
+
+    shape = (13,) if name == "logreg" else (1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(40, *shape, generator=g), (torch.rand(40, generator=g) > 0.5).float()
+    )
+    shipped = build_model(name, input_shape=shape)
+    bench, clipped = copy.deepcopy(shipped), copy.deepcopy(shipped)
+    start = [p.detach().clone() for p in clipped.parameters()]
+    kwargs = dict(steps=7, batch_size=16, lr=0.5, momentum=0.0, seed=3)  # 3 batches: 2 passes
+    train_round(shipped, data, dp=None, **kwargs)
+    report.train_batch_clipped(bench, data, clip_norm=1e9, **kwargs)
+    for key, value in shipped.state_dict().items():
+        assert torch.equal(bench.state_dict()[key], value), key
+    report.train_batch_clipped(clipped, data, clip_norm=1e-3, **{**kwargs, "steps": 1})
+    moved = torch.cat(
+        [(p.detach() - s).flatten() for p, s in zip(clipped.parameters(), start, strict=True)]
+    )
+    assert 0 < float(moved.norm()) <= 0.5 * 1e-3 * (1 + 1e-5)
 
 
 scale = _load("simulation_scale")

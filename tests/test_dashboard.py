@@ -566,3 +566,29 @@ def test_an_unknown_tracker_is_one_clear_message(tmp_path):
     assert proc.returncode == 2
     assert "--tracking 'wandb': use mlflow or mlflow=URI" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_running_runs_curves_come_from_history_json(tmp_path):
+    """While a run goes on, the page's history is history.json (rewritten every round), not the
+    checkpoint sidecar, which holds only its own round."""
+    import torch
+
+    from server.checkpoint import record_flower_run, save_weights
+    from server.dashboard import read_run
+    from server.history import RunHistory, SiteEvent
+
+    folder = tmp_path / "run"
+    record_flower_run(folder, run_id="r", flower_run_id=1, after_round=0)
+    history = RunHistory(
+        events=[
+            SiteEvent(round=r, kind="train", node_id=1, site="a", metrics={"epsilon": 0.5 * r})
+            for r in (1, 2)
+        ]
+    )
+    (folder / "history.json").write_text(json.dumps(history.to_dict()))
+    sidecar = {"round": 2, "run_config": {"train.rounds": 5}, "elapsed_seconds": 4.0,
+               "events": [e for e in history.to_dict()["events"] if e["round"] == 2]}  # fmt: skip
+    save_weights(folder / "checkpoints" / "round-002.safetensors", {"w": torch.zeros(1)}, sidecar)
+    view = read_run(folder)
+    assert (view.status, view.round, view.rounds) == ("running", 2, 5)
+    assert view.history == history

@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from client.dp_modes import GRAD_SAMPLE_MODES, clipped_gradient, grad_sample_mode_for
+from client.dp_modes import GRAD_SAMPLE_MODES, grad_sample_mode_for
 from client.secure_dp import SANITISED_MODES
 from client.training import DPPlan, train_round
 from shared_models.models import build_model
 from shared_models.tasks import TASKS
+from tests.dp_gradients import clipped_gradient
 
 _MODELS = sorted(
     {

@@ -85,6 +85,15 @@ def test_two_hospitals_two_rounds_with_dp(tmp_path):
         assert sidecar["round"] == int(name[-1])
         assert set(sidecar["privacy"]) == {"hospital-1", "hospital-2"}
         assert sidecar["versions"]["flwr"] == "1.41.0"
+        # its own round's replies, not the history so far (O(R^2) bytes over R rounds)
+        assert "history" not in sidecar
+        assert {e["round"] for e in sidecar["events"]} == {sidecar["round"]}
+        kinds = ["train"] if name == "round-001" else ["evaluate", "train"]  # evaluate: last round
+        assert sorted((e["kind"], e["site"]) for e in sidecar["events"]) == [
+            (kind, site) for kind in kinds for site in ("hospital-1", "hospital-2")
+        ]
+    history = json.loads((out / "history.json").read_text())
+    assert sorted(e["round"] for e in history["events"] if e["kind"] == "train") == [1, 1, 2, 2]
     card = json.loads((out / "model.json").read_text())
     assert card["privacy"]["guarantee"].startswith("sample-level")
     assert "ε" in (out / "report.md").read_text() and (out / "curves.png").exists()
@@ -212,7 +221,8 @@ def test_same_seed_same_weights_only_without_dp(tmp_path):
 
 
 def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
-    """Checkpoints are numbered past 999 and a resume finds round 1000 (not round 999 by name)."""
+    """Checkpoints are numbered past 999 and a resume finds round 1000 (not round 999 by name),
+    with the run's history from history.json up to that round."""
     import shutil
 
     from server.run_config import default_run_config
@@ -229,6 +239,11 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
         sidecar = json.loads((ckpt / "round-001.json").read_text())
         sidecar["round"] = rnd
         (ckpt / f"round-{rnd:03d}.json").write_text(json.dumps(sidecar))
+    # and stopped after history.json had round 1001's replies, before round 1001's checkpoint:
+    # the resume repeats round 1001, and history.json must not count it twice
+    history = json.loads((out / "history.json").read_text())
+    history["events"] += [{**e, "round": 1001} for e in history["events"] if e["kind"] == "train"]
+    (out / "history.json").write_text(json.dumps(history))
     run_federation(
         run_config={**cfg, "train.rounds": 1001, "run.resume-from": str(out)}, num_supernodes=2,
         in_process=True,
@@ -236,6 +251,8 @@ def test_a_run_resumes_from_its_checkpoint_of_round_1000(tmp_path):
     assert json.loads((ckpt / "round-1001.json").read_text())["round"] == 1001
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1001 and all(h["rounds_trained"] == 2 for h in summary["hospitals"])
+    history = json.loads((out / "history.json").read_text())
+    assert sorted({e["round"] for e in history["events"]}) == [1, 1001]
 
 
 def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):

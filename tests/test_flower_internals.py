@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import linecache
+import sys
 
 import pytest
 
@@ -118,10 +120,28 @@ def test_the_flower_code_each_module_relies_on_is_unchanged(concern):
     )
 
 
-def test_the_guard_notices_a_changed_source(monkeypatch):
-    import flwr.simulation.run_simulation as module
+def test_the_guard_pins_each_function_not_its_module(tmp_path, monkeypatch):
+    """source_hash reads the installed source of the one attribute named: an edit to it on disk
+    changes its hash, an edit elsewhere in the module does not (a pin per function is what lets
+    a Flower upgrade that leaves our functions alone pass), and a nested ``Class.method`` name
+    resolves to the method."""
+    module = tmp_path / "fake_flwr_module.py"
+    source = (
+        "def pinned():\n    return 1\n\n\nclass Other:\n    def method(self):\n        return 2\n"
+    )
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
 
-    pinned = source_hash("flwr.simulation.run_simulation:_run_simulation")
-    monkeypatch.setattr(inspect, "getsource", lambda obj: "def _run_simulation(): pass\n")
-    assert source_hash("flwr.simulation.run_simulation:_run_simulation") != pinned
-    assert module  # the module itself is untouched
+    def hashes() -> tuple[str, str]:
+        importlib.invalidate_caches()
+        linecache.clearcache()
+        sys.modules.pop("fake_flwr_module", None)
+        return source_hash("fake_flwr_module:pinned"), source_hash("fake_flwr_module:Other.method")
+
+    before = hashes()
+    assert before[0] == hashlib.sha256(b"def pinned():\n    return 1\n").hexdigest()[:16]
+    module.write_text(source.replace("return 2", "return 23"))
+    other_changed = hashes()
+    assert other_changed[0] == before[0] and other_changed[1] != before[1]
+    module.write_text(source.replace("return 1", "return 145"))
+    assert hashes()[0] != before[0]

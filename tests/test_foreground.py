@@ -13,7 +13,8 @@ from pathlib import Path
 
 # The child serves one TCP connection and, like uvicorn under Flower's SuperLink and SuperNode,
 # does not exit on SIGTERM before its open connections are closed; it records whether the
-# companion's connection was still open when SIGTERM arrived.
+# companion's connection was still open when the first SIGTERM arrived. It creates MARK.connected once it
+# has accepted the companion's connection and handles SIGTERM.
 CHILD = """
 import signal, socket, sys, time
 srv = socket.create_server(("127.0.0.1", 0))
@@ -25,12 +26,15 @@ def open_now():
         return conn.recv(1) != b""
     except BlockingIOError:
         return True
+first = []
 def on_term(signum, frame):
-    open(sys.argv[1], "w").write("open" if open_now() else "closed")
+    if not first:  # the first SIGTERM: a later one would find the connection closed anyway
+        first.append(open(sys.argv[1], "w").write("open" if open_now() else "closed"))
     while open_now():
         time.sleep(0.05)
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[1] + ".connected", "w").close()  # the companion's connection is open
 while True:
     time.sleep(0.05)
 """
@@ -73,9 +77,9 @@ def test_companions_stop_before_the_child_so_its_shutdown_does_not_wait(tmp_path
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not (tmp_path / "at-sigterm.port").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # the companion connects
+    while not (tmp_path / "at-sigterm.connected").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the companion connects
+    assert driver.poll() is None, "the driver ended before the companion connected"
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=60)
     assert out.strip() == "exit 0"

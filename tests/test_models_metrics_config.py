@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from shared_models.config import ConfigError, RunConfig
 from shared_models.metrics import binary_metrics
 from shared_models.models import MODELS, build_model
 from shared_models.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model_shapes() -> list[tuple[str, str, tuple[int, ...]]]:
@@ -166,3 +171,63 @@ def test_grad_sample_mode_is_a_checked_run_setting(default_cfg):
 def test_int_accepted_for_float(default_cfg):
     default_cfg["dp.target-epsilon"] = 3
     assert math.isclose(RunConfig.from_run_config(default_cfg).dp.target_epsilon, 3.0)
+
+
+# Keys of [tool.flwr.app.config] that RunConfig.from_run_config does not read, and the one module
+# that reads each raw from the run config (all three are simulation-only and per hospital).
+READ_PAST_THE_PARSER = {
+    "simulation.ledger-dir": "client/client_app.py",
+    "simulation.policy": "client/client_app.py",
+    "simulation.task-file": "client/client_app.py",
+}
+
+
+class _ReadRecorder(Mapping[str, Any]):
+    """A run config that remembers every key looked up in it (``in``, ``[]``, ``.get``)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values, self.read = values, set[str]()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return self.values[key]
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return key in self.values
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("the parser reads keys by name, never by walking the config")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _unmatched_keys(cfg: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(keys RunConfig.from_run_config reads that ``cfg`` lacks, keys of ``cfg`` nobody reads)."""
+    recorder = _ReadRecorder(cfg)
+    RunConfig.from_run_config(recorder)
+    return recorder.read - set(cfg), set(cfg) - recorder.read - set(READ_PAST_THE_PARSER)
+
+
+def test_every_pyproject_key_is_read_by_the_parser_or_named_reader(default_cfg):
+    """pyproject.toml's [tool.flwr.app.config] (which Flower needs) and RunConfig's parser name the
+    same keys: a key declared but never read, or read (with a fallback) but never declared, fails.
+    """
+    undeclared, unread = _unmatched_keys(default_cfg)
+    assert undeclared == set(), "read by RunConfig.from_run_config but not in pyproject.toml"
+    assert unread == set(), (
+        "in pyproject.toml but read by nobody: parse it in RunConfig.from_run_config "
+        "(or name its reader in READ_PAST_THE_PARSER)"
+    )
+    for key, reader in READ_PAST_THE_PARSER.items():
+        assert key in default_cfg, f"{key} is no longer declared: drop it from the allow-list"
+        assert f'run_config.get("{key}"' in (ROOT / reader).read_text(), f"{reader} reads {key}"
+
+
+def test_the_key_check_sees_keys_added_on_either_side(default_cfg):
+    """The check above, broken both ways: a pyproject key nobody reads, and a parser read of an
+    undeclared key (here ``eval.model``, which the parser reads with a fallback)."""
+    default_cfg["train.warmup"] = 3
+    del default_cfg["eval.model"]
+    assert _unmatched_keys(default_cfg) == ({"eval.model"}, {"train.warmup"})

@@ -272,6 +272,29 @@ def test_the_latest_checkpoint_is_found_past_round_999(tmp_path):
     assert done == 1000 and weights.name == "round-1000.safetensors" and sidecar["round"] == 1000
 
 
+def test_a_resume_reads_the_history_up_to_its_checkpoint(tmp_path):
+    """history.json may hold the round after the last complete checkpoint (written just before
+    it): the resume takes the rounds up to the checkpoint, and a run folder from before
+    history.json was kept every round is read from its sidecar."""
+    from server.history import read_history
+
+    history = RunHistory(
+        events=[SiteEvent(round=r, kind="train", node_id=1, site="a") for r in (1, 2, 3)],
+        centralized={r: {"auroc": 0.5 + r / 10} for r in (1, 2, 3)},
+        central_privacy={r: {"epsilon": float(r), "delta": 1e-5, "releases": r} for r in (1, 2, 3)},
+        sites={1: "a"},
+        registered={1: "a"},
+    )
+    (tmp_path / "history.json").write_text(json.dumps(history.to_dict()))
+    resumed = read_history(tmp_path, {"round": 2}).up_to(2)
+    assert [e.round for e in resumed.events] == [1, 2]
+    assert list(resumed.centralized) == list(resumed.central_privacy) == [1, 2]
+    assert resumed.sites == resumed.registered == {1: "a"}
+    assert len(history.events) == 3  # the history read is not changed
+    (tmp_path / "history.json").unlink()
+    assert read_history(tmp_path, {"round": 3, "history": history.to_dict()}) == history
+
+
 def test_histogram_metrics_equal_scikit_learn_on_binned_scores():
     """AUPRC and the operating point from counts are scikit-learn's on bin-rounded scores."""
     import numpy as np
@@ -356,7 +379,7 @@ def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(defaul
     report = (tmp_path / "report.md").read_text()
     assert "named by the key they authenticate with" in report
     assert "the hospital registered as va reports its site as 'cleveland'" in report
-    restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # checkpoint sidecar
+    restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # history.json
     assert restored.registered == {1: "cleveland", 2: "va"}
     assert restored.name_mismatches() == {"va": "cleveland"}
 

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import examples, warn_data
+from ..partition import partition_frame
 from .base import LABEL, DataError, SiteData, Task, prepare_site, split_key_from_seed
 
 IMAGE_SIZES = (28, 64, 128, 224)  # MedMNIST v2's published sizes
@@ -611,8 +612,6 @@ def simulated_chest_sites(
     DataError
         Missing or malformed data; ``num_sites`` differing from the number of hospital folders.
     """
-    from ..partition import partition_frame
-
     folder = _need_data(data_dir)
     size = image_size(preprocessing)
     npz = _one_npz(folder)
@@ -640,7 +639,7 @@ def simulated_chest_sites(
     parts = [
         part["row"].to_numpy()
         for part in partition_frame(
-            rows, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed
+            rows, label=LABEL, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed
         )
     ]
     tests = share_test_split(parts, y_train, y_test, seed=seed)
