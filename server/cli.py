@@ -488,7 +488,7 @@ def run(
 def _model_card(model: Path) -> tuple[Path, dict[str, Any]]:
     """The weights and model card of a run folder or a model file
     (:func:`simulations.external_validation.locate_model`, which raises the expected errors)."""
-    from simulations.external_validation import locate_model
+    from server.model_card import locate_model
 
     saved = locate_model(model)
     return saved.weights.resolve(), saved.card

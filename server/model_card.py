@@ -18,9 +18,59 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from server.run_config import UsageError
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A final model and its card: ``weights`` (safetensors path), ``card`` (``model.json``)."""
+
+    weights: Path
+    card: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return str(self.card["task"])
+
+
+def locate_model(model: Path) -> SavedModel:
+    """The weights and model card of a run folder (``model.safetensors`` + ``model.json``) or of
+    a model file (``X.safetensors`` + ``X.json``).
+
+    Raises
+    ------
+    UsageError
+        The weights or the card are missing, unreadable, or the card lacks ``task``, ``model``
+        (with its ``name``) or ``preprocessing``.
+    """
+    weights = model / MODEL_FILE if model.is_dir() else model
+    if not weights.is_file():
+        raise UsageError(
+            f"--model {model}: no model file there; pass the run folder of `fedcare simulate` or "
+            f"`fedcare server run`, or its {MODEL_FILE}"
+        )
+    card_path = weights.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{card_path}: the model card next to {weights.name} is missing or unreadable ({exc})"
+        ) from None
+    missing = [k for k in ("task", "model", "preprocessing") if k not in card]
+    if missing or not isinstance(card.get("model"), dict) or "name" not in card["model"]:
+        raise UsageError(
+            f"{card_path}: the model card lacks {', '.join(missing) or 'model.name'}; it was not "
+            "written by fedcare"
+        )
+    return SavedModel(weights, card)
+
 
 MODEL_CARD = "model.md"
 SECTIONS = (
