@@ -29,35 +29,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.browser import NO_BROWSER, get, headless_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 RUNS = 4  # rounds of the watched simulation
 TOKEN = "t0ken-for-the-dashboard-tests"
 HOSTILE = "<script>window.pwned=1</script>"
 HOSTILE_REASON = '<img src=x onerror="window.pwned=2">'
-
-
-NO_BROWSER = (
-    "Chromium not installed (/usr/bin/chromium, /usr/bin/chromedriver): "
-    "`apt-get install -y chromium chromium-driver` (.ci/run does it)"
-)
-
-
-def _browser():
-    """Headless Chromium through Selenium with the system driver (no download); None without
-    Chromium."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        return None
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="selenium not installed (dev extra)"
-    )
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1400"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -87,21 +65,6 @@ def serving(app, **ssl_files: str) -> Iterator[str]:
         thread.join(10)
 
 
-def _get(base: str, path: str, *, headers: dict[str, str] | None = None, context=None):
-    """GET ``path`` exactly as written (no URL normalisation): (status, body)."""
-    host, port = base.split("://")[1].split(":")
-    conn = (
-        http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
-        if base.startswith("https")
-        else http.client.HTTPConnection(host, int(port), timeout=10)
-    )
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    body = response.read().decode(errors="replace")
-    conn.close()
-    return response.status, body
-
-
 def _simulate(out: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_"))}
     env["PYTHONPATH"] = str(ROOT)
@@ -123,7 +86,7 @@ def federation(tmp_path_factory) -> Iterator[SimpleNamespace]:
     common = ["--hospitals", "3", "--epsilon", "2", "--ledger-dir", str(ledgers),
               "--policy", str(policy)]  # fmt: skip
     live = [*common, "--rounds", str(RUNS), "--tracking", f"mlflow={tmp / 'mlruns'}"]
-    browser = _browser()
+    browser = headless_chromium()
     try:
         if browser is None:
             proc = _simulate(runs / "live", *live)
@@ -209,7 +172,7 @@ def test_the_curves_json_is_the_run_folders_history(federation):
     from server.dashboard import build_app
 
     with serving(build_app(federation.runs)) as base:
-        status, body = _get(base, "/api/run/live")
+        status, body = get(base, "/api/run/live")
     assert status == 200
     curves = json.loads(body)["curves"]
     history = json.loads((federation.runs / "live" / "history.json").read_text())
@@ -358,7 +321,7 @@ def test_hospital_page_shows_a_hostile_audit_line_as_text(tmp_path):
     )  # fmt: skip
     app, _ = build_app(ledger)
     with serving(app) as base:
-        status, body = _get(base, "/")
+        status, body = get(base, "/")
     assert status == 200
     assert HOSTILE not in body and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in body
     assert "line 2 is not a JSON object" in body
@@ -395,10 +358,10 @@ def test_no_file_outside_what_the_dashboard_shows(run_folder):
     from server.dashboard import build_app
 
     with serving(build_app(run_folder)) as base:
-        assert _get(base, "/runs/r1/report.md")[0] == 200
-        assert _get(base, "/static/uPlot.iife.min.js")[0] == 200
+        assert get(base, "/runs/r1/report.md")[0] == 200
+        assert get(base, "/static/uPlot.iife.min.js")[0] == 200
         for path in TRAVERSALS:
-            status, body = _get(base, path)
+            status, body = get(base, path)
             assert "SECRET" not in body and "root:" not in body, path
             assert "{% " not in body and "import " not in body, path
             if not path.startswith("/?"):
@@ -417,16 +380,16 @@ def test_a_token_guards_every_request_over_the_consortium_tls(run_folder, tmp_pa
     files = {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key)}
     with serving(app, **files) as base:
         for path in ("/", "/fragment", "/api/run/r1", "/runs/r1/report.md", "/static/dashboard.js"):
-            assert _get(base, path, context=tls)[0] == 401, path
+            assert get(base, path, context=tls)[0] == 401, path
             wrong = {"Authorization": "Bearer " + "x" * len(TOKEN)}
-            assert _get(base, path, context=tls, headers=wrong)[0] == 401, path
+            assert get(base, path, context=tls, headers=wrong)[0] == 401, path
             good = {"Authorization": f"Bearer {TOKEN}"}
-            assert _get(base, path, context=tls, headers=good)[0] == 200, path
-        assert _get(base, f"/?token={TOKEN}", context=tls)[0] == 303  # sets the cookie once
+            assert get(base, path, context=tls, headers=good)[0] == 200, path
+        assert get(base, f"/?token={TOKEN}", context=tls)[0] == 303  # sets the cookie once
         cookie = {"Cookie": f"fedcare-dashboard-token={TOKEN}"}
-        assert _get(base, "/fragment", context=tls, headers=cookie)[0] == 200
+        assert get(base, "/fragment", context=tls, headers=cookie)[0] == 200
         with pytest.raises((ssl.SSLError, http.client.HTTPException, ConnectionError)):
-            _get(base.replace("https", "http"), "/")  # plain HTTP is not served
+            get(base.replace("https", "http"), "/")  # plain HTTP is not served
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -453,9 +416,9 @@ def test_the_hospital_dashboard_is_loopback_only(tmp_path):
         assert proc.returncode == 2 and "loopback only" in proc.stderr + proc.stdout, host
     app, _ = build_app(tmp_path / "ledger")
     with serving(app) as base:
-        assert _get(base, "/")[0] == 200
+        assert get(base, "/")[0] == 200
         # a page elsewhere reaching it through DNS rebinding names another host: refused
-        assert _get(base, "/", headers={"Host": "attacker.example:80"})[0] == 400
+        assert get(base, "/", headers={"Host": "attacker.example:80"})[0] == 400
 
 
 def test_dashboards_are_read_only():
@@ -503,7 +466,7 @@ def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
     counters = json.loads((state / "gateway-counters.json").read_text())
     assert counters["refused"] == {"other": 1, "pull-messages": 1} and counters["forwarded"] == {}
     with serving(build_app(tmp_path / "runs", state=state)) as base:
-        status, body = _get(base, "/fragment")
+        status, body = get(base, "/fragment")
     assert status == 200
     assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")
 
@@ -513,7 +476,7 @@ def _first_answer(base: str, tls: ssl.SSLContext, proc: subprocess.Popen) -> int
     deadline = time.monotonic() + 60
     while proc.poll() is None:
         try:
-            return _get(base, "/", context=tls)[0]
+            return get(base, "/", context=tls)[0]
         except (OSError, http.client.HTTPException):
             assert time.monotonic() < deadline, "the dashboard did not open its port"
             time.sleep(0.2)
@@ -552,7 +515,7 @@ def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
     try:
         assert status == 401
         good = {"Authorization": f"Bearer {TOKEN}"}
-        status, body = _get(base, "/", context=tls, headers=good)
+        status, body = get(base, "/", context=tls, headers=good)
         assert status == 200
         assert '<td>st-mary</td><td>-</td><td class="state-key-stored">key stored</td>' in body
         assert "not reachable: registry only" in body
