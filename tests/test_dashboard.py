@@ -471,6 +471,27 @@ def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
     assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")
 
 
+def test_a_route_both_forwarded_and_refused_is_one_row(tmp_path):
+    """A hospital refused before its key was added, then forwarded (the loopback deployment's
+    activate-node: 3 forwarded, 11 refused): one row per route, routes in order (the template
+    once sorted and de-duplicated the refused routes only, listing such a route twice)."""
+    from server.dashboard import build_app
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "runs").mkdir()
+    counters = {"updated": "2026-12-07T17:30:01+00:00",
+                "forwarded": {"pull-messages": 224, "activate-node": 3},
+                "refused": {"activate-node": 11, "other": 2}}  # fmt: skip
+    (tmp_path / "state" / "gateway-counters.json").write_text(json.dumps(counters))
+    with serving(build_app(tmp_path / "runs", state=tmp_path / "state")) as base:
+        status, body = get(base, "/fragment")
+    assert status == 200
+    table = body.replace("\n", "").split('<section id="gateway">')[1]
+    rows = [row.split("</td>")[0] for row in table.split("<tr><td>")[1:]]
+    assert rows == ["activate-node", "other", "pull-messages"], rows
+    assert "<td>activate-node</td><td>3</td><td>11</td>" in table
+
+
 def _first_answer(base: str, tls: ssl.SSLContext, proc: subprocess.Popen) -> int | None:
     """The status of GET / once the dashboard answers; None if its process exited."""
     deadline = time.monotonic() + 60
