@@ -193,6 +193,30 @@ def test_the_curves_json_is_the_run_folders_history(federation):
 
 
 @pytest.mark.slow
+def test_a_deployed_runs_pooled_auroc_is_on_the_page_and_its_curve(federation, tmp_path):
+    """A deployment has no centralised evaluation: its pooled AUROC is the report's, from the
+    hospitals' last noisy score histograms summed (summary.json's overall block), at the last
+    round with an evaluation (the simulation's run folder, made to look deployed)."""
+    from server.dashboard import build_app
+
+    runs = tmp_path / "runs"
+    shutil.copytree(federation.runs / "live", runs / "deployed")
+    history = json.loads((runs / "deployed" / "history.json").read_text())
+    history["centralized"] = {}
+    (runs / "deployed" / "history.json").write_text(json.dumps(history))
+    summary = json.loads((runs / "deployed" / "summary.json").read_text())
+    method = "pooled test counts of 3 hospital(s) (score histograms summed)"
+    summary["overall"] = {"auroc": 0.8125, "method": method,
+                          "intervals": {"auroc": {"value": 0.8125, "ci": [0.625, 0.9375]}}}  # fmt: skip
+    (runs / "deployed" / "summary.json").write_text(json.dumps(summary))
+    with serving(build_app(runs)) as base:
+        curves = json.loads(get(base, "/api/run/deployed")[1])["curves"]
+        body = get(base, "/fragment")[1]
+    assert curves["pooled_auroc"] == [None] * (RUNS - 1) + [0.8125]
+    assert f'<td id="pooled-auroc">0.812 (95 % CI 0.625–0.938) <span class="muted">{method}' in body
+
+
+@pytest.mark.slow
 def test_mlflow_reads_back_the_run_params_and_per_round_metrics(federation):
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient

@@ -303,7 +303,7 @@ def test_two_rounds_with_dp(federation, dashboards):
         dashboards,
         ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
          "--rounds", "2", "--epsilon", "2", "--out", str(root / "run"),
-         "--app", str(federation["app"])],
+         "--app", str(federation["app"]), "--tracking", f"mlflow={root / 'mlruns'}"],
         "run",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
@@ -342,6 +342,27 @@ def test_two_rounds_with_dp(federation, dashboards):
     assert status.returncode == 0 and "finished:completed" in status.stdout, status.stdout
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
     assert "online: its daemon is connected" in status.stdout  # each state shown is explained
+    _check_tracking(root / "mlruns", summary)
+
+
+def _check_tracking(store: Path, summary: dict) -> None:
+    """`server run --tracking mlflow=STORE` as MLflow's own client reads it back: the run config,
+    each hospital's ε per round (ending at the summary's), the pooled AUROC, the artefacts."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("fedcare").experiment_id])
+    assert run.data.tags["fedcare.run_id"] == summary["run_id"]
+    assert run.data.params["train.rounds"] == "2" and run.data.params["dp.target-epsilon"] == "2.0"
+    for h in summary["hospitals"]:
+        logged = client.get_metric_history(run.info.run_id, f"{h['name']}.epsilon")
+        assert [m.step for m in logged] == [1, 2] and logged[-1].value == pytest.approx(
+            h["epsilon"]
+        )
+    assert run.data.metrics["final.auroc"] == pytest.approx(summary["overall"]["auroc"])
+    artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "summary.json", "model.safetensors", "model.md"} <= artefacts
 
 
 def test_the_coordinator_dashboard_followed_the_dp_run(federation, dashboards, tmp_path):
@@ -374,7 +395,10 @@ def test_the_coordinator_dashboard_followed_the_dp_run(federation, dashboards, t
 
     registry = {row[0]: row[2] for row in rows("#registry")}
     run_hospitals = {row[0]: row[2] for row in rows("#run-hospitals")}
+    routes = [row[0] for row in rows("#gateway")]
     gateway = {row[0]: int(row[1]) for row in rows("#gateway")}
+    pooled = browser.find_element(By.ID, "pooled-auroc").text
+    auroc_series = browser.find_element(By.ID, "chart-auroc").get_attribute("data-series")
     counter = browser.find_element(By.ID, "round-counter").text
     status = browser.find_element(By.ID, "run-status").text
     note = browser.find_element(By.CSS_SELECTOR, "#registry h2").text
@@ -391,7 +415,13 @@ def test_the_coordinator_dashboard_followed_the_dp_run(federation, dashboards, t
     assert sorted(curves["epsilon"]) == list(HOSPITALS) and curves["target_epsilon"] == 2.0
     for name, values in curves["epsilon"].items():
         assert len(values) == 2 and values[0] < values[1] == pytest.approx(epsilon[name])
-    assert gateway.get("pull-messages", 0) > 0, gateway
+    # no centralised evaluation in a deployment: the pooled AUROC is the report's, from the
+    # hospitals' noisy histograms of the last round, on the page and as the curve's last point
+    auroc = summary["overall"]["auroc"]
+    assert pooled.startswith(f"{auroc:.3f} (95 % CI") and "score histograms summed" in pooled
+    assert curves["pooled_auroc"] == [None, pytest.approx(auroc)]
+    assert auroc_series == str(len(HOSPITALS) + 1)  # one line per hospital, and the pooled one
+    assert gateway.get("pull-messages", 0) > 0 and routes == sorted(set(routes)), routes
     assert (tmp_path / "coordinator.png").stat().st_size > 10_000
 
 
