@@ -193,7 +193,9 @@ def dashboards(federation):
     dashboard` on the coordinator's run folders (--runs: the runs of this module are folders of
     ROOT), registry (--pki), SuperLink (--superlink) and gateway counters (--state), and hospital
     a's `fedcare client dashboard --state` with its policy. None without Chromium (nothing is
-    started then)."""
+    started then). ``stop()`` ends them: the last test that looks at them calls it, since the
+    coordinator's dashboard asks the SuperLink for its nodes every 5 s (a `flwr` process each
+    time), which the rest of the module need not pay for."""
     chromium = headless_chromium()
     if chromium is None:
         yield None
@@ -209,15 +211,19 @@ def dashboards(federation):
                log=root / "dashboard-hospital.log"),
     ]  # fmt: skip
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+
+    def stop() -> None:
+        chromium.quit()  # a second call does nothing
+        for proc in procs:
+            _stop(proc)
+
     try:
         for name, url in urls.items():
             log = root / f"dashboard-{name}.log"
             _wait(lambda url=url: get(url, "/")[0] == 200, 60, log)
-        yield SimpleNamespace(browser=chromium, **urls)
+        yield SimpleNamespace(browser=chromium, stop=stop, **urls)
     finally:
-        chromium.quit()
-        for proc in procs:
-            _stop(proc)
+        stop()
 
 
 def _run_watched(dashboards, args: list[str], run: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:  # type: ignore[no-untyped-def]  # fmt: skip
@@ -420,7 +426,9 @@ def test_the_coordinator_dashboard_followed_the_dp_run(federation, dashboards, t
     auroc = summary["overall"]["auroc"]
     assert pooled.startswith(f"{auroc:.3f} (95 % CI") and "score histograms summed" in pooled
     assert curves["pooled_auroc"] == [None, pytest.approx(auroc)]
-    assert auroc_series == str(len(HOSPITALS) + 1)  # one line per hospital, and the pooled one
+    # one line per hospital whose noisy counts gave an AUROC (too few of one class: none), and
+    # the pooled one
+    assert auroc_series == str(len(curves["auroc"]) + 1), (auroc_series, curves["auroc"])
     assert gateway.get("pull-messages", 0) > 0 and routes == sorted(set(routes)), routes
     assert (tmp_path / "coordinator.png").stat().st_size > 10_000
 
@@ -493,11 +501,12 @@ def test_a_run_without_dp_is_refused_by_every_hospital(federation):
         assert "site policy (from " in log and "allow-non-dp = false" in log
 
 
-def test_the_hospital_dashboard_shows_the_dp_run_and_the_refusal(federation, dashboards, tmp_path):
+def test_the_dashboards_show_the_dp_run_and_the_refusal(federation, dashboards, tmp_path):
     """Hospital a's `fedcare client dashboard --state` after test_two_rounds_with_dp and
     test_a_run_without_dp_is_refused_by_every_hospital: the DP run's ledger row (its ε, the
     coordinator's Flower run id), no row for the refused run, and its refusal in the audit log
-    with the hospital's reason."""
+    with the hospital's reason; the coordinator's page names every hospital's refusal of that
+    run with the same reason. The last test to look at the dashboards: it stops them."""
     from selenium.webdriver.common.by import By
 
     if dashboards is None:
@@ -516,6 +525,11 @@ def test_the_hospital_dashboard_shows_the_dp_run_and_the_refusal(federation, das
                 if refused["run_id"] in row.text]  # fmt: skip
     lifetime = browser.find_element(By.ID, "lifetime").text
     browser.save_screenshot(str(tmp_path / "hospital.png"))
+    browser.get(f"{dashboards.coordinator}/?run=run-no-dp")
+    failures = [[td.text for td in row.find_elements(By.TAG_NAME, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#failures tbody tr")]  # fmt: skip
+    browser.save_screenshot(str(tmp_path / "coordinator-refused.png"))
+    dashboards.stop()
     files = root / "hospital-a" / "ledger" / "runs"
     assert sorted(ledger) == sorted(p.stem for p in files.glob("*.json"))  # every ledger entry
     assert refused["run_id"] not in ledger  # the refused run spent nothing
@@ -527,6 +541,9 @@ def test_the_hospital_dashboard_shows_the_dp_run_and_the_refusal(federation, das
     assert refusals and all("the policy requires DP" in text for text in refusals), refusals
     assert "of the policy's cap 1000.0" in lifetime
     assert (tmp_path / "hospital.png").stat().st_size > 10_000
+    # round, message, hospital, cause, the hospital's public reason
+    assert {(row[2], row[3]) for row in failures} == {(h, "refused") for h in HOSPITALS}
+    assert all("the policy requires DP" in row[4] for row in failures), failures
 
 
 def _superlink_state(federation) -> tuple[list, list]:
