@@ -143,6 +143,9 @@ def _watch(browser, runs: Path, args: list[str], shots: Path):  # type: ignore[n
             epsilon_points=chart.get_attribute("data-points"),
             canvases=len(browser.find_elements(By.CSS_SELECTOR, "#chart-epsilon canvas")),
             error=browser.execute_script("return document.body.dataset.error || null"),
+            round_ticks=browser.execute_script(  # uPlot's tick values of the x axis
+                "return fedcareCharts['chart-epsilon'].plot.axes[0]._splits"
+            ),
         )
     return output, seen, page
 
@@ -161,6 +164,7 @@ def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation
     # the ε curve: one line per hospital plus the target, over every round, drawn on a canvas
     assert page.epsilon_series == "4" and page.epsilon_points == str(RUNS)
     assert page.canvases >= 1 and page.error is None
+    assert page.round_ticks == list(range(1, RUNS + 1)), page.round_ticks  # whole rounds only
     summary = json.loads((federation.runs / "live" / "summary.json").read_text())
     assert all(0 < h["epsilon"] <= 2.0 for h in summary["hospitals"])
     shutil.copy(federation.shots / "coordinator.png", tmp_path / "coordinator.png")
