@@ -4,6 +4,10 @@ SuperLink on 127.0.0.1, three `fedcare client start` hospital daemons (Flower Su
 node authentication) whose keys each hospital made itself and the coordinator added while
 running -- after the daemons had started, so that they join on their own once their key is in.
 
+While test_two_rounds_with_dp runs, headless Chromium watches `fedcare server dashboard`; the
+tests after it check that page and hospital a's `fedcare client dashboard` (they skip, saying
+so, without Chromium), and that run's `--tracking mlflow=...` is read back with MlflowClient.
+
 Every process is bounded in time and stopped by its PID (and process group) at the end.
 """
 
