@@ -217,9 +217,10 @@ def dashboards(federation):
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
 
     def stop() -> None:
-        chromium.quit()  # a second call does nothing
-        for proc in procs:
-            _stop(proc)
+        if procs:  # once (the driver is gone after its first quit)
+            chromium.quit()
+            while procs:
+                _stop(procs.pop())
 
     try:
         for name, url in urls.items():
