@@ -76,6 +76,11 @@ class RunView:
         The run config (run-config keys to values).
     history : RunHistory
         What the coordinator recorded so far.
+    overall : dict
+        ``summary.json``'s ``overall`` block once the run has ended: the pooled test figures
+        (simulation: the centralised evaluation; deployment: the hospitals' last noisy score
+        histograms summed, see :func:`server.report.build_summary`), with ``method`` and
+        ``intervals``.
     """
 
     name: str
@@ -86,6 +91,7 @@ class RunView:
     config: dict[str, Any] = field(default_factory=dict)
     history: RunHistory = field(default_factory=RunHistory)
     run_id: str = ""
+    overall: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dp(self) -> str:
@@ -144,6 +150,13 @@ class RunView:
         pooled = [
             _finite((self.history.centralized.get(r) or {}).get("auroc")) for r in rounds
         ]  # fmt: skip
+        evaluated = [e.round for e in self.history.events
+                     if e.kind == "evaluate" and e.error is None and e.round in index]  # fmt: skip
+        if all(v is None for v in pooled) and evaluated and self.overall.get("auroc") is not None:
+            # a deployment has no centralised evaluation: once the run has ended, the report
+            # pools the hospitals' last (noisy) score histograms, i.e. those of the last round
+            # with an evaluation
+            pooled[index[max(evaluated)]] = _finite(self.overall["auroc"])
         target = self.config.get("dp.target-epsilon") if self.config.get("dp.enabled") else None
         return {"rounds": rounds, **series, "pooled_auroc": pooled,
                 "target_epsilon": _finite(target)}  # fmt: skip
@@ -220,6 +233,8 @@ def _read_run(folder: Path) -> RunView:
         view.status = "finished"
         view.elapsed = _finite(summary.get("wall_seconds"))
         view.run_id = str(summary.get("run_id", view.run_id))
+        overall = summary.get("overall")
+        view.overall = overall if isinstance(overall, dict) else {}
     view.rounds = int(view.config.get("train.rounds", 0) or 0)
     if view.status == "finished":
         view.round = max([view.round, *(e.round for e in view.history.events)])

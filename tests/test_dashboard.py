@@ -29,35 +29,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.browser import NO_BROWSER, get, headless_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 RUNS = 4  # rounds of the watched simulation
 TOKEN = "t0ken-for-the-dashboard-tests"
 HOSTILE = "<script>window.pwned=1</script>"
 HOSTILE_REASON = '<img src=x onerror="window.pwned=2">'
-
-
-NO_BROWSER = (
-    "Chromium not installed (/usr/bin/chromium, /usr/bin/chromedriver): "
-    "`apt-get install -y chromium chromium-driver` (.ci/run does it)"
-)
-
-
-def _browser():
-    """Headless Chromium through Selenium with the system driver (no download); None without
-    Chromium."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        return None
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="selenium not installed (dev extra)"
-    )
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1400"):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -87,21 +65,6 @@ def serving(app, **ssl_files: str) -> Iterator[str]:
         thread.join(10)
 
 
-def _get(base: str, path: str, *, headers: dict[str, str] | None = None, context=None):
-    """GET ``path`` exactly as written (no URL normalisation): (status, body)."""
-    host, port = base.split("://")[1].split(":")
-    conn = (
-        http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
-        if base.startswith("https")
-        else http.client.HTTPConnection(host, int(port), timeout=10)
-    )
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    body = response.read().decode(errors="replace")
-    conn.close()
-    return response.status, body
-
-
 def _simulate(out: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "RAY_"))}
     env["PYTHONPATH"] = str(ROOT)
@@ -123,7 +86,7 @@ def federation(tmp_path_factory) -> Iterator[SimpleNamespace]:
     common = ["--hospitals", "3", "--epsilon", "2", "--ledger-dir", str(ledgers),
               "--policy", str(policy)]  # fmt: skip
     live = [*common, "--rounds", str(RUNS), "--tracking", f"mlflow={tmp / 'mlruns'}"]
-    browser = _browser()
+    browser = headless_chromium()
     try:
         if browser is None:
             proc = _simulate(runs / "live", *live)
@@ -180,6 +143,9 @@ def _watch(browser, runs: Path, args: list[str], shots: Path):  # type: ignore[n
             epsilon_points=chart.get_attribute("data-points"),
             canvases=len(browser.find_elements(By.CSS_SELECTOR, "#chart-epsilon canvas")),
             error=browser.execute_script("return document.body.dataset.error || null"),
+            round_ticks=browser.execute_script(  # uPlot's tick values of the x axis
+                "return fedcareCharts['chart-epsilon'].plot.axes[0]._splits"
+            ),
         )
     return output, seen, page
 
@@ -198,6 +164,7 @@ def test_coordinator_page_follows_a_live_simulation_to_its_last_round(federation
     # the ε curve: one line per hospital plus the target, over every round, drawn on a canvas
     assert page.epsilon_series == "4" and page.epsilon_points == str(RUNS)
     assert page.canvases >= 1 and page.error is None
+    assert page.round_ticks == list(range(1, RUNS + 1)), page.round_ticks  # whole rounds only
     summary = json.loads((federation.runs / "live" / "summary.json").read_text())
     assert all(0 < h["epsilon"] <= 2.0 for h in summary["hospitals"])
     shutil.copy(federation.shots / "coordinator.png", tmp_path / "coordinator.png")
@@ -209,7 +176,7 @@ def test_the_curves_json_is_the_run_folders_history(federation):
     from server.dashboard import build_app
 
     with serving(build_app(federation.runs)) as base:
-        status, body = _get(base, "/api/run/live")
+        status, body = get(base, "/api/run/live")
     assert status == 200
     curves = json.loads(body)["curves"]
     history = json.loads((federation.runs / "live" / "history.json").read_text())
@@ -227,6 +194,30 @@ def test_the_curves_json_is_the_run_folders_history(federation):
     (record,) = Ledger(federation.ledgers / "hospital-1").records()
     # the last point is the hospital's own accountant over every step it took
     assert curves["epsilon"]["hospital-1"][-1] == pytest.approx(record.epsilon(), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_deployed_runs_pooled_auroc_is_on_the_page_and_its_curve(federation, tmp_path):
+    """A deployment has no centralised evaluation: its pooled AUROC is the report's, from the
+    hospitals' last noisy score histograms summed (summary.json's overall block), at the last
+    round with an evaluation (the simulation's run folder, made to look deployed)."""
+    from server.dashboard import build_app
+
+    runs = tmp_path / "runs"
+    shutil.copytree(federation.runs / "live", runs / "deployed")
+    history = json.loads((runs / "deployed" / "history.json").read_text())
+    history["centralized"] = {}
+    (runs / "deployed" / "history.json").write_text(json.dumps(history))
+    summary = json.loads((runs / "deployed" / "summary.json").read_text())
+    method = "pooled test counts of 3 hospital(s) (score histograms summed)"
+    summary["overall"] = {"auroc": 0.8125, "method": method,
+                          "intervals": {"auroc": {"value": 0.8125, "ci": [0.625, 0.9375]}}}  # fmt: skip
+    (runs / "deployed" / "summary.json").write_text(json.dumps(summary))
+    with serving(build_app(runs)) as base:
+        curves = json.loads(get(base, "/api/run/deployed")[1])["curves"]
+        body = get(base, "/fragment")[1]
+    assert curves["pooled_auroc"] == [None] * (RUNS - 1) + [0.8125]
+    assert f'<td id="pooled-auroc">0.812 (95 % CI 0.625–0.938) <span class="muted">{method}' in body
 
 
 @pytest.mark.slow
@@ -358,7 +349,7 @@ def test_hospital_page_shows_a_hostile_audit_line_as_text(tmp_path):
     )  # fmt: skip
     app, _ = build_app(ledger)
     with serving(app) as base:
-        status, body = _get(base, "/")
+        status, body = get(base, "/")
     assert status == 200
     assert HOSTILE not in body and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in body
     assert "line 2 is not a JSON object" in body
@@ -395,10 +386,10 @@ def test_no_file_outside_what_the_dashboard_shows(run_folder):
     from server.dashboard import build_app
 
     with serving(build_app(run_folder)) as base:
-        assert _get(base, "/runs/r1/report.md")[0] == 200
-        assert _get(base, "/static/uPlot.iife.min.js")[0] == 200
+        assert get(base, "/runs/r1/report.md")[0] == 200
+        assert get(base, "/static/uPlot.iife.min.js")[0] == 200
         for path in TRAVERSALS:
-            status, body = _get(base, path)
+            status, body = get(base, path)
             assert "SECRET" not in body and "root:" not in body, path
             assert "{% " not in body and "import " not in body, path
             if not path.startswith("/?"):
@@ -417,16 +408,16 @@ def test_a_token_guards_every_request_over_the_consortium_tls(run_folder, tmp_pa
     files = {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key)}
     with serving(app, **files) as base:
         for path in ("/", "/fragment", "/api/run/r1", "/runs/r1/report.md", "/static/dashboard.js"):
-            assert _get(base, path, context=tls)[0] == 401, path
+            assert get(base, path, context=tls)[0] == 401, path
             wrong = {"Authorization": "Bearer " + "x" * len(TOKEN)}
-            assert _get(base, path, context=tls, headers=wrong)[0] == 401, path
+            assert get(base, path, context=tls, headers=wrong)[0] == 401, path
             good = {"Authorization": f"Bearer {TOKEN}"}
-            assert _get(base, path, context=tls, headers=good)[0] == 200, path
-        assert _get(base, f"/?token={TOKEN}", context=tls)[0] == 303  # sets the cookie once
+            assert get(base, path, context=tls, headers=good)[0] == 200, path
+        assert get(base, f"/?token={TOKEN}", context=tls)[0] == 303  # sets the cookie once
         cookie = {"Cookie": f"fedcare-dashboard-token={TOKEN}"}
-        assert _get(base, "/fragment", context=tls, headers=cookie)[0] == 200
+        assert get(base, "/fragment", context=tls, headers=cookie)[0] == 200
         with pytest.raises((ssl.SSLError, http.client.HTTPException, ConnectionError)):
-            _get(base.replace("https", "http"), "/")  # plain HTTP is not served
+            get(base.replace("https", "http"), "/")  # plain HTTP is not served
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -453,9 +444,9 @@ def test_the_hospital_dashboard_is_loopback_only(tmp_path):
         assert proc.returncode == 2 and "loopback only" in proc.stderr + proc.stdout, host
     app, _ = build_app(tmp_path / "ledger")
     with serving(app) as base:
-        assert _get(base, "/")[0] == 200
+        assert get(base, "/")[0] == 200
         # a page elsewhere reaching it through DNS rebinding names another host: refused
-        assert _get(base, "/", headers={"Host": "attacker.example:80"})[0] == 400
+        assert get(base, "/", headers={"Host": "attacker.example:80"})[0] == 400
 
 
 def test_dashboards_are_read_only():
@@ -503,9 +494,30 @@ def test_the_gateways_counters_reach_the_coordinator_page(tmp_path):
     counters = json.loads((state / "gateway-counters.json").read_text())
     assert counters["refused"] == {"other": 1, "pull-messages": 1} and counters["forwarded"] == {}
     with serving(build_app(tmp_path / "runs", state=state)) as base:
-        status, body = _get(base, "/fragment")
+        status, body = get(base, "/fragment")
     assert status == 200
     assert "<td>pull-messages</td><td>0</td><td>1</td>" in body.replace("\n", "")
+
+
+def test_a_route_both_forwarded_and_refused_is_one_row(tmp_path):
+    """A hospital refused before its key was added, then forwarded (the loopback deployment's
+    activate-node: 3 forwarded, 11 refused): one row per route, routes in order (the template
+    once sorted and de-duplicated the refused routes only, listing such a route twice)."""
+    from server.dashboard import build_app
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "runs").mkdir()
+    counters = {"updated": "2026-12-07T17:30:01+00:00",
+                "forwarded": {"pull-messages": 224, "activate-node": 3},
+                "refused": {"activate-node": 11, "other": 2}}  # fmt: skip
+    (tmp_path / "state" / "gateway-counters.json").write_text(json.dumps(counters))
+    with serving(build_app(tmp_path / "runs", state=tmp_path / "state")) as base:
+        status, body = get(base, "/fragment")
+    assert status == 200
+    table = body.replace("\n", "").split('<section id="gateway">')[1]
+    rows = [row.split("</td>")[0] for row in table.split("<tr><td>")[1:]]
+    assert rows == ["activate-node", "other", "pull-messages"], rows
+    assert "<td>activate-node</td><td>3</td><td>11</td>" in table
 
 
 def _first_answer(base: str, tls: ssl.SSLContext, proc: subprocess.Popen) -> int | None:
@@ -513,7 +525,7 @@ def _first_answer(base: str, tls: ssl.SSLContext, proc: subprocess.Popen) -> int
     deadline = time.monotonic() + 60
     while proc.poll() is None:
         try:
-            return _get(base, "/", context=tls)[0]
+            return get(base, "/", context=tls)[0]
         except (OSError, http.client.HTTPException):
             assert time.monotonic() < deadline, "the dashboard did not open its port"
             time.sleep(0.2)
@@ -552,7 +564,7 @@ def test_the_command_serves_off_loopback_over_tls_with_the_token_only(tmp_path):
     try:
         assert status == 401
         good = {"Authorization": f"Bearer {TOKEN}"}
-        status, body = _get(base, "/", context=tls, headers=good)
+        status, body = get(base, "/", context=tls, headers=good)
         assert status == 200
         assert '<td>st-mary</td><td>-</td><td class="state-key-stored">key stored</td>' in body
         assert "not reachable: registry only" in body

@@ -4,6 +4,10 @@ SuperLink on 127.0.0.1, three `fedcare client start` hospital daemons (Flower Su
 node authentication) whose keys each hospital made itself and the coordinator added while
 running -- after the daemons had started, so that they join on their own once their key is in.
 
+While test_two_rounds_with_dp runs, headless Chromium watches `fedcare server dashboard`; the
+tests after it check that page and hospital a's `fedcare client dashboard` (they skip, saying
+so, without Chromium), and that run's `--tracking mlflow=...` is read back with MlflowClient.
+
 Every process is bounded in time and stopped by its PID (and process group) at the end.
 """
 
@@ -19,9 +23,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pandas as pd
@@ -31,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.flwr_cli import CONNECTION, FlowerCLI
+from tests.browser import NO_BROWSER, get, headless_chromium
 from tests.handlers import unpack_app
 
 pytestmark = pytest.mark.slow
@@ -184,6 +191,73 @@ def federation(tmp_path_factory):
             _stop(proc)
 
 
+@pytest.fixture(scope="module")
+def dashboards(federation):
+    """The two dashboards as operators start them, watched in headless Chromium: `fedcare server
+    dashboard` on the coordinator's run folders (--runs: the runs of this module are folders of
+    ROOT), registry (--pki), SuperLink (--superlink) and gateway counters (--state), and hospital
+    a's `fedcare client dashboard --state` with its policy. None without Chromium (nothing is
+    started then). ``stop()`` ends them: the last test that looks at them calls it, since the
+    coordinator's dashboard asks the SuperLink for its nodes every 5 s (a `flwr` process each
+    time), which the rest of the module need not pay for."""
+    chromium = headless_chromium()
+    if chromium is None:
+        yield None
+        return
+    root = federation["root"]
+    ports = {"coordinator": _free_port(), "hospital": _free_port()}
+    procs = [
+        _spawn("server", "dashboard", "--runs", str(root), "--pki", str(root / "pki"),
+               "--superlink", federation["superlink"], "--state", str(root / "coordinator"),
+               "--port", str(ports["coordinator"]), log=root / "dashboard-coordinator.log"),
+        _spawn("client", "dashboard", "--state", str(root / "hospital-a"),
+               "--policy", str(_test_policy(root)), "--port", str(ports["hospital"]),
+               log=root / "dashboard-hospital.log"),
+    ]  # fmt: skip
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+
+    def stop() -> None:
+        if procs:  # once (the driver is gone after its first quit)
+            chromium.quit()
+            while procs:
+                _stop(procs.pop())
+
+    try:
+        for name, url in urls.items():
+            log = root / f"dashboard-{name}.log"
+            _wait(lambda url=url: get(url, "/")[0] == 200, 60, log)
+        yield SimpleNamespace(browser=chromium, stop=stop, **urls)
+    finally:
+        stop()
+
+
+def _run_watched(dashboards, args: list[str], run: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:  # type: ignore[no-untyped-def]  # fmt: skip
+    """`fedcare ARGS` (a `server run --out ROOT/RUN`) while Chromium shows run RUN on the
+    coordinator's dashboard: the finished process and the round counter's texts as the browser
+    saw them, in order (none without Chromium: the command alone)."""
+    if dashboards is None:
+        return _fedcare(*args, timeout=600), []
+    from selenium.webdriver.common.by import By
+
+    browser, seen = dashboards.browser, []
+    browser.get(f"{dashboards.coordinator}/?run={run}")  # before the run folder exists
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([*FEDCARE, *args], stdout=out, stderr=err, text=True, env=_env())
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # not there yet, or replaced by a refresh
+                text = browser.find_element(By.ID, "round-counter").text
+                if not seen or seen[-1] != text:
+                    seen.append(text)
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), seen
+
+
 def _connected(state: Path) -> bool:
     """The hospital daemon's SuperNode has activated its node (cheaper to ask than `flwr`)."""
     log = state / "supernode.log"
@@ -232,12 +306,16 @@ def test_every_process_runs_without_telemetry(federation):
     assert checked >= 4  # the SuperLink, three SuperNodes (and their SuperExec processes)
 
 
-def test_two_rounds_with_dp(federation):
+def test_two_rounds_with_dp(federation, dashboards):
+    """Two DP rounds at the three hospitals, while the coordinator's dashboard shows the run in
+    Chromium (test_the_coordinator_dashboard_followed_the_dp_run checks what it saw)."""
     root = federation["root"]
-    run = _fedcare(
-        "server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
-        "--rounds", "2", "--epsilon", "2", "--out", str(root / "run"), "--app", str(federation["app"]),
-        timeout=600,
+    run, federation["watched"] = _run_watched(
+        dashboards,
+        ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
+         "--rounds", "2", "--epsilon", "2", "--out", str(root / "run"),
+         "--app", str(federation["app"]), "--tracking", f"mlflow={root / 'mlruns'}"],
+        "run",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((root / "run" / "summary.json").read_text())
@@ -275,6 +353,89 @@ def test_two_rounds_with_dp(federation):
     assert status.returncode == 0 and "finished:completed" in status.stdout, status.stdout
     assert all(f"│ {h} " in status.stdout for h in HOSPITALS) and "online" in status.stdout
     assert "online: its daemon is connected" in status.stdout  # each state shown is explained
+    _check_tracking(root / "mlruns", summary)
+
+
+def _check_tracking(store: Path, summary: dict) -> None:
+    """`server run --tracking mlflow=STORE` as MLflow's own client reads it back: the run config,
+    each hospital's ε per round (ending at the summary's), the pooled AUROC, the artefacts."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("fedcare").experiment_id])
+    assert run.data.tags["fedcare.run_id"] == summary["run_id"]
+    assert run.data.params["train.rounds"] == "2" and run.data.params["dp.target-epsilon"] == "2.0"
+    for h in summary["hospitals"]:
+        logged = client.get_metric_history(run.info.run_id, f"{h['name']}.epsilon")
+        assert [m.step for m in logged] == [1, 2] and logged[-1].value == pytest.approx(
+            h["epsilon"]
+        )
+    assert run.data.metrics["final.auroc"] == pytest.approx(summary["overall"]["auroc"])
+    artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "summary.json", "model.safetensors", "model.md"} <= artefacts
+
+
+def test_the_coordinator_dashboard_followed_the_dp_run(federation, dashboards, tmp_path):
+    """`fedcare server dashboard` during and after test_two_rounds_with_dp: the round counter
+    advanced while `server run` went on, to the last round; the registered hospitals are listed
+    online (the SuperLink's node list), the run's hospitals with the ε each released, the ε
+    curve has one line per hospital (and the target) over both rounds, ending at each hospital's
+    final ε; the gateway's counters show the hospitals' forwarded requests."""
+    from selenium.webdriver.common.by import By
+
+    if dashboards is None:
+        pytest.skip(NO_BROWSER)
+    seen, root = federation.get("watched"), federation["root"]
+    if not seen:
+        pytest.skip("test_two_rounds_with_dp did not run with the dashboard in this session")
+    print("round counter as the browser saw it:", seen)
+    rounds = [int(text.split(" / ")[0]) for text in seen]
+    assert rounds == sorted(rounds) and 1 in rounds, seen  # round 1 shown while round 2 ran
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    epsilon = {h["name"]: h["epsilon"] for h in summary["hospitals"]}
+    browser = dashboards.browser
+    browser.get(f"{dashboards.coordinator}/?run=run")
+    chart = browser.find_element(By.ID, "chart-epsilon")
+    _wait(lambda: chart.get_attribute("data-series") == str(len(HOSPITALS) + 1), 30,
+          root / "dashboard-coordinator.log")  # fmt: skip
+
+    def rows(selector: str) -> list[list[str]]:
+        return [[td.text for td in row.find_elements(By.TAG_NAME, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, f"{selector} tbody tr")]  # fmt: skip
+
+    registry = {row[0]: row[2] for row in rows("#registry")}
+    run_hospitals = {row[0]: row[2] for row in rows("#run-hospitals")}
+    routes = [row[0] for row in rows("#gateway")]
+    gateway = {row[0]: int(row[1]) for row in rows("#gateway")}
+    pooled = browser.find_element(By.ID, "pooled-auroc").text
+    auroc_series = browser.find_element(By.ID, "chart-auroc").get_attribute("data-series")
+    counter = browser.find_element(By.ID, "round-counter").text
+    status = browser.find_element(By.ID, "run-status").text
+    note = browser.find_element(By.CSS_SELECTOR, "#registry h2").text
+    points = chart.get_attribute("data-points")
+    canvases = browser.find_elements(By.CSS_SELECTOR, "#chart-epsilon canvas")
+    error = browser.execute_script("return document.body.dataset.error || null")
+    browser.save_screenshot(str(tmp_path / "coordinator.png"))
+    assert counter == "2 / 2" and status == "finished"
+    assert registry == dict.fromkeys(HOSPITALS, "online"), registry
+    assert f"from the SuperLink at {federation['superlink']}" in note
+    assert run_hospitals == {h: f"{e:.3f}" for h, e in epsilon.items()}
+    assert points == "2" and canvases and error is None
+    curves = json.loads(get(dashboards.coordinator, "/api/run/run")[1])["curves"]
+    assert sorted(curves["epsilon"]) == list(HOSPITALS) and curves["target_epsilon"] == 2.0
+    for name, values in curves["epsilon"].items():
+        assert len(values) == 2 and values[0] < values[1] == pytest.approx(epsilon[name])
+    # no centralised evaluation in a deployment: the pooled AUROC is the report's, from the
+    # hospitals' noisy histograms of the last round, on the page and as the curve's last point
+    auroc = summary["overall"]["auroc"]
+    assert pooled.startswith(f"{auroc:.3f} (95 % CI") and "score histograms summed" in pooled
+    assert curves["pooled_auroc"] == [None, pytest.approx(auroc)]
+    # one line per hospital whose noisy counts gave an AUROC (too few of one class: none), and
+    # the pooled one
+    assert auroc_series == str(len(curves["auroc"]) + 1), (auroc_series, curves["auroc"])
+    assert gateway.get("pull-messages", 0) > 0 and routes == sorted(set(routes)), routes
+    assert (tmp_path / "coordinator.png").stat().st_size > 10_000
 
 
 def test_a_run_waits_for_a_registered_hospital_that_never_comes_and_names_it(federation, tmp_path):
@@ -343,6 +504,51 @@ def test_a_run_without_dp_is_refused_by_every_hospital(federation):
     for h in HOSPITALS:
         log = (root / f"client-{h}.log").read_text()
         assert "site policy (from " in log and "allow-non-dp = false" in log
+
+
+def test_the_dashboards_show_the_dp_run_and_the_refusal(federation, dashboards, tmp_path):
+    """Hospital a's `fedcare client dashboard --state` after test_two_rounds_with_dp and
+    test_a_run_without_dp_is_refused_by_every_hospital: the DP run's ledger row (its ε, the
+    coordinator's Flower run id), no row for the refused run, and its refusal in the audit log
+    with the hospital's reason; the coordinator's page names every hospital's refusal of that
+    run with the same reason. The last test to look at the dashboards: it stops them."""
+    from selenium.webdriver.common.by import By
+
+    if dashboards is None:
+        pytest.skip(NO_BROWSER)
+    root = federation["root"]
+    if not all((root / run / "summary.json").exists() for run in ("run", "run-no-dp")):
+        pytest.skip("needs the runs of test_two_rounds_with_dp and the refused run (this session)")
+    dp, refused = (
+        json.loads((root / run / "summary.json").read_text()) for run in ("run", "run-no-dp")
+    )
+    browser = dashboards.browser
+    browser.get(dashboards.hospital)
+    ledger = {row.find_element(By.TAG_NAME, "td").text: row.text
+              for row in browser.find_elements(By.CSS_SELECTOR, "#ledger tbody tr")}  # fmt: skip
+    refusals = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr.decision-refused")
+                if refused["run_id"] in row.text]  # fmt: skip
+    lifetime = browser.find_element(By.ID, "lifetime").text
+    browser.save_screenshot(str(tmp_path / "hospital.png"))
+    browser.get(f"{dashboards.coordinator}/?run=run-no-dp")
+    failures = [[td.text for td in row.find_elements(By.TAG_NAME, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#failures tbody tr")]  # fmt: skip
+    browser.save_screenshot(str(tmp_path / "coordinator-refused.png"))
+    dashboards.stop()
+    files = root / "hospital-a" / "ledger" / "runs"
+    assert sorted(ledger) == sorted(p.stem for p in files.glob("*.json"))  # every ledger entry
+    assert refused["run_id"] not in ledger  # the refused run spent nothing
+    (a,) = (h for h in dp["hospitals"] if h["name"] == "a")
+    (flower_run_id,) = dp["flower_run_ids"]
+    assert (
+        f"{a['epsilon']:.3f}" in ledger[dp["run_id"]] and str(flower_run_id) in ledger[dp["run_id"]]
+    )
+    assert refusals and all("the policy requires DP" in text for text in refusals), refusals
+    assert "of the policy's cap 1000.0" in lifetime
+    assert (tmp_path / "hospital.png").stat().st_size > 10_000
+    # round, message, hospital, cause, the hospital's public reason
+    assert {(row[2], row[3]) for row in failures} == {(h, "refused") for h in HOSPITALS}
+    assert all("the policy requires DP" in row[4] for row in failures), failures
 
 
 def _superlink_state(federation) -> tuple[list, list]:

@@ -3,6 +3,8 @@
 "use strict";
 
 const fedcareCharts = {};
+// rounds are whole numbers: the x axis' tick steps (uPlot's default steps include 0.2)
+const fedcareRoundSteps = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
 function fedcareColour(i, n) {
   return "hsl(" + Math.round((360 * i) / Math.max(n, 1)) + ", 65%, 42%)";
@@ -36,7 +38,7 @@ function fedcareDraw(id, rounds, lines, extra) {
   const opts = {
     width: Math.max(320, el.clientWidth || 600), height: 220, series: series,
     scales: { x: { time: false } }, legend: { show: names.length <= 12 },
-    axes: [{ label: "round" }, {}],
+    axes: [{ label: "round", incrs: fedcareRoundSteps }, {}],
   };
   fedcareCharts[id] = { key: key, plot: new uPlot(opts, data, el) };
 }
