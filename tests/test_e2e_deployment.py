@@ -1143,75 +1143,6 @@ def test_chaos_hospitals_killed_and_restarted_lose_no_release(federation):
     )  # fmt: skip
 
 
-def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
-    root = federation["root"]
-    code, output = _run_until_round_one(
-        ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
-         "--out", str(root / "run-drop"), "--app", str(federation["app"]), "--run-config",
-         "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=40"],
-        lambda: _kill_tree(federation["clients"]["c"].pid),  # hospital c crashes
-    )  # fmt: skip
-    assert code == 0, output
-    summary = json.loads((root / "run-drop" / "summary.json").read_text())
-    by_name = {h["name"]: h for h in summary["hospitals"]}
-    assert by_name["a"]["rounds_trained"] == 3 and by_name["c"]["rounds_trained"] <= 2
-    dropped = [f for f in summary["failures"] if f["hospital"] == "c"]
-    assert dropped and all(f["round"] >= 2 for f in dropped)
-    # every round c missed is named, with why (asked and lost, or no longer connected)
-    frame = pd.read_csv(root / "run-drop" / "metrics.csv")
-    trained = set(frame[(frame["hospital"] == "c") & frame["n_train"].notna()]["round"])
-    assert {f["round"] for f in dropped if f["kind"] == "train"} == {1, 2, 3} - trained, dropped
-    assert {f["cause"] for f in dropped} <= {"dropped", "timed out", "offline"}, dropped
-    assert (
-        "c" in (root / "run-drop" / "report.md").read_text().split("## Refusals and drop-outs")[1]
-    )
-
-
-def test_coordinator_killed_after_round_one_resumes(federation):
-    root, port = federation["root"], federation["port"]
-    run_dir = root / "run-resume"
-    settings = (
-        "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 strategy.min-available-nodes=2"
-    )
-    code, output = _run_until_round_one(
-        ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
-         "--strategy", "fedadam", "--out", str(run_dir), "--app", str(federation["app"]),
-         "--run-config", settings, "--min-hospitals", "2"],  # c dropped out (test above)
-        lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
-    )  # fmt: skip
-    assert code == 2 and "--resume" in output, output
-    federation["server"] = _start_coordinator(
-        root, port, federation["internal"], root / "server2.log"
-    )
-    cli = federation["cli"]
-    _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
-          120, root / "server2.log")  # fmt: skip
-    resumed = _fedcare("server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
-                       "--resume", str(run_dir), "--app", str(federation["app"]), "--min-hospitals", "2",
-                       timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert sorted(metrics["round"].unique()) == [1, 2, 3]  # continuous numbering, history kept
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for h in summary["hospitals"]:
-        if h["name"] in ("a", "b"):
-            assert h["rounds_trained"] == 3
-            assert h["epsilon"] <= 2.0  # never double-spent, even for the repeated round 2
-    # one fedcare run id, two Flower run ids, on both sides
-    assert len(summary["flower_run_ids"]) == 2, summary["flower_run_ids"]
-    for h in ("a", "b"):
-        entry = root / f"hospital-{h}" / "ledger" / "runs" / f"{summary['run_id']}.json"
-        assert json.loads(entry.read_text())["flower_run_ids"] == summary["flower_run_ids"]
-    first = load_file(str(run_dir / "checkpoints" / "round-001.safetensors"))
-    final = load_file(str(run_dir / "model.safetensors"))
-    assert any(not torch.equal(first[k], final[k]) for k in first)
-    assert (run_dir / "checkpoints" / "round-003.strategy.safetensors").exists()  # FedAdam moments
-    # that the resumed rounds start from the checkpoint (and not afresh) is pinned where runs are
-    # reproducible, without DP: tests/test_e2e_simulation.py (a deployed DP run's noise is drawn
-    # from the operating system's CSPRNG at each hospital, so no two runs end at the same weights)
-
-
 def _a_trained_model(federation) -> Path:
     """The final model of test_two_rounds_with_dp's run, else of a one-round run made here."""
     root = federation["root"]
@@ -1295,3 +1226,73 @@ def test_federated_external_validation_charges_every_ledger_and_a_forbidding_pol
     )
     assert not (root / "hospital-b" / "ledger" / "runs" / f"{denied['run_id']}.json").exists()
     assert not (root / "hospital-a" / "ledger" / "runs" / f"{denied['run_id']}.json").exists()
+
+
+# after the evaluation run: it needs every hospital, and this test leaves hospital c stopped
+def test_a_hospital_dropping_mid_run_does_not_stop_it(federation):
+    root = federation["root"]
+    code, output = _run_until_round_one(
+        ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
+         "--out", str(root / "run-drop"), "--app", str(federation["app"]), "--run-config",
+         "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 train.round-timeout=40"],
+        lambda: _kill_tree(federation["clients"]["c"].pid),  # hospital c crashes
+    )  # fmt: skip
+    assert code == 0, output
+    summary = json.loads((root / "run-drop" / "summary.json").read_text())
+    by_name = {h["name"]: h for h in summary["hospitals"]}
+    assert by_name["a"]["rounds_trained"] == 3 and by_name["c"]["rounds_trained"] <= 2
+    dropped = [f for f in summary["failures"] if f["hospital"] == "c"]
+    assert dropped and all(f["round"] >= 2 for f in dropped)
+    # every round c missed is named, with why (asked and lost, or no longer connected)
+    frame = pd.read_csv(root / "run-drop" / "metrics.csv")
+    trained = set(frame[(frame["hospital"] == "c") & frame["n_train"].notna()]["round"])
+    assert {f["round"] for f in dropped if f["kind"] == "train"} == {1, 2, 3} - trained, dropped
+    assert {f["cause"] for f in dropped} <= {"dropped", "timed out", "offline"}, dropped
+    assert (
+        "c" in (root / "run-drop" / "report.md").read_text().split("## Refusals and drop-outs")[1]
+    )
+
+
+def test_coordinator_killed_after_round_one_resumes(federation):
+    root, port = federation["root"], federation["port"]
+    run_dir = root / "run-resume"
+    settings = (
+        "strategy.min-train-nodes=2 strategy.min-evaluate-nodes=2 strategy.min-available-nodes=2"
+    )
+    code, output = _run_until_round_one(
+        ["server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"), "--rounds", "3",
+         "--strategy", "fedadam", "--out", str(run_dir), "--app", str(federation["app"]),
+         "--run-config", settings, "--min-hospitals", "2"],  # c dropped out (test above)
+        lambda: _kill_tree(federation["server"].pid),  # the coordinator crashes
+    )  # fmt: skip
+    assert code == 2 and "--resume" in output, output
+    federation["server"] = _start_coordinator(
+        root, port, federation["internal"], root / "server2.log"
+    )
+    cli = federation["cli"]
+    _wait(lambda: sum(n["status"] == "online" for n in cli.json("supernode", "list", CONNECTION)["nodes"]) >= 2,
+          120, root / "server2.log")  # fmt: skip
+    resumed = _fedcare("server", "run", "--superlink", federation["superlink"], "--pki", str(root / "pki"),
+                       "--resume", str(run_dir), "--app", str(federation["app"]), "--min-hospitals", "2",
+                       timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "round   2/3" in resumed.stdout and "round   3/3" in resumed.stdout
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert sorted(metrics["round"].unique()) == [1, 2, 3]  # continuous numbering, history kept
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for h in summary["hospitals"]:
+        if h["name"] in ("a", "b"):
+            assert h["rounds_trained"] == 3
+            assert h["epsilon"] <= 2.0  # never double-spent, even for the repeated round 2
+    # one fedcare run id, two Flower run ids, on both sides
+    assert len(summary["flower_run_ids"]) == 2, summary["flower_run_ids"]
+    for h in ("a", "b"):
+        entry = root / f"hospital-{h}" / "ledger" / "runs" / f"{summary['run_id']}.json"
+        assert json.loads(entry.read_text())["flower_run_ids"] == summary["flower_run_ids"]
+    first = load_file(str(run_dir / "checkpoints" / "round-001.safetensors"))
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert any(not torch.equal(first[k], final[k]) for k in first)
+    assert (run_dir / "checkpoints" / "round-003.strategy.safetensors").exists()  # FedAdam moments
+    # that the resumed rounds start from the checkpoint (and not afresh) is pinned where runs are
+    # reproducible, without DP: tests/test_e2e_simulation.py (a deployed DP run's noise is drawn
+    # from the operating system's CSPRNG at each hospital, so no two runs end at the same weights)
