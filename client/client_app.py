@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -642,8 +642,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
         else:
             plan = site.check_policy(site.record())
         scores = predict_proba(model, site.data.x_test, device=device)
-        personal = (
-            _personal_scores(msg, site, device)
+        personal = (  # trained only once the request is known not to be a replay
+            (lambda: _personal_scores(msg, site, device))
             if site.run.personal.enabled and not site.run.evaluation_only
             else None
         )
@@ -653,7 +653,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         else:
             metrics, info = _exact_metrics(site, scores)
             if personal is not None:
-                extra, extra_info = _exact_metrics(site, personal)
+                extra, extra_info = _exact_metrics(site, personal())
                 metrics.update({f"{PERSONAL_PREFIX}{k}": v for k, v in extra.items()})
                 for key, why in extra_info.items():
                     if key.startswith("undefined."):
@@ -697,12 +697,12 @@ def _release_privately(
     site: _Site,
     plan: DPPlan | None,
     scores: np.ndarray,
-    personal: np.ndarray | None = None,
+    personal: Callable[[], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Per-class score histograms with Gaussian noise, charged to the run's accountant and
     recorded before they leave; an identical repeated request gets the same release again.
-    With ``personal`` (the personal model's scores), a second release of its histograms, charged
-    as one more Gaussian release."""
+    With ``personal`` (computes the personal model's scores; not called for a replay), a second
+    release of its histograms, charged as one more Gaussian release."""
     arrays = msg.content.array_records["arrays"]
     request = fingerprint("evaluate", _round(msg), {k: a.data for k, a in arrays.items()})
     cache = ReplayCache(site.ledger, "evaluate") if site.ledger is not None else None
@@ -747,7 +747,7 @@ def _release_privately(
     }
     if personal is not None:
         p_neg, p_pos = release_histograms(
-            site.data.y_test, personal, noise_multiplier=sigma, bins=bins
+            site.data.y_test, personal(), noise_multiplier=sigma, bins=bins
         )
         metrics[f"{PERSONAL_PREFIX}hist-neg"], metrics[f"{PERSONAL_PREFIX}hist-pos"] = p_neg, p_pos
     record.accountant = _with(record.accountant, sigma, 1.0, count)
