@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 CONFIDENCE = 0.95
 AUROC_CLIP = 1e-4  # AUROCs are clipped to [1e-4, 1 - 1e-4] before the logit
@@ -115,12 +115,9 @@ def random_effects(estimates: Any, variances: Any) -> RandomEffects:
     )  # fmt: skip
 
 
-def _logit(x: np.ndarray) -> np.ndarray:
-    return np.log(x / (1.0 - x))
-
-
 def _expit(x: float) -> float:
-    return float(1.0 / (1.0 + math.exp(-x)))
+    # scipy's logistic function: no overflow where a noisy release puts a bound at logit -1000
+    return float(special.expit(x))
 
 
 def pooled_auroc(aurocs: Any, standard_errors: Any) -> dict[str, Any]:
@@ -146,7 +143,7 @@ def pooled_auroc(aurocs: Any, standard_errors: Any) -> dict[str, Any]:
     """
     c = np.clip(np.asarray(aurocs, dtype=float), AUROC_CLIP, 1 - AUROC_CLIP)
     se = np.asarray(standard_errors, dtype=float)
-    fit = random_effects(_logit(c), (se / (c * (1 - c))) ** 2)
+    fit = random_effects(special.logit(c), (se / (c * (1 - c))) ** 2)
     back = lambda pair: None if pair is None else (_expit(pair[0]), _expit(pair[1]))  # noqa: E731
     return {
         "auroc": _expit(fit.estimate), "ci": back(fit.ci), "prediction": back(fit.prediction),

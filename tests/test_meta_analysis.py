@@ -76,6 +76,16 @@ def test_pooled_auroc_works_on_the_logit_scale():
     assert out["prediction"][0] <= out["ci"][0] and out["i2"] == pytest.approx(fit.i2)
 
 
+
+def test_pooled_auroc_of_aurocs_at_the_clip_with_wide_errors_does_not_overflow():
+    # Near-perfect noisy AUROCs with bootstrap SEs of 0.3: the delta-method SE on the logit scale
+    # is thousands, so a bound sits at logit -5000 (CI run 32 failed here with "math range error")
+    out = pooled_auroc([0.99999, 0.99999, 0.99999], [0.3, 0.3, 0.3])
+    assert out["auroc"] == pytest.approx(1 - 1e-4)
+    assert out["ci"][0] == pytest.approx(0.0) and out["ci"][1] == pytest.approx(1.0)
+    assert out["prediction"][0] == pytest.approx(0.0)
+
+
 def _bin_rounded(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores already at their bin's midpoint (so exact = histogram figures)."""
     rng = np.random.default_rng(seed)
