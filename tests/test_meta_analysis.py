@@ -76,7 +76,6 @@ def test_pooled_auroc_works_on_the_logit_scale():
     assert out["prediction"][0] <= out["ci"][0] and out["i2"] == pytest.approx(fit.i2)
 
 
-
 def test_pooled_auroc_of_aurocs_at_the_clip_with_wide_errors_does_not_overflow():
     # Near-perfect noisy AUROCs with bootstrap SEs of 0.3: the delta-method SE on the logit scale
     # is thousands, so a bound sits at logit -5000 (CI run 32 failed here with "math range error")
