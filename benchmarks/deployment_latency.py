@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -90,23 +91,119 @@ def _per_round(run_dir: Path) -> pd.DataFrame:
     return frame
 
 
+_LAUNCHER_EVENTS = {  # what the hospital's launcher log says, per ClientApp task (warm executor)
+    "pull-task-input": "task", "Loading ClientApp": "loaded", "runtime/push-messages": "reply",
+    "push-task-output": "done",
+}  # fmt: skip
+PHASES = (
+    ("deliver", "coordinator sends, SuperNode poll + object pull, launcher poll"),
+    ("start", "fork, Flower's task input + FAB check"),
+    ("app", "ClientApp besides compute: imports, data, DP plan, ledger"),
+    ("compute", "training / evaluation, as the ClientApp measured it"),
+    ("return", "reply upload, coordinator poll + pull, aggregation, checkpoint"),
+)
+
+
+def _tasks(launcher_log: Path) -> list[dict[str, float]]:
+    """Each ClientApp task of a hospital's launcher log: the times (seconds since the epoch) it
+    was acquired, its ClientApp loaded, its reply handed to the SuperNode and the task closed."""
+    tasks: list[dict[str, float]] = []
+    for line in launcher_log.read_text(errors="replace").splitlines():
+        stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) fedcare-launcher", line)
+        if not stamp:
+            continue
+        event = next((e for key, e in _LAUNCHER_EVENTS.items() if key in line), None)
+        if event is None:
+            continue
+        t = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if event == "task":
+            tasks.append({"task": t})
+        elif tasks and event not in tasks[-1]:
+            tasks[-1][event] = t
+    return [t for t in tasks if len(t) == len(_LAUNCHER_EVENTS)]
+
+
+def breakdown(run_dir: Path, launcher_logs: dict[str, Path]) -> pd.DataFrame:
+    """Per round, the round's wall time split along its critical path (the hospital whose reply
+    came last, per message) into :data:`PHASES`; the phases of a round sum to its wall time.
+
+    Times come from the checkpoints' modification times (the coordinator) and the hospitals'
+    launcher logs (same machine, same clock). Rounds with an evaluation have two messages per
+    hospital: their phases are summed."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    ends = {
+        int(p.stem.split("-")[1]): p.stat().st_mtime
+        for p in (run_dir / "checkpoints").glob("round-[0-9][0-9][0-9].safetensors")
+    }
+    per_hospital = {name: _tasks(log) for name, log in launcher_logs.items()}
+    cursor = dict.fromkeys(per_hospital, 0)
+    rows = []
+    for r in sorted(ends):
+        kinds = ["train"]
+        at_r = metrics[metrics["round"] == r]
+        if at_r["eval_seconds"].notna().any():
+            kinds.append("eval")
+        row = dict.fromkeys((p for p, _ in PHASES), 0.0)
+        boundary = ends.get(r - 1)
+        for i, kind in enumerate(kinds):
+            msgs = {}
+            for name, tasks in per_hospital.items():
+                if cursor[name] < len(tasks):
+                    msgs[name] = tasks[cursor[name]]
+                    cursor[name] += 1
+            if not msgs or boundary is None:
+                boundary = max((m["done"] for m in msgs.values()), default=boundary)
+                continue
+            last_name, last = max(msgs.items(), key=lambda kv: kv[1]["done"])
+            compute = at_r.loc[at_r["hospital"] == last_name, f"{kind}_seconds"]
+            compute_s = (
+                float(compute.iloc[0]) if len(compute) and pd.notna(compute.iloc[0]) else 0.0
+            )
+            end = ends[r] if i == len(kinds) - 1 else last["done"]
+            row["deliver"] += last["task"] - boundary
+            row["start"] += last["loaded"] - last["task"]
+            row["app"] += last["reply"] - last["loaded"] - compute_s
+            row["compute"] += compute_s
+            row["return"] += end - last["reply"]
+            boundary = end
+        if r - 1 in ends:
+            rows.append({"round": r, "wall": ends[r] - ends[r - 1], **row})
+    return pd.DataFrame(rows)
+
+
+def message_seconds(launcher_logs: dict[str, Path], skip: int) -> dict[str, float]:
+    """Mean seconds from acquiring a task to handing its reply on, per hospital, over its tasks
+    after the first ``skip`` (the first round's)."""
+    out = {}
+    for name, log in launcher_logs.items():
+        tasks = _tasks(log)[skip:]
+        out[name] = statistics.mean(t["done"] - t["task"] for t in tasks) if tasks else float("nan")
+    return out
+
+
 def _start_hospitals(
-    root: Path, address: str, executor: str, supernode: str, tag: str
+    root: Path, address: str, executor: str, supernode: str, tag: str, data: list[Path]
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
-    for i, name in enumerate("abc", start=1):
+    for name, path in zip("abc", data, strict=True):
         state = root / f"h-{name}-{tag}"
         subprocess.run([*FEDCARE, "client", "approve", "--ledger", str(state / "ledger"), str(root / "app"), "--yes"],
                        check=True, capture_output=True, cwd=ROOT)  # fmt: skip
         procs.append(_spawn([
             "client", "start", "--superlink", address, "--ca", str(root / "pki" / "ca.pem"),
             "--key", str(root / "keys" / f"{name}.key"), "--site", name,
-            "--data", str(root / "data" / f"hospital-{i}.csv"), "--port", str(_free_port()),
+            "--data", str(path), "--port", str(_free_port()),
             "--state", str(state), "--executor", executor, "--supernode", supernode,
         ], root / f"client-{name}-{tag}.log"))  # fmt: skip
     return procs
 
 
+XRAY_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
+# presets/chest-xray.toml (the DP preset): scattering coefficients and a linear model
+XRAY_CONFIG = (
+    "task.name='chest-xray' task.preprocessing='scatter-28' model.name='scatter-linear' "
+    "train.local-epochs=1.0 train.batch-size=256 train.lr=2.0 dp.max-grad-norm=1.0"
+)
 LATENCY_REPEATS = 200  # signed pulls per address (plus one warm-up)
 
 
@@ -196,6 +293,18 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+        data = {"logreg": sorted((root / "data").iterdir())}
+        if any("xray" in v.split("+") for v in args.variants.split(",")):
+            if not (XRAY_DATA / "pneumoniamnist.npz").exists():
+                sys.exit(
+                    f"+xray needs PneumoniaMNIST at {XRAY_DATA} (see ../shared/data/README.md)"
+                )
+            subprocess.run(
+                [*FEDCARE, "simulate", "--task", "chest-xray", "--data-dir", str(XRAY_DATA),
+                 "--hospitals", "3", "--export-hospitals", str(root / "data-xray")],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            data["xray"] = sorted((root / "data-xray").iterdir())
         # the app as of now: an edit to the checkout during the benchmark changes nothing that runs
         sys.path.insert(0, str(ROOT))
         from tests.handlers import unpack_app
@@ -207,6 +316,8 @@ def main() -> None:
                          "--internal-port", str(internal), "--state", str(root / "coord")],
                         root / "server.log")  # fmt: skip
         results: dict[str, list[pd.DataFrame]] = {}  # a variant may be listed more than once
+        phases: dict[str, list[pd.DataFrame]] = {}
+        per_message: dict[str, list[dict[str, float]]] = {}
         try:
             deadline = time.monotonic() + 120
             while "fedcare coordinator listening" not in (root / "server.log").read_text():
@@ -223,11 +334,21 @@ def main() -> None:
                 flower = "flower" in extras  # Flower 1.41's own timing throughout
                 supernode = "flower" if flower else "fedcare"
                 address = superlink if "direct" in extras else public
-                hospitals = _start_hospitals(root, address, executor, supernode, tag=str(n))
+                xray = "xray" in extras
+                hospitals = _start_hospitals(
+                    root,
+                    address,
+                    executor,
+                    supernode,
+                    tag=str(n),
+                    data=data["xray" if xray else "logreg"],
+                )
                 try:
                     time.sleep(15)  # daemons connect (the warm launcher imports torch once)
                     run_dir = root / f"run-{n}"
-                    cfg = f"model.name='logreg' train.poll-interval={0 if flower else 0.1}"
+                    cfg = XRAY_CONFIG if xray else "model.name='logreg'"
+                    if flower:
+                        cfg += " train.poll-interval=0"
                     if "secagg" in extras:
                         cfg += " secagg.enabled=true"
                     proc = subprocess.run(
@@ -239,6 +360,21 @@ def main() -> None:
                     if proc.returncode != 0:
                         sys.exit(proc.stdout + proc.stderr)
                     results.setdefault(variant, []).append(_per_round(run_dir))
+                    logs = {h: root / f"h-{h}-{n}" / "launcher.log" for h in "abc"}
+                    phases.setdefault(variant, []).append(breakdown(run_dir, logs))
+                    first_round = (
+                        2
+                        if (
+                            pd.read_csv(run_dir / "metrics.csv")
+                            .query("round == 1")["eval_seconds"]
+                            .notna()
+                            .any()
+                        )
+                        else 1
+                    )
+                    per_message.setdefault(variant, []).append(
+                        message_seconds(logs, skip=first_round)
+                    )
                 finally:
                     for proc in reversed(hospitals):
                         _stop(proc)
@@ -248,7 +384,10 @@ def main() -> None:
         gateway_log = (root / "coord" / "gateway.log").read_text()
         stopped = re.findall(r"forwarded per route: (\{.*\})", gateway_log)
         forwarded = json.loads(stopped[-1]) if stopped else None
-    print(f"\n3 hospitals, logistic regression, DP-SGD, {args.rounds} rounds (seconds per round)")
+    print(
+        f"\n3 hospitals, DP-SGD, {args.rounds} rounds (seconds per round); logistic regression, "
+        f"or with +xray chest-xray with the DP preset ({XRAY_CONFIG})"
+    )
     print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
     summary = {}
     for variant, frames in results.items():
@@ -261,6 +400,26 @@ def main() -> None:
                 )
         steady = pd.concat(frames).dropna(subset=["wall"])
         summary[variant] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
+    print(
+        "\nwhere a steady round's time goes (critical path: the hospital whose reply came last; "
+        "mean of rounds 2..N, seconds):"
+    )
+    for name, what in PHASES:
+        print(f"  {name:>8}: {what}")
+    print(f"{'variant':>16} " + " ".join(f"{name:>8}" for name, _ in PHASES) + f" {'wall':>8}")
+    for variant, frames in phases.items():
+        frame = pd.concat(frames)
+        if frame.empty:
+            print(
+                f"{variant:>16}  (no fedcare launcher log: the subprocess executor logs elsewhere)"
+            )
+            continue
+        cells = " ".join(f"{frame[name].mean():>8.2f}" for name, _ in PHASES)
+        print(f"{variant:>16} {cells} {frame['wall'].mean():>8.2f}")
+    print("\nper message after the first round, task acquired to reply handed on (mean, seconds):")
+    for variant, runs in per_message.items():
+        cells = ", ".join(f"{h} {statistics.mean(r[h] for r in runs):.2f}" for h in "abc")
+        print(f"  {variant:>16}: {cells}")
     print("\nsteady rounds (2..N) of every repeat, mean:")
     base = next(iter(summary.values()))
     for variant, (wall, over) in summary.items():

@@ -55,7 +55,7 @@ from client.approval import ApprovalError, ApprovedBundles
 from client.audit import AuditLog
 from shared_models.protocol import SITE_REFUSED, poll_wait, refusal_reason
 
-DEFAULT_POLL_INTERVAL = 0.1  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
+DEFAULT_POLL_INTERVAL = 0.05  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
 IDLE_POLL_CAP = 1.0  # seconds between AcquireTask calls once idle (poll_wait)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the SuperExec-authenticated RPC
 _log = logging.getLogger("fedcare.launcher")

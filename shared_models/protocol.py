@@ -18,7 +18,7 @@ UNIT_WEIGHT_KEY = "unit-weight"
 # retrying an object (model weights) that is announced but still being uploaded, on either side:
 # first retry after this many seconds, doubling up to the cap (Flower 1.41's pull: 1 s, 10 s)
 OBJECT_RETRY_BACKOFF = 0.05
-OBJECT_RETRY_CAP = 1.0
+OBJECT_RETRY_CAP = 0.1
 # a hospital's polls (its SuperNode asking the coordinator for a message, its launcher asking the
 # SuperNode for a task) wait `interval` seconds while messages flow; once idle, a tenth of the
 # time since the last message, up to a cap: see poll_wait

@@ -21,6 +21,7 @@ import random
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -347,6 +348,12 @@ def test_two_rounds_with_dp(federation, dashboards):
         audit = [json.loads(x) for x in (ledger / "audit.jsonl").open()]
         ours = [a for a in audit if a.get("run_id") == summary["run_id"]]
         assert ours and all(a["flower_run_id"] == flower_run_id for a in ours)
+        # the bundle's code loaded once for the run's later messages (the first installs it),
+        # the hospital's data prepared once (client/warm_executor.py, client.site)
+        launcher = (root / f"hospital-{h}" / "launcher.log").read_text()
+        assert launcher.count("its ClientApp loaded once, in process") == 1, launcher[-3000:]
+        cache = ledger / "data-cache"
+        assert list(cache.glob("*.npz")) and stat.S_IMODE(cache.stat().st_mode) == 0o700
     status = _fedcare(
         "server", "status", "--superlink", federation["superlink"], "--pki", str(root / "pki")
     )

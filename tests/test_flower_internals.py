@@ -47,6 +47,11 @@ PINNED: dict[str, dict[str, str]] = {
             "9c58435eb28cd789"
         ),
         "flwr.supernode.runtime.run_clientapp:run_clientapp": "6ce09559f3a2f5dc",
+        # the bundle process imports the ClientApp from the folder get_project_dir names, and
+        # the task's load_app (through get_load_client_app_fn) reuses the module it imported
+        "flwr.common.config:get_project_dir": "155c70517e73e598",
+        "flwr.supercore.object_ref:load_app": "ef4c226d0c4f2c4a",
+        "flwr.clientapp.utils:get_load_client_app_fn": "f7790dd641bafaff",
     },
     "shared_models/fab.py (FABs built without walking .venv)": {
         # app_files = collect_files per top-level folder, minus the folders the exclude patterns
