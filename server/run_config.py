@@ -191,7 +191,7 @@ def check_names(cfg: dict[str, Any], *, app_dir: Path = APP_DIR) -> None:
 def apply_rule_for_sizes(cfg: dict[str, Any], n_train: list[int]) -> None:
     """Re-pick the settings the rule chose (``run.settings-from``) now that the hospitals'
     training-set sizes are known (simulation: after the data are loaded)."""
-    sources = Sources.from_json(cfg.get("run.settings-from", ""))
+    sources = Sources.from_json(cfg["run.settings-from"])
     keys = sources.from_rule()
     if not keys:
         return

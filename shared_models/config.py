@@ -107,7 +107,7 @@ class DPConfig:
     client_noise_multiplier: float  # 0 = calibrate to target_epsilon over the run's rounds
     eval_noise_multiplier: float  # Gaussian noise on the released evaluation counts (sensitivity 1)
     # Opacus per-sample gradients: default (the model's measured mode) | hooks | functorch | ghost
-    grad_sample_mode: str = "default"
+    grad_sample_mode: str
 
     @property
     def sample_level(self) -> bool:
@@ -146,11 +146,11 @@ class ExplainConfig:
     otherwise), ``exact`` or ``integrated-gradients`` (``ig_steps`` quadrature points).
     """
 
-    enabled: bool = False
-    method: str = "auto"
-    clip: float = 1.0
-    noise_multiplier: float = 4.1
-    ig_steps: int = 32
+    enabled: bool
+    method: str
+    clip: float
+    noise_multiplier: float
+    ig_steps: int
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,8 @@ class DataConfig:
     partition: str
     alpha: float
     test_fraction: float
-    split_seed: int = -1  # simulation: partition + train/test split seed; -1 = train.seed
-    split: str = "per-record"  # simulation: per-record (keyed hash) | stratified (FLamby's)
+    split_seed: int  # simulation: partition + train/test split seed; -1 = train.seed
+    split: str  # simulation: per-record (keyed hash) | stratified (FLamby's)
 
 
 @dataclass(frozen=True)
@@ -178,11 +178,11 @@ class PersonalConfig:
     ``lr`` and ``batch_size`` its SGD settings.
     """
 
-    method: str = "none"
-    epochs: float = 5.0
-    lam: float = 0.1
-    lr: float = 0.1
-    batch_size: int = 32
+    method: str
+    epochs: float
+    lam: float
+    lr: float
+    batch_size: int
 
     @property
     def enabled(self) -> bool:
@@ -210,13 +210,13 @@ class RunConfig:
     run_id: str
     resume_from: str
     simulated_hospitals: int
-    settings_from: str = ""  # JSON {run-config key: the layer that set it} (shared_models.recipes)
-    simulated_hold_out: str = ""  # simulation: the hospital left out of the federation (--hold-out)
-    explain: ExplainConfig = ExplainConfig()
-    eval_histogram_bins: int = 10  # bins of the released score histograms (even)
-    eval_model: str = ""  # evaluation-only run: the model file on the coordinator (server evaluate)
-    eval_hospitals: str = ""  # evaluation-only run: registered names to ask, comma-separated
-    personal: PersonalConfig = PersonalConfig()
+    settings_from: str  # JSON {run-config key: the layer that set it} (shared_models.recipes)
+    simulated_hold_out: str  # simulation: the hospital left out of the federation (--hold-out)
+    explain: ExplainConfig
+    eval_histogram_bins: int  # bins of the released score histograms (even)
+    eval_model: str  # evaluation-only run: the model file on the coordinator (server evaluate)
+    eval_hospitals: str  # evaluation-only run: registered names to ask, comma-separated
+    personal: PersonalConfig
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -292,8 +292,8 @@ class RunConfig:
             run_id=_get(cfg, "run.id", str),
             resume_from=_get(cfg, "run.resume-from", str),
             simulated_hospitals=_get(cfg, "simulation.hospitals", int),
-            settings_from=str(cfg.get("run.settings-from", "")),
-            simulated_hold_out=str(cfg.get("simulation.hold-out", "")),
+            settings_from=_get(cfg, "run.settings-from", str),
+            simulated_hold_out=_get(cfg, "simulation.hold-out", str),
             explain=ExplainConfig(
                 enabled=_get(cfg, "explain.enabled", bool),
                 method=_get(cfg, "explain.method", str),
@@ -301,9 +301,9 @@ class RunConfig:
                 noise_multiplier=_get(cfg, "explain.noise-multiplier", float),
                 ig_steps=_get(cfg, "explain.ig-steps", int),
             ),
-            eval_histogram_bins=int(cfg.get("eval.histogram-bins", 10)),
-            eval_model=str(cfg.get("eval.model", "")),
-            eval_hospitals=str(cfg.get("eval.hospitals", "")),
+            eval_histogram_bins=_get(cfg, "eval.histogram-bins", int),
+            eval_model=_get(cfg, "eval.model", str),
+            eval_hospitals=_get(cfg, "eval.hospitals", str),
             personal=PersonalConfig(
                 method=_get(cfg, "personal.method", str),
                 epochs=_get(cfg, "personal.epochs", float),

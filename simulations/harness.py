@@ -134,7 +134,7 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     cfg["eval.centralized"] = True
     if req.ledger_dir is not None:
         cfg["simulation.ledger-dir"] = str(req.ledger_dir.resolve())
-    elif cfg.get("personal.method", "none") != "none":  # each hospital keeps its personal model
+    elif cfg["personal.method"] != "none":  # each hospital keeps its personal model
         cfg["simulation.ledger-dir"] = str((req.out / "hospitals").resolve())  # in its own folder
     if req.policy is not None:
         from client.policy import PolicyError, SitePolicy
