@@ -10,7 +10,10 @@ Flower 1.41's own timing (`+flower`: the stock `flower-supernode`, which waits 3
 pull, and Flower's `send_and_receive` on the coordinator, which polls every 3 s; without it,
 fedcare's Fleet loop `client.supernode` and a 0.1 s coordinator poll), and optionally without the
 gateway (`+direct`: the hospitals dial the SuperLink's loopback port, as before fedcare had a
-gateway; otherwise they dial the gateway, as in a deployment). `subprocess+flower` is Flower's
+gateway; otherwise they dial the gateway, as in a deployment), and optionally on chest X-rays
+(`+xray`: PneumoniaMNIST from ../shared/data split into three hospital image folders, with the DP
+preset of presets/chest-xray.toml: scatter-28 features and the scatter-linear model; otherwise
+logistic regression on the breast-cancer split). `subprocess+flower` is Flower's
 defaults, `warm` fedcare's; `warm+direct` vs `warm` is the gateway's cost, in the same run on the
 same coordinator. Before any hospital starts, the gateway's added latency per request is also
 measured with Flower's own Fleet client (`FleetHttpClient`, signed pulls of hospital a).
@@ -20,7 +23,12 @@ measured with Flower's own Fleet client (`FleetHttpClient`, signed pulls of hosp
               as each ClientApp measured it
     overhead  wall - compute: messaging, polling, process start-up of each ClientApp
 
-Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants warm+direct,warm]
+and, for the warm executor, where a steady round's time goes along its critical path (the
+hospital whose reply came last, per message; from the hospitals' launcher logs and the checkpoint
+times; the phases sum to the wall time), see PHASES, and each hospital's mean time per message
+after the first round (task acquired to reply handed on).
+
+Usage: python benchmarks/deployment_latency.py [--rounds 4] [--variants subprocess+flower,warm,warm+xray]
        [--keep DIR]  (keeps the logs; FLWR_LOG_LEVEL=DEBUG adds timestamps to every Flower line)
 Rounds 1 (ClientApp first start) and the others are reported separately. Compare variants as
 ratios within one run: absolute seconds depend on the machine (printed first).
@@ -144,7 +152,7 @@ def breakdown(run_dir: Path, launcher_logs: dict[str, Path]) -> pd.DataFrame:
         if at_r["eval_seconds"].notna().any():
             kinds.append("eval")
         row = dict.fromkeys((p for p, _ in PHASES), 0.0)
-        boundary = ends.get(r - 1)
+        boundary, found = ends.get(r - 1), False
         for i, kind in enumerate(kinds):
             msgs = {}
             for name, tasks in per_hospital.items():
@@ -154,6 +162,7 @@ def breakdown(run_dir: Path, launcher_logs: dict[str, Path]) -> pd.DataFrame:
             if not msgs or boundary is None:
                 boundary = max((m["done"] for m in msgs.values()), default=boundary)
                 continue
+            found = True
             last_name, last = max(msgs.items(), key=lambda kv: kv[1]["done"])
             compute = at_r.loc[at_r["hospital"] == last_name, f"{kind}_seconds"]
             compute_s = (
@@ -166,7 +175,7 @@ def breakdown(run_dir: Path, launcher_logs: dict[str, Path]) -> pd.DataFrame:
             row["compute"] += compute_s
             row["return"] += end - last["reply"]
             boundary = end
-        if r - 1 in ends:
+        if found and r - 1 in ends:
             rows.append({"round": r, "wall": ends[r] - ends[r - 1], **row})
     return pd.DataFrame(rows)
 
@@ -354,7 +363,7 @@ def main() -> None:
                     proc = subprocess.run(
                         [*FEDCARE, "server", "run", "--superlink", superlink, "--pki", str(root / "pki"),
                          "--rounds", str(args.rounds), "--out", str(run_dir), "--app", str(root / "app"),
-                         "--run-config", cfg],
+                         "--run-config", cfg, *(["--task", "chest-xray"] if xray else [])],
                         capture_output=True, text=True, timeout=1800, cwd=ROOT,
                     )  # fmt: skip
                     if proc.returncode != 0:
