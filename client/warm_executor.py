@@ -218,7 +218,8 @@ class BundleProcess:
 def _serve_bundle(app_dir: Path, sock: socket.socket) -> None:
     """In the bundle process: import the bundle's ClientApp with Flower's ``load_app`` from its
     install folder, then fork one child per task spec received; exit when the launcher closes
-    the socket."""
+    the socket. A ClientApp that fails to import is not fatal here: each task's child loads it
+    again and fails as in a direct fork, so the coordinator gets Flower's error reply."""
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -228,8 +229,11 @@ def _serve_bundle(app_dir: Path, sock: socket.socket) -> None:
         from flwr.common.config import get_project_config
         from flwr.supercore.object_ref import load_app
 
-        ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
-        load_app(ref, LoadClientAppError, app_dir)
+        try:
+            ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+            load_app(ref, LoadClientAppError, app_dir)
+        except Exception:  # noqa: BLE001 -- each task then loads it itself and reports the error
+            traceback.print_exc()  # through Flower, as a task of a direct fork would
         children: set[int] = set()
         while True:
             readable, _, _ = select.select([sock], [], [], 1.0)

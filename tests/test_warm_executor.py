@@ -70,3 +70,19 @@ def test_the_bundle_process_imports_the_installed_bundle_once_and_exits_with_the
 def test_no_bundle_process_without_an_install_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     assert BundleProcess.start(HASH) is None
+
+
+def test_a_bundle_that_fails_to_import_still_gets_its_tasks_forked(tmp_path, monkeypatch):
+    """Its children load the ClientApp again and report the error through Flower, as a direct
+    fork would; the bundle process itself stays up until the launcher closes it."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    app = _install(tmp_path, HASH, tmp_path / "marker")
+    (app / "client" / "client_app.py").write_text("raise RuntimeError('broken bundle')\n")
+    bundle = BundleProcess.start(HASH)
+    assert bundle is not None
+    try:
+        time.sleep(2)
+        done, _ = os.waitpid(bundle.pid, os.WNOHANG)
+        assert done == 0  # still serving
+    finally:
+        bundle.close()
