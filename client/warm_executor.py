@@ -49,7 +49,9 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
@@ -215,15 +217,33 @@ class BundleProcess:
             os.waitpid(self.pid, 0)
 
 
-def _serve_bundle(app_dir: Path, sock: socket.socket) -> None:
-    """In the bundle process: import the bundle's ClientApp with Flower's ``load_app`` from its
-    install folder, then fork one child per task spec received; exit when the launcher closes
-    the socket. A ClientApp that fails to import is not fatal here: each task's child loads it
-    again and fails as in a direct fork, so the coordinator gets Flower's error reply."""
+def _in_fork(body: Callable[[], None]) -> NoReturn:
+    """Run ``body`` in a forked process with default SIGTERM / SIGINT handling, then exit (0, or
+    the code of a ``SystemExit``, or 1 after printing an exception) without running the parent's
+    exit handlers."""
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        body()
+        code = 0
+    except SystemExit as exc:  # flwr_exit ends every task this way, after its exit handlers
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve_bundle(app_dir: Path, sock: socket.socket) -> NoReturn:
+    """In the bundle process: import the bundle's ClientApp with Flower's ``load_app`` from its
+    install folder, then fork one child per task spec received; exit when the launcher closes
+    the socket. A ClientApp that fails to import is not fatal here: each task's child loads it
+    again and fails as in a direct fork, so the coordinator gets Flower's error reply."""
+
+    def serve() -> None:
         _drop_app_modules()
         from flwr.clientapp.client_app import LoadClientAppError
         from flwr.common.config import get_project_config
@@ -248,28 +268,21 @@ def _serve_bundle(app_dir: Path, sock: socket.socket) -> None:
                 continue
             header = sock.recv(4, socket.MSG_WAITALL)
             if len(header) < 4:
-                break  # the launcher closed the connection or exited
+                return  # the launcher closed the connection or exited
             spec = pickle.loads(sock.recv(int.from_bytes(header, "big"), socket.MSG_WAITALL))
             pid = _fork()
             if pid == 0:  # never returns
                 sock.close()
                 _run_clientapp_task(spec, drop_app_modules=False)
             children.add(pid)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    _in_fork(serve)
 
 
-def _run_clientapp_task(spec: ExecutionSpec, *, drop_app_modules: bool) -> None:
+def _run_clientapp_task(spec: ExecutionSpec, *, drop_app_modules: bool) -> NoReturn:
     """In the forked child: what ``flwr-clientapp --runtime-api-address A --token T`` runs."""
-    code = 1
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+
+    def task() -> None:
         if drop_app_modules:
             _drop_app_modules()
         sys.argv = ["flwr-clientapp"]
@@ -286,12 +299,5 @@ def _run_clientapp_task(spec: ExecutionSpec, *, drop_app_modules: bool) -> None:
             parent_pid=spec.parent_pid,
             runtime_dependency_install=spec.runtime_dependency_install,
         )
-        code = 0
-    except SystemExit as exc:  # flwr_exit ends every task this way, after its exit handlers
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    _in_fork(task)
