@@ -210,7 +210,7 @@ def _start_hospitals(
 XRAY_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
 # presets/chest-xray.toml (the DP preset): scattering coefficients and a linear model
 XRAY_CONFIG = (
-    "task.name='chest-xray' task.preprocessing='scatter-28' model.name='scatter-linear' "
+    "task.preprocessing='scatter-28' model.name='scatter-linear' "
     "train.local-epochs=1.0 train.batch-size=256 train.lr=2.0 dp.max-grad-norm=1.0"
 )
 LATENCY_REPEATS = 200  # signed pulls per address (plus one warm-up)

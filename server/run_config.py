@@ -122,6 +122,11 @@ class RunOptions:
             raise UsageError(
                 f"--run-config: unknown key(s) {unknown}; known keys: {', '.join(sorted(cfg))}"
             )
+        owned = [
+            f"{key} (use {OPTION_OF_KEY[key]})" for key in sorted(extra) if key in OPTION_OF_KEY
+        ]
+        if owned:  # the option always sets these: a --run-config value would be overridden unseen
+            raise UsageError(f"--run-config sets {', '.join(owned)}: these come from the options")
         sample_dp = self.dp and extra.get("dp.level", cfg["dp.level"]) == "sample"
         recipe, why = _task_recipe(self.task, cfg, dp=sample_dp)
         if any(key in extra for key in PAIRED_KEYS):  # the user's model or preprocessing
@@ -145,6 +150,13 @@ class RunOptions:
         cfg["run.id"] = cfg["run.id"] or uuid.uuid4().hex[:16]  # hospitals' ledgers key on it
         cfg["run.settings-from"] = sources.to_json()
         return cfg, sources
+
+
+# run-config keys the command-line options set (always: their defaults too)
+OPTION_OF_KEY = {
+    "task.name": "--task", "data.dir": "--data-dir", "data.partition": "--partition",
+    "data.alpha": "--alpha", "train.seed": "--seed", "dp.enabled": "--no-dp to switch DP off",
+}  # fmt: skip
 
 
 def _task_recipe(task: str, schema: dict[str, Any], *, dp: bool) -> tuple[dict[str, Any], str]:

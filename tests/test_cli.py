@@ -30,6 +30,9 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["--hospitals", "600"], "600 hospitals for 569 patients"),
         (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
         (["--run-config", "train.nope=1"], "unknown key(s) ['train.nope']"),
+        # the options set these whatever --run-config says: refused instead of silently dropped
+        (["--run-config", "task.name='chest-xray'"], "--run-config sets task.name (use --task)"),
+        (["--run-config", "dp.enabled=false train.seed=3"], "sets dp.enabled (use --no-dp to switch DP off), train.seed (use --seed)"),
         (["--run-config", "train.lr=-1"], "'train.lr' = -1.0 is outside (0.0, 100.0]"),
         (["--delta", "0.01"], "is not below 1/n"),
         (["--epsilon", "1", "--no-dp"], "--epsilon and --no-dp exclude each other"),
