@@ -93,7 +93,11 @@ def _per_round(run_dir: Path) -> pd.DataFrame:
     for i, end in enumerate(elapsed, start=1):
         start = elapsed[i - 2] if i > 1 else None
         wall = end - start if start is not None else None
-        rows.append({"round": i, "wall": wall, "compute": float(compute.get(i, float("nan")))})
+        evaluated = bool(metrics.loc[metrics["round"] == i, "eval_seconds"].notna().any())
+        rows.append(
+            {"round": i, "wall": wall, "compute": float(compute.get(i, float("nan"))),
+             "evaluated": evaluated}
+        )  # fmt: skip
     frame = pd.DataFrame(rows)
     frame["overhead"] = frame["wall"] - frame["compute"]
     return frame
@@ -397,18 +401,27 @@ def main() -> None:
         f"\n3 hospitals, DP-SGD, {args.rounds} rounds (seconds per round); logistic regression, "
         f"or with +xray chest-xray with the DP preset ({XRAY_CONFIG})"
     )
-    print(f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}")
-    summary = {}
+    print(
+        f"{'variant':>16} {'round':>6} {'wall':>8} {'compute':>8} {'overhead':>9}  (e: also evaluates)"
+    )
+    summary, training_only = {}, {}
     for variant, frames in results.items():
         for frame in frames:
             for _, row in frame.iterrows():
                 wall = "-" if pd.isna(row["wall"]) else f"{row['wall']:.2f}"
                 over = "-" if pd.isna(row["overhead"]) else f"{row['overhead']:.2f}"
+                mark = "  e" if row["evaluated"] else ""
                 print(
-                    f"{variant:>16} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}"
+                    f"{variant:>16} {int(row['round']):>6} {wall:>8} {row['compute']:>8.2f} {over:>9}{mark}"
                 )
         steady = pd.concat(frames).dropna(subset=["wall"])
         summary[variant] = (statistics.mean(steady["wall"]), statistics.mean(steady["overhead"]))
+        training = steady[~steady["evaluated"].astype(bool)]
+        if len(training):
+            training_only[variant] = (
+                statistics.mean(training["wall"]),
+                statistics.mean(training["overhead"]),
+            )
     print(
         "\nwhere a steady round's time goes (critical path: the hospital whose reply came last; "
         "mean of rounds 2..N, seconds):"
@@ -435,6 +448,10 @@ def main() -> None:
         print(
             f"  {variant:>16}: wall {wall:.2f} s, overhead {over:.2f} s  (wall ratio {wall / base[0]:.2f})"
         )
+    if training_only:
+        print("steady rounds that only train (no evaluation exchange), mean:")
+        for variant, (wall, over) in training_only.items():
+            print(f"  {variant:>16}: wall {wall:.2f} s, overhead {over:.2f} s")
     for variant, (wall, over) in summary.items():
         if f"{variant}+direct" in summary:
             direct_wall, direct_over = summary[f"{variant}+direct"]
