@@ -161,7 +161,7 @@ def _drop_app_modules() -> None:
 def installed_app_dir(fab_hash: str) -> Path | None:
     """Flower's install folder of the FAB with SHA-256 ``fab_hash``:
     ``$FLWR_HOME/apps/<publisher>.<app>.<version>.<first 8 hex of the hash>``, as
-    ``flwr.supercore.utils.get_project_dir`` names it (Flower itself loads a FAB's ClientApp
+    ``flwr.common.config.get_project_dir`` names it (Flower itself loads a FAB's ClientApp
     from the folder with that suffix). Only approved bundles are ever installed here (the
     launcher refuses the others before anything runs). None when there is not exactly one."""
     from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
