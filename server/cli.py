@@ -487,7 +487,7 @@ def run(
 
 def _model_card(model: Path) -> tuple[Path, dict[str, Any]]:
     """The weights and model card of a run folder or a model file
-    (:func:`simulations.external_validation.locate_model`, which raises the expected errors)."""
+    (:func:`server.model_card.locate_model`, which raises the expected errors)."""
     from server.model_card import locate_model
 
     saved = locate_model(model)

@@ -366,10 +366,7 @@ def _performance(summary: dict) -> list[str]:
     if validation and "skipped" not in validation:
         from server.report import validation_lines
 
-        rows += [
-            line.replace("## Uncertainty", "### Uncertainty")
-            for line in validation_lines(validation)
-        ]
+        rows += validation_lines(validation, level=3)
         rows += ["", "Validate on your own patients with `fedcare evaluate` before any use."]
     else:
         rows.append(

@@ -536,10 +536,11 @@ def calibration_rows(cal: dict[str, Any]) -> list[str]:
     return rows
 
 
-def validation_lines(block: dict[str, Any]) -> list[str]:
+def validation_lines(block: dict[str, Any], *, level: int = 2) -> list[str]:
     """``report.md``'s section on the final model's uncertainty and calibration (the
-    ``validation`` block of ``fedcare simulate``, :mod:`simulations.uncertainty`)."""
-    title = ["", "## Uncertainty and calibration (pooled test splits, final model)", ""]
+    ``validation`` block of ``fedcare simulate``, :mod:`simulations.uncertainty`), under a
+    heading of ``level`` (the model card nests it one level deeper)."""
+    title = ["", f"{'#' * level} Uncertainty and calibration (pooled test splits, final model)", ""]
     if "skipped" in block:
         return title + [f"Not computed: {block['skipped']}."]
     cal, op, boot = block["calibration"], block["threshold_0.5"], block["bootstrap"]

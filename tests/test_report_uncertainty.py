@@ -142,3 +142,4 @@ def test_between_hospital_heterogeneity_from_each_hospitals_delong_se(simulated)
     line = f"| random-effects pooled AUROC | {het['auroc']:.3f} |"
     assert line in (run / "report.md").read_text() and line in (run / "model.md").read_text()
     assert "No confidence intervals" not in (run / "model.md").read_text()
+    assert f"\n#{SECTION}\n" in (run / "model.md").read_text()  # nested under Performance
