@@ -223,9 +223,9 @@ def _stamp(path: Path) -> str:
         return "absent"
     files = [path] if path.is_file() else [*path.glob("*"), *path.glob("*/*")]
     entries = sorted(
-        (str(p.relative_to(path)) if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
+        (str(p.relative_to(path)) if p != path else "", st.st_size, st.st_mtime_ns)
         for p in files
-        if p.is_file()
+        if p.is_file() and (st := p.stat())
     )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 

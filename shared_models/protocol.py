@@ -16,7 +16,8 @@ EXPLAIN_ACTION = "explain"
 # under client-level DP every hospital weighs the same (Flower's accountant requires equal weights)
 UNIT_WEIGHT_KEY = "unit-weight"
 # retrying an object (model weights) that is announced but still being uploaded, on either side:
-# first retry after this many seconds, doubling up to the cap (Flower 1.41's pull: 1 s, 10 s)
+# first retry after this many seconds, doubling up to the cap (Flower 1.41's pull: 1 s, 10 s);
+# Flower's 500 tries per object still bound it: an upload that never completes fails in ~50 s
 OBJECT_RETRY_BACKOFF = 0.05
 OBJECT_RETRY_CAP = 0.1
 # a hospital's polls (its SuperNode asking the coordinator for a message, its launcher asking the
