@@ -31,7 +31,7 @@ from typing import Any
 from server.history import RunHistory, failure_cause
 from shared_models.config import RunConfig
 from shared_models.files import write_json_atomic
-from shared_models.meta_analysis import heterogeneity_lines, pooled_auroc
+from shared_models.meta_analysis import heterogeneity_lines, hospital_heterogeneity
 from shared_models.noisy_metrics import (
     READABLE_WIDTH,
     bootstrap_description,
@@ -70,22 +70,11 @@ def _hospital_entry(event: Any) -> dict[str, Any]:
 
 def _heterogeneity(hospitals: list[dict[str, Any]]) -> dict[str, Any]:
     """Random-effects pooled AUROC over the hospitals whose AUROC and its SE are defined."""
-    usable = [
-        h for h in hospitals
-        if h["metrics"]["auroc"]["value"] is not None and (h["metrics"]["auroc"]["se"] or 0) > 0
-    ]  # fmt: skip
-    if len(usable) < 2:
-        return {
-            "note": f"{len(usable)} hospital(s) with a defined AUROC: a random-effects "
-            "meta-analysis needs at least 2"
-        }
-    result = pooled_auroc(
-        [h["metrics"]["auroc"]["value"] for h in usable],
-        [h["metrics"]["auroc"]["se"] for h in usable],
-    )
-    result["hospitals"] = [h["hospital"] for h in usable]
-    result["within_hospital_se"] = "bootstrap SE of each hospital's AUROC (noise and sampling)"
-    return result
+    return hospital_heterogeneity(
+        [(h["hospital"], h["metrics"]["auroc"]["value"], h["metrics"]["auroc"]["se"])
+         for h in hospitals],
+        within="bootstrap SE of each hospital's AUROC (noise and sampling)",
+    )  # fmt: skip
 
 
 def build_evaluation(

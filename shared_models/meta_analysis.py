@@ -20,6 +20,7 @@ dependency of fedcare):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -152,6 +153,36 @@ def pooled_auroc(aurocs: Any, standard_errors: Any) -> dict[str, Any]:
         "method": "DerSimonian-Laird random effects; prediction interval of Higgins, Thompson & "
         "Spiegelhalter 2009 (t, k - 2 df)",
     }  # fmt: skip
+
+
+def hospital_heterogeneity(
+    estimates: Sequence[tuple[str, float | None, float | None]], *, within: str
+) -> dict[str, Any]:
+    """:func:`pooled_auroc` over the hospitals whose AUROC and standard error are both defined.
+
+    Parameters
+    ----------
+    estimates : sequence of (str, float or None, float or None)
+        Per hospital: name, AUROC, its standard error (AUROC scale).
+    within : str
+        Where the standard errors come from (recorded as ``within_hospital_se``).
+
+    Returns
+    -------
+    dict
+        :func:`pooled_auroc`'s result plus ``hospitals`` (the names used) and
+        ``within_hospital_se``; or ``{"note": ...}`` when fewer than 2 hospitals are usable.
+    """
+    usable = [(name, a, se) for name, a, se in estimates if a is not None and se]
+    if len(usable) < 2:
+        return {
+            "note": f"{len(usable)} hospital(s) with a defined AUROC and standard error: a "
+            "random-effects meta-analysis needs at least 2"
+        }
+    result = pooled_auroc([a for _, a, _ in usable], [se for _, _, se in usable])
+    result["hospitals"] = [name for name, _, _ in usable]
+    result["within_hospital_se"] = within
+    return result
 
 
 def heterogeneity_lines(

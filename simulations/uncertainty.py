@@ -104,20 +104,13 @@ def between_hospitals(sites: Sequence[SiteData], scores: Sequence[np.ndarray]) -
     pooled_auroc`), each hospital's AUROC with DeLong's standard error
     (:func:`shared_models.validation.delong_auroc_se`); a note where fewer than 2 hospitals have
     both."""
-    from shared_models.meta_analysis import pooled_auroc
+    from shared_models.meta_analysis import hospital_heterogeneity
     from shared_models.validation import delong_auroc_se
 
-    rows = [(s.name, *delong_auroc_se(s.y_test, q)) for s, q in zip(sites, scores, strict=True)]
-    usable = [(name, a, se) for name, a, se in rows if a is not None and se]
-    if len(usable) < 2:
-        return {
-            "note": f"{len(usable)} hospital(s) with a defined AUROC and standard error: a "
-            "random-effects meta-analysis needs at least 2"
-        }
-    result = pooled_auroc([a for _, a, _ in usable], [se for _, _, se in usable])
-    result["hospitals"] = [name for name, _, _ in usable]
-    result["within_hospital_se"] = "DeLong standard error of each hospital's AUROC"
-    return result
+    return hospital_heterogeneity(
+        [(s.name, *delong_auroc_se(s.y_test, q)) for s, q in zip(sites, scores, strict=True)],
+        within="DeLong standard error of each hospital's AUROC",
+    )
 
 
 def write_calibration_figure(run_dir: Path, block: dict[str, Any]) -> Path | None:

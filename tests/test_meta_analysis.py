@@ -172,3 +172,17 @@ def test_pooled_noise_adds_in_quadrature():
 
 def test_the_t_quantile_used_for_the_prediction_interval():
     assert stats.t.ppf(0.975, df=11) == pytest.approx(2.2010, abs=1e-4)
+
+
+def test_hospital_heterogeneity_uses_the_hospitals_with_an_auroc_and_a_standard_error():
+    from shared_models.meta_analysis import hospital_heterogeneity
+
+    out = hospital_heterogeneity(
+        [("a", 0.80, 0.03), ("b", 0.85, 0.03), ("c", None, None), ("d", 0.90, None)],
+        within="DeLong",
+    )
+    assert out["hospitals"] == ["a", "b"] and out["within_hospital_se"] == "DeLong"
+    assert out["auroc"] == pytest.approx(pooled_auroc([0.80, 0.85], [0.03, 0.03])["auroc"])
+    note = hospital_heterogeneity([("a", 0.8, 0.03), ("d", 0.9, None)], within="DeLong")
+    assert note == {"note": "1 hospital(s) with a defined AUROC and standard error: a "
+                    "random-effects meta-analysis needs at least 2"}  # fmt: skip
