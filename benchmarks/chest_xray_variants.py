@@ -4,7 +4,7 @@
         --epsilon 3 [--cnn '{"activation": "relu"}'] [--lr 2] [--batch-size 256] [--rounds 10]
 
 FedAvg over 3 IID hospitals of PneumoniaMNIST's train split, exactly as ``fedcare simulate``
-splits them (``shared_models.sites.simulated_sites``), each trained with
+splits them (``shared_models.hospitals.simulated_hospitals``), each trained with
 ``client.training.train_round`` (Opacus DP-SGD, noise calibrated once for the run), but without
 Flower's engine, so one variant costs seconds of start-up instead of a Ray cluster. Prints the
 val and test AUROC after every round (val: the MedMNIST val split, drawn like the train split;
@@ -28,8 +28,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from client.dp_modes import grad_sample_mode_for  # noqa: E402
 from client.training import plan_dp, steps_per_round, train_round  # noqa: E402
+from shared_models.hospitals import simulated_hospitals  # noqa: E402
 from shared_models.image_models import ChestCNN  # noqa: E402
-from shared_models.sites import simulated_sites  # noqa: E402
 from shared_models.tasks.images import medmnist_pixels, read_medmnist  # noqa: E402
 
 
@@ -51,15 +51,15 @@ def main() -> None:
     kwargs = json.loads(args.cnn)
     if "widths" in kwargs:
         kwargs["widths"] = tuple(kwargs["widths"])
-    sites = simulated_sites(
-        "chest-xray", data_dir=str(Path(args.data_dir).resolve()), num_sites=3, scheme="iid",
+    hospitals = simulated_hospitals(
+        "chest-xray", data_dir=str(Path(args.data_dir).resolve()), num_hospitals=3, scheme="iid",
         alpha=0.5, seed=args.seed, preprocessing="size-28", test_fraction=0.0,
     )  # fmt: skip
     npz = next(Path(args.data_dir).glob("*.npz"))
     val_u8, y_val = read_medmnist(npz)["val"]
     x_val = medmnist_pixels(val_u8, 28, npz.name)
-    x_test = np.concatenate([s.x_test for s in sites])
-    y_test = np.concatenate([s.y_test for s in sites])
+    x_test = np.concatenate([s.x_test for s in hospitals])
+    y_test = np.concatenate([s.y_test for s in hospitals])
 
     torch.manual_seed(args.seed)  # the initial weights (benchmark only)
     model = ChestCNN((1, 28, 28), **kwargs)
@@ -75,9 +75,9 @@ def main() -> None:
         )  # fmt: skip
         if args.epsilon > 0
         else None
-        for s in sites
+        for s in hospitals
     ]
-    states: list = [None] * len(sites)
+    states: list = [None] * len(hospitals)
 
     def auroc(x: np.ndarray, y: np.ndarray) -> float:
         model.eval()
@@ -87,18 +87,18 @@ def main() -> None:
     started = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         updates = []
-        for k, site in enumerate(sites):
+        for k, hospital in enumerate(hospitals):
             local = ChestCNN((1, 28, 28), **kwargs)
             local.load_state_dict(model.state_dict())
             result = train_round(
-                local, site.train_set(),
-                steps=steps_per_round(site.n_train, args.batch_size, args.local_epochs),
+                local, hospital.train_set(),
+                steps=steps_per_round(hospital.n_train, args.batch_size, args.local_epochs),
                 batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, dp=plans[k],
                 accountant_state=states[k], seed=args.seed * 1000 + rnd * 10 + k,
                 grad_sample_mode=grad_sample_mode_for(local),
             )  # fmt: skip
             states[k] = result.accountant_state
-            updates.append((site.n_train, local.state_dict()))
+            updates.append((hospital.n_train, local.state_dict()))
         total = sum(n for n, _ in updates)
         model.load_state_dict(
             {key: sum(n * sd[key] for n, sd in updates) / total for key in updates[0][1]}

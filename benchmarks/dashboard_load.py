@@ -40,31 +40,31 @@ def write_run(folder: Path, *, hospitals: int, rounds: int, finished: bool) -> N
     import torch
 
     from server.checkpoint import record_flower_run, save_weights
-    from server.history import RunHistory, SiteEvent
+    from server.history import HospitalEvent, RunHistory
     from server.run_config import default_run_config
 
     rng = random.Random(0)
     config = {**default_run_config(), "train.rounds": rounds, "simulation.hospitals": hospitals}
     history = RunHistory()
     names = [f"hospital-{i + 1}" for i in range(hospitals)]
-    history.sites = {i + 1: name for i, name in enumerate(names)}
+    history.hospitals = {i + 1: name for i, name in enumerate(names)}
     record_flower_run(folder, run_id="bench", flower_run_id=1, after_round=0)
     for r in range(1, rounds + 1):
         for i, name in enumerate(names):
             eps = 2.0 * (r / rounds) ** 0.5
-            history.events.append(SiteEvent(
-                round=r, kind="train", node_id=i + 1, site=name,
+            history.events.append(HospitalEvent(
+                round=r, kind="train", node_id=i + 1, hospital=name,
                 metrics={"num-examples": 100.0, "epsilon": eps, "delta": 1e-5,
                          "train-loss": 0.7 * 0.9**r + 0.05 * rng.random()},
             ))  # fmt: skip
             if i % 50 == 7 and r == rounds // 2:
-                history.events.append(SiteEvent(
-                    round=r, kind="evaluate", node_id=i + 1, site=name,
+                history.events.append(HospitalEvent(
+                    round=r, kind="evaluate", node_id=i + 1, hospital=name,
                     error="hospital refused: lifetime ε above the policy's cap", cause="refused",
                 ))  # fmt: skip
                 continue
-            history.events.append(SiteEvent(
-                round=r, kind="evaluate", node_id=i + 1, site=name,
+            history.events.append(HospitalEvent(
+                round=r, kind="evaluate", node_id=i + 1, hospital=name,
                 metrics={"num-examples": 40.0, "auroc": 0.8 + 0.15 * rng.random()},
             ))  # fmt: skip
         history.centralized[r] = {"auroc": 0.9 + 0.005 * r}

@@ -204,7 +204,7 @@ def _start_hospitals(
                        check=True, capture_output=True, cwd=ROOT)  # fmt: skip
         procs.append(_spawn([
             "client", "start", "--superlink", address, "--ca", str(root / "pki" / "ca.pem"),
-            "--key", str(root / "keys" / f"{name}.key"), "--site", name,
+            "--key", str(root / "keys" / f"{name}.key"), "--hospital", name,
             "--data", str(path), "--port", str(_free_port()),
             "--state", str(state), "--executor", executor, "--supernode", supernode,
         ], root / f"client-{name}-{tag}.log"))  # fmt: skip

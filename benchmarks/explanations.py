@@ -69,34 +69,35 @@ def _cell(run_dir: Path, epsilons: list[float]) -> dict[str, Any]:
     from server.explanations import aggregate_explanations
     from shared_models.attributions import feature_attributions, importance
     from shared_models.config import RunConfig
-    from shared_models.sites import simulated_sites_for
+    from shared_models.hospitals import simulated_hospitals_for
     from simulations.external_validation import load_model, locate_model
 
     config = json.loads((run_dir / "summary.json").read_text())
     sidecar = sorted((run_dir / "checkpoints").glob("round-[0-9]*[0-9].json"))
     run = RunConfig.from_run_config(json.loads(sidecar[-1].read_text())["run_config"])
     model = load_model(locate_model(run_dir))
-    task_sites = simulated_sites_for(run, len(config["hospitals"]))
+    task_hospitals = simulated_hospitals_for(run, len(config["hospitals"]))
     from shared_models.tasks import get_task
 
     task = get_task(run.task.name)
     names = list(task.explained_features(run.task.preprocessing))
     started = time.perf_counter()
-    per_site = [
-        feature_attributions(model, s.x_test, axis=task.attribution_axis or 0) for s in task_sites
+    per_hospital = [
+        feature_attributions(model, s.x_test, axis=task.attribution_axis or 0)
+        for s in task_hospitals
     ]
     attribution_seconds = time.perf_counter() - started
-    pooled, _ = importance(np.concatenate(per_site))
+    pooled, _ = importance(np.concatenate(per_hospital))
     out: dict[str, Any] = {"attribution_seconds": attribution_seconds, "by_epsilon": {}}
     for eps in epsilons:
         sigma = noise_for_epsilon(eps, delta=run.dp.target_delta)
         started = time.perf_counter()
         releases = []
-        for site, attr in zip(task_sites, per_site, strict=True):
+        for hospital, attr in zip(task_hospitals, per_hospital, strict=True):
             signed, absolute = release_attributions(
                 attr, clip=run.explain.clip, noise_multiplier=sigma
             )
-            releases.append({"site": site.name, "n": len(attr), "signed": signed,
+            releases.append({"hospital": hospital.name, "n": len(attr), "signed": signed,
                              "absolute": absolute, "noise_multiplier": sigma,
                              "clip": run.explain.clip, "epsilon_release": eps, "epsilon": None})  # fmt: skip
         block = aggregate_explanations(releases, [], names)

@@ -34,28 +34,28 @@ import torch  # noqa: E402
 
 from client.dp_modes import grad_sample_mode_for  # noqa: E402
 from client.training import plan_dp, train_round  # noqa: E402
+from shared_models.hospitals import simulated_hospitals  # noqa: E402
 from shared_models.models import build_model  # noqa: E402
-from shared_models.sites import simulated_sites  # noqa: E402
 
 PRESET = ROOT / "presets" / "chest-xray.toml"
 
 
 def one_hospital(data_dir: str, device: str, *, epsilon: float) -> float:
     """Training examples per second of one DP round (one expected epoch) on ``device``."""
-    site = simulated_sites(
-        "chest-xray", data_dir=data_dir, num_sites=3, scheme="iid", alpha=0.5, seed=0,
+    hospital = simulated_hospitals(
+        "chest-xray", data_dir=data_dir, num_hospitals=3, scheme="iid", alpha=0.5, seed=0,
         preprocessing="default", test_fraction=0.0,
     )[0]  # fmt: skip
-    plan = plan_dp(n_train=site.n_train, batch_size=256, local_epochs=1.0, rounds=10,
+    plan = plan_dp(n_train=hospital.n_train, batch_size=256, local_epochs=1.0, rounds=10,
                    target_epsilon=epsilon, target_delta=1e-5, max_grad_norm=1.0)  # fmt: skip
-    model = build_model("cnn", input_shape=site.x_train.shape[1:])
+    model = build_model("cnn", input_shape=hospital.x_train.shape[1:])
     mode = grad_sample_mode_for(model)
-    train_round(model, site.train_set(), steps=1, batch_size=256, lr=2.0, dp=plan,
+    train_round(model, hospital.train_set(), steps=1, batch_size=256, lr=2.0, dp=plan,
                 device=device, grad_sample_mode=mode)  # warm-up (CUDA context, kernels)  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
-    train_round(model, site.train_set(), steps=plan.steps_per_round, batch_size=256, lr=2.0,
+    train_round(model, hospital.train_set(), steps=plan.steps_per_round, batch_size=256, lr=2.0,
                 dp=plan, device=device, grad_sample_mode=mode)  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 from client.training import plan_for_run, steps_per_round, train_round  # noqa: E402
 from server.run_config import RunOptions  # noqa: E402
 from shared_models.config import RunConfig  # noqa: E402
+from shared_models.hospitals import simulated_hospitals_for  # noqa: E402
 from shared_models.metrics import evaluation_metrics  # noqa: E402
 from shared_models.models import model_for_run, predict_proba  # noqa: E402
-from shared_models.sites import simulated_sites_for  # noqa: E402
 from shared_models.tasks import get_task  # noqa: E402
 
 TASK = "icu-mortality"
@@ -76,20 +76,20 @@ def run_config(args: argparse.Namespace, model: str, *, dp: bool) -> RunConfig:
 
 
 def federate(run: RunConfig) -> dict[str, float | None]:
-    """FedAvg over the natural sites (as Flower's FedAvg, in process); pooled test metrics."""
-    sites = simulated_sites_for(run, 4)
+    """FedAvg over the natural hospitals (as Flower's FedAvg, in process); pooled test metrics."""
+    hospitals = simulated_hospitals_for(run, 4)
     model, _ = model_for_run(run)
     plans = {
-        s.name: plan_for_run(run, n_train=s.n_train) if run.dp.enabled else None for s in sites
+        s.name: plan_for_run(run, n_train=s.n_train) if run.dp.enabled else None for s in hospitals
     }
-    states: dict[str, dict | None] = {s.name: None for s in sites}
+    states: dict[str, dict | None] = {s.name: None for s in hospitals}
     eps: dict[str, float] = {}
     steps_taken = 0
     t0 = time.perf_counter()
     for rnd in range(1, run.train.rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         updates, weights = [], []
-        for s in sites:
+        for s in hospitals:
             model.load_state_dict(global_state)
             steps = steps_per_round(s.n_train, run.train.batch_size, run.train.local_epochs)
             result = train_round(
@@ -112,8 +112,8 @@ def federate(run: RunConfig) -> dict[str, float | None]:
             }
         )
     seconds = time.perf_counter() - t0
-    x_test = np.concatenate([s.x_test for s in sites])
-    y_test = np.concatenate([s.y_test for s in sites])
+    x_test = np.concatenate([s.x_test for s in hospitals])
+    y_test = np.concatenate([s.y_test for s in hospitals])
     metrics, _ = evaluation_metrics(y_test, predict_proba(model, x_test))
     return {
         **metrics,
@@ -134,12 +134,12 @@ def step_times(
         for model_name in models:
             for i, dp in enumerate((False, True)):
                 run = run_config(args, model_name, dp=dp)
-                site = max(simulated_sites_for(run, 4), key=lambda s: s.n_train)
+                hospital = max(simulated_hospitals_for(run, 4), key=lambda s: s.n_train)
                 model, _ = model_for_run(run)
-                plan = plan_for_run(run, n_train=site.n_train) if dp else None
+                plan = plan_for_run(run, n_train=hospital.n_train) if dp else None
                 t0 = time.perf_counter()
                 train_round(
-                    model, site.train_set(), steps=steps, batch_size=run.train.batch_size,
+                    model, hospital.train_set(), steps=steps, batch_size=run.train.batch_size,
                     lr=run.train.lr, dp=plan,
                 )  # fmt: skip
                 ms = 1000 * (time.perf_counter() - t0) / steps

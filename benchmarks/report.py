@@ -29,7 +29,7 @@ Protocols
 ``flamby/datasets/fed_heart_disease``): the four real hospitals, its preprocessing (the task's
 ``flamby`` preprocessing), a per-centre stratified 66/34 train/test split with FLamby's fixed
 seed 43 (run config ``data.split = "stratified"`` and ``data.split-seed``; the training seed
-varies; fedcare's own split is per record, see :func:`shared_models.tasks.prepare_site`), a
+varies; fedcare's own split is per record, see :func:`shared_models.tasks.prepare_hospital`), a
 logistic regression, the
 metric = the mean over the 4 centres' test accuracies of ONE model (:func:`flamby_metric`), and
 the local baseline = a model trained at one centre and evaluated on all four (``Local k``).
@@ -374,28 +374,29 @@ def app_dir_for(task: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 # the worker: computes cells of ONE task (it runs inside that task's app folder)
 # ----------------------------------------------------------------------------------------------
-def _evaluate(model, sites) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Exact metrics of one model on every site's test split."""
+def _evaluate(model, hospitals) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Exact metrics of one model on every hospital's test split."""
     from shared_models.models import predict_proba
 
-    return _metrics(sites, [predict_proba(model, s.x_test) for s in sites])
+    return _metrics(hospitals, [predict_proba(model, s.x_test) for s in hospitals])
 
 
-def _metrics(sites, scores: list) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """FLamby's metric and the pooled AUROC / accuracy of per-site scores on the sites' test
-    splits (``scores[k]``: ``[n_test_k]`` probabilities for site ``k``)."""
+def _metrics(hospitals, scores: list) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """FLamby's metric and the pooled AUROC / accuracy of per-hospital scores on the hospitals' test
+    splits (``scores[k]``: ``[n_test_k]`` probabilities for hospital ``k``)."""
     import numpy as np
 
     from shared_models.metrics import binary_metrics
 
-    ys = [s.y_test for s in sites]
+    ys = [s.y_test for s in hospitals]
     flamby, accs = flamby_metric(ys, scores)
     pooled = binary_metrics(np.concatenate(ys), np.concatenate(scores))
     return {
         "mean_client_accuracy": flamby,
-        "client_accuracy": dict(zip([s.name for s in sites], accs, strict=True)),
+        "client_accuracy": dict(zip([s.name for s in hospitals], accs, strict=True)),
         "client_auroc": {
-            s.name: binary_metrics(s.y_test, p).auroc for s, p in zip(sites, scores, strict=True)
+            s.name: binary_metrics(s.y_test, p).auroc
+            for s, p in zip(hospitals, scores, strict=True)
         },
         "auroc": pooled.auroc,
         "accuracy": pooled.accuracy,
@@ -485,30 +486,30 @@ def _central_cell(cell: Cell, bench: TaskBench) -> dict[str, Any]:
     req = SimulationRequest(
         options=RunOptions(task=cell.task), hospitals=bench.hospitals, out=Path(".")
     )
-    run, sites = preflight(cfg, bench.hospitals or 3, req)  # the same hospitals as federated
+    run, hospitals = preflight(cfg, bench.hospitals or 3, req)  # the same hospitals as federated
     if cell.method == "pooled":
-        model, eps = _train_central(run, pooled_train_set(sites), cell.epsilon)
-        return {**_evaluate(model, sites), "epsilon": eps}
-    per_site, eps_all = {}, []
+        model, eps = _train_central(run, pooled_train_set(hospitals), cell.epsilon)
+        return {**_evaluate(model, hospitals), "epsilon": eps}
+    per_hospital, eps_all = {}, []
     own_scores = []
-    for s in sites:
+    for s in hospitals:
         model, eps = _train_central(run, s.train_set(), cell.epsilon)
         eps_all.append(eps)
         if bench.protocol == "flamby":  # Local k: trained at k, evaluated on every centre
-            per_site[s.name] = _evaluate(model, sites)
+            per_hospital[s.name] = _evaluate(model, hospitals)
         else:
             own_scores.append(predict_proba(model, s.x_test))
     epsilon = max(eps_all) if cell.epsilon is not None else None
     if bench.protocol == "flamby":
         return {
             "mean_client_accuracy": float(
-                np.mean([r["mean_client_accuracy"] for r in per_site.values()])
+                np.mean([r["mean_client_accuracy"] for r in per_hospital.values()])
             ),
-            "auroc": float(np.mean([r["auroc"] for r in per_site.values()])),
-            "local": per_site,
+            "auroc": float(np.mean([r["auroc"] for r in per_hospital.values()])),
+            "local": per_hospital,
             "epsilon": epsilon,
         }
-    return {**_metrics(sites, own_scores), "epsilon": epsilon}
+    return {**_metrics(hospitals, own_scores), "epsilon": epsilon}
 
 
 def _task(name: str):  # type: ignore[no-untyped-def]
@@ -535,31 +536,31 @@ def _federated_cell(cell: Cell, bench: TaskBench, ray_address: str) -> dict[str,
         req = SimulationRequest(
             options=RunOptions(task=cell.task), hospitals=bench.hospitals, out=out
         )
-        run, sites = preflight(cfg, bench.hospitals or 3, req)
+        run, hospitals = preflight(cfg, bench.hospitals or 3, req)
         # one ClientApp actor per worker (all the Ray instance's CPUs): a handful of small
         # hospitals take milliseconds each, and every actor costs a Python + torch start
         run_federation(
-            run_config=cfg, num_supernodes=len(sites), ray_address=ray_address,
+            run_config=cfg, num_supernodes=len(hospitals), ray_address=ray_address,
             num_cpus_per_client=float(os.cpu_count() or 1),
         )  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
         model, _ = model_for_run(run)
         model.load_state_dict(load_weights(out / "model.safetensors"))
-        metrics = _evaluate(model, sites)
+        metrics = _evaluate(model, hospitals)
         if cell.method in PERSONAL:  # each hospital's personal model on its own test split
             from shared_models.models import predict_proba
 
             scores = []
-            for site in sites:
+            for hospital in hospitals:
                 own, _ = model_for_run(run)
                 own.load_state_dict(
                     load_weights(
-                        Path(tmp) / "hospitals" / site.name / "personal"
+                        Path(tmp) / "hospitals" / hospital.name / "personal"
                         / f"{cfg['run.id']}.safetensors"
                     )
                 )  # fmt: skip
-                scores.append(predict_proba(own, site.x_test))
-            metrics = {**_metrics(sites, scores), "global": metrics}
+                scores.append(predict_proba(own, hospital.x_test))
+            metrics = {**_metrics(hospitals, scores), "global": metrics}
     eps = [h["epsilon"] for h in summary["hospitals"] if h["epsilon"] is not None]
     trained = [h["rounds_trained"] for h in summary["hospitals"]]
     return {
@@ -958,7 +959,7 @@ def _personal_table(results: dict, task: str, bench: TaskBench) -> list[str]:
     if not personal:
         return []
     key = "client_accuracy" if bench.protocol == "flamby" else "client_auroc"
-    sites = sorted({s for rs in results.values() for r in rs if r.get("task") == task
+    hospitals = sorted({s for rs in results.values() for r in rs if r.get("task") == task
                     for s in r.get(key, {})})  # fmt: skip
     lines = [
         "",
@@ -966,8 +967,8 @@ def _personal_table(results: dict, task: str, bench: TaskBench) -> list[str]:
         "on the hospital's own test split, mean over seeds; `fedavg+X`: each hospital's "
         "personal model, trained at the hospital and never sent):",
         "",
-        "| method | ε | " + " | ".join(sites) + " | seeds |",
-        "|---" * (len(sites) + 3) + "|",
+        "| method | ε | " + " | ".join(hospitals) + " | seeds |",
+        "|---" * (len(hospitals) + 3) + "|",
     ]
     for method in ("fedavg", *personal):
         for eps in EPSILONS:
@@ -975,8 +976,8 @@ def _personal_table(results: dict, task: str, bench: TaskBench) -> list[str]:
             if not rs:
                 continue
             cells = []
-            for site in sites:
-                vals = [v for r in rs if (v := r.get(key, {}).get(site)) is not None]
+            for hospital in hospitals:
+                vals = [v for r in rs if (v := r.get(key, {}).get(hospital)) is not None]
                 cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "n/a")
             lines.append(
                 f"| {method} | {_eps_label(eps)} | " + " | ".join(cells) + f" | {len(rs)} |"

@@ -174,7 +174,7 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     data_dir = ""
     if resampled:
         task = get_task("breast-cancer")
-        frame = task.load_sites("")[0][1]
+        frame = task.load_hospitals("")[0][1]
         folder = workdir / f"data-{n}"
         folder.mkdir(exist_ok=True)
         rows = frame.iloc[resampled_rows(n, rows_per_hospital)].reset_index(drop=True)
@@ -183,12 +183,12 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     t0 = time.monotonic()
     options = RunOptions(task="breast-cancer", data_dir=data_dir, rounds=rounds, dp=dp)
     req = SimulationRequest(options=options, hospitals=n, out=workdir / f"run-{n}")
-    cfg, hospitals = build_run_config(req)
+    cfg, n_hospitals = build_run_config(req)
     cfg["eval.centralized"] = False
     if fraction < 1.0:
         cfg["strategy.fraction-train"] = fraction
         cfg["strategy.fraction-evaluate"] = fraction
-    run, sites = preflight(cfg, hospitals, req)
+    run, hospitals = preflight(cfg, n_hospitals, req)
     t1 = time.monotonic()
     clock = _RoundClock()
     progress = logging.getLogger("fedcare.progress")
@@ -197,7 +197,7 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     progress.propagate = False
     logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
-        run_federation(run_config=cfg, num_supernodes=len(sites), in_process=in_process)
+        run_federation(run_config=cfg, num_supernodes=len(hospitals), in_process=in_process)
     finally:
         progress.removeHandler(clock)
     t2 = time.monotonic()
@@ -205,10 +205,10 @@ def measure(n: int, *, rounds: int, rows_per_hospital: int, fraction: float, dp:
     if not all(r in at for r in range(1, rounds + 1)):
         raise RuntimeError(f"{n} hospitals: progress records for rounds {sorted(at)} only")
     steady = [at[r] - at[r - 1] for r in range(2, rounds)]
-    n_train = sum(s.n_train + s.n_test for s in sites) / len(sites)
+    n_train = sum(s.n_train + s.n_test for s in hospitals) / len(hospitals)
     return Measurement(
-        hospitals=len(sites),
-        sampled=max(int(cfg["strategy.min-train-nodes"]), int(len(sites) * fraction)),
+        hospitals=len(hospitals),
+        sampled=max(int(cfg["strategy.min-train-nodes"]), int(len(hospitals) * fraction)),
         rows_per_hospital=n_train,
         resampled=resampled,
         preflight_s=t1 - t0,

@@ -1,1 +1,1 @@
-"""The hospital side: ClientApp, site data, DP training and privacy accounting."""
+"""The hospital side: ClientApp, hospital data, DP training and privacy accounting."""

@@ -3,7 +3,7 @@
 A Flower SuperNode runs whatever app bundle the coordinator ships, and run-config overrides
 (e.g. the noise level) are covered by no signature. A fedcare hospital therefore runs only FABs
 whose SHA-256 (the hash Flower itself uses to name and store a FAB) its operator approved with
-``fedcare client approve``; the approved code then enforces the site policy on the run config.
+``fedcare client approve``; the approved code then enforces the hospital policy on the run config.
 
 Inspecting a bundle never executes it: the FAB is read as a zip archive, its task list is
 parsed from ``shared_models/tasks/*.py`` with :mod:`ast` and from the task files

@@ -3,7 +3,7 @@
 Each line records the run ids -- fedcare's (``run_id``, run-config ``run.id``, kept when the
 coordinator resumes a run) and the coordinator's Flower run id (``flower_run_id``, what its
 ``summary.json`` lists under ``flower_run_ids``) -- round, message type, direction, the record
-keys and their byte sizes (what left the site and how much), ε after the round, and the policy
+keys and their byte sizes (what left the hospital and how much), ε after the round, and the policy
 decision. It never contains patient values: only record names, sizes, aggregate metrics and
 reasons.
 """
@@ -55,12 +55,12 @@ class AuditLog:
             os.fsync(fh.fileno())
 
     def message(
-        self, direction: str, msg: Message, *, run_id: str, site: str, **extra: Any
+        self, direction: str, msg: Message, *, run_id: str, hospital: str, **extra: Any
     ) -> None:
         """Record one message (``direction`` = "received" or "sent")."""
         entry: dict[str, Any] = {
             "direction": direction,
-            "site": site,
+            "hospital": hospital,
             "run_id": run_id,
             "flower_run_id": msg.metadata.run_id,
             "message_type": msg.metadata.message_type,

@@ -234,7 +234,7 @@ def start(
     key: Annotated[
         Path, typer.Option(help="This hospital's private key (NAME.key from `client keygen`).")
     ],
-    site: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
+    hospital: Annotated[str, typer.Option(help="This hospital's name, as shown in reports.")],
     data: Annotated[
         Path,
         typer.Option(
@@ -254,7 +254,7 @@ def start(
         typer.Option(help="Privacy ledger folder (default STATE/ledger); survives restarts."),
     ] = None,
     policy: Annotated[
-        Path | None, typer.Option(help="Site policy TOML file (bounds for every run).")
+        Path | None, typer.Option(help="Hospital policy TOML file (bounds for every run).")
     ] = None,
     executor: Annotated[
         str,
@@ -316,11 +316,11 @@ def start(
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     from client.join import Backoff, JoinAttempts
-    from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+    from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
     from shared_models.node_keys import fingerprint
 
     try:  # a broken policy stops the daemon here, naming the key, not at the first run
-        effective = SitePolicy.load(policy) if policy is not None else DEFAULT_POLICY
+        effective = HospitalPolicy.load(policy) if policy is not None else DEFAULT_POLICY
     except PolicyError as exc:
         raise HospitalSetupError(str(exc)) from None
     if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
@@ -358,7 +358,7 @@ def start(
     _check_tls(superlink, ca)
     state.mkdir(parents=True, exist_ok=True)
     node_config = (
-        f'data-path="{data.resolve()}" site="{site}" device="{device}" ledger-dir="{ledger_dir}" '
+        f'data-path="{data.resolve()}" hospital="{hospital}" device="{device}" ledger-dir="{ledger_dir}" '
         f"test-fraction={float(test_fraction)!r}"
     )
     if policy is not None:
@@ -366,7 +366,7 @@ def start(
     source = (
         f"from {policy}" if policy is not None else "fedcare's default; --policy FILE changes it"
     )
-    console.print(f"site policy ({source}):")
+    console.print(f"hospital policy ({source}):")
     console.print(effective.as_toml().rstrip(), highlight=False, markup=False)
     secret = _write_superexec_secret(state / "superexec.secret")
     cmd = [
@@ -386,17 +386,17 @@ def start(
     launcher = [
         sys.executable, "-m", "client.launcher",
         "--runtime-api-address", f"127.0.0.1:{port}",
-        "--ledger", str(ledger_dir), "--site", site,
+        "--ledger", str(ledger_dir), "--hospital", hospital,
         "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid()),
         "--executor", executor,
     ]  # fmt: skip
     attempts = JoinAttempts(
-        site=site, fingerprint=key_fingerprint, public_key_name=key.with_suffix(".pub").name,
+        hospital=hospital, fingerprint=key_fingerprint, public_key_name=key.with_suffix(".pub").name,
         log_path=state / "supernode.log", ca=ca, backoff=backoff, join_timeout=join_timeout,
         say=lambda text: console.print(f"[yellow]{escape(text)}[/]", highlight=False),
     )  # fmt: skip
     console.print(
-        f"hospital {site}: connecting to {superlink} over TLS with key {key_fingerprint}; log "
+        f"hospital {hospital}: connecting to {superlink} over TLS with key {key_fingerprint}; log "
         f"{state / 'supernode.log'}"
     )
     code = run_foreground(
@@ -503,23 +503,23 @@ def budget(
         console.print(
             f"      steps {r.train_steps}, noise multiplier {sigmas or '-'}, sample rate "
             f"{rates or '-'}, {r.eval_releases} evaluation release(s): ε = {r.epsilon():.3f} "
-            f"at δ = {r.delta:g} (the run's), {r.epsilon(r.site_delta):.3f} at the site's "
-            f"δ = {r.site_delta:g}"
+            f"at δ = {r.delta:g} (the run's), {r.epsilon(r.hospital_delta):.3f} at the hospital's "
+            f"δ = {r.hospital_delta:g}"
         )
         if r.explanations:
             from client.explanations import release_epsilon
 
-            alone = [release_epsilon(s, delta=r.site_delta) for s in r.explanations]
+            alone = [release_epsilon(s, delta=r.hospital_delta) for s in r.explanations]
             console.print(
                 f"      explanation release(s) {len(r.explanations)}: noise multiplier "
                 f"{', '.join(f'{s:.4g}' for s in r.explanations)}, ε alone = "
-                f"{', '.join(f'{e:.3f}' for e in alone)} at the site's δ (composed in the run's "
+                f"{', '.join(f'{e:.3f}' for e in alone)} at the hospital's δ (composed in the run's "
                 "ε above)"
             )
     private = [r for r in records if r.sample_level_dp]
     exposed = len(records) - len(private)
     if private:
-        delta = max(r.site_delta for r in private)
+        delta = max(r.hospital_delta for r in private)
         total = lifetime_epsilon([r.accountant for r in private], delta=delta)
         console.print(
             f"lifetime: ε = {total:.3f} at δ = {delta:g} over {len(private)} run(s) with "
@@ -529,7 +529,7 @@ def budget(
     if exposed:
         console.print(
             f"lifetime: ε = ∞ -- {exposed} run(s) released model updates without sample-level DP "
-            "(allowed by this site's policy, allow-non-dp)"
+            "(allowed by this hospital's policy, allow-non-dp)"
         )
 
 
@@ -546,7 +546,9 @@ def dashboard(
     ] = None,
     policy: Annotated[
         Path | None,
-        typer.Option(help="The site policy file the daemon runs with (`client start --policy`)."),
+        typer.Option(
+            help="The hospital policy file the daemon runs with (`client start --policy`)."
+        ),
     ] = None,
     host: Annotated[
         str, typer.Option(help="Loopback address to listen on (127.0.0.1 or ::1; nothing else).")

@@ -1,12 +1,12 @@
 """The hospital's Flower ClientApp: thin handlers over :mod:`client.training` and
-:mod:`client.evaluation`, under the site's policy and privacy ledger.
+:mod:`client.evaluation`, under the hospital's policy and privacy ledger.
 
 Every guarantee here holds against a coordinator that sends any run config, any weights and any
 number of messages:
 
-- Train: the request is checked against the site policy (a hospital setting, never the run's)
+- Train: the request is checked against the hospital policy (a hospital setting, never the run's)
   and the run's recorded plan; the round's DP-SGD steps are added to everything this run already
-  released here and refused if that would cross the policy's ε caps at the site's δ; DP noise and
+  released here and refused if that would cross the policy's ε caps at the hospital's δ; DP noise and
   Poisson sampling come from the OS CSPRNG; the accountant state is recorded in the ledger BEFORE
   the reply (``arrays``; ``metrics``: ``num-examples`` = training examples, cumulative
   ``epsilon`` and ``delta``; the train loss only where the policy allows exact metrics).
@@ -44,14 +44,21 @@ from client.audit import AuditLog
 from client.dp_modes import grad_sample_mode_for
 from client.evaluation import release_histograms
 from client.explanations import release_attributions, release_epsilon, release_saliency
+from client.hospital_data import (
+    HospitalSettings,
+    HospitalSetupError,
+    load_hospital_data,
+    run_config_of,
+    simulation_node,
+)
 from client.ledger import Ledger, LedgerError, ReplayCache, RunRecord, fingerprint
 from client.personal import load_personal, save_personal, train_personal
 from client.policy import (
     DEFAULT_POLICY,
     SIMULATION_POLICY,
+    HospitalPolicy,
     PolicyError,
     PolicyRefusal,
-    SitePolicy,
 )
 from client.secure_aggregation import (
     SecAggProtocolError,
@@ -61,13 +68,6 @@ from client.secure_aggregation import (
     secure_aggregation_mod,
 )
 from client.secure_dp import check_private_mode
-from client.site import (
-    SiteSettings,
-    SiteSetupError,
-    load_site_data,
-    run_config_of,
-    simulation_node,
-)
 from client.training import (
     DPPlan,
     PrivacyBudgetError,
@@ -82,28 +82,28 @@ from shared_models.metrics import ALL_METRIC_NAMES, evaluation_metrics, score_hi
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import (
     EXPLAIN_ACTION,
+    HOSPITAL_REFUSED,
     PERSONAL_PREFIX,
-    SITE_REFUSED,
     UNIT_WEIGHT_KEY,
     refusal_reason,
 )
-from shared_models.tasks import DataError, SiteData, get_task
+from shared_models.tasks import DataError, HospitalData, get_task
 
 _log = logging.getLogger("fedcare.hospital")
 
 # refusals whose text is built from the run config, the policy's bounds and public values only:
-# sent as they are (their ``detail``, if any, with the site's numbers, is logged here)
+# sent as they are (their ``detail``, if any, with the hospital's numbers, is logged here)
 _PUBLIC = (PolicyRefusal, PrivacyBudgetError, ConfigError, SecAggProtocolError)
 # refusals whose text may name local paths or data values: the coordinator gets the category
 _PRIVATE = {
     DataError: "its data failed validation",
     LedgerError: "its privacy ledger cannot be used",
-    PolicyError: "its site policy file is unusable",
-    SiteSetupError: "its hospital settings are incomplete",
+    PolicyError: "its hospital policy file is unusable",
+    HospitalSetupError: "its hospital settings are incomplete",
     OSError: "a local file could not be read or written",
 }
 _EXPECTED: tuple[type[Exception], ...] = (*_PUBLIC, *_PRIVATE)
-_UNEXPECTED = "an unexpected error at the site"  # any other exception: its category only
+_UNEXPECTED = "an unexpected error at the hospital"  # any other exception: its category only
 
 
 def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -113,22 +113,24 @@ def _audit_protocol_mod(msg: Message, context: Context, call_next) -> Message:  
     target = _audit_target(context) if stage is not None else None
     if target is None:
         return call_next(msg, context)
-    audit, run_id, site = target
-    audit.message("received", msg, run_id=run_id, site=site, secagg_stage=stage)
+    audit, run_id, hospital = target
+    audit.message("received", msg, run_id=run_id, hospital=hospital, secagg_stage=stage)
     reply = call_next(msg, context)
     decision = "refused" if reply.has_error() else f"secagg {stage}"
-    audit.message("sent", reply, run_id=run_id, site=site, secagg_stage=stage, decision=decision)
+    audit.message(
+        "sent", reply, run_id=run_id, hospital=hospital, secagg_stage=stage, decision=decision
+    )
     return reply
 
 
 def _secagg_preflight_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
-    """Flower mod: at the SecAgg+ setup stage, refuse a run this site would refuse to train
+    """Flower mod: at the SecAgg+ setup stage, refuse a run this hospital would refuse to train
     (policy, ledger, data), before taking part in the key exchange; answer protocol parameters
     or clipping norms the inner mods reject with a refusal."""
     if secagg_stage(msg) == "setup":
         try:
-            site = _Site.of(context)
-            site.check_policy(site.record())
+            hospital = _Hospital.of(context)
+            hospital.check_policy(hospital.record())
         except _EXPECTED as exc:
             return _refuse(msg, context, exc)
     try:
@@ -145,23 +147,23 @@ app = ClientApp(
     mods=[_audit_protocol_mod, _secagg_preflight_mod, secure_aggregation_mod, client_clipping_mod]
 )
 
-_RECORD_KEY = "fedcare.run"  # this run's RunRecord (Context.state), for sites without a ledger
+_RECORD_KEY = "fedcare.run"  # this run's RunRecord (Context.state), for hospitals without a ledger
 _PLAN_KEY = "fedcare.dp-plans"  # calibrated DP plans of this run, by their inputs
 
 
 @dataclass(frozen=True)
-class _Site:
+class _Hospital:
     """What one message needs to know about this hospital and the run (built once per message)."""
 
     context: Context
     run: RunConfig
-    settings: SiteSettings
-    data: SiteData
-    policy: SitePolicy
+    settings: HospitalSettings
+    data: HospitalData
+    policy: HospitalPolicy
     ledger: Ledger | None
 
     @classmethod
-    def of(cls, context: Context) -> _Site:
+    def of(cls, context: Context) -> _Hospital:
         """Raises the expected errors (bad run config, node config, data, policy file)."""
         run = run_config_of(context)
         try:  # names the coordinator sent, checked before any data is read
@@ -169,8 +171,8 @@ class _Site:
             task.resolve_model(run.model.name, task.resolve_preprocessing(run.task.preprocessing))
         except ValueError as exc:  # an unknown task, preprocessing or model: names only
             raise ConfigError(str(exc)) from None
-        settings = SiteSettings.from_node_config(context.node_config)
-        data = load_site_data(settings, run)
+        settings = HospitalSettings.from_node_config(context.node_config)
+        data = load_hospital_data(settings, run)
         folder = _ledger_dir(context, settings, data.name)
         return cls(
             context, run, settings, data, _policy(context, settings),
@@ -184,7 +186,7 @@ class _Site:
 
     @property
     def private_evaluation(self) -> bool:
-        """Evaluation leaves this site only as noisy counts: the policy forbids exact metrics, or
+        """Evaluation leaves this hospital only as noisy counts: the policy forbids exact metrics, or
         the run is an evaluation-only run (which releases nothing else, whatever the policy)."""
         return not self.policy.exact_metrics or self.run.evaluation_only
 
@@ -205,11 +207,11 @@ class _Site:
                 run_id=self.run_key,
                 task=self.run.task.name,
                 delta=self.run.dp.target_delta,
-                site_delta=self.policy.site_delta(self.data.n_train),
+                hospital_delta=self.policy.hospital_delta(self.data.n_train),
                 plan=self.plan_signature(),
                 accountant=empty_accountant_state(self.run.dp.accountant),
                 # an evaluation-only run's release is DP whatever dp.* says: it composes with
-                # every other DP run of the site (the lifetime cap counts sample-level records)
+                # every other DP run of the hospital (the lifetime cap counts sample-level records)
                 sample_level_dp=self.run.dp.sample_level or self.run.evaluation_only,
             )
         record.saw_flower_run(self.context.run_id)  # saved with the next release
@@ -223,7 +225,7 @@ class _Site:
             self.context.state[_RECORD_KEY] = ConfigRecord({"json": record.to_json()})
 
     def plan_signature(self) -> dict[str, Any]:
-        """The run settings this site's privacy depends on; a run id keeps them for its life."""
+        """The run settings this hospital's privacy depends on; a run id keeps them for its life."""
         run = self.run
         signature = {
             "task": run.task.name, "preprocessing": run.task.preprocessing,
@@ -243,7 +245,7 @@ class _Site:
         return signature
 
     def check_policy(self, record: RunRecord) -> DPPlan | None:
-        """The run's DP plan here, after checking the run against the site policy and the plan
+        """The run's DP plan here, after checking the run against the hospital policy and the plan
         this run id was first recorded with. A refusal changes nothing in the ledger.
 
         Raises
@@ -285,7 +287,7 @@ class _Site:
 
     def check_evaluation_run(self, record: RunRecord) -> None:
         """An evaluation-only run (``eval.model``): the policy allows it
-        (``allow-evaluation-runs``, ``allowed-tasks``, the site's δ) and the run id was first
+        (``allow-evaluation-runs``, ``allowed-tasks``, the hospital's δ) and the run id was first
         recorded with the same settings. Returns None: such a run has no DP-SGD plan.
 
         Raises
@@ -308,7 +310,7 @@ class _Site:
         )
 
     def check_release(self, state: dict[str, Any], what: str) -> None:
-        """Refuse a release that would bring this run's or the site's lifetime ε over the caps.
+        """Refuse a release that would bring this run's or the hospital's lifetime ε over the caps.
 
         ``state`` is this run's accountant state with the release added (or its whole plan).
         """
@@ -339,7 +341,7 @@ class _Site:
         try:
             return model, resolve_device(self.settings.device)
         except ValueError as exc:
-            raise SiteSetupError(str(exc)) from None
+            raise HospitalSetupError(str(exc)) from None
 
 
 MAX_GLOBAL_WEIGHT = 1e6  # |w| above this could overflow float32 activations for some patients
@@ -365,13 +367,13 @@ def _check_global_weights(weights: Mapping[str, Any]) -> None:
         if tensor.numel() and float(tensor.abs().max()) > MAX_GLOBAL_WEIGHT:
             raise PolicyRefusal(
                 f"the global weights {name!r} exceed {MAX_GLOBAL_WEIGHT:g} in magnitude (they "
-                "could overflow this site's computations for some patients only)"
+                "could overflow this hospital's computations for some patients only)"
             )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on this hospital's data (audited when the site keeps a ledger)."""
+    """Train the global model on this hospital's data (audited when the hospital keeps a ledger)."""
     return _audited(_train, msg, context)
 
 
@@ -388,7 +390,7 @@ def explain(msg: Message, context: Context) -> Message:
 
 
 def _refuse(msg: Message, context: Context, exc: BaseException) -> Message:
-    """An error reply naming this site and a reason safe to send: the text of a policy, budget
+    """An error reply naming this hospital and a reason safe to send: the text of a policy, budget
     or config refusal; for anything that may carry local paths or data values, only its
     category. The full text (and a refusal's ``detail``) goes to the hospital's log and audit
     log."""
@@ -402,18 +404,19 @@ def _refuse(msg: Message, context: Context, exc: BaseException) -> Message:
         _log.warning("refused %s: %s (%s)", msg.metadata.message_type, reason, local)
         target = _audit_target(context)
         if target is not None:
-            target[0].write({"direction": "local", "site": target[2], "run_id": target[1],
+            target[0].write({"direction": "local", "hospital": target[2], "run_id": target[1],
                              "flower_run_id": context.run_id, "detail": local})  # fmt: skip
     return Message(
-        Error(code=SITE_REFUSED, reason=refusal_reason(_site_name(context), reason)), reply_to=msg
+        Error(code=HOSPITAL_REFUSED, reason=refusal_reason(_hospital_name(context), reason)),
+        reply_to=msg,
     )
 
 
-def _site_name(context: Context) -> str:
+def _hospital_name(context: Context) -> str:
     try:
-        settings = SiteSettings.from_node_config(context.node_config)
+        settings = HospitalSettings.from_node_config(context.node_config)
         if settings.simulated:  # the simulated hospital's name comes with its data (cached)
-            return load_site_data(settings, run_config_of(context)).name
+            return load_hospital_data(settings, run_config_of(context)).name
         return settings.name
     except _EXPECTED:
         return f"node {context.node_id}"
@@ -432,16 +435,16 @@ def _answered(handler, msg: Message, context: Context) -> Message:  # type: igno
 def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignore[no-untyped-def]
     """Run ``handler``; with a ledger folder, log the request and the reply in its audit log."""
     try:
-        _register_simulation_task(context)  # before anything reads the site's data
+        _register_simulation_task(context)  # before anything reads the hospital's data
     except ConfigError as exc:
         return _refuse(msg, context, exc)
     target = _audit_target(context)
     if target is None:
         return _answered(handler, msg, context)
-    audit, run_id, site = target
+    audit, run_id, hospital = target
     config = msg.content.config_records.get("config")
     server_round = config.get("server-round", 0) if config is not None else 0
-    audit.message("received", msg, run_id=run_id, site=site, round=server_round)
+    audit.message("received", msg, run_id=run_id, hospital=hospital, round=server_round)
     reply = _answered(handler, msg, context)
     if reply.has_error():
         decision = "refused"
@@ -456,7 +459,7 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
         "handed to SecAgg+ (masked before sending)" if handing_to_secagg() else "sent",
         reply,
         run_id=run_id,
-        site=site,
+        hospital=hospital,
         round=server_round,
         decision=decision,
         epsilon=epsilon,
@@ -465,11 +468,11 @@ def _audited(handler, msg: Message, context: Context) -> Message:  # type: ignor
 
 
 def _audit_target(context: Context) -> tuple[AuditLog, str, str] | None:
-    """(audit log, run id, site name) of a site that keeps a ledger folder, else None (also when
+    """(audit log, run id, hospital name) of a hospital that keeps a ledger folder, else None (also when
     the node config is unusable: the handler itself then answers with the reason)."""
     try:
-        settings = SiteSettings.from_node_config(context.node_config)
-        name = _site_name(context)
+        settings = HospitalSettings.from_node_config(context.node_config)
+        name = _hospital_name(context)
         folder = _ledger_dir(context, settings, name)
     except _EXPECTED:
         return None
@@ -487,23 +490,23 @@ def _train(msg: Message, context: Context) -> Message:
     """Train the global model on this hospital's data for one round (or re-send the update of
     an identical repeated request, see :class:`client.ledger.ReplayCache`)."""
     try:
-        site = _Site.of(context)
-        if site.run.evaluation_only:
+        hospital = _Hospital.of(context)
+        if hospital.run.evaluation_only:
             raise PolicyRefusal(
                 "this is an evaluation-only run (eval.model): a hospital trains nothing in it and "
                 "sends no model update"
             )
-        if site.run.secagg.enabled and not handing_to_secagg():
+        if hospital.run.secagg.enabled and not handing_to_secagg():
             raise PolicyRefusal(
                 "the run's config requires secure aggregation but this train request came "
                 "outside the SecAgg+ protocol: the update is not sent unmasked"
             )
-        model, device = site.model(msg)
+        model, device = hospital.model(msg)
         arrays = msg.content.array_records["arrays"]
         request = fingerprint("train", _round(msg), {k: a.data for k, a in arrays.items()})
-        cache = ReplayCache(site.ledger, "train") if site.ledger is not None else None
-        replay = cache.get(site.run_key, request) if cache is not None else None
-        if replay is not None and site.run.secagg.enabled:
+        cache = ReplayCache(hospital.ledger, "train") if hospital.ledger is not None else None
+        replay = cache.get(hospital.run_key, request) if cache is not None else None
+        if replay is not None and hospital.run.secagg.enabled:
             raise PolicyRefusal(
                 f"round {_round(msg)} was already answered in a secure aggregation session; "
                 "the same update is not sent into a second one (two sums over different "
@@ -512,15 +515,15 @@ def _train(msg: Message, context: Context) -> Message:
         if replay is not None:
             state_dict, metrics = replay
         else:
-            state_dict, metrics = _train_locally(msg, site, model, device)
+            state_dict, metrics = _train_locally(msg, hospital, model, device)
             if cache is not None:
-                cache.put(site.run_key, request, state_dict, metrics)
-            if site.run.personal.method == "ditto":  # after the update is recorded; stays here
-                _ditto_step(msg, site, device)
+                cache.put(hospital.run_key, request, state_dict, metrics)
+            if hospital.run.personal.method == "ditto":  # after the update is recorded; stays here
+                _ditto_step(msg, hospital, device)
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
-    info = {"site": site.data.name, "device": device, "replayed": replay is not None}
-    if site.settings.simulated and (node := simulation_node()) is not None:
+    info = {"hospital": hospital.data.name, "device": device, "replayed": replay is not None}
+    if hospital.settings.simulated and (node := simulation_node()) is not None:
         info["ray-node"] = node  # which node of a Ray cluster hosted this simulated hospital
     reply = RecordDict(
         {
@@ -533,17 +536,17 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _train_locally(
-    msg: Message, site: _Site, model: Any, device: str
+    msg: Message, hospital: _Hospital, model: Any, device: str
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One round of (DP) training; the release is recorded before anything is returned."""
-    run, data = site.run, site.data
-    record = site.record()
-    plan = site.check_policy(record)  # before any training
+    run, data = hospital.run, hospital.data
+    record = hospital.record()
+    plan = hospital.check_policy(record)  # before any training
     steps = plan.steps_per_round if plan is not None else _steps(data.n_train, run)
     if plan is not None:
         if record.train_steps + steps > plan.total_steps:
             raise steps_exceeded(record.train_steps, steps, plan.total_steps)
-        site.check_release(
+        hospital.check_release(
             _with(record.accountant, plan.noise_multiplier, plan.sample_rate, steps),
             what=f"round {_round(msg)}'s DP-SGD steps",
         )
@@ -572,13 +575,15 @@ def _train_locally(
     record.updates += 1
     if plan is not None and result.accountant_state is not None:
         record.accountant, record.train_steps = result.accountant_state, record.train_steps + steps
-    site.save(record)  # recorded BEFORE the update leaves the hospital
+    hospital.save(record)  # recorded BEFORE the update leaves the hospital
     metrics = {
         "num-examples": float(data.n_train),
         "steps": float(steps),
         "compute-seconds": time.perf_counter() - started,
     }
-    if site.policy.exact_metrics:  # an exact function of the data: only where the site allows
+    if (
+        hospital.policy.exact_metrics
+    ):  # an exact function of the data: only where the hospital allows
         metrics["train-loss"] = result.loss
     if run.dp.client_level:  # Flower's client-level accountant needs equal weights
         metrics[UNIT_WEIGHT_KEY] = 1.0
@@ -590,32 +595,34 @@ def _train_locally(
     return model.state_dict(), metrics
 
 
-def _ditto_step(msg: Message, site: _Site, device: str) -> None:
+def _ditto_step(msg: Message, hospital: _Hospital, device: str) -> None:
     """Ditto: this hospital's personal model (from its state folder; the global model the first
     time) trained one round towards the round's global weights, and stored again. Nothing of it
     is returned (see :mod:`client.personal`)."""
-    personal, _ = site.model(msg)
+    personal, _ = hospital.model(msg)
     anchor = {k: v.detach().clone() for k, v in personal.state_dict().items()}
-    load_personal(personal, site.ledger, site.context, site.run_key)
+    load_personal(personal, hospital.ledger, hospital.context, hospital.run_key)
     train_personal(
-        personal, site.data.train_set(), site.data.n_train, config=site.run.personal,
-        global_weights=anchor, seed=site.run.train.seed * 100_003 + _round(msg), device=device,
+        personal, hospital.data.train_set(), hospital.data.n_train, config=hospital.run.personal,
+        global_weights=anchor, seed=hospital.run.train.seed * 100_003 + _round(msg), device=device,
     )  # fmt: skip
-    save_personal(personal, site.ledger, site.context, site.run_key)
+    save_personal(personal, hospital.ledger, hospital.context, hospital.run_key)
 
 
-def _personal_scores(msg: Message, site: _Site, device: str) -> np.ndarray:
+def _personal_scores(msg: Message, hospital: _Hospital, device: str) -> np.ndarray:
     """Test-split scores ``[n_test]`` of this hospital's personal model: ``finetune`` (or a Ditto
     hospital that has none yet) fine-tunes the message's global model here first and stores it."""
-    personal, _ = site.model(msg)
-    method = site.run.personal.method
-    if method == "finetune" or not load_personal(personal, site.ledger, site.context, site.run_key):
+    personal, _ = hospital.model(msg)
+    method = hospital.run.personal.method
+    if method == "finetune" or not load_personal(
+        personal, hospital.ledger, hospital.context, hospital.run_key
+    ):
         train_personal(
-            personal, site.data.train_set(), site.data.n_train, config=site.run.personal,
-            global_weights=None, seed=site.run.train.seed * 100_003 + _round(msg), device=device,
+            personal, hospital.data.train_set(), hospital.data.n_train, config=hospital.run.personal,
+            global_weights=None, seed=hospital.run.train.seed * 100_003 + _round(msg), device=device,
         )  # fmt: skip
-        save_personal(personal, site.ledger, site.context, site.run_key)
-    return predict_proba(personal, site.data.x_test, device=device)
+        save_personal(personal, hospital.ledger, hospital.context, hospital.run_key)
+    return predict_proba(personal, hospital.data.x_test, device=device)
 
 
 def _steps(n_train: int, run: RunConfig) -> int:
@@ -633,36 +640,38 @@ def _evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's test split: exact metrics where the policy
     allows them, else a noisy, accounted release of per-class score histograms."""
     try:
-        site = _Site.of(context)
-        model, device = site.model(msg)
+        hospital = _Hospital.of(context)
+        model, device = hospital.model(msg)
         started = time.perf_counter()
         plan = None  # an evaluation-only run has no training plan: its one release is checked
-        if site.run.evaluation_only:
-            site.check_evaluation_run(site.record())
+        if hospital.run.evaluation_only:
+            hospital.check_evaluation_run(hospital.record())
         else:
-            plan = site.check_policy(site.record())
-        scores = predict_proba(model, site.data.x_test, device=device)
+            plan = hospital.check_policy(hospital.record())
+        scores = predict_proba(model, hospital.data.x_test, device=device)
         personal = (  # trained only once the request is known not to be a replay
-            (lambda: _personal_scores(msg, site, device))
-            if site.run.personal.enabled and not site.run.evaluation_only
+            (lambda: _personal_scores(msg, hospital, device))
+            if hospital.run.personal.enabled and not hospital.run.evaluation_only
             else None
         )
-        if site.private_evaluation:
-            metrics = _release_privately(msg, site, plan, scores, personal)
-            info = ConfigRecord({"site": site.data.name})
+        if hospital.private_evaluation:
+            metrics = _release_privately(msg, hospital, plan, scores, personal)
+            info = ConfigRecord({"hospital": hospital.data.name})
         else:
-            metrics, info = _exact_metrics(site, scores)
+            metrics, info = _exact_metrics(hospital, scores)
             if personal is not None:
-                extra, extra_info = _exact_metrics(site, personal())
+                extra, extra_info = _exact_metrics(hospital, personal())
                 metrics.update({f"{PERSONAL_PREFIX}{k}": v for k, v in extra.items()})
                 for key, why in extra_info.items():
                     if key.startswith("undefined."):
                         info[f"undefined.{PERSONAL_PREFIX}{key.removeprefix('undefined.')}"] = why
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
-    metrics["num-examples"] = float(site.data.n_test)
+    metrics["num-examples"] = float(hospital.data.n_test)
     metrics["compute-seconds"] = time.perf_counter() - started
-    if site.run.dp.client_level:  # the strategy's weighting key (FedAvg weighs evaluation likewise)
+    if (
+        hospital.run.dp.client_level
+    ):  # the strategy's weighting key (FedAvg weighs evaluation likewise)
         metrics[UNIT_WEIGHT_KEY] = 1.0
     return Message(
         content=RecordDict({"metrics": MetricRecord(metrics), "info": info}),  # type: ignore[arg-type]
@@ -670,21 +679,21 @@ def _evaluate(msg: Message, context: Context) -> Message:
     )
 
 
-def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], ConfigRecord]:
-    """Exact test metrics and per-class score histograms (sites whose policy allows them),
+def _exact_metrics(hospital: _Hospital, scores: np.ndarray) -> tuple[dict[str, Any], ConfigRecord]:
+    """Exact test metrics and per-class score histograms (hospitals whose policy allows them),
     withheld below ``min-cohort`` patients of either class."""
-    values, undefined = evaluation_metrics(site.data.y_test, scores)
+    values, undefined = evaluation_metrics(hospital.data.y_test, scores)
     metrics: dict[str, Any] = {
         name: math.nan if value is None else value for name, value in values.items()
     }
-    info = ConfigRecord({"site": site.data.name})
-    y = site.data.y_test
-    if min(int((y == 0).sum()), int((y == 1).sum())) < site.policy.min_cohort:
+    info = ConfigRecord({"hospital": hospital.data.name})
+    y = hospital.data.y_test
+    if min(int((y == 0).sum()), int((y == 1).sum())) < hospital.policy.min_cohort:
         for name in ALL_METRIC_NAMES:
             metrics[name] = math.nan
             info[f"undefined.{name}"] = "withheld: a test class has fewer patients than min-cohort"
     else:  # the exact counts too, so the coordinator can pool them across hospitals
-        negatives, positives = score_histograms(y, scores, bins=site.run.eval_histogram_bins)
+        negatives, positives = score_histograms(y, scores, bins=hospital.run.eval_histogram_bins)
         metrics["hist-neg"], metrics["hist-pos"] = negatives.tolist(), positives.tolist()
     for name in ALL_METRIC_NAMES:
         if name in undefined and f"undefined.{name}" not in info:
@@ -694,7 +703,7 @@ def _exact_metrics(site: _Site, scores: np.ndarray) -> tuple[dict[str, Any], Con
 
 def _release_privately(
     msg: Message,
-    site: _Site,
+    hospital: _Hospital,
     plan: DPPlan | None,
     scores: np.ndarray,
     personal: Callable[[], np.ndarray] | None = None,
@@ -705,18 +714,20 @@ def _release_privately(
     release of its histograms, charged as one more Gaussian release."""
     arrays = msg.content.array_records["arrays"]
     request = fingerprint("evaluate", _round(msg), {k: a.data for k, a in arrays.items()})
-    cache = ReplayCache(site.ledger, "evaluate") if site.ledger is not None else None
-    replay = cache.get(site.run_key, request) if cache is not None else None
+    cache = ReplayCache(hospital.ledger, "evaluate") if hospital.ledger is not None else None
+    replay = cache.get(hospital.run_key, request) if cache is not None else None
     if replay is not None:
         return replay[1]
-    record = site.record()
-    sigma = site.run.dp.eval_noise_multiplier
-    if sigma < site.policy.min_eval_noise_multiplier:
+    record = hospital.record()
+    sigma = hospital.run.dp.eval_noise_multiplier
+    if sigma < hospital.policy.min_eval_noise_multiplier:
         raise PolicyRefusal(
             f"evaluation noise multiplier {sigma:g} is below the policy's minimum "
-            f"{site.policy.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
+            f"{hospital.policy.min_eval_noise_multiplier:g} (dp.eval-noise-multiplier)"
         )
-    evaluation_only = site.run.evaluation_only  # one release, whatever train.* and eval.every say
+    evaluation_only = (
+        hospital.run.evaluation_only
+    )  # one release, whatever train.* and eval.every say
     count = 1 if personal is None else 2
     if evaluation_only:
         allowed = 1
@@ -724,21 +735,21 @@ def _release_privately(
         allowed = (
             plan.eval_releases
             if plan is not None
-            else site.run.evaluation_rounds_count * site.run.releases_per_evaluation
+            else hospital.run.evaluation_rounds_count * hospital.run.releases_per_evaluation
         )
     if record.eval_releases + count > allowed:
         raise PrivacyBudgetError(
             f"this run already received its {allowed} planned evaluation release(s) from this "
-            "site (eval.every, personal.method; an evaluation-only run has one); each further one "
+            "hospital (eval.every, personal.method; an evaluation-only run has one); each further one "
             "would spend privacy budget"
         )
     if plan is not None or evaluation_only:
-        site.check_release(
+        hospital.check_release(
             _with(record.accountant, sigma, 1.0, count), what=f"round {_round(msg)}'s evaluation"
         )
-    bins = site.run.eval_histogram_bins
+    bins = hospital.run.eval_histogram_bins
     negatives, positives = release_histograms(
-        site.data.y_test, scores, noise_multiplier=sigma, bins=bins
+        hospital.data.y_test, scores, noise_multiplier=sigma, bins=bins
     )
     metrics: dict[str, Any] = {
         "hist-neg": negatives,
@@ -747,17 +758,17 @@ def _release_privately(
     }
     if personal is not None:
         p_neg, p_pos = release_histograms(
-            site.data.y_test, personal(), noise_multiplier=sigma, bins=bins
+            hospital.data.y_test, personal(), noise_multiplier=sigma, bins=bins
         )
         metrics[f"{PERSONAL_PREFIX}hist-neg"], metrics[f"{PERSONAL_PREFIX}hist-pos"] = p_neg, p_pos
     record.accountant = _with(record.accountant, sigma, 1.0, count)
     record.eval_releases += count
-    site.save(record)  # recorded BEFORE the counts leave the hospital
+    hospital.save(record)  # recorded BEFORE the counts leave the hospital
     if plan is not None or evaluation_only:
         metrics["epsilon"] = record.epsilon()
-        metrics["delta"] = site.run.dp.target_delta
+        metrics["delta"] = hospital.run.dp.target_delta
     if cache is not None:
-        cache.put(site.run_key, request, {}, metrics)
+        cache.put(hospital.run_key, request, {}, metrics)
     return metrics
 
 
@@ -766,53 +777,55 @@ def _explain(msg: Message, context: Context) -> Message:
     hospital's test split (:mod:`client.explanations`), once per run; an identical repeated
     request is answered with the same release again."""
     try:
-        site = _Site.of(context)
-        if not site.run.explain.enabled:
+        hospital = _Hospital.of(context)
+        if not hospital.run.explain.enabled:
             raise ConfigError("the run's config does not ask for explanations (explain.enabled)")
-        task = get_task(site.run.task.name)
+        task = get_task(hospital.run.task.name)
         if task.attribution_axis is None and not task.saliency_grid:
-            raise ConfigError(f"task {site.run.task.name!r} has no explanation release")
-        model, device = site.model(msg)
+            raise ConfigError(f"task {hospital.run.task.name!r} has no explanation release")
+        model, device = hospital.model(msg)
         arrays = msg.content.array_records["arrays"]
         request = fingerprint("explain", _round(msg), {k: a.data for k, a in arrays.items()})
-        cache = ReplayCache(site.ledger, "explain") if site.ledger is not None else None
-        replay = cache.get(site.run_key, request) if cache is not None else None
-        metrics = replay[1] if replay is not None else _release_explanation(site, model, device)
+        cache = ReplayCache(hospital.ledger, "explain") if hospital.ledger is not None else None
+        replay = cache.get(hospital.run_key, request) if cache is not None else None
+        metrics = replay[1] if replay is not None else _release_explanation(hospital, model, device)
         if cache is not None and replay is None:
-            cache.put(site.run_key, request, {}, metrics)
+            cache.put(hospital.run_key, request, {}, metrics)
     except _EXPECTED as exc:
         return _refuse(msg, context, exc)
-    metrics["num-examples"] = float(site.data.n_test)
-    info = ConfigRecord({"site": site.data.name, "replayed": replay is not None})
+    metrics["num-examples"] = float(hospital.data.n_test)
+    info = ConfigRecord({"hospital": hospital.data.name, "replayed": replay is not None})
     return Message(
         content=RecordDict({"metrics": MetricRecord(metrics), "info": info}),  # type: ignore[arg-type]
         reply_to=msg,
     )
 
 
-def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]:
+def _release_explanation(hospital: _Hospital, model: Any, device: str) -> dict[str, Any]:
     """Check the release against the policy and the ledger, compute it, record it, return it."""
-    ex = site.run.explain
-    record = site.record()
-    plan = site.check_policy(record)
+    ex = hospital.run.explain
+    record = hospital.record()
+    plan = hospital.check_policy(record)
     if record.explanations:
         raise PrivacyBudgetError(
-            "this run already received its explanation release from this site; a second one "
+            "this run already received its explanation release from this hospital; a second one "
             "would spend privacy budget again (one release per run, explain.enabled)"
         )
-    site.policy.check_explanation(noise_multiplier=ex.noise_multiplier, n_train=site.data.n_train)
+    hospital.policy.check_explanation(
+        noise_multiplier=ex.noise_multiplier, n_train=hospital.data.n_train
+    )
     charged = _with(record.accountant, ex.noise_multiplier, 1.0, 1)
-    site.check_release(charged, what="the explanation release")  # also in runs without DP-SGD
-    released = _explanation_sums(site, model, device)
+    hospital.check_release(charged, what="the explanation release")  # also in runs without DP-SGD
+    released = _explanation_sums(hospital, model, device)
     record.accountant = charged
     record.explanations.append(ex.noise_multiplier)
-    site.save(record)  # recorded BEFORE the sums leave the hospital
+    hospital.save(record)  # recorded BEFORE the sums leave the hospital
     metrics: dict[str, Any] = {
         **released,
         "explain-noise-multiplier": ex.noise_multiplier,
         "explain-clip": ex.clip,
-        # ε of this release alone at the run's δ (the policy's cap is checked at the site's)
-        "explain-epsilon": release_epsilon(ex.noise_multiplier, delta=site.run.dp.target_delta),
+        # ε of this release alone at the run's δ (the policy's cap is checked at the hospital's)
+        "explain-epsilon": release_epsilon(ex.noise_multiplier, delta=hospital.run.dp.target_delta),
     }
     if plan is not None:
         metrics["epsilon"] = record.epsilon()
@@ -820,13 +833,13 @@ def _release_explanation(site: _Site, model: Any, device: str) -> dict[str, Any]
     return metrics
 
 
-def _explanation_sums(site: _Site, model: Any, device: str) -> dict[str, Any]:
+def _explanation_sums(hospital: _Hospital, model: Any, device: str) -> dict[str, Any]:
     """The noisy sums: per feature (``attr-sum``, ``attr-abs-sum``), or for an image task per
     class (``saliency-c``, ``image-c``, ``count-c``: :func:`client.explanations.release_saliency`)."""
     from shared_models.attributions import feature_attributions, spatial_saliency
 
-    ex, x = site.run.explain, site.data.x_test
-    task = get_task(site.run.task.name)
+    ex, x = hospital.run.explain, hospital.data.x_test
+    task = get_task(hospital.run.task.name)
     try:
         if task.attribution_axis is None:
             saliency, images = spatial_saliency(
@@ -835,7 +848,7 @@ def _explanation_sums(site: _Site, model: Any, device: str) -> dict[str, Any]:
             )  # fmt: skip
             image_clip = float(images.shape[1])  # pixels in [-1, 1]: no image is clipped
             released: dict[str, Any] = release_saliency(
-                saliency, images, site.data.y_test, clip=ex.clip, image_clip=image_clip,
+                saliency, images, hospital.data.y_test, clip=ex.clip, image_clip=image_clip,
                 noise_multiplier=ex.noise_multiplier,
             )  # fmt: skip
             return {**released, "explain-image-clip": image_clip}
@@ -851,8 +864,8 @@ def _explanation_sums(site: _Site, model: Any, device: str) -> dict[str, Any]:
     return {"attr-sum": signed, "attr-abs-sum": absolute}
 
 
-def _policy(context: Context, settings: SiteSettings) -> SitePolicy:
-    """The hospital's site policy. Deployed: node config ``policy-path``, else
+def _policy(context: Context, settings: HospitalSettings) -> HospitalPolicy:
+    """The hospital's policy. Deployed: node config ``policy-path``, else
     :data:`~client.policy.DEFAULT_POLICY`. Simulated hospitals only (the researcher holds all
     the data): run config ``simulation.policy``, else :data:`~client.policy.SIMULATION_POLICY`.
 
@@ -863,11 +876,11 @@ def _policy(context: Context, settings: SiteSettings) -> SitePolicy:
     """
     path = str(context.node_config.get("policy-path", ""))
     if path:
-        return SitePolicy.load(Path(path))
+        return HospitalPolicy.load(Path(path))
     if not settings.simulated:  # no run-config key reaches a file at a deployed hospital
         return DEFAULT_POLICY
     sim_path = str(context.run_config.get("simulation.policy", ""))
-    return SitePolicy.load(Path(sim_path)) if sim_path else SIMULATION_POLICY
+    return HospitalPolicy.load(Path(sim_path)) if sim_path else SIMULATION_POLICY
 
 
 def _register_simulation_task(context: Context) -> None:
@@ -885,9 +898,9 @@ def _register_simulation_task(context: Context) -> None:
     if not text:
         return
     try:
-        if not SiteSettings.from_node_config(context.node_config).simulated:
+        if not HospitalSettings.from_node_config(context.node_config).simulated:
             return  # a deployed hospital: never
-    except SiteSetupError:
+    except HospitalSetupError:
         return  # the handler refuses the node config itself
     from shared_models.tasks import TaskFileError, register_task_text
 
@@ -897,9 +910,9 @@ def _register_simulation_task(context: Context) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _ledger_dir(context: Context, settings: SiteSettings, name: str) -> Path | None:
+def _ledger_dir(context: Context, settings: HospitalSettings, name: str) -> Path | None:
     """The hospital's ledger folder: node config ``ledger-dir``; for simulated hospitals only,
-    ``<simulation.ledger-dir>/<site name>`` (one sub-folder per simulated hospital)."""
+    ``<simulation.ledger-dir>/<hospital name>`` (one sub-folder per simulated hospital)."""
     folder = str(context.node_config.get("ledger-dir", ""))
     if folder:
         return Path(folder)
@@ -909,4 +922,4 @@ def _ledger_dir(context: Context, settings: SiteSettings, name: str) -> Path | N
     return Path(root) / name
 
 
-__all__ = ["EXPLAIN_ACTION", "SITE_REFUSED", "app"]
+__all__ = ["EXPLAIN_ACTION", "HOSPITAL_REFUSED", "app"]

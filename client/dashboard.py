@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
 from client.training import epsilon_spent
 from shared_models.dashboard import LOOPBACK_NAMES, guarded, render
 
@@ -34,7 +34,7 @@ AUDIT_ROWS = 5000  # the newest audit lines shown (the search covers these)
 class LedgerRun:
     """One ledger file (``runs/<run-id>.json``) as the dashboard shows it.
 
-    ``epsilon`` is at the run's δ and ``site_epsilon`` at the site's δ (where the policy's caps
+    ``epsilon`` is at the run's δ and ``hospital_epsilon`` at the hospital's δ (where the policy's caps
     apply); both ∞ for a run that released updates without sample-level DP. ``problem`` is set
     (and the numbers are None) when the file is unreadable.
     """
@@ -44,9 +44,9 @@ class LedgerRun:
     task: str = ""
     updated: str = ""
     delta: float | None = None
-    site_delta: float | None = None
+    hospital_delta: float | None = None
     epsilon: float | None = None
-    site_epsilon: float | None = None
+    hospital_epsilon: float | None = None
     sample_level_dp: bool = True
     train_steps: int = 0
     updates: int = 0
@@ -68,7 +68,7 @@ def read_ledger(ledger: Path) -> list[LedgerRun]:
             run = LedgerRun(
                 file=path.name, run_id=str(entry["run_id"]), task=str(entry["task"]),
                 updated=str(entry.get("updated", "")), delta=float(entry["delta"]),
-                site_delta=float(entry.get("site_delta", entry["delta"])),
+                hospital_delta=float(entry.get("hospital_delta", entry["delta"])),
                 sample_level_dp=bool(entry.get("sample_level_dp", True)),
                 train_steps=int(entry.get("train_steps", 0)), updates=int(entry.get("updates", 0)),
                 eval_releases=int(entry.get("eval_releases", 0)),
@@ -79,11 +79,11 @@ def read_ledger(ledger: Path) -> list[LedgerRun]:
             runs.append(LedgerRun(file=path.name, problem=f"unreadable ({type(exc).__name__})"))
             continue
         if not run.sample_level_dp and run.updates:
-            run.epsilon = run.site_epsilon = math.inf
+            run.epsilon = run.hospital_epsilon = math.inf
         else:
             accountant = {"mechanism": run.mechanism, "history": run.history}
             run.epsilon = epsilon_spent(accountant, delta=run.delta)  # type: ignore[arg-type]
-            run.site_epsilon = epsilon_spent(accountant, delta=run.site_delta)  # type: ignore[arg-type]
+            run.hospital_epsilon = epsilon_spent(accountant, delta=run.hospital_delta)  # type: ignore[arg-type]
         runs.append(run)
     runs.sort(key=lambda r: r.updated)
     return runs
@@ -91,13 +91,13 @@ def read_ledger(ledger: Path) -> list[LedgerRun]:
 
 def lifetime(runs: list[LedgerRun]) -> tuple[float | None, float | None]:
     """(lifetime ε, its δ): every release of every run with sample-level DP composed with one RDP
-    accountant at the largest site δ (as ``fedcare client budget``); ε = ∞ when a run released
+    accountant at the largest hospital δ (as ``fedcare client budget``); ε = ∞ when a run released
     updates without it; (None, None) for an empty ledger."""
     readable = [r for r in runs if r.problem is None]
     if not readable:
         return None, None
     private = [r for r in readable if r.sample_level_dp or not r.updates]
-    delta = max(r.site_delta or 0.0 for r in readable)
+    delta = max(r.hospital_delta or 0.0 for r in readable)
     if len(private) < len(readable):
         return math.inf, delta
     merged = [step for r in private for step in r.history]
@@ -139,7 +139,7 @@ def read_audit(ledger: Path, limit: int = AUDIT_ROWS) -> tuple[list[dict[str, An
 
 def build_app(
     ledger: Path, *, policy: Path | None = None, policy_note: str = ""
-) -> tuple[Starlette, SitePolicy]:
+) -> tuple[Starlette, HospitalPolicy]:
     """The hospital dashboard's ASGI app (loopback host names only) and the policy it shows.
 
     Parameters
@@ -147,7 +147,7 @@ def build_app(
     ledger : Path
         The hospital's ledger folder (``runs/``, ``audit.jsonl``, ``approved.json``).
     policy : Path, optional
-        The site policy file the daemon runs with (default: fedcare's default policy).
+        The hospital policy file the daemon runs with (default: fedcare's default policy).
     policy_note : str
         Where the policy comes from, for the page.
 
@@ -156,7 +156,7 @@ def build_app(
     PolicyError
         The policy file is unreadable or invalid (the message names the key).
     """
-    effective = SitePolicy.load(policy) if policy is not None else DEFAULT_POLICY
+    effective = HospitalPolicy.load(policy) if policy is not None else DEFAULT_POLICY
     note = policy_note or (f"from {policy}" if policy else "fedcare's default (no --policy)")
 
     def page(request: Request) -> Response:

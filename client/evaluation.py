@@ -1,6 +1,6 @@
 """What a hospital releases from its test split: exact metrics, or noisy score histograms.
 
-A site whose policy forbids exact metrics (the default for deployed hospitals) releases only the
+A hospital whose policy forbids exact metrics (the default for deployed hospitals) releases only the
 per-class histograms of the global model's predicted probabilities
 (:func:`shared_models.metrics.score_histograms`, L2 sensitivity 1 under adding or removing one
 patient) with independent Gaussian noise of standard deviation ``noise_multiplier`` on every

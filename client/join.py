@@ -101,8 +101,8 @@ class JoinAttempts:
 
     Parameters
     ----------
-    site : str
-        The hospital's name (``--site``), suggested as the name to register.
+    hospital : str
+        The hospital's name (``--hospital``), suggested as the name to register.
     fingerprint : str
         The hospital key's fingerprint (``SHA256:...``), as ``client keygen`` printed it.
     public_key_name : str
@@ -122,7 +122,7 @@ class JoinAttempts:
         Seconds, monotonic (tests pass their own).
     """
 
-    site: str
+    hospital: str
     fingerprint: str
     public_key_name: str
     log_path: Path
@@ -145,7 +145,7 @@ class JoinAttempts:
     @property
     def add_command(self) -> str:
         """The command the coordinator's operator runs to add this hospital."""
-        return f"fedcare server add-hospital {self.site} {self.public_key_name} --pki PKI"
+        return f"fedcare server add-hospital {self.hospital} {self.public_key_name} --pki PKI"
 
     def on_line(self, line: str) -> None:
         """Read one line of the SuperNode's (or, ``[fedcare] ...``, the daemon's) output."""
@@ -179,7 +179,7 @@ class JoinAttempts:
                 f"{removed_at}: a removed key is never accepted again. Make a new key pair "
                 "(`fedcare client keygen --out DIR --name NAME`), send the new NAME.pub to the "
                 "coordinator, whose operator runs `fedcare server add-hospital "
-                f"{self.site} NAME.pub --pki PKI`, and start this daemon with --key DIR/NAME.key"
+                f"{self.hospital} NAME.pub --pki PKI`, and start this daemon with --key DIR/NAME.key"
             )
             return None
         if self.problem is not None:

@@ -10,14 +10,14 @@ difference, made in :class:`ApprovedBundlePlugin` (a Flower ``ExecPlugin``):
   the SHA-256 of its content, ``CoreState.store_fab``) is in the ledger's ``approved.json``:
   ``flwr-clientapp`` is started as Flower would start it;
 * otherwise the bundle is neither installed nor imported: the message is answered here, with
-  an error reply ``"site NAME refused: app bundle <sha256> is not approved here ..."`` (code
+  an error reply ``"hospital NAME refused: app bundle <sha256> is not approved here ..."`` (code
   4001, which the coordinator shows in the run's refusals), so the coordinator does not wait
   for its round timeout.
 
 Every decision is a line in the ledger's ``audit.jsonl``. The approved list is read for every
 task, so a new approval takes effect without restarting the daemon.
 
-Run as ``python -m client.launcher --runtime-api-address 127.0.0.1:PORT --ledger DIR --site
+Run as ``python -m client.launcher --runtime-api-address 127.0.0.1:PORT --ledger DIR --hospital
 NAME --superexec-auth-secret-file FILE [--parent-pid PID]``.
 
 Flower 1.41 private code this module copies from or calls is pinned by source hash in
@@ -53,7 +53,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from client.approval import ApprovalError, ApprovedBundles
 from client.audit import AuditLog
-from shared_models.protocol import SITE_REFUSED, poll_wait, refusal_reason
+from shared_models.protocol import HOSPITAL_REFUSED, poll_wait, refusal_reason
 
 DEFAULT_POLL_INTERVAL = 0.05  # seconds between AcquireTask calls (Flower's SuperExec: 1 s)
 IDLE_POLL_CAP = 1.0  # seconds between AcquireTask calls once idle (poll_wait)
@@ -61,12 +61,12 @@ _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the SuperExec-authenticated
 _log = logging.getLogger("fedcare.launcher")
 
 
-def bundle_refusal(site: str, fab_hash: str, why: str = "") -> str:
+def bundle_refusal(hospital: str, fab_hash: str, why: str = "") -> str:
     """The error reason of a refused bundle (:func:`shared_models.protocol.refusal_reason`; no
     local path: the coordinator reads it)."""
     detail = why or "is not approved here"
     return refusal_reason(
-        site,
+        hospital,
         f"app bundle {fab_hash or '(no hash)'} {detail} (the hospital approves a bundle after "
         "review with `fedcare client approve`)",
     )
@@ -81,7 +81,7 @@ class ApprovedBundlePlugin(BaseExecPlugin):
         The SuperNode's Runtime API, ``127.0.0.1:PORT``.
     ledger : Path
         The hospital's ledger folder (``approved.json``, ``audit.jsonl``).
-    site : str
+    hospital : str
         This hospital's name, as shown in the coordinator's reports.
     executor : Executor
         Starts approved tasks (default Flower's ``SubprocessExecutor``: ``flwr-clientapp``).
@@ -98,7 +98,7 @@ class ApprovedBundlePlugin(BaseExecPlugin):
         runtime_api_address: str,
         *,
         ledger: Path,
-        site: str,
+        hospital: str,
         executor: Executor | None = None,
     ) -> None:
         super().__init__(
@@ -109,14 +109,14 @@ class ApprovedBundlePlugin(BaseExecPlugin):
             executor=executor or SubprocessExecutor(),
         )
         self.ledger = Path(ledger)
-        self.site = site
+        self.hospital = hospital
         self.approved = ApprovedBundles(self.ledger)
         self.audit = AuditLog(self.ledger)
 
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         """Launch ``flwr-clientapp`` for an approved bundle; answer any other with a refusal."""
         fab_hash = str(task.fab_hash)
-        entry = {"event": "bundle", "site": self.site, "flower_run_id": task.run_id,
+        entry = {"event": "bundle", "hospital": self.hospital, "flower_run_id": task.run_id,
                  "task_id": task.task_id, "fab_hash": fab_hash}  # fmt: skip
         try:
             approved, why = self.approved.is_approved(fab_hash), ""
@@ -126,7 +126,7 @@ class ApprovedBundlePlugin(BaseExecPlugin):
         if approved:
             self.audit.write({**entry, "decision": "approved"})
             return super().launch_task(token, task)
-        reason = bundle_refusal(self.site, fab_hash, why)
+        reason = bundle_refusal(self.hospital, fab_hash, why)
         self.audit.write({**entry, "decision": "refused", "reason": reason})
         _log.warning("task %d of run %d: %s", task.task_id, task.run_id, reason)
         try:
@@ -162,7 +162,7 @@ def refuse_task(runtime_api_address: str, token: str, reason: str) -> None:
     )
     try:
         message, context, _run, _fab = pull_task_input(client)  # the FAB is never installed
-        reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+        reply = Message(Error(code=HOSPITAL_REFUSED, reason=reason), reply_to=message)
         push_message(client, reply, context)
         push_task_output(client, context, SubStatus.FAILED, reason)
     finally:
@@ -173,7 +173,7 @@ def run_launcher(
     *,
     runtime_api_address: str,
     ledger: Path,
-    site: str,
+    hospital: str,
     auth_secret: bytes | None = None,
     parent_pid: int | None = None,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
@@ -189,7 +189,7 @@ def run_launcher(
         The SuperNode's Runtime API (``flower-supernode --port``), ``127.0.0.1:PORT``.
     ledger : Path
         The hospital's ledger folder.
-    site : str
+    hospital : str
         This hospital's name.
     auth_secret : bytes, optional
         The SuperExec auth secret the SuperNode was started with
@@ -228,7 +228,9 @@ def run_launcher(
         chosen: Executor = ForkExecutor()
     else:
         chosen = SubprocessExecutor()
-    plugin = ApprovedBundlePlugin(runtime_api_address, ledger=ledger, site=site, executor=chosen)
+    plugin = ApprovedBundlePlugin(
+        runtime_api_address, ledger=ledger, hospital=hospital, executor=chosen
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         # raised wherever the main thread is, also inside Flower's retry loop, which retries a
@@ -237,7 +239,7 @@ def run_launcher(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
-    _log.info("launcher for site %s: approved bundles from %s", site, plugin.approved.path)
+    _log.info("launcher for hospital %s: approved bundles from %s", hospital, plugin.approved.path)
     last_task = time.monotonic()
     try:
         while True:
@@ -259,7 +261,7 @@ def run_launcher(
                 time.sleep(1.0)
             time.sleep(poll_wait(time.monotonic() - last_task, poll_interval, IDLE_POLL_CAP))
     except _Stopped:
-        _log.info("launcher for site %s: stopped", site)
+        _log.info("launcher for hospital %s: stopped", hospital)
     finally:
         client.close()
         plugin.executor.close()
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m client.launcher", description=__doc__)
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--ledger", type=Path, required=True)
-    parser.add_argument("--site", required=True)
+    parser.add_argument("--hospital", required=True)
     parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
     )
     run_launcher(
-        runtime_api_address=args.runtime_api_address, ledger=args.ledger, site=args.site,
+        runtime_api_address=args.runtime_api_address, ledger=args.ledger, hospital=args.hospital,
         auth_secret=secret, parent_pid=args.parent_pid, poll_interval=args.poll_interval,
         executor=args.executor,
     )  # fmt: skip

@@ -5,12 +5,12 @@ a coordinator that resumes a run starts a new Flower run. The ledger survives bo
 by the fedcare run id (run-config ``run.id``; a resumed run keeps it under a new Flower run id,
 and the record lists every Flower run id it saw, so that it joins the coordinator's records:
 the run folder's ``summary.json`` has the same two), written atomically before every release leaves the
-site (temporary file, fsync, rename, fsync of the folder: a crash mid-write leaves the previous
+hospital (temporary file, fsync, rename, fsync of the folder: a crash mid-write leaves the previous
 version), and never reset silently -- an unreadable ledger file is an error the hospital must
 resolve.
 
 Layout: ``<ledger>/runs/<run-id>.json`` holds one :class:`RunRecord`: the run's plan (what the
-run's settings were when it first reached this site), the Opacus accountant state of every DP
+run's settings were when it first reached this hospital), the Opacus accountant state of every DP
 release (DP-SGD steps ``[sigma, q, steps]`` and evaluation releases ``[sigma, 1, 1]``), the
 counts of DP-SGD steps, model updates and evaluation releases, the explanation releases (their
 own entry, ``explanations``: the noise multiplier of each; their ``[sigma, 1, 1]`` is in the
@@ -49,10 +49,10 @@ class RunRecord:
         The fedcare run id and its task.
     delta : float
         The run's δ (ε below is reported at it).
-    site_delta : float
-        The site's δ, at which the policy's caps and the lifetime ε are enforced.
+    hospital_delta : float
+        The hospital's δ, at which the policy's caps and the lifetime ε are enforced.
     plan : dict or None
-        The run's settings when it first reached this site (a later request with other
+        The run's settings when it first reached this hospital (a later request with other
         settings under the same run id is refused); None in ledgers written before plans.
     accountant : AccountantState
         Every DP release of the run: Opacus' ``{"mechanism", "history": [[sigma, q, steps]]}``.
@@ -64,15 +64,15 @@ class RunRecord:
         The noise multiplier of every DP explanation release of the run
         (:mod:`client.explanations`; each is also a ``[sigma, 1, 1]`` accountant entry).
     flower_run_ids : list of int
-        The coordinator's Flower run ids this run had when it reached this site (one; more after
+        The coordinator's Flower run ids this run had when it reached this hospital (one; more after
         the coordinator resumed it), in order: the ids the coordinator's ``summary.json``
-        (``flower_run_ids``) and this site's audit log (``flower_run_id``) show.
+        (``flower_run_ids``) and this hospital's audit log (``flower_run_id``) show.
     """
 
     run_id: str
     task: str
     delta: float
-    site_delta: float
+    hospital_delta: float
     plan: dict[str, Any] | None = None
     accountant: AccountantState = field(default_factory=lambda: {"mechanism": "rdp", "history": []})
     sample_level_dp: bool = True
@@ -112,7 +112,8 @@ def _record_from(entry: dict[str, Any]) -> RunRecord:
         run_id=str(entry["run_id"]),
         task=str(entry["task"]),
         delta=float(entry["delta"]),
-        site_delta=float(entry.get("site_delta", entry["delta"])),
+        # "site_delta": the key's name in ledgers written before fedcare said "hospital" only
+        hospital_delta=float(entry.get("hospital_delta", entry.get("site_delta", entry["delta"]))),
         plan=entry.get("plan"),
         accountant=accountant,
         sample_level_dp=bool(entry.get("sample_level_dp", True)),

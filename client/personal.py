@@ -15,7 +15,7 @@ PersonalConfig`) gives each hospital a model of its own next to the global one:
 Privacy: the personal model trains without DP because nothing of it leaves the hospital: it is
 written to ``<state folder>/personal/<run id>.safetensors`` (folder mode 0700, file 0600), never
 put in a reply. What leaves is, as for the global model, its evaluation on the hospital's test
-split: exact metrics where the site policy allows them, else noisy score histograms charged to
+split: exact metrics where the hospital policy allows them, else noisy score histograms charged to
 the run's accountant (:func:`client.client_app._release_privately`, one more release per
 evaluation, planned in the run's budget by :attr:`shared_models.config.RunConfig.
 releases_per_evaluation`). A hospital without a state folder (a simulation without ledgers) keeps

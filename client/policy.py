@@ -1,13 +1,13 @@
-"""The hospital's site policy: what any run may do at this hospital, set by the hospital alone.
+"""The hospital's policy: what any run may do at this hospital, set by the hospital alone.
 
 The policy is a hospital setting (``fedcare client start --policy FILE``); no run-config key
 reaches it. A deployed hospital without a policy file runs under :data:`DEFAULT_POLICY`, and a
 policy file only changes the keys it names: every other key keeps the default's value, so a file
 that only raises the lifetime budget still requires DP. Example (``policy.toml``)::
 
-    max-epsilon-per-run = 3.0          # ε of one run at this site (training + evaluation), at max-delta
+    max-epsilon-per-run = 3.0          # ε of one run at this hospital (training + evaluation), at max-delta
     lifetime-epsilon = 10.0            # every run in the ledger composed with one accountant
-    max-delta = 1e-5                   # the site's δ; default min(1e-5, 1 / (10 n_train))
+    max-delta = 1e-5                   # the hospital's δ; default min(1e-5, 1 / (10 n_train))
     min-noise-multiplier = 0.5         # DP-SGD noise multiplier, at least
     min-eval-noise-multiplier = 2.0    # Gaussian noise on released evaluation counts, at least
     max-grad-norm = [0.01, 10.0]       # allowed clipping bound range
@@ -15,7 +15,7 @@ that only raises the lifetime budget still requires DP. Example (``policy.toml``
                                        # allows a task with that preprocessing only
     min-cohort = 10                    # patients per class, at least, behind any exact metric
     allow-non-dp = false               # true also admits client-level-only DP runs
-    exact-metrics = false              # true: exact evaluation metrics and train loss leave the site
+    exact-metrics = false              # true: exact evaluation metrics and train loss leave the hospital
     require-secure-aggregation = false # true: only runs with SecAgg+ (secagg.enabled)
     allow-explanations = true          # false: refuse every DP explanation release (explain.*)
     max-explanation-epsilon = 1.0      # ε of the one explanation release alone, at max-delta
@@ -48,7 +48,7 @@ class PolicyRefusal(RuntimeError):
     """A run's request falls outside the site policy; the message says which bound and why.
 
     The message reaches the coordinator: it names the run-config key and the policy's bound,
-    never a number derived from the site's data (n, counts, the noise multiplier or ε this site
+    never a number derived from the hospital's data (n, counts, the noise multiplier or ε this hospital
     would reach). ``detail``, with those numbers, stays in the hospital's log and audit log.
     """
 
@@ -58,15 +58,15 @@ class PolicyRefusal(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SitePolicy:
-    """Bounds a hospital sets for every run at its site (see the module docstring).
+class HospitalPolicy:
+    """Bounds a hospital sets for every run at its hospital (see the module docstring).
 
     Attributes
     ----------
     max_epsilon_per_run, lifetime_epsilon : float
-        ε caps, enforced at :meth:`site_delta` before every round and every evaluation release.
+        ε caps, enforced at :meth:`hospital_delta` before every round and every evaluation release.
     max_delta : float or None
-        The site's δ (None: ``min(1e-5, 1 / (10 n_train))``); a run asking for more is refused.
+        The hospital's δ (None: ``min(1e-5, 1 / (10 n_train))``); a run asking for more is refused.
     min_noise_multiplier, min_eval_noise_multiplier : float
         Lower bounds on DP-SGD's and the evaluation release's noise multipliers.
     max_grad_norm : (float, float)
@@ -82,7 +82,7 @@ class SitePolicy:
     allow_explanations : bool
         False: the hospital refuses the DP explanation release (:mod:`client.explanations`).
     max_explanation_epsilon : float
-        Cap on the ε of the explanation release alone, at :meth:`site_delta` (the run's and
+        Cap on the ε of the explanation release alone, at :meth:`hospital_delta` (the run's and
         the lifetime caps apply to it as well).
     allow_evaluation_runs : bool
         Evaluation-only runs (``fedcare server evaluate``: one noisy score-histogram release of
@@ -107,7 +107,7 @@ class SitePolicy:
     allow_evaluation_runs: bool = True
 
     @classmethod
-    def load(cls, path: Path) -> SitePolicy:
+    def load(cls, path: Path) -> HospitalPolicy:
         """Read a policy TOML file; keys it does not name keep :data:`DEFAULT_POLICY`'s value.
 
         Raises
@@ -119,17 +119,17 @@ class SitePolicy:
         try:
             raw: dict[str, Any] = tomllib.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise PolicyError(f"site policy {path}: {exc}") from None
+            raise PolicyError(f"hospital policy {path}: {exc}") from None
         known = {_key(f.name): f.name for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise PolicyError(
-                f"site policy {path}: unknown key(s) {unknown}; known: {sorted(known)}"
+                f"hospital policy {path}: unknown key(s) {unknown}; known: {sorted(known)}"
             )
         try:
             values = {known[key]: _parse(key, value) for key, value in raw.items()}
         except PolicyError as exc:
-            raise PolicyError(f"site policy {path}: {exc}") from None
+            raise PolicyError(f"hospital policy {path}: {exc}") from None
         return replace(DEFAULT_POLICY, **values)
 
     def as_toml(self) -> str:
@@ -150,8 +150,8 @@ class SitePolicy:
             lines.append(f"{_key(f.name)} = {rendered}")
         return "\n".join(lines) + "\n"
 
-    def site_delta(self, n_train: int) -> float:
-        """The site's δ: ``max-delta``, else ``min(1e-5, 1 / (10 n_train))``."""
+    def hospital_delta(self, n_train: int) -> float:
+        """The hospital's δ: ``max-delta``, else ``min(1e-5, 1 / (10 n_train))``."""
         if self.max_delta is not None:
             return self.max_delta
         return min(1e-5, 1.0 / (10 * max(n_train, 1)))
@@ -174,9 +174,9 @@ class SitePolicy:
         task, preprocessing : str
             The run's task and its resolved preprocessing (``allowed-tasks``).
         plan : DPPlan or None
-            The run's DP plan at this site (None: the run trains without sample-level DP).
+            The run's DP plan at this hospital (None: the run trains without sample-level DP).
         n_train : int
-            Training examples at this site.
+            Training examples at this hospital.
         class_counts : (int, int)
             Negative and positive training examples (checked against ``min-cohort``).
         client_level : bool
@@ -210,25 +210,25 @@ class SitePolicy:
             if not self.allow_non_dp:
                 raise PolicyRefusal(
                     "the run has only client-level DP (noise added by the coordinator, no "
-                    "per-patient DP at this site) and the policy requires DP here (allow-non-dp)"
+                    "per-patient DP at this hospital) and the policy requires DP here (allow-non-dp)"
                     if client_level
                     else "the run trains without differential privacy and the policy requires DP"
                 )
             return
-        site_delta = self.site_delta(n_train)
-        if plan.target_delta > site_delta:
+        hospital_delta = self.hospital_delta(n_train)
+        if plan.target_delta > hospital_delta:
             bound = (
                 f"the policy's max-delta {self.max_delta:g}"
                 if self.max_delta is not None
-                else "this site's δ (min(1e-5, 1/(10 n_train)); the policy sets no max-delta)"
+                else "this hospital's δ (min(1e-5, 1/(10 n_train)); the policy sets no max-delta)"
             )
             raise PolicyRefusal(
                 f"dp.target-delta = {plan.target_delta:g} is above {bound}",
-                detail=f"site δ {site_delta:g} for {n_train} training records",
+                detail=f"hospital δ {hospital_delta:g} for {n_train} training records",
             )
         if plan.noise_multiplier < self.min_noise_multiplier:
             raise PolicyRefusal(
-                f"the noise multiplier this run gives at this site is below the policy's minimum "
+                f"the noise multiplier this run gives at this hospital is below the policy's minimum "
                 f"{self.min_noise_multiplier:g} (lower dp.target-epsilon, or train fewer rounds "
                 "or epochs)",
                 detail=f"noise multiplier {plan.noise_multiplier:.4f}",
@@ -245,12 +245,12 @@ class SitePolicy:
             )
         from client.training import epsilon_spent
 
-        planned = epsilon_spent(plan.planned_state(), delta=site_delta)
+        planned = epsilon_spent(plan.planned_state(), delta=hospital_delta)
         if planned > self.max_epsilon_per_run:
             raise PolicyRefusal(
-                f"the run's planned ε at this site's δ is above the policy's "
+                f"the run's planned ε at this hospital's δ is above the policy's "
                 f"max-epsilon-per-run {self.max_epsilon_per_run:g} (dp.target-epsilon)",
-                detail=f"planned ε {planned:.3f} at δ {site_delta:g}",
+                detail=f"planned ε {planned:.3f} at δ {hospital_delta:g}",
             )
 
     def check_evaluation_run(
@@ -265,13 +265,13 @@ class SitePolicy:
         delta : float
             The run's δ (``dp.target-delta``), at which the release's ε is reported.
         n_train : int
-            Training examples at this site (for the site's default δ).
+            Training examples at this hospital (for the hospital's default δ).
 
         Raises
         ------
         PolicyRefusal
             ``allow-evaluation-runs`` is false, the task is not allowed, or δ is above the
-            site's; naming the key, never a number derived from the data.
+            hospital's; naming the key, never a number derived from the data.
         """
         if not self.allow_evaluation_runs:
             raise PolicyRefusal(
@@ -285,11 +285,11 @@ class SitePolicy:
                 f"task {task!r} with preprocessing {preprocessing!r} is not allowed by the "
                 f"policy (task.name, task.preprocessing; allowed: {list(self.allowed_tasks)})"
             )
-        if delta > self.site_delta(n_train):
+        if delta > self.hospital_delta(n_train):
             raise PolicyRefusal(
-                f"dp.target-delta = {delta:g} is above this site's δ (the policy's max-delta, "
+                f"dp.target-delta = {delta:g} is above this hospital's δ (the policy's max-delta, "
                 "else min(1e-5, 1/(10 n_train)))",
-                detail=f"site δ {self.site_delta(n_train):g}",
+                detail=f"hospital δ {self.hospital_delta(n_train):g}",
             )
 
     def check_release(
@@ -303,23 +303,23 @@ class SitePolicy:
         """Refuse a release (a round's training, an evaluation) that would cross a cap.
 
         ``this_run`` is the run's recorded accountant state WITH the release added; the caps
-        are checked at the site's δ over everything actually recorded, not over the plan.
+        are checked at the hospital's δ over everything actually recorded, not over the plan.
 
         Returns
         -------
         (float, float)
-            ε of this run and lifetime ε after the release, at :meth:`site_delta`.
+            ε of this run and lifetime ε after the release, at :meth:`hospital_delta`.
 
         Raises
         ------
         PolicyRefusal
-            The release would bring the run's ε above ``max-epsilon-per-run`` or the site's
+            The release would bring the run's ε above ``max-epsilon-per-run`` or the hospital's
             lifetime ε above ``lifetime-epsilon``.
         """
         from client.ledger import lifetime_epsilon
         from client.training import epsilon_spent
 
-        delta = self.site_delta(n_train)
+        delta = self.hospital_delta(n_train)
         run_eps = epsilon_spent(this_run, delta=delta)
         if run_eps > self.max_epsilon_per_run + 1e-9:
             raise PolicyRefusal(
@@ -330,7 +330,7 @@ class SitePolicy:
         total = lifetime_epsilon([*other_runs, this_run], delta=delta)
         if total > self.lifetime_epsilon + 1e-9:
             raise PolicyRefusal(
-                f"{what} would bring the site's lifetime ε above the policy's lifetime-epsilon "
+                f"{what} would bring the hospital's lifetime ε above the policy's lifetime-epsilon "
                 f"{self.lifetime_epsilon:g}",
                 detail=f"lifetime ε would be {total:.3f} at δ {delta:g}",
             )
@@ -343,7 +343,7 @@ class SitePolicy:
         Returns
         -------
         float
-            ε of the release alone at :meth:`site_delta`.
+            ε of the release alone at :meth:`hospital_delta`.
 
         Raises
         ------
@@ -355,10 +355,10 @@ class SitePolicy:
 
         if not self.allow_explanations:
             raise PolicyRefusal(
-                "the site policy forbids explanation releases (allow-explanations = false); "
+                "the hospital policy forbids explanation releases (allow-explanations = false); "
                 "run without explain.enabled"
             )
-        delta = self.site_delta(n_train)
+        delta = self.hospital_delta(n_train)
         epsilon = release_epsilon(noise_multiplier, delta=delta)
         if epsilon > self.max_explanation_epsilon + 1e-9:
             raise PolicyRefusal(
@@ -412,11 +412,11 @@ def _parse(key: str, value: Any) -> Any:
     return number
 
 
-DEFAULT_POLICY = SitePolicy()
+DEFAULT_POLICY = HospitalPolicy()
 """What a deployed hospital runs under without a policy file: sample-level DP required, ε ≤ 3 per
-run and ≤ 10 over the site's lifetime at δ ≤ min(1e-5, 1/(10 n)), noisy evaluation only."""
+run and ≤ 10 over the hospital's lifetime at δ ≤ min(1e-5, 1/(10 n)), noisy evaluation only."""
 
-SIMULATION_POLICY = SitePolicy(
+SIMULATION_POLICY = HospitalPolicy(
     max_delta=0.1,  # the run's δ (the plan still requires δ < 1/n)
     max_epsilon_per_run=math.inf,
     lifetime_epsilon=math.inf,

@@ -40,9 +40,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.site import run_config_of
+from client.hospital_data import run_config_of
 from shared_models.config import RunConfig
-from shared_models.protocol import SITE_REFUSED, refusal_reason
+from shared_models.protocol import HOSPITAL_REFUSED, refusal_reason
 
 Handler = Callable[[Message, Context], Message]
 _log = logging.getLogger("fedcare.hospital")  # the hospital's own log (never sent)
@@ -287,9 +287,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Handler) -
             _add_fitres(reply, run_config_of(ctx))
         except SecAggRangeError as exc:  # the observed values go to this hospital's log only
             _log.warning("refused the SecAgg+ collect stage: %s (%s)", exc, exc.detail)
-            site = str(reply.content.config_records["info"]["site"])
+            hospital = str(reply.content.config_records["info"]["hospital"])
             reason = f"{exc} (the hospital's log has the details)"
-            error = Error(code=SITE_REFUSED, reason=refusal_reason(site, reason))
+            error = Error(code=HOSPITAL_REFUSED, reason=refusal_reason(hospital, reason))
             raise _Refused(Message(error, reply_to=inner)) from None
         return reply
 

@@ -54,7 +54,7 @@ AccountantState = dict[str, Any]  # {"mechanism": str, "history": [[sigma, q, st
 
 class PrivacyBudgetError(RuntimeError):
     """A round would take more DP steps (or an evaluation more releases) than the run was
-    calibrated for. The message names no number derived from the site's data; ``detail`` (the
+    calibrated for. The message names no number derived from the hospital's data; ``detail`` (the
     step counts) stays at the hospital."""
 
     def __init__(self, message: str, *, detail: str = "") -> None:
@@ -108,7 +108,7 @@ class DPPlan:
         Noise multiplier of each evaluation release (Gaussian, L2 sensitivity 1: noisy score
         histograms, :func:`client.evaluation.release_histograms`); 0 when none is planned.
     eval_releases : int
-        Evaluation releases the plan allows (0: the site releases exact metrics or none).
+        Evaluation releases the plan allows (0: the hospital releases exact metrics or none).
     """
 
     noise_multiplier: float
@@ -255,9 +255,9 @@ def plan_for_run(
     private_evaluation: bool = False,
     memo: MutableMapping[str, Any] | None = None,
 ) -> DPPlan:
-    """:func:`plan_dp` with the run's settings (``train.*`` and ``dp.*``) for a site of ``n_train``.
+    """:func:`plan_dp` with the run's settings (``train.*`` and ``dp.*``) for a hospital of ``n_train``.
 
-    ``private_evaluation``: the site releases noisy evaluation counts (its policy forbids exact
+    ``private_evaluation``: the hospital releases noisy evaluation counts (its policy forbids exact
     metrics), so the plan budgets ``eval.every``'s evaluation rounds at
     ``dp.eval-noise-multiplier`` inside the run's ε.
 
@@ -448,7 +448,7 @@ def train_round(
         Maps ``[B, *input_shape] float32`` to logits ``[B]``; starts from the global weights.
     data : Dataset
         The training split: ``(x [*input_shape] float32, y [] float32 in {0, 1})`` pairs
-        (e.g. :meth:`shared_models.tasks.SiteData.train_set`).
+        (e.g. :meth:`shared_models.tasks.HospitalData.train_set`).
     steps : int
         Optimizer steps to take.
     batch_size : int

@@ -26,7 +26,7 @@ the bundle's modules took 0.3 s of a 0.95 s train task, and torch's first optimi
 (``torch._dynamo``, now preloaded). What stays per message, with its cost there: the fork
 (~0.01 s); Flower's ``pull_task_input`` and ``install_from_fab`` (the FAB's hash is checked
 against the installed copy, 0.07 + 0.08 s); the ClientApp's own work (data arrays from the
-hospital's data cache, :func:`client.site.load_site_data`; the durable ledger and replay-cache
+hospital's data cache, :func:`client.hospital_data.load_hospital_data`; the durable ledger and replay-cache
 writes, ~0.07 s of fsync, which must reach the disk before a release leaves); pushing the reply
 (~0.15 s).
 

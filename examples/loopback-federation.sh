@@ -132,7 +132,7 @@ done
 wait_all "${pids[@]}"
 for h in "${HOSPITALS[@]}"; do
     fedcare client start --superlink "127.0.0.1:$PUBLIC" --ca pki/ca.pem --key "hospital-$h/keys/$h.key" \
-        --site "$h" --data "data/hospital-${DATA[$h]}.csv" --port "${PORT[$h]}" --state "hospital-$h" \
+        --hospital "$h" --data "data/hospital-${DATA[$h]}.csv" --port "${PORT[$h]}" --state "hospital-$h" \
         >"logs/hospital-$h.log" 2>&1 &
     DAEMONS+=($!)
 done

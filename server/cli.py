@@ -79,12 +79,12 @@ def init(
     with mode 0600 in folders of mode 0700, never inside a git work tree unless --allow-in-repo."""
     from server.hospitals import HospitalRegistry
     from server.pki import default_ca_dir
-    from shared_models.node_keys import check_private_folder, check_site_name, generate_key_pair
+    from shared_models.node_keys import check_hospital_name, check_private_folder, generate_key_pair
 
     addresses = address or ["127.0.0.1", "localhost"]
     demo = _split_names(demo_hospitals)
     for name in demo:
-        check_site_name(name)
+        check_hospital_name(name)
     ca_dir = ca_dir or default_ca_dir(out)
     demo_root = demo_dir or out.parent / "demo-hospitals"
     if demo:  # refused before the CA is made

@@ -112,7 +112,7 @@ class RunView:
         rows: dict[str, dict[str, Any]] = {}
         for ev in self.history.events:
             row = rows.setdefault(
-                ev.site, {"name": ev.site, "epsilon": None, "delta": None, "auroc": None,
+                ev.hospital, {"name": ev.hospital, "epsilon": None, "delta": None, "auroc": None,
                           "rounds_trained": 0, "last_round": 0, "problem": None},
             )  # fmt: skip
             row["last_round"] = max(row["last_round"], ev.round)
@@ -145,7 +145,7 @@ class RunView:
                 continue
             for name, (kinds, key) in keys.items():
                 if ev.kind in kinds and ev.metrics.get(key) is not None:
-                    values = series[name].setdefault(ev.site, [None] * len(rounds))
+                    values = series[name].setdefault(ev.hospital, [None] * len(rounds))
                     values[index[ev.round]] = _finite(ev.metrics[key])
         pooled = [
             _finite((self.history.centralized.get(r) or {}).get("auroc")) for r in rounds

@@ -36,12 +36,12 @@ def aggregate_explanations(
     Parameters
     ----------
     releases : list of dict
-        Per hospital that released: ``site``, ``n`` (test patients), ``signed`` and
+        Per hospital that released: ``hospital``, ``n`` (test patients), ``signed`` and
         ``absolute`` (``[F]`` noisy sums), ``noise_multiplier``, ``clip``, ``epsilon_release``
         (ε of this release alone, at the run's δ) and ``epsilon`` (the run's ε there after it,
         None without sample-level DP).
     refused : list of dict
-        ``{"site", "reason"}`` of every hospital that refused.
+        ``{"hospital", "reason"}`` of every hospital that refused.
     features : list of str
         ``[F]`` feature names (:meth:`shared_models.tasks.Task.explained_features`).
 
@@ -62,7 +62,7 @@ def aggregate_explanations(
     for r in releases:
         if len(r["signed"]) != width or len(r["absolute"]) != width:
             raise ValueError(
-                f"hospital {r['site']} released {len(r['signed'])} attributions; the task has "
+                f"hospital {r['hospital']} released {len(r['signed'])} attributions; the task has "
                 f"{width} features"
             )
     hospitals = [{k: v for k, v in r.items() if k not in ("signed", "absolute")} for r in releases]
@@ -95,11 +95,11 @@ def aggregate_saliency(
     Parameters
     ----------
     releases : list of dict
-        Per hospital: ``site``, ``n``, ``saliency-c``, ``image-c`` (``[G*G]``), ``count-c``
+        Per hospital: ``hospital``, ``n``, ``saliency-c``, ``image-c`` (``[G*G]``), ``count-c``
         (``[1]``) for c in {0, 1}, ``noise_multiplier``, ``clip``, ``image_clip``,
         ``epsilon_release``, ``epsilon``.
     refused : list of dict
-        ``{"site", "reason"}`` of every hospital that refused.
+        ``{"hospital", "reason"}`` of every hospital that refused.
 
     Returns
     -------
@@ -239,11 +239,11 @@ def _hospital_lines(block: dict[str, Any]) -> list[str]:
         for h in block["hospitals"]:
             run_eps = "∞ / n/a" if h.get("epsilon") is None else f"{h['epsilon']:.3f}"
             lines.append(
-                f"| {h['site']} | {h['n']} | {h['noise_multiplier']:g} | {h['clip']:g} | "
+                f"| {h['hospital']} | {h['n']} | {h['noise_multiplier']:g} | {h['clip']:g} | "
                 f"{h['epsilon_release']:.3f} | {run_eps} |"
             )
     for r in block["refused"]:
-        lines.append(f"- **{r['site']} refused**: {r['reason']}")
+        lines.append(f"- **{r['hospital']} refused**: {r['reason']}")
     return lines
 
 

@@ -46,12 +46,12 @@ SHOWN = ("auroc", "sensitivity", "specificity")
 
 
 def _hospital_entry(event: Any) -> dict[str, Any]:
-    """One hospital's figures from its release (a :class:`~server.history.SiteEvent`)."""
+    """One hospital's figures from its release (a :class:`~server.history.HospitalEvent`)."""
     neg, pos = event.histograms["hist-neg"], event.histograms["hist-pos"]
     sigma = float(event.metrics.get("eval-noise-multiplier") or 0.0)
     n_neg, n_pos = float(sum(neg)), float(sum(pos))
     return {
-        "hospital": event.site,
+        "hospital": event.hospital,
         "n": n_neg + n_pos,
         "n_positive": n_pos,
         # the hospital's reply also carries its test-split size (public, README "What leaves a
@@ -104,11 +104,11 @@ def build_evaluation(
         (_hospital_entry(ev) for ev in released if fits(ev)), key=lambda h: h["hospital"]
     )
     missing = [
-        {"hospital": ev.site, "cause": failure_cause(ev), "reason": ev.error}
+        {"hospital": ev.hospital, "cause": failure_cause(ev), "reason": ev.error}
         for ev in history.events
         if ev.kind == "evaluate" and ev.error is not None
     ] + [
-        {"hospital": ev.site, "cause": "failed",
+        {"hospital": ev.hospital, "cause": "failed",
          "reason": f"its reply had no score histograms of the run's {bins} bins"}
         for ev in released if not fits(ev)
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """What happened in a run, per round and per hospital, as seen by the coordinator.
 
 :class:`RecordingGrid` wraps the Grid the ServerApp receives and records every reply (metrics,
-site name, error reason), every hospital that was asked but did not answer, and every hospital
+hospital name, error reason), every hospital that was asked but did not answer, and every hospital
 seen earlier in the run that was not connected when a round started (Flower's strategies sample
 only connected nodes and skip the others silently); each miss has a cause (:data:`CAUSES`). In a
 deployment a hospital is named by the key it authenticates with: ``fedcare server add-hospital``
@@ -27,11 +27,11 @@ from flwr.serverapp import Grid
 
 from server.grid_pull import send_and_receive_promptly
 from shared_models.metrics import histogram_metrics
-from shared_models.protocol import PERSONAL_PREFIX, SITE_REFUSED, parse_refusal
+from shared_models.protocol import HOSPITAL_REFUSED, PERSONAL_PREFIX, parse_refusal
 
 
 @dataclass
-class SiteEvent:
+class HospitalEvent:
     """One hospital's answer (or silence) to one message.
 
     Attributes
@@ -42,19 +42,19 @@ class SiteEvent:
         ``"train"`` or ``"evaluate"``.
     node_id : int
         Flower node id.
-    site : str
-        The hospital's name: registered with its key (deployment), else the site name it
+    hospital : str
+        The hospital's name: registered with its key (deployment), else the hospital name it
         reported (simulation), else ``node <id>``.
     metrics : dict[str, float | None]
         Reply metrics (NaN converted to None).
     undefined : dict[str, str]
-        Reasons for metrics that are undefined at that site.
+        Reasons for metrics that are undefined at that hospital.
     error : str | None
         Error reason, refusal, or ``"no reply ..."`` when the hospital dropped.
     host : str or None
         Simulation: the Ray node that ran the hospital's ClientApp for this message.
     histograms : dict[str, list[float]]
-        Noisy per-class score histograms (``hist-neg``, ``hist-pos``) a site without exact
+        Noisy per-class score histograms (``hist-neg``, ``hist-pos``) a hospital without exact
         metrics released; its ``metrics`` are computed from them here.
     cause : str or None
         Why the hospital missed the message, with ``error``: one of :data:`CAUSES`.
@@ -63,7 +63,7 @@ class SiteEvent:
     round: int
     kind: str
     node_id: int
-    site: str
+    hospital: str
     metrics: dict[str, float | None] = field(default_factory=dict)
     undefined: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -72,7 +72,7 @@ class SiteEvent:
     cause: str | None = None
 
 
-# why a hospital missed a round's message (SiteEvent.cause; summary.json "failures")
+# why a hospital missed a round's message (HospitalEvent.cause; summary.json "failures")
 CAUSES = {
     "refused": "the hospital refused the request (its policy, ledger or approved bundles)",
     "failed": "the request failed at the hospital (an error while training or evaluating)",
@@ -82,7 +82,7 @@ CAUSES = {
 }
 
 
-def failure_cause(event: SiteEvent) -> str:
+def failure_cause(event: HospitalEvent) -> str:
     """The :data:`CAUSES` key of a failed event (histories written before causes were recorded:
     inferred from the error text)."""
     if event.cause is not None:
@@ -95,44 +95,48 @@ def failure_cause(event: SiteEvent) -> str:
 
 @dataclass
 class RunHistory:
-    """All site events and centralized (pooled) evaluations of a run."""
+    """All hospital events and centralized (pooled) evaluations of a run."""
 
-    events: list[SiteEvent] = field(default_factory=list)
+    events: list[HospitalEvent] = field(default_factory=list)
     centralized: dict[int, dict[str, float | None]] = field(default_factory=dict)
-    sites: dict[int, str] = field(default_factory=dict)  # node id -> self-reported site name
+    hospitals: dict[int, str] = field(
+        default_factory=dict
+    )  # node id -> self-reported hospital name
     # node id -> name registered with the node's key at the SuperLink (deployment only)
     registered: dict[int, str] = field(default_factory=dict)
-    # node id -> a site name it reported that differs from its registered name (last such report)
+    # node id -> a hospital name it reported that differs from its registered name (last such report)
     misreported: dict[int, str] = field(default_factory=dict)
     # client-level DP: the coordinator's accountant after each round, {"epsilon", "delta", "releases"}
     central_privacy: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def site_name(self, node_id: int) -> str:
-        return self.registered.get(node_id) or self.sites.get(node_id, f"node {node_id}")
+    def hospital_name(self, node_id: int) -> str:
+        return self.registered.get(node_id) or self.hospitals.get(node_id, f"node {node_id}")
 
-    def self_report(self, node_id: int, site: str) -> None:
-        """Record the site name a hospital reported in a reply; keep it if it is not the name
+    def self_report(self, node_id: int, hospital: str) -> None:
+        """Record the hospital name a hospital reported in a reply; keep it if it is not the name
         its key was registered under."""
-        self.sites[node_id] = site
+        self.hospitals[node_id] = hospital
         registered = self.registered.get(node_id)
-        if registered is not None and site != registered:
-            self.misreported[node_id] = site
+        if registered is not None and hospital != registered:
+            self.misreported[node_id] = hospital
 
     def name_mismatches(self) -> dict[str, str]:
-        """Registered name -> a different site name the hospital reported during the run."""
+        """Registered name -> a different hospital name the hospital reported during the run."""
         return {
-            self.registered[n]: site for n, site in self.misreported.items() if n in self.registered
+            self.registered[n]: hospital
+            for n, hospital in self.misreported.items()
+            if n in self.registered
         }
 
-    def latest(self, kind: str) -> dict[str, SiteEvent]:
-        """Latest successful event of ``kind`` per site."""
-        out: dict[str, SiteEvent] = {}
+    def latest(self, kind: str) -> dict[str, HospitalEvent]:
+        """Latest successful event of ``kind`` per hospital."""
+        out: dict[str, HospitalEvent] = {}
         for ev in self.events:
             if ev.kind == kind and ev.error is None:
-                out[ev.site] = ev
+                out[ev.hospital] = ev
         return out
 
-    def errors(self) -> list[SiteEvent]:
+    def errors(self) -> list[HospitalEvent]:
         return [ev for ev in self.events if ev.error is not None]
 
     def missed(self, server_round: int | None = None) -> list[dict[str, Any]]:
@@ -140,16 +144,16 @@ class RunHistory:
         then hospital: ``round``, ``kind``, ``hospital``, ``cause`` (a :data:`CAUSES` key) and
         ``reason`` (the hospital's own refusal text, or what the coordinator saw)."""
         events = [ev for ev in self.errors() if server_round is None or ev.round == server_round]
-        events.sort(key=lambda ev: (ev.round, ev.kind != "train", ev.site))
+        events.sort(key=lambda ev: (ev.round, ev.kind != "train", ev.hospital))
         return [
-            {"round": ev.round, "kind": ev.kind, "hospital": ev.site,
+            {"round": ev.round, "kind": ev.kind, "hospital": ev.hospital,
              "cause": failure_cause(ev), "reason": ev.error}
             for ev in events
         ]  # fmt: skip
 
     def node_ids(self) -> set[int]:
         """Every hospital (node id) this run has seen: replied, was asked, or was online."""
-        return {ev.node_id for ev in self.events} | set(self.sites) | set(self.registered)
+        return {ev.node_id for ev in self.events} | set(self.hospitals) | set(self.registered)
 
     def up_to(self, server_round: int) -> RunHistory:
         """This history as it stood after round ``server_round``: events and per-round entries
@@ -160,7 +164,7 @@ class RunHistory:
             events=[ev for ev in self.events if ev.round <= server_round],
             centralized={r: m for r, m in self.centralized.items() if r <= server_round},
             central_privacy={r: p for r, p in self.central_privacy.items() if r <= server_round},
-            sites=dict(self.sites),
+            hospitals=dict(self.hospitals),
             registered=dict(self.registered),
             misreported=dict(self.misreported),
         )
@@ -169,7 +173,7 @@ class RunHistory:
         return {
             "events": [asdict(ev) for ev in self.events],
             "centralized": {str(k): v for k, v in self.centralized.items()},
-            "sites": {str(k): v for k, v in self.sites.items()},
+            "hospitals": {str(k): v for k, v in self.hospitals.items()},
             "registered": {str(k): v for k, v in self.registered.items()},
             "misreported": {str(k): v for k, v in self.misreported.items()},
             "central_privacy": {str(k): v for k, v in self.central_privacy.items()},
@@ -178,9 +182,9 @@ class RunHistory:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunHistory:
         return cls(
-            events=[SiteEvent(**ev) for ev in data.get("events", [])],
+            events=[HospitalEvent(**ev) for ev in data.get("events", [])],
             centralized={int(k): v for k, v in data.get("centralized", {}).items()},
-            sites={int(k): v for k, v in data.get("sites", {}).items()},
+            hospitals={int(k): v for k, v in data.get("hospitals", {}).items()},
             registered={int(k): v for k, v in data.get("registered", {}).items()},
             misreported={int(k): v for k, v in data.get("misreported", {}).items()},
             central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
@@ -331,11 +335,11 @@ class RecordingGrid(DelegatingGrid):
             node = msg.metadata.dst_node_id
             if node not in answered:
                 self.history.events.append(
-                    SiteEvent(
+                    HospitalEvent(
                         round=self._current_round,
                         kind=_kind(msg.metadata.message_type),
                         node_id=node,
-                        site=self.history.site_name(node),
+                        hospital=self.history.hospital_name(node),
                         error=f"no reply within {timeout:g} s (train.round-timeout)"
                         if timeout
                         else "no reply",
@@ -352,11 +356,11 @@ class RecordingGrid(DelegatingGrid):
         what = "training" if kind == "train" else "evaluation"
         for node in sorted(self._seen - online - {m.metadata.dst_node_id for m in sent}):
             self.history.events.append(
-                SiteEvent(
+                HospitalEvent(
                     round=self._current_round,
                     kind=kind,
                     node_id=node,
-                    site=self.history.site_name(node),
+                    hospital=self.history.hospital_name(node),
                     error=f"offline: not connected when round {self._current_round}'s {what} "
                     "started, so not asked",
                     cause="offline",
@@ -376,11 +380,11 @@ class RecordingGrid(DelegatingGrid):
                 self.history.self_report(node, refusal[0])
             expired = reply.error.code in _EXPIRED and refusal is None
             self.history.events.append(
-                SiteEvent(
+                HospitalEvent(
                     round=self._current_round,
                     kind=kind,
                     node_id=node,
-                    site=self.history.site_name(node),
+                    hospital=self.history.hospital_name(node),
                     error=(
                         f"no reply within {timeout:g} s (train.round-timeout; the message expired)"
                         if expired and timeout
@@ -394,8 +398,8 @@ class RecordingGrid(DelegatingGrid):
             return
         content = reply.content
         info = content.config_records.get("info")
-        if info is not None and "site" in info:
-            self.history.self_report(node, str(info["site"]))
+        if info is not None and "hospital" in info:
+            self.history.self_report(node, str(info["hospital"]))
         metrics: Mapping[str, Any] = next(iter(content.metric_records.values()), {})
         undefined: dict[str, str] = {}
         if info is not None:
@@ -407,23 +411,23 @@ class RecordingGrid(DelegatingGrid):
         values = {k: _clean(v) for k, v in metrics.items() if not isinstance(v, list)}
         histograms = {k: [float(x) for x in v] for k, v in metrics.items() if k in HISTOGRAM_KEYS}
         if len(histograms) == len(HISTOGRAM_KEYS) and "auroc" not in values:
-            # a noisy release (a site without exact metrics): the metrics are computed here
+            # a noisy release (a hospital without exact metrics): the metrics are computed here
             released, why = histogram_metrics(histograms["hist-neg"], histograms["hist-pos"])
             values.update(released)
             undefined.update(why)
         personal = [f"{PERSONAL_PREFIX}{k}" for k in HISTOGRAM_KEYS]
         if all(k in metrics for k in personal) and f"{PERSONAL_PREFIX}auroc" not in values:
-            # the personal model's noisy release (personal.method at a site without exact metrics)
+            # the personal model's noisy release (personal.method at a hospital without exact metrics)
             neg, pos = ([float(x) for x in metrics[k]] for k in personal)  # type: ignore[union-attr]
             released, why = histogram_metrics(neg, pos)
             values.update({f"{PERSONAL_PREFIX}{k}": v for k, v in released.items()})
             undefined.update({f"{PERSONAL_PREFIX}{k}": v for k, v in why.items()})
         self.history.events.append(
-            SiteEvent(
+            HospitalEvent(
                 round=self._current_round,
                 kind=kind,
                 node_id=node,
-                site=self.history.site_name(node),
+                hospital=self.history.hospital_name(node),
                 metrics=values,
                 undefined=undefined,
                 histograms=histograms,
@@ -446,7 +450,7 @@ _EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def _error_cause(code: int, *, refused: bool) -> str:
-    if refused or code == SITE_REFUSED:
+    if refused or code == HOSPITAL_REFUSED:
         return "refused"
     return "dropped" if code in _LOST else "failed"
 

@@ -34,7 +34,7 @@ from server.pki import PKI, PKIError
 from shared_models.files import write_json_atomic
 from shared_models.node_keys import (
     KeyFileError,
-    check_site_name,
+    check_hospital_name,
     fingerprint,
     load_public_key,
     openssh_public_line,
@@ -111,7 +111,7 @@ class HospitalRegistry:
             Invalid name or key file; another key already under this name; this key already
             under another name.
         """
-        check_site_name(name)
+        check_hospital_name(name)
         key = load_public_key(pub_file)
         fp = fingerprint(key)
         data = self.load()

@@ -27,8 +27,8 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
     """The ``summary.json`` document (final-round test metrics, per-hospital epsilon and delta)."""
     trained = history.latest("train")
     evaluated = history.latest("evaluate")
-    nodes = set(history.sites) | set(history.registered)
-    names = sorted(set(trained) | set(evaluated) | {history.site_name(n) for n in nodes})
+    nodes = set(history.hospitals) | set(history.registered)
+    names = sorted(set(trained) | set(evaluated) | {history.hospital_name(n) for n in nodes})
     registered, mismatches = set(history.registered.values()), history.name_mismatches()
     hospitals: list[dict[str, Any]] = []
     for name in names:
@@ -46,7 +46,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 "rounds_trained": sum(
                     1
                     for e in history.events
-                    if e.kind == "train" and e.site == name and not e.error
+                    if e.kind == "train" and e.hospital == name and not e.error
                 ),
                 "metrics": {m: ev.metrics.get(m) if ev else None for m in METRIC_NAMES},
                 **(
@@ -62,7 +62,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                 "undefined": dict(ev.undefined) if ev else {},
                 "intervals": _noise_intervals(ev),
                 "named_by": "registered key" if name in registered else "self-reported",
-                "self_reported_site": mismatches.get(name),
+                "self_reported_name": mismatches.get(name),
             }
         )
     accs = [h["metrics"]["accuracy"] for h in hospitals if h["metrics"]["accuracy"] is not None]
@@ -92,8 +92,8 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
         "failures": history.missed(),
         "ray_nodes": _ray_nodes(history),
         "name_mismatches": [
-            {"hospital": name, "self_reported_site": site}
-            for name, site in sorted(mismatches.items())
+            {"hospital": name, "self_reported_name": reported}
+            for name, reported in sorted(mismatches.items())
         ],
         "baselines": {},
         "personalization": asdict(run.personal) if run.personal.enabled else None,
@@ -105,15 +105,15 @@ def _ray_nodes(history: RunHistory) -> dict[str, list[str]]:
     nodes: dict[str, set[str]] = {}
     for ev in history.events:
         if ev.host is not None:
-            nodes.setdefault(ev.host, set()).add(ev.site)
-    return {node: sorted(sites) for node, sites in sorted(nodes.items())}
+            nodes.setdefault(ev.host, set()).add(ev.hospital)
+    return {node: sorted(hospitals) for node, hospitals in sorted(nodes.items())}
 
 
-def _latest_privacy(history: RunHistory, site: str) -> dict[str, float | None]:
+def _latest_privacy(history: RunHistory, hospital: str) -> dict[str, float | None]:
     """The hospital's cumulative (ε, δ) from its latest reply that carried one: a training round
     or, later, an evaluation release (both charged to the same accountant)."""
     for ev in reversed(history.events):
-        if ev.site == site and ev.error is None and ev.metrics.get("epsilon") is not None:
+        if ev.hospital == hospital and ev.error is None and ev.metrics.get("epsilon") is not None:
             return {"epsilon": ev.metrics["epsilon"], "delta": ev.metrics.get("delta")}
     return {}
 
@@ -164,7 +164,7 @@ def _pooled_from_histograms(evaluated: Any) -> dict[str, Any]:
     neg = np.sum([ev.histograms["hist-neg"] for ev in events], axis=0)
     pos = np.sum([ev.histograms["hist-pos"] for ev in events], axis=0)
     pooled, _ = histogram_metrics(neg, pos)
-    noisy = [ev.site for ev in events if ev.metrics.get("eval-noise-multiplier") is not None]
+    noisy = [ev.hospital for ev in events if ev.metrics.get("eval-noise-multiplier") is not None]
     intervals = None
     if noisy:  # independent Gaussian noise of each release: the sum's σ adds in quadrature
         from shared_models.noisy_metrics import histogram_intervals
@@ -243,7 +243,7 @@ def metrics_frame(history: RunHistory) -> pd.DataFrame:
     """One row per round x hospital: train loss, epsilon, delta and test metrics."""
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     for ev in history.events:
-        row = rows.setdefault((ev.round, ev.site), {"round": ev.round, "hospital": ev.site})
+        row = rows.setdefault((ev.round, ev.hospital), {"round": ev.round, "hospital": ev.hospital})
         if ev.error:
             row[f"{ev.kind}_error"] = ev.error
             continue
@@ -429,7 +429,9 @@ def render_markdown(run: RunConfig, summary: dict[str, Any], frame: pd.DataFrame
         lines += [f"- {_missed_line(f)}" for f in summary["failures"]]
     if len(summary.get("ray_nodes", {})) > 1:
         lines += ["", "## Ray nodes (simulation on a cluster)", ""]
-        lines += [f"- {node}: {', '.join(sites)}" for node, sites in summary["ray_nodes"].items()]
+        lines += [
+            f"- {node}: {', '.join(hospitals)}" for node, hospitals in summary["ray_nodes"].items()
+        ]
     if block := summary.get("explanations"):
         from server.explanations import IMPORTANCE_CHART, explanation_lines
 
@@ -829,10 +831,10 @@ def _missed_line(failure: dict[str, Any]) -> str:
 
 
 def _identity_lines(summary: dict[str, Any]) -> list[str]:
-    """How hospitals are named, and every hospital whose self-reported site name differs."""
+    """How hospitals are named, and every hospital whose self-reported hospital name differs."""
     by_key = [h["name"] for h in summary["hospitals"] if h.get("named_by") == "registered key"]
     if not by_key:
-        return ["", "Hospitals are named by the site name they report (no registered keys)."]
+        return ["", "Hospitals are named by the hospital name they report (no registered keys)."]
     lines = ["", "Hospitals are named by the key they authenticate with (registered by the "
              "coordinator with `fedcare server add-hospital`)."]  # fmt: skip
     lines += [
@@ -841,8 +843,8 @@ def _identity_lines(summary: dict[str, Any]) -> list[str]:
         if h.get("named_by") != "registered key"
     ]
     lines += [
-        f"- **name mismatch**: the hospital registered as {m['hospital']} reports its site as "
-        f"{m['self_reported_site']!r}"
+        f"- **name mismatch**: the hospital registered as {m['hospital']} reports its name as "
+        f"{m['self_reported_name']!r}"
         for m in summary.get("name_mismatches", [])
     ]
     return lines
@@ -894,11 +896,11 @@ def curves_figure(
         }  # fmt: skip
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    sites = list(frame.groupby("hospital")) if not frame.empty else []
+    hospitals = list(frame.groupby("hospital")) if not frame.empty else []
     lowest = [0.5]
-    for i, (site, grp) in enumerate(sites):
+    for i, (hospital, grp) in enumerate(hospitals):
         grp = grp.dropna(subset=["auroc"]) if "auroc" in grp else grp
-        axes[0].plot(grp["round"], grp["auroc"], label=str(site), **style(i, len(sites)))
+        axes[0].plot(grp["round"], grp["auroc"], label=str(hospital), **style(i, len(hospitals)))
         if "auroc" in grp and len(grp):
             lowest.append(float(grp["auroc"].min()))
     central = sorted((r, m.get("auroc")) for r, m in history.centralized.items() if r > 0)
@@ -907,16 +909,18 @@ def curves_figure(
         lowest += [float(a) for _, a in central if a is not None]
     for j, (name, b) in enumerate((baselines or {}).items()):
         if b.get("auroc") is not None:
-            axes[0].axhline(float(b["auroc"]), color=f"C{(len(sites) + j) % 10}", ls=":", lw=1.5,
+            axes[0].axhline(float(b["auroc"]), color=f"C{(len(hospitals) + j) % 10}", ls=":", lw=1.5,
                             label=f"baseline: {name}")  # fmt: skip
             lowest.append(float(b["auroc"]))
     axes[0].set_ylim(max(0.0, min(lowest) - 0.05), 1.01)
     axes[0].set(title="Test AUROC by round", xlabel="round", ylabel="AUROC")
     axes[0].legend(fontsize=7)
     if dp:
-        for i, (site, grp) in enumerate(sites):
+        for i, (hospital, grp) in enumerate(hospitals):
             grp = grp.dropna(subset=["epsilon"])
-            axes[1].plot(grp["round"], grp["epsilon"], label=str(site), **style(i, len(sites)))
+            axes[1].plot(
+                grp["round"], grp["epsilon"], label=str(hospital), **style(i, len(hospitals))
+            )
         if dp_target is not None and frame["epsilon"].notna().any():
             axes[1].axhline(dp_target, color="k", ls="--", lw=1, label=f"target ε = {dp_target:g}")
         axes[1].set(title="Cumulative ε by round (per hospital)", xlabel="round", ylabel="ε")
@@ -1016,11 +1020,11 @@ def print_summary(console: Any, summary: dict[str, Any], out: Path, seconds: flo
     for f in summary.get("failures", []):
         console.print(f"  [yellow]{escape(_missed_line(f))}[/]", highlight=False)
     if len(summary.get("ray_nodes", {})) > 1:
-        for node, sites in summary["ray_nodes"].items():
-            console.print(f"  Ray node {node[:12]}: trained {', '.join(sites)}")
+        for node, hospitals in summary["ray_nodes"].items():
+            console.print(f"  Ray node {node[:12]}: trained {', '.join(hospitals)}")
     for m in summary.get("name_mismatches", []):
         console.print(
             f"  [yellow]name mismatch: the hospital registered as {m['hospital']} reports its "
-            f"site as {m['self_reported_site']!r}[/]"
+            f"name as {m['self_reported_name']!r}[/]"
         )
     console.print(f"run folder: [bold]{out}[/] ({seconds:.1f} s)")

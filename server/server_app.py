@@ -43,7 +43,7 @@ from server.checkpoint import (
     save_weights,
     write_json_atomic,
 )
-from server.history import RecordingGrid, RunHistory, SiteEvent, read_history
+from server.history import HospitalEvent, RecordingGrid, RunHistory, read_history
 from server.model_card import write_model_card
 from server.report import build_summary, write_reports
 from server.secure_aggregation import run_secaggplus_round
@@ -57,10 +57,10 @@ from server.strategies import (
     with_client_dp,
 )
 from shared_models.config import ConfigError, RunConfig
+from shared_models.hospitals import simulated_hospitals_for
 from shared_models.metrics import evaluation_metrics
 from shared_models.models import model_for_run, predict_proba
 from shared_models.protocol import UNIT_WEIGHT_KEY
-from shared_models.sites import simulated_sites_for
 
 app = ServerApp()
 progress_log = logging.getLogger("fedcare.progress")
@@ -178,7 +178,9 @@ def main(grid: Grid, context: Context) -> None:
                 "(its own ledger entry)"
             )
         for h in summary["hospitals"]:  # the run's ε at each hospital now includes the release
-            released = next((r for r in explanations["hospitals"] if r["site"] == h["name"]), None)
+            released = next(
+                (r for r in explanations["hospitals"] if r["hospital"] == h["name"]), None
+            )
             if released is not None and released.get("epsilon") is not None:
                 h["epsilon"] = released["epsilon"]
     card = _model_card(run, summary, model_info)
@@ -219,15 +221,15 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
     for reply in grid.send_and_receive(messages, timeout=run.train.round_timeout):
         if reply.has_error():
             text = str(reply.error.reason)
-            site, reason = parse_refusal(text) or (f"node {reply.metadata.src_node_id}", text)
-            refused.append({"site": site, "reason": reason})
+            hospital, reason = parse_refusal(text) or (f"node {reply.metadata.src_node_id}", text)
+            refused.append({"hospital": hospital, "reason": reason})
             continue
         m = reply.content.metric_records["metrics"]
         sums = {k: list(v) for k, v in m.items() if isinstance(v, list)}  # type: ignore[arg-type]
         if "attr-sum" in sums:
             sums["signed"], sums["absolute"] = sums.pop("attr-sum"), sums.pop("attr-abs-sum")
         releases.append({
-            "site": str(reply.content.config_records["info"]["site"]),
+            "hospital": str(reply.content.config_records["info"]["hospital"]),
             "n": int(m["num-examples"]),  # type: ignore[arg-type]
             **sums,
             "image_clip": float(m.get("explain-image-clip", 0.0)),  # type: ignore[arg-type]
@@ -236,7 +238,7 @@ def _request_explanations(grid: Grid, arrays: ArrayRecord, run: RunConfig) -> di
             "epsilon_release": float(m["explain-epsilon"]),  # type: ignore[arg-type]
             "epsilon": float(m["epsilon"]) if "epsilon" in m else None,  # type: ignore[arg-type]
         })  # fmt: skip
-    releases.sort(key=lambda r: str(r["site"]))
+    releases.sort(key=lambda r: str(r["hospital"]))
     flwr_log(INFO, "[fedcare] explanations: %d released, %d refused", len(releases), len(refused))
     if task.attribution_axis is None:
         return aggregate_saliency(releases, refused)
@@ -271,11 +273,11 @@ def _evaluation_run(grid: Grid, context: Context, run: RunConfig) -> None:
         nodes = [n for n in nodes if names.get(n) in wanted]
         for name in sorted(set(wanted) - {names.get(n) for n in nodes}):
             history.events.append(
-                SiteEvent(
+                HospitalEvent(
                     round=1,
                     kind="evaluate",
                     node_id=-1,
-                    site=name,
+                    hospital=name,
                     cause="offline",
                     error="offline: not connected when the evaluation started, so not asked",
                 )  # fmt: skip
@@ -348,15 +350,17 @@ def _pooled_test_set(run: RunConfig, grid: Grid):  # -> (x [N, F], y [N])
 
     # the harness says how many hospitals it simulates; counting the Grid's nodes instead would race
     # with the Simulation Engine registering them
-    num_sites = run.simulated_hospitals or len(list(grid.get_node_ids()))
-    sites = simulated_sites_for(run, num_sites)
-    return np.concatenate([s.x_test for s in sites]), np.concatenate([s.y_test for s in sites])
+    num_hospitals = run.simulated_hospitals or len(list(grid.get_node_ids()))
+    hospitals = simulated_hospitals_for(run, num_hospitals)
+    return np.concatenate([s.x_test for s in hospitals]), np.concatenate(
+        [s.y_test for s in hospitals]
+    )
 
 
 def _privacy(history: RunHistory) -> dict[str, dict[str, float | None]]:
     return {
-        site: {"epsilon": ev.metrics.get("epsilon"), "delta": ev.metrics.get("delta")}
-        for site, ev in history.latest("train").items()
+        hospital: {"epsilon": ev.metrics.get("epsilon"), "delta": ev.metrics.get("delta")}
+        for hospital, ev in history.latest("train").items()
     }
 
 

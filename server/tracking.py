@@ -92,7 +92,7 @@ def round_metrics(history: RunHistory) -> dict[int, dict[str, float]]:
             if (names is None or name in names) and name != "num-examples":
                 v = _finite(value)
                 if v is not None:
-                    out.setdefault(ev.round, {})[_key(f"{ev.site}.{name}")] = v
+                    out.setdefault(ev.round, {})[_key(f"{ev.hospital}.{name}")] = v
     for server_round, metrics in history.centralized.items():
         for name, value in (metrics or {}).items():
             v = _finite(value)

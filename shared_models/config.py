@@ -172,7 +172,7 @@ class PersonalConfig:
     2020, arXiv:2002.04758); ``ditto`` (a personal model trained each round towards the global
     one, loss + lambda/2 ||v - w_global||^2; Li, Hu, Beirami & Smith, ICML 2021,
     arXiv:2012.04221). The personal model never leaves the hospital and trains without DP; only
-    its evaluation leaves, as a release like the global model's (exact where the site policy
+    its evaluation leaves, as a release like the global model's (exact where the hospital policy
     allows, else noisy counts charged to the ledger). ``epochs`` are local epochs of personal
     training (per evaluation for ``finetune``, per round for ``ditto``), ``lam`` Ditto's lambda,
     ``lr`` and ``batch_size`` its SGD settings.
@@ -193,7 +193,7 @@ class PersonalConfig:
 class RunConfig:
     """All run-wide settings (identical at every hospital), parsed from ``context.run_config``.
 
-    Site settings (data path, site name, device) are NOT here: they come from
+    Hospital settings (data path, hospital name, device) are NOT here: they come from
     ``context.node_config`` at each hospital.
     """
 

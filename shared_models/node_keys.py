@@ -25,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 
@@ -33,7 +33,7 @@ class KeyFileError(ValueError):
     """A key file is missing, unreadable, of the wrong kind, or would be overwritten."""
 
 
-def check_site_name(name: str) -> str:
+def check_hospital_name(name: str) -> str:
     """Return ``name`` if it is a valid hospital name (letters, digits, ``_ . -``, max 64).
 
     Raises
@@ -41,7 +41,7 @@ def check_site_name(name: str) -> str:
     KeyFileError
         Any other character, or an empty or too long name (it becomes a file name).
     """
-    if not SITE_NAME.match(name):
+    if not HOSPITAL_NAME.match(name):
         raise KeyFileError(
             f"hospital name {name!r}: use letters, digits, '_', '.', '-' (max 64, no leading "
             "'.' or '-')"
@@ -183,7 +183,7 @@ def generate_key_pair(
         Invalid name, either file exists, or a folder where a private key could leak
         (:func:`check_private_folder`); nothing is written or replaced then.
     """
-    check_site_name(name)
+    check_hospital_name(name)
     key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for path in (key_path, pub_path):
         if path.exists():

@@ -9,7 +9,9 @@ from pathlib import Path
 # the Flower app directory (pyproject.toml with the run-config schema): the repository root
 APP_DIR = Path(__file__).resolve().parent.parent
 
-SITE_REFUSED = 4001  # error code of a reply refused by the site: "site NAME refused: <reason>"
+HOSPITAL_REFUSED = (
+    4001  # error code of a reply refused by the hospital: "hospital NAME refused: <reason>"
+)
 SECAGG_FAILED = 4002  # error code when the coordinator could not unmask a SecAgg+ round's sum
 # the ClientApp's query action for the DP explanation release (message type "query.explain")
 EXPLAIN_ACTION = "explain"
@@ -68,17 +70,18 @@ def removed_key_time(text: str) -> str | None:
     return words[0].rstrip(".") if sep and words else None
 
 
-def refusal_reason(site: str, reason: str) -> str:
-    """The error reason of a reply refused by a hospital (code :data:`SITE_REFUSED`)."""
-    return f"site {site} refused: {reason}"
+def refusal_reason(hospital: str, reason: str) -> str:
+    """The error reason of a reply refused by a hospital (code :data:`HOSPITAL_REFUSED`)."""
+    return f"hospital {hospital} refused: {reason}"
 
 
 def parse_refusal(text: str) -> tuple[str, str] | None:
-    """``(site, reason)`` of a :func:`refusal_reason` text, else None."""
+    """``(hospital, reason)`` of a :func:`refusal_reason` text, else None."""
     head, sep, reason = text.partition(" refused: ")
-    if not sep or not head.startswith("site ") or " " in head[5:]:
+    name = head.removeprefix("hospital ")
+    if not sep or name == head or " " in name:
         return None
-    return head[5:], reason
+    return name, reason
 
 
 # prefix of the metrics of a hospital's personal model in its evaluate reply (personal.method):

@@ -62,7 +62,7 @@ _KINDS: dict[str, type] = {
 # A recipe's model and preprocessing come as a pair (scattering coefficients need the
 # scatter-linear model): a user who sets either gets neither from the recipe.
 PAIRED_KEYS = ("task.preprocessing", "model.name")
-LARGE_SITE = 2048  # training records at the largest hospital above which the rule trains less
+LARGE_HOSPITAL = 2048  # training records at the largest hospital above which the rule trains less
 
 SCHEMA = "schema default"
 RUN_CONFIG = "--run-config"
@@ -85,7 +85,7 @@ def rule(*, dp: bool, n_train: Sequence[int] | None) -> tuple[dict[str, Any], st
         Run-config values (:data:`RECIPE_KEYS` only) and where they come from.
     """
     largest = max(n_train) if n_train else None
-    large = largest is not None and largest > LARGE_SITE
+    large = largest is not None and largest > LARGE_HOSPITAL
     size = (
         "hospital sizes unknown here: the small-data branch"
         if largest is None

@@ -1,4 +1,4 @@
-"""External validation of a trained binary classifier on one site's records: discrimination with
+"""External validation of a trained binary classifier on one hospital's records: discrimination with
 confidence intervals, operating points, calibration and clinical utility.
 
 Pure functions of labels ``y [N]`` in {0, 1} and predicted probabilities ``p [N]`` of class 1;
@@ -387,10 +387,10 @@ def apply_recalibration(p: np.ndarray, *, intercept: float, slope: float) -> np.
 def recalibration(
     y: np.ndarray, p: np.ndarray, *, folds: int = RECALIBRATION_FOLDS, seed: int = 0
 ) -> dict[str, Any]:
-    """A site-local logistic recalibration of the probabilities ``p [N]`` on labels ``y [N]``.
+    """A hospital-local logistic recalibration of the probabilities ``p [N]`` on labels ``y [N]``.
 
     The intercept ``a`` and slope ``b`` of ``logit P(y=1) = a + b logit(p)`` are fitted on all
-    the site's records (they equal :func:`calibration`'s slope and intercept); the recalibrated
+    the hospital's records (they equal :func:`calibration`'s slope and intercept); the recalibrated
     risk is :func:`apply_recalibration`. The figures *after* recalibration are cross-fitted, so
     that they are not judged on the records they were fitted to: the records are split into
     ``folds`` stratified folds (``sklearn.model_selection.StratifiedKFold``, shuffled with
@@ -500,7 +500,7 @@ def prevalence_shift(observed: float, training: float | None) -> str | None:
 # A feature's shift is reported when its mean moved by more than this many training standard
 # deviations (a standardised mean difference of 0.5: Cohen's "medium" effect) ...
 FEATURE_SMD_WARNING = 0.5
-# ... or when more than this share of the site's records lie outside the training range.
+# ... or when more than this share of the hospital's records lie outside the training range.
 FEATURE_OUTSIDE_WARNING = 0.05
 
 
@@ -529,10 +529,10 @@ def feature_shift(
     *,
     scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> list[str]:
-    """One warning per model input whose distribution at this site differs strongly from the
+    """One warning per model input whose distribution at this hospital differs strongly from the
     training profile (:func:`feature_profile`): the standardised mean difference
-    ``|mean_site - mean_train| / sd_train`` above :data:`FEATURE_SMD_WARNING`, or more than
-    :data:`FEATURE_OUTSIDE_WARNING` of the site's records outside the training ``[min, max]``.
+    ``|mean_hospital - mean_train| / sd_train`` above :data:`FEATURE_SMD_WARNING`, or more than
+    :data:`FEATURE_OUTSIDE_WARNING` of the hospital's records outside the training ``[min, max]``.
     Inputs the profile does not have are skipped.
 
     Parameters
@@ -540,7 +540,7 @@ def feature_shift(
     training : dict
         The model card's profile, ``{name: {"mean", "sd", "min", "max"}}``.
     x : np.ndarray
-        ``[N, F]`` this site's model inputs.
+        ``[N, F]`` this hospital's model inputs.
     names : list[str]
         ``[F]`` the inputs' names.
     scaling : (center, scale), optional

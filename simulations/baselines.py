@@ -42,7 +42,7 @@ from client.training import steps_per_round, train_round
 from shared_models.config import RunConfig
 from shared_models.metrics import binary_metrics, operating_point_metrics
 from shared_models.models import model_for_run, predict_proba
-from shared_models.tasks import SiteData
+from shared_models.tasks import HospitalData
 
 
 def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
@@ -59,11 +59,11 @@ def _fit(run: RunConfig, data: Dataset, device: str):  # -> nn.Module
     return model
 
 
-def pooled_train_set(sites: tuple[SiteData, ...]) -> Dataset:
+def pooled_train_set(hospitals: tuple[HospitalData, ...]) -> Dataset:
     """All hospitals' training data as one ``TensorDataset`` (moved to a device in one piece)."""
     return TensorDataset(
-        torch.from_numpy(np.concatenate([s.x_train for s in sites])),
-        torch.from_numpy(np.concatenate([s.y_train for s in sites])),
+        torch.from_numpy(np.concatenate([s.x_train for s in hospitals])),
+        torch.from_numpy(np.concatenate([s.y_train for s in hospitals])),
     )
 
 
@@ -94,7 +94,7 @@ class Baselines:
 
 def compute_baselines(
     run: RunConfig,
-    sites: tuple[SiteData, ...],
+    hospitals: tuple[HospitalData, ...],
     *,
     device: str = "cpu",
     external: np.ndarray | None = None,
@@ -110,7 +110,7 @@ def compute_baselines(
     ----------
     run : RunConfig
         The run's settings (model, optimizer, lr, rounds x local epochs of training).
-    sites : tuple[SiteData, ...]
+    hospitals : tuple[HospitalData, ...]
         The simulated hospitals, in the federation's order.
     device : str
         Where the baselines train (``"cpu"``, ``"cuda"``).
@@ -119,38 +119,38 @@ def compute_baselines(
         local model is scored on them too (``Baselines.local_external``, for the cross-site
         matrix).
     """
-    y_test = np.concatenate([s.y_test for s in sites])
+    y_test = np.concatenate([s.y_test for s in hospitals])
 
-    x_test = np.concatenate([s.x_test for s in sites])
-    ends = np.cumsum([s.n_test for s in sites])[:-1]
+    x_test = np.concatenate([s.x_test for s in hospitals])
+    ends = np.cumsum([s.n_test for s in hospitals])[:-1]
 
     def on_every_split(model) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
         # one pass over all test splits (not N models x N splits calls), then cut per hospital
         return np.split(predict_proba(model, x_test, device=device), ends)
 
-    pooled_scores = on_every_split(_fit(run, pooled_train_set(sites), device))
+    pooled_scores = on_every_split(_fit(run, pooled_train_set(hospitals), device))
     overall = binary_metrics(y_test, np.concatenate(pooled_scores))
-    per_site = [
-        binary_metrics(s.y_test, p).accuracy for s, p in zip(sites, pooled_scores, strict=True)
+    per_hospital = [
+        binary_metrics(s.y_test, p).accuracy for s, p in zip(hospitals, pooled_scores, strict=True)
     ]
     table = {
         "pooled (centralised, non-private)": {
             "auroc": overall.auroc,
             "accuracy": overall.accuracy,
-            "mean_client_accuracy": float(np.mean([a for a in per_site if a is not None])),
+            "mean_client_accuracy": float(np.mean([a for a in per_hospital if a is not None])),
             "privacy": "none",
             **operating_point_metrics(y_test, np.concatenate(pooled_scores))[0],
         }
     }
-    local_models = [_fit(run, s.train_set(), device) for s in sites]
+    local_models = [_fit(run, s.train_set(), device) for s in hospitals]
     local_scores = [on_every_split(m) for m in local_models]
     local_external = (
         None
         if external is None
         else [predict_proba(m, external, device=device) for m in local_models]
     )
-    own = [local_scores[i][i] for i in range(len(sites))]  # Local i on hospital i's test split
-    local_acc = [binary_metrics(s.y_test, p).accuracy for s, p in zip(sites, own, strict=True)]
+    own = [local_scores[i][i] for i in range(len(hospitals))]  # Local i on hospital i's test split
+    local_acc = [binary_metrics(s.y_test, p).accuracy for s, p in zip(hospitals, own, strict=True)]
     local = binary_metrics(y_test, np.concatenate(own))
     table[LOCAL_POOLED] = {
         "auroc": local.auroc,
@@ -183,7 +183,7 @@ MAX_MATRIX_HOSPITALS = 50
 
 
 def auroc_on_every_test_split(
-    sites: Sequence[SiteData],
+    hospitals: Sequence[HospitalData],
     *,
     federated: Sequence[np.ndarray] | None,
     baselines: Baselines,
@@ -199,7 +199,7 @@ def auroc_on_every_test_split(
 
     Parameters
     ----------
-    sites : Sequence[SiteData]
+    hospitals : Sequence[HospitalData]
         The hospitals; their ``y_test`` ``[n_test_j]`` labels in {0, 1} and names.
     federated : Sequence[np.ndarray] or None
         The final federated model's ``[n_test_j]`` probabilities of class 1 on each test split
@@ -217,29 +217,29 @@ def auroc_on_every_test_split(
         ``own`` (AUROC on hospital i's own test split); ``local_mean`` (mean of the local models'
         averages) and ``local_best`` (``{"model", "average"}`` of the best local model).
     """
-    if len(sites) > MAX_MATRIX_HOSPITALS:
+    if len(hospitals) > MAX_MATRIX_HOSPITALS:
         return {
-            "skipped": f"not computed for {len(sites)} hospitals (at most {MAX_MATRIX_HOSPITALS}: "
+            "skipped": f"not computed for {len(hospitals)} hospitals (at most {MAX_MATRIX_HOSPITALS}: "
             "the matrix takes N x N AUROCs)"
         }
-    names = [s.name for s in sites]
+    names = [s.name for s in hospitals]
     undefined = {
         s.name: reason
-        for s in sites
+        for s in hospitals
         if (reason := binary_metrics(s.y_test, np.zeros(len(s.y_test))).undefined.get("auroc"))
     }
 
     def scored(scores: Sequence[np.ndarray]) -> dict[str, Any]:
         per = {
             s.name: None if s.name in undefined else float(roc_auc_score(s.y_test, p))
-            for s, p in zip(sites, scores, strict=True)
+            for s, p in zip(hospitals, scores, strict=True)
         }
         defined = [a for a in per.values() if a is not None]
         return {"per_test_split": per, "average": float(np.mean(defined)) if defined else None}
 
     local = [
         {"model": f"Local {s.name}", "trained_on": s.name, **scored(scores)}
-        for s, scores in zip(sites, baselines.local_scores, strict=True)
+        for s, scores in zip(hospitals, baselines.local_scores, strict=True)
     ]
     for entry in local:
         entry["own"] = entry["per_test_split"][entry["trained_on"]]
@@ -267,7 +267,7 @@ CROSS_SITE_METHOD = (
 
 
 def cross_site_matrix(
-    sites: Sequence[SiteData],
+    hospitals: Sequence[HospitalData],
     *,
     federated: Sequence[np.ndarray] | None,
     baselines: Baselines,
@@ -278,7 +278,7 @@ def cross_site_matrix(
 
     Parameters
     ----------
-    sites : Sequence[SiteData]
+    hospitals : Sequence[HospitalData]
         The hospitals; their test splits ``y_test [n_test_j]``.
     federated : Sequence[np.ndarray] or None
         The final federated model's ``[n_test_j]`` probabilities on each test split (None: no
@@ -302,12 +302,12 @@ def cross_site_matrix(
     """
     from shared_models.validation import delong_ci
 
-    if len(sites) > MAX_MATRIX_HOSPITALS:
+    if len(hospitals) > MAX_MATRIX_HOSPITALS:
         return {
-            "skipped": f"not computed for {len(sites)} hospitals (at most {MAX_MATRIX_HOSPITALS})"
+            "skipped": f"not computed for {len(hospitals)} hospitals (at most {MAX_MATRIX_HOSPITALS})"
         }
 
-    columns = [(s.name, np.asarray(s.y_test).astype(int)) for s in sites]
+    columns = [(s.name, np.asarray(s.y_test).astype(int)) for s in hospitals]
     if held_out is not None:
         columns.append((held_out[0], np.asarray(held_out[1]).astype(int)))
 
@@ -329,7 +329,7 @@ def cross_site_matrix(
         scores = [*federated, *([held_out[2]] if held_out is not None else [])]
         rows.append({"model": "global (federated)", "trained_on": "all", "cells": cells(scores)})
     external = baselines.local_external if extra else None
-    for i, (s, scores) in enumerate(zip(sites, baselines.local_scores, strict=True)):
+    for i, (s, scores) in enumerate(zip(hospitals, baselines.local_scores, strict=True)):
         row = [*scores, *([external[i] if external is not None else None] if extra else [])]
         rows.append({"model": f"local {s.name}", "trained_on": s.name, "cells": cells(row)})
     splits: list[dict[str, Any]] = [

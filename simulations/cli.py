@@ -51,7 +51,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # error lines are never brok
 
 app = typer.Typer(
     name="fedcare",
-    help="Federated learning for hospitals: Flower + Opacus DP-SGD with per-site privacy accounting.",
+    help="Federated learning for hospitals: Flower + Opacus DP-SGD with per-hospital privacy accounting.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -138,7 +138,7 @@ def simulate(
         typer.Option(help="Privacy ledgers of the simulated hospitals (DIR/<hospital>)."),
     ] = None,
     policy: Annotated[
-        Path | None, typer.Option(help="Site policy TOML applied at every simulated hospital.")
+        Path | None, typer.Option(help="Hospital policy TOML applied at every simulated hospital.")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
     gpus_per_hospital: Annotated[
@@ -281,7 +281,7 @@ def evaluate(
     ],
     data: Annotated[
         Path,
-        typer.Option(help="This site's data in the task's hospital format (file or folder)."),
+        typer.Option(help="This hospital's data in the task's hospital format (file or folder)."),
     ],
     task: Annotated[
         str | None,
@@ -298,13 +298,13 @@ def evaluate(
         bool,
         typer.Option(
             "--recalibrate",
-            help="Also fit a site-local logistic recalibration (intercept and slope) and report "
+            help="Also fit a hospital-local logistic recalibration (intercept and slope) and report "
             "the calibration before and after it (cross-fitted); recorded in evaluation.json, "
             "never applied to the model file.",
         ),
     ] = False,
 ) -> None:
-    """External validation of a saved model on one site's data, offline: scores every record
+    """External validation of a saved model on one hospital's data, offline: scores every record
     and writes report.md, evaluation.json and figures (ROC, precision-recall, reliability,
     decision curve): AUROC with DeLong and bootstrap CIs, AUPRC with a bootstrap CI, operating
     points with Wilson CIs, calibration and net benefit. Nothing leaves the machine.
@@ -344,7 +344,7 @@ def evaluate(
         else:
             after = recal["after"]
             console.print(
-                f"site-local recalibration logit p' = {recal['intercept']:.3f} + "
+                f"hospital-local recalibration logit p' = {recal['intercept']:.3f} + "
                 f"{recal['slope']:.3f} logit p (recorded, not applied to the model): Brier "
                 f"{cal['brier']:.4f} -> {after['brier']:.4f}, calibration-in-the-large "
                 f"{cal['calibration_in_the_large']:+.3f} -> "

@@ -1,7 +1,7 @@
-"""``fedcare evaluate``: external validation of a saved federated model at one site, offline.
+"""``fedcare evaluate``: external validation of a saved federated model at one hospital, offline.
 
 Loads the final model of a run (``model.safetensors`` and its model card ``model.json``), reads
-the site's data with the task's own hospital loader (as ``fedcare client check`` does), scores
+the hospital's data with the task's own hospital loader (as ``fedcare client check`` does), scores
 every record (external validation: no train/test split) and writes ``report.md``,
 ``evaluation.json`` and four figures into the output folder. Nothing leaves the machine. The
 metrics are those of :mod:`shared_models.validation`.
@@ -66,7 +66,7 @@ def load_model(saved: SavedModel) -> Any:
 def load_records(
     task_name: str, preprocessing: str, data: Path, *, frame: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every record of the site's data, preprocessed as in training: ``(x [N, *input_shape]
+    """Every record of the hospital's data, preprocessed as in training: ``(x [N, *input_shape]
     float32, y [N])``. Read with the task's hospital loader (``Task.read_file``, as ``fedcare
     client check``; ``frame``: its result when already read), missing values imputed and
     features scaled with the task's fixed constants
@@ -136,7 +136,7 @@ def subgroup_results(
     preprocessing : str
         The model card's preprocessing.
     frame : pd.DataFrame
-        The site's raw records as ``task.read_file(data)`` returned them.
+        The hospital's raw records as ``task.read_file(data)`` returned them.
     data : Path
         Where they came from (for messages).
 
@@ -193,7 +193,7 @@ def evaluate_scores(
     the two operating points (0.5 and the
     threshold reaching sensitivity 0.8, as :func:`shared_models.metrics.operating_point_metrics`
     picks it), calibration and the decision curve (:mod:`shared_models.validation`); with
-    ``recalibrate``, a site-local logistic recalibration
+    ``recalibrate``, a hospital-local logistic recalibration
     (:func:`shared_models.validation.recalibration`), recorded and never applied to the model.
     """
     from shared_models import validation as v
@@ -240,7 +240,7 @@ def training_prevalence(card: dict[str, Any]) -> float | None:
 
 
 def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any]:
-    """This site's model inputs ``x [N, ...]`` against the model card's training profile:
+    """This hospital's model inputs ``x [N, ...]`` against the model card's training profile:
     ``{"provenance", "feature_warnings": [...], "note"?}`` (see
     :func:`shared_models.validation.feature_shift`). No check where the card has no feature
     profile (a deployment releases none) or the inputs are not one vector per record."""
@@ -264,7 +264,7 @@ def shift_check(card: dict[str, Any], task: Any, x: np.ndarray) -> dict[str, Any
     return out
 
 
-def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> dict[str, Any]:
+def simulation_training_data(task_name: str, preprocessing: str, hospitals: Any) -> dict[str, Any]:
     """``model.json`` ``training_data`` for ``fedcare simulate``: exact figures of the simulated
     hospitals' training splits (the researcher holds all the data in a simulation, so nothing
     here was released by anyone; marked ``exact``).
@@ -273,7 +273,7 @@ def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> 
     ----------
     task_name, preprocessing : str
         The run's task and resolved preprocessing.
-    sites : Sequence[SiteData]
+    hospitals : Sequence[HospitalData]
         The hospitals that trained (a held-out hospital is not among them): ``x_train``
         ``[n, ...]`` model inputs after the task's fixed imputation and scaling, ``y_train``.
 
@@ -288,10 +288,10 @@ def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> 
     from shared_models.tasks import get_task
     from shared_models.validation import feature_profile
 
-    y = np.concatenate([np.asarray(s.y_train, dtype=float) for s in sites])
+    y = np.concatenate([np.asarray(s.y_train, dtype=float) for s in hospitals])
     features = None
-    if all(np.ndim(s.x_train) == 2 for s in sites):
-        x = np.concatenate([s.x_train for s in sites])
+    if all(np.ndim(s.x_train) == 2 for s in hospitals):
+        x = np.concatenate([s.x_train for s in hospitals])
         task = get_task(task_name)
         features = feature_profile(x, task.input_names(task.resolve_preprocessing(preprocessing)))
     return {
@@ -301,7 +301,7 @@ def simulation_training_data(task_name: str, preprocessing: str, sites: Any) -> 
         "prevalence": float(y.mean()) if len(y) else None,
         "hospitals": {
             s.name: {"n_train": int(s.n_train), "prevalence": float(np.mean(s.y_train))}
-            for s in sites
+            for s in hospitals
             if s.n_train
         },
         "features": features,
@@ -323,7 +323,7 @@ def run_evaluation(
     recalibrate: bool = False,
 ) -> dict[str, Any]:
     """``fedcare evaluate``: check, load, score, and write the output folder; returns the
-    content of ``evaluation.json``. With ``recalibrate`` the site-local recalibration is fitted
+    content of ``evaluation.json``. With ``recalibrate`` the hospital-local recalibration is fitted
     and recorded (``evaluation.json`` ``recalibration``, the report, ``recalibration.png``); the
     model file is only read.
 
@@ -375,7 +375,7 @@ def run_evaluation(
     if result["attributions"] is not None:
         from server.explanations import IMPORTANCE_CHART, plot_importance
 
-        title = "Feature importance at this site (non-private, stays here)"
+        title = "Feature importance at this hospital (non-private, stays here)"
         if plot_importance(out / IMPORTANCE_CHART, result["attributions"], title=title):
             result["figures"].append(IMPORTANCE_CHART)
     write_json_atomic(out / "evaluation.json", result, indent=1)
@@ -384,7 +384,7 @@ def run_evaluation(
 
 
 def local_attributions(net: Any, x: np.ndarray, saved: SavedModel) -> dict[str, Any] | None:
-    """The site's own, non-private feature attributions of the model (exact ``w_j x_j`` for
+    """The hospital's own, non-private feature attributions of the model (exact ``w_j x_j`` for
     logistic regression, Integrated Gradients otherwise: :mod:`shared_models.attributions`),
     pooled over every record: mean |attribution| and signed mean per feature. They never leave
     the machine; the federation sees only the DP release (``explain.enabled``). None for a
@@ -409,7 +409,7 @@ def local_attributions(net: Any, x: np.ndarray, saved: SavedModel) -> dict[str, 
 
 
 def _attribution_lines(block: dict[str, Any] | None, positive_class: str) -> list[str]:
-    """The report's section on the site's own attributions (empty without them)."""
+    """The report's section on the hospital's own attributions (empty without them)."""
     if block is None:
         return []
     lines = [
@@ -420,7 +420,7 @@ def _attribution_lines(block: dict[str, Any] | None, positive_class: str) -> lis
         "most important first. The federation's report shows the same quantity pooled over the "
         "hospitals' DP releases.",
         "",
-        "![Feature importance at this site](importance.png)",
+        "![Feature importance at this hospital](importance.png)",
         "",
         "| feature | mean \\|attribution\\| (logit) | signed mean | effect on the risk of "
         f"{positive_class} |",
@@ -544,14 +544,14 @@ def _recalibration_lines(recal: dict[str, Any] | None) -> list[str]:
     """``report.md``'s section on ``--recalibrate`` (nothing without it)."""
     if recal is None:
         return []
-    lines = ["## Site-local recalibration (--recalibrate)", ""]
+    lines = ["## Hospital-local recalibration (--recalibrate)", ""]
     if recal["slope"] is None:
         return [*lines, f"Not fitted: {recal.get('note', '')}.", ""]
     lines += [
-        "Fitted on all of this site's records: "
+        "Fitted on all of this hospital's records: "
         f"`logit p' = {recal['intercept']:.3f} + {recal['slope']:.3f} logit p` "
         f"({recal['formula']}). It is recorded here and in evaluation.json and NOT applied to "
-        "the model file; a site that adopts it applies it to the model's output itself.",
+        "the model file; a hospital that adopts it applies it to the model's output itself.",
         "",
     ]
     after = recal["after"]
@@ -574,7 +574,7 @@ def _recalibration_lines(recal: dict[str, Any] | None) -> list[str]:
         "",
         f"The after-figures are cross-fitted: each of {recal['folds']} stratified folds is "
         "recalibrated by the fit on the other folds, so they are not judged on the records they "
-        "were fitted to. Recalibration fixes calibration for this site only; it cannot improve "
+        "were fitted to. Recalibration fixes calibration for this hospital only; it cannot improve "
         "discrimination.",
         "",
         "![Reliability before and after recalibration](recalibration.png)",
@@ -705,7 +705,7 @@ def report_markdown(result: dict[str, Any], card: dict[str, Any]) -> str:
         "Slope and intercept of the logistic recalibration `logit P(y=1) = a + b logit(p)` "
         "(unpenalised). A slope below 1: predictions too extreme (over-confident); above 1: too "
         "moderate. Nothing is recalibrated here"
-        + ("" if result.get("recalibration") else " (`--recalibrate` fits a site-local one)")
+        + ("" if result.get("recalibration") else " (`--recalibrate` fits a hospital-local one)")
         + ".",
         "",
         "![Reliability diagram](calibration.png)",

@@ -137,17 +137,19 @@ def build_run_config(req: SimulationRequest) -> tuple[dict[str, Any], int]:
     elif cfg["personal.method"] != "none":  # each hospital keeps its personal model
         cfg["simulation.ledger-dir"] = str((req.out / "hospitals").resolve())  # in its own folder
     if req.policy is not None:
-        from client.policy import PolicyError, SitePolicy
+        from client.policy import HospitalPolicy, PolicyError
 
         try:
-            SitePolicy.load(req.policy)
+            HospitalPolicy.load(req.policy)
         except PolicyError as exc:
             raise UsageError(str(exc)) from None
         cfg["simulation.policy"] = str(req.policy.resolve())
     return cfg, req.hospitals or DEFAULT_HOSPITALS
 
 
-def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -> (RunConfig, sites)
+def preflight(
+    cfg: dict[str, Any], n_hospitals: int, req: SimulationRequest
+):  # -> (RunConfig, hospitals)
     """Parse the run config and load every simulated hospital's data; check the DP plan.
 
     Raises
@@ -156,47 +158,47 @@ def preflight(cfg: dict[str, Any], hospitals: int, req: SimulationRequest):  # -
     """
     from client.training import plan_for_run
     from shared_models.config import RunConfig
-    from shared_models.sites import simulated_sites_for
+    from shared_models.hospitals import simulated_hospitals_for
     from shared_models.tasks import get_task
 
     check_names(cfg)
     task = get_task(cfg["task.name"])
-    hospitals = _hospital_count(task, cfg, req, hospitals)
+    n_hospitals = _hospital_count(task, cfg, req, n_hospitals)
     if req.hold_out:
-        hospitals = _without_hold_out(cfg, hospitals, req.hold_out)
+        n_hospitals = _without_hold_out(cfg, n_hospitals, req.hold_out)
     # every simulated hospital takes part: the minimum node counts cannot exceed the federation
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
-        cfg[key] = min(int(cfg[key]), hospitals)
-    cfg["strategy.min-available-nodes"] = hospitals
-    cfg["simulation.hospitals"] = hospitals
+        cfg[key] = min(int(cfg[key]), n_hospitals)
+    cfg["strategy.min-available-nodes"] = n_hospitals
+    cfg["simulation.hospitals"] = n_hospitals
     run = RunConfig.from_run_config(cfg)
     try:
         task.resolve_model(run.model.name, task.resolve_preprocessing(run.task.preprocessing))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    sites = simulated_sites_for(run, hospitals)
-    apply_rule_for_sizes(cfg, [s.n_train for s in sites])  # the rule's settings for these sizes
+    hospitals = simulated_hospitals_for(run, n_hospitals)
+    apply_rule_for_sizes(cfg, [s.n_train for s in hospitals])  # the rule's settings for these sizes
     run = RunConfig.from_run_config(cfg)
     if run.dp.sample_level:
-        from client.policy import SIMULATION_POLICY, SitePolicy
+        from client.policy import SIMULATION_POLICY, HospitalPolicy
 
-        policy = SitePolicy.load(req.policy) if req.policy is not None else SIMULATION_POLICY
+        policy = HospitalPolicy.load(req.policy) if req.policy is not None else SIMULATION_POLICY
         # The plan is feasible at every hospital if it is at the smallest: delta must be below
         # 1/n, and the evaluation releases' share of the budget does not depend on n. (Each
         # hospital calibrates its own plan when it trains; this only checks.)
-        site = min(sites, key=lambda s: s.n_train)
+        hospital = min(hospitals, key=lambda s: s.n_train)
         try:
-            plan_for_run(run, n_train=site.n_train, private_evaluation=not policy.exact_metrics)
+            plan_for_run(run, n_train=hospital.n_train, private_evaluation=not policy.exact_metrics)
         except ValueError as exc:
             raise UsageError(
-                f"hospital {site.name} ({site.n_train} training records): {exc}"
+                f"hospital {hospital.name} ({hospital.n_train} training records): {exc}"
             ) from None
-    return run, sites
+    return run, hospitals
 
 
 def _without_hold_out(cfg: dict[str, Any], hospitals: int, hold_out: str) -> int:
     """The number of hospitals that train when ``hold_out`` (one of the ``hospitals`` hospitals
-    of the data, by name) is left out (:func:`shared_models.sites.simulated_sites_for`).
+    of the data, by name) is left out (:func:`shared_models.hospitals.simulated_hospitals_for`).
 
     Raises
     ------
@@ -206,13 +208,13 @@ def _without_hold_out(cfg: dict[str, Any], hospitals: int, hold_out: str) -> int
     """
     from shared_models.config import RunConfig
     from shared_models.errors import DataError
-    from shared_models.sites import held_out_site
+    from shared_models.hospitals import held_out_hospital
 
     full = {**cfg, "simulation.hospitals": hospitals, "strategy.min-available-nodes": hospitals}
     for key in ("strategy.min-train-nodes", "strategy.min-evaluate-nodes"):
         full[key] = min(int(cfg[key]), hospitals)
     try:
-        held_out_site(RunConfig.from_run_config(full), hospitals - 1)
+        held_out_hospital(RunConfig.from_run_config(full), hospitals - 1)
     except DataError as exc:
         raise UsageError(str(exc)) from None
     if hospitals - 1 < MIN_TRAINING_HOSPITALS:
@@ -249,7 +251,7 @@ def _hospital_count(task: Task, cfg: dict[str, Any], req: SimulationRequest, hos
         )
     if not (task.natural_split or cfg["data.dir"]):
         return hospitals
-    found = len(task.load_sites(cfg["data.dir"]))
+    found = len(task.load_hospitals(cfg["data.dir"]))
     if task.repartitionable:
         cfg["data.partition"] = "natural"
     if not task.natural_split and found == 1:
@@ -280,15 +282,15 @@ def export_hospitals(req: SimulationRequest, folder: Path) -> list[tuple[Path, i
 
     Never overwrites: an existing file is an error.
     """
-    from shared_models.sites import simulated_site_frames
+    from shared_models.hospitals import simulated_hospital_frames
     from shared_models.tasks import get_task
 
     cfg, hospitals = build_run_config(req)
     check_names(cfg)
     task = get_task(cfg["task.name"])
     hospitals = _hospital_count(task, cfg, req, hospitals)
-    frames = simulated_site_frames(
-        task, data_dir=cfg["data.dir"], num_sites=hospitals, scheme=cfg["data.partition"],
+    frames = simulated_hospital_frames(
+        task, data_dir=cfg["data.dir"], num_hospitals=hospitals, scheme=cfg["data.partition"],
         alpha=cfg["data.alpha"], seed=cfg["train.seed"],
     )  # fmt: skip
     targets = [(folder / task.file_name(name), frame) for name, frame in frames]
@@ -309,7 +311,7 @@ def run_simulation_job(req: SimulationRequest, *, console: Any) -> dict[str, Any
     federation starts only once the checks passed). The non-private baselines train in a thread
     while the federation runs. The partition is computed once, by the checks, and shared with
     the hospitals: in this process through the memo of
-    :func:`shared_models.sites.simulated_sites`, with Ray's actors through a temporary folder
+    :func:`shared_models.hospitals.simulated_hospitals`, with Ray's actors through a temporary folder
     (:func:`shared_models.runtime.partition_cache`).
 
     Returns the final ``summary.json`` content.
@@ -359,14 +361,14 @@ def uses_ray(req: SimulationRequest) -> bool:
 
 def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, Any]:
     ray = uses_ray(req)
-    cfg, run, sites = _checked_while_ray_starts(req) if ray else _checked_request(req)
+    cfg, run, hospitals = _checked_while_ray_starts(req) if ray else _checked_request(req)
     dp = f"DP ε={run.dp.target_epsilon:g}, δ={run.dp.target_delta:g}" if run.dp.enabled else "no DP"
     from shared_models.tasks import get_task
 
     positive = get_task(run.task.name).positive_class_for(cfg["data.dir"])
     console.print(
-        f"fedcare simulate: task {run.task.name} (label 1 = {positive}), {len(sites)} hospitals "
-        f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in sites)}), "
+        f"fedcare simulate: task {run.task.name} (label 1 = {positive}), {len(hospitals)} hospitals "
+        f"({', '.join(f'{s.name} {s.n_train}+{s.n_test}' for s in hospitals)}), "
         f"{run.strategy.name}, {run.train.rounds} rounds, {dp}"
         + (f"; {run.simulated_hold_out} held out for external validation" if req.hold_out else "")
     )
@@ -388,11 +390,11 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     device = "cuda" if req.gpus_per_hospital > 0 else "cpu"
     external = None
     if req.cross_site and run.simulated_hold_out:  # the local models meet the held-out hospital
-        from shared_models.sites import held_out_site
+        from shared_models.hospitals import held_out_hospital
         from simulations.uncertainty import held_out_records
 
-        external = held_out_records(held_out_site(run, len(sites)))
-    baselines = _Background(compute_baselines, run, sites, device=device, external=external)
+        external = held_out_records(held_out_hospital(run, len(hospitals)))
+    baselines = _Background(compute_baselines, run, hospitals, device=device, external=external)
     handler = _ProgressHandler()
     progress_logger = logging.getLogger("fedcare.progress")
     progress_logger.addHandler(handler)
@@ -402,7 +404,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
         logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
         run_federation(
-            run_config=cfg, num_supernodes=len(sites), verbose=req.verbose,
+            run_config=cfg, num_supernodes=len(hospitals), verbose=req.verbose,
             num_cpus_per_client=req.cpus_per_hospital, num_gpus_per_client=req.gpus_per_hospital,
             ray_address=_ray_address(req), in_process=not ray,
         )  # fmt: skip
@@ -417,20 +419,22 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     summary["baselines"] = done.table
     summary["positive_class"] = positive  # what label 1 means, for every metric of the report
     not_trained = nobody_trained(summary)  # else the final model is the untrained one
-    scores = _final_model_scores(run, sites, req.out, device) if not_trained is None else None
-    summary["test_split_auroc"] = auroc_on_every_test_split(sites, federated=scores, baselines=done)
+    scores = _final_model_scores(run, hospitals, req.out, device) if not_trained is None else None
+    summary["test_split_auroc"] = auroc_on_every_test_split(
+        hospitals, federated=scores, baselines=done
+    )
     if req.cross_site:
         summary["cross_site"] = cross_site_matrix(
-            sites, federated=scores, baselines=done,
-            held_out=_held_out_column(run, len(sites), req.out, device, trained=scores is not None),
+            hospitals, federated=scores, baselines=done,
+            held_out=_held_out_column(run, len(hospitals), req.out, device, trained=scores is not None),
         )  # fmt: skip
-    summary["validation"] = final_model_validation(sites, scores, why_not=not_trained or "")
+    summary["validation"] = final_model_validation(hospitals, scores, why_not=not_trained or "")
     write_calibration_figure(req.out, summary["validation"])
     if run.simulated_hold_out:
         summary["external_validation"] = _external_validation(
-            run, len(sites), req.out, device, why_not=not_trained
+            run, len(hospitals), req.out, device, why_not=not_trained
         )
-    _record_training_data(run, sites, req.out)
+    _record_training_data(run, hospitals, req.out)
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     write_reports(req.out, run, history, summary)
     write_model_card(req.out)  # again: with positive_class and the baselines' warnings
@@ -439,7 +443,7 @@ def _run_job(req: SimulationRequest, *, console: Any, t0: float) -> dict[str, An
     return summary
 
 
-def _record_training_data(run: Any, sites: Any, out: Path) -> None:
+def _record_training_data(run: Any, hospitals: Any, out: Path) -> None:
     """Replace ``model.json``'s ``training_data`` (what a deployment's hospitals released) with
     the simulation's exact figures (:func:`simulations.external_validation.simulation_training_data`)
     for ``fedcare evaluate``'s shift warnings; nothing when the run wrote no model."""
@@ -450,15 +454,17 @@ def _record_training_data(run: Any, sites: Any, out: Path) -> None:
     if not path.exists():
         return
     card = json.loads(path.read_text())
-    card["training_data"] = simulation_training_data(run.task.name, run.task.preprocessing, sites)
+    card["training_data"] = simulation_training_data(
+        run.task.name, run.task.preprocessing, hospitals
+    )
     write_json_atomic(path, card)
 
 
-def _final_model_scores(run: Any, sites: Any, out: Path, device: str) -> list[Any] | None:
+def _final_model_scores(run: Any, hospitals: Any, out: Path, device: str) -> list[Any] | None:
     """The final federated model (``model.safetensors``) on each hospital's test split: ``[n_test_j]``
     probabilities of class 1 per hospital, exact (the simulation holds every test split, as for the
     pooled evaluation); None when the run wrote no final model."""
-    return _final_model_on(run, [s.x_test for s in sites], out, device)
+    return _final_model_on(run, [s.x_test for s in hospitals], out, device)
 
 
 def _final_model_on(run: Any, inputs: list[Any], out: Path, device: str) -> list[Any] | None:
@@ -476,35 +482,35 @@ def _final_model_on(run: Any, inputs: list[Any], out: Path, device: str) -> list
 
 
 def _held_out_column(
-    run: Any, n_sites: int, out: Path, device: str, *, trained: bool
+    run: Any, n_hospitals: int, out: Path, device: str, *, trained: bool
 ) -> tuple[str, Any, Any] | None:
     """``--hold-out`` with ``--cross-site``: the held-out hospital's name, labels of all its
     records and the final model's scores on them (None without a final model), for
     :func:`simulations.baselines.cross_site_matrix`; None without ``--hold-out``."""
     if not run.simulated_hold_out:
         return None
-    from shared_models.sites import held_out_site
+    from shared_models.hospitals import held_out_hospital
     from simulations.uncertainty import held_out_labels, held_out_records
 
-    site = held_out_site(run, n_sites)
-    found = _final_model_on(run, [held_out_records(site)], out, device) if trained else None
-    return site.name, held_out_labels(site), found[0] if found is not None else None
+    hospital = held_out_hospital(run, n_hospitals)
+    found = _final_model_on(run, [held_out_records(hospital)], out, device) if trained else None
+    return hospital.name, held_out_labels(hospital), found[0] if found is not None else None
 
 
 def _external_validation(
-    run: Any, n_sites: int, out: Path, device: str, *, why_not: str | None
+    run: Any, n_hospitals: int, out: Path, device: str, *, why_not: str | None
 ) -> dict[str, Any]:
     """``--hold-out``: the final model on every record of the held-out hospital
     (:func:`simulations.uncertainty.held_out_validation`)."""
-    from shared_models.sites import held_out_site
+    from shared_models.hospitals import held_out_hospital
     from simulations.uncertainty import held_out_records, held_out_validation
 
-    site = held_out_site(run, n_sites)
+    hospital = held_out_hospital(run, n_hospitals)
     scores = None
     if why_not is None:
-        found = _final_model_on(run, [held_out_records(site)], out, device)
+        found = _final_model_on(run, [held_out_records(hospital)], out, device)
         scores = found[0] if found is not None else None
-    return held_out_validation(site, scores, why_not=why_not or "")
+    return held_out_validation(hospital, scores, why_not=why_not or "")
 
 
 def _checked_while_ray_starts(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:
@@ -533,10 +539,10 @@ def _checked_while_ray_starts(req: SimulationRequest) -> tuple[dict[str, Any], A
 
 
 def _checked_request(req: SimulationRequest) -> tuple[dict[str, Any], Any, Any]:
-    """:func:`build_run_config` then :func:`preflight`: (flat run config, RunConfig, sites)."""
-    cfg, hospitals = build_run_config(req)
-    run, sites = preflight(cfg, hospitals, req)
-    return cfg, run, sites
+    """:func:`build_run_config` then :func:`preflight`: (flat run config, RunConfig, hospitals)."""
+    cfg, n_hospitals = build_run_config(req)
+    run, hospitals = preflight(cfg, n_hospitals, req)
+    return cfg, run, hospitals
 
 
 def _ray_address(req: SimulationRequest) -> str | None:

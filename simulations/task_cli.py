@@ -33,7 +33,7 @@ def draft(
         typer.Option(
             "--fill-ranges",
             help="Fill each numeric range with this file's smallest and largest values "
-            "(they reveal this site's extremes; replace them with the data dictionary's).",
+            "(they reveal this hospital's extremes; replace them with the data dictionary's).",
         ),
     ] = False,
 ) -> None:
@@ -61,9 +61,9 @@ def draft(
     console.print(f"wrote {out}: task {task_name}, {len(frame.columns)} columns of {data.name}")
     if fill_ranges:
         console.print(
-            f"[yellow]warning:[/] the ranges in {out} are this site's smallest and largest "
+            f"[yellow]warning:[/] the ranges in {out} are this hospital's smallest and largest "
             "values: they reveal its extreme patients. Replace them with the ranges of the "
-            "consortium's data dictionary before the file leaves this site.",
+            "consortium's data dictionary before the file leaves this hospital.",
             highlight=False,
         )
     try:

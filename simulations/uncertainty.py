@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_models.tasks import SiteData
+from shared_models.tasks import HospitalData
 
 FIGURE = "calibration.png"
 MAX_PER_HOSPITAL = 50  # per-hospital bootstraps, about 0.03 s each on 100-200 test records
@@ -27,7 +27,7 @@ METHOD = (
 
 
 def final_model_validation(
-    sites: Sequence[SiteData], federated: Sequence[np.ndarray] | None, *, why_not: str = ""
+    hospitals: Sequence[HospitalData], federated: Sequence[np.ndarray] | None, *, why_not: str = ""
 ) -> dict[str, Any]:
     """``summary.json``'s ``validation`` block: discrimination with 95 % CIs and calibration.
 
@@ -43,7 +43,7 @@ def final_model_validation(
 
     Parameters
     ----------
-    sites : Sequence[SiteData]
+    hospitals : Sequence[HospitalData]
         The hospitals; ``y_test [n_test_j]`` labels in {0, 1} and ``name``.
     federated : Sequence[np.ndarray] or None
         The final model's ``[n_test_j]`` probabilities of class 1 per hospital; None when there
@@ -66,13 +66,13 @@ def final_model_validation(
 
     if federated is None:
         return {"skipped": why_not or "no final model"}
-    y = np.concatenate([np.asarray(s.y_test, dtype=int) for s in sites])  # [N]
+    y = np.concatenate([np.asarray(s.y_test, dtype=int) for s in hospitals])  # [N]
     p = np.concatenate([np.asarray(q, dtype=float) for q in federated])  # [N]
     per_hospital: dict[str, Any] = {}
-    if len(sites) > MAX_PER_HOSPITAL:
-        reason = f"not computed for {len(sites)} hospitals (at most {MAX_PER_HOSPITAL})"
+    if len(hospitals) > MAX_PER_HOSPITAL:
+        reason = f"not computed for {len(hospitals)} hospitals (at most {MAX_PER_HOSPITAL})"
         per_hospital = {"skipped": reason}
-    for s, q in zip(sites, federated if not per_hospital else [], strict=False):
+    for s, q in zip(hospitals, federated if not per_hospital else [], strict=False):
         n1 = int(np.sum(s.y_test))
         if n1 in (0, len(s.y_test)):
             per_hospital[s.name] = v.Interval(
@@ -92,12 +92,14 @@ def final_model_validation(
         "threshold_0.5": v.threshold_metrics(y, p, 0.5),
         "calibration": v.calibration(y, p),
         "per_hospital_auroc": per_hospital,
-        "heterogeneity": between_hospitals(sites, federated),
+        "heterogeneity": between_hospitals(hospitals, federated),
         "figure": FIGURE,
     }
 
 
-def between_hospitals(sites: Sequence[SiteData], scores: Sequence[np.ndarray]) -> dict[str, Any]:
+def between_hospitals(
+    hospitals: Sequence[HospitalData], scores: Sequence[np.ndarray]
+) -> dict[str, Any]:
     """Between-hospital heterogeneity of the final model's AUROC (TRIPOD-Cluster): the
     DerSimonian-Laird random-effects pooled AUROC of the hospitals' own test splits with its CI,
     the prediction interval for a new hospital and I² (:func:`shared_models.meta_analysis.
@@ -108,7 +110,7 @@ def between_hospitals(sites: Sequence[SiteData], scores: Sequence[np.ndarray]) -
     from shared_models.validation import delong_auroc_se
 
     return hospital_heterogeneity(
-        [(s.name, *delong_auroc_se(s.y_test, q)) for s, q in zip(sites, scores, strict=True)],
+        [(s.name, *delong_auroc_se(s.y_test, q)) for s, q in zip(hospitals, scores, strict=True)],
         within="DeLong standard error of each hospital's AUROC",
     )
 
@@ -127,7 +129,7 @@ def write_calibration_figure(run_dir: Path, block: dict[str, Any]) -> Path | Non
 
 
 def held_out_validation(
-    site: SiteData, scores: np.ndarray | None, *, why_not: str = ""
+    hospital: HospitalData, scores: np.ndarray | None, *, why_not: str = ""
 ) -> dict[str, Any]:
     """``summary.json``'s ``external_validation`` block (``fedcare simulate --hold-out``): the
     final federated model on ALL records of the hospital left out of the federation (its train
@@ -139,7 +141,7 @@ def held_out_validation(
 
     Parameters
     ----------
-    site : SiteData
+    hospital : HospitalData
         The held-out hospital; ``y_train [n_train]`` and ``y_test [n_test]`` labels in {0, 1}.
     scores : np.ndarray or None
         The final model's ``[n_train + n_test]`` probabilities of class 1, training records
@@ -157,12 +159,12 @@ def held_out_validation(
     from shared_models import validation as v
 
     if scores is None:
-        return {"hospital": site.name, "skipped": why_not or "no final model"}
-    y = held_out_labels(site)  # [N]
+        return {"hospital": hospital.name, "skipped": why_not or "no final model"}
+    y = held_out_labels(hospital)  # [N]
     p = np.asarray(scores, dtype=float)  # [N]
     n1 = int(y.sum())
     return {
-        "hospital": site.name,
+        "hospital": hospital.name,
         "method": "the final federated model's exact scores on every record of the held-out "
         "hospital (its train and test splits together; none was seen in training)",
         "n": int(len(y)),
@@ -175,11 +177,11 @@ def held_out_validation(
     }
 
 
-def held_out_records(site: SiteData) -> np.ndarray:
+def held_out_records(hospital: HospitalData) -> np.ndarray:
     """The held-out hospital's ``[n_train + n_test, ...]`` inputs, training records first."""
-    return np.concatenate([site.x_train, site.x_test])
+    return np.concatenate([hospital.x_train, hospital.x_test])
 
 
-def held_out_labels(site: SiteData) -> np.ndarray:
+def held_out_labels(hospital: HospitalData) -> np.ndarray:
     """The held-out hospital's ``[n_train + n_test]`` labels, in :func:`held_out_records`' order."""
-    return np.concatenate([site.y_train, site.y_test]).astype(int)
+    return np.concatenate([hospital.y_train, hospital.y_test]).astype(int)

@@ -44,7 +44,7 @@ def unpack_app(dst: Path) -> Path:
 
 
 def permissive_policy(folder: Path) -> str:
-    """A site policy file for a deployed test hospital that allows what a simulated one does
+    """A hospital policy file for a deployed test hospital that allows what a simulated one does
     (no DP, exact metrics, no caps): the path, for node config ``policy-path``."""
     path = folder / "permissive-policy.toml"
     path.write_text(

@@ -106,7 +106,7 @@ def test_app_files_are_flowers_files_after_its_exclude_patterns(tmp_path, app_co
 
     app = tmp_path / "app"
     shutil.copytree(app_copy, app)
-    for rel in (".venv/lib/site.py", ".flwr/config.toml", "__pycache__/x.py",
+    for rel in (".venv/lib/hospital.py", ".flwr/config.toml", "__pycache__/x.py",
                 "client/__pycache__/y.py", "client/.venv/kept.py", "runs/r1/summary.json",
                 "client/deep/er/z.py"):  # fmt: skip
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def test_start_refuses_without_an_approved_bundle(monkeypatch, capsys, tmp_path)
         (tmp_path / name).write_text("x")
     code, out = _fedcare(
         monkeypatch, capsys, "client", "start", "--superlink", "127.0.0.1:1", "--ca",
-        str(tmp_path / "ca.pem"), "--key", str(key), "--site", "a", "--data",
+        str(tmp_path / "ca.pem"), "--key", str(key), "--hospital", "a", "--data",
         str(tmp_path / "data.csv"), "--state", str(tmp_path / "state"),
     )  # fmt: skip
     flat = " ".join(out.split())
@@ -230,8 +230,8 @@ def test_refusal_reason_is_what_the_coordinator_parses():
     from shared_models.protocol import parse_refusal
 
     reason = bundle_refusal("a", "f" * 64)
-    site, why = parse_refusal(reason)
-    assert site == "a" and "f" * 64 in why and "not approved" in why
+    hospital, why = parse_refusal(reason)
+    assert hospital == "a" and "f" * 64 in why and "not approved" in why
     assert parse_refusal("something else: refused") is None
 
 
@@ -252,7 +252,7 @@ def test_the_launcher_stops_on_sigterm_while_its_supernode_is_gone(tmp_path):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}",
-             "--ledger", str(tmp_path / "ledger"), "--site", "a", "--executor", "subprocess"],
+             "--ledger", str(tmp_path / "ledger"), "--hospital", "a", "--executor", "subprocess"],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -262,7 +262,7 @@ def test_the_launcher_stops_on_sigterm_while_its_supernode_is_gone(tmp_path):
         assert "retrying in" in log.read_text(), log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, log.read_text()
-        assert "launcher for site a: stopped" in log.read_text()
+        assert "launcher for hospital a: stopped" in log.read_text()
     finally:
         proc.kill()
 
@@ -281,7 +281,7 @@ def test_an_unreadable_approval_list_refuses_without_sending_its_path(tmp_path, 
     sent: list[str] = []
     monkeypatch.setattr(launcher, "refuse_task", lambda address, token, reason: sent.append(reason))
     plugin = launcher.ApprovedBundlePlugin(
-        "127.0.0.1:1", ledger=ledger, site="a", executor=SimpleNamespace()
+        "127.0.0.1:1", ledger=ledger, hospital="a", executor=SimpleNamespace()
     )
     plugin.launch_task(token="t", task=SimpleNamespace(fab_hash="ab" * 32, run_id=1, task_id=2))
     assert "cannot be checked (the approved-bundles list is unreadable)" in sent[0]

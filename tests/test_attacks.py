@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from client.ledger import Ledger
-from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
 from client.training import epsilon_spent
+from shared_models.hospitals import simulated_hospital_frames
 from shared_models.metrics import score_histograms
 from shared_models.models import build_model, predict_proba
-from shared_models.sites import simulated_site_frames
 from shared_models.tasks import get_task
 from tests.handlers import make_context, make_request, use_task_identity
 
@@ -37,10 +37,12 @@ def hospital(tmp_path, default_cfg):
     """A deployed breast-cancer hospital (190 patients, its own CSV, a ledger, no policy file):
     ``hospital(**run_config_overrides)`` -> a fresh Context, as for each Flower message."""
     task = get_task("breast-cancer")
-    frame = simulated_site_frames(task, data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0)
-    path = tmp_path / "site.csv"
+    frame = simulated_hospital_frames(
+        task, data_dir="", num_hospitals=3, scheme="iid", alpha=0.5, seed=0
+    )
+    path = tmp_path / "hospital.csv"
     task.write_file(frame[0][1], path)
-    node = {"data-path": str(path), "site": "a", "ledger-dir": str(tmp_path / "ledger")}
+    node = {"data-path": str(path), "hospital": "a", "ledger-dir": str(tmp_path / "ledger")}
 
     def make(**overrides):  # type: ignore[no-untyped-def]
         cfg = {**default_cfg, "run.id": "r1", **overrides}
@@ -79,7 +81,7 @@ def test_one_bit_replay_leaves_the_dp_noise_in_the_difference(hospital):
     expected = lr * sigma * 1.0 * math.sqrt(2 * steps) / batch  # per weight; C = 1
     measured = float((updates[0] - updates[1]).std())
     assert 0.85 * expected < measured < 1.15 * expected, (measured, expected)
-    # both trainings were charged: the ledger holds 2 x steps at this site
+    # both trainings were charged: the ledger holds 2 x steps at this hospital
     record = hospital.ledger.load("r1")
     assert record.train_steps == 2 * steps and record.updates == 2
 
@@ -97,7 +99,7 @@ def test_a_run_without_dp_is_refused_without_a_policy_file(hospital):
         make_request("train", build_model("mlp", n_features=30), 1),
         hospital(**{"dp.enabled": False}),
     )
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "trains without differential privacy and the policy requires DP" in reply.error.reason
     assert hospital.ledger.records() == []
 
@@ -129,12 +131,12 @@ def test_a_changed_plan_under_the_same_run_id_is_refused_before_training(hospita
         assert not client_app(make_request("train", model, rnd), hospital(**cfg)).has_error()
     before = hospital.ledger.load("r1")
     reply = client_app(make_request("train", model, 6), hospital(**{**cfg, "train.rounds": 10}))
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "recorded here with other settings (rounds changed)" in reply.error.reason
     after = hospital.ledger.load("r1")
     assert after.accountant == before.accountant and after.train_steps == before.train_steps
-    site_delta = DEFAULT_POLICY.site_delta(133)
-    assert after.epsilon(site_delta) <= DEFAULT_POLICY.max_epsilon_per_run
+    hospital_delta = DEFAULT_POLICY.hospital_delta(133)
+    assert after.epsilon(hospital_delta) <= DEFAULT_POLICY.max_epsilon_per_run
     # a sixth round under the old plan is refused as well: its steps exceed the plan
     reply = client_app(make_request("train", model, 6), hospital(**cfg))
     assert "would exceed the steps the run was calibrated for" in reply.error.reason
@@ -157,18 +159,20 @@ def test_fresh_run_ids_cannot_grow_the_lifetime_budget(hospital):
             break
     assert refused is not None and "lifetime ε" in refused
     records = hospital.ledger.records()
-    total = lifetime_epsilon([r.accountant for r in records], delta=DEFAULT_POLICY.site_delta(133))
+    total = lifetime_epsilon(
+        [r.accountant for r in records], delta=DEFAULT_POLICY.hospital_delta(133)
+    )
     assert total <= DEFAULT_POLICY.lifetime_epsilon
 
 
-def test_a_larger_delta_than_the_site_allows_is_refused(hospital):
-    # delta 2.4e-3 is below 1/n (so the run itself is valid) but above the site's 1e-5
+def test_a_larger_delta_than_the_hospital_allows_is_refused(hospital):
+    # delta 2.4e-3 is below 1/n (so the run itself is valid) but above the hospital's 1e-5
     reply = client_app(
         make_request("train", build_model("mlp", n_features=30), 1),
         hospital(**{"dp.target-delta": 2.4e-3}),
     )
-    assert reply.error.code == SITE_REFUSED
-    assert "dp.target-delta = 0.0024 is above this site's δ" in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED
+    assert "dp.target-delta = 0.0024 is above this hospital's δ" in reply.error.reason
 
 
 def test_threshold_model_evaluation_gets_only_noisy_counts_charged_to_the_ledger(hospital):
@@ -188,8 +192,8 @@ def test_threshold_model_evaluation_gets_only_noisy_counts_charged_to_the_ledger
     assert not {"auroc", "accuracy", "sensitivity", "specificity", "train-loss"} & set(metrics)
     sigma = metrics["eval-noise-multiplier"]
     assert sigma == pytest.approx(5.0)
-    # the exact histograms the attacker wanted, recomputed here from the site's own data
-    data = _site_data(ctx)
+    # the exact histograms the attacker wanted, recomputed here from the hospital's own data
+    data = _hospital_data(ctx)
     exact = np.concatenate(score_histograms(data.y_test, predict_proba(model, data.x_test)))
     noise = np.asarray(metrics["hist-neg"] + metrics["hist-pos"]) - exact
     assert 0.4 * sigma < float(noise.std()) < 1.8 * sigma  # 20 Gaussian draws of std sigma
@@ -202,17 +206,19 @@ def test_threshold_model_evaluation_gets_only_noisy_counts_charged_to_the_ledger
     # a second release is beyond the run's plan (one evaluation, after the last round)
     again = build_model("logreg", n_features=30, seed=4)
     reply = client_app(make_request("evaluate", again, 5), hospital(**{"model.name": "logreg"}))
-    assert reply.error.code == SITE_REFUSED and "planned evaluation" in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED and "planned evaluation" in reply.error.reason
     # ... but the very same request is answered with the same release, at no cost
     same = client_app(make_request("evaluate", model, 1), hospital(**{"model.name": "logreg"}))
     assert same.content["metrics"]["hist-pos"] == metrics["hist-pos"]
     assert hospital.ledger.load("r1").eval_releases == 1
 
 
-def _site_data(ctx):  # type: ignore[no-untyped-def]
-    from client.site import SiteSettings, load_site_data, run_config_of
+def _hospital_data(ctx):  # type: ignore[no-untyped-def]
+    from client.hospital_data import HospitalSettings, load_hospital_data, run_config_of
 
-    return load_site_data(SiteSettings.from_node_config(ctx.node_config), run_config_of(ctx))
+    return load_hospital_data(
+        HospitalSettings.from_node_config(ctx.node_config), run_config_of(ctx)
+    )
 
 
 def test_the_train_loss_does_not_leave_under_the_default_policy(hospital):
@@ -238,14 +244,14 @@ def test_malformed_policy_values_fail_closed(tmp_path, text, key):
     path = tmp_path / "policy.toml"
     path.write_text(text)
     with pytest.raises(PolicyError) as err:
-        SitePolicy.load(path)
+        HospitalPolicy.load(path)
     assert key in str(err.value)
 
 
 def test_a_policy_file_changes_only_the_keys_it_names(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text("lifetime-epsilon = 20.0\n")
-    policy = SitePolicy.load(path)
+    policy = HospitalPolicy.load(path)
     assert policy.lifetime_epsilon == 20.0
     assert not policy.allow_non_dp and not policy.exact_metrics  # still the safe defaults
 
@@ -265,7 +271,7 @@ def test_non_finite_data_is_refused_naming_the_column_and_no_value_leaves(hospit
     ctx = hospital()
     ctx.node_config["data-path"] = str(path)
     reply = client_app(make_request("train", build_model("mlp", n_features=30), 1), ctx)
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert str(tmp_path) not in reply.error.reason and "inf" not in reply.error.reason
     assert "its data failed validation" in reply.error.reason
     audit = (tmp_path / "ledger" / "audit.jsonl").read_text()
@@ -277,7 +283,7 @@ def test_refusal_texts_carry_no_local_path(hospital, tmp_path):
     ledger_file.parent.mkdir(parents=True)
     ledger_file.write_text("{not json")
     reply = client_app(make_request("train", build_model("mlp", n_features=30), 1), hospital())
-    assert reply.error.code == SITE_REFUSED and str(tmp_path) not in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED and str(tmp_path) not in reply.error.reason
     entries = [json.loads(line) for line in (tmp_path / "ledger" / "audit.jsonl").open()]
     assert any(str(ledger_file) in e.get("detail", "") for e in entries)
 
@@ -292,5 +298,5 @@ def test_weights_that_could_overflow_for_some_patients_only_are_refused(hospital
         model.net[0].weight[0, 0] = value
     for kind in ("train", "evaluate"):
         reply = client_app(make_request(kind, model, 1), hospital())
-        assert reply.error.code == SITE_REFUSED and "global weights" in reply.error.reason
+        assert reply.error.code == HOSPITAL_REFUSED and "global weights" in reply.error.reason
     assert hospital.ledger.records() == []

@@ -83,23 +83,25 @@ def _flamby_test_rows(path: Path) -> Counter:
 
 
 def test_heart_disease_benchmark_split_is_flambys(heart_dir):
-    from shared_models.sites import simulated_sites
+    from shared_models.hospitals import simulated_hospitals
 
     bench = report.TASK_BENCHES["heart-disease"]
     assert bench.overrides["data.split-seed"] == 43
     assert bench.overrides["data.split"] == "stratified"
-    sites = simulated_sites(
-        "heart-disease", data_dir=str(heart_dir), num_sites=4, scheme="iid", alpha=0.5,
+    hospitals = simulated_hospitals(
+        "heart-disease", data_dir=str(heart_dir), num_hospitals=4, scheme="iid", alpha=0.5,
         seed=43, preprocessing="flamby", test_fraction=0.0, split="stratified",
     )  # fmt: skip
-    assert [(s.name, s.n_train, s.n_test) for s in sites] == [
+    assert [(s.name, s.n_train, s.n_test) for s in hospitals] == [
         ("cleveland", 199, 104),
         ("hungarian", 172, 89),
         ("switzerland", 30, 16),
         ("va", 85, 45),
     ]  # fmt: skip  FLamby: 486 train / 254 test
-    for site in sites:
-        x = site.x_test  # inputs in task-file order: age, sex, trestbps, chol, fbs, thalach, ...
+    for hospital in hospitals:
+        x = (
+            hospital.x_test
+        )  # inputs in task-file order: age, sex, trestbps, chol, fbs, thalach, ...
         ours = Counter(
             (
                 round(a * 10 + 50),
@@ -108,20 +110,24 @@ def test_heart_disease_benchmark_split_is_flambys(heart_dir):
                 round(d * 25 + 140),
                 int(t),
             )
-            for a, b, c, d, t in zip(x[:, 0], x[:, 2], x[:, 3], x[:, 5], site.y_test, strict=True)
+            for a, b, c, d, t in zip(
+                x[:, 0], x[:, 2], x[:, 3], x[:, 5], hospital.y_test, strict=True
+            )
         )
-        assert ours == _flamby_test_rows(heart_dir / f"processed.{site.name}.data"), site.name
+        assert ours == _flamby_test_rows(heart_dir / f"processed.{hospital.name}.data"), (
+            hospital.name
+        )
 
 
 def test_split_seed_fixes_the_split_while_the_training_seed_varies(heart_dir):
     from server.run_config import RunOptions
     from shared_models.config import RunConfig
-    from shared_models.sites import simulated_sites_for
+    from shared_models.hospitals import simulated_hospitals_for
 
     def test_rows(seed: int, split_seed: int) -> list[np.ndarray]:
         cfg = RunOptions(task="heart-disease", data_dir=str(heart_dir), seed=seed).build()
         cfg["data.split-seed"] = split_seed
-        return [s.x_test for s in simulated_sites_for(RunConfig.from_run_config(cfg), 4)]
+        return [s.x_test for s in simulated_hospitals_for(RunConfig.from_run_config(cfg), 4)]
 
     fixed = test_rows(0, 43)
     assert all(np.array_equal(a, b) for a, b in zip(fixed, test_rows(1, 43), strict=True))

@@ -53,13 +53,13 @@ def test_bad_input_gives_one_clear_message(monkeypatch, capsys, tmp_path, args, 
 def test_malformed_heart_file_names_file_and_line(monkeypatch, capsys, tmp_path, heart_dir):
     data = tmp_path / "data"
     data.mkdir()
-    for site in ("cleveland", "hungarian", "switzerland", "va"):
-        text = (heart_dir / f"processed.{site}.data").read_text()
-        if site == "va":
+    for hospital in ("cleveland", "hungarian", "switzerland", "va"):
+        text = (heart_dir / f"processed.{hospital}.data").read_text()
+        if hospital == "va":
             lines = text.splitlines()
             lines[9] = lines[9].replace(",", ",abc,", 1)  # 15 columns on line 10
             text = "\n".join(lines) + "\n"
-        (data / f"processed.{site}.data").write_text(text)
+        (data / f"processed.{hospital}.data").write_text(text)
     code, output = _run(monkeypatch, capsys, "simulate", "--task", "heart-disease",
                         "--data-dir", str(data), "--out", str(tmp_path / "run"))  # fmt: skip
     assert code == 2

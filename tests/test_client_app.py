@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from shared_models.models import build_model
 from shared_models.tasks import get_task
@@ -23,16 +23,18 @@ def _task_identity():
 _context, _request = make_context, make_request
 
 
-def _site_data(ctx):  # type: ignore[no-untyped-def]
+def _hospital_data(ctx):  # type: ignore[no-untyped-def]
     """The hospital's data as its ClientApp loads it (split, preprocessing)."""
-    from client.site import SiteSettings, load_site_data, run_config_of
+    from client.hospital_data import HospitalSettings, load_hospital_data, run_config_of
 
-    return load_site_data(SiteSettings.from_node_config(ctx.node_config), run_config_of(ctx))
+    return load_hospital_data(
+        HospitalSettings.from_node_config(ctx.node_config), run_config_of(ctx)
+    )
 
 
 def _steps(ctx) -> int:  # type: ignore[no-untyped-def]
     """DP steps per round at this hospital (default batch size 32, one local epoch)."""
-    return math.ceil(_site_data(ctx).n_train / 32)
+    return math.ceil(_hospital_data(ctx).n_train / 32)
 
 
 def _record(ctx):
@@ -55,9 +57,9 @@ def test_train_reports_cumulative_epsilon_and_keeps_accountant_state(sim_ctx):
         reply = client_app(_request("train", model, rnd), sim_ctx)
         assert not reply.has_error(), reply.error
         metrics = reply.content["metrics"]
-        assert metrics["num-examples"] == _site_data(sim_ctx).n_train  # examples, not batches
+        assert metrics["num-examples"] == _hospital_data(sim_ctx).n_train  # examples, not batches
         assert metrics["delta"] == pytest.approx(1e-5)
-        assert reply.content["info"]["site"] == "hospital-2"
+        assert reply.content["info"]["hospital"] == "hospital-2"
         eps.append(metrics["epsilon"])
         record = _record(sim_ctx)
         assert record.train_steps == rnd * metrics["steps"] == record.accountant["history"][0][2]
@@ -77,7 +79,7 @@ def test_noise_is_calibrated_once_per_run_and_used_at_every_round(sim_ctx):
     plans = sim_ctx.state["fedcare.dp-plans"]  # kept in the hospital's Context by its SuperNode
     assert len(plans) == 1
     ((key, cached),) = plans.items()
-    n_train = _site_data(sim_ctx).n_train
+    n_train = _hospital_data(sim_ctx).n_train
     fresh = plan_for_run(RunConfig.from_run_config(sim_ctx.run_config), n_train=n_train)
     assert DPPlan(**json.loads(cached)) == fresh
     # the memo is what round 2 uses: the sigma the accountant records is the memo's
@@ -102,8 +104,8 @@ def test_fourth_round_beyond_the_plan_is_refused(sim_ctx):
     for rnd in (1, 2, 3):
         client_app(_request("train", model, rnd), sim_ctx)
     reply = client_app(_request("train", model, 4), sim_ctx)
-    assert reply.has_error() and reply.error.code == SITE_REFUSED
-    assert "exceed the" in reply.error.reason and "site " in reply.error.reason
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED
+    assert "exceed the" in reply.error.reason and "hospital " in reply.error.reason
 
 
 def test_evaluate_reports_metrics(sim_ctx):
@@ -111,14 +113,14 @@ def test_evaluate_reports_metrics(sim_ctx):
     with scikit-learn from the same data and model."""
     from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
-    from client.site import SiteSettings, load_site_data, run_config_of
+    from client.hospital_data import HospitalSettings, load_hospital_data, run_config_of
     from shared_models.models import predict_proba
 
     model = build_model("mlp", n_features=30, seed=5)
     reply = client_app(_request("evaluate", model, 1), sim_ctx)
     metrics = reply.content["metrics"]
-    data = load_site_data(
-        SiteSettings.from_node_config(sim_ctx.node_config), run_config_of(sim_ctx)
+    data = load_hospital_data(
+        HospitalSettings.from_node_config(sim_ctx.node_config), run_config_of(sim_ctx)
     )
     scores = predict_proba(model, data.x_test)
     pred = (scores >= 0.5).astype(int)
@@ -130,7 +132,7 @@ def test_evaluate_reports_metrics(sim_ctx):
     assert sum(metrics["hist-neg"]) + sum(metrics["hist-pos"]) == data.n_test  # exact counts
 
 
-def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_path):
+def test_deployment_hospital_file_and_undefined_auroc(default_cfg, heart_dir, tmp_path):
     """A hospital whose test split has one class gets NaN AUROC plus the reason, not a crash."""
     rows = [r for r in (heart_dir / "processed.switzerland.data").read_text().splitlines() if r]
     positives = [r for r in rows if not r.endswith(",0")]
@@ -138,7 +140,7 @@ def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_pa
     path.write_text("\n".join(positives[:40]) + "\n")
     default_cfg.update({"task.name": "heart-disease", "dp.enabled": False})
     node = {
-        "data-path": str(path), "site": "zurich", "policy-path": permissive_policy(tmp_path),
+        "data-path": str(path), "hospital": "zurich", "policy-path": permissive_policy(tmp_path),
         "ledger-dir": str(tmp_path / "ledger"),
     }  # fmt: skip
     ctx = _context(default_cfg, node)
@@ -148,25 +150,27 @@ def test_deployment_site_file_and_undefined_auroc(default_cfg, heart_dir, tmp_pa
     assert not reply.has_error()
     assert math.isnan(reply.content["metrics"]["auroc"])
     assert "only one class" in reply.content["info"]["undefined.auroc"]
-    assert reply.content["info"]["site"] == "zurich"
+    assert reply.content["info"]["hospital"] == "zurich"
     train = client_app(_request("train", model, 1), ctx)
     assert "epsilon" not in train.content["metrics"]  # no DP: no epsilon claimed
 
 
-def test_malformed_site_file_is_refused_with_a_clear_reason(default_cfg, tmp_path):
+def test_malformed_hospital_file_is_refused_with_a_clear_reason(default_cfg, tmp_path):
     path = tmp_path / "bad.data"
     path.write_text("1,2,3\n")
     default_cfg["task.name"] = "heart-disease"
     ctx = _context(
-        default_cfg, {"data-path": str(path), "site": "x", "ledger-dir": str(tmp_path / "l")}
+        default_cfg, {"data-path": str(path), "hospital": "x", "ledger-dir": str(tmp_path / "l")}
     )
     reply = client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert reply.error.reason == (
-        "site x refused: its data failed validation (the hospital's log has the details)"
+        "hospital x refused: its data failed validation (the hospital's log has the details)"
     )  # the coordinator learns neither the file's path nor what is in it
     ledger = tmp_path / "ledger"
-    ctx = _context(default_cfg, {"data-path": str(path), "site": "x", "ledger-dir": str(ledger)})
+    ctx = _context(
+        default_cfg, {"data-path": str(path), "hospital": "x", "ledger-dir": str(ledger)}
+    )
     client_app(_request("train", build_model("mlp", n_features=13), 1), ctx)
     local = (ledger / "audit.jsonl").read_text()  # ... the hospital's own audit log has it
     assert "line 1: expected 14 comma-separated values" in local and str(path) in local
@@ -207,7 +211,7 @@ def test_corrupted_ledger_is_refused_and_never_reset(default_cfg, tmp_path):
         {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger")},
     )
     reply = client_app(_request("train", build_model("mlp", n_features=30), 1), ctx)
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "its privacy ledger cannot be used" in reply.error.reason
     local = (tmp_path / "ledger" / "audit.jsonl").read_text()
     assert "run-x.json is unreadable" in local and "never reset" in local

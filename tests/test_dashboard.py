@@ -1,7 +1,7 @@
 """The dashboards in a real browser (headless Chromium driven by Selenium) and over real HTTP,
 and `--tracking mlflow` read back with MLflow's own client.
 
-One real `fedcare simulate` (3 hospitals, 4 rounds, DP, ledgers, a site policy with a lifetime
+One real `fedcare simulate` (3 hospitals, 4 rounds, DP, ledgers, a hospital policy with a lifetime
 cap of 2.5, `--tracking mlflow`) runs while Chromium watches the coordinator's page; a second
 simulation with the same ledgers is refused by every hospital (its lifetime cap), which the
 hospital's page must show next to the first run's ledger entry. Browser tests skip when Debian's
@@ -181,13 +181,13 @@ def test_the_curves_json_is_the_run_folders_history(federation):
     curves = json.loads(body)["curves"]
     history = json.loads((federation.runs / "live" / "history.json").read_text())
     eps = {  # a hospital's ε after its last release of each round (training, evaluation)
-        (e["site"], e["round"]): e["metrics"]["epsilon"]
+        (e["hospital"], e["round"]): e["metrics"]["epsilon"]
         for e in history["events"]
         if not e["error"] and "epsilon" in e["metrics"]
     }
     assert curves["rounds"] == list(range(1, RUNS + 1))
-    for site, values in curves["epsilon"].items():
-        assert values == [eps[(site, r)] for r in curves["rounds"]]
+    for hospital, values in curves["epsilon"].items():
+        assert values == [eps[(hospital, r)] for r in curves["rounds"]]
     assert curves["target_epsilon"] == 2.0
     from client.ledger import Ledger
 
@@ -235,12 +235,12 @@ def test_mlflow_reads_back_the_run_params_and_per_round_metrics(federation):
         run.data.tags["fedcare.run_id"]
         == json.loads((federation.runs / "live" / "summary.json").read_text())["run_id"]
     )
-    for site in ("hospital-1", "hospital-2", "hospital-3"):
-        logged = client.get_metric_history(run.info.run_id, f"{site}.epsilon")
+    for hospital in ("hospital-1", "hospital-2", "hospital-3"):
+        logged = client.get_metric_history(run.info.run_id, f"{hospital}.epsilon")
         expected = {
             e["round"]: e["metrics"]["epsilon"]
             for e in history["events"]
-            if e["site"] == site and not e["error"] and "epsilon" in e["metrics"]
+            if e["hospital"] == hospital and not e["error"] and "epsilon" in e["metrics"]
         }
         assert {m.step: m.value for m in logged} == pytest.approx(expected)
         assert [m.step for m in logged] == list(range(1, RUNS + 1))
@@ -279,7 +279,7 @@ def test_hospital_page_shows_its_ledger_and_the_refusal(federation, tmp_path):
     records = Ledger(ledger).records()
     assert len(records) == 1 and len(rows) == 1  # the refused run left nothing in the ledger
     assert records[0].run_id in rows[0].text and f"{records[0].epsilon():.3f}" in rows[0].text
-    total = lifetime_epsilon([r.accountant for r in records], delta=records[0].site_delta)
+    total = lifetime_epsilon([r.accountant for r in records], delta=records[0].hospital_delta)
     assert f"lifetime ε = {total:.3f} of the policy's cap 2.5" in lifetime_text
     assert "lifetime ε above the policy's lifetime-epsilon 2.5" in refused_text
     assert int(shown) == len(refused) >= 1
@@ -297,7 +297,7 @@ def _digest(folder: Path) -> str:
 
 @pytest.mark.slow
 def test_run_config_values_and_hospital_texts_are_shown_as_text(federation, tmp_path):
-    """A hostile run config and a hostile hospital's refusal text and site name: shown as text,
+    """A hostile run config and a hostile hospital's refusal text and hospital name: shown as text,
     never run as script, in the browser's DOM."""
     if federation.browser is None:
         pytest.skip(NO_BROWSER)
@@ -317,7 +317,7 @@ def test_run_config_values_and_hospital_texts_are_shown_as_text(federation, tmp_
             "round": RUNS,
             "kind": "evaluate",
             "node_id": 1,
-            "site": HOSTILE,
+            "hospital": HOSTILE,
             "error": HOSTILE_REASON,
             "cause": "refused",
         }  # fmt: skip
@@ -587,13 +587,15 @@ def test_a_running_runs_curves_come_from_history_json(tmp_path):
 
     from server.checkpoint import record_flower_run, save_weights
     from server.dashboard import read_run
-    from server.history import RunHistory, SiteEvent
+    from server.history import HospitalEvent, RunHistory
 
     folder = tmp_path / "run"
     record_flower_run(folder, run_id="r", flower_run_id=1, after_round=0)
     history = RunHistory(
         events=[
-            SiteEvent(round=r, kind="train", node_id=1, site="a", metrics={"epsilon": 0.5 * r})
+            HospitalEvent(
+                round=r, kind="train", node_id=1, hospital="a", metrics={"epsilon": 0.5 * r}
+            )
             for r in (1, 2)
         ]
     )

@@ -1,4 +1,4 @@
-"""A deployed hospital prepares each version of its data once (client.site's data cache): later
+"""A deployed hospital prepares each version of its data once (client.hospital_data's data cache): later
 messages load the preprocessed arrays from its state folder, a changed file, preprocessing, split
 key or code prepares them again, and the cache is private to the hospital (mode 0700)."""
 
@@ -11,22 +11,29 @@ import stat
 import numpy as np
 import pytest
 
-from client import site as site_module
-from client.site import DATA_CACHE_DIR, DATA_CACHE_KEEP, SiteSettings, load_site_data
+from client import hospital_data as hospital_data_module
+from client.hospital_data import (
+    DATA_CACHE_DIR,
+    DATA_CACHE_KEEP,
+    HospitalSettings,
+    load_hospital_data,
+)
 from shared_models.config import RunConfig
-from shared_models.sites import simulated_site_frames
+from shared_models.hospitals import simulated_hospital_frames
 from shared_models.tasks import get_task
 from tests.images_data import write_hospital_folder
 
 
 @pytest.fixture
-def hospital(tmp_path):
+def hospital_and_path(tmp_path):
     task = get_task("breast-cancer")
-    frames = simulated_site_frames(task, data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0)
+    frames = simulated_hospital_frames(
+        task, data_dir="", num_hospitals=3, scheme="iid", alpha=0.5, seed=0
+    )
     path = tmp_path / "a.csv"
     task.write_file(frames[0][1], path)
-    node = {"data-path": str(path), "site": "a", "ledger-dir": str(tmp_path / "state")}
-    return SiteSettings.from_node_config(node), path
+    node = {"data-path": str(path), "hospital": "a", "ledger-dir": str(tmp_path / "state")}
+    return HospitalSettings.from_node_config(node), path
 
 
 def _run(default_cfg, **overrides) -> RunConfig:  # type: ignore[no-untyped-def]
@@ -35,7 +42,7 @@ def _run(default_cfg, **overrides) -> RunConfig:  # type: ignore[no-untyped-def]
 
 def _new_process() -> None:
     """What a fresh ClientApp process has: no arrays in memory."""
-    site_module._load_file.cache_clear()
+    hospital_data_module._load_file.cache_clear()
 
 
 def _reads(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
@@ -51,16 +58,16 @@ def _reads(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
 
         return dataclasses.replace(task, read_file=read_file)
 
-    monkeypatch.setattr(site_module, "get_task", counting)
+    monkeypatch.setattr(hospital_data_module, "get_task", counting)
     return calls
 
 
-def test_the_second_message_loads_arrays_not_the_file(hospital, default_cfg, monkeypatch):
-    site, path = hospital
+def test_the_second_message_loads_arrays_not_the_file(hospital_and_path, default_cfg, monkeypatch):
+    hospital, path = hospital_and_path
     reads = _reads(monkeypatch)
-    first = load_site_data(site, _run(default_cfg))
+    first = load_hospital_data(hospital, _run(default_cfg))
     _new_process()
-    second = load_site_data(site, _run(default_cfg))
+    second = load_hospital_data(hospital, _run(default_cfg))
     assert reads == [str(path)]
     for name in ("x_train", "y_train", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
@@ -72,44 +79,44 @@ def test_the_second_message_loads_arrays_not_the_file(hospital, default_cfg, mon
 
 
 def test_changed_data_preprocessing_or_split_key_prepare_the_data_again(
-    hospital, default_cfg, monkeypatch
+    hospital_and_path, default_cfg, monkeypatch
 ):
-    site, path = hospital
+    hospital, path = hospital_and_path
     reads = _reads(monkeypatch)
-    before = load_site_data(site, _run(default_cfg))
+    before = load_hospital_data(hospital, _run(default_cfg))
     _new_process()
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-5]))  # five patients fewer
-    after = load_site_data(site, _run(default_cfg))
+    after = load_hospital_data(hospital, _run(default_cfg))
     assert len(reads) == 2 and after.n_train + after.n_test == before.n_train + before.n_test - 5
     _new_process()
-    load_site_data(site, _run(default_cfg, **{"task.preprocessing": "default"}))
+    load_hospital_data(hospital, _run(default_cfg, **{"task.preprocessing": "default"}))
     assert len(reads) == 2  # same preprocessing (the default): cached
     _new_process()
     key = path.parent / "state" / "split.key"
     key.write_bytes(os.urandom(len(key.read_bytes())))
-    load_site_data(site, _run(default_cfg))
+    load_hospital_data(hospital, _run(default_cfg))
     assert len(reads) == 3
 
 
 def test_a_damaged_cache_file_is_prepared_again_and_old_versions_are_pruned(
-    hospital, default_cfg, monkeypatch
+    hospital_and_path, default_cfg, monkeypatch
 ):
-    site, path = hospital
+    hospital, path = hospital_and_path
     reads = _reads(monkeypatch)
-    expected = load_site_data(site, _run(default_cfg))
+    expected = load_hospital_data(hospital, _run(default_cfg))
     folder = path.parent / "state" / DATA_CACHE_DIR
     (file,) = folder.glob("*.npz")
     file.write_bytes(b"not an npz")
     _new_process()
-    again = load_site_data(site, _run(default_cfg))
+    again = load_hospital_data(hospital, _run(default_cfg))
     np.testing.assert_array_equal(again.x_train, expected.x_train)
     assert len(reads) == 2 and np.load(file)["x_train"].shape == expected.x_train.shape
     for i in range(DATA_CACHE_KEEP + 2):  # new data versions
         _new_process()
         path.write_text(path.read_text() + "")
         os.utime(path, ns=(i + 1, i + 1))
-        load_site_data(site, _run(default_cfg))
+        load_hospital_data(hospital, _run(default_cfg))
     assert len(list(folder.glob("*.npz"))) == DATA_CACHE_KEEP
 
 
@@ -119,8 +126,12 @@ def test_an_image_folder_with_scattering_is_transformed_once(tmp_path, default_c
     from shared_models.tasks import images
 
     write_hospital_folder(tmp_path / "a", 24, seed=0)
-    node = {"data-path": str(tmp_path / "a"), "site": "a", "ledger-dir": str(tmp_path / "state")}
-    site = SiteSettings.from_node_config(node)
+    node = {
+        "data-path": str(tmp_path / "a"),
+        "hospital": "a",
+        "ledger-dir": str(tmp_path / "state"),
+    }
+    hospital = HospitalSettings.from_node_config(node)
     calls = []
     original = images.scattering
     monkeypatch.setattr(images, "scattering", lambda x, p: calls.append(p) or original(x, p))
@@ -128,9 +139,9 @@ def test_an_image_folder_with_scattering_is_transformed_once(tmp_path, default_c
         default_cfg, **{"task.name": "chest-xray", "task.preprocessing": "scatter-28",
                         "model.name": "scatter-linear"},
     )  # fmt: skip
-    first = load_site_data(site, run)
+    first = load_hospital_data(hospital, run)
     _new_process()
-    second = load_site_data(site, run)
+    second = load_hospital_data(hospital, run)
     assert calls == ["scatter-28"]
     np.testing.assert_array_equal(first.x_train, second.x_train)
     assert first.x_train.shape[1:] == (81, 7, 7)
@@ -143,7 +154,7 @@ def test_the_data_stamp_is_the_same_in_every_process(tmp_path):
     import sys
 
     write_hospital_folder(tmp_path / "a", 4, seed=0)
-    code = f"from pathlib import Path; from client.site import _stamp; print(_stamp(Path({str(tmp_path / 'a')!r})))"
+    code = f"from pathlib import Path; from client.hospital_data import _stamp; print(_stamp(Path({str(tmp_path / 'a')!r})))"
     stamps = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout

@@ -105,16 +105,16 @@ def _start_hospital(
 ):  # type: ignore[no-untyped-def]
     return _spawn(
         "client", "start", "--superlink", f"{PUBLIC}:{port}", "--ca", str(root / "pki" / "ca.pem"),
-        "--key", str(key), "--site", name, "--data", str(data), "--port", str(_free_port()),
+        "--key", str(key), "--hospital", name, "--data", str(data), "--port", str(_free_port()),
         "--state", str(state), "--policy", str(_test_policy(root)), "--join-backoff", JOIN_BACKOFF,
         log=log,
     )  # fmt: skip
 
 
 def _test_policy(root: Path) -> Path:
-    """fedcare's default site policy with one key changed: the lifetime ε cap, because every test
-    of this module runs in the same three ledgers (a real site keeps 10)."""
-    path = root / "site-policy.toml"
+    """fedcare's default hospital policy with one key changed: the lifetime ε cap, because every test
+    of this module runs in the same three ledgers (a real hospital keeps 10)."""
+    path = root / "hospital-policy.toml"
     if not path.exists():
         path.write_text("lifetime-epsilon = 1000.0\n")
     return path
@@ -290,7 +290,7 @@ def test_hospitals_started_before_their_keys_were_added_joined_on_their_own(fede
             NOT_YET in log and f"`fedcare server add-hospital {name} {name}.pub --pki PKI`" in log
         )
         launcher = (root / f"hospital-{name}" / "launcher.log").read_text()
-        assert launcher.count(f"launcher for site {name}: approved bundles") == 1
+        assert launcher.count(f"launcher for hospital {name}: approved bundles") == 1
         supernode = (root / f"hospital-{name}" / "supernode.log").read_text()
         assert "[code: 2004]" in supernode and supernode.count("SuperNode ID:") == 1
 
@@ -349,7 +349,7 @@ def test_two_rounds_with_dp(federation, dashboards):
         ours = [a for a in audit if a.get("run_id") == summary["run_id"]]
         assert ours and all(a["flower_run_id"] == flower_run_id for a in ours)
         # the bundle's code loaded once for the run's later messages (the first installs it),
-        # the hospital's data prepared once (client/warm_executor.py, client.site)
+        # the hospital's data prepared once (client/warm_executor.py, client.hospital_data)
         launcher = (root / f"hospital-{h}" / "launcher.log").read_text()
         assert launcher.count("its ClientApp loaded once, in process") == 1, launcher[-3000:]
         cache = ledger / "data-cache"
@@ -510,7 +510,7 @@ def test_a_run_without_dp_is_refused_by_every_hospital(federation):
     assert ledgers() == before
     for h in HOSPITALS:
         log = (root / f"client-{h}.log").read_text()
-        assert "site policy (from " in log and "allow-non-dp = false" in log
+        assert "hospital policy (from " in log and "allow-non-dp = false" in log
 
 
 def test_the_dashboards_show_the_dp_run_and_the_refusal(federation, dashboards, tmp_path):
@@ -896,7 +896,7 @@ def _start_refused(
     root = federation["root"]
     return _fedcare(
         "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
-        "--key", str(key), "--site", name, "--data", str(root / "data" / "hospital-1.csv"),
+        "--key", str(key), "--hospital", name, "--data", str(root / "data" / "hospital-1.csv"),
         "--port", str(_free_port()), "--state", str(state), "--join-timeout", "1",
         "--join-backoff", JOIN_BACKOFF, timeout=120,
     )  # fmt: skip
@@ -912,7 +912,7 @@ def test_unregistered_hospital_is_refused(federation, tmp_path):
     key = tmp_path / "keys" / "rogue.key"
     waiting = _spawn(
         "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(root / "pki" / "ca.pem"),
-        "--key", str(key), "--site", "rogue", "--data", str(root / "data" / "hospital-1.csv"),
+        "--key", str(key), "--hospital", "rogue", "--data", str(root / "data" / "hospital-1.csv"),
         "--port", str(_free_port()), "--state", str(_approved_state(federation, tmp_path / "waiting")),
         "--join-backoff", JOIN_BACKOFF, log=tmp_path / "waiting.log",
     )  # fmt: skip
@@ -920,7 +920,10 @@ def test_unregistered_hospital_is_refused(federation, tmp_path):
     proc = _start_refused(federation, "rogue", key, _approved_state(federation, tmp_path / "rogue"))
     assert proc.returncode == 2
     # without --policy a daemon runs under fedcare's default policy, and says so first
-    assert "site policy (fedcare's default" in proc.stdout and "allow-non-dp = false" in proc.stdout
+    assert (
+        "hospital policy (fedcare's default" in proc.stdout
+        and "allow-non-dp = false" in proc.stdout
+    )
     stderr = " ".join(proc.stderr.split())
     assert "refused this hospital: its public key (SHA256:" in stderr
     assert "is still not registered there after" in stderr and "(--join-timeout 1)" in stderr
@@ -944,7 +947,7 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
     _approved_state(federation, tmp_path / "a2")
     proc = _fedcare(
         "client", "start", "--superlink", f"{PUBLIC}:{federation['port']}", "--ca", str(other / "ca.pem"),
-        "--key", str(root / "hospital-a" / "keys" / "a.key"), "--site", "a", "--data", str(root / "data" / "hospital-1.csv"),
+        "--key", str(root / "hospital-a" / "keys" / "a.key"), "--hospital", "a", "--data", str(root / "data" / "hospital-1.csv"),
         "--port", str(_free_port()), "--state", str(tmp_path / "a2"),
     )  # fmt: skip
     assert proc.returncode == 2
@@ -953,14 +956,16 @@ def test_wrong_ca_says_certificate_not_verified(federation, tmp_path):
 
 def _app_with_one_changed_line(dst: Path, tag: str = "changed") -> Path:
     """The fedcare app unpacked into ``dst`` with one line of client/client_app.py changed: the
-    train reply names the site "NAME+TAG", so the report shows whose code ran."""
+    train reply names the hospital "NAME+TAG", so the report shows whose code ran."""
     unpack_app(dst)
     path = dst / "client" / "client_app.py"
-    line = 'info = {"site": site.data.name, "device": device, "replayed": replay is not None}'
+    line = (
+        'info = {"hospital": hospital.data.name, "device": device, "replayed": replay is not None}'
+    )
     text = path.read_text()
     assert text.count(line) == 1
     path.write_text(
-        text.replace(line, line.replace("site.data.name,", f'site.data.name + "+{tag}",'))
+        text.replace(line, line.replace("hospital.data.name,", f'hospital.data.name + "+{tag}",'))
     )
     return dst
 
@@ -977,7 +982,7 @@ def test_a_run_no_hospital_may_run_fails(federation, tmp_path):
     )  # fmt: skip
     output = " ".join(run.stdout.split())
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "trained nothing: no hospital trained: site " in output
+    assert "trained nothing: no hospital trained: hospital " in output
     assert "is not approved here" in output
     summary = json.loads((root / "run-unapproved" / "summary.json").read_text())
     assert {f["hospital"] for f in summary["failures"]} == set(HOSPITALS)
@@ -1005,20 +1010,20 @@ def test_changed_bundle_is_refused_where_not_approved(federation, tmp_path):
     summary = json.loads((root / "run-changed" / "summary.json").read_text())
     refused = [f for f in summary["failures"] if f["hospital"] == "c"]
     assert refused and all(
-        f["reason"].startswith(f"site c refused: app bundle {changed} is not approved here")
+        f["reason"].startswith(f"hospital c refused: app bundle {changed} is not approved here")
         for f in refused
     ), summary["failures"]
     assert {f["hospital"] for f in summary["failures"]} == {"c"}
     trained = {h["name"]: h["rounds_trained"] for h in summary["hospitals"]}
     assert trained["a"] == trained["b"] == 1 and set(trained) == set(HOSPITALS)  # registered names
     # the approved bundle's own code ran at a and b (not the launcher's installed copy): their
-    # self-reported site names are the changed code's, flagged against the registered keys
+    # self-reported hospital names are the changed code's, flagged against the registered keys
     assert summary["name_mismatches"] == [
-        {"hospital": "a", "self_reported_site": "a+changed"},
-        {"hospital": "b", "self_reported_site": "b+changed"},
+        {"hospital": "a", "self_reported_name": "a+changed"},
+        {"hospital": "b", "self_reported_name": "b+changed"},
     ]
     assert (
-        "name mismatch: the hospital registered as a reports its site as 'a+changed'"
+        "name mismatch: the hospital registered as a reports its name as 'a+changed'"
         in " ".join(run.stdout.split())
     )
     assert changed in " ".join(run.stdout.split())  # shown in the end-of-run table

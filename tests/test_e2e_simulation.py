@@ -89,8 +89,8 @@ def test_two_hospitals_two_rounds_with_dp(tmp_path):
         assert "history" not in sidecar
         assert {e["round"] for e in sidecar["events"]} == {sidecar["round"]}
         kinds = ["train"] if name == "round-001" else ["evaluate", "train"]  # evaluate: last round
-        assert sorted((e["kind"], e["site"]) for e in sidecar["events"]) == [
-            (kind, site) for kind in kinds for site in ("hospital-1", "hospital-2")
+        assert sorted((e["kind"], e["hospital"]) for e in sidecar["events"]) == [
+            (kind, hospital) for kind in kinds for hospital in ("hospital-1", "hospital-2")
         ]
     history = json.loads((out / "history.json").read_text())
     assert sorted(e["round"] for e in history["events"] if e["kind"] == "train") == [1, 1, 2, 2]
@@ -334,7 +334,7 @@ def test_hospitals_run_on_both_nodes_of_a_ray_cluster(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         nodes = json.loads((out / "summary.json").read_text())["ray_nodes"]
         assert len(nodes) == 2  # the head's and the worker's actor each trained hospitals
-        assert {s for sites in nodes.values() for s in sites} == {
+        assert {s for hospitals in nodes.values() for s in hospitals} == {
             f"hospital-{i}" for i in range(1, 5)
         }
         assert "Ray node" in proc.stdout

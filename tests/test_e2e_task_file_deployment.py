@@ -117,7 +117,7 @@ def test_task_file_deployment_and_changed_range_refused(tmp_path):
         for h in HOSPITALS:
             procs.append(_spawn(
                 "client", "start", "--superlink", f"127.0.0.1:{port}", "--ca", str(root / "pki" / "ca.pem"),
-                "--key", str(root / "demo-hospitals" / h / f"{h}.key"), "--site", h, "--data", str(paths[h]),
+                "--key", str(root / "demo-hospitals" / h / f"{h}.key"), "--hospital", h, "--data", str(paths[h]),
                 "--task", str(app / "tasks" / "gbsg2.toml"), "--port", str(_free_port()),
                 "--state", str(root / h), log=root / f"client-{h}.log",
             ))  # fmt: skip

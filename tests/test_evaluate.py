@@ -96,7 +96,7 @@ def test_evaluate_writes_the_report_and_matches_sklearn(trained, tmp_path, monke
     report = (out / "report.md").read_text()
     assert "Bootstrap: BCa, 2000 resamples" in report and "Wilson" in report
     assert result["recalibration"] is None and not (out / "recalibration.png").exists()
-    assert "`--recalibrate` fits a site-local one" in report
+    assert "`--recalibrate` fits a hospital-local one" in report
     assert (
         f"| AUROC | {delong['value']:.3f} [{delong['ci_low']:.3f}, {delong['ci_high']:.3f}] | DeLong |"
         in report
@@ -273,9 +273,9 @@ def test_recalibrate_is_recorded_and_the_model_file_untouched(
     assert recal["after"]["brier"] > 0 and (out / "recalibration.png").exists()
     assert "recalibration.png" in result["figures"]
     report = (out / "report.md").read_text()
-    assert "## Site-local recalibration (--recalibrate)" in report
+    assert "## Hospital-local recalibration (--recalibrate)" in report
     assert "NOT applied to the model file" in report and "cross-fitted" in report
-    assert "site-local recalibration" in text and "not applied to the model" in text
+    assert "hospital-local recalibration" in text and "not applied to the model" in text
 
 
 def test_recalibration_repairs_a_miscalibrated_model_out_of_sample():
@@ -312,7 +312,7 @@ def test_the_card_records_the_exact_training_data_and_evaluate_warns_of_shift(
     import pandas as pd
 
     from shared_models.config import RunConfig
-    from shared_models.sites import simulated_sites_for
+    from shared_models.hospitals import simulated_hospitals_for
 
     run, data = trained
     card = json.loads((run / "model.json").read_text())
@@ -320,11 +320,11 @@ def test_the_card_records_the_exact_training_data_and_evaluate_warns_of_shift(
     assert block["exact"] is True and block["provenance"].startswith("exact: fedcare simulate")
     recorded = json.loads(sorted((run / "checkpoints").glob("round-*.json"))[-1].read_text())
     config = RunConfig.from_run_config(recorded["run_config"])
-    sites = simulated_sites_for(config, len(card["training"]["hospitals"]))
-    y = np.concatenate([s.y_train for s in sites])
+    hospitals = simulated_hospitals_for(config, len(card["training"]["hospitals"]))
+    y = np.concatenate([s.y_train for s in hospitals])
     assert block["prevalence"] == pytest.approx(y.mean())
-    assert set(block["hospitals"]) == {s.name for s in sites}
-    x = np.concatenate([s.x_train for s in sites])
+    assert set(block["hospitals"]) == {s.name for s in hospitals}
+    x = np.concatenate([s.x_train for s in hospitals])
     assert block["features"]["mean texture"]["mean"] == pytest.approx(x[:, 1].mean(), rel=1e-6)
 
     # the same hospital's file with 'mean texture' read in another unit (x 1.4, inside the task
@@ -361,8 +361,8 @@ def test_feature_shift_by_hand():
     assert warning.startswith("feature 'b':") and "outside the training range" in warning
 
 
-def test_evaluate_shows_the_sites_own_attributions(trained, tmp_path, monkeypatch, capsys):
-    """The non-private attributions (issue #26) are in the site's own report and JSON only, equal
+def test_evaluate_shows_the_hospitals_own_attributions(trained, tmp_path, monkeypatch, capsys):
+    """The non-private attributions (issue #26) are in the hospital's own report and JSON only, equal
     to Integrated Gradients recomputed here."""
     from shared_models.attributions import feature_attributions
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from client.ledger import Ledger, lifetime_epsilon
-from client.policy import DEFAULT_POLICY, PolicyError, SitePolicy
+from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
 from client.training import epsilon_spent
 from server.federated_evaluation import (
     FIGURE,
@@ -21,10 +21,10 @@ from server.federated_evaluation import (
     render_markdown,
     write_evaluation,
 )
-from server.history import RunHistory, SiteEvent
+from server.history import HospitalEvent, RunHistory
 from shared_models.config import RunConfig
+from shared_models.hospitals import simulated_hospital_frames
 from shared_models.models import build_model
-from shared_models.sites import simulated_site_frames
 from shared_models.tasks import get_task
 from tests.handlers import make_context, make_request, use_task_identity
 
@@ -43,12 +43,14 @@ def hospital(tmp_path, default_cfg):
     """A deployed breast-cancer hospital (its own CSV, a ledger, optional policy file):
     ``hospital(policy=TEXT, **run_config_overrides)`` -> a fresh Context per message."""
     task = get_task("breast-cancer")
-    frame = simulated_site_frames(task, data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0)
-    path = tmp_path / "site.csv"
+    frame = simulated_hospital_frames(
+        task, data_dir="", num_hospitals=3, scheme="iid", alpha=0.5, seed=0
+    )
+    path = tmp_path / "hospital.csv"
     task.write_file(frame[0][1], path)
 
     def make(policy: str | None = None, **overrides):  # type: ignore[no-untyped-def]
-        node = {"data-path": str(path), "site": "a", "ledger-dir": str(tmp_path / "ledger")}
+        node = {"data-path": str(path), "hospital": "a", "ledger-dir": str(tmp_path / "ledger")}
         if policy is not None:
             (tmp_path / "policy.toml").write_text(policy)
             node["policy-path"] = str(tmp_path / "policy.toml")
@@ -95,7 +97,7 @@ def test_re_asking_with_other_weights_or_another_round_is_refused(hospital):
     for msg in (make_request("evaluate", _model(1), 1), make_request("evaluate", _model(0), 2)):
         reply = client_app(msg, hospital(**cfg))
         assert (
-            reply.error.code == SITE_REFUSED
+            reply.error.code == HOSPITAL_REFUSED
             and "an evaluation-only run has one" in reply.error.reason
         )
     record = hospital.ledger.load("ev1")
@@ -114,7 +116,7 @@ def test_a_replayed_request_gets_the_same_counts_at_no_cost(hospital):
 
 def test_nothing_is_trained_and_no_update_leaves_in_an_evaluation_run(hospital):
     reply = client_app(make_request("train", _model(), 1), hospital())
-    assert reply.error.code == SITE_REFUSED and "evaluation-only run" in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED and "evaluation-only run" in reply.error.reason
     assert hospital.ledger.records() == []
 
 
@@ -126,7 +128,7 @@ def test_a_training_run_id_cannot_be_reused_for_an_evaluation_release(hospital):
     assert not trained.has_error(), trained.error
     before = hospital.ledger.load("ev1")
     reply = client_app(make_request("evaluate", _model(), 1), hospital())
-    assert reply.error.code == SITE_REFUSED and "other settings" in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED and "other settings" in reply.error.reason
     assert hospital.ledger.load("ev1").accountant == before.accountant
 
 
@@ -146,7 +148,9 @@ def test_evaluation_runs_without_dp_settings_still_count_against_the_lifetime_ca
     assert refused is not None and "lifetime ε" in refused
     records = hospital.ledger.records()
     assert all(r.sample_level_dp for r in records)
-    total = lifetime_epsilon([r.accountant for r in records], delta=DEFAULT_POLICY.site_delta(133))
+    total = lifetime_epsilon(
+        [r.accountant for r in records], delta=DEFAULT_POLICY.hospital_delta(133)
+    )
     assert DEFAULT_POLICY.lifetime_epsilon - 1.0 < total <= DEFAULT_POLICY.lifetime_epsilon
 
 
@@ -154,7 +158,7 @@ def test_a_policy_that_forbids_evaluation_runs_refuses_before_any_release(hospit
     reply = client_app(
         make_request("evaluate", _model(), 1), hospital(policy="allow-evaluation-runs = false\n")
     )
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "allow-evaluation-runs = false" in reply.error.reason
     assert hospital.ledger.records() == []
 
@@ -165,7 +169,7 @@ def test_less_noise_than_the_policy_allows_and_a_larger_delta_are_refused(hospit
     )
     assert "below the policy's minimum 2" in low.error.reason
     wide = client_app(make_request("evaluate", _model(), 1), hospital(**{"dp.target-delta": 1e-3}))
-    assert "dp.target-delta = 0.001 is above this site's δ" in wide.error.reason
+    assert "dp.target-delta = 0.001 is above this hospital's δ" in wide.error.reason
     assert hospital.ledger.records() == []
 
 
@@ -173,13 +177,15 @@ def test_the_policy_key_is_strictly_typed(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('allow-evaluation-runs = "no"\n')
     with pytest.raises(PolicyError, match="allow-evaluation-runs must be true or false"):
-        SitePolicy.load(path)
+        HospitalPolicy.load(path)
     assert DEFAULT_POLICY.allow_evaluation_runs
 
 
-def _event(site: str, neg: list[float], pos: list[float], *, epsilon: float = 1.1) -> SiteEvent:
-    return SiteEvent(
-        round=1, kind="evaluate", node_id=hash(site) % 1000, site=site,
+def _event(
+    hospital: str, neg: list[float], pos: list[float], *, epsilon: float = 1.1
+) -> HospitalEvent:
+    return HospitalEvent(
+        round=1, kind="evaluate", node_id=hash(hospital) % 1000, hospital=hospital,
         metrics={"eval-noise-multiplier": SIGMA, "epsilon": epsilon, "delta": 1e-5},
         histograms={"hist-neg": neg, "hist-pos": pos},
     )  # fmt: skip
@@ -189,13 +195,13 @@ def test_the_report_has_the_table_the_pooled_figures_and_heterogeneity(default_c
     run = RunConfig.from_run_config({**default_cfg, "eval.model": "/m/model.safetensors"})
     rng = np.random.default_rng(0)
     history = RunHistory()
-    for site, n in (("north", 400), ("south", 600), ("west", 500)):
+    for hospital, n in (("north", 400), ("south", 600), ("west", 500)):
         neg = np.rint(np.array([40, 30, 20, 10, 5, 3, 2, 1, 0, 0]) * n / 111 + rng.normal(0, 5, 10))
         pos = np.rint(np.array([0, 1, 1, 2, 3, 5, 8, 10, 15, 20]) * n / 300 + rng.normal(0, 5, 10))
-        history.events.append(_event(site, neg.tolist(), pos.tolist()))
+        history.events.append(_event(hospital, neg.tolist(), pos.tolist()))
     history.events.append(
-        SiteEvent(round=1, kind="evaluate", node_id=9, site="east", cause="refused",
-                  error="site east refused: evaluation-only runs ... (allow-evaluation-runs = false)")
+        HospitalEvent(round=1, kind="evaluate", node_id=9, hospital="east", cause="refused",
+                  error="hospital east refused: evaluation-only runs ... (allow-evaluation-runs = false)")
     )  # fmt: skip
     evaluation = build_evaluation(run, history, run_id="r", flower_run_id=3)
     assert [h["hospital"] for h in evaluation["hospitals"]] == ["north", "south", "west"]
@@ -226,11 +232,11 @@ def test_the_training_report_shows_noisy_figures_with_intervals_or_says_too_nois
     run = RunConfig.from_run_config(default_cfg)
     rng = np.random.default_rng(1)
     history = RunHistory()
-    for site, n in (("small", 57), ("large", 4000)):
+    for hospital, n in (("small", 57), ("large", 4000)):
         y = (rng.random(n) < 0.35).astype(int)
         p = 1 / (1 + np.exp(-(3.0 * (2 * y - 1) + rng.normal(0, 1.5, n))))
         neg, pos = (np.rint(h + rng.normal(0, SIGMA, len(h))) for h in score_histograms(y, p))
-        history.events.append(_event(site, neg.tolist(), pos.tolist()))
+        history.events.append(_event(hospital, neg.tolist(), pos.tolist()))
     summary = build_summary(run, history, wall_seconds=1.0)
     by_name = {h["name"]: h for h in summary["hospitals"]}
     assert not by_name["small"]["intervals"]["auroc"]["readable"]
@@ -336,7 +342,7 @@ def test_server_evaluate_explains_a_missing_model_card_or_an_unknown_hospital(
 def test_every_release_of_a_run_has_the_run_s_bins_and_other_replies_are_left_out(
     hospital, default_cfg
 ):
-    """eval.histogram-bins = 4: a site with exact metrics and a noisy site both send 4 bins (so
+    """eval.histogram-bins = 4: a hospital with exact metrics and a noisy hospital both send 4 bins (so
     the coordinator can sum them); a reply with other bins is named, not summed."""
     exact = client_app(
         make_request("evaluate", _model(), 1),

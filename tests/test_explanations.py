@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from client.explanations import (
     clip_rows,
@@ -149,19 +149,19 @@ def test_released_importance_ranks_the_informative_features_on_top_at_epsilon_on
     hits = 0
     for seed in range(10):
         rng = np.random.default_rng(seed)
-        sites = []
+        hospitals = []
         for _ in range(3):  # 3 hospitals of 500 patients
             x = rng.normal(size=(500, 20)).astype(np.float32)
             logit = 1.5 * x[:, 4] - 1.2 * x[:, 11] + 1.0 * x[:, 17]
             y = (rng.random(500) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-            sites.append((x[:350], y[:350], x[350:]))  # train / evaluation split
-        model = _fitted_logreg(np.concatenate([s[0] for s in sites]), np.concatenate([s[1] for s in sites]))  # fmt: skip
+            hospitals.append((x[:350], y[:350], x[350:]))  # train / evaluation split
+        model = _fitted_logreg(np.concatenate([s[0] for s in hospitals]), np.concatenate([s[1] for s in hospitals]))  # fmt: skip
         releases = []
-        for h, (_, _, x_eval) in enumerate(sites):
+        for h, (_, _, x_eval) in enumerate(hospitals):
             signed, absolute = release_attributions(
                 attributions(model, x_eval), clip=1.0, noise_multiplier=sigma
             )
-            releases.append({"site": f"h{h}", "n": len(x_eval), "signed": signed,
+            releases.append({"hospital": f"h{h}", "n": len(x_eval), "signed": signed,
                              "absolute": absolute, "noise_multiplier": sigma, "clip": 1.0,
                              "epsilon_release": 1.0, "epsilon": None})  # fmt: skip
         pooled = aggregate_explanations(releases, [], [f"x{j}" for j in range(20)])
@@ -188,14 +188,14 @@ def test_explain_settings_are_range_checked(default_cfg, key, value, message):
 
 
 def test_policy_keys_are_strictly_typed(tmp_path):
-    from client.policy import PolicyError, SitePolicy
+    from client.policy import HospitalPolicy, PolicyError
 
     path = tmp_path / "p.toml"
     path.write_text('allow-explanations = "no"\n')
     with pytest.raises(PolicyError, match="allow-explanations must be true or false"):
-        SitePolicy.load(path)
+        HospitalPolicy.load(path)
     path.write_text("allow-explanations = false\nmax-explanation-epsilon = 0.5\n")
-    policy = SitePolicy.load(path)
+    policy = HospitalPolicy.load(path)
     assert not policy.allow_explanations and policy.max_explanation_epsilon == 0.5
 
 
@@ -262,7 +262,7 @@ def test_hostile_coordinator_asking_again_gets_the_same_release_or_a_refusal(dep
     assert _ledger(tmp_path).accountant["history"] == [[4.1, 1.0, 1]]
     # other weights (or another round): refused, nothing charged
     other = client_app(_explain_request(build_model("mlp", n_features=30, seed=2)), ctx)
-    assert other.has_error() and other.error.code == SITE_REFUSED
+    assert other.has_error() and other.error.code == HOSPITAL_REFUSED
     assert "already received its explanation release" in other.error.reason
     assert _ledger(tmp_path).explanations == [4.1]
 
@@ -288,7 +288,7 @@ def test_asking_under_new_run_ids_is_charged_every_time_until_the_lifetime_cap(d
     assert release_epsilon(4.1, delta=1e-5) < total <= 3.0
 
 
-def test_a_site_without_a_ledger_also_refuses_a_second_release(default_cfg):
+def test_a_hospital_without_a_ledger_also_refuses_a_second_release(default_cfg):
     ctx = make_context(
         {**default_cfg, "explain.enabled": True}, {"partition-id": 0, "num-partitions": 3}
     )
@@ -308,7 +308,7 @@ def test_a_site_without_a_ledger_also_refuses_a_second_release(default_cfg):
 )
 def test_refusals_charge_nothing(deployed, tmp_path, policy, cfg, reason):
     reply = client_app(_explain_request(build_model("mlp", n_features=30)), deployed(policy, **cfg))
-    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED
     assert reason in reply.error.reason
     record = _ledger(tmp_path)
     assert record is None or not record.explanations
@@ -337,12 +337,12 @@ def test_budget_shows_the_explanation_release(deployed, tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_pooling_divides_by_the_public_counts_and_gives_the_noise_standard_error():
     releases = [
-        {"site": "a", "n": 100, "signed": [10.0, -20.0], "absolute": [30.0, 40.0],
+        {"hospital": "a", "n": 100, "signed": [10.0, -20.0], "absolute": [30.0, 40.0],
          "noise_multiplier": 3.0, "clip": 1.0, "epsilon_release": 1.5, "epsilon": 2.0},
-        {"site": "b", "n": 300, "signed": [30.0, 0.0], "absolute": [50.0, 0.0],
+        {"hospital": "b", "n": 300, "signed": [30.0, 0.0], "absolute": [50.0, 0.0],
          "noise_multiplier": 4.0, "clip": 1.0, "epsilon_release": 1.0, "epsilon": None},
     ]  # fmt: skip
-    block = aggregate_explanations(releases, [{"site": "c", "reason": "no"}], ["age", "bp"])
+    block = aggregate_explanations(releases, [{"hospital": "c", "reason": "no"}], ["age", "bp"])
     assert block["mean_abs"] == pytest.approx([0.2, 0.1])
     assert block["mean_signed"] == pytest.approx([0.1, -0.05])
     assert block["standard_error"] == pytest.approx([5.0 / 400] * 2)
@@ -379,7 +379,7 @@ def test_simulation_releases_explanations_after_the_last_round(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     block = summary["explanations"]
-    assert [h["site"] for h in block["hospitals"]] == ["hospital-1", "hospital-2"]
+    assert [h["hospital"] for h in block["hospitals"]] == ["hospital-1", "hospital-2"]
     assert block["refused"] == [] and len(block["mean_abs"]) == 30
     assert block["features"][:2] == ["mean radius", "mean texture"]
     for h in summary["hospitals"]:
@@ -438,8 +438,8 @@ def test_saliency_release_noises_every_class_sum_and_count_at_sigma_sqrt3():
 def test_saliency_pooling_and_chart(tmp_path):
     from server.explanations import aggregate_saliency, explanation_lines, plot_saliency
 
-    def release(site: str, count0: float, count1: float) -> dict:
-        return {"site": site, "n": 10, "saliency-0": [1.0] * 4, "image-0": [2.0] * 4,
+    def release(hospital: str, count0: float, count1: float) -> dict:
+        return {"hospital": hospital, "n": 10, "saliency-0": [1.0] * 4, "image-0": [2.0] * 4,
                 "count-0": [count0], "saliency-1": [3.0] * 4, "image-1": [-1.0] * 4,
                 "count-1": [count1], "noise_multiplier": 2.0, "clip": 1.0, "image_clip": 2.0,
                 "epsilon_release": 1.0, "epsilon": 1.5}  # fmt: skip

@@ -8,6 +8,7 @@ that saves ever larger records in a loop until it is killed with ``kill -9`` at 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ def _record(n: int) -> RunRecord:
     state = empty_accountant_state("rdp")
     state["history"] = [[1.1, 0.01, 1] for _ in range(n)]  # a longer file at every save
     return RunRecord(
-        run_id="run-k", task="breast-cancer", delta=1e-5, site_delta=1e-5, plan={"n": 1},
+        run_id="run-k", task="breast-cancer", delta=1e-5, hospital_delta=1e-5, plan={"n": 1},
         accountant=state, sample_level_dp=True, train_steps=n, updates=n, eval_releases=n,
     )  # fmt: skip
 
@@ -55,3 +56,17 @@ def test_a_hospital_killed_while_writing_its_ledger_leaves_it_readable(tmp_path)
         last = record.updates
     assert last > 0  # the writers did write
     assert [r.run_id for r in ledger.records()] == ["run-k"]  # leftover temp files are ignored
+
+
+def test_a_ledger_written_before_the_hospital_wording_keeps_its_delta(tmp_path):
+    """Ledgers written before fedcare said "hospital" for a site store ``site_delta``; reading
+    them under the run's δ instead (10x larger here) would understate ε against the caps."""
+    record = _record(3)
+    old = json.loads(record.to_json())
+    old["delta"], old["site_delta"] = 1e-4, old.pop("hospital_delta")
+    ledger = Ledger(tmp_path / "ledger")
+    (tmp_path / "ledger" / "runs").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "ledger" / "runs" / "run-k.json").write_text(json.dumps(old))
+    loaded = ledger.load("run-k")
+    assert loaded is not None and loaded.hospital_delta == 1e-5
+    assert loaded.epsilon(loaded.hospital_delta) > loaded.epsilon()  # the smaller δ, the larger ε

@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from shared_models.config import RunConfig
-from shared_models.sites import held_out_site, simulated_sites_for
+from shared_models.hospitals import held_out_hospital, simulated_hospitals_for
 from simulations import cli
 from tests.conftest import HEART_DIR
 
@@ -22,7 +22,7 @@ SECTION = "## External validation on the held-out hospital"
 
 @pytest.fixture(scope="module")
 def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """(run folder, summary.json, held-out site, the scores the harness validated, console
+    """(run folder, summary.json, held-out hospital, the scores the harness validated, console
     output): 3 non-private rounds on cleveland, hungarian and va through the real ``fedcare
     simulate`` (in this process), Switzerland held out, with the cross-site matrix."""
     import simulations.uncertainty as uncertainty
@@ -32,9 +32,9 @@ def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
     heart_dir = HEART_DIR
     seen = {}
 
-    def spy(site, scores, **kwargs):  # type: ignore[no-untyped-def]
-        seen.update(site=site, scores=scores)
-        return held_out(site, scores, **kwargs)
+    def spy(hospital, scores, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(hospital=hospital, scores=scores)
+        return held_out(hospital, scores, **kwargs)
 
     held_out = uncertainty.held_out_validation
     run = tmp_path_factory.mktemp("hold_out") / "run"
@@ -50,24 +50,27 @@ def held_out_run(tmp_path_factory):  # type: ignore[no-untyped-def]
             )  # fmt: skip
     assert result == cli.RUN_FOLDER_COMPLETE
     summary = json.loads((run / "summary.json").read_text())
-    return run, summary, seen["site"], seen["scores"], capture.get()
+    return run, summary, seen["hospital"], seen["scores"], capture.get()
 
 
 def test_federation_trains_without_the_held_out_hospital(held_out_run):
-    _, summary, site, _, _ = held_out_run
+    _, summary, hospital, _, _ = held_out_run
     assert [h["name"] for h in summary["hospitals"]] == ["cleveland", "hungarian", "va"]
-    assert site.name == "switzerland"
+    assert hospital.name == "switzerland"
     # the baselines train on the three training hospitals only: their test splits, no more
     n_test = sum(h["n_test"] for h in summary["hospitals"])
     assert summary["validation"]["n"] == n_test
 
 
 def test_external_validation_scores_every_record_of_the_held_out_hospital(held_out_run):
-    run, summary, site, scores, output = held_out_run
+    run, summary, hospital, scores, output = held_out_run
     block = summary["external_validation"]
     # Switzerland has 123 rows in the UCI file; the default preprocessing (FLamby's) keeps 46
-    assert block["hospital"] == "switzerland" and block["n"] == 46 == site.n_train + site.n_test
-    y = np.concatenate([site.y_train, site.y_test]).astype(int)
+    assert (
+        block["hospital"] == "switzerland"
+        and block["n"] == 46 == hospital.n_train + hospital.n_test
+    )
+    y = np.concatenate([hospital.y_train, hospital.y_test]).astype(int)
     p = np.asarray(scores)
     assert p.shape == (46,) and block["positives"] == int(y.sum())
     assert block["prevalence"] == pytest.approx(y.mean())
@@ -116,13 +119,13 @@ def test_every_process_sees_the_same_partition_without_the_held_out_hospital(def
     hospital-3, exactly the records they hold in the 3-hospital partition."""
     cfg = {**default_cfg, "simulation.hospitals": 2, "simulation.hold-out": "hospital-2"}
     run = RunConfig.from_run_config(cfg)
-    full = simulated_sites_for(dataclasses.replace(run, simulated_hold_out=""), 3)
-    federation = simulated_sites_for(run, 2)
+    full = simulated_hospitals_for(dataclasses.replace(run, simulated_hold_out=""), 3)
+    federation = simulated_hospitals_for(run, 2)
     assert [s.name for s in federation] == ["hospital-1", "hospital-3"]
     for got, want in zip(federation, (full[0], full[2]), strict=True):
         np.testing.assert_array_equal(got.x_train, want.x_train)
         np.testing.assert_array_equal(got.y_test, want.y_test)
-    assert held_out_site(run, 2).n_train == full[1].n_train
+    assert held_out_hospital(run, 2).n_train == full[1].n_train
 
 
 def test_evaluate_reports_the_declared_subgroups(held_out_run, tmp_path, monkeypatch, capsys):
@@ -214,10 +217,10 @@ def test_cross_site_matrix_scores_every_model_on_every_test_split(held_out_run):
             assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
     recorded = json.loads(sorted((run_dir / "checkpoints").glob("round-*.json"))[-1].read_text())
     config = RunConfig.from_run_config(recorded["run_config"])
-    sites = simulated_sites_for(config, 3)
+    hospitals = simulated_hospitals_for(config, 3)
     model, _ = model_for_run(config)
     model.load_state_dict(load_weights(run_dir / "model.safetensors"))
-    va = sites[2]
+    va = hospitals[2]
     p = predict_proba(model, va.x_test)
     assert rows["global (federated)"]["cells"]["va"]["auroc"] == v.delong_ci(va.y_test, p).as_dict()
     assert block["test_splits"][2]["n"] == va.n_test

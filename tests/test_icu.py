@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared_models.sites import simulated_site_frames, site_from_frame
+from shared_models.hospitals import hospital_from_frame, simulated_hospital_frames
 from shared_models.tasks import DataError, get_task
 from shared_models.tasks import physionet2012 as pn
 from shared_models.tasks.base import split_key_from_seed
@@ -140,7 +140,7 @@ def test_tensors_carry_forward_with_masks_and_time_since_observed(tmp_path):
 
 
 def test_a_stays_tensor_depends_on_that_stay_only(tmp_path):
-    """No statistic of other stays (or sites) enters the preprocessing."""
+    """No statistic of other stays (or hospitals) enters the preprocessing."""
     frame = read_icu_data(_hospital(tmp_path / "h"))
     together = stay_tensors(frame, "hourly")[0]
     for i in range(len(frame)):
@@ -294,20 +294,20 @@ def test_client_check_reads_a_hospital_folder(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------
 def test_set_a_splits_into_the_four_icu_types(physionet_dir):
     task = get_task("icu-mortality")
-    sites = simulated_site_frames(task, data_dir=str(physionet_dir), num_sites=4,
+    hospitals = simulated_hospital_frames(task, data_dir=str(physionet_dir), num_hospitals=4,
                                   scheme="natural", alpha=1, seed=0)  # fmt: skip
-    sizes = {name: len(frame) for name, frame in sites}
+    sizes = {name: len(frame) for name, frame in hospitals}
     assert sizes == {"ccu": 577, "csru": 874, "micu": 1481, "sicu": 1068}
-    mortality = {name: frame["label"].mean() for name, frame in sites}
+    mortality = {name: frame["label"].mean() for name, frame in hospitals}
     assert mortality["csru"] == pytest.approx(0.049, abs=0.001)
     assert mortality["micu"] == pytest.approx(0.186, abs=0.001)
-    assert sum(f["label"].sum() for _, f in sites) == 554
-    site = site_from_frame(task, "ccu", sites[0][1], preprocessing="default", test_fraction=0,
+    assert sum(f["label"].sum() for _, f in hospitals) == 554
+    hospital = hospital_from_frame(task, "ccu", hospitals[0][1], preprocessing="default", test_fraction=0,
                            split_key=split_key_from_seed(0))  # fmt: skip
-    assert site.n_train + site.n_test == 577
-    assert 90 <= site.n_test <= 140  # the task's 20 % test share, record by record
-    assert site.y_test.mean() == pytest.approx(site.y_train.mean(), abs=0.05)
-    iid = simulated_site_frames(task, data_dir=str(physionet_dir), num_sites=5, scheme="iid",
+    assert hospital.n_train + hospital.n_test == 577
+    assert 90 <= hospital.n_test <= 140  # the task's 20 % test share, record by record
+    assert hospital.y_test.mean() == pytest.approx(hospital.y_train.mean(), abs=0.05)
+    iid = simulated_hospital_frames(task, data_dir=str(physionet_dir), num_hospitals=5, scheme="iid",
                                 alpha=1, seed=0)  # fmt: skip
     assert [len(f) for _, f in iid] == [800] * 5
     assert {icu for _, f in iid for icu in f["ICUType"]} == {1.0, 2.0, 3.0, 4.0}
@@ -323,17 +323,17 @@ def test_simulate_keeps_the_icu_types_unless_hospitals_are_asked_for(physionet_d
         return SimulationRequest(options=options, hospitals=hospitals, out=tmp_path / "run")
 
     req = request()
-    run, sites = preflight(*build_run_config(req), req)
+    run, hospitals = preflight(*build_run_config(req), req)
     assert run.data.partition == "natural" and run.simulated_hospitals == 4
-    assert [s.name for s in sites] == ["ccu", "csru", "micu", "sicu"]
+    assert [s.name for s in hospitals] == ["ccu", "csru", "micu", "sicu"]
     req = request(hospitals=3, partition="dirichlet")
-    run, sites = preflight(*build_run_config(req), req)
-    assert run.data.partition == "dirichlet" and [s.name for s in sites] == [
+    run, hospitals = preflight(*build_run_config(req), req)
+    assert run.data.partition == "dirichlet" and [s.name for s in hospitals] == [
         "hospital-1",
         "hospital-2",
         "hospital-3",
     ]
-    assert sum(s.n_train + s.n_test for s in sites) == 4000
+    assert sum(s.n_train + s.n_test for s in hospitals) == 4000
     with pytest.raises(UsageError, match="--partition dirichlet needs --hospitals N"):
         req = request(partition="dirichlet")
         preflight(*build_run_config(req), req)

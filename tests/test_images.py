@@ -8,21 +8,23 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from shared_models.sites import simulated_sites
+from shared_models.hospitals import simulated_hospitals
 from shared_models.tasks import DataError, get_task
 from shared_models.tasks.images import (
     image_features,
     read_image_folder,
     read_medmnist,
     share_test_split,
-    simulated_chest_sites,
+    simulated_chest_hospitals,
 )
 from tests.images_data import synthetic_xray, write_dicom, write_hospital_folder
 
 
-def _sites(data_dir, *, num_sites=3, scheme="iid", alpha=0.5, preprocessing="size-28", seed=0):
-    return simulated_chest_sites(
-        str(data_dir), num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed,
+def _hospitals(
+    data_dir, *, num_hospitals=3, scheme="iid", alpha=0.5, preprocessing="size-28", seed=0
+):
+    return simulated_chest_hospitals(
+        str(data_dir), num_hospitals=num_hospitals, scheme=scheme, alpha=alpha, seed=seed,
         preprocessing=preprocessing, test_fraction=0.0,
     )  # fmt: skip
 
@@ -47,32 +49,32 @@ def test_pneumoniamnist_official_splits(pneumonia_dir):
 
 
 def test_simulated_hospitals_share_the_official_test_split(pneumonia_dir):
-    sites = _sites(pneumonia_dir)
+    hospitals = _hospitals(pneumonia_dir)
     splits = read_medmnist(pneumonia_dir / "pneumoniamnist.npz")
-    assert [s.name for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
-    assert sum(s.n_train for s in sites) == 4708
-    assert sum(s.n_test for s in sites) == 624  # pooled evaluation = the whole test split
-    pooled = np.concatenate([s.x_test for s in sites])[:, 0]
+    assert [s.name for s in hospitals] == ["hospital-1", "hospital-2", "hospital-3"]
+    assert sum(s.n_train for s in hospitals) == 4708
+    assert sum(s.n_test for s in hospitals) == 624  # pooled evaluation = the whole test split
+    pooled = np.concatenate([s.x_test for s in hospitals])[:, 0]
     official = (splits["test"][0].astype(np.float32) - 127.5) / 127.5
     # same images, each exactly once (compare as sorted rows)
     key = lambda a: a.reshape(len(a), -1)[np.lexsort(a.reshape(len(a), -1).T[::-1])]  # noqa: E731
     np.testing.assert_array_equal(key(pooled), key(official))
-    assert all(s.x_train.shape[1:] == (1, 28, 28) for s in sites)
-    assert all(s.x_train.min() >= -1.0 and s.x_train.max() <= 1.0 for s in sites)
-    again = _sites(pneumonia_dir)
-    np.testing.assert_array_equal(again[1].x_test, sites[1].x_test)  # deterministic
+    assert all(s.x_train.shape[1:] == (1, 28, 28) for s in hospitals)
+    assert all(s.x_train.min() >= -1.0 and s.x_train.max() <= 1.0 for s in hospitals)
+    again = _hospitals(pneumonia_dir)
+    np.testing.assert_array_equal(again[1].x_test, hospitals[1].x_test)  # deterministic
 
 
 def test_dirichlet_hospitals_get_test_splits_with_their_own_label_mix(pneumonia_dir):
-    sites = _sites(pneumonia_dir, scheme="dirichlet", alpha=0.3, seed=1)
-    assert sum(s.n_test for s in sites) == 624
-    train_mix = [s.y_train.mean() for s in sites]
+    hospitals = _hospitals(pneumonia_dir, scheme="dirichlet", alpha=0.3, seed=1)
+    assert sum(s.n_test for s in hospitals) == 624
+    train_mix = [s.y_train.mean() for s in hospitals]
     assert max(train_mix) - min(train_mix) > 0.1  # label skew
     # each hospital holds the same share of each class in test as in training (to the example:
     # largest remainders); a test split dealt without regard to the label (IID) misses by dozens
     for cls in (0, 1):
-        train = np.array([(s.y_train == cls).sum() for s in sites])
-        test = np.array([(s.y_test == cls).sum() for s in sites])
+        train = np.array([(s.y_train == cls).sum() for s in hospitals])
+        test = np.array([(s.y_test == cls).sum() for s in hospitals])
         expected = train / train.sum() * test.sum()
         assert np.abs(test - expected).max() < 1, (cls, test, expected.round(1))
 
@@ -90,18 +92,18 @@ def test_share_test_split_is_proportional_per_class_and_covers_everything():
 @pytest.mark.parametrize("size", [28, 64])
 def test_any_published_size_loads_and_is_resized_to_the_task_size(tmp_path, size):
     _write_npz(tmp_path / "x.npz", size, rgb=size == 64, labels_2d=size == 28)
-    sites = _sites(tmp_path, num_sites=2)
-    assert sites[0].x_train.shape[1:] == (1, 28, 28)
-    assert sum(s.n_train for s in sites) == 60 and sum(s.n_test for s in sites) == 30
+    hospitals = _hospitals(tmp_path, num_hospitals=2)
+    assert hospitals[0].x_train.shape[1:] == (1, 28, 28)
+    assert sum(s.n_train for s in hospitals) == 60 and sum(s.n_test for s in hospitals) == 30
     if size == 64:
-        at64 = _sites(tmp_path, num_sites=2, preprocessing="size-64")
+        at64 = _hospitals(tmp_path, num_hospitals=2, preprocessing="size-64")
         assert at64[0].x_train.shape[1:] == (1, 64, 64)
 
 
 def test_npz_smaller_than_the_preprocessing_is_refused(tmp_path):
     _write_npz(tmp_path / "small.npz", 28)
     with pytest.raises(DataError, match=r"small.npz: 28x28 images, smaller than the 64x64"):
-        _sites(tmp_path, num_sites=2, preprocessing="size-64")
+        _hospitals(tmp_path, num_hospitals=2, preprocessing="size-64")
 
 
 def test_npz_with_a_missing_key_or_multiclass_labels(tmp_path):
@@ -117,11 +119,11 @@ def test_npz_with_a_missing_key_or_multiclass_labels(tmp_path):
 
 
 def test_the_simulation_path_uses_the_hook_and_resolves_the_default(pneumonia_dir):
-    sites = simulated_sites(
-        "chest-xray", data_dir=str(pneumonia_dir), num_sites=2, scheme="iid", alpha=0.5,
+    hospitals = simulated_hospitals(
+        "chest-xray", data_dir=str(pneumonia_dir), num_hospitals=2, scheme="iid", alpha=0.5,
         seed=0, preprocessing="default", test_fraction=0.0,
     )  # fmt: skip
-    assert len(sites) == 2 and sum(s.n_test for s in sites) == 624
+    assert len(hospitals) == 2 and sum(s.n_test for s in hospitals) == 624
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,12 +249,12 @@ def test_a_folder_of_hospital_folders_is_a_federation(tmp_path):
     write_hospital_folder(tmp_path / "a", 20, seed=0)
     write_hospital_folder(tmp_path / "b", 30, seed=1)
     task = get_task("chest-xray")
-    assert [name for name, _ in task.load_sites(str(tmp_path))] == ["a", "b"]
-    sites = _sites(tmp_path, num_sites=2)
-    assert [(s.name, s.n_train + s.n_test) for s in sites] == [("a", 20), ("b", 30)]
-    assert 1 <= sites[0].n_test <= 9  # the task's default 20 % share, record by record
+    assert [name for name, _ in task.load_hospitals(str(tmp_path))] == ["a", "b"]
+    hospitals = _hospitals(tmp_path, num_hospitals=2)
+    assert [(s.name, s.n_train + s.n_test) for s in hospitals] == [("a", 20), ("b", 30)]
+    assert 1 <= hospitals[0].n_test <= 9  # the task's default 20 % share, record by record
     with pytest.raises(DataError, match="2 hospital folders"):
-        _sites(tmp_path, num_sites=3)
+        _hospitals(tmp_path, num_hospitals=3)
 
 
 def test_client_check_reports_an_image_folder(monkeypatch, capsys, tmp_path):
@@ -260,11 +262,19 @@ def test_client_check_reports_an_image_folder(monkeypatch, capsys, tmp_path):
 
     from simulations import cli
 
-    write_hospital_folder(tmp_path / "site", 9, seed=0)
+    write_hospital_folder(tmp_path / "hospital", 9, seed=0)
     monkeypatch.setattr(
         sys,
         "argv",
-        ["fedcare", "client", "check", "--task", "chest-xray", "--data", str(tmp_path / "site")],
+        [
+            "fedcare",
+            "client",
+            "check",
+            "--task",
+            "chest-xray",
+            "--data",
+            str(tmp_path / "hospital"),
+        ],
     )
     cli.main()
     out = " ".join(capsys.readouterr().out.split())
@@ -294,7 +304,7 @@ def test_client_check_names_the_bad_file(monkeypatch, capsys, tmp_path):
 
 def test_scatter_preprocessing_is_a_fixed_per_image_transform(tmp_path):
     """scatter-28: [N, 81, 7, 7] scattering coefficients of the 28x28 pixels, the same for an
-    image whatever else is in the hospital's folder (no statistics across images or sites)."""
+    image whatever else is in the hospital's folder (no statistics across images or hospitals)."""
     from shared_models.tasks.images import scattering
 
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ def _attempts(**kwargs) -> tuple[JoinAttempts, list[str], list[float]]:  # type:
     said: list[str] = []
     t = [0.0]
     attempts = JoinAttempts(
-        site="a", fingerprint="SHA256:abc", public_key_name="a.pub",
+        hospital="a", fingerprint="SHA256:abc", public_key_name="a.pub",
         log_path=Path("state/supernode.log"), ca=Path("ca.pem"), say=said.append,
         clock=lambda: t[0], **kwargs,
     )  # fmt: skip
@@ -95,7 +95,7 @@ def test_problems_no_wait_can_fix_stop_at_once():
     for lines, expected in (
         (["[code: 2001] SuperNode authentication is required"], "pass --key"),
         (["ssl.SSLCertVerificationError: CERTIFICATE_VERIFY_FAILED"], "verified with ca.pem"),
-        (["[fedcare] python -m client.launcher --site a exited with code 3"], "code 3; see"),
+        (["[fedcare] python -m client.launcher --hospital a exited with code 3"], "code 3; see"),
     ):
         attempts, _, _ = _attempts()
         assert _exit(attempts, [*lines, *REFUSED]) is None

@@ -111,18 +111,18 @@ def test_model_card_of_a_deployed_client_level_run():
 def test_a_deployment_card_records_only_the_released_prevalence():
     """``model.json`` ``training_data`` in a deployment: the test-split prevalence from the score
     histograms the hospitals released (noisy ones marked), no feature distributions."""
-    from server.history import RunHistory, SiteEvent
+    from server.history import HospitalEvent, RunHistory
     from server.server_app import released_training_data
 
     history = RunHistory()
     history.events += [
-        SiteEvent(round=3, kind="evaluate", node_id=1, site="a",
+        HospitalEvent(round=3, kind="evaluate", node_id=1, hospital="a",
                   histograms={"hist-neg": [6.0, 2.0, 0.0], "hist-pos": [0.0, 1.0, 1.0]},
                   metrics={"eval-noise-multiplier": 5.0}),
         # a negative noisy count counts as 0
-        SiteEvent(round=3, kind="evaluate", node_id=2, site="b",
+        HospitalEvent(round=3, kind="evaluate", node_id=2, hospital="b",
                   histograms={"hist-neg": [3.0, -1.0, 0.0], "hist-pos": [0.0, 0.0, 1.0]}),
-        SiteEvent(round=3, kind="evaluate", node_id=3, site="c", error="refused"),
+        HospitalEvent(round=3, kind="evaluate", node_id=3, hospital="c", error="refused"),
     ]  # fmt: skip
     block = released_training_data(history)
     assert block["exact"] is False and block["features"] is None

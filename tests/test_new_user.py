@@ -15,7 +15,7 @@ import pytest
 
 from client.client_app import app as client_app
 from shared_models.errors import DataWarning
-from shared_models.sites import simulated_site_frames
+from shared_models.hospitals import simulated_hospital_frames
 from shared_models.tasks import TASKS, DataError, TaskFileError, get_task
 from shared_models.tasks.images import read_image_folder, read_medmnist
 from shared_models.tasks.tabular import task_from_spec
@@ -61,9 +61,9 @@ def test_simulate_checks_a_task_file_path_and_ships_its_text(monkeypatch, tmp_pa
             options=RunOptions(task=name, data_dir=str(data), dp=False), hospitals=None,
             out=tmp_path / "run", task_file=text,
         )  # fmt: skip
-        cfg, run, sites = _checked_request(request)
+        cfg, run, hospitals = _checked_request(request)
         assert cfg["simulation.task-file"] == text and run.task.name == "my-task"
-        assert [s.name for s in sites] == ["bonn", "hamburg", "munich"]
+        assert [s.name for s in hospitals] == ["bonn", "hamburg", "munich"]
     assert "my-task" not in TASKS  # registered for that command only
     with task_argument(str(REPO / "tasks" / "heart-disease.toml")) as (name, text):
         assert (name, text) == ("heart-disease", "")  # the app's own file: just its name
@@ -121,7 +121,7 @@ def test_a_deployed_hospital_ignores_a_task_file_in_the_run_config(default_cfg, 
     gbsg2.gbsg2_frame().to_csv(rows, index=False)
     cfg = {**default_cfg, "task.name": "gbsg2", "dp.enabled": False,
            "simulation.task-file": gbsg2.TASK}  # fmt: skip
-    node = {"data-path": str(rows), "site": "bonn", "ledger-dir": str(tmp_path / "ledger")}
+    node = {"data-path": str(rows), "hospital": "bonn", "ledger-dir": str(tmp_path / "ledger")}
     from shared_models.models import build_model
 
     reply = client_app(
@@ -200,7 +200,7 @@ def test_missing_markers_match_numerically(marker):
     spec = parse_task_text(_MARKER_TASK.format(marker=marker))
     cell = "-9.0" if "9" in marker else "0.0"
     frame = pd.DataFrame({"x": ["2", cell, "3", "4", "5"], "y": ["1.0", "0", "1", "0", "1"]})
-    report = check_table(spec, frame, "site.csv")
+    report = check_table(spec, frame, "hospital.csv")
     assert report.ok, report.problems()
     x, _ = task_from_spec(spec).features(frame.assign(label=0.0), "declared")
     assert np.isnan(x[1, 0]) or x[1, 1] == 1.0  # imputed, with its missing indicator
@@ -213,7 +213,7 @@ def test_an_out_of_range_value_hints_at_how_markers_match():
 
     spec = parse_task_text(_MARKER_TASK.format(marker='"NA"'))
     frame = pd.DataFrame({"x": ["2", "0", "3", "4", "5"], "y": ["1", "0", "1", "0", "1"]})
-    (problem,) = check_table(spec, frame, "site.csv").problems()
+    (problem,) = check_table(spec, frame, "hospital.csv").problems()
     assert "column 'x': 1 row(s) outside the valid range [1, 10] (first at data row 2)" in problem
     assert (
         'its missing markers: "NA"; markers are compared as listed: text as written, numbers by value'
@@ -295,12 +295,14 @@ def test_an_image_folder_check_reports_every_problem_at_once(tmp_path):
 def test_client_check_prints_unlisted_images_as_a_warning(monkeypatch, capsys, tmp_path):
     from tests.images_data import write_hospital_folder
 
-    write_hospital_folder(tmp_path / "site", 6, seed=0, dicom_every=0)
-    (tmp_path / "site" / "stray.png").write_bytes((tmp_path / "site" / "img-000.png").read_bytes())
+    write_hospital_folder(tmp_path / "hospital", 6, seed=0, dicom_every=0)
+    (tmp_path / "hospital" / "stray.png").write_bytes(
+        (tmp_path / "hospital" / "img-000.png").read_bytes()
+    )
     code, text = _fedcare(monkeypatch, capsys, "client", "check", "--task", "chest-xray",
-                          "--data", str(tmp_path / "site"))  # fmt: skip
+                          "--data", str(tmp_path / "hospital"))  # fmt: skip
     assert code == 0, text
-    assert "warning: site: 1 file(s) not listed in labels.csv are not used (stray.png)" in text
+    assert "warning: hospital: 1 file(s) not listed in labels.csv are not used (stray.png)" in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +356,7 @@ def test_icu_hospital_folders_with_records_one_level_down_simulate(icu_federatio
 
     task = get_task("icu-mortality")
     with pytest.warns(DataWarning, match=r"b: 1 row\(s\) of Outcomes-b.txt have no record file"):
-        frames = simulated_site_frames(task, data_dir=str(icu_federation), num_sites=2,
+        frames = simulated_hospital_frames(task, data_dir=str(icu_federation), num_hospitals=2,
                                        scheme="natural", alpha=0.5, seed=0)  # fmt: skip
     assert [(name, len(f)) for name, f in frames] == [("a", 30), ("b", 30)]
     request = SimulationRequest(
@@ -362,8 +364,8 @@ def test_icu_hospital_folders_with_records_one_level_down_simulate(icu_federatio
         hospitals=None, out=tmp_path / "run",
     )  # fmt: skip
     with pytest.warns(DataWarning):
-        _, run, sites = _checked_request(request)
-    assert [s.name for s in sites] == ["a", "b"] and run.data.partition == "natural"
+        _, run, hospitals = _checked_request(request)
+    assert [s.name for s in hospitals] == ["a", "b"] and run.data.partition == "natural"
 
 
 def test_client_check_warns_about_outcomes_rows_without_a_record(
@@ -442,7 +444,7 @@ def test_positive_class_names_what_label_1_means(tmp_path, pneumonia_dir):
     assert breast.positive_class_for("") == "malignant"
     from sklearn.datasets import load_breast_cancer
 
-    ((_, frame),) = breast.load_sites("")
+    ((_, frame),) = breast.load_hospitals("")
     target = load_breast_cancer().target  # scikit-learn: 0 = malignant, 1 = benign
     assert load_breast_cancer().target_names[0] == "malignant"
     np.testing.assert_array_equal(frame["label"].to_numpy(), (target == 0).astype(float))

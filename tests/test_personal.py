@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from shared_models.config import ConfigError, RunConfig
 from shared_models.models import build_model, predict_proba
@@ -26,10 +26,12 @@ def _task_identity():
     use_task_identity()
 
 
-def _site_data(ctx):  # type: ignore[no-untyped-def]
-    from client.site import SiteSettings, load_site_data, run_config_of
+def _hospital_data(ctx):  # type: ignore[no-untyped-def]
+    from client.hospital_data import HospitalSettings, load_hospital_data, run_config_of
 
-    return load_site_data(SiteSettings.from_node_config(ctx.node_config), run_config_of(ctx))
+    return load_hospital_data(
+        HospitalSettings.from_node_config(ctx.node_config), run_config_of(ctx)
+    )
 
 
 def _personal(ledger: Path, run_id: str) -> dict[str, torch.Tensor]:
@@ -80,7 +82,7 @@ def test_ditto_keeps_the_personal_model_at_the_hospital_across_a_restart(ditto_c
     stored = build_model("mlp", n_features=30)
     stored.load_state_dict(_personal(ledger, "run-ditto"))
     assert all(torch.equal(stored.state_dict()[k], personal_after[1][k]) for k in sent)
-    data = _site_data(restarted)
+    data = _hospital_data(restarted)
     expected = roc_auc_score(data.y_test, predict_proba(stored, data.x_test))
     metrics = reply.content["metrics"]
     assert metrics["personal-auroc"] == pytest.approx(expected)
@@ -89,7 +91,9 @@ def test_ditto_keeps_the_personal_model_at_the_hospital_across_a_restart(ditto_c
     )
 
 
-def test_personal_evaluation_is_a_second_charged_release_at_a_private_site(default_cfg, tmp_path):
+def test_personal_evaluation_is_a_second_charged_release_at_a_private_hospital(
+    default_cfg, tmp_path
+):
     """Where the policy forbids exact metrics, the personal model's evaluation leaves only as
     noisy counts, charged as one more Gaussian release in the ledger and planned in the run's
     budget; a repeated request gets the same release, not a fresh free one."""
@@ -107,7 +111,7 @@ def test_personal_evaluation_is_a_second_charged_release_at_a_private_site(defau
         "policy-path": str(policy),
     }  # fmt: skip
     ctx = make_context(default_cfg, node)
-    n_train = _site_data(ctx).n_train
+    n_train = _hospital_data(ctx).n_train
     run = RunConfig.from_run_config(default_cfg)
     plan = plan_for_run(run, n_train=n_train, private_evaluation=True)
     assert plan.eval_releases == 2  # one evaluation round, global + personal
@@ -119,7 +123,7 @@ def test_personal_evaluation_is_a_second_charged_release_at_a_private_site(defau
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     assert "personal-auroc" not in metrics  # no exact figure of the personal model leaves
-    n_test = _site_data(ctx).n_test
+    n_test = _hospital_data(ctx).n_test
     for prefix in ("", "personal-"):
         counts = np.add(metrics[f"{prefix}hist-neg"], metrics[f"{prefix}hist-pos"])
         assert all(float(c).is_integer() for c in counts)
@@ -132,7 +136,7 @@ def test_personal_evaluation_is_a_second_charged_release_at_a_private_site(defau
     assert again.content["metrics"]["personal-hist-pos"] == metrics["personal-hist-pos"]
     assert json.loads((ledger / "runs" / "run-private.json").read_text())["eval_releases"] == 2
     fresh = client_app(make_request("evaluate", model, 3), ctx)  # a third release: refused
-    assert fresh.error.code == SITE_REFUSED and "evaluation release" in fresh.error.reason
+    assert fresh.error.code == HOSPITAL_REFUSED and "evaluation release" in fresh.error.reason
 
 
 def test_a_run_cannot_switch_personalisation_on_midway(ditto_cfg, tmp_path):
@@ -144,7 +148,7 @@ def test_a_run_cannot_switch_personalisation_on_midway(ditto_cfg, tmp_path):
     plain = {**ditto_cfg, "personal.method": "none"}
     assert not client_app(make_request("train", model, 1), make_context(plain, node)).has_error()
     reply = client_app(make_request("train", model, 2), make_context(ditto_cfg, node))
-    assert reply.error.code == SITE_REFUSED and "personal.method" in reply.error.reason
+    assert reply.error.code == HOSPITAL_REFUSED and "personal.method" in reply.error.reason
     assert not (ledger / "personal").exists()
 
 

@@ -1,4 +1,4 @@
-"""Site policy and privacy ledger at the hospital, through the real ClientApp handlers."""
+"""Hospital policy and privacy ledger at the hospital, through the real ClientApp handlers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.client_app import SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED
 from client.client_app import app as client_app
 from client.ledger import lifetime_epsilon
 from shared_models.models import build_model
@@ -32,7 +32,7 @@ def _msg(kind: str, server_round: int = 1):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def site(tmp_path):
+def hospital(tmp_path):
     def make(policy: str) -> dict:
         (tmp_path / "policy.toml").write_text(policy)
         return {"partition-id": 0, "num-partitions": 3, "ledger-dir": str(tmp_path / "ledger"),
@@ -41,11 +41,11 @@ def site(tmp_path):
     return make
 
 
-def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, site, tmp_path):
+def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, hospital, tmp_path):
     default_cfg.update({"dp.target-epsilon": 4.0, "run.id": "big"})
-    reply = client_app(_msg("train"), _ctx(default_cfg, site("max-epsilon-per-run = 3.0\n")))
-    assert reply.error.code == SITE_REFUSED
-    assert "planned ε at this site's δ is above the policy's max-epsilon-per-run 3" in (
+    reply = client_app(_msg("train"), _ctx(default_cfg, hospital("max-epsilon-per-run = 3.0\n")))
+    assert reply.error.code == HOSPITAL_REFUSED
+    assert "planned ε at this hospital's δ is above the policy's max-epsilon-per-run 3" in (
         reply.error.reason
     )
     assert not (tmp_path / "ledger" / "runs").exists()  # a refusal changes nothing in the ledger
@@ -57,8 +57,8 @@ def test_run_over_the_per_run_budget_is_refused_before_training(default_cfg, sit
     assert audit[2]["decision"] == "refused" and "max-epsilon-per-run 3" in audit[2]["error"]
 
 
-def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
-    node = site("lifetime-epsilon = 2.5\nexact-metrics = true\n")  # training releases only
+def test_lifetime_budget_holds_across_two_runs(default_cfg, hospital):
+    node = hospital("lifetime-epsilon = 2.5\nexact-metrics = true\n")  # training releases only
     default_cfg.update({"dp.target-epsilon": 2.0, "train.rounds": 2, "run.id": "first"})
     for rnd in (1, 2):
         assert not client_app(_msg("train", rnd), _ctx(default_cfg, node)).has_error()
@@ -85,19 +85,19 @@ def test_lifetime_budget_holds_across_two_runs(default_cfg, site):
         ("max-grad-norm = [0.1, 0.5]\n", {}, "max_grad_norm 1 is outside the policy's [0.1, 0.5]"),
         ('allowed-tasks = ["breast-cancer:other"]\n', {}, "preprocessing 'wdbc-ranges' is not"),
         ("min-cohort = 500\n", {}, "fewer patients than the policy's min-cohort 500"),
-        ("max-epsilon = 1.0\n", {}, "its site policy file is unusable"),
-        ("", {"dp.target-delta": 1e-4}, "dp.target-delta = 0.0001 is above this site's δ"),
+        ("max-epsilon = 1.0\n", {}, "its hospital policy file is unusable"),
+        ("", {"dp.target-delta": 1e-4}, "dp.target-delta = 0.0001 is above this hospital's δ"),
         ("max-delta = 1e-6\n", {}, "dp.target-delta = 1e-05 is above the policy's max-delta 1e-06"),
     ],
 )
-def test_policy_bounds(default_cfg, site, policy, update, reason):
+def test_policy_bounds(default_cfg, hospital, policy, update, reason):
     default_cfg.update(update)
-    reply = client_app(_msg("train"), _ctx(default_cfg, site(policy)))
+    reply = client_app(_msg("train"), _ctx(default_cfg, hospital(policy)))
     assert reply.has_error() and reason in reply.error.reason
 
 
-def test_min_cohort_withholds_exact_evaluation_metrics(default_cfg, site):
-    node = site("exact-metrics = true\nmin-cohort = 30\n")  # 21 positive test patients here
+def test_min_cohort_withholds_exact_evaluation_metrics(default_cfg, hospital):
+    node = hospital("exact-metrics = true\nmin-cohort = 30\n")  # 21 positive test patients here
     reply = client_app(_msg("evaluate"), _ctx(default_cfg, node))
     metrics, info = reply.content["metrics"], reply.content["info"]
     assert all(math.isnan(metrics[k]) for k in ("auroc", "accuracy", "sensitivity", "specificity"))
@@ -117,10 +117,12 @@ def test_lifetime_composes_with_one_accountant_not_by_adding():
     assert total < separate
 
 
-def test_budget_command_lists_runs_and_lifetime(default_cfg, site, monkeypatch, capsys, tmp_path):
+def test_budget_command_lists_runs_and_lifetime(
+    default_cfg, hospital, monkeypatch, capsys, tmp_path
+):
     from simulations import cli
 
-    node = site("")
+    node = hospital("")
     default_cfg.update({"train.rounds": 2, "run.id": "r1"})
     client_app(_msg("train"), _ctx(default_cfg, node))
     monkeypatch.setattr(
@@ -133,13 +135,13 @@ def test_budget_command_lists_runs_and_lifetime(default_cfg, site, monkeypatch, 
     assert "lifetime: ε =" in out and "at δ = 1e-05 over 1 run(s)" in out
 
 
-def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, site, tmp_path):
+def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, hospital, tmp_path):
     """Two rounds: the audit log has every message with byte sizes; no training-row value appears in
     any outgoing message (weights, metrics, info) nor in the audit log."""
-    from shared_models.sites import simulated_site_frames
+    from shared_models.hospitals import simulated_hospital_frames
     from shared_models.tasks import get_task
 
-    node = site("")
+    node = hospital("")
     default_cfg.update({"train.rounds": 2, "run.id": "audited", "eval.every": 1})
     replies = []
     for rnd in (1, 2):
@@ -160,8 +162,8 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
     assert "hist-pos" in replies[1].content["metrics"]  # the default policy: noisy counts only
     assert "auroc" not in replies[1].content["metrics"] and "train-loss" not in sent[0]["metrics"]
     # every raw value of this hospital's patients (features, as stored in its data)
-    frame = simulated_site_frames(
-        get_task("breast-cancer"), data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0
+    frame = simulated_hospital_frames(
+        get_task("breast-cancer"), data_dir="", num_hospitals=3, scheme="iid", alpha=0.5, seed=0
     )[0][1]
     # (values with >= 4 significant digits: a count like 57 or a rate like 0.15 is an aggregate that
     # may equal some feature value by coincidence)
@@ -195,7 +197,7 @@ def test_audit_log_lists_every_message_and_no_patient_value_leaves(default_cfg, 
 
 
 def test_ledger_and_audit_name_the_coordinators_flower_run_ids(
-    default_cfg, site, tmp_path, monkeypatch, capsys
+    default_cfg, hospital, tmp_path, monkeypatch, capsys
 ):
     """The coordinator resumed run "joined" under a new Flower run id (111, then 222): the
     ledger entry lists both, in order; every audit line of the run (received, sent, the local
@@ -207,7 +209,7 @@ def test_ledger_and_audit_name_the_coordinators_flower_run_ids(
     from client.ledger import Ledger
     from simulations import cli
 
-    node = site("")
+    node = hospital("")
     default_cfg.update({"train.rounds": 2, "run.id": "joined"})
     try:
         for flower_run_id, rnd in ((111, 1), (222, 2), (333, 3)):
@@ -232,21 +234,21 @@ def test_ledger_and_audit_name_the_coordinators_flower_run_ids(
     assert "(coordinator's Flower run id(s): 111, 222)" in out
 
 
-def test_policy_can_require_secure_aggregation(default_cfg, site, tmp_path):
+def test_policy_can_require_secure_aggregation(default_cfg, hospital, tmp_path):
     default_cfg.update({"run.id": "plain"})
     reply = client_app(
-        _msg("train"), _ctx(default_cfg, site("require-secure-aggregation = true\n"))
+        _msg("train"), _ctx(default_cfg, hospital("require-secure-aggregation = true\n"))
     )
-    assert reply.error.code == SITE_REFUSED
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "does not use secure aggregation" in reply.error.reason
     assert not (tmp_path / "ledger" / "runs").exists()
 
 
-def test_secagg_run_never_sends_an_unmasked_update(default_cfg, site, tmp_path):
+def test_secagg_run_never_sends_an_unmasked_update(default_cfg, hospital, tmp_path):
     """A coordinator that announces SecAgg+ but asks for a plain train reply gets a refusal, not
     the weights (the approved ClientApp enforces the run config)."""
     default_cfg.update({"run.id": "sa", "secagg.enabled": True})
-    reply = client_app(_msg("train"), _ctx(default_cfg, site("")))
-    assert reply.error.code == SITE_REFUSED
+    reply = client_app(_msg("train"), _ctx(default_cfg, hospital("")))
+    assert reply.error.code == HOSPITAL_REFUSED
     assert "outside the SecAgg+ protocol" in reply.error.reason
     assert not (tmp_path / "ledger" / "runs").exists()

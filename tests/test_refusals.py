@@ -5,7 +5,7 @@ refused and read the number in the text (``dp.target-delta=0.09`` refused with "
 0.00581 for 172 training records" gave away n, and switching ``task.preprocessing`` gave the
 number of patients with a missing value; a SecAgg+ range error gave max |w|; an unknown name gave
 a raw exception). Here each refusal, triggered through the real ClientApp at a deployed hospital,
-may contain only numbers the coordinator sent or the site policy's bounds, never the site's
+may contain only numbers the coordinator sent or the hospital policy's bounds, never the hospital's
 counts, noise multiplier, sampling rate, steps or ε, nor a path or an exception's text.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.client_app import MAX_GLOBAL_WEIGHT, SITE_REFUSED
+from client.client_app import HOSPITAL_REFUSED, MAX_GLOBAL_WEIGHT
 from client.client_app import app as client_app
+from client.hospital_data import HospitalSettings, load_hospital_data, run_config_of
 from client.policy import DEFAULT_POLICY
-from client.site import SiteSettings, load_site_data, run_config_of
 from client.training import epsilon_spent, plan_for_run
 from shared_models import config as config_module
+from shared_models.hospitals import simulated_hospital_frames
 from shared_models.models import build_model
-from shared_models.sites import simulated_site_frames
 from shared_models.tasks import get_task
 from tests.handlers import make_context, make_request, use_task_identity
 
@@ -42,12 +42,14 @@ def hospital(tmp_path, default_cfg):
     """A deployed breast-cancer hospital: ``hospital(policy_text=None, **overrides)`` -> a fresh
     Context (its own CSV, a ledger, fedcare's default policy unless ``policy_text``)."""
     task = get_task("breast-cancer")
-    frame = simulated_site_frames(task, data_dir="", num_sites=3, scheme="iid", alpha=0.5, seed=0)
-    path = tmp_path / "site-data.csv"
+    frame = simulated_hospital_frames(
+        task, data_dir="", num_hospitals=3, scheme="iid", alpha=0.5, seed=0
+    )
+    path = tmp_path / "hospital-data.csv"
     task.write_file(frame[0][1], path)
 
     def make(policy_text: str | None = None, **overrides):  # type: ignore[no-untyped-def]
-        node = {"data-path": str(path), "site": "a", "ledger-dir": str(tmp_path / "ledger")}
+        node = {"data-path": str(path), "hospital": "a", "ledger-dir": str(tmp_path / "ledger")}
         if policy_text is not None:
             (tmp_path / "policy.toml").write_text(policy_text)
             node["policy-path"] = str(tmp_path / "policy.toml")
@@ -62,8 +64,8 @@ def _numbers(text: str) -> set[float]:
 
 
 def _data_numbers(ctx) -> set[float]:  # type: ignore[no-untyped-def]
-    """What the coordinator must not learn from a refusal: the site's counts and what follows
-    from them (sampling rate, steps, calibrated noise, ε at the site's δ, 1/n), under the run
+    """What the coordinator must not learn from a refusal: the hospital's counts and what follows
+    from them (sampling rate, steps, calibrated noise, ε at the hospital's δ, 1/n), under the run
     config of ``ctx`` or, where that config is invalid, the default one."""
     from server.run_config import default_run_config
     from shared_models.config import RunConfig
@@ -73,7 +75,7 @@ def _data_numbers(ctx) -> set[float]:  # type: ignore[no-untyped-def]
         get_task(run.task.name).resolve_preprocessing(run.task.preprocessing)
     except ValueError:
         run = RunConfig.from_run_config(default_run_config())
-    data = load_site_data(SiteSettings.from_node_config(ctx.node_config), run)
+    data = load_hospital_data(HospitalSettings.from_node_config(ctx.node_config), run)
     y = data.y_train
     values = {
         data.n_train, data.n_test, data.n_train + data.n_test, int(y.sum()), int((1 - y).sum()),
@@ -83,10 +85,10 @@ def _data_numbers(ctx) -> set[float]:  # type: ignore[no-untyped-def]
         plan = plan_for_run(run, n_train=data.n_train, private_evaluation=True)
     except ValueError:
         return values
-    site_delta = DEFAULT_POLICY.site_delta(data.n_train)
+    hospital_delta = DEFAULT_POLICY.hospital_delta(data.n_train)
     return values | {
         plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.total_steps,
-        epsilon_spent(plan.planned_state(), delta=site_delta), site_delta,
+        epsilon_spent(plan.planned_state(), delta=hospital_delta), hospital_delta,
     }  # fmt: skip
 
 
@@ -94,10 +96,10 @@ def _assert_leaks_nothing(  # type: ignore[no-untyped-def]
     reply, ctx, tmp_path, allowed: str = "", private: set[float] | None = None
 ) -> None:
     """``reply`` is a refusal whose every number is one the coordinator sent (the run config,
-    the round), a bound of the site's policy (``allowed``: the policy text) or a constant of the
+    the round), a bound of the hospital's policy (``allowed``: the policy text) or a constant of the
     code the coordinator ships (the run-config schema's ranges, the weight bound), and none of
-    the site's own numbers; no path, no file name, no exception text."""
-    assert reply.has_error() and reply.error.code == SITE_REFUSED, reply
+    the hospital's own numbers; no path, no file name, no exception text."""
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED, reply
     reason = reply.error.reason
     sent = " ".join(
         f"{v} {v:g}" if isinstance(v, float) else str(v) for v in ctx.run_config.values()
@@ -107,12 +109,12 @@ def _assert_leaks_nothing(  # type: ignore[no-untyped-def]
     private = _data_numbers(ctx) if private is None else private
     for number in _numbers(reason):
         assert not any(math.isclose(number, p, rel_tol=1e-3) for p in private - public), (
-            f"{number} in {reason!r} is derived from the site's data"
+            f"{number} in {reason!r} is derived from the hospital's data"
         )
         assert any(math.isclose(number, p, rel_tol=1e-3) for p in public | code), (
             f"{number} in {reason!r} is neither a value the coordinator sent nor a policy bound"
         )
-    assert str(tmp_path) not in reason and "site-data" not in reason and ".csv" not in reason
+    assert str(tmp_path) not in reason and "hospital-data" not in reason and ".csv" not in reason
     assert "Traceback" not in reason and "Error:" not in reason
 
 
@@ -123,9 +125,9 @@ MLP = build_model("mlp", n_features=30, seed=0)
     "overrides",
     [
         {"dp.target-delta": 0.09},  # not below 1/n: gave n away
-        {"dp.target-delta": 0.001},  # below 1/n, above the site's delta
+        {"dp.target-delta": 0.001},  # below 1/n, above the hospital's delta
         {"dp.target-epsilon": 40.0},  # sigma below the policy minimum (gave sigma away)
-        {"dp.target-epsilon": 3.2},  # planned epsilon at the site's delta above the cap
+        {"dp.target-epsilon": 3.2},  # planned epsilon at the hospital's delta above the cap
         {"dp.eval-noise-multiplier": 1.0},  # below the policy's evaluation minimum
         {"dp.max-grad-norm": 50.0},  # outside the policy's clipping range
         {"dp.enabled": False},
@@ -197,19 +199,21 @@ def test_an_unexpected_exception_leaves_as_its_category_only(hospital, monkeypat
     import client.client_app as module
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError(f"patient 4711 at {hospital.tmp_path}/site-data.csv has value 97.531")
+        raise RuntimeError(
+            f"patient 4711 at {hospital.tmp_path}/hospital-data.csv has value 97.531"
+        )
 
     monkeypatch.setattr(module, "train_round", broken)
     ctx = hospital()
     reply = client_app(make_request("train", MLP, 1), ctx)
-    assert "an unexpected error at the site" in reply.error.reason
+    assert "an unexpected error at the hospital" in reply.error.reason
     assert "4711" not in reply.error.reason and "97.531" not in reply.error.reason
     _assert_leaks_nothing(reply, ctx, hospital.tmp_path)
     audit = (hospital.tmp_path / "ledger" / "audit.jsonl").read_text()
     assert "97.531" in audit  # the hospital keeps the detail
 
 
-def test_a_refusal_keeps_the_sites_numbers_in_its_own_audit_log(hospital):
+def test_a_refusal_keeps_the_hospitals_numbers_in_its_own_audit_log(hospital):
     ctx = hospital(**{"dp.target-epsilon": 40.0})
     reply = client_app(make_request("train", MLP, 1), ctx)
     assert "noise multiplier" in reply.error.reason

@@ -21,7 +21,7 @@ SECTION = "## Uncertainty and calibration (pooled test splits, final model)"
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """(run folder, summary.json, sites, the final model's scores per hospital): a 2-round
+    """(run folder, summary.json, hospitals, the final model's scores per hospital): a 2-round
     non-private breast-cancer run through the real ``fedcare simulate`` (in this process); the
     scores are those the harness hands to :func:`final_model_validation`."""
     import simulations.uncertainty as uncertainty
@@ -29,9 +29,9 @@ def simulated(tmp_path_factory):  # type: ignore[no-untyped-def]
 
     seen = {}
 
-    def spy(sites, federated, **kwargs):  # type: ignore[no-untyped-def]
-        seen.update(sites=sites, scores=federated)
-        return final_model_validation(sites, federated, **kwargs)
+    def spy(hospitals, federated, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(hospitals=hospitals, scores=federated)
+        return final_model_validation(hospitals, federated, **kwargs)
 
     run = tmp_path_factory.mktemp("uncertainty") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -39,13 +39,13 @@ def simulated(tmp_path_factory):  # type: ignore[no-untyped-def]
         app(["simulate", "--no-dp", "--rounds", "2", "--seed", "0", "--out", str(run),
              "--backend", "in-process"], standalone_mode=False)  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
-    return run, summary, seen["sites"], seen["scores"]
+    return run, summary, seen["hospitals"], seen["scores"]
 
 
 def test_pooled_intervals_and_calibration_match_direct_computations(simulated):
-    _, summary, sites, scores = simulated
+    _, summary, hospitals, scores = simulated
     block = summary["validation"]
-    y = np.concatenate([s.y_test for s in sites]).astype(int)
+    y = np.concatenate([s.y_test for s in hospitals]).astype(int)
     p = np.concatenate(scores)
     assert block["n"] == len(y) and block["positives"] == int(y.sum())
     auroc, auprc = block["auroc"], block["auprc"]
@@ -63,7 +63,7 @@ def test_pooled_intervals_and_calibration_match_direct_computations(simulated):
     tp = int(((p >= 0.5) & (y == 1)).sum())
     sens = block["threshold_0.5"]["sensitivity"]
     assert sens["value"] == pytest.approx(tp / y.sum()) and sens["ci_low"] <= sens["value"]
-    for s, q in zip(sites, scores, strict=True):  # each hospital's own bootstrap
+    for s, q in zip(hospitals, scores, strict=True):  # each hospital's own bootstrap
         own = block["per_hospital_auroc"][s.name]
         assert own["value"] == pytest.approx(roc_auc_score(s.y_test, q))
         assert own["ci_low"] <= own["value"] <= own["ci_high"]
@@ -84,17 +84,17 @@ def test_the_run_folder_has_the_figure_and_the_report_section(simulated):
 
 
 def test_no_block_when_no_hospital_trained_and_one_class_hospitals_named(simulated, tmp_path):
-    _, summary, sites, scores = simulated
-    skipped = final_model_validation(sites, None, why_not="no hospital trained: refused")
+    _, summary, hospitals, scores = simulated
+    skipped = final_model_validation(hospitals, None, why_not="no hospital trained: refused")
     assert skipped == {"skipped": "no hospital trained: refused"}
     assert write_calibration_figure(tmp_path, skipped) is None and not any(tmp_path.iterdir())
     report = render_markdown(_run_config(), summary | {"validation": skipped}, _frame())
     assert f"{SECTION}\n\nNot computed: no hospital trained: refused." in report
     deployed = {k: val for k, val in summary.items() if k != "validation"}
     assert SECTION not in render_markdown(_run_config(), deployed, _frame())
-    one_class = sites[0].y_test * 0  # a hospital whose test split has negatives only
-    first = dataclasses.replace(sites[0], y_test=one_class)
-    block = final_model_validation([first, *sites[1:]], scores)
+    one_class = hospitals[0].y_test * 0  # a hospital whose test split has negatives only
+    first = dataclasses.replace(hospitals[0], y_test=one_class)
+    block = final_model_validation([first, *hospitals[1:]], scores)
     note = block["per_hospital_auroc"][first.name]
     assert note["value"] is None and note["note"].startswith("undefined: test split has only one")
 
@@ -127,14 +127,14 @@ def test_between_hospital_heterogeneity_from_each_hospitals_delong_se(simulated)
     each hospital's AUROC and DeLong SE, in summary.json, report.md and the model card."""
     from shared_models.meta_analysis import pooled_auroc
 
-    run, summary, sites, scores = simulated
+    run, summary, hospitals, scores = simulated
     het = summary["validation"]["heterogeneity"]
-    own = [v.delong_auroc_se(s.y_test, q) for s, q in zip(sites, scores, strict=True)]
+    own = [v.delong_auroc_se(s.y_test, q) for s, q in zip(hospitals, scores, strict=True)]
     assert [a for a, _ in own] == pytest.approx(
-        [roc_auc_score(s.y_test, q) for s, q in zip(sites, scores, strict=True)]
+        [roc_auc_score(s.y_test, q) for s, q in zip(hospitals, scores, strict=True)]
     )
     expected = pooled_auroc([a for a, _ in own], [se for _, se in own])
-    assert het["hospitals"] == [s.name for s in sites]
+    assert het["hospitals"] == [s.name for s in hospitals]
     assert het["auroc"] == pytest.approx(expected["auroc"]) and het["i2"] == pytest.approx(
         expected["i2"]
     )

@@ -61,10 +61,10 @@ def _federate(tmp_path, name: str, monkeypatch, **overrides) -> tuple[dict, list
     return weights, received
 
 
-def _fedavg(updates: dict[str, tuple[dict[str, np.ndarray], float]], sites) -> dict:
-    total = sum(updates[s][1] for s in sites)
+def _fedavg(updates: dict[str, tuple[dict[str, np.ndarray], float]], hospitals) -> dict:
+    total = sum(updates[s][1] for s in hospitals)
     keys = next(iter(updates.values()))[0].keys()
-    return {k: sum(updates[s][0][k] * updates[s][1] for s in sites) / total for k in keys}
+    return {k: sum(updates[s][0][k] * updates[s][1] for s in hospitals) / total for k in keys}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     try:
         _, plain = _federate(tmp, "plain", mp)
         updates = {
-            str(r.content.config_records["info"]["site"]): (
+            str(r.content.config_records["info"]["hospital"]): (
                 {k: a.numpy() for k, a in r.content.array_records["arrays"].items()},
                 float(r.content.metric_records["metrics"]["num-examples"]),
             )
@@ -83,7 +83,7 @@ def runs(tmp_path_factory):
         }
         secure, received = _federate(tmp, "secagg", mp, **{"secagg.enabled": True})
         # a max weight between the two largest hospitals: the largest refuses to mask
-        sizes = sorted((n, site) for site, (_, n) in updates.items())
+        sizes = sorted((n, hospital) for hospital, (_, n) in updates.items())
         (second, _), (largest, biggest) = sizes[-2:]
         assert largest > second
         dropped, dropped_received = _federate(
@@ -159,7 +159,7 @@ def test_round_completes_when_a_hospital_drops_after_key_exchange(runs):
     max_weight = f"{(updates[biggest][1] + sorted(n for _, n in updates.values())[-2]) / 2:g}"
     assert (
         len(errors) == 1
-        and f"site {biggest} refused: its update's weight does not fit SecAgg+'s range: more "
+        and f"hospital {biggest} refused: its update's weight does not fit SecAgg+'s range: more "
         f"training examples than secagg.max-weight = {max_weight}; raise secagg.max-weight"
         in errors[0].error.reason
     )
@@ -183,7 +183,8 @@ def test_hospital_refusing_before_the_key_exchange_is_left_out(runs):
     errors = [r for r in stages if r.has_error()]
     assert (
         len(errors) == 1
-        and "site hospital-2 refused: its privacy ledger cannot be used" in errors[0].error.reason
+        and "hospital hospital-2 refused: its privacy ledger cannot be used"
+        in errors[0].error.reason
     )
     assert len(stages) == 4 + 3 + 3 + 3  # refused at setup, then left out of every stage
     expected = _fedavg(updates, [s for s in sorted(updates) if s != "hospital-2"])
@@ -199,8 +200,8 @@ def test_audit_log_lists_every_protocol_message_and_no_unmasked_weights(runs, tm
 
     _, (_, received), *_ = runs
     root = next(tmp_path_factory.getbasetemp().glob("secagg*")) / "secagg" / "ledgers"
-    for site in [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]:
-        lines = [json.loads(x) for x in (root / site / "audit.jsonl").read_text().splitlines()]
+    for hospital in [f"hospital-{i}" for i in range(1, HOSPITALS + 1)]:
+        lines = [json.loads(x) for x in (root / hospital / "audit.jsonl").read_text().splitlines()]
         protocol = [e for e in lines if "secagg_stage" in e]
         assert [(e["direction"], e["secagg_stage"]) for e in protocol] == [
             (d, s)
@@ -254,7 +255,7 @@ def test_hospital_refuses_a_protocol_the_coordinator_weakened(default_cfg, chang
     threshold and ranges that keep its update hidden (checked against its run config)."""
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
     from client.client_app import app as client_app
     from tests.handlers import make_context, use_task_identity
 
@@ -267,14 +268,14 @@ def test_hospital_refuses_a_protocol_the_coordinator_weakened(default_cfg, chang
     accepted = client_app(_protocol_message(setup), make_context(cfg, node))
     assert not accepted.has_error(), accepted.error  # the run config's own parameters
     reply = client_app(_protocol_message({**setup, **change}), make_context(cfg, node))
-    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED
     assert "SecAgg+ setup rejected: " + refusal in reply.error.reason
 
 
 def test_hospital_refuses_to_share_keys_with_fewer_peers_than_the_threshold(default_cfg):
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
     from client.client_app import app as client_app
     from tests.handlers import make_context, use_task_identity
 
@@ -293,7 +294,7 @@ def test_hospital_refuses_to_share_keys_with_fewer_peers_than_the_threshold(defa
     # the coordinator forwards the keys of this hospital (node 7) and of only one other
     peers = {Key.STAGE: Stage.SHARE_KEYS, "7": public, "8": public}
     reply = client_app(_protocol_message(peers), ctx)
-    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED
     assert (
         "share-keys rejected: 2 hospital(s) to share with, fewer than the reconstruction threshold 3"
         in reply.error.reason
@@ -480,13 +481,13 @@ def test_hospital_refuses_an_unmask_that_would_reveal_too_much(
     and answers nothing more in this round."""
     import copy
 
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
     from client.client_app import app as client_app
 
     contexts, _ = after_collect
     ctx = copy.deepcopy(contexts)[7]
     reply = client_app(_unmask(7, active, dropped), ctx)
-    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED
     assert not reply.has_content()  # no share reaches the coordinator
     assert "SecAgg+ unmask rejected: " + rule in reply.error.reason
     # the round is over for this hospital: a second, legitimate-looking request reveals nothing
@@ -502,12 +503,12 @@ def test_hospital_refuses_an_unmask_that_would_reveal_too_much(
 def test_hospital_refuses_to_reveal_a_node_that_dropped_before_sharing_with_it():
     """Node 9's key shares never reached node 7 (withheld by the coordinator, or 9 dropped):
     node 7 masked its vector without 9 and holds nothing of 9's to reveal."""
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
     from client.client_app import app as client_app
 
     ctx, _ = _up_to_unmask(withheld=(9, 7))
     reply = client_app(_unmask(7, [7, 8], [9]), ctx[7])
-    assert reply.has_error() and reply.error.code == SITE_REFUSED and not reply.has_content()
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED and not reply.has_content()
     assert "node(s) [9] dropped before sending this hospital their key shares" in reply.error.reason
 
 
@@ -515,11 +516,11 @@ def test_hospital_refuses_to_reveal_a_node_that_dropped_before_sharing_with_it()
 
 
 def _n_train(cfg: dict, partition: int) -> int:  # type: ignore[type-arg]
-    from client.site import SiteSettings, load_site_data
+    from client.hospital_data import HospitalSettings, load_hospital_data
     from shared_models.config import RunConfig
 
-    settings = SiteSettings.from_node_config({"partition-id": partition, "num-partitions": 3})
-    return load_site_data(settings, RunConfig.from_run_config(cfg)).n_train
+    settings = HospitalSettings.from_node_config({"partition-id": partition, "num-partitions": 3})
+    return load_hospital_data(settings, RunConfig.from_run_config(cfg)).n_train
 
 
 def test_a_weight_outside_the_clipping_range_is_refused_without_its_value(caplog):
@@ -529,7 +530,7 @@ def test_a_weight_outside_the_clipping_range_is_refused_without_its_value(caplog
 
     import torch
 
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
     from shared_models.config import RunConfig
     from shared_models.models import model_for_run
 
@@ -542,10 +543,10 @@ def test_a_weight_outside_the_clipping_range_is_refused_without_its_value(caplog
     with caplog.at_level(logging.WARNING, logger="fedcare.hospital"):
         _, replies = _through_collect(cfg, weights)
     reply = replies[7]
-    assert reply.has_error() and reply.error.code == SITE_REFUSED and not reply.has_content()
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED and not reply.has_content()
     reason = reply.error.reason
     assert reason == (
-        "site hospital-1 refused: its update does not fit SecAgg+'s quantisation range: a model "
+        "hospital hospital-1 refused: its update does not fit SecAgg+'s quantisation range: a model "
         "weight lies outside [-8, 8] (secagg.clipping-range = 8); raise secagg.clipping-range "
         "(the hospital's log has the details)"
     )
@@ -557,7 +558,7 @@ def test_a_weight_outside_the_clipping_range_is_refused_without_its_value(caplog
 def test_too_many_training_examples_are_refused_without_the_count(caplog):
     import logging
 
-    from client.client_app import SITE_REFUSED
+    from client.client_app import HOSPITAL_REFUSED
 
     cfg = _secagg_cfg(**{"secagg.max-weight": 50.0})
     n_train = _n_train(cfg, 0)
@@ -565,9 +566,9 @@ def test_too_many_training_examples_are_refused_without_the_count(caplog):
     with caplog.at_level(logging.WARNING, logger="fedcare.hospital"):
         _, replies = _through_collect(cfg)
     reply = replies[7]
-    assert reply.has_error() and reply.error.code == SITE_REFUSED and not reply.has_content()
+    assert reply.has_error() and reply.error.code == HOSPITAL_REFUSED and not reply.has_content()
     assert reply.error.reason == (
-        "site hospital-1 refused: its update's weight does not fit SecAgg+'s range: more "
+        "hospital hospital-1 refused: its update's weight does not fit SecAgg+'s range: more "
         "training examples than secagg.max-weight = 50; raise secagg.max-weight (the "
         "hospital's log has the details)"
     )

@@ -10,7 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
 
-from server.history import RunHistory, SiteEvent
+from server.history import HospitalEvent, RunHistory
 from server.report import build_summary, write_reports
 from server.strategies import STRATEGIES, aggregate_metrics, build_strategy
 from shared_models.config import RunConfig
@@ -69,15 +69,15 @@ _HIST = {
 
 
 def _history() -> RunHistory:
-    h = RunHistory(sites={1: "a", 2: "b"})
+    h = RunHistory(hospitals={1: "a", 2: "b"})
     for rnd in (1, 2):
-        for node, site, n_train, n_test, acc in ((1, "a", 100, 40, 0.8), (2, "b", 50, 10, 0.6)):
+        for node, hospital, n_train, n_test, acc in ((1, "a", 100, 40, 0.8), (2, "b", 50, 10, 0.6)):
             h.events.append(
-                SiteEvent(
+                HospitalEvent(
                     rnd,
                     "train",
                     node,
-                    site,
+                    hospital,
                     {
                         "num-examples": n_train,
                         "train-loss": 0.5,
@@ -86,13 +86,13 @@ def _history() -> RunHistory:
                     },
                 )
             )
-            neg, pos = _HIST[site]
-            h.events.append(SiteEvent(rnd, "evaluate", node, site, {"num-examples": n_test, "auroc": None,
+            neg, pos = _HIST[hospital]
+            h.events.append(HospitalEvent(rnd, "evaluate", node, hospital, {"num-examples": n_test, "auroc": None,
                                                                     "accuracy": acc, "sensitivity": 1.0,
                                                                     "specificity": None},
                                       undefined={"auroc": "one class"},
                                       histograms={"hist-neg": neg, "hist-pos": pos}))  # fmt: skip
-    h.events.append(SiteEvent(2, "train", 3, "node 3", error="no reply (hospital dropped out)"))
+    h.events.append(HospitalEvent(2, "train", 3, "node 3", error="no reply (hospital dropped out)"))
     return h
 
 
@@ -145,7 +145,7 @@ def test_summary_schema_and_overall(default_cfg):
 
 
 def test_noisy_histograms_become_metrics_at_the_coordinator():
-    """A site without exact metrics sends only noisy counts; the coordinator's history computes
+    """A hospital without exact metrics sends only noisy counts; the coordinator's history computes
     its metrics from them (post-processing)."""
     from shared_models.metrics import metrics_from_histograms
 
@@ -279,17 +279,17 @@ def test_a_resume_reads_the_history_up_to_its_checkpoint(tmp_path):
     from server.history import read_history
 
     history = RunHistory(
-        events=[SiteEvent(round=r, kind="train", node_id=1, site="a") for r in (1, 2, 3)],
+        events=[HospitalEvent(round=r, kind="train", node_id=1, hospital="a") for r in (1, 2, 3)],
         centralized={r: {"auroc": 0.5 + r / 10} for r in (1, 2, 3)},
         central_privacy={r: {"epsilon": float(r), "delta": 1e-5, "releases": r} for r in (1, 2, 3)},
-        sites={1: "a"},
+        hospitals={1: "a"},
         registered={1: "a"},
     )
     (tmp_path / "history.json").write_text(json.dumps(history.to_dict()))
     resumed = read_history(tmp_path, {"round": 2}).up_to(2)
     assert [e.round for e in resumed.events] == [1, 2]
     assert list(resumed.centralized) == list(resumed.central_privacy) == [1, 2]
-    assert resumed.sites == resumed.registered == {1: "a"}
+    assert resumed.hospitals == resumed.registered == {1: "a"}
     assert len(history.events) == 3  # the history read is not changed
     (tmp_path / "history.json").unlink()
     assert read_history(tmp_path, {"round": 3, "history": history.to_dict()}) == history
@@ -331,7 +331,7 @@ class _NamedNodesGrid(Grid):
             node = msg.metadata.dst_node_id
             content = RecordDict({
                 "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.3}),
-                "info": ConfigRecord({"site": self.self_reported[node]}),
+                "info": ConfigRecord({"hospital": self.self_reported[node]}),
             })  # fmt: skip
             replies.append(Message(content, reply_to=msg))
         return replies
@@ -364,7 +364,7 @@ def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(defaul
                         message_type=kind) for n in (1, 2)]  # fmt: skip
         grid.send_and_receive(sent, timeout=10)
         fleet.self_reported[2] = "va"
-    assert [(e.kind, e.node_id, e.site) for e in history.events] == [
+    assert [(e.kind, e.node_id, e.hospital) for e in history.events] == [
         ("train", 1, "cleveland"), ("train", 2, "va"),
         ("evaluate", 1, "cleveland"), ("evaluate", 2, "va"),
     ]  # fmt: skip
@@ -374,18 +374,18 @@ def test_report_names_hospitals_by_registered_key_and_flags_a_self_report(defaul
     assert {h["name"]: h["named_by"] for h in summary["hospitals"]} == {
         "cleveland": "registered key", "va": "registered key",
     }  # fmt: skip
-    assert summary["name_mismatches"] == [{"hospital": "va", "self_reported_site": "cleveland"}]
+    assert summary["name_mismatches"] == [{"hospital": "va", "self_reported_name": "cleveland"}]
     write_reports(tmp_path, run, history, summary)
     report = (tmp_path / "report.md").read_text()
     assert "named by the key they authenticate with" in report
-    assert "the hospital registered as va reports its site as 'cleveland'" in report
+    assert "the hospital registered as va reports its name as 'cleveland'" in report
     restored = RunHistory.from_dict(json.loads(json.dumps(history.to_dict())))  # history.json
     assert restored.registered == {1: "cleveland", 2: "va"}
     assert restored.name_mismatches() == {"va": "cleveland"}
 
 
 def test_without_registered_keys_names_are_self_reported(default_cfg):
-    """Simulation: the engine's nodes carry no registered name; the site names they report are used."""
+    """Simulation: the engine's nodes carry no registered name; the hospital names they report are used."""
     summary = build_summary(RunConfig.from_run_config(default_cfg), _history(), wall_seconds=1.0)
     assert {h["named_by"] for h in summary["hospitals"]} == {"self-reported"}
     assert summary["name_mismatches"] == []
@@ -425,7 +425,7 @@ class _FlakyGrid(_NamedNodesGrid):
         from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode
 
-        from shared_models.protocol import SITE_REFUSED, refusal_reason
+        from shared_models.protocol import HOSPITAL_REFUSED, refusal_reason
 
         messages = list(messages)
         replies = list(super().send_and_receive(
@@ -434,7 +434,7 @@ class _FlakyGrid(_NamedNodesGrid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             if self.answers[node] == "refuse":
-                error = Error(SITE_REFUSED, refusal_reason(self.names[node], "ε above the cap"))
+                error = Error(HOSPITAL_REFUSED, refusal_reason(self.names[node], "ε above the cap"))
                 replies.append(Message(error, reply_to=msg))
             elif self.answers[node] == "lost":
                 error = Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from client.approval import ApprovalError, ApprovedBundles, fab_bytes, inspect_fab
-from shared_models.sites import simulated_sites, site_from_frame
+from shared_models.hospitals import hospital_from_frame, simulated_hospitals
 from shared_models.tasks import TASKS, TASKS_DIR, DataError, TaskFileError, get_task
 from shared_models.tasks.base import split_key_from_seed
 from shared_models.tasks.draft import draft_task_file
@@ -77,20 +77,20 @@ def test_heart_disease_task_file_gives_flamby_arrays(heart_dir, preprocessing):
     task = get_task("heart-disease")
     scaling = task.scaling(preprocessing)
     assert scaling == (_HEART_CENTER, _HEART_SCALE)
-    for site in ("cleveland", "hungarian", "switzerland", "va"):
-        path = heart_dir / f"processed.{site}.data"
+    for hospital in ("cleveland", "hungarian", "switzerland", "va"):
+        path = heart_dir / f"processed.{hospital}.data"
         frame = task.read_file(path)
         x, y = task.features(frame, preprocessing)
         ref_x, ref_y = _flamby_reference(path, drop_incomplete=preprocessing == "flamby")
         np.testing.assert_array_equal(x, ref_x)
         np.testing.assert_array_equal(y, ref_y)
-        # the whole site (split, imputation, fixed scaling) as the Python task made it
-        from shared_models.tasks import prepare_site
+        # the whole hospital (split, imputation, fixed scaling) as the Python task made it
+        from shared_models.tasks import prepare_hospital
 
-        ours = site_from_frame(
-            task, site, frame, preprocessing=preprocessing, test_fraction=0, split_key=KEY
+        ours = hospital_from_frame(
+            task, hospital, frame, preprocessing=preprocessing, test_fraction=0, split_key=KEY
         )
-        ref = prepare_site(site, ref_x, ref_y, test_fraction=0.34, split_key=KEY,
+        ref = prepare_hospital(hospital, ref_x, ref_y, test_fraction=0.34, split_key=KEY,
                            reference_scaling=(_HEART_CENTER, _HEART_SCALE))  # fmt: skip
         for a, b in zip(
             (ours.x_train, ours.y_train, ours.x_test, ours.y_test),
@@ -103,7 +103,7 @@ def test_heart_disease_task_file_gives_flamby_arrays(heart_dir, preprocessing):
 def test_breast_cancer_task_file_gives_the_published_range_scaling():
     from sklearn.datasets import load_breast_cancer
 
-    from shared_models.tasks import prepare_site
+    from shared_models.tasks import prepare_hospital
 
     task = get_task("breast-cancer")
     center = np.asarray([(lo + hi) / 2 for lo, hi in _WDBC_RANGES], dtype=np.float32)
@@ -112,16 +112,16 @@ def test_breast_cancer_task_file_gives_the_published_range_scaling():
     np.testing.assert_array_equal(np.asarray(task.reference_scaling[1], np.float32), scale)
     data = load_breast_cancer()
     ref_x, ref_y = data.data.astype(np.float32), (data.target == 0).astype(np.float32)
-    sites = simulated_sites("breast-cancer", data_dir="", num_sites=3, scheme="iid", alpha=0.5,
+    hospitals = simulated_hospitals("breast-cancer", data_dir="", num_hospitals=3, scheme="iid", alpha=0.5,
                             seed=0, preprocessing="default", test_fraction=0.0)  # fmt: skip
-    [(_, frame)] = task.load_sites("")
+    [(_, frame)] = task.load_hospitals("")
     x, y = task.features(frame, "wdbc-ranges")
     np.testing.assert_array_equal(x, ref_x)
     np.testing.assert_array_equal(y, ref_y)
-    assert sum(s.n_train + s.n_test for s in sites) == 569
-    ref = prepare_site("a", ref_x, ref_y, test_fraction=0.3, split_key=KEY,
+    assert sum(s.n_train + s.n_test for s in hospitals) == 569
+    ref = prepare_hospital("a", ref_x, ref_y, test_fraction=0.3, split_key=KEY,
                        reference_scaling=(tuple(center), tuple(scale)))  # fmt: skip
-    ours = prepare_site("a", x, y, test_fraction=0.3, split_key=KEY,
+    ours = prepare_hospital("a", x, y, test_fraction=0.3, split_key=KEY,
                         reference_scaling=task.reference_scaling)  # fmt: skip
     np.testing.assert_array_equal(ours.x_train, ref.x_train)
 
@@ -268,7 +268,7 @@ def _wdbc_rows(n: int = 40) -> pd.DataFrame:
 @pytest.mark.parametrize("dialect", ["comma", "semicolon-decimal-comma-bom", "quoted-crlf", "tab"])
 def test_csv_dialects_give_the_same_arrays(tmp_path, dialect):
     frame = _wdbc_rows()
-    path = tmp_path / "site.csv"
+    path = tmp_path / "hospital.csv"
     if dialect == "comma":
         frame.to_csv(path, index=False)
     elif dialect == "semicolon-decimal-comma-bom":  # a German / French spreadsheet export
@@ -400,7 +400,7 @@ def test_client_start_refuses_a_file_that_fails_the_check(monkeypatch, capsys, t
     (tmp_path / "ca.pem").write_text("x")
     code, out = _fedcare(
         monkeypatch, capsys, "client", "start", "--superlink", "127.0.0.1:1", "--ca",
-        str(tmp_path / "ca.pem"), "--key", str(key), "--site", "a", "--data", str(data),
+        str(tmp_path / "ca.pem"), "--key", str(key), "--hospital", "a", "--data", str(data),
         "--state", str(tmp_path / "state"), "--task", str(task_file),
     )  # fmt: skip
     assert code == 2 and "Traceback" not in out

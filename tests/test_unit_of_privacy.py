@@ -3,7 +3,7 @@
 depends on a record and the task's constants alone.
 
 DP-SGD and the evaluation releases are accounted for neighbouring datasets that differ in one
-example. A seeded permutation split, or an imputation with the site's median, turned one patient
+example. A seeded permutation split, or an imputation with the hospital's median, turned one patient
 more or less into many changed examples (one removed patient moved 13 to 55 others between the
 splits; one changed patient moved the imputed value of 9 test patients). Here, for every task
 and preprocessing, removing one record leaves every other record in the same split with the same
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site import SPLIT_KEY_FILE, SiteSettings, site_split_key
-from shared_models.sites import site_from_frame
-from shared_models.tasks import SiteData, get_task
+from client.hospital_data import SPLIT_KEY_FILE, HospitalSettings, hospital_split_key
+from shared_models.hospitals import hospital_from_frame
+from shared_models.tasks import HospitalData, get_task
 from shared_models.tasks.base import assign_test_records, split_key_from_seed
 from tests.images_data import write_hospital_folder
 
@@ -33,10 +33,13 @@ def _records(x: np.ndarray, y: np.ndarray) -> Counter:
     )
 
 
-def _assert_one_record_apart(site: SiteData, neighbour: SiteData) -> None:
-    """``neighbour`` = ``site`` minus one record: every other record in the same split, with
+def _assert_one_record_apart(hospital: HospitalData, neighbour: HospitalData) -> None:
+    """``neighbour`` = ``hospital`` minus one record: every other record in the same split, with
     the same values, bit for bit."""
-    train, test = _records(site.x_train, site.y_train), _records(site.x_test, site.y_test)
+    train, test = (
+        _records(hospital.x_train, hospital.y_train),
+        _records(hospital.x_test, hospital.y_test),
+    )
     train2, test2 = (
         _records(neighbour.x_train, neighbour.y_train),
         _records(neighbour.x_test, neighbour.y_test),
@@ -49,21 +52,21 @@ def _check_task(task_name: str, frame: pd.DataFrame, preprocessings: tuple[str, 
     task = get_task(task_name)
     rows = [0, len(frame) // 2, len(frame) - 1]
     for preprocessing in preprocessings:
-        site = site_from_frame(
+        hospital = hospital_from_frame(
             task, "a", frame, preprocessing=preprocessing, test_fraction=0, split_key=KEY
         )
-        assert site.n_test > 0 and site.n_train > 0
+        assert hospital.n_test > 0 and hospital.n_train > 0
         for row in rows:
-            neighbour = site_from_frame(
+            neighbour = hospital_from_frame(
                 task, "a", frame.drop(index=frame.index[row]), preprocessing=preprocessing,
                 test_fraction=0, split_key=KEY,
             )  # fmt: skip
-            _assert_one_record_apart(site, neighbour)
+            _assert_one_record_apart(hospital, neighbour)
 
 
 def test_breast_cancer_records_are_processed_one_by_one():
     task = get_task("breast-cancer")
-    [(_, frame)] = task.load_sites("")
+    [(_, frame)] = task.load_hospitals("")
     _check_task("breast-cancer", frame.iloc[:120], task.preprocessings)
 
 
@@ -77,8 +80,8 @@ def test_heart_disease_records_are_processed_one_by_one(heart_dir):
 
 def test_imputation_uses_the_task_constant_whatever_the_other_patients(heart_dir):
     """The attack of the review: change ONE patient's value and see whether any other
-    patient's imputed value moves (it did with the site's training median)."""
-    from shared_models.tasks import prepare_site
+    patient's imputed value moves (it did with the hospital's training median)."""
+    from shared_models.tasks import prepare_hospital
 
     task = get_task("heart-disease")
     x, y = task.features(task.read_file(heart_dir / "processed.hungarian.data"), "impute")
@@ -87,7 +90,7 @@ def test_imputation_uses_the_task_constant_whatever_the_other_patients(heart_dir
     changed = x.copy()
     changed[donor, column] = x[donor, column] * 3 + 100  # an extreme value for one patient
     a, b = (
-        prepare_site(
+        prepare_hospital(
             "a",
             np.delete(v, donor, axis=0),
             np.delete(y, donor),
@@ -97,7 +100,7 @@ def test_imputation_uses_the_task_constant_whatever_the_other_patients(heart_dir
         )  # fmt: skip
         for v in (x, changed)
     )
-    full = prepare_site(
+    full = prepare_hospital(
         "a", changed, y, test_fraction=0.34, split_key=KEY, reference_scaling=task.scaling("impute")
     )
     np.testing.assert_array_equal(a.x_train, b.x_train)
@@ -114,8 +117,8 @@ def test_chest_xray_records_are_processed_one_by_one(tmp_path):
 
 def test_icu_records_are_processed_one_by_one(physionet_dir):
     task = get_task("icu-mortality")
-    sites = task.load_sites(str(physionet_dir))
-    _check_task("icu-mortality", sites[0][1].iloc[:60], task.preprocessings)
+    hospitals = task.load_hospitals(str(physionet_dir))
+    _check_task("icu-mortality", hospitals[0][1].iloc[:60], task.preprocessings)
 
 
 def test_a_task_file_with_imputation(tmp_path):
@@ -128,13 +131,13 @@ def test_a_task_file_with_imputation(tmp_path):
     frame = task.read_file(gbsg2.write_hospitals(tmp_path / "data")["munich"])
     x, _ = task.features(frame, task.preprocessings[0])
     assert np.isnan(x).any(axis=1).sum() == 15  # munich did not record progrec for 15 patients
-    site = _split(task, frame)
+    hospital = _split(task, frame)
     for row in (0, 50, len(frame) - 1):
-        _assert_one_record_apart(site, _split(task, frame.drop(index=frame.index[row])))
+        _assert_one_record_apart(hospital, _split(task, frame.drop(index=frame.index[row])))
 
 
 def _split(task, frame):  # type: ignore[no-untyped-def]
-    return site_from_frame(
+    return hospital_from_frame(
         task, "a", frame, preprocessing="default", test_fraction=0, split_key=KEY
     )
 
@@ -156,23 +159,23 @@ def test_the_assignment_is_a_keyed_hash_of_the_record():
 
 
 def test_a_deployed_hospital_keeps_a_secret_split_key_in_its_state_folder(tmp_path):
-    site = SiteSettings.from_node_config(
+    hospital = HospitalSettings.from_node_config(
         {"data-path": "x.csv", "ledger-dir": str(tmp_path / "ledger")}
     )
-    key = site_split_key(site)
+    key = hospital_split_key(hospital)
     path = tmp_path / "ledger" / SPLIT_KEY_FILE
     assert path.read_bytes() == key and len(key) == 32
     assert path.stat().st_mode & 0o777 == 0o600
-    assert site_split_key(site) == key  # kept, not redrawn
+    assert hospital_split_key(hospital) == key  # kept, not redrawn
     assert key != split_key_from_seed(0)  # not derivable from anything the coordinator knows
-    other = SiteSettings.from_node_config(
+    other = HospitalSettings.from_node_config(
         {"data-path": "x.csv", "ledger-dir": str(tmp_path / "other")}
     )
-    assert site_split_key(other) != key
+    assert hospital_split_key(other) != key
     path.write_bytes(b"short")
-    from client.site import SiteSetupError
+    from client.hospital_data import HospitalSetupError
 
-    with pytest.raises(SiteSetupError, match="restore it from a backup"):
-        site_split_key(site)
-    with pytest.raises(SiteSetupError, match="no 'ledger-dir'"):  # no seed-derived fallback
-        SiteSettings.from_node_config({"data-path": "x.csv", "split-seed": 5})
+    with pytest.raises(HospitalSetupError, match="restore it from a backup"):
+        hospital_split_key(hospital)
+    with pytest.raises(HospitalSetupError, match="no 'ledger-dir'"):  # no seed-derived fallback
+        HospitalSettings.from_node_config({"data-path": "x.csv", "split-seed": 5})

@@ -1,4 +1,4 @@
-"""Tasks: input schema, upstream file loaders, per-site preprocessing, model and metric choice.
+"""Tasks: input schema, upstream file loaders, per-hospital preprocessing, model and metric choice.
 
 A task is what the coordinator and every hospital must agree on; it travels in the app bundle
 the hospitals approve. Each family of tasks has its own module (``tabular``: one task per task
@@ -20,15 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .base import LABEL, DataError, SiteData, Task, prepare_site
+from .base import LABEL, DataError, HospitalData, Task, prepare_hospital
 from .icu import ICU_TASKS
 from .images import IMAGE_TASKS
 from .tabular import TABULAR_TASKS, TASK_FILE_PROBLEMS, TASKS_DIR, load_task_folder
 from .taskfile import TaskFileError
 
 __all__ = [
-    "LABEL", "TASKS", "TASKS_DIR", "DataError", "SiteData", "Task", "TaskFileError",
-    "app_task_names", "get_task", "is_task_file_arg", "prepare_site", "register_task_text",
+    "LABEL", "TASKS", "TASKS_DIR", "DataError", "HospitalData", "Task", "TaskFileError",
+    "app_task_names", "get_task", "is_task_file_arg", "prepare_hospital", "register_task_text",
     "simulation_task", "task_file_problems", "unknown_task_message",
 ]  # fmt: skip
 

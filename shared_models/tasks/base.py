@@ -1,5 +1,5 @@
-"""What every task is made of: the :class:`Task` record, one hospital's :class:`SiteData`,
-the :class:`DataError` every loader raises, and :func:`prepare_site` (the per-record train/test
+"""What every task is made of: the :class:`Task` record, one hospital's :class:`HospitalData`,
+the :class:`DataError` every loader raises, and :func:`prepare_hospital` (the per-record train/test
 split, fixed imputation and scaling).
 
 A task is what the coordinator and every hospital must agree on. Each hospital turns its own
@@ -99,13 +99,13 @@ class Subgroup:
 
 
 @dataclass(frozen=True)
-class SiteData:
+class HospitalData:
     """One hospital's preprocessed data.
 
     Attributes
     ----------
     name : str
-        Site name (e.g. ``"cleveland"``, ``"hospital-1"``).
+        Hospital name (e.g. ``"cleveland"``, ``"hospital-1"``).
     x_train, x_test : np.ndarray
         ``[N, *input_shape] float32`` (tabular: ``[N, F]``), preprocessed with the task's fixed
         constants.
@@ -135,8 +135,8 @@ class SiteData:
         return TensorDataset(torch.from_numpy(self.x_train), torch.from_numpy(self.y_train))
 
 
-class SimulatedSites(Protocol):
-    """``(data_dir, *, num_sites, scheme, alpha, seed, preprocessing, test_fraction) -> sites``.
+class SimulatedHospitals(Protocol):
+    """``(data_dir, *, num_hospitals, scheme, alpha, seed, preprocessing, test_fraction) -> hospitals``.
 
     Builds all simulated hospitals of a task whose data come with their own test split;
     ``scheme``/``alpha`` as in :func:`shared_models.partition.partition_frame`, ``test_fraction``
@@ -148,13 +148,13 @@ class SimulatedSites(Protocol):
         self,
         data_dir: str,
         *,
-        num_sites: int,
+        num_hospitals: int,
         scheme: str,
         alpha: float,
         seed: int,
         preprocessing: str,
         test_fraction: float,
-    ) -> list[SiteData]: ...
+    ) -> list[HospitalData]: ...
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,9 @@ class Task:
     read_file : Callable[[Path], pd.DataFrame]
         Reads one hospital's file in the task's upstream format and returns the raw frame with
         a binary ``label`` column. Raises :class:`DataError`.
-    load_sites : Callable[[str], list[tuple[str, pd.DataFrame]]]
-        Simulation only: the raw frames of all sites in a data folder (``""`` = the embedded
-        data). One frame per natural site, or a single frame to be partitioned.
+    load_hospitals : Callable[[str], list[tuple[str, pd.DataFrame]]]
+        Simulation only: the raw frames of all hospitals in a data folder (``""`` = the embedded
+        data). One frame per natural hospital, or a single frame to be partitioned.
     features : Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
         ``(raw frame, preprocessing) -> (x [N, F] float32 with NaN for missing, y [N])``.
     input_shape : Callable[[str], tuple[int, ...]]
@@ -178,7 +178,7 @@ class Task:
     write_file : Callable[[pd.DataFrame, Path], None]
         Writes a raw frame (as returned by ``read_file``) back in the task's hospital file format.
     file_name : Callable[[str], str]
-        Hospital file name for a site name.
+        Hospital file name for a hospital name.
     natural_split : bool
         True when the data come as real hospitals (no partitioning in simulation).
     repartitionable : bool
@@ -213,7 +213,7 @@ class Task:
         ``saliency_grid x saliency_grid`` lattice
         (:func:`shared_models.attributions.spatial_saliency`); 0: none.
     default_test_fraction : float
-        Test share of each site when ``data.test-fraction`` is 0.
+        Test share of each hospital when ``data.test-fraction`` is 0.
     reference_scaling : (center, scale) or None
         Fixed, data-independent per-feature centre and scale (from the task's documented units).
         None: the features are used as the task's ``features`` returns them.
@@ -224,11 +224,11 @@ class Task:
         Preprocessings whose examples only some models take (e.g. scattering coefficients
         instead of pixels): the models that fit each, the first its default. The others fit
         the models listed under no preprocessing here. See :meth:`models_for`.
-    simulated_sites : SimulatedSites or None
+    simulated_hospitals : SimulatedHospitals or None
         Simulation only, for data that bring their own test split (MedMNIST's official
-        train/test files): returns every simulated hospital's :class:`SiteData` directly, in
-        partition-id order. None (tabular tasks): ``load_sites`` -> partitioning ->
-        ``features`` -> :func:`prepare_site`'s random split.
+        train/test files): returns every simulated hospital's :class:`HospitalData` directly, in
+        partition-id order. None (tabular tasks): ``load_hospitals`` -> partitioning ->
+        ``features`` -> :func:`prepare_hospital`'s random split.
     scaling_for : Callable[[str], (center, scale)] or None
         The fixed scaling for a preprocessing name, when it depends on it (task files: missing
         indicator columns); None: ``reference_scaling`` for every preprocessing.
@@ -244,7 +244,7 @@ class Task:
 
     name: str
     read_file: Callable[[Path], pd.DataFrame]
-    load_sites: Callable[[str], list[tuple[str, pd.DataFrame]]]
+    load_hospitals: Callable[[str], list[tuple[str, pd.DataFrame]]]
     features: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]]
     input_shape: Callable[[str], tuple[int, ...]]
     write_file: Callable[[pd.DataFrame, Path], None]
@@ -255,7 +255,7 @@ class Task:
     default_test_fraction: float = 0.3
     reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     models: tuple[str, ...] = ("mlp", "logreg")
-    simulated_sites: SimulatedSites | None = None
+    simulated_hospitals: SimulatedHospitals | None = None
     repartitionable: bool = False
     run_defaults: Mapping[str, bool | int | float | str] = field(default_factory=dict, hash=False)
     run_defaults_dp: Mapping[str, bool | int | float | str] = field(
@@ -367,7 +367,7 @@ SPLIT_KEY_BYTES = 32
 def split_key_from_seed(seed: int) -> bytes:
     """The split key of simulated hospitals, derived from ``data.split-seed`` so that a
     simulation's splits are reproducible. A deployed hospital uses a random key kept in its
-    ledger folder (:func:`client.site.site_split_key`)."""
+    ledger folder (:func:`client.hospital_data.hospital_split_key`)."""
     return hashlib.sha256(f"fedcare train/test split {int(seed)}".encode()).digest()
 
 
@@ -392,7 +392,7 @@ def assign_test_records(
     test_fraction : float
         Expected share of test records (the realised share varies, binomially).
     key : bytes
-        The site's split key (:data:`SPLIT_KEY_BYTES` bytes).
+        The hospital's split key (:data:`SPLIT_KEY_BYTES` bytes).
 
     Returns
     -------
@@ -412,7 +412,7 @@ def assign_test_records(
     return out
 
 
-def prepare_site(
+def prepare_hospital(
     name: str,
     x: np.ndarray,
     y: np.ndarray,
@@ -421,8 +421,8 @@ def prepare_site(
     split_key: bytes | None = None,
     stratified_seed: int | None = None,
     reference_scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-) -> SiteData:
-    """Split one site's examples into train/test and impute and scale each record on its own.
+) -> HospitalData:
+    """Split one hospital's examples into train/test and impute and scale each record on its own.
 
     Nothing here uses another record's values: adding or removing one patient changes that
     patient's example only (the unit of privacy DP-SGD and the evaluation releases account for).
@@ -430,17 +430,17 @@ def prepare_site(
     Parameters
     ----------
     name : str
-        Site name.
+        Hospital name.
     x : np.ndarray
         ``[N, *input_shape] float32``; NaN marks a missing value. It takes the feature's fixed
         centre (``reference_scaling``'s, i.e. 0 after scaling; 0 without a scaling): a constant
-        of the task, never a statistic of the site's records.
+        of the task, never a statistic of the hospital's records.
     y : np.ndarray
         ``[N]`` binary labels.
     test_fraction : float
         Expected share of test records.
     split_key : bytes, optional
-        The site's split key: each record's assignment by :func:`assign_test_records`. The default.
+        The hospital's split key: each record's assignment by :func:`assign_test_records`. The default.
     stratified_seed : int, optional
         Instead of ``split_key``: ``sklearn.model_selection.train_test_split`` stratified by
         label with this seed (FLamby's benchmark protocol, simulation only). That split is a
@@ -458,10 +458,10 @@ def prepare_site(
         Both or neither of ``split_key`` and ``stratified_seed``.
     """
     if (split_key is None) == (stratified_seed is None):
-        raise ValueError("prepare_site takes exactly one of split_key and stratified_seed")
+        raise ValueError("prepare_hospital takes exactly one of split_key and stratified_seed")
     n = int(y.shape[0])
     if n < 4:
-        raise DataError(f"site {name}: only {n} usable rows; a hospital needs at least 4")
+        raise DataError(f"hospital {name}: only {n} usable rows; a hospital needs at least 4")
     if split_key is not None:
         is_test = assign_test_records(x, y, test_fraction=test_fraction, key=split_key)
         x_tr, x_te, y_tr, y_te = x[~is_test], x[is_test], y[~is_test], y[is_test]
@@ -474,8 +474,8 @@ def prepare_site(
             x, y, test_size=test_fraction, random_state=stratified_seed, stratify=stratify
         )
     if len(y_tr) == 0:
-        raise DataError(f"site {name}: no training rows after the train/test split")
-    return SiteData(
+        raise DataError(f"hospital {name}: no training rows after the train/test split")
+    return HospitalData(
         name=name,
         x_train=impute_and_scale(x_tr, reference_scaling),
         y_train=np.asarray(y_tr, dtype=np.float32),
@@ -489,7 +489,7 @@ def impute_and_scale(
 ) -> np.ndarray:
     """Each record on its own: a missing value (NaN) takes the feature's fixed centre (0 without
     a scaling), then ``(x - center) / scale``; ``x [N, *input_shape] -> [N, *input_shape]
-    float32``. The preprocessing of :func:`prepare_site`, also applied to data scored by a
+    float32``. The preprocessing of :func:`prepare_hospital`, also applied to data scored by a
     trained model (``fedcare evaluate``)."""
     center = scale = None
     if reference_scaling is not None:

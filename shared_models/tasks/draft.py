@@ -4,7 +4,7 @@ The draft names every column, infers its type (numeric, binary, categorical with
 identifiers and free text go to ``ignore``), the missing-value markers it sees and the label's
 values. The valid ranges are left for the consortium to fill from its data dictionary: a draft
 without them fails ``fedcare task check``. With ``fill_ranges`` they are taken from the table,
-which reveals this site's smallest and largest values -- the caller must say so.
+which reveals this hospital's smallest and largest values -- the caller must say so.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def draft_task_file(
     source : str
         File name, for the header comment.
     fill_ranges : bool
-        Fill ``min``/``max`` with the table's own extremes (they reveal this site's values).
+        Fill ``min``/``max`` with the table's own extremes (they reveal this hospital's values).
 
     Raises
     ------
@@ -107,9 +107,9 @@ def draft_task_file(
             entry += ['type = "numeric"', '# unit = ""']
             if fill_ranges:
                 entry += [
-                    f"min = {_toml(values[0])}  # this site's smallest value: replace with the "
+                    f"min = {_toml(values[0])}  # this hospital's smallest value: replace with the "
                     "data dictionary's",
-                    f"max = {_toml(values[-1])}  # this site's largest value: replace likewise",
+                    f"max = {_toml(values[-1])}  # this hospital's largest value: replace likewise",
                 ]
             else:
                 entry += [

@@ -14,7 +14,7 @@ per-variable missingness -- and the stay's observations as an ``[n, 3]`` array o
 variable, value) in the ``observations`` column). Partitioning and splitting work on rows; the
 tensors are made by :func:`stay_tensors`.
 
-Preprocessing (per stay; nothing computed from other stays or sites), after the field's
+Preprocessing (per stay; nothing computed from other stays or hospitals), after the field's
 standard for this data (GRU-D, Che et al., Sci. Rep. 2018; Harutyunyan et al., Sci. Data 2019):
 
 1. outliers: a value outside the published outlier range of its variable is dropped (treated as
@@ -226,7 +226,7 @@ def hospital_folders(folder: Path) -> list[Path]:
     return subs
 
 
-def _icu_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
+def _icu_hospitals(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
     """Simulation: one hospital per sub-folder of the data folder when it has several
     (:func:`hospital_folders`), else the stays of the data folder, its one hospital folder or
     the archive grouped by ICU type (``ccu``, ``csru``, ``micu``, ``sicu``), in ICUType order."""
@@ -359,9 +359,9 @@ ICU_TASKS: dict[str, Task] = {
     "icu-mortality": Task(
         name="icu-mortality",
         read_file=read_icu_data,
-        load_sites=_icu_sites,
+        load_hospitals=_icu_hospitals,
         write_file=write_icu_data,
-        file_name=lambda site: site,  # a folder per hospital
+        file_name=lambda hospital: hospital,  # a folder per hospital
         features=stay_tensors,
         input_shape=_input_shape,
         natural_split=True,

@@ -16,7 +16,7 @@
       columns ``file`` (name inside the folder) and ``label`` (0 or 1). In simulation a data
       folder with one such sub-folder per hospital is a federation of real hospitals.
 
-Every image goes through the same fixed steps at every site (no statistic of any site, let
+Every image goes through the same fixed steps at every hospital (no statistic of any hospital, let
 alone pooled ones): grayscale (8-bit images: PIL's ITU-R 601-2 luma for RGB; DICOM: modality
 and VOI LUTs, MONOCHROME1 inverted; deeper than 8 bits: scaled from the image's own range to
 0..255), centre crop to a square and resize to ``S x S`` (MedMNIST v2's own preprocessing:
@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..errors import examples, warn_data
 from ..partition import partition_frame
-from .base import LABEL, DataError, SiteData, Task, prepare_site, split_key_from_seed
+from .base import LABEL, DataError, HospitalData, Task, prepare_hospital, split_key_from_seed
 
 IMAGE_SIZES = (28, 64, 128, 224)  # MedMNIST v2's published sizes
 SCATTER = "scatter-28"  # 28x28 pixels, then a fixed scattering transform (see scattering)
@@ -89,7 +89,7 @@ def scattering(x: np.ndarray, preprocessing: str) -> np.ndarray:
     The 2D scattering transform (Bruna & Mallat 2013; kymatio's ``Scattering2D``, J = 2 scales,
     8 orientations, order 2): fixed Morlet wavelet filters, moduli and local averaging, with
     nothing learned from data, so it is a fixed constant of the task like the pixel scaling and
-    needs no statistics of any site. Tramèr & Boneh (ICLR 2021, "Differentially private learning
+    needs no statistics of any hospital. Tramèr & Boneh (ICLR 2021, "Differentially private learning
     needs better features") showed that linear models on these features beat end-to-end CNNs
     under DP-SGD on small images; on PneumoniaMNIST too (docs/chest-xray.md).
 
@@ -113,7 +113,7 @@ def scattering(x: np.ndarray, preprocessing: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# pixels: the same conversion at every site
+# pixels: the same conversion at every hospital
 # ----------------------------------------------------------------------------------------------
 def to_gray_uint8(pixels: np.ndarray) -> np.ndarray:
     """One image ``[H, W]`` or ``[H, W, 3|4]`` of any integer/float type -> ``[H, W] uint8``.
@@ -535,7 +535,7 @@ def _one_npz(folder: Path) -> Path | None:
     return files[0] if files else None
 
 
-def _image_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
+def _image_hospitals(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
     """Raw frames: one per hospital sub-folder, or the MedMNIST file's train split."""
     folder = _need_data(data_dir)
     npz = _one_npz(folder)
@@ -590,47 +590,47 @@ def share_test_split(
     return [np.sort(np.concatenate(s)) for s in shares]
 
 
-def simulated_chest_sites(
+def simulated_chest_hospitals(
     data_dir: str,
     *,
-    num_sites: int,
+    num_hospitals: int,
     scheme: str,
     alpha: float,
     seed: int,
     preprocessing: str,
     test_fraction: float,
-) -> list[SiteData]:
+) -> list[HospitalData]:
     """The simulated hospitals of ``chest-xray`` (see the module docstring).
 
     A MedMNIST ``.npz``: its train split partitioned with
     :func:`shared_models.partition.partition_frame` (IID or Dirichlet) into ``hospital-1`` ...,
     test splits from :func:`share_test_split`. Hospital sub-folders: real hospitals, each split
-    with :func:`~shared_models.tasks.base.prepare_site` (``test_fraction``, default 0.2).
+    with :func:`~shared_models.tasks.base.prepare_hospital` (``test_fraction``, default 0.2).
 
     Raises
     ------
     DataError
-        Missing or malformed data; ``num_sites`` differing from the number of hospital folders.
+        Missing or malformed data; ``num_hospitals`` differing from the number of hospital folders.
     """
     folder = _need_data(data_dir)
     size = image_size(preprocessing)
     npz = _one_npz(folder)
     if npz is None:
-        sites = _image_sites(data_dir)
-        if num_sites != len(sites):
-            names = ", ".join(name for name, _ in sites)
+        hospitals = _image_hospitals(data_dir)
+        if num_hospitals != len(hospitals):
+            names = ", ".join(name for name, _ in hospitals)
             raise DataError(
-                f"{folder} has {len(sites)} hospital folders ({names}); it cannot be simulated "
-                f"with {num_sites} hospitals"
+                f"{folder} has {len(hospitals)} hospital folders ({names}); it cannot be simulated "
+                f"with {num_hospitals} hospitals"
             )
         return [
-            prepare_site(
+            prepare_hospital(
                 name,
                 *image_features(frame, preprocessing),
                 test_fraction=test_fraction or CHEST_TEST_FRACTION,
                 split_key=split_key_from_seed(seed),
             )  # fmt: skip
-            for name, frame in sites
+            for name, frame in hospitals
         ]
     splits = read_medmnist(npz)
     x_train_u8, y_train = splits["train"]
@@ -639,14 +639,14 @@ def simulated_chest_sites(
     parts = [
         part["row"].to_numpy()
         for part in partition_frame(
-            rows, label=LABEL, num_partitions=num_sites, scheme=scheme, alpha=alpha, seed=seed
+            rows, label=LABEL, num_partitions=num_hospitals, scheme=scheme, alpha=alpha, seed=seed
         )
     ]
     tests = share_test_split(parts, y_train, y_test, seed=seed)
     x_train = scattering(medmnist_pixels(x_train_u8, size, npz.name), preprocessing)
     x_test = scattering(medmnist_pixels(x_test_u8, size, npz.name), preprocessing)
     return [
-        SiteData(
+        HospitalData(
             name=f"hospital-{k + 1}",
             x_train=x_train[tr],
             y_train=y_train[tr],
@@ -678,9 +678,9 @@ IMAGE_TASKS: dict[str, Task] = {
         attribution_axis=None,  # explained by class-conditional mean saliency maps instead
         saliency_grid=7,  # 7 x 7 cells: the scattering transform's own lattice at 28 x 28
         read_file=read_image_folder,
-        load_sites=_image_sites,
+        load_hospitals=_image_hospitals,
         write_file=write_image_folder,
-        file_name=lambda site: site,  # a hospital's data is a folder named after it
+        file_name=lambda hospital: hospital,  # a hospital's data is a folder named after it
         features=image_features,
         input_shape=image_input_shape,
         natural_split=False,
@@ -690,7 +690,7 @@ IMAGE_TASKS: dict[str, Task] = {
         default_test_fraction=CHEST_TEST_FRACTION,
         models=("cnn", "scatter-linear"),
         preprocessing_models={SCATTER: ("scatter-linear",)},
-        simulated_sites=simulated_chest_sites,
+        simulated_hospitals=simulated_chest_hospitals,
         # The recipes of presets/chest-xray.toml and presets/chest-xray-no-dp.toml (docs/chest-xray.md;
         # benchmarks/chest_xray_variants.py), measured on PneumoniaMNIST.
         # Under DP: a linear model on fixed scattering coefficients (Tramer & Boneh, ICLR 2021),

@@ -8,7 +8,7 @@
   error says.
 * :func:`encode_table` turns a checked table into model input ``x [N, F]`` and labels ``y [N]``
   (one-hot levels, missing indicators, dropped rows); the fixed scaling and the
-  imputation with the feature's fixed centre are :func:`~shared_models.tasks.base.prepare_site`'s.
+  imputation with the feature's fixed centre are :func:`~shared_models.tasks.base.prepare_hospital`'s.
 
 No message of this module contains a cell value: only file, column, counts and row numbers.
 """
@@ -439,7 +439,7 @@ def encode_table(
     Per feature, in the task file's order: numeric -> its value; binary -> 0/1 (first / second
     level); categorical -> one 0/1 column per level (the first left out with ``drop-first``).
     A missing value is NaN in its columns (imputed later by
-    :func:`~shared_models.tasks.base.prepare_site` with the feature's fixed centre) and, with a
+    :func:`~shared_models.tasks.base.prepare_hospital` with the feature's fixed centre) and, with a
     missing indicator, 1 in the indicator column that follows; rows missing a ``drop-row``
     feature are removed.
 

@@ -11,7 +11,7 @@ Formats (``[task] format``):
     --data-dir`` takes a folder with one CSV per hospital (the file names are the hospital
     names) or a single CSV to partition into simulated hospitals.
 ``uci-heart-disease``
-    UCI Heart Disease's upstream ``processed.<site>.data`` files (14 comma-separated columns,
+    UCI Heart Disease's upstream ``processed.<hospital>.data`` files (14 comma-separated columns,
     no header), one per real hospital: cleveland, hungarian, switzerland, va.
 
 Embedded data (``[task] embedded``): ``sklearn-breast-cancer`` is Wisconsin Diagnostic Breast
@@ -69,11 +69,11 @@ HEART_COLUMNS = [
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
     "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num",
 ]  # fmt: skip
-HEART_SITES = ("cleveland", "hungarian", "switzerland", "va")
+HEART_HOSPITALS = ("cleveland", "hungarian", "switzerland", "va")
 
 
 def read_heart_disease_file(path: Path) -> pd.DataFrame:
-    """Read one UCI ``processed.<site>.data`` file (upstream format, unchanged) as text cells.
+    """Read one UCI ``processed.<hospital>.data`` file (upstream format, unchanged) as text cells.
 
     14 comma-separated columns (:data:`HEART_COLUMNS`), no header, ``?`` = missing.
 
@@ -112,26 +112,26 @@ def write_heart_disease_file(frame: pd.DataFrame, path: Path) -> None:
     out.to_csv(path, header=False, index=False)
 
 
-def _heart_site_files(data_dir: str) -> list[tuple[str, Path]]:
+def _heart_hospital_files(data_dir: str) -> list[tuple[str, Path]]:
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found")
-    sites = []
-    for site in HEART_SITES:
-        path = folder / f"processed.{site}.data"
+    hospitals = []
+    for hospital in HEART_HOSPITALS:
+        path = folder / f"processed.{hospital}.data"
         if not path.exists():
             raise DataError(
-                f"{path}: missing; task heart-disease expects processed.<site>.data for "
-                f"{', '.join(HEART_SITES)} (the UCI upstream files)"
+                f"{path}: missing; task heart-disease expects processed.<hospital>.data for "
+                f"{', '.join(HEART_HOSPITALS)} (the UCI upstream files)"
             )
-        sites.append((site, path))
-    return sites
+        hospitals.append((hospital, path))
+    return hospitals
 
 
 # ----------------------------------------------------------------------------------------------
 # formats and embedded data
 # ----------------------------------------------------------------------------------------------
-def _csv_site_files(data_dir: str) -> list[tuple[str, Path]]:
+def _csv_hospital_files(data_dir: str) -> list[tuple[str, Path]]:
     """One CSV file (to partition) or a folder of hospital CSVs (file stem = hospital name)."""
     path = Path(data_dir)
     if path.is_file():
@@ -159,7 +159,7 @@ class TableFormat:
         A table -> a hospital file in the format.
     file_name : Callable[[str], str]
         Hospital name -> file name.
-    site_files : Callable[[str], list[tuple[str, Path]]]
+    hospital_files : Callable[[str], list[tuple[str, Path]]]
         Simulation: a ``--data-dir`` -> ``[(hospital, file)]``.
     natural_split : bool
         The format's files are real hospitals (never partitioned).
@@ -168,7 +168,7 @@ class TableFormat:
     read: Callable[[Path], pd.DataFrame]
     write: Callable[[pd.DataFrame, Path], None]
     file_name: Callable[[str], str]
-    site_files: Callable[[str], list[tuple[str, Path]]]
+    hospital_files: Callable[[str], list[tuple[str, Path]]]
     natural_split: bool = False
 
 
@@ -176,19 +176,19 @@ TABLE_FORMATS: dict[str, TableFormat] = {
     "csv": TableFormat(
         read=read_csv_table,
         write=write_csv_table,
-        file_name=lambda site: f"{site}.csv",
-        site_files=_csv_site_files,
+        file_name=lambda hospital: f"{hospital}.csv",
+        hospital_files=_csv_hospital_files,
     ),
     "uci-heart-disease": TableFormat(
         read=read_heart_disease_file,
         write=write_heart_disease_file,
-        file_name=lambda site: f"processed.{site}.data",
-        site_files=_heart_site_files,
+        file_name=lambda hospital: f"processed.{hospital}.data",
+        hospital_files=_heart_hospital_files,
         natural_split=True,
     ),
 }
 
-# embedded data: name -> (site name, loader)
+# embedded data: name -> (hospital name, loader)
 EMBEDDED_DATA: dict[str, tuple[str, Callable[[], pd.DataFrame]]] = {
     "sklearn-breast-cancer": ("wdbc", breast_cancer_frame),
 }
@@ -217,18 +217,18 @@ def task_from_spec(spec: TaskSpec) -> Task:
             return TableReport(source=str(path), task=spec.name, rows=0, format_error=str(exc))
         return check_table(spec, frame, str(path))
 
-    def load_sites(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
+    def load_hospitals(data_dir: str) -> list[tuple[str, pd.DataFrame]]:
         if not data_dir:
             if spec.embedded:
-                site, load = EMBEDDED_DATA[spec.embedded]
-                return [(site, checked(load(), f"embedded {spec.embedded} data"))]
+                hospital, load = EMBEDDED_DATA[spec.embedded]
+                return [(hospital, checked(load(), f"embedded {spec.embedded} data"))]
             where = (
                 "the folder with its upstream files"
                 if fmt.natural_split
                 else "a folder with one CSV per hospital, or one CSV to split"
             )
             raise DataError(f"task {spec.name} needs --data-dir: {where}")
-        return [(site, read_file(path)) for site, path in fmt.site_files(data_dir)]
+        return [(hospital, read_file(path)) for hospital, path in fmt.hospital_files(data_dir)]
 
     def write_file(frame: pd.DataFrame, path: Path) -> None:
         fmt.write(frame.drop(columns=[LABEL], errors="ignore"), path)
@@ -238,7 +238,7 @@ def task_from_spec(spec: TaskSpec) -> Task:
     return Task(
         name=spec.name,
         read_file=read_file,
-        load_sites=load_sites,
+        load_hospitals=load_hospitals,
         features=lambda frame, preprocessing: encode_table(spec, frame, preprocessing),
         input_shape=lambda preprocessing: (len(spec.output_columns(preprocessing)),),
         write_file=write_file,

@@ -108,7 +108,7 @@ class FeatureSpec:
         (or text that reads as one, ``"0"``) matches a cell of the same value (``0.0``).
     if_missing : str
         ``drop-row`` (the row is not used) or ``impute`` (the feature's fixed centre, a constant of
-        the task; see :func:`~shared_models.tasks.base.prepare_site`).
+        the task; see :func:`~shared_models.tasks.base.prepare_hospital`).
     missing_indicator : bool
         ``impute`` only: add a 0/1 column that is 1 where the value was missing.
     """

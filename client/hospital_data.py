@@ -1,7 +1,7 @@
-"""Per-hospital settings (Flower ``context.node_config``) and loading the site's data.
+"""Per-hospital settings (Flower ``context.node_config``) and loading the hospital's data.
 
-Deployment: ``flower-supernode --node-config 'site="cleveland" data-path="/data/x.data"'``.
-Simulation: the Simulation Engine injects ``partition-id`` / ``num-partitions``; the site is
+Deployment: ``flower-supernode --node-config 'hospital="cleveland" data-path="/data/x.data"'``.
+Simulation: the Simulation Engine injects ``partition-id`` / ``num-partitions``; the hospital is
 that partition of the run's data, so one ClientApp serves both modes.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from shared_models.config import RunConfig
 from shared_models.files import fsync_folder
-from shared_models.sites import simulated_sites_for, site_from_frame
-from shared_models.tasks import DataError, SiteData, get_task
+from shared_models.hospitals import hospital_from_frame, simulated_hospitals_for
+from shared_models.tasks import DataError, HospitalData, get_task
 from shared_models.tasks.base import SPLIT_KEY_BYTES
 
 SPLIT_KEY_FILE = "split.key"  # in the hospital's state folder (node config ledger-dir)
@@ -31,7 +31,7 @@ DATA_CACHE_DIR = "data-cache"  # in the state folder, mode 0700: preprocessed ar
 DATA_CACHE_KEEP = 4  # cached data versions kept; the least recently used beyond are deleted
 
 
-class SiteSetupError(ValueError):
+class HospitalSetupError(ValueError):
     """The hospital's own settings (``context.node_config``) are missing or malformed."""
 
 
@@ -62,22 +62,22 @@ def run_config_of(context: Any) -> RunConfig:
 
 
 @dataclass(frozen=True)
-class SiteSettings:
+class HospitalSettings:
     """What one hospital configures for itself (never set by the coordinator).
 
     Attributes
     ----------
     name : str
-        Site name shown in reports (deployment: ``site``; simulation: from the partition).
+        Hospital name shown in reports (deployment: ``hospital``; simulation: from the partition).
     data_path : str
-        The site's data in the task's format: a file, or a folder (image tasks, ICU record
+        The hospital's data in the task's format: a file, or a folder (image tasks, ICU record
         files); "" in simulation.
     partition_id, num_partitions : int
         Simulation only (-1 in deployment).
     device : str
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
     test_fraction : float
-        Share of the site's data held out for evaluation (0: the task's default). A hospital
+        Share of the hospital's data held out for evaluation (0: the task's default). A hospital
         setting: the coordinator cannot choose which patients are tested.
     ledger_dir : str
         The hospital's state folder (privacy ledger, audit log, split key); required at a
@@ -93,12 +93,12 @@ class SiteSettings:
     ledger_dir: str = ""
 
     @classmethod
-    def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteSettings:
+    def from_node_config(cls, cfg: Mapping[str, Any]) -> HospitalSettings:
         """Parse ``context.node_config``.
 
         Raises
         ------
-        SiteSetupError
+        HospitalSetupError
             Neither ``data-path`` nor a simulation ``partition-id`` is set, a deployed hospital
             (``data-path``) has no ``ledger-dir``, or a value has the wrong type.
         """
@@ -108,22 +108,24 @@ class SiteSettings:
             num_partitions = int(cfg.get("num-partitions", -1))
             test_fraction = float(cfg.get("test-fraction", 0.0))
         except (TypeError, ValueError) as exc:
-            raise SiteSetupError(f"node config: {exc}") from None
+            raise HospitalSetupError(f"node config: {exc}") from None
         if not data_path and partition_id < 0:
-            raise SiteSetupError(
+            raise HospitalSetupError(
                 "node config has no 'data-path': start the hospital with "
-                '--node-config \'data-path="/path/to/file" site="NAME"\''
+                '--node-config \'data-path="/path/to/file" hospital="NAME"\''
             )
         if data_path and not cfg.get("ledger-dir"):  # no ledger: no lifetime cap, no replay
-            raise SiteSetupError(  # cache and no secret split key; never run without one
+            raise HospitalSetupError(  # cache and no secret split key; never run without one
                 "node config has no 'ledger-dir': a deployed hospital keeps its privacy ledger, "
                 "audit log and split key there (fedcare client start sets it)"
             )
         if test_fraction != 0.0 and not 0.05 <= test_fraction <= 0.9:
-            raise SiteSetupError(f"node config test-fraction {test_fraction:g}: use 0.05 to 0.9")
+            raise HospitalSetupError(
+                f"node config test-fraction {test_fraction:g}: use 0.05 to 0.9"
+            )
         default_name = Path(data_path).stem if data_path else f"partition-{partition_id}"
         return cls(
-            name=str(cfg.get("site", default_name)),
+            name=str(cfg.get("hospital", default_name)),
             data_path=data_path,
             partition_id=partition_id,
             num_partitions=num_partitions,
@@ -137,16 +139,16 @@ class SiteSettings:
         return not self.data_path
 
 
-def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
+def load_hospital_data(hospital: HospitalSettings, run: RunConfig) -> HospitalData:
     """This hospital's preprocessed data (train/test split, scaled with the task's fixed constants).
 
     A deployed hospital splits with its own ``test-fraction`` and its split key
-    (:func:`site_split_key`); in simulation the researcher's run config sets them
+    (:func:`hospital_split_key`); in simulation the researcher's run config sets them
     (``data.test-fraction``, ``data.split``, and ``data.split-seed`` or else ``train.seed``).
 
     A deployed hospital prepares each version of its data once: the preprocessed arrays are kept
     in ``<ledger-dir>/data-cache/`` (mode 0700, ``.npz`` read without pickle), keyed by the
-    SHA-256 of the task, site, data path, the data's stamp (size and mtime of every file), the
+    SHA-256 of the task, hospital, data path, the data's stamp (size and mtime of every file), the
     preprocessing, the test fraction, the split key and the source of ``shared_models``; the
     :data:`DATA_CACHE_KEEP` most recently used versions are kept. Later messages load arrays,
     not files (chest-xray with ``scatter-28``: the scattering transform of every image, 5-6 s
@@ -157,20 +159,20 @@ def load_site_data(site: SiteSettings, run: RunConfig) -> SiteData:
     shared_models.tasks.DataError
         The file is missing or malformed (the message names file, line and column), or a
         preprocessed value is not finite.
-    SiteSetupError
+    HospitalSetupError
         The split key in the state folder is unusable.
     """
-    if site.simulated:
-        sites = simulated_sites_for(run, site.num_partitions)
-        return sites[site.partition_id]
-    path = Path(site.data_path)
+    if hospital.simulated:
+        hospitals = simulated_hospitals_for(run, hospital.num_partitions)
+        return hospitals[hospital.partition_id]
+    path = Path(hospital.data_path)
     return _load_file(
-        run.task.name, site.name, str(path), _stamp(path), run.task.preprocessing,
-        site.test_fraction, site_split_key(site), site.ledger_dir,
+        run.task.name, hospital.name, str(path), _stamp(path), run.task.preprocessing,
+        hospital.test_fraction, hospital_split_key(hospital), hospital.ledger_dir,
     )  # fmt: skip
 
 
-def site_split_key(site: SiteSettings) -> bytes:
+def hospital_split_key(hospital: HospitalSettings) -> bytes:
     """The key of a deployed hospital's train/test split (see
     :func:`shared_models.tasks.base.assign_test_records`).
 
@@ -181,12 +183,14 @@ def site_split_key(site: SiteSettings) -> bytes:
 
     Raises
     ------
-    SiteSetupError
+    HospitalSetupError
         The key file exists but does not hold a key (or cannot be read or written).
     """
-    if not site.ledger_dir:
-        raise SiteSetupError("a deployed hospital needs node config 'ledger-dir' for its split key")
-    folder = Path(site.ledger_dir)
+    if not hospital.ledger_dir:
+        raise HospitalSetupError(
+            "a deployed hospital needs node config 'ledger-dir' for its split key"
+        )
+    folder = Path(hospital.ledger_dir)
     path = folder / SPLIT_KEY_FILE
     try:
         if not path.exists():
@@ -206,9 +210,9 @@ def site_split_key(site: SiteSettings) -> bytes:
             fsync_folder(folder)
         key = path.read_bytes()
     except OSError as exc:
-        raise SiteSetupError(f"the split key {path} cannot be read or written: {exc}") from None
+        raise HospitalSetupError(f"the split key {path} cannot be read or written: {exc}") from None
     if len(key) != SPLIT_KEY_BYTES:
-        raise SiteSetupError(
+        raise HospitalSetupError(
             f"{path} does not hold a {SPLIT_KEY_BYTES}-byte split key; restore it from a backup "
             "(a new key would move patients between the training and test splits)"
         )
@@ -216,7 +220,7 @@ def site_split_key(site: SiteSettings) -> bytes:
 
 
 def _stamp(path: Path) -> str:
-    """Changes whenever the site's data change: a file's size and mtime, or for a data folder
+    """Changes whenever the hospital's data change: a file's size and mtime, or for a data folder
     (image folders, ICU record files) the names, sizes and mtimes of the files in it and one
     level down (a SHA-256, the same in every process)."""
     if not path.exists():
@@ -247,30 +251,30 @@ def _code_digest() -> str:
 @functools.lru_cache(maxsize=4)
 def _load_file(
     task_name: str,
-    site: str,
+    hospital: str,
     path: str,
     stamp: str,
     preprocessing: str,
     test_fraction: float,
     split_key: bytes,
     state_dir: str,
-) -> SiteData:
-    """The site's data, from the state folder's data cache when this data version was prepared
+) -> HospitalData:
+    """The hospital's data, from the state folder's data cache when this data version was prepared
     before by the same code with the same preprocessing and split, else read, preprocessed,
-    checked and cached (see :func:`load_site_data`)."""
+    checked and cached (see :func:`load_hospital_data`)."""
     key = hashlib.sha256(
         json.dumps(
-            [task_name, site, path, stamp, preprocessing, test_fraction, _code_digest()]
+            [task_name, hospital, path, stamp, preprocessing, test_fraction, _code_digest()]
         ).encode()
         + split_key
     ).hexdigest()
     folder = Path(state_dir) / DATA_CACHE_DIR
-    if (cached := _read_cached(folder / f"{key}.npz", site)) is not None:
+    if (cached := _read_cached(folder / f"{key}.npz", hospital)) is not None:
         return cached
     task = get_task(task_name)
     frame = task.read_file(Path(path))
-    data = site_from_frame(
-        task, site, frame, preprocessing=preprocessing, test_fraction=test_fraction,
+    data = hospital_from_frame(
+        task, hospital, frame, preprocessing=preprocessing, test_fraction=test_fraction,
         split_key=split_key,
     )  # fmt: skip
     for split, x in (("training", data.x_train), ("test", data.x_test)):
@@ -288,7 +292,7 @@ def _load_file(
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def _read_cached(file: Path, site: str) -> SiteData | None:
+def _read_cached(file: Path, hospital: str) -> HospitalData | None:
     """The cached arrays (``np.load`` without pickle), or None when absent or unreadable (then
     the data are prepared again and the file rewritten)."""
     try:
@@ -297,10 +301,10 @@ def _read_cached(file: Path, site: str) -> SiteData | None:
         os.utime(file)  # most recently used
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    return SiteData(name=site, **arrays)
+    return HospitalData(name=hospital, **arrays)
 
 
-def _write_cached(folder: Path, name: str, data: SiteData) -> None:
+def _write_cached(folder: Path, name: str, data: HospitalData) -> None:
     """Write ``name`` atomically (a temporary file, then rename) into ``folder`` (created mode
     0700, the file 0600) and keep the :data:`DATA_CACHE_KEEP` most recently used files. A cache
     that cannot be written is skipped: the next message prepares the data again."""
