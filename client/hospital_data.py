@@ -319,5 +319,19 @@ def _write_cached(folder: Path, name: str, data: HospitalData) -> None:
         files = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for old in files[DATA_CACHE_KEEP:]:
             old.unlink(missing_ok=True)
+        for partial in folder.glob(".*.tmp"):  # left by a writer that was killed: patient data
+            if not _alive(partial.suffixes[-2]):
+                partial.unlink(missing_ok=True)
     except OSError:
         return
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (the text between the dots of a temporary file's name) runs."""
+    try:
+        os.kill(int(pid.lstrip(".")), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +163,21 @@ def test_the_data_stamp_is_the_same_in_every_process(tmp_path):
         for seed in ("1", "2")
     }  # fmt: skip
     assert len(stamps) == 1 and len(stamps.pop().strip()) == 64
+
+
+def test_a_killed_writers_partial_file_is_removed_and_a_live_ones_kept(
+    hospital_and_path, default_cfg
+):
+    """A writer killed mid-write leaves ``.<name>.<pid>.tmp`` (patient data): the next write
+    removes it; a partial file of a process still writing stays."""
+    hospital, path = hospital_and_path
+    folder = path.parent / "state" / DATA_CACHE_DIR
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = folder / f".{'0' * 64}.npz.{dead.pid}.tmp"
+    writing = folder / f".{'1' * 64}.npz.{os.getpid()}.tmp"
+    for partial in (killed, writing):
+        partial.write_bytes(b"half an npz")
+    load_hospital_data(hospital, _run(default_cfg))
+    assert not killed.exists() and writing.exists()
