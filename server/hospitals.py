@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ from shared_models.node_keys import (
 )
 
 REGISTERED = "registered.json"
+# a key another process is registering: its node id is looked for RACE_TRIES times, RACE_WAIT s apart
+RACE_TRIES, RACE_WAIT = 10, 0.3
 
 
 def superlink_reachable(address: str, timeout: float = 1.0) -> bool:
@@ -251,8 +254,27 @@ class HospitalRegistry:
                     known[name] = self.register(cli, name)
                 registered[name] = known[name]
             except (FlowerCLIError, KeyFileError) as exc:
-                failed[name] = str(exc)
+                node_id = self._registered_meanwhile(cli, name)
+                if node_id is None:
+                    failed[name] = str(exc)
+                else:
+                    registered[name] = node_id
         return registered, failed
+
+    def _registered_meanwhile(self, cli: FlowerCLI, name: str) -> int | None:
+        """The node id of ``name`` if another process registered its key since this one looked
+        (``server add-hospital`` while ``server start`` registers the PKI folder's keys: the
+        SuperLink then answers the second "Public key already in use"), else None. The other
+        process records the node id just after the SuperLink answers it: a few seconds' wait."""
+        for _ in range(RACE_TRIES):
+            node_id = self.node_ids().get(name)
+            try:
+                if node_id is not None and node_id in _active_nodes(cli):
+                    return node_id
+            except FlowerCLIError:
+                return None
+            time.sleep(RACE_WAIT)
+        return None
 
 
 # every state `fedcare server status` shows for a hospital, and what it means (docs/deployment.md,

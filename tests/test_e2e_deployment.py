@@ -184,7 +184,9 @@ def federation(tmp_path_factory):
         yield state
     finally:
         procs.append(state["server"])  # a test may have restarted the coordinator
-        procs = [p for p in [*procs, *state.get("extra", [])] if p is not None]
+        # ... or a hospital (the chaos test): its daemon replaced the one started here
+        restarted = state.get("clients", {}).values()
+        procs = [p for p in dict.fromkeys([*procs, *restarted, *state.get("extra", [])]) if p]
         for proc in procs:  # all stop at once, then each is waited for
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -1308,3 +1310,31 @@ def test_coordinator_killed_after_round_one_resumes(federation):
     # that the resumed rounds start from the checkpoint (and not afresh) is pinned where runs are
     # reproducible, without DP: tests/test_e2e_simulation.py (a deployed DP run's noise is drawn
     # from the operating system's CSPRNG at each hospital, so no two runs end at the same weights)
+
+
+def test_add_hospital_while_the_coordinator_registers_the_same_key_is_not_an_error(federation):
+    """`server start` registers the PKI folder's keys while `server add-hospital` may be
+    registering the one it just stored (a newcomer running the two in a row): the SuperLink then
+    refuses the second with "Public key already in use". The process that lost finds the node
+    id the other recorded, and reports the hospital registered; a key nobody registered stays
+    an error."""
+    from server.hospitals import FlowerCLIError, HospitalRegistry
+    from server.pki import PKI
+
+    root, cli = federation["root"], federation["cli"]
+    keys = root / "hospital-e" / "keys"
+    assert _fedcare("client", "keygen", "--out", str(keys), "--name", "e").returncode == 0
+    first, second = HospitalRegistry(PKI(root / "pki")), HospitalRegistry(PKI(root / "pki"))
+    first.add_key("e", keys / "e.pub")
+    try:
+        assert second._registered_meanwhile(cli, "e") is None  # stored, not registered: no id
+        node_id = first.register(cli, "e")  # the coordinator's start, say
+        with pytest.raises(FlowerCLIError, match="already in use"):
+            second.register(cli, "e")  # what the add-hospital process then gets from Flower
+        assert second._registered_meanwhile(cli, "e") == node_id
+        registered, failed = second.reconcile(cli)
+        assert registered["e"] == node_id and "e" not in failed
+    finally:
+        removed = _fedcare("server", "remove-hospital", "e", "--pki", str(root / "pki"),
+                           "--superlink", federation["superlink"])  # fmt: skip
+        assert removed.returncode == 0, removed.stdout + removed.stderr
