@@ -820,7 +820,11 @@ def print_progress(info: dict[str, Any]) -> None:
     pooled = (
         f"pooled AUROC {f(info['pooled_auroc'])}  " if info.get("pooled_auroc") is not None else ""
     )
-    auroc = f"mean hospital AUROC {f(info['mean_auroc'])}  " if info.get("evaluated", True) else ""
+    noisy = int(info.get("auroc_too_noisy", 0))
+    mean = "too noisy" if noisy and info.get("mean_auroc") is None else f(info["mean_auroc"])
+    if noisy and info.get("mean_auroc") is not None:
+        mean += f" ({noisy} too noisy to read, left out)"
+    auroc = f"mean hospital AUROC {mean}  " if info.get("evaluated", True) else ""
     epsilon = f"max ε {f(info['max_epsilon'])}"
     if info.get("max_epsilon_evaluation") is not None:
         epsilon += f" (training) → {f(info['max_epsilon_evaluation'])} with the evaluation release"

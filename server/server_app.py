@@ -439,7 +439,8 @@ def _model_card(run: RunConfig, summary: dict, model_info: dict) -> dict:
 def _report_progress(
     run: RunConfig, history: RunHistory, server_round: int, seconds: float
 ) -> None:
-    """Log the round's progress record: mean hospital AUROC (when the round evaluated), the
+    """Log the round's progress record: mean hospital AUROC (when the round evaluated; a noisy
+    release too noisy to read, as the report and the console's table say, is left out), the
     largest ε after the round's training and, when the round made an evaluation release, after
     it too (what the end-of-run table shows), and every hospital that missed the round."""
 
@@ -457,7 +458,17 @@ def _report_progress(
         for e in history.events
         if e.round == server_round and e.kind == "evaluate" and not e.error
     ]
-    aurocs = [float(a) for e in evaluated if (a := e.metrics.get("auroc")) is not None]
+    from server.report import _noise_intervals
+
+    aurocs, too_noisy = [], 0  # a noisy release's AUROC counts only where the report shows it
+    for e in evaluated:
+        if (a := e.metrics.get("auroc")) is None:
+            continue
+        intervals = _noise_intervals(e)
+        if intervals is not None and not intervals["auroc"]["readable"]:
+            too_noisy += 1
+        else:
+            aurocs.append(float(a))
     train_eps, eval_eps = max_epsilon("train"), max_epsilon("evaluate")
     if server_round in history.central_privacy:  # client-level DP: one ε for the released model
         train_eps, eval_eps = history.central_privacy[server_round]["epsilon"], None
@@ -467,6 +478,7 @@ def _report_progress(
         "seconds": seconds,
         "evaluated": bool(evaluated),
         "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else None,
+        "auroc_too_noisy": too_noisy,
         "pooled_auroc": (history.centralized.get(server_round) or {}).get("auroc"),
         "max_epsilon": train_eps,
         "max_epsilon_evaluation": eval_eps,

@@ -92,3 +92,17 @@ def test_the_readme_is_at_most_200_lines_and_its_links_resolve():
             headings = re.findall(r"^#+ (.+)$", (REPO / target).read_text(), re.MULTILINE)
             slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
             assert anchor in slugs, f"README links {target}#{anchor}: no such heading"
+
+
+def test_the_default_policy_block_in_the_deployment_page_is_fedcares_default():
+    """docs/deployment.md shows fedcare's default policy: every key of ``DEFAULT_POLICY`` with
+    its value (the keys commented out there have no fixed default), nothing else."""
+    import tomllib
+
+    from client.policy import DEFAULT_POLICY
+
+    page = (REPO / "docs" / "deployment.md").read_text()
+    block = page.split("# fedcare's default policy for a deployed hospital\n", 1)[1]
+    shown = tomllib.loads(block.split("```", 1)[0])
+    default = tomllib.loads(DEFAULT_POLICY.as_toml())
+    assert shown == default

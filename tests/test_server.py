@@ -505,3 +505,41 @@ def test_progress_shows_the_evaluation_release_and_who_missed_the_round(capsys):
         in second
     )
     assert third.strip() == "c (train, offline): offline: not connected [code: 5]"
+
+
+def test_the_round_line_leaves_out_an_auroc_the_report_calls_too_noisy(default_cfg, caplog, capsys):
+    """The round's mean hospital AUROC counts an AUROC from noisy counts only where the report
+    and the console's table show it: 40 patients with σ = 5 of noise on each count is too noisy
+    to read (a newcomer saw "mean hospital AUROC 1.000" above a table of "too noisy"); an exact
+    release always counts."""
+    import logging
+
+    from server.cli import print_progress
+    from server.server_app import _report_progress
+
+    run = RunConfig.from_run_config(default_cfg)
+    neg, pos = _HIST["a"]
+
+    def history(noisy_a: bool) -> RunHistory:
+        h = RunHistory(hospitals={1: "a", 2: "b"})
+        noise = {"eval-noise-multiplier": 5.0} if noisy_a else {}
+        h.events.append(HospitalEvent(1, "evaluate", 1, "a", {"num-examples": 40, "auroc": 0.97, **noise},
+                                      histograms={"hist-neg": neg, "hist-pos": pos}))  # fmt: skip
+        h.events.append(HospitalEvent(1, "evaluate", 2, "b", {"num-examples": 40, "auroc": 0.81}))
+        return h
+
+    def record(h: RunHistory) -> dict:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            _report_progress(run, h, 1, 2.0)
+        (rec,) = [r for r in caplog.records if hasattr(r, "fedcare_progress")]
+        return rec.fedcare_progress
+
+    exact, noisy = record(history(False)), record(history(True))
+    assert exact["mean_auroc"] == pytest.approx((0.97 + 0.81) / 2) and exact["auroc_too_noisy"] == 0
+    assert noisy["mean_auroc"] == pytest.approx(0.81) and noisy["auroc_too_noisy"] == 1
+    print_progress({**noisy, "failures": []})
+    print_progress({**noisy, "mean_auroc": None, "failures": []})
+    with_b, alone = capsys.readouterr().out.splitlines()
+    assert "mean hospital AUROC 0.810 (1 too noisy to read, left out)" in with_b
+    assert "mean hospital AUROC too noisy  " in alone
