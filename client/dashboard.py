@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from client.ledger import stored_hospital_delta
 from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
 from client.training import epsilon_spent
 from shared_models.dashboard import LOOPBACK_NAMES, guarded, render
@@ -68,7 +69,7 @@ def read_ledger(ledger: Path) -> list[LedgerRun]:
             run = LedgerRun(
                 file=path.name, run_id=str(entry["run_id"]), task=str(entry["task"]),
                 updated=str(entry.get("updated", "")), delta=float(entry["delta"]),
-                hospital_delta=float(entry.get("hospital_delta", entry["delta"])),
+                hospital_delta=stored_hospital_delta(entry),
                 sample_level_dp=bool(entry.get("sample_level_dp", True)),
                 train_steps=int(entry.get("train_steps", 0)), updates=int(entry.get("updates", 0)),
                 eval_releases=int(entry.get("eval_releases", 0)),

@@ -102,6 +102,13 @@ class RunRecord:
         return _record_from(json.loads(text))
 
 
+def stored_hospital_delta(entry: dict[str, Any]) -> float:
+    """The hospital's δ of a ledger entry (JSON form of :class:`RunRecord`): ``hospital_delta``;
+    ``site_delta`` in ledgers written before fedcare said "hospital" only; the run's δ in ledgers
+    older still."""
+    return float(entry.get("hospital_delta", entry.get("site_delta", entry["delta"])))
+
+
 def _record_from(entry: dict[str, Any]) -> RunRecord:
     """A record from its JSON form (ledgers written before plans and counters read as well)."""
     state = entry["accountant"]
@@ -112,8 +119,7 @@ def _record_from(entry: dict[str, Any]) -> RunRecord:
         run_id=str(entry["run_id"]),
         task=str(entry["task"]),
         delta=float(entry["delta"]),
-        # "site_delta": the key's name in ledgers written before fedcare said "hospital" only
-        hospital_delta=float(entry.get("hospital_delta", entry.get("site_delta", entry["delta"]))),
+        hospital_delta=stored_hospital_delta(entry),
         plan=entry.get("plan"),
         accountant=accountant,
         sample_level_dp=bool(entry.get("sample_level_dp", True)),

@@ -60,7 +60,8 @@ def test_a_hospital_killed_while_writing_its_ledger_leaves_it_readable(tmp_path)
 
 def test_a_ledger_written_before_the_hospital_wording_keeps_its_delta(tmp_path):
     """Ledgers written before fedcare said "hospital" for a site store ``site_delta``; reading
-    them under the run's δ instead (10x larger here) would understate ε against the caps."""
+    them under the run's δ instead (10x larger here) would understate ε against the caps, in
+    the ledger's checks and on the hospital's dashboard."""
     record = _record(3)
     old = json.loads(record.to_json())
     old["delta"], old["site_delta"] = 1e-4, old.pop("hospital_delta")
@@ -70,3 +71,7 @@ def test_a_ledger_written_before_the_hospital_wording_keeps_its_delta(tmp_path):
     loaded = ledger.load("run-k")
     assert loaded is not None and loaded.hospital_delta == 1e-5
     assert loaded.epsilon(loaded.hospital_delta) > loaded.epsilon()  # the smaller δ, the larger ε
+    from client.dashboard import read_ledger
+
+    (shown,) = read_ledger(tmp_path / "ledger")  # the hospital's dashboard reads it alike
+    assert shown.problem is None and shown.hospital_delta == 1e-5
