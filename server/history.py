@@ -181,10 +181,16 @@ class RunHistory:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunHistory:
+        """The history from :meth:`to_dict`'s form; run folders written before fedcare said
+        "hospital" only (events' ``site``, the ``sites`` map) read as well."""
+        events = [
+            HospitalEvent(**{("hospital" if k == "site" else k): v for k, v in ev.items()})
+            for ev in data.get("events", [])
+        ]
         return cls(
-            events=[HospitalEvent(**ev) for ev in data.get("events", [])],
+            events=events,
             centralized={int(k): v for k, v in data.get("centralized", {}).items()},
-            hospitals={int(k): v for k, v in data.get("hospitals", {}).items()},
+            hospitals={int(k): v for k, v in data.get("hospitals", data.get("sites", {})).items()},
             registered={int(k): v for k, v in data.get("registered", {}).items()},
             misreported={int(k): v for k, v in data.get("misreported", {}).items()},
             central_privacy={int(k): v for k, v in data.get("central_privacy", {}).items()},
@@ -354,7 +360,13 @@ class RecordingGrid(DelegatingGrid):
         silently)."""
         kind = _kind(sent[0].metadata.message_type)
         what = "training" if kind == "train" else "evaluation"
-        for node in sorted(self._seen - online - {m.metadata.dst_node_id for m in sent}):
+        asked = online | {m.metadata.dst_node_id for m in sent}
+        # a resumed run after a coordinator restart: Flower's in-memory state gave each hospital
+        # a new node id; the old one is the same hospital, connected under its new id
+        here = {self.history.hospital_name(n) for n in asked}
+        for node in sorted(self._seen - asked):
+            if self.history.hospital_name(node) in here:
+                continue
             self.history.events.append(
                 HospitalEvent(
                     round=self._current_round,

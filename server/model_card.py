@@ -449,7 +449,7 @@ def _released_noise_multipliers(history: dict) -> dict[str, float]:
     for ev in history.get("events") or []:
         sigma = (ev.get("metrics") or {}).get("noise-multiplier")
         if ev.get("kind") == "train" and not ev.get("error") and sigma is not None:
-            out[ev["hospital"]] = sigma
+            out[ev.get("hospital") or ev["site"]] = sigma  # "site": run folders of older fedcare
     return out
 
 
