@@ -16,8 +16,8 @@ never from what a hospital says about itself.
 
 ``node_id`` is null while the key is not yet registered (the SuperLink was not running);
 ``fedcare server start`` registers such keys and unregisters revoked nodes when it starts. A
-removed key cannot come back (the SuperLink keeps it, unregistered): the hospital makes a new
-pair. Written atomically.
+removed key cannot come back (``removed_keys`` here; the gateway refuses it, and the running
+SuperLink keeps it unregistered): the hospital makes a new pair. Written atomically.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class HospitalRegistry:
         node_id = None if entry is None else entry.get("node_id")
         if node_id is not None and int(node_id) not in data["revoked"]:
             data["revoked"].append(int(node_id))
-        if node_id is not None:  # registered once: the SuperLink keeps the key, unregistered
+        if node_id is not None:  # registered once: refused from now on (removed_keys)
             fp = entry.get("fingerprint") or fingerprint(load_public_key(stored))
             data["removed_keys"].append(
                 {
@@ -215,16 +215,17 @@ class HospitalRegistry:
         FlowerCLIError
             The SuperLink refused for another reason.
         """
-        data = self.load()
+        revoked = list(self.load()["revoked"])
+        if not revoked:  # nothing to write: another process may be saving a registration
+            return []
         active = _active_nodes(cli)
-        done: list[int] = []
-        for node_id in list(data["revoked"]):
+        for node_id in revoked:
             if node_id in active:
                 cli.json("supernode", "unregister", str(node_id), CONNECTION)
-            done.append(node_id)
-            data["revoked"].remove(node_id)
+        data = self.load()  # as it is now, not as it was before the SuperLink was asked
+        data["revoked"] = [n for n in data["revoked"] if n not in revoked]
         self.save(data)
-        return done
+        return revoked
 
     def reconcile(self, cli: FlowerCLI) -> tuple[dict[str, int], dict[str, str]]:
         """At ``server start`` (and ``add-hospital``): unregister revoked nodes, register every
