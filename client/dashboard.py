@@ -23,9 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.ledger import stored_hospital_delta
 from client.policy import DEFAULT_POLICY, HospitalPolicy, PolicyError
-from client.training import epsilon_spent
+from client.training import epsilon_spent, stored_hospital_delta
 from shared_models.dashboard import LOOPBACK_NAMES, guarded, render
 
 AUDIT_ROWS = 5000  # the newest audit lines shown (the search covers these)

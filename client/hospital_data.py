@@ -125,7 +125,8 @@ class HospitalSettings:
             )
         default_name = Path(data_path).stem if data_path else f"partition-{partition_id}"
         return cls(
-            name=str(cfg.get("hospital", default_name)),
+            # "site": the key `fedcare client start` of an older fedcare writes
+            name=str(cfg.get("hospital", cfg.get("site", default_name))),
             data_path=data_path,
             partition_id=partition_id,
             num_partitions=num_partitions,
@@ -313,23 +314,30 @@ def _write_cached(folder: Path, name: str, data: HospitalData) -> None:
         os.chmod(folder, 0o700)
         tmp = folder / f".{name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{a: getattr(data, a) for a in _ARRAYS})
-        os.replace(tmp, folder / name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{a: getattr(data, a) for a in _ARRAYS})
+            os.replace(tmp, folder / name)
+        finally:  # a failed write (disk full) leaves no partial file of patient data
+            tmp.unlink(missing_ok=True)
         files = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for old in files[DATA_CACHE_KEEP:]:
             old.unlink(missing_ok=True)
         for partial in folder.glob(".*.tmp"):  # left by a writer that was killed: patient data
-            if not _alive(partial.suffixes[-2]):
+            if not _alive(partial.name.rsplit(".", 2)[-2]):
                 partial.unlink(missing_ok=True)
     except OSError:
         return
 
 
 def _alive(pid: str) -> bool:
-    """Whether the process ``pid`` (the text between the dots of a temporary file's name) runs."""
+    """Whether the process ``pid`` (the text before ``.tmp`` in a temporary file's name) runs;
+    False for a name without a process id."""
     try:
-        os.kill(int(pid.lstrip(".")), 0)
+        number = int(pid)
+        if number <= 0:
+            return False
+        os.kill(number, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:  # another user's process

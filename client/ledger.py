@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.training import AccountantState, epsilon_spent
+from client.training import AccountantState, epsilon_spent, stored_hospital_delta
 from shared_models.files import fsync_folder, write_json_atomic
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -100,13 +100,6 @@ class RunRecord:
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
         return _record_from(json.loads(text))
-
-
-def stored_hospital_delta(entry: dict[str, Any]) -> float:
-    """The hospital's δ of a ledger entry (JSON form of :class:`RunRecord`): ``hospital_delta``;
-    ``site_delta`` in ledgers written before fedcare said "hospital" only; the run's δ in ledgers
-    older still."""
-    return float(entry.get("hospital_delta", entry.get("site_delta", entry["delta"])))
 
 
 def _record_from(entry: dict[str, Any]) -> RunRecord:

@@ -45,7 +45,7 @@ class PolicyError(ValueError):
 
 
 class PolicyRefusal(RuntimeError):
-    """A run's request falls outside the site policy; the message says which bound and why.
+    """A run's request falls outside the hospital policy; the message says which bound and why.
 
     The message reaches the coordinator: it names the run-config key and the policy's bound,
     never a number derived from the hospital's data (n, counts, the noise multiplier or ε this hospital
@@ -59,7 +59,7 @@ class PolicyRefusal(RuntimeError):
 
 @dataclass(frozen=True)
 class HospitalPolicy:
-    """Bounds a hospital sets for every run at its hospital (see the module docstring).
+    """Bounds a hospital sets for every run it takes part in (see the module docstring).
 
     Attributes
     ----------

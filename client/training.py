@@ -299,6 +299,13 @@ def accountant_steps(state: AccountantState) -> int:
     return int(sum(int(steps) for _, _, steps in state["history"]))
 
 
+def stored_hospital_delta(entry: dict[str, Any]) -> float:
+    """The hospital's δ of a ledger entry (JSON form of :class:`client.ledger.RunRecord`): ``hospital_delta``;
+    ``site_delta`` in ledgers written before fedcare said "hospital" only; the run's δ in ledgers
+    older still."""
+    return float(entry.get("hospital_delta", entry.get("site_delta", entry["delta"])))
+
+
 def epsilon_spent(state: AccountantState, *, delta: float) -> float:
     """Epsilon of all steps recorded in ``state`` at ``delta`` (0.0 when nothing was spent).
 

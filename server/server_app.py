@@ -464,8 +464,12 @@ def _report_progress(
     for e in evaluated:
         if (a := e.metrics.get("auroc")) is None:
             continue
-        intervals = _noise_intervals(e)
-        if intervals is not None and not intervals["auroc"]["readable"]:
+        try:
+            intervals = _noise_intervals(e)
+            readable = intervals is None or intervals["auroc"]["readable"]
+        except (ValueError, KeyError, TypeError):  # a malformed release: shown nowhere either
+            readable = False
+        if not readable:
             too_noisy += 1
         else:
             aurocs.append(float(a))

@@ -78,8 +78,10 @@ def refusal_reason(hospital: str, reason: str) -> str:
 def parse_refusal(text: str) -> tuple[str, str] | None:
     """``(hospital, reason)`` of a :func:`refusal_reason` text, else None."""
     head, sep, reason = text.partition(" refused: ")
-    name = head.removeprefix("hospital ")
-    if not sep or name == head or " " in name:
+    # "site NAME refused": the launcher of a hospital that runs an older fedcare (the launcher is
+    # the hospital's installed fedcare, not the run's bundle)
+    name = head.removeprefix("hospital ") if head.startswith("hospital ") else head[len("site ") :]
+    if not sep or not head.startswith(("hospital ", "site ")) or not name or " " in name:
         return None
     return name, reason
 

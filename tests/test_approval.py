@@ -233,6 +233,15 @@ def test_refusal_reason_is_what_the_coordinator_parses():
     hospital, why = parse_refusal(reason)
     assert hospital == "a" and "f" * 64 in why and "not approved" in why
     assert parse_refusal("something else: refused") is None
+    # the launcher of a hospital on an older fedcare said "site"; its name is still read
+    assert parse_refusal("site b refused: app bundle x is not approved here") == (
+        "b",
+        "app bundle x is not approved here",
+    )
+    assert (
+        parse_refusal("hospital  refused: x") is None
+        and parse_refusal("site a b refused: x") is None
+    )
 
 
 def test_the_launcher_stops_on_sigterm_while_its_supernode_is_gone(tmp_path):

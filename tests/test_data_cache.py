@@ -177,7 +177,19 @@ def test_a_killed_writers_partial_file_is_removed_and_a_live_ones_kept(
     dead.wait()
     killed = folder / f".{'0' * 64}.npz.{dead.pid}.tmp"
     writing = folder / f".{'1' * 64}.npz.{os.getpid()}.tmp"
-    for partial in (killed, writing):
+    stray = folder / ".x.tmp"  # no process id: removed, and no message fails on it
+    for partial in (killed, writing, stray):
         partial.write_bytes(b"half an npz")
     load_hospital_data(hospital, _run(default_cfg))
-    assert not killed.exists() and writing.exists()
+    assert not killed.exists() and writing.exists() and not stray.exists()
+    assert len(list(folder.glob("*.npz"))) == 1  # and the cache was written
+
+
+def test_a_daemon_of_an_older_fedcare_is_named_by_its_site_key(tmp_path):
+    """`fedcare client start` of an older fedcare writes the hospital's name as node config
+    ``site``; the ClientApp comes with the run's bundle, so it reads that key too (else the
+    hospital would be named after its data file)."""
+    node = {"data-path": str(tmp_path / "x.csv"), "ledger-dir": str(tmp_path / "state")}
+    assert HospitalSettings.from_node_config({**node, "site": "a"}).name == "a"
+    assert HospitalSettings.from_node_config({**node, "hospital": "b"}).name == "b"
+    assert HospitalSettings.from_node_config(node).name == "x"

@@ -60,8 +60,9 @@ def test_a_hospital_killed_while_writing_its_ledger_leaves_it_readable(tmp_path)
 
 def test_a_ledger_written_before_the_hospital_wording_keeps_its_delta(tmp_path):
     """Ledgers written before fedcare said "hospital" for a site store ``site_delta``; reading
-    them under the run's δ instead (10x larger here) would understate ε against the caps, in
-    the ledger's checks and on the hospital's dashboard."""
+    them under the run's δ instead (10x larger here) would show an understated ε at the
+    hospital's δ (`client budget`, the hospital's dashboard; the caps are checked at the
+    policy's δ)."""
     record = _record(3)
     old = json.loads(record.to_json())
     old["delta"], old["site_delta"] = 1e-4, old.pop("hospital_delta")

@@ -520,11 +520,12 @@ def test_the_round_line_leaves_out_an_auroc_the_report_calls_too_noisy(default_c
     run = RunConfig.from_run_config(default_cfg)
     neg, pos = _HIST["a"]
 
-    def history(noisy_a: bool) -> RunHistory:
+    def history(noisy_a: bool, scale: int = 1) -> RunHistory:
         h = RunHistory(hospitals={1: "a", 2: "b"})
         noise = {"eval-noise-multiplier": 5.0} if noisy_a else {}
-        h.events.append(HospitalEvent(1, "evaluate", 1, "a", {"num-examples": 40, "auroc": 0.97, **noise},
-                                      histograms={"hist-neg": neg, "hist-pos": pos}))  # fmt: skip
+        hists = {"hist-neg": [c * scale for c in neg], "hist-pos": [c * scale for c in pos]}
+        h.events.append(HospitalEvent(1, "evaluate", 1, "a", {"num-examples": 40 * scale, "auroc": 0.97, **noise},
+                                      histograms=hists))  # fmt: skip
         h.events.append(HospitalEvent(1, "evaluate", 2, "b", {"num-examples": 40, "auroc": 0.81}))
         return h
 
@@ -538,8 +539,43 @@ def test_the_round_line_leaves_out_an_auroc_the_report_calls_too_noisy(default_c
     exact, noisy = record(history(False)), record(history(True))
     assert exact["mean_auroc"] == pytest.approx((0.97 + 0.81) / 2) and exact["auroc_too_noisy"] == 0
     assert noisy["mean_auroc"] == pytest.approx(0.81) and noisy["auroc_too_noisy"] == 1
+    large = record(history(True, scale=20))  # 800 patients: the same noise is readable
+    assert large["mean_auroc"] == pytest.approx((0.97 + 0.81) / 2) and large["auroc_too_noisy"] == 0
     print_progress({**noisy, "failures": []})
     print_progress({**noisy, "mean_auroc": None, "failures": []})
     with_b, alone = capsys.readouterr().out.splitlines()
     assert "mean hospital AUROC 0.810 (1 too noisy to read, left out)" in with_b
     assert "mean hospital AUROC too noisy  " in alone
+
+
+def test_a_resumed_run_after_a_coordinator_restart_does_not_call_its_hospitals_offline():
+    """Flower's in-memory SuperLink state gives each hospital a new node id when the restarted
+    coordinator registers its key again: the resumed history's old ids are the same hospitals,
+    online under new ids, not hospitals missing the round; one really gone still is."""
+    from flwr.app import ConfigRecord, Message
+
+    from server.history import RecordingGrid
+    from tests.handlers import use_task_identity
+
+    use_task_identity()
+    before = RunHistory()
+    first = _NamedNodesGrid({1: "a", 2: "b", 3: "c"}, {1: "a", 2: "b", 3: "c"})
+    RecordingGrid(first, before).send_and_receive(
+        [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
+                 message_type="train") for n in (1, 2, 3)], timeout=10)  # fmt: skip
+    resumed = RunHistory.from_dict(json.loads(json.dumps(before.to_dict())))
+    restarted = _NamedNodesGrid({11: "a", 12: "b"}, {11: "a", 12: "b"})  # c is down
+    RecordingGrid(restarted, resumed).send_and_receive(
+        [Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=n,
+                 message_type="train") for n in (11, 12)], timeout=10)  # fmt: skip
+    assert [(m["hospital"], m["cause"]) for m in resumed.missed(2)] == [("c", "offline")]
+    assert sorted(e.hospital for e in resumed.events if e.round == 2 and not e.error) == ["a", "b"]
+
+
+def test_a_history_written_before_the_hospital_wording_reads():
+    """Run folders of an older fedcare (events' ``site``, the ``sites`` map) still load: a
+    resume, the dashboards and MLflow read them."""
+    old = {"events": [{"round": 1, "kind": "train", "node_id": 1, "site": "a", "metrics": {}}],
+           "sites": {"1": "a"}}  # fmt: skip
+    history = RunHistory.from_dict(old)
+    assert history.events[0].hospital == "a" and history.hospitals == {1: "a"}
