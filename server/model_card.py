@@ -445,11 +445,13 @@ def _reproduce(summary: dict, run_config: dict | None) -> list[str]:
 
 def _released_noise_multipliers(history: dict) -> dict[str, float]:
     """Each hospital's latest released DP-SGD noise multiplier (train reply ``noise-multiplier``)."""
+    from server.history import RunHistory  # reads run folders of older fedcare as well
+
     out: dict[str, float] = {}
-    for ev in history.get("events") or []:
-        sigma = (ev.get("metrics") or {}).get("noise-multiplier")
-        if ev.get("kind") == "train" and not ev.get("error") and sigma is not None:
-            out[ev.get("hospital") or ev["site"]] = sigma  # "site": run folders of older fedcare
+    for ev in RunHistory.from_dict(history).events:
+        sigma = ev.metrics.get("noise-multiplier")
+        if ev.kind == "train" and not ev.error and sigma is not None:
+            out[ev.hospital] = sigma
     return out
 
 

@@ -60,7 +60,7 @@ def build_summary(run: RunConfig, history: RunHistory, *, wall_seconds: float) -
                     else {}
                 ),
                 "undefined": dict(ev.undefined) if ev else {},
-                "intervals": _noise_intervals(ev),
+                "intervals": noise_intervals(ev),
                 "named_by": "registered key" if name in registered else "self-reported",
                 "self_reported_name": mismatches.get(name),
             }
@@ -126,7 +126,7 @@ def _evaluation_kind(ev: Any) -> str | None:
     return "exact" if ev.histograms else "exact (withheld or without counts)"
 
 
-def _noise_intervals(ev: Any) -> dict[str, Any] | None:
+def noise_intervals(ev: Any) -> dict[str, Any] | None:
     """A noisy release's figures with 95 % intervals that include the noise and the sampling of
     patients (:func:`shared_models.noisy_metrics.histogram_intervals`); None for exact metrics."""
     if ev is None or not ev.histograms or ev.metrics.get("eval-noise-multiplier") is None:

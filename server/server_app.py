@@ -458,14 +458,14 @@ def _report_progress(
         for e in history.events
         if e.round == server_round and e.kind == "evaluate" and not e.error
     ]
-    from server.report import _noise_intervals
+    from server.report import noise_intervals
 
     aurocs, too_noisy = [], 0  # a noisy release's AUROC counts only where the report shows it
     for e in evaluated:
         if (a := e.metrics.get("auroc")) is None:
             continue
         try:
-            intervals = _noise_intervals(e)
+            intervals = noise_intervals(e)
             readable = intervals is None or intervals["auroc"]["readable"]
         except (ValueError, KeyError, TypeError):  # a malformed release: shown nowhere either
             readable = False

@@ -80,10 +80,11 @@ def parse_refusal(text: str) -> tuple[str, str] | None:
     head, sep, reason = text.partition(" refused: ")
     # "site NAME refused": the launcher of a hospital that runs an older fedcare (the launcher is
     # the hospital's installed fedcare, not the run's bundle)
-    name = head.removeprefix("hospital ") if head.startswith("hospital ") else head[len("site ") :]
-    if not sep or not head.startswith(("hospital ", "site ")) or not name or " " in name:
-        return None
-    return name, reason
+    for prefix in ("hospital ", "site "):
+        name = head.removeprefix(prefix)
+        if sep and name != head:
+            return (name, reason) if name and " " not in name else None
+    return None
 
 
 # prefix of the metrics of a hospital's personal model in its evaluate reply (personal.method):
